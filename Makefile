@@ -1,0 +1,59 @@
+# Interact Relay: every command sets itself up. Python 3.11+ and make are all that is needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SAM_VENV := .venv-sam
+SAM := $(SAM_VENV)/bin/sam
+# sam build needs the Lambda runtime's Python (python3.13 on PATH). Where pyenv is installed, select its
+# newest 3.13.x for the build whatever PYENV_VERSION says; without pyenv this is empty and PATH decides.
+SAM_PY_ENV := PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.13(\.[0-9]+)?$$' | tail -1)
+# Offline AWS settings so sam/cfn-lint never look for an account.
+OFFLINE_AWS := AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing SAM_CLI_TELEMETRY=0
+
+.PHONY: setup sam-setup lint types unit integration validate build test run serve soak bench clean
+
+setup: $(VENV)/.stamp
+$(VENV)/.stamp: requirements-dev.txt layers/deps/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+sam-setup: $(SAM_VENV)/.stamp
+$(SAM_VENV)/.stamp: requirements-sam.txt
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install -q --upgrade pip
+	$(SAM_VENV)/bin/pip install -q -r requirements-sam.txt
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest tests/unit -q
+
+integration: setup
+	$(BIN)/pytest tests/integration -q
+
+validate: setup sam-setup
+	$(OFFLINE_AWS) $(BIN)/cfn-lint template.yaml
+	$(OFFLINE_AWS) $(SAM) validate --lint --template template.yaml
+
+build: sam-setup
+	$(OFFLINE_AWS) $(SAM_PY_ENV) $(SAM) build --template template.yaml
+
+test: lint types validate unit integration build
+
+run: setup
+	$(BIN)/python -m devtools.run_demo
+
+serve: setup
+	$(BIN)/python -m devtools.stack --serve
+
+clean:
+	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache .local

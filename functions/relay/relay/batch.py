@@ -1,0 +1,107 @@
+"""SQS batches (contract §8): records of different identities run concurrently, records of one identity in order,
+and the answer lists exactly the records to redeliver (`ReportBatchItemFailures`).
+
+Powertools' BatchProcessor runs records one after another; Edge latency dominates, so this module keeps its
+response format but runs identity groups on a bounded thread pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from relay.clock import Deadline
+from relay.errors import InvalidEvent, StoreUnavailable
+from relay.identity_state import opaque_identity_id
+from relay.models import Source, build_inbound, decode_body, event_id_for, resolve_datastream
+from relay.observability import logger
+from relay.process_event import Outcome, Relay
+from relay.settings import Settings
+
+
+@dataclass
+class _Item:
+    message_id: str
+    group: str
+    run: Callable[[], bool]  # True = acknowledged (delivered, rejected, duplicate); False = redeliver
+
+
+def _attr(record: dict[str, Any], name: str) -> str | None:
+    attr = (record.get("messageAttributes") or {}).get(name) or {}
+    value = attr.get("stringValue")
+    return value if isinstance(value, str) else None
+
+
+class BatchRunner:
+    def __init__(self, settings: Settings, relay: Relay, executor: ThreadPoolExecutor) -> None:
+        self._settings = settings
+        self._relay = relay
+        self._executor = executor
+
+    def _prepare(self, record: dict[str, Any], deadline: Deadline, lease_s: float) -> _Item:
+        message_id = str(record.get("messageId", ""))
+        raw = record.get("body") or ""
+        source: Source = "webhook" if _attr(record, "relaySource") == "webhook" else "sqs"
+        try:
+            sent_ms = float((record.get("attributes") or {}).get("SentTimestamp", 0)) / 1000
+        except (TypeError, ValueError):
+            sent_ms = 0
+        received_at = sent_ms or self._relay.clock.now()  # stable across redeliveries: same default timestamp
+        event_id = message_id
+        datastream = self._settings.datastream_id
+        try:
+            datastream = resolve_datastream(_attr(record, "datastreamId"), self._settings.datastream_id)
+            text, doc = decode_body(raw)
+            event_id = event_id_for(doc, message_id)
+            inbound = build_inbound(
+                doc, event_id=event_id, datastream_id=datastream, source=source, received_at=received_at
+            )
+        except InvalidEvent as exc:
+            ds, eid, error = datastream, event_id, exc  # `exc` is unbound after the except block
+
+            def reject() -> bool:
+                self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
+                return True
+
+            return _Item(message_id, f"event:{eid}", reject)
+        pid = inbound.primary_identity
+        group = f"identity:{inbound.datastream_id}:{opaque_identity_id(*pid)}" if pid else f"event:{event_id}"
+
+        def process() -> bool:
+            result = self._relay.process(inbound, deadline, lease_s=lease_s)
+            return result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
+
+        return _Item(message_id, group, process)
+
+    def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
+        records = event.get("Records") or []
+        groups: dict[str, list[_Item]] = {}
+        for record in records:
+            item = self._prepare(record, deadline, lease_s)
+            groups.setdefault(item.group, []).append(item)
+
+        def run_group(items: list[_Item]) -> list[str]:
+            failed: list[str] = []
+            for item in items:
+                if failed:  # keep one identity's order: once one fails, the rest wait for redelivery too
+                    failed.append(item.message_id)
+                    continue
+                try:
+                    ok = item.run()
+                except StoreUnavailable as exc:
+                    logger.warning("record will be redelivered", messageId=item.message_id, reason=str(exc))
+                    ok = False
+                except Exception:
+                    logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
+                    ok = False
+                if not ok:
+                    failed.append(item.message_id)
+            return failed
+
+        futures = [self._executor.submit(run_group, items) for items in groups.values()]
+        failed = {mid for future in futures for mid in future.result()}
+        # Same order as the batch, each failed record once.
+        ordered = [r.get("messageId") for r in records if r.get("messageId") in failed]
+        return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(ordered)]}

@@ -1,0 +1,41 @@
+"""Time, injectable so retry waits and expiries are tested without sleeping."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...  # wall clock, epoch seconds
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+class Deadline:
+    """A point on the monotonic clock after which no new work may start."""
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        self.clock = clock
+        self.at = clock.monotonic() + max(seconds, 0.0)
+
+    def remaining(self) -> float:
+        return max(self.at - self.clock.monotonic(), 0.0)
+
+    def earlier(self, seconds: float) -> Deadline:
+        """A deadline that is this one, or `seconds` from now if that comes first."""
+        return Deadline(self.clock, min(seconds, self.remaining()))

@@ -1,0 +1,66 @@
+"""Domain errors. Each maps to one webhook status and one queue outcome in a single table (see webhook.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigurationError(Exception):
+    """The function's configuration is invalid; names every bad variable at once."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = problems
+        detail = "; ".join(f"{name}: {why}" for name, why in sorted(problems.items()))
+        super().__init__(f"invalid configuration: {detail}")
+
+
+class InvalidEvent(Exception):
+    """The body is not an interact event. `errors` lists `{path, message}` pairs."""
+
+    status = 400
+
+    def __init__(self, errors: list[dict[str, str]], *, title: str = "Invalid event") -> None:
+        self.errors = errors
+        self.title = title
+        super().__init__(title)
+
+
+class PayloadTooLarge(InvalidEvent):
+    status = 413
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            [{"path": "$", "message": f"body is {size} bytes; the limit is {limit} bytes (Edge's own limit)"}],
+            title="Payload too large",
+        )
+
+
+class Unauthorized(Exception):
+    """Webhook signature missing, wrong or outside the timestamp tolerance. The reason is logged, never returned."""
+
+
+class CredentialsError(Exception):
+    """Adobe credentials could not be read or were refused by IMS (a configuration problem, retried later)."""
+
+
+class EdgeRejected(Exception):
+    """Edge answered with a status that must not be retried (non-recoverable 4xx, or 500)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        super().__init__(f"edge rejected the event with {status}")
+
+
+class EdgeUnavailable(Exception):
+    """Edge kept failing with recoverable errors until the retry budget ran out."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None, attempts: int = 0) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        self.attempts = attempts
+        super().__init__(reason)
+
+
+class StoreUnavailable(Exception):
+    """DynamoDB could not take a write after botocore's retries."""

@@ -1,0 +1,135 @@
+"""Per-identity Edge state, kept the way Adobe's mobile SDKs keep it (reference §4-§5), as pure functions.
+
+`state:store` entries live until `receive time + maxAge`; `maxAge <= 0` deletes the key; a new entry with the same
+key replaces the old one. The `EdgeNetwork` location hint lives for `ttlSeconds` and is left alone by a response
+that carries none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+def opaque_identity_id(namespace: str, identity: str) -> str:
+    """A stable key for an identity that never contains its value (SHA-256 of namespace and id)."""
+    return hashlib.sha256(f"{namespace}\x1f{identity}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    value: str
+    expires_at: float
+    max_age: int
+    attrs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class IdentityState:
+    entries: dict[str, StoredEntry] = field(default_factory=dict)
+    hint: str | None = None
+    hint_expires_at: float = 0.0
+    version: int = 0  # optimistic-concurrency version of the stored item; 0 = not stored yet
+
+    def live_entries(self, now: float) -> dict[str, StoredEntry]:
+        return {k: e for k, e in self.entries.items() if e.expires_at > now}
+
+    def live_hint(self, now: float) -> str | None:
+        return self.hint if self.hint and self.hint_expires_at > now else None
+
+    def expires_at(self) -> float:
+        """When the last entry or the hint lapses: the item's TTL."""
+        return max([e.expires_at for e in self.entries.values()] + [self.hint_expires_at, 0.0])
+
+
+def outgoing_entries(state: IdentityState, caller_entries: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """`meta.state.entries` to send: live stored entries, with the caller's own entries winning by key."""
+    caller_keys = {e["key"] for e in caller_entries}
+    stored = [
+        {"key": key, "value": entry.value, "maxAge": max(int(entry.expires_at - now), 1)}
+        for key, entry in sorted(state.live_entries(now).items())
+        if key not in caller_keys
+    ]
+    return stored + list(caller_entries)
+
+
+def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: float) -> IdentityState:
+    """Fold one Edge response's `state:store` and `locationHint:result` handles into the state."""
+    entries = state.live_entries(now)
+    hint, hint_expires_at = state.hint, state.hint_expires_at
+    hint_seen = False
+    for handle in handles:
+        if not isinstance(handle, dict):
+            continue
+        payload = handle["payload"] if isinstance(handle.get("payload"), list) else []
+        if handle.get("type") == "state:store":
+            for item in payload:
+                if not (isinstance(item, dict) and isinstance(item.get("key"), str) and "value" in item):
+                    continue
+                max_age = item.get("maxAge")
+                if not isinstance(max_age, int | float) or isinstance(max_age, bool):
+                    continue
+                if max_age <= 0:
+                    entries.pop(item["key"], None)
+                    continue
+                attrs = item.get("attrs") if isinstance(item.get("attrs"), dict) else None
+                entries[item["key"]] = StoredEntry(str(item["value"]), now + max_age, int(max_age), attrs)
+        elif handle.get("type") == "locationHint:result" and not hint_seen:
+            for item in payload:
+                if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":
+                    ttl = item.get("ttlSeconds")
+                    if item.get("hint") and isinstance(ttl, int | float) and not isinstance(ttl, bool):
+                        hint, hint_expires_at = str(item["hint"]), now + max(ttl, 0)
+                    hint_seen = True
+                    break
+    if hint and hint_expires_at <= now:
+        hint, hint_expires_at = None, 0.0
+    return replace(state, entries=entries, hint=hint, hint_expires_at=hint_expires_at)
+
+
+def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
+    """False when the only difference is an expiry extension that is not due yet.
+
+    An extension is due once less than half of an entry's (or the hint's) lifetime is left, so a busy visitor
+    costs at most one state write per half-lifetime instead of one per event.
+    """
+    old_live = old.live_entries(now)
+    if old_live.keys() != new.entries.keys() or old.live_hint(now) != new.hint:
+        return True
+    for key, entry in new.entries.items():
+        before = old_live[key]
+        if (before.value, before.attrs) != (entry.value, entry.attrs):
+            return True
+        if before.expires_at - now < entry.max_age / 2:
+            return True
+    if new.hint and old.hint_expires_at - now < (new.hint_expires_at - now) / 2:
+        return True
+    return False
+
+
+def state_to_item(state: IdentityState) -> dict[str, Any]:
+    """JSON-ready attributes of the identity-state item (values stay out of logs)."""
+    return {
+        "entries": {
+            k: {"value": e.value, "expiresAt": int(e.expires_at), "maxAge": e.max_age}
+            | ({"attrs": e.attrs} if e.attrs else {})
+            for k, e in sorted(state.entries.items())
+        },
+        "hint": state.hint,
+        "hintExpiresAt": int(state.hint_expires_at),
+    }
+
+
+def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
+    entries = {
+        k: StoredEntry(str(v["value"]), float(v["expiresAt"]), int(v.get("maxAge", 0)), v.get("attrs"))
+        for k, v in (doc.get("entries") or {}).items()
+        if isinstance(v, dict) and "value" in v and "expiresAt" in v
+    }
+    return IdentityState(
+        entries=entries,
+        hint=doc.get("hint") or None,
+        hint_expires_at=float(doc.get("hintExpiresAt") or 0),
+        version=version,
+    )

@@ -1,0 +1,1 @@
+"""Adapters to AWS and Adobe. The only modules that do I/O."""

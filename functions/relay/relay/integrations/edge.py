@@ -1,0 +1,137 @@
+"""The Edge Network `interact` client: one event per call, Adobe's retry rules, a deadline on every attempt."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from relay import codec
+from relay.clock import Clock, Deadline
+from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
+from relay.integrations.ims import ImsTokenProvider
+from relay.observability import count, logger, timing
+from relay.retry import RECOVERABLE_STATUSES, backoff, parse_retry_after
+from relay.settings import Settings
+
+_MIN_ATTEMPT_S = 0.05  # don't start an attempt with less time than this left
+
+
+@dataclass(frozen=True)
+class EdgeAnswer:
+    status: int  # 200 or 207
+    body: dict[str, Any]
+    attempts: int
+
+    @property
+    def request_id(self) -> str | None:
+        value = self.body.get("requestId")
+        return value if isinstance(value, str) else None
+
+
+def problem_from(resp: requests.Response) -> dict[str, Any]:
+    """Edge's RFC 7807 problem, or a generic one for a gateway's non-JSON answer."""
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and ("type" in doc or "title" in doc):
+        return {k: doc[k] for k in ("type", "status", "title", "detail", "report") if k in doc}
+    return {
+        "type": "about:blank",
+        "status": resp.status_code,
+        "title": resp.reason or f"HTTP {resp.status_code}",
+        "detail": resp.text[:300],
+    }
+
+
+class EdgeClient:
+    def __init__(
+        self,
+        session: requests.Session,
+        settings: Settings,
+        tokens: ImsTokenProvider | None,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self._tokens = tokens
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    def _headers(self) -> tuple[dict[str, str], Any]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._tokens is None:
+            return headers, None
+        token = self._tokens.get()
+        creds = self._tokens.credentials()
+        headers.update(
+            {
+                "Authorization": f"Bearer {token.value}",
+                "x-api-key": creds.client_id,
+                "x-gw-ims-org-id": creds.org_id,
+            }
+        )
+        return headers, token
+
+    def deliver(self, datastream_id: str, request: dict[str, Any], hint: str | None, deadline: Deadline) -> EdgeAnswer:
+        """Send one event; retry only what Adobe calls recoverable, within `deadline`.
+
+        Raises EdgeRejected (not to be retried), EdgeUnavailable (retry later) or CredentialsError (retry later).
+        """
+        s = self._settings
+        url = s.hinted_url(hint) if hint else s.interact_url
+        body = codec.dumps(request).encode("utf-8")
+        attempt, refreshed = 0, False
+        reason, retry_after = "no time left for an attempt", None
+        while True:
+            attempt += 1
+            remaining = deadline.remaining()
+            if remaining < _MIN_ATTEMPT_S:
+                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
+            headers, token = self._headers()
+            params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
+            timeout = (min(s.edge_connect_timeout_s, remaining), min(s.edge_read_timeout_s, remaining))
+            started = self._clock.monotonic()
+            try:
+                resp = self._session.post(url, params=params, data=body, headers=headers, timeout=timeout)
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                reason, retry_after = f"edge call failed: {type(exc).__name__}", None
+            else:
+                timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
+                status = resp.status_code
+                if status in (200, 207):
+                    try:
+                        doc = resp.json()
+                    except ValueError:
+                        doc = None
+                    if isinstance(doc, dict):
+                        return EdgeAnswer(status, doc, attempt)
+                    reason, retry_after = f"edge answered {status} without a JSON body", None
+                else:
+                    problem = problem_from(resp)
+                    code = str(problem.get("type", ""))
+                    if status == 401 and "EXEG-0503" in code and self._tokens and not refreshed:
+                        refreshed = True  # expired token: refresh once and retry at once
+                        self._tokens.get(force_refresh=True, stale=token)
+                        logger.info("edge token expired, refreshed", attempt=attempt)
+                        continue
+                    if status in (401, 403):
+                        raise CredentialsError(f"edge refused the credentials: {code or status}")
+                    if status not in RECOVERABLE_STATUSES:
+                        raise EdgeRejected(status, problem)
+                    count("EdgeThrottled" if status == 429 else "EdgeUnavailable")
+                    reason = f"edge answered {status} {code}".strip()
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
+            if attempt >= s.edge_max_attempts:
+                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
+            wait = retry_after if retry_after is not None else backoff(attempt, rng=self._rng)
+            if wait + _MIN_ATTEMPT_S > deadline.remaining():
+                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
+            count("EdgeRetries")
+            logger.info("edge call will be retried", attempt=attempt, reason=reason, wait_s=round(wait, 3))
+            self._clock.sleep(wait)

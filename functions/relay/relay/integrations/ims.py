@@ -1,0 +1,89 @@
+"""Adobe IMS OAuth server-to-server tokens, cached per execution environment until shortly before expiry."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import requests
+
+from relay.clock import Clock
+from relay.errors import CredentialsError
+from relay.integrations.credentials import AdobeCredentials, CredentialsStore
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    value: str = field(repr=False)
+    expires_at: float  # wall clock
+
+
+class ImsTokenProvider:
+    """`get()` returns a live token. A refused credential makes it re-read the secret once (rotation)."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        token_url: str,
+        credentials: CredentialsStore,
+        clock: Clock,
+        *,
+        timeout: tuple[float, float] = (3.05, 10.0),
+    ) -> None:
+        self._session = session
+        self._url = token_url
+        self._credentials = credentials
+        self._clock = clock
+        self._timeout = timeout
+        self._token: AccessToken | None = None
+        self._lock = threading.Lock()
+
+    def credentials(self) -> AdobeCredentials:
+        return self._credentials.adobe()
+
+    def get(self, *, force_refresh: bool = False, stale: AccessToken | None = None) -> AccessToken:
+        with self._lock:
+            token = self._token
+            # A refresh forced by an expired-token answer only replaces the token that was refused.
+            if token and not (force_refresh and (stale is None or stale == token)):
+                if token.expires_at > self._clock.now():
+                    return token
+            self._token = self._fetch()
+            return self._token
+
+    def _fetch(self) -> AccessToken:
+        creds = self._credentials.adobe()
+        status = self._request(creds)
+        if isinstance(status, AccessToken):
+            return status
+        if status in (400, 401, 403):  # refused credentials: the secret may have been rotated; re-read it once
+            creds = self._credentials.adobe(force=True)
+            status = self._request(creds)
+            if isinstance(status, AccessToken):
+                return status
+        raise CredentialsError(f"IMS refused the token request (HTTP {status})")
+
+    def _request(self, creds: AdobeCredentials) -> AccessToken | int:
+        try:
+            resp = self._session.post(
+                self._url,
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": creds.client_id,
+                    "client_secret": creds.client_secret,
+                    "scope": creds.scopes,
+                },
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
+        if resp.status_code != 200:
+            return resp.status_code
+        try:
+            doc = resp.json()
+            value, expires_in = str(doc["access_token"]), float(doc["expires_in"])
+        except (ValueError, KeyError, TypeError):
+            raise CredentialsError("IMS answered without access_token/expires_in") from None
+        # Refresh 5 minutes (or 10% of a short lifetime) before IMS says the token expires.
+        margin = min(300.0, expires_in * 0.1)
+        return AccessToken(value, self._clock.now() + expires_in - margin)

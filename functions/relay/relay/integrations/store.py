@@ -1,0 +1,238 @@
+"""DynamoDB layout of contract §9: one result item per event (also its idempotency claim) and one state item per
+(identity, datastream). Low-level client, JSON documents encoded by `relay.codec`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from relay import codec
+from relay.clock import Clock
+from relay.errors import StoreUnavailable
+from relay.identity_state import IdentityState, state_from_item, state_to_item
+from relay.models import iso_millis
+
+MAX_ITEM_BYTES = 380_000  # below DynamoDB's 400 KB item limit, with room for names and numbers
+_JSON_FIELDS = ("handle", "errors", "warnings", "error", "request")
+STATE_WRITE_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class Claim:
+    acquired: bool
+    token: str | None = None
+    existing: dict[str, Any] | None = None  # the stored item (decoded) when not acquired
+
+
+def _conditional_failed(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+def decode_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A result item as plain JSON (what the README's snippet does)."""
+    out: dict[str, Any] = {}
+    for name, attr in item.items():
+        if name in _JSON_FIELDS:
+            out[name] = codec.decode_json(attr)
+        elif "S" in attr:
+            out[name] = attr["S"]
+        elif "N" in attr:
+            number = float(attr["N"])
+            out[name] = int(number) if number.is_integer() else number
+        elif "BOOL" in attr:
+            out[name] = attr["BOOL"]
+    return out
+
+
+class HandlesStore:
+    def __init__(self, client: Any, table: str, *, ttl_days: int, clock: Clock) -> None:
+        self._ddb = client
+        self._table = table
+        self._ttl_s = ttl_days * 86400
+        self._clock = clock
+
+    @staticmethod
+    def result_key(event_id: str) -> dict[str, Any]:
+        return {"pk": {"S": f"EVENT#{event_id}"}, "sk": {"S": "RESULT"}}
+
+    @staticmethod
+    def state_key(opaque_id: str, datastream_id: str) -> dict[str, Any]:
+        return {"pk": {"S": f"IDENTITY#{opaque_id}"}, "sk": {"S": f"STATE#{datastream_id}"}}
+
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._ddb, op)(TableName=self._table, **kwargs)
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise
+            raise StoreUnavailable(f"dynamodb {op} failed: {exc.response.get('Error', {}).get('Code')}") from None
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"dynamodb {op} failed: {type(exc).__name__}") from None
+
+    # -- results and claims -------------------------------------------------------------------------------------
+
+    def claim(self, event_id: str, *, datastream_id: str, source: str, lease_s: float) -> Claim:
+        """Take the event: create or take over its item unless it is done or another holder's lease is live."""
+        now = self._clock.now()
+        token = uuid.uuid4().hex
+        try:
+            self._call(
+                "update_item",
+                Key=self.result_key(event_id),
+                UpdateExpression=(
+                    "SET #s = :pending, leaseUntil = :lease, claimToken = :tok, eventId = :id, datastreamId = :ds, "
+                    "#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now ADD attempts :one"
+                ),
+                ConditionExpression="attribute_not_exists(pk) OR #s = :queued OR (#s = :pending AND leaseUntil < :t)",
+                ExpressionAttributeNames={"#s": "status", "#src": "source"},
+                ExpressionAttributeValues={
+                    ":pending": {"S": "pending"},
+                    ":queued": {"S": "queued"},
+                    ":lease": {"N": str(int(now + lease_s) + 1)},
+                    ":t": {"N": str(int(now))},
+                    ":tok": {"S": token},
+                    ":id": {"S": event_id},
+                    ":ds": {"S": datastream_id},
+                    ":src": {"S": source},
+                    ":exp": {"N": str(int(now) + self._ttl_s)},
+                    ":now": {"S": iso_millis(now)},
+                    ":one": {"N": "1"},
+                },
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            old = exc.response.get("Item") or self.get_result_item(event_id) or {}
+            return Claim(False, existing=decode_item(old))
+        return Claim(True, token=token)
+
+    def get_result_item(self, event_id: str) -> dict[str, Any] | None:
+        resp = self._call("get_item", Key=self.result_key(event_id), ConsistentRead=True)
+        item = resp.get("Item")
+        return item if item else None
+
+    def get_result(self, event_id: str) -> dict[str, Any] | None:
+        item = self.get_result_item(event_id)
+        return decode_item(item) if item else None
+
+    def finish(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Write the outcome over the claim in one UpdateItem (keeps `attempts`, drops the lease)."""
+        now = self._clock.now()
+        doc = {**fields, "eventId": event_id, "storedAt": iso_millis(now)}
+        values = self._encode(doc)
+        values["expiresAt"] = {"N": str(int(now) + self._ttl_s)}
+        names = {f"#a{i}": name for i, name in enumerate(values)}
+        sets = ", ".join(f"#a{i} = :v{i}" for i in range(len(values)))
+        self._call(
+            "update_item",
+            Key=self.result_key(event_id),
+            UpdateExpression=f"SET {sets} REMOVE leaseUntil, claimToken, lastError",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={f":v{i}": v for i, v in enumerate(values.values())},
+        )
+        return doc
+
+    def _encode(self, doc: dict[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, value in doc.items():
+            if value is None:
+                continue
+            if name in _JSON_FIELDS:
+                values[name] = codec.encode_json(value)
+            elif isinstance(value, bool):
+                values[name] = {"BOOL": value}
+            elif isinstance(value, int | float):
+                values[name] = {"N": str(value)}
+            else:
+                values[name] = {"S": str(value)}
+        size = sum(len(k) + codec.attribute_size(v) for k, v in values.items())
+        if size > MAX_ITEM_BYTES and "request" in values:
+            # Keep the outcome; say the original request was too large to keep (it can't be replayed from here).
+            size -= codec.attribute_size(values.pop("request"))
+            values["requestOmitted"] = {"BOOL": True}
+        if size > MAX_ITEM_BYTES and "handle" in values:
+            values.pop("handle")
+            values["handleOmitted"] = {"BOOL": True}
+        return values
+
+    def release(self, event_id: str, token: str, reason: str) -> None:
+        """Give the event back (status `queued`) so a retry can claim it at once; only our own claim."""
+        try:
+            self._call(
+                "update_item",
+                Key=self.result_key(event_id),
+                UpdateExpression="SET #s = :queued, lastError = :r, updatedAt = :now REMOVE leaseUntil, claimToken",
+                ConditionExpression="claimToken = :tok",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":queued": {"S": "queued"},
+                    ":r": {"S": reason[:500]},
+                    ":tok": {"S": token},
+                    ":now": {"S": iso_millis(self._clock.now())},
+                },
+            )
+        except ClientError:
+            pass  # someone else holds it now; their outcome stands
+
+    def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Store a `rejected` outcome for a body that never became an event (never over a delivered result)."""
+        now = self._clock.now()
+        doc = {**fields, "eventId": event_id, "status": "rejected", "storedAt": iso_millis(now)}
+        item = {**self.result_key(event_id), **self._encode(doc), "expiresAt": {"N": str(int(now) + self._ttl_s)}}
+        try:
+            self._call(
+                "put_item",
+                Item=item,
+                ConditionExpression="attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}},
+            )
+        except ClientError:
+            pass  # an event with this id was delivered (or is in flight): that outcome stands
+        return doc
+
+    # -- identity state -----------------------------------------------------------------------------------------
+
+    def get_state(self, opaque_id: str, datastream_id: str) -> IdentityState:
+        resp = self._call("get_item", Key=self.state_key(opaque_id, datastream_id), ConsistentRead=True)
+        item = resp.get("Item")
+        if not item:
+            return IdentityState()
+        doc = codec.decode_json(item["state"]) if "state" in item else {}
+        return state_from_item(doc, int(item.get("version", {"N": "0"})["N"]))
+
+    def update_state(
+        self,
+        opaque_id: str,
+        datastream_id: str,
+        current: IdentityState,
+        change: Callable[[IdentityState], IdentityState | None],
+    ) -> int:
+        """Apply `change` with optimistic concurrency: a conditional put on the version read, re-read on conflict.
+
+        `change` returns None when nothing needs writing. Returns the number of writes made (0 or 1).
+        """
+        state = current
+        for _ in range(STATE_WRITE_ATTEMPTS):
+            new = change(state)
+            if new is None:
+                return 0
+            now = self._clock.now()
+            item = {
+                **self.state_key(opaque_id, datastream_id),
+                "state": codec.encode_json(state_to_item(new)),
+                "version": {"N": str(state.version + 1)},
+                "updatedAt": {"S": iso_millis(now)},
+                "expiresAt": {"N": str(int(new.expires_at()) + 1)},
+            }
+            condition = "attribute_not_exists(pk)" if state.version == 0 else "version = :v"
+            extra = {} if state.version == 0 else {"ExpressionAttributeValues": {":v": {"N": str(state.version)}}}
+            try:
+                self._call("put_item", Item=item, ConditionExpression=condition, **extra)
+                return 1
+            except ClientError:
+                state = self.get_state(opaque_id, datastream_id)  # someone else wrote: merge onto theirs
+        raise StoreUnavailable("identity state kept changing under concurrent writers")

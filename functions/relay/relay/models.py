@@ -1,0 +1,194 @@
+"""The inbound interact event: validation at the edge, eventId and datastream resolution (contract §2)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from relay.errors import InvalidEvent, PayloadTooLarge
+
+MAX_BODY_BYTES = 64 * 1024  # Edge's own limit (EXEG-0112-413)
+MAX_EVENT_ID_LENGTH = 256
+_DATASTREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$")
+
+Source = Literal["webhook", "sqs"]
+
+
+@dataclass(frozen=True)
+class InboundEvent:
+    """A validated event, ready for Edge: `request` already carries the stable `xdm._id` and a timestamp."""
+
+    event_id: str
+    datastream_id: str
+    source: Source
+    request: dict[str, Any]
+    received_at: float
+    primary_identity: tuple[str, str] | None = field(default=None, repr=False)  # (namespace, id): never log
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def iso_millis(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch * 1000) % 1000:03d}Z"
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _expect_object(errors: list[dict[str, str]], value: Any, path: str, *, required: bool) -> bool:
+    if value is None and not required:
+        return False
+    if value is None:
+        errors.append({"path": path, "message": "is required"})
+        return False
+    if not isinstance(value, dict):
+        errors.append({"path": path, "message": f"must be an object, not {_type_name(value)}"})
+        return False
+    return True
+
+
+def validate_request(doc: Any) -> list[dict[str, str]]:
+    """Return every structural problem of an interact request body, each with its field path."""
+    errors: list[dict[str, str]] = []
+    if not isinstance(doc, dict):
+        return [{"path": "$", "message": f"must be a JSON object, not {_type_name(doc)}"}]
+    if _expect_object(errors, doc.get("event"), "event", required=True):
+        event = doc["event"]
+        if _expect_object(errors, event.get("xdm"), "event.xdm", required=True):
+            xdm = event["xdm"]
+            if "_id" in xdm and not (isinstance(xdm["_id"], str) and 0 < len(xdm["_id"]) <= MAX_EVENT_ID_LENGTH):
+                message = f"must be a string of 1-{MAX_EVENT_ID_LENGTH} characters"
+                errors.append({"path": "event.xdm._id", "message": message})
+            if "timestamp" in xdm and not isinstance(xdm["timestamp"], str):
+                errors.append({"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"})
+            if "identityMap" in xdm:
+                _validate_identity_map(errors, xdm["identityMap"])
+        if "data" in event:
+            _expect_object(errors, event["data"], "event.data", required=True)
+    for key in ("query", "meta"):
+        if key in doc:
+            _expect_object(errors, doc[key], key, required=True)
+    meta = as_dict(doc.get("meta"))
+    if "state" in meta and _expect_object(errors, meta["state"], "meta.state", required=True):
+        entries = meta["state"].get("entries")
+        if entries is not None:
+            if not isinstance(entries, list):
+                errors.append({"path": "meta.state.entries", "message": "must be an array"})
+            else:
+                for i, entry in enumerate(entries):
+                    if not (isinstance(entry, dict) and isinstance(entry.get("key"), str)):
+                        errors.append({"path": f"meta.state.entries[{i}]", "message": "must be an object with a key"})
+    return errors
+
+
+def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> None:
+    if not isinstance(identity_map, dict):
+        errors.append({"path": "event.xdm.identityMap", "message": "must be an object"})
+        return
+    for namespace, items in identity_map.items():
+        path = f"event.xdm.identityMap.{namespace}"
+        if not isinstance(items, list):
+            errors.append({"path": path, "message": "must be an array of identities"})
+            continue
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                errors.append({"path": f"{path}[{i}]", "message": "must be an object"})
+                continue
+            if not (isinstance(item.get("id"), str) and item["id"]):
+                errors.append({"path": f"{path}[{i}].id", "message": "is required and must be a non-empty string"})
+            if "primary" in item and not isinstance(item["primary"], bool):
+                errors.append({"path": f"{path}[{i}].primary", "message": "must be a boolean"})
+
+
+def primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
+    """The identity marked `primary: true` (the first one if several), as Edge picks it."""
+    identity_map = xdm.get("identityMap")
+    if not isinstance(identity_map, dict):
+        return None
+    for namespace, items in identity_map.items():
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and item.get("primary") is True and isinstance(item.get("id"), str):
+                return namespace, item["id"]
+    return None
+
+
+def decode_body(raw: bytes | str) -> tuple[str, Any]:
+    """Enforce the size limit and parse JSON. Returns (text, document)."""
+    data = raw.encode("utf-8") if isinstance(raw, str) else raw
+    if len(data) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(len(data), MAX_BODY_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent([{"path": "$", "message": f"body is not UTF-8 (byte {exc.start})"}]) from None
+    if not text.strip():
+        raise InvalidEvent([{"path": "$", "message": "body is empty"}])
+    try:
+        return text, json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        message = (
+            f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else "body is nested too deeply"
+        )
+        raise InvalidEvent([{"path": "$", "message": message}]) from None
+
+
+def resolve_datastream(candidate: str | None, default: str) -> str:
+    if candidate is None or candidate == "":
+        return default
+    if not _DATASTREAM_RE.match(candidate):
+        raise InvalidEvent([{"path": "datastreamId", "message": "must be a datastream id (letters, digits, -_:.)"}])
+    return candidate
+
+
+def event_id_for(doc: Any, fallback_id: str) -> str:
+    """`event.xdm._id` when present and valid, else the transport's id (webhook-id / SQS messageId)."""
+    try:
+        candidate = doc["event"]["xdm"]["_id"]
+    except (KeyError, TypeError):
+        candidate = None
+    if isinstance(candidate, str) and 0 < len(candidate) <= MAX_EVENT_ID_LENGTH:
+        return candidate
+    return fallback_id[:MAX_EVENT_ID_LENGTH]
+
+
+def build_inbound(
+    doc: Any,
+    *,
+    event_id: str,
+    datastream_id: str,
+    source: Source,
+    received_at: float,
+) -> InboundEvent:
+    """Validate `doc` and return the event with `xdm._id` and `xdm.timestamp` filled in (stable across retries)."""
+    errors = validate_request(doc)
+    if errors:
+        raise InvalidEvent(errors)
+    request = dict(doc)
+    event = dict(request["event"])
+    xdm = dict(event["xdm"])
+    xdm.setdefault("_id", event_id)
+    xdm.setdefault("timestamp", iso_millis(received_at))
+    event["xdm"] = xdm
+    request["event"] = event
+    return InboundEvent(
+        event_id=event_id,
+        datastream_id=datastream_id,
+        source=source,
+        request=request,
+        received_at=received_at,
+        primary_identity=primary_identity(xdm),
+    )

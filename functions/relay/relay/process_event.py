@@ -1,0 +1,162 @@
+"""The domain flow for one event: claim → identity state → Edge → store. No AWS or HTTP details here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.clock import Clock, Deadline
+from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable, InvalidEvent, StoreUnavailable
+from relay.identity_state import (
+    IdentityState,
+    apply_handles,
+    needs_write,
+    opaque_identity_id,
+    outgoing_entries,
+)
+from relay.integrations.edge import EdgeClient
+from relay.integrations.store import HandlesStore
+from relay.models import InboundEvent, as_dict, as_list
+from relay.observability import count, logger
+
+INVALID_EVENT_TYPE = "https://github.com/interact-relay/errors/invalid-event"
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"  # Edge answered 200/207, result stored
+    REJECTED = "rejected"  # not to be retried; stored with its reason
+    DUPLICATE = "duplicate"  # already done before; `item` is the stored result
+    BUSY = "busy"  # another invocation holds a live claim on this event
+    RETRY = "retry"  # transient: redeliver / queue; claim released
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    event_id: str
+    item: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    retry_after: float | None = None
+
+
+def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dict[str, Any]:
+    """The request with live stored entries in `meta.state.entries` (the caller's own entries win by key)."""
+    meta = as_dict(request.get("meta"))
+    meta_state = as_dict(meta.get("state"))
+    caller = [e for e in as_list(meta_state.get("entries")) if isinstance(e, dict)]
+    entries = outgoing_entries(state, caller, now)
+    if not entries:
+        return request
+    return {**request, "meta": {**meta, "state": {**meta_state, "entries": entries}}}
+
+
+def edge_status_of(item: dict[str, Any]) -> int:
+    error = as_dict(item.get("error"))
+    status = error.get("status")
+    return status if isinstance(status, int) else 400
+
+
+class Relay:
+    def __init__(self, store: HandlesStore, edge: EdgeClient, clock: Clock) -> None:
+        self.store = store
+        self.edge = edge
+        self.clock = clock
+
+    def reject_invalid(
+        self, event_id: str, *, datastream_id: str, source: str, error: InvalidEvent, raw: str | None
+    ) -> dict[str, Any]:
+        """Store a body that is not a valid event as `rejected`, with its field errors and the body as received."""
+        count("Rejected")
+        logger.warning("event rejected as invalid", eventId=event_id, errors=len(error.errors))
+        return self.store.reject_unclaimed(
+            event_id,
+            {
+                "datastreamId": datastream_id,
+                "source": source,
+                "error": {
+                    "type": INVALID_EVENT_TYPE,
+                    "title": error.title,
+                    "status": error.status,
+                    "errors": error.errors,
+                },
+                "request": raw,
+            },
+        )
+
+    def process(self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float) -> Result:
+        event_id = inbound.event_id
+        try:
+            claim = self.store.claim(
+                event_id, datastream_id=inbound.datastream_id, source=inbound.source, lease_s=lease_s
+            )
+        except StoreUnavailable as exc:
+            return Result(Outcome.RETRY, event_id, reason=str(exc))
+        if not claim.acquired:
+            existing = claim.existing or {}
+            if existing.get("status") in ("delivered", "rejected"):
+                count("Duplicates")
+                logger.info("repeat of a finished event", eventId=event_id, status=existing.get("status"))
+                return Result(Outcome.DUPLICATE, event_id, item=existing)
+            return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
+        assert claim.token is not None
+        try:
+            return self._deliver(inbound, claim.token, deadline)
+        except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
+            retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
+            reason = str(exc)
+            logger.warning("event will be retried", eventId=event_id, reason=reason)
+            count("RetriesScheduled")
+            try:
+                self.store.release(event_id, claim.token, reason)
+            except StoreUnavailable:
+                pass  # the lease expires by itself
+            return Result(Outcome.RETRY, event_id, reason=reason, retry_after=retry_after)
+
+    def _deliver(self, inbound: InboundEvent, token: str, deadline: Deadline) -> Result:
+        now = self.clock.now()
+        opaque = opaque_identity_id(*inbound.primary_identity) if inbound.primary_identity else None
+        state = self.store.get_state(opaque, inbound.datastream_id) if opaque else IdentityState()
+        request = with_state(inbound.request, state, now)
+        try:
+            answer = self.edge.deliver(inbound.datastream_id, request, state.live_hint(now), deadline)
+        except EdgeRejected as exc:
+            count("Rejected")
+            logger.warning(
+                "edge rejected the event", eventId=inbound.event_id, status=exc.status, type=exc.problem.get("type")
+            )
+            item = self.store.finish(
+                inbound.event_id,
+                {
+                    "status": "rejected",
+                    "datastreamId": inbound.datastream_id,
+                    "source": inbound.source,
+                    "requestId": as_dict(exc.problem.get("report")).get("requestId"),
+                    "error": exc.problem,
+                    "request": inbound.request,
+                },
+            )
+            return Result(Outcome.REJECTED, inbound.event_id, item=item)
+        received = self.clock.now()
+        handles = as_list(answer.body.get("handle"))
+        if opaque:
+
+            def change(current: IdentityState) -> IdentityState | None:
+                new = apply_handles(current, handles, received)
+                return new if needs_write(current, new, received) else None
+
+            self.store.update_state(opaque, inbound.datastream_id, state, change)
+        fields: dict[str, Any] = {
+            "status": "delivered",
+            "datastreamId": inbound.datastream_id,
+            "source": inbound.source,
+            "requestId": answer.request_id,
+            "handle": answer.body.get("handle", []),
+        }
+        for key in ("errors", "warnings"):
+            if answer.body.get(key):
+                fields[key] = answer.body[key]
+        item = self.store.finish(inbound.event_id, fields)
+        count("Delivered")
+        logger.info("event delivered", eventId=inbound.event_id, edgeStatus=answer.status, attempts=answer.attempts)
+        return Result(Outcome.DELIVERED, inbound.event_id, item=item)

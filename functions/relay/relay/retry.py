@@ -1,0 +1,33 @@
+"""Which Edge answers are recoverable, and how long to wait before the next try (reference §3)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+# Adobe: retry 429, 502, 503, 504 (and 408, which the mobile cores treat as recoverable); never 500 or other 4xx.
+RECOVERABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """`Retry-After` as seconds: an integer number of seconds or an HTTP-date. None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max((when - datetime.fromtimestamp(now, tz=UTC)).total_seconds(), 0.0), MAX_RETRY_AFTER_S)
+
+
+def backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter; `attempt` counts from 1."""
+    ceiling = min(cap, base * (2 ** (attempt - 1)))
+    return (rng or random).uniform(ceiling / 2, ceiling)

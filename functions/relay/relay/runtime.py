@@ -1,0 +1,123 @@
+"""One execution environment's long-lived parts: clients, HTTP session, caches, thread pool; and the dispatch."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from relay.batch import BatchRunner
+from relay.clock import Clock, Deadline, SystemClock
+from relay.integrations.aws_clients import build_clients
+from relay.integrations.credentials import CredentialsStore
+from relay.integrations.edge import EdgeClient
+from relay.integrations.ims import ImsTokenProvider
+from relay.integrations.queue import RetryQueue
+from relay.integrations.store import HandlesStore
+from relay.observability import logger, metrics
+from relay.process_event import Relay
+from relay.settings import Settings
+from relay.webhook import WebhookApp
+
+
+def new_http_session(pool_size: int) -> requests.Session:
+    """One keep-alive connection pool for Edge and IMS, sized for the batch concurrency."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0, pool_block=True)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+class Runtime:
+    """Everything is built lazily, so a cold start imports and constructs only what the first event needs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        clients: dict[str, Any] | None = None,
+        session: requests.Session | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self._clients = clients
+        self._session = session
+        self._rng = rng
+        self._webhook_lock = threading.Lock()  # the resolver keeps per-request state; Lambda runs one at a time
+
+    @cached_property
+    def clients(self) -> dict[str, Any]:
+        return self._clients or build_clients(self.settings.batch_concurrency + 4)
+
+    @cached_property
+    def session(self) -> requests.Session:
+        return self._session or new_http_session(self.settings.batch_concurrency)
+
+    @cached_property
+    def credentials(self) -> CredentialsStore:
+        s = self.settings
+        return CredentialsStore(
+            self.clients["secretsmanager"],
+            adobe_secret_id=s.adobe_secret_id,
+            webhook_secret_id=s.webhook_secret_id,
+            max_age=s.secrets_max_age_s,
+        )
+
+    @cached_property
+    def tokens(self) -> ImsTokenProvider | None:
+        if self.settings.edge_auth != "ims":
+            return None
+        return ImsTokenProvider(self.session, self.settings.ims_token_url, self.credentials, self.clock)
+
+    @cached_property
+    def store(self) -> HandlesStore:
+        return HandlesStore(
+            self.clients["dynamodb"],
+            self.settings.handles_table,
+            ttl_days=self.settings.result_ttl_days,
+            clock=self.clock,
+        )
+
+    @cached_property
+    def relay(self) -> Relay:
+        edge = EdgeClient(self.session, self.settings, self.tokens, self.clock, self._rng)
+        return Relay(self.store, edge, self.clock)
+
+    @cached_property
+    def queue(self) -> RetryQueue:
+        return RetryQueue(self.clients["sqs"], self.settings.retry_queue_url)
+
+    @cached_property
+    def executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.settings.batch_concurrency, thread_name_prefix="relay")
+
+    @cached_property
+    def webhook(self) -> WebhookApp:
+        return WebhookApp(self.settings, self.relay, lambda: self.credentials, lambda: self.queue, self.clock)
+
+    @cached_property
+    def batch(self) -> BatchRunner:
+        return BatchRunner(self.settings, self.relay, self.executor)
+
+    def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0
+        try:
+            records = event.get("Records") if isinstance(event, dict) else None
+            if isinstance(records, list) and records and records[0].get("eventSource") == "aws:sqs":
+                deadline = Deadline(self.clock, remaining - self.settings.safety_margin_s)
+                return self.batch.run(event, deadline, lease_s=remaining + 5)
+            if isinstance(event, dict) and isinstance(event.get("requestContext", {}).get("http"), dict):
+                with self._webhook_lock:
+                    return self.webhook.handle(event, context)
+            logger.error("unsupported event shape", keys=sorted(event)[:10] if isinstance(event, dict) else None)
+            raise ValueError("unsupported event: expected an HTTP API 2.0 or SQS event")
+        finally:
+            metrics.flush_metrics(raise_on_empty_metrics=False)

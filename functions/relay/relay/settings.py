@@ -1,0 +1,148 @@
+"""Typed, validated settings read from the environment on first use (never at import time)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from urllib.parse import urlsplit
+
+from relay.errors import ConfigurationError
+
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+_DATASTREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    handles_table: str
+    datastream_id: str
+    adobe_secret_id: str | None
+    webhook_secret_id: str | None
+    edge_base_url: str
+    edge_auth: str  # "ims" | "none"
+    edge_hint_url_template: str
+    ims_token_url: str
+    webhook_auth: str  # "standard-webhooks" | "none"
+    retry_queue_url: str | None
+    result_ttl_days: int
+    batch_concurrency: int
+    webhook_deadline_s: float
+    edge_connect_timeout_s: float
+    edge_read_timeout_s: float
+    edge_max_attempts: int
+    safety_margin_s: float
+    secrets_max_age_s: int
+
+    @property
+    def interact_url(self) -> str:
+        return f"{self.edge_base_url}/ee/v2/interact"
+
+    def hinted_url(self, hint: str) -> str:
+        return self.edge_hint_url_template.format(base=self.edge_base_url, hint=hint)
+
+
+def _url(problems: dict[str, str], name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return value.rstrip("/")
+    if parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS:
+        return value.rstrip("/")  # a local simulator on loopback
+    problems[name] = "must be an https URL (http only for loopback)"
+    return value
+
+
+def _int(problems: dict[str, str], env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        problems[name] = f"must be an integer between {lo} and {hi}"
+        return default
+    if not lo <= value <= hi:
+        problems[name] = f"must be between {lo} and {hi}"
+    return value
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Validate every variable and raise one ConfigurationError naming all bad ones."""
+    problems: dict[str, str] = {}
+
+    def required(name: str) -> str:
+        value = env.get(name, "").strip()
+        if not value:
+            problems[name] = "is required"
+        return value
+
+    def choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = env.get(name, "").strip() or default
+        if value not in allowed:
+            problems[name] = f"must be one of {', '.join(allowed)}"
+        return value
+
+    table = required("HANDLES_TABLE")
+    datastream = required("DATASTREAM_ID")
+    if datastream and not _DATASTREAM_RE.match(datastream):
+        problems["DATASTREAM_ID"] = "must be a datastream id (letters, digits, '-', '_', ':', '.')"
+    edge_auth = choice("EDGE_AUTH", "ims", ("ims", "none"))
+    webhook_auth = choice("WEBHOOK_AUTH", "standard-webhooks", ("standard-webhooks", "none"))
+    adobe_secret = env.get("ADOBE_SECRET_ID", "").strip() or None
+    if edge_auth == "ims" and not adobe_secret:
+        problems["ADOBE_SECRET_ID"] = "is required when EDGE_AUTH=ims"
+    webhook_secret = env.get("WEBHOOK_SECRET_ID", "").strip() or None
+    if webhook_auth == "standard-webhooks" and not webhook_secret:
+        problems["WEBHOOK_SECRET_ID"] = "is required when WEBHOOK_AUTH=standard-webhooks"
+    base = _url(problems, "EDGE_BASE_URL", env.get("EDGE_BASE_URL", "").strip() or "https://server.adobedc.net")
+    ims = _url(
+        problems,
+        "IMS_TOKEN_URL",
+        env.get("IMS_TOKEN_URL", "").strip() or "https://ims-na1.adobelogin.com/ims/token/v3",
+    )
+    template = env.get("EDGE_HINT_URL_TEMPLATE", "").strip() or "{base}/ee/{hint}/v2/interact"
+    if "{hint}" not in template:
+        problems["EDGE_HINT_URL_TEMPLATE"] = "must contain {hint}"
+    else:
+        try:
+            _url(problems, "EDGE_HINT_URL_TEMPLATE", template.format(base=base, hint="or2"))
+        except (KeyError, IndexError, ValueError):
+            problems["EDGE_HINT_URL_TEMPLATE"] = "may only use {base} and {hint}"
+    queue = env.get("RETRY_QUEUE_URL", "").strip() or None
+    ttl_days = _int(problems, env, "RESULT_TTL_DAYS", 30, 1, 3650)
+    concurrency = _int(problems, env, "BATCH_CONCURRENCY", 16, 1, 64)
+    deadline_ms = _int(problems, env, "WEBHOOK_DEADLINE_MS", 5000, 500, 29000)
+    connect_ms = _int(problems, env, "EDGE_CONNECT_TIMEOUT_MS", 3050, 100, 30000)
+    read_ms = _int(problems, env, "EDGE_READ_TIMEOUT_MS", 5000, 100, 60000)
+    attempts = _int(problems, env, "EDGE_MAX_ATTEMPTS", 5, 1, 20)
+    margin_ms = _int(problems, env, "SAFETY_MARGIN_MS", 2000, 0, 60000)
+    secrets_age = _int(problems, env, "SECRETS_MAX_AGE_SECONDS", 300, 0, 86400)
+    if problems:
+        raise ConfigurationError(problems)
+    return Settings(
+        handles_table=table,
+        datastream_id=datastream,
+        adobe_secret_id=adobe_secret,
+        webhook_secret_id=webhook_secret,
+        edge_base_url=base,
+        edge_auth=edge_auth,
+        edge_hint_url_template=template,
+        ims_token_url=ims,
+        webhook_auth=webhook_auth,
+        retry_queue_url=queue,
+        result_ttl_days=ttl_days,
+        batch_concurrency=concurrency,
+        webhook_deadline_s=deadline_ms / 1000,
+        edge_connect_timeout_s=connect_ms / 1000,
+        edge_read_timeout_s=read_ms / 1000,
+        edge_max_attempts=attempts,
+        safety_margin_s=margin_ms / 1000,
+        secrets_max_age_s=secrets_age,
+    )
+
+
+@cache
+def get_settings() -> Settings:
+    return load_settings(os.environ)

@@ -1,0 +1,179 @@
+"""`POST /events` on the HTTP API (contract §5, §7). Errors map to responses in one table."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
+from standardwebhooks.webhooks import Webhook
+
+from relay.clock import Clock, Deadline
+from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable, Unauthorized
+from relay.integrations.credentials import CredentialsStore
+from relay.integrations.queue import RetryQueue
+from relay.models import MAX_EVENT_ID_LENGTH, as_dict, build_inbound, decode_body, event_id_for, resolve_datastream
+from relay.observability import count, logger
+from relay.process_event import Outcome, Relay, Result, edge_status_of
+from relay.settings import Settings
+
+PROBLEM = "application/problem+json"
+_ENQUEUE_RESERVE_S = 0.75  # time kept back from Edge retries to enqueue the event if Edge stays down
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
+    body = {"type": extra.pop("type", "about:blank"), "title": title, "status": status, "detail": detail, **extra}
+    headers = {"Retry-After": str(extra.get("retryAfter"))} if "retryAfter" in extra else None
+    return Response(status_code=status, content_type=PROBLEM, body=json.dumps(body), headers=headers)
+
+
+def ok(status: int, body: dict[str, Any]) -> Response:
+    return Response(status_code=status, content_type="application/json", body=json.dumps(body))
+
+
+def delivered_body(item: dict[str, Any]) -> dict[str, Any]:
+    body = {"eventId": item.get("eventId"), "requestId": item.get("requestId"), "handle": item.get("handle", [])}
+    for key in ("errors", "warnings"):
+        if item.get(key):
+            body[key] = item[key]
+    return body
+
+
+def rejected_response(item: dict[str, Any]) -> Response:
+    """A stored rejection as the webhook answer: Edge's own problem fields, mapped per contract §7."""
+    error = as_dict(item.get("error"))
+    status = edge_status_of(item)
+    extra = {"eventId": item.get("eventId"), "type": error.get("type", "about:blank")}
+    if error.get("errors"):  # our own validation of a body
+        return problem(
+            status if status in (400, 413) else 400,
+            str(error.get("title", "Invalid event")),
+            "the body is not a valid interact event",
+            errors=error["errors"],
+            **extra,
+        )
+    answer = 502 if status >= 500 else 422
+    title = str(error.get("title", "Edge rejected the event"))
+    return problem(answer, title, str(error.get("detail", ""))[:1000], edgeStatus=status, **extra)
+
+
+class WebhookApp:
+    def __init__(
+        self,
+        settings: Settings,
+        relay: Relay,
+        credentials: Callable[[], CredentialsStore],
+        queue: Callable[[], RetryQueue],
+        clock: Clock,
+    ) -> None:
+        self._settings = settings
+        self._relay = relay
+        self._credentials = credentials
+        self._queue = queue
+        self._clock = clock
+        self.app = APIGatewayHttpResolver()
+        self.app.post("/events")(self._post_events)
+        self._context: Any = None
+
+    def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        self._context = context
+        return self.app.resolve(event, context)
+
+    def _verify(self, raw: bytes, headers: dict[str, str]) -> None:
+        if self._settings.webhook_auth == "none":
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unauthorized("body is not UTF-8; signature cannot match") from None
+        secrets = self._credentials().webhook_secrets()
+        for secret in secrets:
+            try:
+                Webhook(secret).verify(text, headers, json_parse=False)
+                return
+            except Exception as exc:  # the library raises several types for malformed headers
+                reason = type(exc).__name__ + ": " + str(exc)[:80]
+        raise Unauthorized(reason)
+
+    def _post_events(self) -> Response:
+        event = self.app.current_event
+        headers = {k.lower(): v for k, v in (event.headers or {}).items()}
+        body = event.get("body") or ""
+        try:
+            raw = base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode("utf-8")
+        except (binascii.Error, ValueError):
+            return problem(400, "Invalid body", "body is not valid base64")
+        try:
+            self._verify(raw, headers)
+        except Unauthorized as exc:
+            count("Unauthorized")
+            logger.warning("webhook signature rejected", reason=str(exc))
+            return problem(401, "Unauthorized", "missing or invalid webhook signature")
+        except CredentialsError as exc:
+            logger.error("webhook secret unavailable", reason=str(exc))
+            return problem(503, "Service unavailable", "the relay cannot verify signatures right now", retryAfter=30)
+        received_at = self._clock.now()
+        fallback_id = (headers.get("webhook-id") or event.request_context.request_id or "")[:MAX_EVENT_ID_LENGTH]
+        datastream = self._settings.datastream_id
+        event_id = fallback_id
+        raw_text = raw.decode("utf-8", errors="replace")
+        try:
+            datastream = resolve_datastream((event.query_string_parameters or {}).get("datastreamId"), datastream)
+            _, doc = decode_body(raw)
+            event_id = event_id_for(doc, fallback_id)
+            inbound = build_inbound(
+                doc, event_id=event_id, datastream_id=datastream, source="webhook", received_at=received_at
+            )
+        except InvalidEvent as error:
+            try:
+                self._relay.reject_invalid(
+                    event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text
+                )
+            except StoreUnavailable:
+                logger.error("could not store a rejected body", eventId=event_id)
+            return problem(
+                error.status,
+                error.title,
+                "the body is not a valid interact event",
+                eventId=event_id,
+                errors=error.errors,
+            )
+        remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0
+        budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)
+        deadline = Deadline(self._clock, budget - _ENQUEUE_RESERVE_S)
+        result = self._relay.process(inbound, deadline, lease_s=max(remaining, budget) + 5)
+        return self._answer(result, inbound)
+
+    def _answer(self, result: Result, inbound: Any) -> Response:
+        item = result.item
+        if result.outcome is Outcome.DELIVERED or (
+            result.outcome is Outcome.DUPLICATE and item.get("status") == "delivered"
+        ):
+            return ok(200, delivered_body(item))
+        if result.outcome in (Outcome.REJECTED, Outcome.DUPLICATE):
+            return rejected_response(item)
+        if result.outcome is Outcome.BUSY:
+            return problem(
+                409,
+                "Conflict",
+                "this event is being processed; retry shortly to read its result",
+                eventId=result.event_id,
+                retryAfter=2,
+            )
+        # RETRY: Edge (or the store) stayed unavailable; hand the event to the queue.
+        if self._queue().send(inbound, delay_s=result.retry_after):
+            count("Queued")
+            logger.info("event queued for later delivery", eventId=result.event_id, reason=result.reason)
+            return ok(202, {"eventId": result.event_id, "status": "queued"})
+        count("QueueFallbackFailed")
+        logger.error("event could not be queued; sender must retry", eventId=result.event_id)
+        return problem(
+            503,
+            "Service unavailable",
+            "Edge is unavailable and the event could not be queued; retry",
+            eventId=result.event_id,
+            retryAfter=30,
+        )

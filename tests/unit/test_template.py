@@ -1,0 +1,298 @@
+"""Static checks of template.yaml: the contract's infrastructure rules (§1, §3, §8, §9) and least privilege."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from devtools.cfn_yaml import load_template
+
+FUNCTION = "RelayFunction"
+QUEUE = "EventsQueue"
+DLQ = "EventsDeadLetterQueue"
+TABLE = "HandlesTable"
+
+# §3 of the contract: every variable the function reads, and what it must be bound to.
+CONTRACT_ENV = {
+    "HANDLES_TABLE": {"Ref": TABLE},
+    "DATASTREAM_ID": {"Ref": "DatastreamId"},
+    "ADOBE_SECRET_ID": {"Ref": "AdobeSecretArn"},
+    "WEBHOOK_SECRET_ID": {"Ref": "WebhookSecretArn"},
+    "EDGE_BASE_URL": {"Ref": "EdgeBaseUrl"},
+    "EDGE_AUTH": {"Ref": "EdgeAuth"},
+    "IMS_TOKEN_URL": {"Ref": "ImsTokenUrl"},
+    "WEBHOOK_AUTH": {"Ref": "WebhookAuth"},
+    "RETRY_QUEUE_URL": {"Ref": QUEUE},
+    "RESULT_TTL_DAYS": {"Ref": "ResultTtlDays"},
+}
+
+# §3 defaults, as the template's parameter defaults.
+CONTRACT_DEFAULTS = {
+    "EdgeBaseUrl": "https://server.adobedc.net",
+    "EdgeAuth": "ims",
+    "ImsTokenUrl": "https://ims-na1.adobelogin.com/ims/token/v3",
+    "WebhookAuth": "standard-webhooks",
+    "ResultTtlDays": 30,
+}
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return load_template()
+
+
+def resources(template: dict[str, Any], type_: str) -> dict[str, dict[str, Any]]:
+    return {name: res for name, res in template["Resources"].items() if res["Type"] == type_}
+
+
+def function_properties(template: dict[str, Any], name: str) -> dict[str, Any]:
+    """The function's properties with Globals.Function applied the way SAM does (maps merge, scalars override)."""
+    merged: dict[str, Any] = dict(template.get("Globals", {}).get("Function", {}))
+    for key, value in template["Resources"][name]["Properties"].items():
+        if key == "Environment":
+            variables = {
+                **merged.get("Environment", {}).get("Variables", {}),
+                **value.get("Variables", {}),
+            }
+            merged["Environment"] = {"Variables": variables}
+        else:
+            merged[key] = value
+    return merged
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def policy_statements(template: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every IAM statement anywhere in the template (SAM Policies, IAM roles/policies, resource policies)."""
+    return [node for node in walk(template) if isinstance(node, dict) and "Effect" in node]
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def literal_strings(value: Any) -> Iterator[str]:
+    """The literal text of a Resource entry: plain strings, Fn::Sub templates and Fn::Join pieces."""
+    for node in walk(value):
+        if isinstance(node, str):
+            yield node
+
+
+def statements_granting(template: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return [s for s in policy_statements(template) if action in as_list(s.get("Action", []))]
+
+
+# --- queue semantics (§8) ---------------------------------------------------------------------------
+
+
+def test_visibility_timeout_is_at_least_six_times_the_function_timeout(template: dict[str, Any]) -> None:
+    timeout = function_properties(template, FUNCTION)["Timeout"]
+    assert isinstance(timeout, int)
+    visibility = template["Resources"][QUEUE]["Properties"]["VisibilityTimeout"]
+    assert visibility >= 6 * timeout
+
+
+def test_queue_redrives_to_the_dead_letter_queue_after_five_receives(template: dict[str, Any]) -> None:
+    redrive = template["Resources"][QUEUE]["Properties"]["RedrivePolicy"]
+    assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": [DLQ, "Arn"]}
+    assert redrive["maxReceiveCount"] == 5
+    assert template["Resources"][DLQ]["Properties"]["MessageRetentionPeriod"] == 1209600
+
+
+def test_queues_are_standard_and_encrypted(template: dict[str, Any]) -> None:
+    queues = resources(template, "AWS::SQS::Queue")
+    assert set(queues) >= {QUEUE, DLQ}
+    for name, queue in queues.items():
+        props = queue["Properties"]
+        assert props.get("SqsManagedSseEnabled") is True or "KmsMasterKeyId" in props, name
+        assert not props.get("FifoQueue", False), name
+
+
+def test_sqs_event_reports_batch_item_failures(template: dict[str, Any]) -> None:
+    events = template["Resources"][FUNCTION]["Properties"]["Events"]
+    sqs = [e["Properties"] for e in events.values() if e["Type"] == "SQS"]
+    assert len(sqs) == 1
+    props = sqs[0]
+    assert props["Queue"] == {"Fn::GetAtt": [QUEUE, "Arn"]}
+    assert "ReportBatchItemFailures" in props.get("FunctionResponseTypes", [])
+    # A standard queue only delivers batches above 10 with a batching window of at least 1 s.
+    if props.get("BatchSize", 10) > 10:
+        assert props.get("MaximumBatchingWindowInSeconds", 0) >= 1
+
+
+def test_webhook_event_is_http_api_post_events(template: dict[str, Any]) -> None:
+    events = template["Resources"][FUNCTION]["Properties"]["Events"]
+    http = [e["Properties"] for e in events.values() if e["Type"] == "HttpApi"]
+    assert http == [{"ApiId": {"Ref": "RelayHttpApi"}, "Path": "/events", "Method": "POST"}]
+    api = template["Resources"]["RelayHttpApi"]
+    assert api["Type"] == "AWS::Serverless::HttpApi"
+    route = api["Properties"]["DefaultRouteSettings"]
+    assert route["ThrottlingRateLimit"] == {"Ref": "ApiThrottlingRateLimit"}
+    assert route["ThrottlingBurstLimit"] == {"Ref": "ApiThrottlingBurstLimit"}
+
+
+# --- table (§9) ---------------------------------------------------------------------------------------
+
+
+def test_table_key_schema_and_billing(template: dict[str, Any]) -> None:
+    table = template["Resources"][TABLE]
+    assert table["Type"] == "AWS::DynamoDB::Table"
+    props = table["Properties"]
+    assert props["KeySchema"] == [
+        {"AttributeName": "pk", "KeyType": "HASH"},
+        {"AttributeName": "sk", "KeyType": "RANGE"},
+    ]
+    assert sorted(props["AttributeDefinitions"], key=lambda a: a["AttributeName"]) == [
+        {"AttributeName": "pk", "AttributeType": "S"},
+        {"AttributeName": "sk", "AttributeType": "S"},
+    ]
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    assert "GlobalSecondaryIndexes" not in props
+    assert "LocalSecondaryIndexes" not in props
+
+
+def test_table_ttl_pitr_encryption_and_retention(template: dict[str, Any]) -> None:
+    table = template["Resources"][TABLE]
+    props = table["Properties"]
+    assert props["TimeToLiveSpecification"] == {"AttributeName": "expiresAt", "Enabled": True}
+    assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    assert props["SSESpecification"]["SSEEnabled"] is True
+    assert table["DeletionPolicy"] == "Retain"
+    assert table["UpdateReplacePolicy"] == "Retain"
+
+
+# --- function (§1, §3) -------------------------------------------------------------------------------
+
+
+def test_function_runtime_and_architecture(template: dict[str, Any]) -> None:
+    functions = resources(template, "AWS::Serverless::Function")
+    assert FUNCTION in functions
+    for name in functions:
+        props = function_properties(template, name)
+        assert props["Runtime"] == "python3.13", name
+        assert props["Architectures"] == ["arm64"], name
+    props = function_properties(template, FUNCTION)
+    assert props["Handler"] == "relay.handler.lambda_handler"
+    assert props["CodeUri"].rstrip("/") == "functions/relay"
+    assert props["Layers"] == [{"Ref": "DepsLayer"}]
+
+
+def test_layer_is_built_for_the_runtime(template: dict[str, Any]) -> None:
+    layer = template["Resources"]["DepsLayer"]
+    assert layer["Type"] == "AWS::Serverless::LayerVersion"
+    assert layer["Metadata"]["BuildMethod"] == "python3.13"
+    assert layer["Metadata"]["BuildArchitecture"] == "arm64"
+    assert layer["Properties"]["ContentUri"].rstrip("/") == "layers/deps"
+    assert layer["Properties"]["CompatibleRuntimes"] == ["python3.13"]
+    assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
+
+
+def test_contract_environment_variables_are_set(template: dict[str, Any]) -> None:
+    variables = function_properties(template, FUNCTION)["Environment"]["Variables"]
+    for name, binding in CONTRACT_ENV.items():
+        assert variables.get(name) == binding, name
+    assert variables["POWERTOOLS_SERVICE_NAME"] == "interact-relay"
+    assert variables["POWERTOOLS_LOG_LEVEL"] == {"Ref": "LogLevel"}
+    # Every Ref'd parameter exists.
+    parameters = template["Parameters"]
+    for binding in variables.values():
+        if isinstance(binding, dict) and "Ref" in binding:
+            assert binding["Ref"] in parameters or binding["Ref"] in template["Resources"], binding
+
+
+def test_parameter_defaults_match_the_contract(template: dict[str, Any]) -> None:
+    parameters = template["Parameters"]
+    for name, default in CONTRACT_DEFAULTS.items():
+        assert parameters[name]["Default"] == default, name
+    assert "Default" not in parameters["DatastreamId"]
+    assert set(parameters["EdgeAuth"]["AllowedValues"]) == {"ims", "none"}
+    assert set(parameters["WebhookAuth"]["AllowedValues"]) == {"standard-webhooks", "none"}
+
+
+def test_logs_have_a_retention(template: dict[str, Any]) -> None:
+    props = function_properties(template, FUNCTION)
+    group = props["LoggingConfig"]["LogGroup"]
+    assert group["Ref"] in template["Resources"]
+    for name, res in resources(template, "AWS::Logs::LogGroup").items():
+        assert res["Properties"]["RetentionInDays"] == 30, name
+
+
+def test_tracing_is_off_by_default(template: dict[str, Any]) -> None:
+    parameter = template["Parameters"]["EnableTracing"]
+    assert parameter["Default"] == "false"
+    tracing = function_properties(template, FUNCTION).get("Tracing")
+    assert isinstance(tracing, dict) and "Fn::If" in tracing, "tracing must follow the EnableTracing condition"
+    condition, when_true, when_false = tracing["Fn::If"]
+    assert template["Conditions"][condition] == {"Fn::Equals": [{"Ref": "EnableTracing"}, "true"]}
+    assert when_true == "Active"
+    assert when_false in ("PassThrough", {"Ref": "AWS::NoValue"})
+
+
+# --- least privilege ----------------------------------------------------------------------------------
+
+
+def test_no_wildcard_resources_or_actions(template: dict[str, Any]) -> None:
+    statements = policy_statements(template)
+    assert len(statements) >= 3
+    for statement in statements:
+        assert "NotAction" not in statement and "NotResource" not in statement, statement
+        for action in as_list(statement.get("Action", [])):
+            assert isinstance(action, str), statement
+            assert action != "*" and not action.endswith(":*"), statement
+        assert "Resource" in statement or "Principal" in statement, statement
+        for text in literal_strings(statement.get("Resource", [])):
+            assert "*" not in text, statement
+
+
+def test_function_policies_are_inline_documents(template: dict[str, Any]) -> None:
+    # No managed-policy names or SAM policy templates, whose scope the template does not show.
+    policies = template["Resources"][FUNCTION]["Properties"]["Policies"]
+    for policy in as_list(policies):
+        assert isinstance(policy, dict) and "Statement" in policy, policy
+
+
+def test_secrets_are_readable_exactly_for_the_two_parameters(template: dict[str, Any]) -> None:
+    statements = [s for s in policy_statements(template) if any("secretsmanager" in a for a in as_list(s["Action"]))]
+    assert statements, "the function must be allowed to read its secrets"
+    for statement in statements:
+        assert as_list(statement["Action"]) == ["secretsmanager:GetSecretValue"]
+    granted = [r for s in statements for r in as_list(s["Resource"])]
+    assert sorted(granted, key=str) == [{"Ref": "AdobeSecretArn"}, {"Ref": "WebhookSecretArn"}]
+    for name in ("AdobeSecretArn", "WebhookSecretArn"):
+        assert template["Parameters"][name]["AllowedPattern"].startswith("^arn:aws"), name
+
+
+def test_table_and_queue_access_is_scoped(template: dict[str, Any]) -> None:
+    dynamo = [s for s in policy_statements(template) if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))]
+    assert dynamo
+    for statement in dynamo:
+        assert as_list(statement["Resource"]) == [{"Fn::GetAtt": [TABLE, "Arn"]}]
+        assert not {"dynamodb:Scan", "dynamodb:DeleteTable"} & set(as_list(statement["Action"]))
+    send = statements_granting(template, "sqs:SendMessage")
+    assert send
+    for statement in send:
+        assert as_list(statement["Resource"]) == [{"Fn::GetAtt": [QUEUE, "Arn"]}]
+
+
+# --- outputs ------------------------------------------------------------------------------------------
+
+
+def test_outputs_exist(template: dict[str, Any]) -> None:
+    outputs = template["Outputs"]
+    assert set(outputs) >= {"ApiUrl", "QueueUrl", "DeadLetterQueueUrl", "TableName", "FunctionName"}
+    api_url = outputs["ApiUrl"]["Value"]["Fn::Sub"]
+    assert "${RelayHttpApi}" in api_url and api_url.endswith("/events")
+    assert outputs["QueueUrl"]["Value"] == {"Ref": QUEUE}
+    assert outputs["DeadLetterQueueUrl"]["Value"] == {"Ref": DLQ}
+    assert outputs["TableName"]["Value"] == {"Ref": TABLE}
+    assert outputs["FunctionName"]["Value"] == {"Ref": FUNCTION}

@@ -11,7 +11,7 @@ SAM_PY_ENV := PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.
 # Offline AWS settings so sam/cfn-lint never look for an account.
 OFFLINE_AWS := AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing SAM_CLI_TELEMETRY=0
 
-.PHONY: setup sam-setup lint types unit integration validate build test run serve soak bench clean
+.PHONY: setup sam-setup audit-setup lint types unit integration validate audit build test run serve soak bench clean
 
 setup: $(VENV)/.stamp
 $(VENV)/.stamp: requirements-dev.txt layers/deps/requirements.txt
@@ -54,6 +54,12 @@ run: setup
 
 serve: setup
 	$(BIN)/python -m devtools.stack --serve
+
+soak: setup
+	$(BIN)/python -m devtools.soak
+
+bench: setup
+	$(BIN)/python -m devtools.bench
 
 clean:
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache .local

@@ -1,0 +1,389 @@
+"""The whole local stack on loopback: Edge/IMS simulator, moto server, the template's resources.
+
+``python -m devtools.stack --serve`` runs it with the real handler behind a local HTTP API gateway
+and a background SQS poller until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import threading
+import zlib
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from boto3.dynamodb.types import TypeDeserializer
+
+from devtools.cfn_yaml import load_template
+from devtools.edge_sim import EdgeSimulator, SimulatorClient
+from devtools.gateway import Handler, LocalGateway
+from devtools.moto_server import MotoServer
+from devtools.poller import QueuePoller
+from devtools.resources import (
+    DEFAULT_REGION,
+    DUMMY_CREDENTIALS,
+    FUNCTION_RESOURCE,
+    QUEUE_RESOURCE,
+    TABLE_RESOURCE,
+    LocalResources,
+    TemplateResolver,
+    aws_client,
+    create_resources,
+    resource,
+    sqs_event,
+)
+from devtools.signing import new_webhook_secret, sign_webhook
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS_DIR = ROOT / "events"
+DATASTREAM_ID = "ds-local"
+ADOBE_SCOPES = "openid,AdobeID,additional_info.projectedProductContext"
+
+# Variables that would point boto3 somewhere else than the emulator.
+_AWS_OVERRIDES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+class LocalStack:
+    """Start the simulator and moto, create the template's resources, and hand out gateways and pollers.
+
+    Parameters
+    ----------
+    template:
+        The loaded SAM template (``template.yaml`` when omitted).
+    failure_visibility_timeout:
+        Passed to pollers: seconds before a failed record is visible again (None: the queue's own).
+    sim_options:
+        Extra keyword arguments for :class:`EdgeSimulator`.
+    """
+
+    def __init__(
+        self,
+        template: Mapping[str, Any] | None = None,
+        *,
+        region: str = DEFAULT_REGION,
+        prefix: str = "local",
+        failure_visibility_timeout: int | None = None,
+        sim_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.template = load_template() if template is None else template
+        self.region = region
+        self.prefix = prefix
+        self.failure_visibility_timeout = failure_visibility_timeout
+        self.sim = EdgeSimulator(datastreams=(DATASTREAM_ID,), **dict(sim_options or {}))
+        self.moto = MotoServer()
+        self.webhook_secrets = [new_webhook_secret(), new_webhook_secret()]
+        self.adobe_secret = {
+            "clientId": self.sim.client_id,
+            "clientSecret": self.sim.client_secret,
+            "orgId": self.sim.org_id,
+            "scopes": ADOBE_SCOPES,
+        }
+        self._resources: LocalResources | None = None
+        self._gateways: list[LocalGateway] = []
+        self._pollers: list[QueuePoller] = []
+        self._saved_env: dict[str, str | None] | None = None
+        self.sim_client: SimulatorClient | None = None
+        self.sqs: Any = None
+        self.dynamodb: Any = None
+        self.secretsmanager: Any = None
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> LocalStack:
+        try:
+            self.sim.start()
+            self.moto.start()
+            self._resources = create_resources(
+                self.moto.url,
+                self.template,
+                region=self.region,
+                adobe_secret=self.adobe_secret,
+                webhook_secret={"secrets": self.webhook_secrets},
+                prefix=self.prefix,
+            )
+            self.sim_client = SimulatorClient(self.sim.url)
+            self.sqs = aws_client("sqs", self.moto.url, self.region)
+            self.dynamodb = aws_client("dynamodb", self.moto.url, self.region)
+            self.secretsmanager = aws_client("secretsmanager", self.moto.url, self.region)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every gateway, poller and server this stack started, and restore the environment."""
+        errors: list[BaseException] = []
+        for stopper in [*(p.stop for p in self._pollers), *(g.stop for g in self._gateways)]:
+            try:
+                stopper()
+            except Exception as err:  # keep stopping the rest
+                errors.append(err)
+        self._pollers.clear()
+        self._gateways.clear()
+        if self.sim_client is not None:
+            self.sim_client.close()
+            self.sim_client = None
+        self.moto.stop()
+        self.sim.stop()
+        self.restore_env()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------ accessors
+
+    @property
+    def resources(self) -> LocalResources:
+        if self._resources is None:
+            raise RuntimeError("stack not started")
+        return self._resources
+
+    @property
+    def webhook_secret(self) -> str:
+        """The first (current) webhook signing secret."""
+        return self.webhook_secrets[0]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Every environment variable the function needs, pointing at the loopback servers.
+
+        The function's variables come from the template (Globals and RelayFunction), with its
+        parameters set for the local stack and ``!Ref`` resolved to the local resources.
+        """
+        res = self.resources
+        resolver = TemplateResolver(
+            self.template,
+            region=self.region,
+            names={TABLE_RESOURCE: res.table_name, QUEUE_RESOURCE: res.queue_url},
+            arns={QUEUE_RESOURCE: res.queue_arn},
+            parameters={
+                "DatastreamId": DATASTREAM_ID,
+                "AdobeSecretArn": res.adobe_secret_id,
+                "WebhookSecretArn": res.webhook_secret_id,
+                "EdgeBaseUrl": self.sim.url,
+                "ImsTokenUrl": self.sim.ims_url,
+                "EdgeAuth": "ims",
+                "WebhookAuth": "standard-webhooks",
+            },
+        )
+        variables: dict[str, Any] = {}
+        glob = (self.template.get("Globals") or {}).get("Function") or {}
+        own = resource(self.template, FUNCTION_RESOURCE).get("Properties") or {}
+        for source in (glob, own):
+            variables.update(((source.get("Environment") or {}).get("Variables")) or {})
+        env = {k: str(v) for k, v in resolver.resolve(variables).items() if v is not None}
+        env.update(
+            {
+                "AWS_ENDPOINT_URL": self.moto.url,
+                "AWS_DEFAULT_REGION": self.region,
+                "AWS_REGION": self.region,
+                "AWS_ACCESS_KEY_ID": DUMMY_CREDENTIALS["aws_access_key_id"],
+                "AWS_SECRET_ACCESS_KEY": DUMMY_CREDENTIALS["aws_secret_access_key"],
+                "AWS_LAMBDA_FUNCTION_NAME": "interact-relay-local",
+                "POWERTOOLS_TRACE_DISABLED": "true",
+            }
+        )
+        env.setdefault("POWERTOOLS_SERVICE_NAME", "interact-relay")
+        env.setdefault("POWERTOOLS_METRICS_NAMESPACE", "InteractRelay")
+        env.setdefault("POWERTOOLS_LOG_LEVEL", "INFO")
+        return env
+
+    def apply_env(self, monkeypatch: Any = None) -> dict[str, str]:
+        """Set :attr:`env` in ``os.environ`` (through ``monkeypatch`` when given, else restored by stop())."""
+        env = self.env
+        removed = [k for k in os.environ if k in _AWS_OVERRIDES or k.startswith("AWS_ENDPOINT_URL_")]
+        if monkeypatch is not None:
+            for key in removed:
+                monkeypatch.delenv(key, raising=False)
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            return env
+        if self._saved_env is None:
+            self._saved_env = {k: os.environ.get(k) for k in [*env, *removed]}
+        for key in removed:
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        return env
+
+    def restore_env(self) -> None:
+        saved, self._saved_env = self._saved_env, None
+        for key, value in (saved or {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    # ------------------------------------------------------------------------------------ triggers
+
+    def gateway(self, handler: Handler, **options: Any) -> LocalGateway:
+        """A started :class:`LocalGateway` for ``handler`` (stopped with the stack)."""
+        options.setdefault("function_timeout_s", self.resources.function_timeout)
+        gw = LocalGateway(handler, self.template, **options).start()
+        self._gateways.append(gw)
+        return gw
+
+    def poller(self, handler: Handler, **options: Any) -> QueuePoller:
+        """A :class:`QueuePoller` on the events queue, configured from the template (not started)."""
+        res = self.resources
+        types = sqs_event(self.template).get("FunctionResponseTypes") or []
+        opts: dict[str, Any] = {
+            "batch_size": res.batch_size,
+            "batching_window": res.batching_window,
+            "function_timeout": res.function_timeout,
+            "region": self.region,
+            "failure_visibility_timeout": self.failure_visibility_timeout,
+            "report_batch_item_failures": "ReportBatchItemFailures" in types,
+        }
+        opts.update(options)
+        poller = QueuePoller(handler, self.sqs, res.queue_url, res.queue_arn, **opts)
+        self._pollers.append(poller)
+        return poller
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def sign(self, body: bytes | str, *, msg_id: str | None = None, secret: str | None = None) -> dict[str, str]:
+        """Standard Webhooks headers for ``body``, signed with the stack's current secret."""
+        return sign_webhook(body, secret or self.webhook_secret, msg_id=msg_id)
+
+    def reset(self, *, full_simulator: bool = False) -> None:
+        """Between tests: clear simulator faults and records, empty the table and both queues."""
+        self.sim.reset(full=full_simulator)
+        self.clear_table()
+        for url in (self.resources.queue_url, self.resources.dlq_url):
+            self.sqs.purge_queue(QueueUrl=url)
+
+    def clear_table(self) -> None:
+        table = self.resources.table_name
+        paginator = self.dynamodb.get_paginator("scan")
+        for page in paginator.paginate(TableName=table, ProjectionExpression="pk, sk"):
+            items = page.get("Items") or []
+            for i in range(0, len(items), 25):
+                requests = [{"DeleteRequest": {"Key": item}} for item in items[i : i + 25]]
+                self.dynamodb.batch_write_item(RequestItems={table: requests})
+
+    def result_item(self, event_id: str) -> dict[str, Any] | None:
+        """The ``EVENT#<eventId>``/``RESULT`` item as plain Python values (``handle``/``errors``/... decoded)."""
+        resp = self.dynamodb.get_item(
+            TableName=self.resources.table_name,
+            Key={"pk": {"S": f"EVENT#{event_id}"}, "sk": {"S": "RESULT"}},
+            ConsistentRead=True,
+        )
+        item = resp.get("Item")
+        return decode_item(item) if item else None
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+
+def decode_json_attribute(value: Any) -> Any:
+    """A stored JSON value: a JSON string, zlib-compressed JSON bytes, or already native."""
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+        try:
+            raw = zlib.decompress(raw)
+        except zlib.error:
+            pass
+        return json.loads(raw.decode("utf-8"))
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def decode_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A low-level DynamoDB item as plain Python, with JSON-encoded attributes decoded."""
+    deserializer = TypeDeserializer()
+    plain: dict[str, Any] = {}
+    for key, attr in item.items():
+        value = deserializer.deserialize(attr)
+        if hasattr(value, "value") and isinstance(getattr(value, "value", None), bytes):  # boto3 Binary
+            value = value.value
+        if key in ("handle", "errors", "warnings", "error", "request"):
+            value = decode_json_attribute(value)
+        plain[key] = _plain_numbers(value)
+    return plain
+
+
+def _plain_numbers(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | set):
+        return [_plain_numbers(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------- --serve
+
+
+def curl_command(url: str, body: str, headers: Mapping[str, str]) -> str:
+    parts = ["curl", "-sS", "-X", "POST", f"{url}/events", "-H", "content-type: application/json"]
+    for name, value in headers.items():
+        parts += ["-H", f"{name}: {value}"]
+    parts += ["--data-binary", body]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def serve(stack: LocalStack) -> None:
+    env = stack.apply_env()
+    from relay.handler import lambda_handler  # imported after the environment is set
+
+    gateway = stack.gateway(lambda_handler)
+    stack.poller(lambda_handler).start()
+    sample = json.loads((EVENTS_DIR / "webhook-order.json").read_text(encoding="utf-8"))
+    body: str = sample["body"]
+    print("# environment of the function")
+    for key, value in sorted(env.items()):
+        print(f"export {key}={shlex.quote(value)}")
+    print()
+    print(f"gateway:   {gateway.url}/events")
+    print(f"queue:     {stack.resources.queue_url}")
+    print(f"simulator: {stack.sim.url}")
+    print()
+    print("# a signed request (signatures expire after 5 minutes):")
+    print(curl_command(gateway.url, body, stack.sign(body)))
+    print()
+    print("# re-sign later with:")
+    resign = (
+        "from devtools.signing import sign_webhook; import json, sys; "
+        "b = json.load(open('events/webhook-order.json'))['body']; "
+        f"print(json.dumps(sign_webhook(b, {stack.webhook_secret!r})))"
+    )
+    print(f".venv/bin/python -c {shlex.quote(resign)}")
+    print()
+    print("serving; press Ctrl-C to stop", flush=True)
+    threading.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", action="store_true", help="run the stack with the real handler until Ctrl-C")
+    args = parser.parse_args(argv)
+    if not args.serve:
+        parser.print_help()
+        return 2
+    sys.path.insert(0, str(ROOT / "functions" / "relay"))
+    try:
+        with LocalStack() as stack:
+            serve(stack)
+    except KeyboardInterrupt:
+        print("\nstopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

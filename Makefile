@@ -18,6 +18,7 @@ $(VENV)/.stamp: requirements-dev.txt layers/deps/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 sam-setup: $(SAM_VENV)/.stamp

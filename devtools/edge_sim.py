@@ -347,7 +347,7 @@ class EdgeSimulator:
         self.hint_ttl = hint_ttl
         self.verbose = verbose
         self._lock = threading.Lock()
-        self._latency = latency
+        self._latency = self._initial_latency = latency
         self._tokens: dict[str, float] = {}
         self._visitors: dict[str, _Visitor] = {}
         self._faults: list[_FaultRule] = []
@@ -529,11 +529,14 @@ class EdgeSimulator:
             self._latency = max(0.0, float(seconds))
 
     def reset(self, full: bool = False) -> None:
-        """Clear faults, chaos, latency, the request log and counters; ``full`` also forgets visitors and tokens."""
+        """Clear faults, chaos, the request log and counters and restore the start-up latency.
+
+        ``full=True`` also forgets visitors and tokens.
+        """
         with self._lock:
             self._faults = []
             self._chaos = _Chaos()
-            self._latency = 0.0
+            self._latency = self._initial_latency
             self._log.clear()
             self._reset_counters()
             if full:

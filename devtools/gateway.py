@@ -216,7 +216,9 @@ class LocalGateway:
 
         self._server = ThreadingHTTPServer((self.host, self.port), RequestHandler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="local-gateway", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-gateway", daemon=True
+        )
         self._thread.start()
         logger.info("gateway listening on %s routes=%s", self.url, sorted(self.routes))
         return self

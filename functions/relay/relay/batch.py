@@ -49,12 +49,14 @@ class BatchRunner:
         except (TypeError, ValueError):
             sent_ms = 0
         received_at = sent_ms or self._relay.clock.now()  # stable across redeliveries: same default timestamp
-        event_id = message_id
+        # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
+        fallback_id = _attr(record, "eventId") or message_id
+        event_id = fallback_id
         datastream = self._settings.datastream_id
         try:
             datastream = resolve_datastream(_attr(record, "datastreamId"), self._settings.datastream_id)
             text, doc = decode_body(raw)
-            event_id = event_id_for(doc, message_id)
+            event_id = event_id_for(doc, fallback_id)
             inbound = build_inbound(
                 doc, event_id=event_id, datastream_id=datastream, source=source, received_at=received_at
             )

@@ -27,6 +27,7 @@ class RetryQueue:
                 MessageAttributes={
                     "datastreamId": {"DataType": "String", "StringValue": inbound.datastream_id},
                     "relaySource": {"DataType": "String", "StringValue": inbound.source},
+                    "eventId": {"DataType": "String", "StringValue": inbound.event_id},
                 },
             )
         except (ClientError, BotoCoreError):

@@ -1,0 +1,1 @@
+"""relayctl: operator commands for Interact Relay (show, list rejected, replay, redrive the dead-letter queue)."""

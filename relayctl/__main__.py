@@ -1,0 +1,261 @@
+"""relayctl: find out what happened to an event, list rejections, replay them, and redrive the dead-letter queue.
+
+Resources come from flags, from the environment (HANDLES_TABLE, QUEUE_URL, DLQ_URL) or from a deployed stack's
+outputs (`--stack interact-relay`). AWS endpoints and credentials are boto3's own (AWS_PROFILE, AWS_ENDPOINT_URL...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from relay import codec
+from relay.integrations.store import HandlesStore, decode_item
+from relay.models import as_dict
+
+
+@dataclass(frozen=True)
+class Targets:
+    table: str
+    queue_url: str | None
+    dlq_url: str | None
+
+
+def _targets(args: argparse.Namespace) -> Targets:
+    table, queue, dlq = args.table, args.queue_url, args.dlq_url
+    if args.stack:
+        outputs = boto3.client("cloudformation").describe_stacks(StackName=args.stack)["Stacks"][0].get("Outputs", [])
+        found = {o["OutputKey"]: o["OutputValue"] for o in outputs}
+        table = table or found.get("TableName")
+        queue = queue or found.get("QueueUrl")
+        dlq = dlq or found.get("DeadLetterQueueUrl")
+    table = table or os.environ.get("HANDLES_TABLE")
+    if not table:
+        raise SystemExit("relayctl: no table: pass --table, --stack or set HANDLES_TABLE")
+    return Targets(
+        table,
+        queue or os.environ.get("QUEUE_URL") or os.environ.get("RETRY_QUEUE_URL"),
+        dlq or os.environ.get("DLQ_URL"),
+    )
+
+
+def _print(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 100) -> dict[str, Any] | None:
+    """Look for an event in the dead-letter queue without consuming it (messages reappear at once)."""
+    seen = 0
+    while seen < limit:
+        msgs = sqs.receive_message(
+            QueueUrl=dlq_url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=0,
+            MessageAttributeNames=["All"],
+            AttributeNames=["All"],
+        ).get("Messages", [])
+        if not msgs:
+            return None
+        for msg in msgs:
+            seen += 1
+            attr = (msg.get("MessageAttributes") or {}).get("eventId", {}).get("StringValue")
+            try:
+                xdm_id = json.loads(msg["Body"])["event"]["xdm"]["_id"]
+            except (ValueError, KeyError, TypeError):
+                xdm_id = None
+            if event_id in (msg["MessageId"], attr, xdm_id):
+                return {
+                    "messageId": msg["MessageId"],
+                    "receiveCount": msg.get("Attributes", {}).get("ApproximateReceiveCount"),
+                }
+    return None
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    t = _targets(args)
+    ddb = boto3.client("dynamodb")
+    found = 0
+    for event_id in args.event_ids:
+        item = ddb.get_item(TableName=t.table, Key=HandlesStore.result_key(event_id), ConsistentRead=True).get("Item")
+        if item:
+            doc = decode_item(item)
+            if not args.full:
+                doc.pop("request", None)
+            _print(doc)
+            found += 1
+            continue
+        where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id) if t.dlq_url else None
+        if where:
+            _print({"eventId": event_id, "status": "dead-lettered", **where})
+            found += 1
+        else:
+            _print(
+                {
+                    "eventId": event_id,
+                    "status": "unknown",
+                    "detail": "no result stored and not in the dead-letter queue: not received yet, or waiting in "
+                    "the queue for its first attempt",
+                }
+            )
+    return 0 if found == len(args.event_ids) else 1
+
+
+def _scan_rejected(ddb: Any, table: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {
+        "TableName": table,
+        "FilterExpression": "begins_with(pk, :p) AND #s = :r",
+        "ExpressionAttributeNames": {"#s": "status"},
+        "ExpressionAttributeValues": {":p": {"S": "EVENT#"}, ":r": {"S": "rejected"}},
+    }
+    while True:
+        page = ddb.scan(**kwargs)
+        items.extend(decode_item(i) for i in page.get("Items", []))
+        if "LastEvaluatedKey" not in page:
+            return sorted(items, key=lambda d: str(d.get("storedAt", "")))
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def _reason(doc: dict[str, Any]) -> str:
+    error = as_dict(doc.get("error"))
+    code = str(error.get("type", "")).rsplit("/", 1)[-1]
+    return f"{code}: {error.get('title', '')}".strip(": ")
+
+
+def cmd_rejected(args: argparse.Namespace) -> int:
+    rows = _scan_rejected(boto3.client("dynamodb"), _targets(args).table)
+    if args.json:
+        _print([{k: v for k, v in r.items() if k != "request"} for r in rows])
+        return 0
+    print(f"{'storedAt':<25} {'eventId':<40} {'source':<8} reason")
+    for r in rows[: args.limit]:
+        print(f"{r.get('storedAt', ''):<25} {r.get('eventId', ''):<40} {r.get('source', ''):<8} {_reason(r)}")
+    print(f"{len(rows)} rejected event(s)")
+    return 0
+
+
+def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) -> str:
+    """Mark a rejected event `queued` and send its original request to the queue. Returns what happened."""
+    item = ddb.get_item(TableName=table, Key=HandlesStore.result_key(event_id), ConsistentRead=True).get("Item")
+    if not item:
+        return "not found"
+    doc = decode_item(item)
+    if doc.get("status") != "rejected":
+        return f"skipped: status is {doc.get('status')}"
+    request = doc.get("request")
+    if request is None:
+        return "skipped: the original request was too large to keep"
+    try:
+        ddb.update_item(
+            TableName=table,
+            Key=HandlesStore.result_key(event_id),
+            UpdateExpression="SET #s = :q, replayedAt = :now",
+            ConditionExpression="#s = :r",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":q": {"S": "queued"},
+                ":r": {"S": "rejected"},
+                ":now": {"S": doc.get("storedAt", "")},
+            },
+        )
+    except ddb.exceptions.ConditionalCheckFailedException:
+        return "skipped: changed meanwhile"
+    body = request if isinstance(request, str) else codec.dumps(request)
+    attrs = {
+        "eventId": {"DataType": "String", "StringValue": event_id},
+        "relaySource": {"DataType": "String", "StringValue": str(doc.get("source") or "sqs")},
+    }
+    if doc.get("datastreamId"):
+        attrs["datastreamId"] = {"DataType": "String", "StringValue": str(doc["datastreamId"])}
+    sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attrs)
+    return "queued"
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    t = _targets(args)
+    if not t.queue_url:
+        raise SystemExit("relayctl: no queue: pass --queue-url, --stack or set QUEUE_URL")
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    ids = list(args.event_ids)
+    if args.all_rejected:
+        ids += [str(r["eventId"]) for r in _scan_rejected(ddb, t.table)]
+    if not ids:
+        raise SystemExit("relayctl: name event ids or pass --all-rejected")
+    failures = 0
+    for event_id in dict.fromkeys(ids):
+        outcome = "would replay" if args.dry_run else replay_event(ddb, sqs, t.table, t.queue_url, event_id)
+        failures += outcome not in ("queued", "would replay")
+        print(f"{event_id}: {outcome}")
+    return 1 if failures else 0
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    t = _targets(args)
+    if not (t.queue_url and t.dlq_url):
+        raise SystemExit("relayctl: redrive needs --queue-url and --dlq-url (or --stack)")
+    sqs = boto3.client("sqs")
+    moved = 0
+    while moved < args.max:
+        msgs = sqs.receive_message(
+            QueueUrl=t.dlq_url,
+            MaxNumberOfMessages=min(10, args.max - moved),
+            MessageAttributeNames=["All"],
+            VisibilityTimeout=60,
+        ).get("Messages", [])
+        if not msgs:
+            break
+        entries = [
+            {"Id": str(i), "MessageBody": m["Body"], "MessageAttributes": m.get("MessageAttributes", {})}
+            for i, m in enumerate(msgs)
+        ]
+        sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=entries)
+        ok = {s["Id"] for s in sent.get("Successful", [])}
+        done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]
+        if done:  # delete only what reached the queue: a failed send stays in the DLQ
+            sqs.delete_message_batch(QueueUrl=t.dlq_url, Entries=done)
+        moved += len(done)
+        if len(done) < len(msgs):
+            print(f"{len(msgs) - len(done)} message(s) could not be sent; left in the dead-letter queue")
+            break
+    print(f"moved {moved} message(s) from the dead-letter queue to the queue")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relayctl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--stack", help="read TableName/QueueUrl/DeadLetterQueueUrl from this stack's outputs")
+    parser.add_argument("--table", help="results table (default: $HANDLES_TABLE)")
+    parser.add_argument("--queue-url", help="the relay's queue (default: $QUEUE_URL or $RETRY_QUEUE_URL)")
+    parser.add_argument("--dlq-url", help="the dead-letter queue (default: $DLQ_URL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="an event's outcome: delivered, rejected (with reason), queued, dead-lettered")
+    show.add_argument("event_ids", nargs="+")
+    show.add_argument("--full", action="store_true", help="include the stored request")
+    show.set_defaults(func=cmd_show)
+    rej = sub.add_parser("rejected", help="list rejected events with their reasons")
+    rej.add_argument("--limit", type=int, default=100)
+    rej.add_argument("--json", action="store_true")
+    rej.set_defaults(func=cmd_rejected)
+    rep = sub.add_parser("replay", help="send rejected events through the relay again (after a fix)")
+    rep.add_argument("event_ids", nargs="*")
+    rep.add_argument("--all-rejected", action="store_true")
+    rep.add_argument("--dry-run", action="store_true")
+    rep.set_defaults(func=cmd_replay)
+    red = sub.add_parser("redrive", help="move dead-letter messages back to the queue")
+    red.add_argument("--max", type=int, default=1000)
+    red.set_defaults(func=cmd_redrive)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

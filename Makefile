@@ -28,6 +28,19 @@ $(SAM_VENV)/.stamp: requirements-sam.txt
 	$(SAM_VENV)/bin/pip install -q -r requirements-sam.txt
 	touch $@
 
+AUDIT_VENV := .venv-audit
+audit-setup: $(AUDIT_VENV)/.stamp
+$(AUDIT_VENV)/.stamp: requirements-audit.txt
+	$(PYTHON) -m venv $(AUDIT_VENV)
+	$(AUDIT_VENV)/bin/pip install -q --upgrade pip
+	$(AUDIT_VENV)/bin/pip install -q -r requirements-audit.txt
+	touch $@
+
+# Security audits (checkov, bandit, cfn-lint serverless rules) live in their own venv: checkov pins
+# versions that would fight the test tools.
+audit: setup audit-setup
+	@echo "audit: filled in by the security work"
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -48,7 +61,7 @@ validate: setup sam-setup
 build: sam-setup
 	$(OFFLINE_AWS) $(SAM_PY_ENV) $(SAM) build --template template.yaml
 
-test: lint types validate unit integration build
+test: lint types validate audit unit integration build
 
 run: setup
 	$(BIN)/python -m devtools.run_demo

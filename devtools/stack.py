@@ -116,8 +116,8 @@ class LocalStack:
             raise
         return self
 
-    def stop(self) -> None:
-        """Stop every gateway, poller and server this stack started, and restore the environment."""
+    def stop_triggers(self) -> None:
+        """Stop every gateway and poller handed out so far (the servers keep running)."""
         errors: list[BaseException] = []
         for stopper in [*(p.stop for p in self._pollers), *(g.stop for g in self._gateways)]:
             try:
@@ -126,6 +126,16 @@ class LocalStack:
                 errors.append(err)
         self._pollers.clear()
         self._gateways.clear()
+        if errors:
+            raise errors[0]
+
+    def stop(self) -> None:
+        """Stop every gateway, poller and server this stack started, and restore the environment."""
+        errors: list[BaseException] = []
+        try:
+            self.stop_triggers()
+        except Exception as err:
+            errors.append(err)
         if self.sim_client is not None:
             self.sim_client.close()
             self.sim_client = None

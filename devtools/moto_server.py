@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from typing import IO
 import requests
 
 LOCAL_DIR = Path(__file__).resolve().parent.parent / ".local"
+# AWS allows one PurgeQueue per 60 s; tests empty the queues between cases, so the emulator does not throttle.
+DEFAULT_MOTO_ENV = {"MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR": "false"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,8 +33,16 @@ class MotoServer:
     ``.local/moto-<port>.log`` so it never clutters the terminal.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, log_dir: Path | str = LOCAL_DIR) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        log_dir: Path | str = LOCAL_DIR,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.host = host
+        self.env = {**DEFAULT_MOTO_ENV, **(env or {})}
         self.port = port
         self.log_dir = Path(log_dir)
         self.log_path: Path | None = None
@@ -56,7 +68,14 @@ class MotoServer:
         self.log_path = self.log_dir / f"moto-{self.port}.log"
         self._log = open(self.log_path, "ab")  # closed in stop()
         cmd = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+        )
+        atexit.register(self.stop)  # never leave the child behind on a normal interpreter exit
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -84,6 +103,7 @@ class MotoServer:
         resp.raise_for_status()
 
     def stop(self, timeout: float = 10.0) -> None:
+        atexit.unregister(self.stop)
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()

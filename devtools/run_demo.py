@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 import requests
 
-from devtools.stack import EVENTS_DIR, ROOT, LocalStack
+from devtools.stack import EVENTS_DIR, ROOT, LocalStack, stop_on_sigterm
 
 WEBHOOK_SAMPLES = ("webhook-order.json", "webhook-signup.json")
 SQS_SAMPLE = "sqs-batch.json"
@@ -113,9 +112,8 @@ def run(handler_factory: Callable[[], Any] | None = None, *, quiet: bool = False
     """
     log: Callable[[str], None] = (lambda _msg: None) if quiet else print
     with LocalStack() as stack:
-        stack.apply_env()
-        if not verbose:
-            os.environ.update({"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"})
+        quiet_function = {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"}
+        stack.apply_env(overrides=None if verbose else quiet_function)
         if handler_factory is None:
             sys.path.insert(0, str(ROOT / "functions" / "relay"))
             from relay.handler import lambda_handler
@@ -159,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.run_demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="show the function's logs and metrics")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     try:
         return run(verbose=args.verbose)
     except KeyboardInterrupt:

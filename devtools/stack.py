@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import threading
 import zlib
@@ -209,9 +210,12 @@ class LocalStack:
         env.setdefault("POWERTOOLS_LOG_LEVEL", "INFO")
         return env
 
-    def apply_env(self, monkeypatch: Any = None) -> dict[str, str]:
-        """Set :attr:`env` in ``os.environ`` (through ``monkeypatch`` when given, else restored by stop())."""
-        env = self.env
+    def apply_env(self, monkeypatch: Any = None, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Set :attr:`env` (plus ``overrides``) in ``os.environ``.
+
+        Through ``monkeypatch`` when given; otherwise the previous values come back on :meth:`stop`.
+        """
+        env = {**self.env, **(overrides or {})}
         removed = [k for k in os.environ if k in _AWS_OVERRIDES or k.startswith("AWS_ENDPOINT_URL_")]
         if monkeypatch is not None:
             for key in removed:
@@ -379,6 +383,16 @@ def serve(stack: LocalStack) -> None:
     threading.Event().wait()
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (and SIGINT, even when inherited as ignored) into KeyboardInterrupt so servers get stopped."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", action="store_true", help="run the stack with the real handler until Ctrl-C")
@@ -387,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     sys.path.insert(0, str(ROOT / "functions" / "relay"))
+    stop_on_sigterm()
     try:
         with LocalStack() as stack:
             serve(stack)

@@ -183,6 +183,7 @@ def test_poller_dead_letters_after_max_receive_count(sqs: Any, res: LocalResourc
     poller.drain(timeout=20, raise_on_timeout=True)
     # THEN it was tried maxReceiveCount times and then moved to the DLQ
     counts = [e["Records"][0]["attributes"]["ApproximateReceiveCount"] for e in handler.events]
+    assert res.max_receive_count is not None
     assert counts == [str(n) for n in range(1, res.max_receive_count + 1)]
     assert visible_bodies(sqs, res.dlq_url) == ["poison"]
 

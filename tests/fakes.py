@@ -1,0 +1,281 @@
+"""In-memory fakes for the relay's unit tests. Each records the calls it gets; none touches the network or sleeps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from relay.clock import Deadline
+from relay.identity_state import IdentityState
+from relay.integrations.credentials import AdobeCredentials
+from relay.integrations.edge import EdgeAnswer
+from relay.integrations.ims import AccessToken
+from relay.integrations.store import Claim
+from requests.structures import CaseInsensitiveDict
+
+WALL_START = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+MONO_START = 1_000.0
+
+
+class FakeClock:
+    """`relay.clock.Clock` whose `sleep()` advances time instantly and records each wait."""
+
+    def __init__(self, wall: float = WALL_START, mono: float = MONO_START) -> None:
+        self._wall = wall
+        self._mono = mono
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self._wall
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.advance(max(seconds, 0.0))
+
+    def advance(self, seconds: float) -> None:
+        self._wall += seconds
+        self._mono += seconds
+
+
+def make_response(
+    status: int,
+    body: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    text: str | None = None,
+    reason: str | None = None,
+) -> requests.Response:
+    """A real `requests.Response` with a JSON body (or raw `text`)."""
+    resp = requests.Response()
+    resp.status_code = status
+    resp.reason = reason if reason is not None else {200: "OK", 207: "Multi-Status"}.get(status, "Error")
+    resp.encoding = "utf-8"
+    resp.headers = CaseInsensitiveDict(headers or {})
+    if text is not None:
+        resp._content = text.encode("utf-8")
+    elif body is not None:
+        resp._content = json.dumps(body).encode("utf-8")
+        resp.headers.setdefault("Content-Type", "application/json")
+    else:
+        resp._content = b""
+    return resp
+
+
+def edge_problem(status: int, code: str, title: str = "Error", detail: str = "") -> requests.Response:
+    """An Edge RFC 7807 problem answer, e.g. `edge_problem(401, "EXEG-0503-401")`."""
+    body = {
+        "type": f"https://ns.adobe.com/aep/errors/{code}",
+        "status": status,
+        "title": title,
+        "detail": detail,
+        "report": {"requestId": f"req-{code}"},
+    }
+    return make_response(status, body, headers={"Content-Type": "application/problem+json"})
+
+
+@dataclass
+class Scripted:
+    """One scripted outcome of `FakeSession.post`: a response or an exception, after `elapsed` simulated seconds.
+
+    `elapsed=None` for an exception means "the call used its whole read timeout" (what a real timeout does).
+    """
+
+    outcome: requests.Response | BaseException
+    elapsed: float | None = 0.0
+
+
+@dataclass
+class PostCall:
+    url: str
+    params: dict[str, Any] | None
+    data: Any
+    headers: dict[str, str] | None
+    timeout: Any
+    remaining: float | None  # deadline.remaining() when the call started, if the session watches a deadline
+
+
+class FakeSession:
+    """A `requests.Session`-like object whose `post()` plays a script and records every call."""
+
+    def __init__(
+        self,
+        script: Iterable[requests.Response | BaseException | Scripted] = (),
+        *,
+        clock: FakeClock | None = None,
+        deadline: Deadline | None = None,
+    ) -> None:
+        self.script: list[Scripted] = [s if isinstance(s, Scripted) else Scripted(s) for s in script]
+        self.clock = clock
+        self.deadline = deadline
+        self.calls: list[PostCall] = []
+        self.elapsed: list[float] = []
+
+    def post(
+        self,
+        url: str,
+        *,
+        params: dict[str, Any] | None = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: Any = None,
+    ) -> requests.Response:
+        remaining = self.deadline.remaining() if self.deadline is not None else None
+        self.calls.append(PostCall(url, params, data, headers, timeout, remaining))
+        if not self.script:
+            raise AssertionError(f"unexpected post #{len(self.calls)} to {url}")
+        step = self.script.pop(0)
+        elapsed = step.elapsed
+        if elapsed is None:
+            elapsed = float(timeout[1] if isinstance(timeout, tuple) else timeout or 0.0)
+        self.elapsed.append(elapsed)
+        if self.clock is not None and elapsed:
+            self.clock.advance(elapsed)
+        if isinstance(step.outcome, BaseException):
+            raise step.outcome
+        return step.outcome
+
+
+CREDS = AdobeCredentials(client_id="client-1", client_secret="s3cret", org_id="ORG1@AdobeOrg", scopes="openid,AdobeID")
+
+
+class FakeTokenProvider:
+    """Duck-typed `ImsTokenProvider`: hands out token-1, token-2, ... (a new one on each forced refresh)."""
+
+    def __init__(self, credentials: AdobeCredentials = CREDS, *, expires_at: float = WALL_START + 3600) -> None:
+        self._credentials = credentials
+        self._expires_at = expires_at
+        self.issued = 1
+        self.token = AccessToken(f"token-{self.issued}", expires_at)
+        self.get_calls: list[dict[str, Any]] = []
+        self.credentials_calls = 0
+
+    def get(self, *, force_refresh: bool = False, stale: AccessToken | None = None) -> AccessToken:
+        self.get_calls.append({"force_refresh": force_refresh, "stale": stale})
+        if force_refresh and (stale is None or stale == self.token):
+            self.issued += 1
+            self.token = AccessToken(f"token-{self.issued}", self._expires_at)
+        return self.token
+
+    def credentials(self) -> AdobeCredentials:
+        self.credentials_calls += 1
+        return self._credentials
+
+    @property
+    def refreshes(self) -> list[dict[str, Any]]:
+        return [c for c in self.get_calls if c["force_refresh"]]
+
+
+class FakeCredentialsStore:
+    """Duck-typed `CredentialsStore.adobe()`: returns the next of `versions` on a forced read, records each read."""
+
+    def __init__(self, *versions: AdobeCredentials, error: Exception | None = None) -> None:
+        self.versions = list(versions) or [CREDS]
+        self.error = error
+        self.current = 0
+        self.calls: list[bool] = []  # the `force` argument of each adobe() call
+
+    def adobe(self, *, force: bool = False) -> AdobeCredentials:
+        self.calls.append(force)
+        if self.error is not None:
+            raise self.error
+        if force and self.current + 1 < len(self.versions):
+            self.current += 1
+        return self.versions[self.current]
+
+
+@dataclass
+class FakeStore:
+    """Duck-typed `HandlesStore` for `Relay`: scripted claims, results and identity state in dicts."""
+
+    claim_result: Claim | Exception = field(default_factory=lambda: Claim(True, token="tok-1"))
+    states: dict[tuple[str, str], IdentityState] = field(default_factory=dict)
+    claims: list[dict[str, Any]] = field(default_factory=list)
+    releases: list[tuple[str, str, str]] = field(default_factory=list)
+    finished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    rejected_unclaimed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    state_reads: list[tuple[str, str]] = field(default_factory=list)
+    state_writes: list[tuple[str, str, IdentityState]] = field(default_factory=list)
+    stored_at: str = "2023-11-14T22:13:20.000Z"
+
+    def claim(self, event_id: str, *, datastream_id: str, source: str, lease_s: float) -> Claim:
+        self.claims.append({"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s})
+        if isinstance(self.claim_result, Exception):
+            raise self.claim_result
+        return self.claim_result
+
+    def release(self, event_id: str, token: str, reason: str) -> None:
+        self.releases.append((event_id, token, reason))
+
+    def finish(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        self.finished.append((event_id, fields))
+        return {**fields, "eventId": event_id, "storedAt": self.stored_at}
+
+    def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        self.rejected_unclaimed.append((event_id, fields))
+        return {**fields, "eventId": event_id, "status": "rejected", "storedAt": self.stored_at}
+
+    def get_state(self, opaque_id: str, datastream_id: str) -> IdentityState:
+        self.state_reads.append((opaque_id, datastream_id))
+        return self.states.get((opaque_id, datastream_id), IdentityState())
+
+    def update_state(
+        self,
+        opaque_id: str,
+        datastream_id: str,
+        current: IdentityState,
+        change: Callable[[IdentityState], IdentityState | None],
+    ) -> int:
+        new = change(current)
+        if new is None:
+            return 0
+        stored = IdentityState(new.entries, new.hint, new.hint_expires_at, current.version + 1)
+        self.states[(opaque_id, datastream_id)] = stored
+        self.state_writes.append((opaque_id, datastream_id, stored))
+        return 1
+
+
+@dataclass
+class DeliverCall:
+    datastream_id: str
+    request: dict[str, Any]
+    hint: str | None
+    deadline: Deadline
+
+
+class FakeEdge:
+    """Duck-typed `EdgeClient`: `deliver()` plays scripted answers (EdgeAnswer) or raises scripted exceptions."""
+
+    def __init__(self, *script: EdgeAnswer | Exception) -> None:
+        self.script = list(script)
+        self.calls: list[DeliverCall] = []
+
+    def deliver(self, datastream_id: str, request: dict[str, Any], hint: str | None, deadline: Deadline) -> EdgeAnswer:
+        self.calls.append(DeliverCall(datastream_id, request, hint, deadline))
+        if not self.script:
+            raise AssertionError("unexpected Edge call")
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+
+__all__ = [
+    "CREDS",
+    "DeliverCall",
+    "FakeClock",
+    "FakeCredentialsStore",
+    "FakeEdge",
+    "FakeSession",
+    "FakeStore",
+    "FakeTokenProvider",
+    "PostCall",
+    "Scripted",
+    "edge_problem",
+    "make_response",
+]

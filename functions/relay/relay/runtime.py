@@ -6,7 +6,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -22,7 +22,9 @@ from relay.integrations.store import HandlesStore
 from relay.observability import logger, metrics
 from relay.process_event import Relay
 from relay.settings import Settings
-from relay.webhook import WebhookApp
+
+if TYPE_CHECKING:
+    from relay.webhook import WebhookApp
 
 
 def new_http_session(pool_size: int) -> requests.Session:
@@ -101,6 +103,8 @@ class Runtime:
 
     @cached_property
     def webhook(self) -> WebhookApp:
+        from relay.webhook import WebhookApp  # Event Handler and standardwebhooks: only when a webhook arrives
+
         return WebhookApp(self.settings, self.relay, lambda: self.credentials, lambda: self.queue, self.clock)
 
     @cached_property

@@ -68,12 +68,11 @@ class EdgeClient:
         if self._tokens is None:
             return headers, None
         token = self._tokens.get()
-        creds = self._tokens.credentials()
         headers.update(
             {
                 "Authorization": f"Bearer {token.value}",
-                "x-api-key": creds.client_id,
-                "x-gw-ims-org-id": creds.org_id,
+                "x-api-key": token.client_id,
+                "x-gw-ims-org-id": token.org_id,
             }
         )
         return headers, token

@@ -16,6 +16,8 @@ from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 class AccessToken:
     value: str = field(repr=False)
     expires_at: float  # wall clock
+    client_id: str = ""  # the credential the token was minted for: Edge wants it as x-api-key
+    org_id: str = ""
 
 
 class ImsTokenProvider:
@@ -37,9 +39,6 @@ class ImsTokenProvider:
         self._timeout = timeout
         self._token: AccessToken | None = None
         self._lock = threading.Lock()
-
-    def credentials(self) -> AdobeCredentials:
-        return self._credentials.adobe()
 
     def get(self, *, force_refresh: bool = False, stale: AccessToken | None = None) -> AccessToken:
         with self._lock:
@@ -86,4 +85,4 @@ class ImsTokenProvider:
             raise CredentialsError("IMS answered without access_token/expires_in") from None
         # Refresh 5 minutes (or 10% of a short lifetime) before IMS says the token expires.
         margin = min(300.0, expires_in * 0.1)
-        return AccessToken(value, self._clock.now() + expires_in - margin)
+        return AccessToken(value, self._clock.now() + expires_in - margin, creds.client_id, creds.org_id)

@@ -145,26 +145,26 @@ CREDS = AdobeCredentials(client_id="client-1", client_secret="s3cret", org_id="O
 
 
 class FakeTokenProvider:
-    """Duck-typed `ImsTokenProvider`: hands out token-1, token-2, ... (a new one on each forced refresh)."""
+    """Duck-typed `ImsTokenProvider`: hands out token-1, token-2, ... (a new one on each forced refresh of the
+    current token), each carrying the client id and org of `credentials`."""
 
     def __init__(self, credentials: AdobeCredentials = CREDS, *, expires_at: float = WALL_START + 3600) -> None:
         self._credentials = credentials
         self._expires_at = expires_at
         self.issued = 1
-        self.token = AccessToken(f"token-{self.issued}", expires_at)
+        self.token = self._mint()
         self.get_calls: list[dict[str, Any]] = []
-        self.credentials_calls = 0
+
+    def _mint(self) -> AccessToken:
+        c = self._credentials
+        return AccessToken(f"token-{self.issued}", self._expires_at, c.client_id, c.org_id)
 
     def get(self, *, force_refresh: bool = False, stale: AccessToken | None = None) -> AccessToken:
         self.get_calls.append({"force_refresh": force_refresh, "stale": stale})
         if force_refresh and (stale is None or stale == self.token):
             self.issued += 1
-            self.token = AccessToken(f"token-{self.issued}", self._expires_at)
+            self.token = self._mint()
         return self.token
-
-    def credentials(self) -> AdobeCredentials:
-        self.credentials_calls += 1
-        return self._credentials
 
     @property
     def refreshes(self) -> list[dict[str, Any]]:

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from relay.identity_state import (
     IdentityState,
     StoredEntry,
@@ -31,7 +29,7 @@ def fixture_handles() -> list[dict[str, Any]]:
     return json.loads(FIXTURE.read_text())["handle"]
 
 
-def store_handle(*items: dict[str, Any]) -> dict[str, Any]:
+def store_handle(*items: Any) -> dict[str, Any]:
     return {"type": "state:store", "payload": list(items)}
 
 
@@ -115,7 +113,7 @@ def test_apply_handles_max_age_zero_or_negative_deletes_the_key():
 def test_apply_handles_ignores_items_without_key_value_or_numeric_max_age():
     # GIVEN
     old = IdentityState(entries={"a": StoredEntry("1", NOW + 100, 100)})
-    handles = [
+    handles: list[Any] = [
         store_handle(
             {"key": "a", "value": "changed"},  # no maxAge
             {"key": "b", "maxAge": 10},  # no value
@@ -311,7 +309,9 @@ def test_needs_write_true_once_half_the_lifetime_has_passed():
 
 def test_needs_write_true_when_only_the_hint_extension_is_due():
     # GIVEN a state with no entries, only a hint
-    old = apply_handles(IdentityState(), [hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800})], NOW)
+    old = apply_handles(
+        IdentityState(), [hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800})], NOW
+    )
     answer = [hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800})]
 
     # WHEN / THEN
@@ -364,11 +364,6 @@ def test_needs_write_true_when_the_hint_changes():
     assert needs_write(old, apply_handles(old, answer, NOW + 1), NOW + 1) is True
 
 
-@pytest.mark.xfail(
-    reason="BUG: needs_write ignores a shortened lifetime (same value, smaller maxAge), so the stored entry "
-    "outlives what Edge asked for",
-    strict=True,
-)
 def test_needs_write_true_when_edge_shortens_an_entry():
     # GIVEN a 395-day identity entry that Edge now says lives only 60 s more
     old = stored_fixture_state()
@@ -420,5 +415,7 @@ def test_state_from_item_tolerates_missing_and_bad_parts():
     state = state_from_item(doc, 2)
 
     # THEN
-    assert state == IdentityState(entries={"ok": StoredEntry("v", 5.0, 0, None)}, hint=None, hint_expires_at=0.0, version=2)
+    assert state == IdentityState(
+        entries={"ok": StoredEntry("v", 5.0, 0, None)}, hint=None, hint_expires_at=0.0, version=2
+    )
     assert state_from_item({}, 0) == IdentityState()

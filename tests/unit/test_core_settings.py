@@ -105,10 +105,6 @@ def test_load_settings_names_bad_edge_auth_webhook_auth_and_http_base_url_togeth
     assert {name: problems[name] for name in expected} == expected
 
 
-@pytest.mark.xfail(
-    reason="BUG: an invalid EDGE_BASE_URL also blames EDGE_HINT_URL_TEMPLATE, a variable the operator never set",
-    strict=True,
-)
 def test_load_settings_does_not_blame_the_default_hint_template_for_a_bad_base_url():
     # GIVEN a plain-http, non-loopback Edge host and no EDGE_HINT_URL_TEMPLATE
     env = {**MINIMAL, "EDGE_BASE_URL": "http://edge.example.com"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -296,3 +298,153 @@ def test_outputs_exist(template: dict[str, Any]) -> None:
     assert outputs["DeadLetterQueueUrl"]["Value"] == {"Ref": DLQ}
     assert outputs["TableName"]["Value"] == {"Ref": TABLE}
     assert outputs["FunctionName"]["Value"] == {"Ref": FUNCTION}
+
+
+# --- alarms and dashboard (operations; docs/operations.md) ----------------------------------------------
+
+APP_NAMESPACE = "InteractRelay"
+APP_DIMENSIONS = [{"Name": "service", "Value": "interact-relay"}]
+ALARM_TOPIC_ACTIONS = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+
+# alarm -> (namespace, metric names the alarm reads, dimensions)
+EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
+    "DeadLetterQueueAlarm": (
+        "AWS/SQS",
+        {"ApproximateNumberOfMessagesVisible"},
+        [{"Name": "QueueName", "Value": {"Fn::GetAtt": [DLQ, "QueueName"]}}],
+    ),
+    "QueueOldestMessageAlarm": (
+        "AWS/SQS",
+        {"ApproximateAgeOfOldestMessage"},
+        [{"Name": "QueueName", "Value": {"Fn::GetAtt": [QUEUE, "QueueName"]}}],
+    ),
+    "FunctionErrorRateAlarm": (
+        "AWS/Lambda",
+        {"Errors", "Invocations"},
+        [{"Name": "FunctionName", "Value": {"Ref": FUNCTION}}],
+    ),
+    "FunctionThrottlesAlarm": ("AWS/Lambda", {"Throttles"}, [{"Name": "FunctionName", "Value": {"Ref": FUNCTION}}]),
+    "EdgeUnavailableRateAlarm": (APP_NAMESPACE, {"EdgeUnavailable", "EdgeLatency"}, APP_DIMENSIONS),
+    "EdgeThrottledRateAlarm": (APP_NAMESPACE, {"EdgeThrottled", "EdgeLatency"}, APP_DIMENSIONS),
+    "QueueFallbackFailedAlarm": (APP_NAMESPACE, {"QueueFallbackFailed"}, APP_DIMENSIONS),
+}
+
+# Metrics the function emits (relay/observability.py callers): the dashboard must show each of these.
+DASHBOARD_APP_METRICS = {
+    "Delivered",
+    "Rejected",
+    "Queued",
+    "Duplicates",
+    "QueueFallbackFailed",
+    "EdgeLatency",
+    "EdgeRetries",
+    "EdgeThrottled",
+    "EdgeUnavailable",
+}
+
+
+def alarm_metrics(props: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(namespace, metric, dimensions) of every metric an alarm reads (single metric or metric math)."""
+    if "MetricName" in props:
+        return [(props["Namespace"], props["MetricName"], props.get("Dimensions", []))]
+    found = []
+    for query in props["Metrics"]:
+        if "MetricStat" in query:
+            metric = query["MetricStat"]["Metric"]
+            found.append((metric["Namespace"], metric["MetricName"], metric.get("Dimensions", [])))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ALARMS))
+def test_alarm_watches_the_right_metric(template: dict[str, Any], name: str) -> None:
+    alarm = template["Resources"].get(name)
+    assert alarm is not None, f"missing alarm {name}"
+    assert alarm["Type"] == "AWS::CloudWatch::Alarm"
+    props = alarm["Properties"]
+    namespace, metric_names, dimensions = EXPECTED_ALARMS[name]
+    read = alarm_metrics(props)
+    assert {m for _, m, _ in read} == metric_names
+    for ns, _, dims in read:
+        assert ns == namespace
+        assert dims == dimensions
+    assert props["ComparisonOperator"].startswith("GreaterThan")
+    assert props["TreatMissingData"] == "notBreaching"
+    # Notifications go to the optional topic, for both ALARM and OK.
+    assert props["AlarmActions"] == ALARM_TOPIC_ACTIONS
+    assert props["OKActions"] == ALARM_TOPIC_ACTIONS
+    if "Metrics" in props:  # metric math: exactly one returned expression, guarded against division by zero
+        returned = [q for q in props["Metrics"] if q.get("ReturnData", True)]
+        assert len(returned) == 1 and "Expression" in returned[0]
+        assert returned[0]["Expression"].startswith("IF(")
+
+
+def test_rate_alarms_divide_by_the_right_denominator(template: dict[str, Any]) -> None:
+    res = template["Resources"]
+    ids = {q["Id"]: q for q in res["FunctionErrorRateAlarm"]["Properties"]["Metrics"]}
+    assert ids["errors"]["MetricStat"]["Metric"]["MetricName"] == "Errors"
+    assert ids["invocations"]["MetricStat"]["Metric"]["MetricName"] == "Invocations"
+    assert "errors" in ids["errorRate"]["Expression"] and "/ invocations" in ids["errorRate"]["Expression"]
+    for name, numerator in (("EdgeUnavailableRateAlarm", "unavailable"), ("EdgeThrottledRateAlarm", "throttled")):
+        ids = {q["Id"]: q for q in res[name]["Properties"]["Metrics"]}
+        calls = ids["calls"]["MetricStat"]
+        assert calls["Metric"]["MetricName"] == "EdgeLatency" and calls["Stat"] == "SampleCount"
+        assert ids[numerator]["MetricStat"]["Stat"] == "Sum"
+        returned = next(q for q in ids.values() if q.get("ReturnData", True))
+        assert numerator in returned["Expression"] and "/ calls" in returned["Expression"]
+
+
+def test_dead_letter_and_fallback_alarms_fire_on_the_first_message(template: dict[str, Any]) -> None:
+    for name in ("DeadLetterQueueAlarm", "QueueFallbackFailedAlarm", "FunctionThrottlesAlarm"):
+        props = template["Resources"][name]["Properties"]
+        assert props["Threshold"] == 0 and props["ComparisonOperator"] == "GreaterThanThreshold", name
+        assert props["EvaluationPeriods"] == 1, name
+
+
+def test_alarm_topic_parameter_is_optional(template: dict[str, Any]) -> None:
+    parameter = template["Parameters"]["AlarmTopicArn"]
+    assert parameter["Default"] == ""
+    assert template["Conditions"]["HasAlarmTopic"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmTopicArn"}, ""]}]}
+
+
+def dashboard_body(template: dict[str, Any]) -> dict[str, Any]:
+    dashboards = resources(template, "AWS::CloudWatch::Dashboard")
+    assert len(dashboards) == 1
+    (dashboard,) = dashboards.values()
+    body = dashboard["Properties"]["DashboardBody"]
+    text = body["Fn::Sub"] if isinstance(body, dict) else body
+    assert isinstance(text, str)
+    # Every ${...} must name a pseudo parameter or a resource of this template.
+    for ref in re.findall(r"\$\{([^}!]+)\}", text):
+        logical = ref.split(".", 1)[0]
+        assert logical.startswith("AWS::") or logical in template["Resources"], ref
+    parsed: dict[str, Any] = json.loads(re.sub(r"\$\{([^}]+)\}", lambda m: "SUB_" + m.group(1), text))
+    return parsed
+
+
+def test_dashboard_shows_every_metric_an_operator_needs(template: dict[str, Any]) -> None:
+    body = dashboard_body(template)
+    metrics: list[list[Any]] = []
+    for widget in body["widgets"]:
+        metrics.extend(widget.get("properties", {}).get("metrics", []))
+    shown = {(m[0], m[1]) for m in metrics}
+    for name in DASHBOARD_APP_METRICS:
+        assert (APP_NAMESPACE, name) in shown, name
+    for m in metrics:
+        if m[0] == APP_NAMESPACE:
+            assert m[2:4] == ["service", "interact-relay"], m
+    # Edge latency percentiles.
+    stats = {m[4]["stat"] for m in metrics if m[1] == "EdgeLatency" and len(m) > 4 and isinstance(m[4], dict)}
+    assert stats >= {"p50", "p90", "p99"}
+    # Queue and dead-letter queue depth.
+    depth = [m for m in metrics if m[0] == "AWS/SQS" and m[1] == "ApproximateNumberOfMessagesVisible"]
+    assert {m[3] for m in depth} >= {f"SUB_{QUEUE}.QueueName", f"SUB_{DLQ}.QueueName"}
+    # Lambda errors, throttles, duration.
+    lambda_metrics = {m[1] for m in metrics if m[0] == "AWS/Lambda" and m[3] == f"SUB_{FUNCTION}"}
+    assert lambda_metrics >= {"Errors", "Throttles", "Duration", "Invocations"}
+
+
+def test_dashboard_shows_every_alarm(template: dict[str, Any]) -> None:
+    body = dashboard_body(template)
+    shown = {a for w in body["widgets"] if w["type"] == "alarm" for a in w["properties"]["alarms"]}
+    alarms = resources(template, "AWS::CloudWatch::Alarm")
+    assert shown == {f"SUB_{name}.Arn" for name in alarms}

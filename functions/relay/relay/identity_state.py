@@ -101,9 +101,11 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
         before = old_live[key]
         if (before.value, before.attrs) != (entry.value, entry.attrs):
             return True
-        if before.expires_at - now < entry.max_age / 2:
+        if entry.expires_at < before.expires_at or before.expires_at - now < entry.max_age / 2:
             return True
-    if new.hint and old.hint_expires_at - now < (new.hint_expires_at - now) / 2:
+    if new.hint and (
+        new.hint_expires_at < old.hint_expires_at or old.hint_expires_at - now < (new.hint_expires_at - now) / 2
+    ):
         return True
     return False
 

@@ -13,6 +13,7 @@ from relay.errors import InvalidEvent, PayloadTooLarge
 MAX_BODY_BYTES = 64 * 1024  # Edge's own limit (EXEG-0112-413)
 MAX_EVENT_ID_LENGTH = 256
 _DATASTREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 Source = Literal["webhook", "sqs"]
 
@@ -38,7 +39,8 @@ def as_list(value: Any) -> list[Any]:
 
 
 def iso_millis(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(epoch * 1000) % 1000:03d}Z"
+    millis = int(epoch * 1000)  # truncate once, so seconds and milliseconds agree
+    return datetime.fromtimestamp(millis // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis % 1000:03d}Z"
 
 
 def _type_name(value: Any) -> str:
@@ -126,7 +128,7 @@ def primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
 
 def decode_body(raw: bytes | str) -> tuple[str, Any]:
     """Enforce the size limit and parse JSON. Returns (text, document)."""
-    data = raw.encode("utf-8") if isinstance(raw, str) else raw
+    data = raw.encode("utf-8", errors="surrogatepass") if isinstance(raw, str) else raw
     if len(data) > MAX_BODY_BYTES:
         raise PayloadTooLarge(len(data), MAX_BODY_BYTES)
     try:
@@ -136,7 +138,7 @@ def decode_body(raw: bytes | str) -> tuple[str, Any]:
     if not text.strip():
         raise InvalidEvent([{"path": "$", "message": "body is empty"}])
     try:
-        return text, json.loads(text)
+        doc = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         message = (
             f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -144,6 +146,14 @@ def decode_body(raw: bytes | str) -> tuple[str, Any]:
             else "body is nested too deeply"
         )
         raise InvalidEvent([{"path": "$", "message": message}]) from None
+    if _SURROGATE_ESCAPE.search(text):  # "\ud800" parses, but a lone surrogate cannot be sent on as UTF-8
+        try:
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidEvent(
+                [{"path": "$", "message": "body contains an unpaired UTF-16 surrogate escape"}]
+            ) from None
+    return text, doc
 
 
 def resolve_datastream(candidate: str | None, default: str) -> str:

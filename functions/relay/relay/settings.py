@@ -105,7 +105,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     template = env.get("EDGE_HINT_URL_TEMPLATE", "").strip() or "{base}/ee/{hint}/v2/interact"
     if "{hint}" not in template:
         problems["EDGE_HINT_URL_TEMPLATE"] = "must contain {hint}"
-    else:
+    elif "EDGE_BASE_URL" not in problems or "{base}" not in template:
         try:
             _url(problems, "EDGE_HINT_URL_TEMPLATE", template.format(base=base, hint="or2"))
         except (KeyError, IndexError, ValueError):

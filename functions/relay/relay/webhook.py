@@ -105,7 +105,12 @@ class WebhookApp:
         try:
             raw = base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode("utf-8")
         except (binascii.Error, ValueError):
-            return problem(400, "Invalid body", "body is not valid base64")
+            return problem(
+                400,
+                "Invalid body",
+                "body is not valid base64",
+                errors=[{"path": "$", "message": "isBase64Encoded is true but the body is not base64"}],
+            )
         try:
             self._verify(raw, headers)
         except Unauthorized as exc:

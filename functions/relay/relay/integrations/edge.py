@@ -94,7 +94,9 @@ class EdgeClient:
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
             headers, token = self._headers()
             params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
-            timeout = (min(s.edge_connect_timeout_s, remaining), min(s.edge_read_timeout_s, remaining))
+            # connect + read together must fit in what is left
+            connect = min(s.edge_connect_timeout_s, remaining / 2)
+            timeout = (connect, min(s.edge_read_timeout_s, remaining - connect))
             started = self._clock.monotonic()
             try:
                 resp = self._session.post(url, params=params, data=body, headers=headers, timeout=timeout)
@@ -119,7 +121,7 @@ class EdgeClient:
                         self._tokens.get(force_refresh=True, stale=token)
                         logger.info("edge token expired, refreshed", attempt=attempt)
                         continue
-                    if status in (401, 403):
+                    if status == 401:
                         raise CredentialsError(f"edge refused the credentials: {code or status}")
                     if status not in RECOVERABLE_STATUSES:
                         raise EdgeRejected(status, problem)

@@ -1,0 +1,705 @@
+"""``make bench``: throughput, CPU, cold start, DynamoDB economy and cost of the relay on the local stack.
+
+Prints ONE table of ratios, each measured against a baseline or floor run in the same invocation (absolute numbers
+are context only: the machine is shared and noisy). docs/benchmark.md explains every line.
+
+Layout: this process runs the local stack (Edge simulator in-process, moto as a child process) and a counting proxy
+in front of moto. Everything measured runs in a separate *worker* process (``--worker``), so a worker's CPU time
+and peak memory are those of the handler (or baseline) alone: the simulator, moto and the proxy are elsewhere.
+
+Workers:
+
+* ``relay``: the real handler (``relay.handler.lambda_handler``) on one warm runtime, fed SQS events of 100 records
+  built directly (the shape ``devtools/poller.py`` builds), one invocation after another.
+* ``naive``: what a straightforward Lambda does per event: read the secret, ``requests.post`` on a new connection,
+  ``put_item``; sequential.
+* ``floor``: the least any relay must do per event: one POST on a reused session and one ``put_item``.
+* cold start: ``python -c`` children (relay: import the handler and handle one SQS record; floor: import boto3 and
+  requests, create the dynamodb and secretsmanager clients, read the secret, get a token, POST, put_item).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+FUNCTION_DIR = ROOT / "functions" / "relay"
+BATCH = 100
+EDGE_LATENCY = 0.05
+
+# Prices, us-east-1, as published (checked 2026-11); docs/benchmark.md cites the pages.
+LAMBDA_ARM_GB_S = 0.0000133334  # https://aws.amazon.com/lambda/pricing/
+LAMBDA_REQUEST = 0.20 / 1e6
+DDB_WRU = 0.625 / 1e6  # https://aws.amazon.com/dynamodb/pricing/on-demand/
+DDB_RRU = 0.125 / 1e6
+SQS_REQUEST = 0.40 / 1e6  # https://aws.amazon.com/sqs/pricing/ (standard queue, beyond the free tier)
+SECRETS_CALL = 0.05 / 10_000  # https://aws.amazon.com/secrets-manager/pricing/
+# SQS requests per event with the template's BatchSize 100: the producer's SendMessage (1), the event source
+# mapping's ReceiveMessage (10 messages each: 0.1) and DeleteMessageBatch (10 entries each: 0.1).
+SQS_REQUESTS_PER_EVENT = 1 + 0.1 + 0.1
+LAMBDA_MB_PER_VCPU = 1769  # Lambda allocates one full vCPU at 1,769 MB, proportionally below
+
+SAMPLE_BODY = json.loads(json.loads((ROOT / "events" / "sqs-batch.json").read_text(encoding="utf-8"))["Records"][0]["body"])
+
+
+# ============================================================================================ events
+
+
+def ecid(ident: int, space: int) -> str:
+    return f"{space:06d}{ident:032d}"
+
+
+def interact_body(event_id: str, ident: int, space: int) -> dict[str, Any]:
+    body = json.loads(json.dumps(SAMPLE_BODY))
+    xdm = body["event"]["xdm"]
+    xdm["_id"] = event_id
+    xdm["identityMap"] = {"ECID": [{"id": ecid(ident, space), "authenticatedState": "ambiguous", "primary": True}]}
+    return body
+
+
+def sqs_record(body: dict[str, Any]) -> dict[str, Any]:
+    """A Lambda SQS event record (the shape devtools/poller.py's record_from_message builds)."""
+    text = json.dumps(body, separators=(",", ":"))
+    now_ms = str(int(time.time() * 1000))
+    return {
+        "messageId": str(uuid.uuid4()),
+        "receiptHandle": base64.b64encode(uuid.uuid4().bytes).decode("ascii"),
+        "body": text,
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": now_ms,
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": now_ms,
+        },
+        "messageAttributes": {},
+        "md5OfBody": "0" * 32,
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:bench",
+        "awsRegion": "us-east-1",
+    }
+
+
+def sqs_batch(prefix: str, n: int, idents: range, space: int) -> dict[str, Any]:
+    """``n`` records, record i for identity ``idents[i % len(idents)]``; eventIds ``<prefix>-<i>``."""
+    return {
+        "Records": [
+            sqs_record(interact_body(f"{prefix}-{i}", idents[i % len(idents)], space)) for i in range(n)
+        ]
+    }
+
+
+# ============================================================================================ counting proxy
+
+
+def _attr_size(value: Mapping[str, Any]) -> int:
+    """DynamoDB's size of one AttributeValue (wire JSON), per the developer guide's item-size rules."""
+    (kind, v), = value.items()
+    if kind == "S":
+        return len(v.encode("utf-8"))
+    if kind == "B":
+        return len(base64.b64decode(v))
+    if kind == "N":
+        digits = len(v.lstrip("-").replace(".", "").lstrip("0")) or 1
+        return (digits + 1) // 2 + 1
+    if kind in ("BOOL", "NULL"):
+        return 1
+    if kind == "M":
+        return 3 + sum(len(k.encode("utf-8")) + _attr_size(x) + 1 for k, x in v.items())
+    if kind == "L":
+        return 3 + sum(_attr_size(x) + 1 for x in v)
+    if kind in ("SS", "NS", "BS"):
+        return sum(_attr_size({kind[0]: x}) for x in v)
+    return 0
+
+
+def item_size(item: Mapping[str, Any] | None) -> int:
+    return sum(len(k.encode("utf-8")) + _attr_size(v) for k, v in (item or {}).items())
+
+
+class CountingProxy:
+    """A loopback HTTP proxy in front of moto that counts AWS API calls and DynamoDB capacity units.
+
+    A write consumes ceil(max(before, after) / 1 KB) WCU (the larger of the item images, as DynamoDB bills
+    PutItem/UpdateItem); the proxy reads both images with its own uncounted GetItem. A read consumes
+    ceil(size / 4 KB) RRU (strongly consistent), half that when eventually consistent. ``GET /_bench/counts``
+    returns the counters (workers snapshot them around their phases).
+    """
+
+    WRITE_OPS = ("PutItem", "UpdateItem", "DeleteItem")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.lock = threading.Lock()
+        self.counts: dict[str, float] = {}
+        self.local = threading.local()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path == "/_bench/counts":
+                    with proxy.lock:
+                        body = json.dumps(proxy.counts).encode()
+                    self._reply(200, {"Content-Type": "application/json"}, body)
+                else:
+                    self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+            def _reply(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                target = self.headers.get("X-Amz-Target", "")
+                service, _, op = target.partition(".")
+                before = proxy._image(raw, headers) if op in proxy.WRITE_OPS and service.startswith("DynamoDB") else 0
+                status, resp_headers, body = proxy.send(method, self.path, raw, headers)
+                proxy._count(service, op, raw, headers, status, body, before)
+                self._reply(status, resp_headers, body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="bench-proxy", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> CountingProxy:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def send(self, method: str, path: str, raw: bytes, headers: Mapping[str, str]) -> tuple[int, dict[str, str], bytes]:
+        conn = getattr(self.local, "conn", None)
+        for attempt in (1, 2):
+            if conn is None:
+                conn = self.local.conn = http.client.HTTPConnection(
+                    self.upstream.hostname or "127.0.0.1", self.upstream.port, timeout=30
+                )
+            try:
+                conn.request(method, path, body=raw, headers=dict(headers))
+                resp = conn.getresponse()
+                return resp.status, dict(resp.getheaders()), resp.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = self.local.conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _image(self, raw: bytes, headers: Mapping[str, str]) -> int:
+        """Size of the item a DynamoDB write request touches, read now (uncounted)."""
+        try:
+            req = json.loads(raw)
+            key = req.get("Key") or {k: req["Item"][k] for k in ("pk", "sk")}
+            get = json.dumps({"TableName": req["TableName"], "Key": key, "ConsistentRead": True}).encode()
+            hdrs = {**headers, "X-Amz-Target": "DynamoDB_20120810.GetItem", "Content-Length": str(len(get))}
+            status, _, body = self.send("POST", "/", get, hdrs)
+            return item_size(json.loads(body).get("Item")) if status == 200 else 0
+        except (ValueError, KeyError, TypeError):
+            return 0
+
+    def _count(
+        self, service: str, op: str, raw: bytes, headers: Mapping[str, str], status: int, body: bytes, before: int
+    ) -> None:
+        name = f"{service.split('_')[0].lower() or 'other'}.{op or 'other'}"
+        units: dict[str, float] = {name: 1}
+        if service.startswith("DynamoDB") and op in self.WRITE_OPS:
+            after = self._image(raw, headers)
+            units["ddb.write_requests"] = 1
+            units["ddb.wcu"] = max(1, math.ceil(max(before, after) / 1024))
+            units["ddb.max_item_bytes"] = 0
+            if status != 200:
+                units["ddb.failed_writes"] = 1
+            with self.lock:
+                self.counts["ddb.max_item_bytes"] = max(self.counts.get("ddb.max_item_bytes", 0), after)
+        elif service.startswith("DynamoDB") and op == "GetItem":
+            try:
+                size = item_size(json.loads(body).get("Item"))
+                consistent = bool(json.loads(raw).get("ConsistentRead"))
+            except ValueError:
+                size, consistent = 0, True
+            units["ddb.read_requests"] = 1
+            units["ddb.rru"] = max(1, math.ceil(size / 4096)) * (1 if consistent else 0.5)
+        with self.lock:
+            for k, v in units.items():
+                if k != "ddb.max_item_bytes":
+                    self.counts[k] = self.counts.get(k, 0) + v
+
+
+def proxy_counts(url: str) -> dict[str, float]:
+    import requests
+
+    return dict(requests.get(f"{url}/_bench/counts", timeout=10).json())
+
+
+def diff(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, float]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+
+
+# ============================================================================================ workers
+
+
+def _relay_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(FUNCTION_DIR))
+    from devtools.lambda_context import new_context
+    from relay.handler import lambda_handler
+
+    space = spec["space"]
+    idents = range(spec.get("identities", BATCH))
+    out: dict[str, Any] = {"phases": {}}
+    counts_url = spec.get("counts_url")
+    tag = uuid.uuid4().hex[:8]
+    for name, n_batches in spec["phases"]:
+        snap = proxy_counts(counts_url) if counts_url else {}
+        walls, failures = [], 0
+        cpu0 = time.process_time()
+        for b in range(n_batches):
+            event = sqs_batch(f"{tag}-{name}-{b}", BATCH, idents, space)
+            t0 = time.perf_counter()
+            result = lambda_handler(event, new_context(30))
+            walls.append(time.perf_counter() - t0)
+            failures += len(result.get("batchItemFailures") or [])
+        phase = {"cpu": time.process_time() - cpu0, "walls": walls, "events": n_batches * BATCH, "failures": failures}
+        if counts_url:
+            phase["counts"] = diff(proxy_counts(counts_url), snap)
+        out["phases"][name] = phase
+    return out
+
+
+def _edge_headers(token: str | None, secret: Mapping[str, str]) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if token:
+        headers.update(
+            {"Authorization": f"Bearer {token}", "x-api-key": secret["clientId"], "x-gw-ims-org-id": secret["orgId"]}
+        )
+    return headers
+
+
+def _ims_token(post: Callable[..., Any], secret: Mapping[str, str]) -> str:
+    resp = post(
+        os.environ["IMS_TOKEN_URL"],
+        data={
+            "grant_type": "client_credentials",
+            "client_id": secret["clientId"],
+            "client_secret": secret["clientSecret"],
+            "scope": secret["scopes"],
+        },
+        timeout=10,
+    )
+    resp.raise_for_status()
+    return str(resp.json()["access_token"])
+
+
+def _simple_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """``naive`` (new connection + secret read per event) or ``floor`` (reused session, nothing else)."""
+    import boto3
+    import requests
+
+    naive = spec["kind"] == "naive"
+    ddb = boto3.client("dynamodb")
+    sm = boto3.client("secretsmanager")
+    table, url = os.environ["HANDLES_TABLE"], os.environ["EDGE_BASE_URL"] + "/ee/v2/interact"
+    secret = json.loads(sm.get_secret_value(SecretId=os.environ["ADOBE_SECRET_ID"])["SecretString"])
+    session = requests.Session()
+    token = _ims_token(session.post, secret)  # once: even the naive baseline caches its token
+    space, tag = spec["space"], uuid.uuid4().hex[:8]
+
+    def one(i: int) -> None:
+        body = interact_body(f"{tag}-{spec['kind']}-{i}", i % BATCH, space)
+        if naive:
+            secret_now = json.loads(sm.get_secret_value(SecretId=os.environ["ADOBE_SECRET_ID"])["SecretString"])
+            post: Callable[..., Any] = requests.post  # a new connection per event
+        else:
+            secret_now, post = secret, session.post
+        resp = post(
+            url,
+            params={"datastreamId": os.environ["DATASTREAM_ID"], "requestId": str(uuid.uuid4())},
+            data=json.dumps(body, separators=(",", ":")).encode(),
+            headers=_edge_headers(token, secret_now),
+            timeout=(3, 10),
+        )
+        answer = resp.json()
+        ddb.put_item(
+            TableName=table,
+            Item={
+                "pk": {"S": f"EVENT#{body['event']['xdm']['_id']}"},
+                "sk": {"S": "RESULT"},
+                "status": {"S": "delivered" if resp.status_code == 200 else "rejected"},
+                "handle": {"S": json.dumps(answer.get("handle", []), separators=(",", ":"))},
+            },
+        )
+
+    for i in range(spec.get("warm", 5)):
+        one(-1 - i)
+    n = spec["events"]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for i in range(n):
+        one(i)
+    return {"phases": {"run": {"cpu": time.process_time() - cpu0, "walls": [time.perf_counter() - t0], "events": n}}}
+
+
+def worker_main(kind: str, spec_json: str, out_path: str) -> int:
+    import resource
+
+    spec = json.loads(spec_json)
+    spec["kind"] = kind
+    result = _relay_worker(spec) if kind == "relay" else _simple_worker(spec)
+    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out_path).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+# ============================================================================================ cold start
+
+COLD_RELAY = """
+import sys, time, json
+from relay.handler import lambda_handler
+class Context:
+    def get_remaining_time_in_millis(self):
+        return 30000
+r = lambda_handler(json.loads(sys.argv[1]), Context())
+t = time.time()
+assert not r["batchItemFailures"], r
+print("BENCH", t, file=sys.stderr)
+"""
+
+# The floor: only boto3 and requests, the clients an SQS event needs, and the same first calls.
+COLD_FLOOR = """
+import sys, time, os, json, uuid
+import boto3, requests
+ddb = boto3.client("dynamodb"); sm = boto3.client("secretsmanager")
+s = requests.Session()
+secret = json.loads(sm.get_secret_value(SecretId=os.environ["ADOBE_SECRET_ID"])["SecretString"])
+tok = s.post(os.environ["IMS_TOKEN_URL"], data={"grant_type": "client_credentials", "client_id": secret["clientId"],
+    "client_secret": secret["clientSecret"], "scope": secret["scopes"]}, timeout=10).json()["access_token"]
+body = {"event": {"xdm": {"_id": sys.argv[1], "eventType": "web.webpagedetails.pageViews", "identityMap": {"ECID":
+    [{"id": "%06d%032d" % (int(sys.argv[2]), 0), "primary": True}]}, "timestamp": "2026-01-01T00:00:30.000Z"}}}
+r = s.post(os.environ["EDGE_BASE_URL"] + "/ee/v2/interact", params={"datastreamId": os.environ["DATASTREAM_ID"]},
+    data=json.dumps(body), headers={"Content-Type": "application/json", "Authorization": "Bearer " + tok,
+    "x-api-key": secret["clientId"], "x-gw-ims-org-id": secret["orgId"]}, timeout=10)
+ddb.put_item(TableName=os.environ["HANDLES_TABLE"], Item={"pk": {"S": "EVENT#" + sys.argv[1]}, "sk": {"S": "RESULT"},
+    "handle": {"S": json.dumps(r.json()["handle"])}})
+t = time.time()
+print("BENCH", t, file=sys.stderr)
+"""
+
+
+def cold_start(env: Mapping[str, str], code: str, space: int, *, importtime: bool = False) -> tuple[float, str]:
+    """Seconds from spawning ``python`` to the first event handled; stderr (for -X importtime)."""
+    event_id = uuid.uuid4().hex
+    arg = json.dumps(sqs_batch(event_id, 1, range(1), space)) if code is COLD_RELAY else event_id
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", code, arg, str(space)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=dict(env), cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    match = re.search(r"^BENCH ([0-9.]+)$", proc.stderr, re.M)
+    if proc.returncode != 0 or not match:
+        raise RuntimeError(f"cold start child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return float(match.group(1)) - t0, proc.stderr
+
+
+def import_offenders(relay_err: str, floor_err: str, top: int = 8) -> list[tuple[str, float]]:
+    """Top-level packages the relay imports and the floor does not, by cumulative import time (ms)."""
+
+    def parse(text: str) -> dict[str, float]:
+        tops: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+            if m and len(m.group(3)) == 1:  # an import not nested in another one
+                name = m.group(4)
+                tops[name] = tops.get(name, 0) + int(m.group(2)) / 1000
+        return tops
+
+    def parse_all(text: str) -> dict[str, float]:
+        mods: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+            if m:
+                mods[m.group(4)] = int(m.group(2)) / 1000
+        return mods
+
+    floor_mods = parse_all(floor_err)
+    relay_mods = parse_all(relay_err)
+    # Biggest modules (cumulative) the floor never loads, excluding ones nested inside another listed one.
+    extra = {m: t for m, t in relay_mods.items() if m not in floor_mods and not m.startswith("relay")}
+    chosen: list[tuple[str, float]] = []
+    for mod, t in sorted(extra.items(), key=lambda kv: -kv[1]):
+        if any(mod.startswith(c + ".") for c, _ in chosen):
+            continue
+        chosen.append((mod, t))
+        if len(chosen) >= top:
+            break
+    del parse
+    return chosen
+
+
+# ============================================================================================ orchestration
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.space = int(time.time()) % 900_000  # identities of this run are new to the simulator and the table
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {**os.environ, **self.stack_env, **overrides}
+        env["PYTHONPATH"] = os.pathsep.join([str(FUNCTION_DIR), str(ROOT)])
+        env.setdefault("PYTHONHASHSEED", "0")
+        return env
+
+    def worker(self, kind: str, spec: dict[str, Any], **env: str) -> dict[str, Any]:
+        out = self.tmp / f"{uuid.uuid4().hex}.json"
+        spec = {"space": self.space, **spec}
+        cmd = [sys.executable, "-m", "devtools.bench", "--worker", kind, "--spec", json.dumps(spec), "--out", str(out)]
+        proc = subprocess.run(
+            cmd, env=self.env(**env), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            timeout=600, check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} worker failed: {proc.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+        return result
+
+    def run(self) -> int:
+        from devtools.stack import LocalStack
+
+        reps = 1 if self.quick else 3
+        log = lambda msg: print(f"# {msg}", file=sys.stderr, flush=True)  # noqa: E731
+        with LocalStack() as stack:
+            self.stack_env = stack.env
+            # The deployed log level; the worker's stdout (logs, EMF metrics) goes to /dev/null.
+            self.stack_env["POWERTOOLS_LOG_LEVEL"] = "INFO"
+            sim = stack.sim
+            conc = int(self.stack_env.get("BATCH_CONCURRENCY", "16"))
+            ideal = conc / EDGE_LATENCY
+            r: dict[str, Any] = {"conc": conc, "ideal": ideal}
+
+            # 1. throughput (Edge answers after 50 ms), relay and naive interleaved.
+            sim.set_latency(EDGE_LATENCY)
+            tp_batches = 3 if self.quick else 6
+            relay_rates, naive_rates, durations, rss = [], [], [], []
+            for i in range(reps):
+                log(f"throughput {i + 1}/{reps}")
+                w = self.worker("relay", {"phases": [["warm", 1], ["tp", tp_batches]]})
+                ph = w["phases"]["tp"]
+                assert ph["failures"] == 0, ph
+                relay_rates.append(ph["events"] / sum(ph["walls"]))
+                durations.append(statistics.median(ph["walls"]) / BATCH)
+                rss.append(w["maxrss_mb"])
+                n = self.worker("naive", {"events": 30 if self.quick else 60, "warm": 3})["phases"]["run"]
+                naive_rates.append(n["events"] / n["walls"][0])
+            r["tp"], r["naive"] = statistics.median(relay_rates), statistics.median(naive_rates)
+            r["dur"], r["rss"] = statistics.median(durations), max(rss)
+            r["naive_dur"] = 1 / r["naive"]
+
+            # 2. CPU per event (Edge answers at once), relay (pool 16 and pool 1) and floor interleaved.
+            sim.set_latency(0)
+            cpu_batches = 3 if self.quick else 5
+            relay_cpu, relay1_cpu, floor_cpu, floor_rss = [], [], [], []
+            for i in range(reps + (0 if self.quick else 2)):
+                log(f"cpu {i + 1}")
+                ph = self.worker("relay", {"phases": [["warm", 1], ["cpu", cpu_batches]]})["phases"]["cpu"]
+                relay_cpu.append(ph["cpu"] / ph["events"])
+                ph = self.worker("relay", {"phases": [["warm", 1], ["cpu", cpu_batches]]}, BATCH_CONCURRENCY="1")
+                relay1_cpu.append(ph["phases"]["cpu"]["cpu"] / ph["phases"]["cpu"]["events"])
+                f = self.worker("floor", {"events": cpu_batches * BATCH, "warm": 20})
+                floor_cpu.append(f["phases"]["run"]["cpu"] / f["phases"]["run"]["events"])
+                floor_rss.append(f["maxrss_mb"])
+            r["cpu"], r["cpu1"] = statistics.median(relay_cpu), statistics.median(relay1_cpu)
+            r["floor_cpu"], r["floor_rss"] = statistics.median(floor_cpu), max(floor_rss)
+
+            # 3. cold start, interleaved, median of >= 5 each.
+            cold_n = 3 if self.quick else 7
+            relay_cold, floor_cold = [], []
+            env = self.env()
+            cold_start(env, COLD_FLOOR, self.space)  # page cache warm for both
+            for i in range(cold_n):
+                log(f"cold start {i + 1}/{cold_n}")
+                relay_cold.append(cold_start(env, COLD_RELAY, self.space)[0])
+                floor_cold.append(cold_start(env, COLD_FLOOR, self.space)[0])
+            r["cold"], r["floor_cold"] = statistics.median(relay_cold), statistics.median(floor_cold)
+            _, relay_imports = cold_start(env, COLD_RELAY, self.space, importtime=True)
+            _, floor_imports = cold_start(env, COLD_FLOOR, self.space, importtime=True)
+            r["offenders"] = import_offenders(relay_imports, floor_imports)
+
+            # 4. DynamoDB, Secrets Manager and IMS calls, through the counting proxy.
+            log("counts")
+            proxy = CountingProxy(stack.moto.url).start()
+            try:
+                ims0 = sim.stats()["ims_requests"]
+                space_before, self.space = self.space, self.space + 1  # identities never seen before
+                w = self.worker(
+                    "relay",
+                    {"phases": [["first", 1], ["returning", 2 if self.quick else 4]], "counts_url": proxy.url},
+                    AWS_ENDPOINT_URL_DYNAMODB=proxy.url,
+                    AWS_ENDPOINT_URL_SECRETSMANAGER=proxy.url,
+                )
+                self.space = space_before
+                r["ims"] = sim.stats()["ims_requests"] - ims0
+            finally:
+                proxy.stop()
+            ph = w["phases"]
+            total = sum(p["events"] for p in ph.values())
+            all_counts: dict[str, float] = {}
+            for p in ph.values():
+                assert p["failures"] == 0, p
+                for k, v in p["counts"].items():
+                    all_counts[k] = all_counts.get(k, 0) + v
+            r["events_counted"] = total
+            for name in ("first", "returning"):
+                c, n = ph[name]["counts"], ph[name]["events"]
+                r[f"w_{name}"] = c.get("ddb.write_requests", 0) / n
+                r[f"wcu_{name}"] = c.get("ddb.wcu", 0) / n
+                r[f"rru_{name}"] = c.get("ddb.rru", 0) / n
+                r[f"failed_{name}"] = c.get("ddb.failed_writes", 0) / n
+            r["secrets"] = all_counts.get("secretsmanager.GetSecretValue", 0) / total * 1000
+            r["naive_secrets"] = 1000.0  # one read per event, by construction (+ its start-up read)
+            r["ims_per_k"] = r["ims"] / total * 1000
+        self.print_table(r)
+        return 0
+
+    # ---------------------------------------------------------------------------------------- report
+
+    def cost_per_million(self, duration_s: float, memory_mb: int, wru: float, rru: float, secrets_per_k: float) -> float:
+        lam = duration_s * memory_mb / 1024 * LAMBDA_ARM_GB_S + LAMBDA_REQUEST / BATCH
+        return 1e6 * (lam + wru * DDB_WRU + rru * DDB_RRU + SQS_REQUESTS_PER_EVENT * SQS_REQUEST
+                      + secrets_per_k / 1000 * SECRETS_CALL)
+
+    def print_table(self, r: dict[str, Any]) -> None:
+        rows: list[tuple[str, str, str, str, str, str]] = []
+
+        def row(measure: str, relay: float, base: float | None, fmt: str, target: str, ok: bool | None,
+                ratio: float | None = None) -> None:
+            if ratio is None and base:
+                ratio = relay / base
+            rows.append((
+                measure,
+                format(relay, fmt),
+                "-" if base is None else format(base, fmt),
+                "-" if ratio is None else f"{ratio:.2f}",
+                target,
+                "-" if ok is None else ("PASS" if ok else "FAIL"),
+            ))
+
+        ideal_ratio = r["tp"] / r["ideal"]
+        row(f"throughput, events/s vs ideal ({r['conc']} in flight / 50 ms)", r["tp"], r["ideal"], ".0f",
+            ">= 0.80", ideal_ratio >= 0.80)
+        row("throughput, events/s vs naive (sequential, new conn + secret read)", r["tp"], r["naive"], ".1f",
+            ">= 10", r["tp"] / r["naive"] >= 10)
+        cpu_ratio = r["cpu"] / r["floor_cpu"]
+        row("CPU ms/event, Edge at once (pool 16) vs floor POST+put_item", r["cpu"] * 1e3, r["floor_cpu"] * 1e3,
+            ".2f", "<= 1.5", cpu_ratio <= 1.5)
+        row("  context: CPU ms/event with BATCH_CONCURRENCY=1", r["cpu1"] * 1e3, r["floor_cpu"] * 1e3, ".2f", "-",
+            None)
+        row("cold start to first event handled, ms vs floor", r["cold"] * 1e3, r["floor_cold"] * 1e3, ".0f",
+            "<= 1.3", r["cold"] / r["floor_cold"] <= 1.3)
+        row("DynamoDB write requests/event, returning identity", r["w_returning"], None, ".2f", "<= 2",
+            r["w_returning"] <= 2)
+        row("DynamoDB write requests/event, first-seen identity", r["w_first"], None, ".2f", "<= 2",
+            r["w_first"] <= 2)
+        row("DynamoDB WCU/event, returning (1 per write = small items)", r["wcu_returning"], r["w_returning"], ".2f",
+            "= 1.00", r["wcu_returning"] <= r["w_returning"] + 1e-9)
+        row("DynamoDB WCU/event, first-seen", r["wcu_first"], r["w_first"], ".2f", "= 1.00",
+            r["wcu_first"] <= r["w_first"] + 1e-9)
+        row("  context: DynamoDB RRU/event, returning | first-seen", r["rru_returning"], r["rru_first"], ".2f", "-",
+            None)
+        row(f"Secrets Manager reads / 1,000 events ({r['events_counted']} events, one cold start)", r["secrets"],
+            r["naive_secrets"], ".2f", "-", None)
+        row("IMS token requests / 1,000 events", r["ims_per_k"], None, ".2f", "-", None)
+        row("peak memory of the handler process, MB (vs floor)", r["rss"], r["floor_rss"], ".0f", "< 512",
+            r["rss"] < 512)
+        row("Lambda duration/event, ms (batch wall / 100, Edge 50 ms)", r["dur"] * 1e3, r["naive_dur"] * 1e3,
+            ".2f", "-", None)
+        wru = r["wcu_returning"]
+        rru = r["rru_returning"]
+        relay_cost = self.cost_per_million(r["dur"], 512, wru, rru, r["secrets"])
+        naive_cost = self.cost_per_million(r["naive_dur"], 512, 1, 0, 1000) - 1e6 * LAMBDA_REQUEST / BATCH * 0
+        row("cost $/million events, arm64 512 MB (Lambda+DDB+SQS+Secrets)", relay_cost, naive_cost, ".2f", "-",
+            None)
+        # The memory the CPU numbers call for: enough vCPU share to keep `conc` calls in flight.
+        cpu_needed = r["cpu"] * r["ideal"]  # vCPU-seconds per second at the ideal rate
+        knee_mb = int(math.ceil(cpu_needed * LAMBDA_MB_PER_VCPU / 64) * 64)
+        rows.append(("  context: memory where CPU stops bounding throughput (local CPU)", f"{knee_mb}", "512",
+                     f"{knee_mb / 512:.2f}", "-", "-"))
+
+        header = ("measure", "relay", "baseline/floor", "ratio", "target", "pass")
+        widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+        print("  ".join(h.ljust(widths[i]) for i, h in enumerate(header)).rstrip())
+        print("  ".join("-" * w for w in widths))
+        for x in rows:
+            print("  ".join(c.ljust(widths[i]) for i, c in enumerate(x)).rstrip())
+        print()
+        print("cold start, imports the floor does not need (cumulative ms, one -X importtime run):")
+        for mod, ms in r["offenders"]:
+            print(f"  {ms:7.1f}  {mod}")
+        print(
+            f"\n{'quick' if self.quick else 'full'} run; medians of interleaved relay/baseline workers. "
+            f"CPU: {self.cpu_model()}, {os.cpu_count()} cores shared."
+        )
+
+    @staticmethod
+    def cpu_model() -> str:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer batches and repetitions (about a minute)")
+    parser.add_argument("--worker", choices=("relay", "naive", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.spec, args.out)
+    from devtools.stack import stop_on_sigterm
+
+    stop_on_sigterm()
+    return Bench(args.quick).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""SQS batches end to end (issue 2, item 2; contract §8-§9): the real handler over loopback HTTP against moto server and
+the Edge simulator. Nothing patches `requests` or boto3; Edge faults come from the simulator's own fault rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from relay.models import iso_millis
+from relay.runtime import Runtime
+from relay.settings import load_settings
+
+from devtools.edge_sim import ERROR_TYPE_BASE, encode_identity_state, new_ecid, org_cookie_prefix
+from devtools.lambda_context import new_context
+from devtools.stack import DATASTREAM_ID, LocalStack
+
+pytestmark = pytest.mark.integration
+
+FIXTURES = Path("/work/shared/fixtures/edge-responses")
+INVALID_EVENT_TYPE = "https://github.com/interact-relay/errors/invalid-event"
+THIRTY_DAYS = 30 * 86400
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def new_runtime(**overrides: str) -> Runtime:
+    """A fresh execution environment built from the stack's environment (plus overrides)."""
+    return Runtime(load_settings({**os.environ, **overrides}))
+
+
+def interact_event(event_id: str | None = None, *, ecid: str | None = None) -> dict[str, Any]:
+    xdm: dict[str, Any] = {
+        "eventType": "web.webpagedetails.pageViews",
+        "identityMap": {"ECID": [{"id": ecid or new_ecid(), "primary": True}]},
+        "web": {"webPageDetails": {"name": "Home"}},
+        "timestamp": "2026-01-01T00:00:00.000Z",
+    }
+    if event_id is not None:
+        xdm["_id"] = event_id
+    return {"event": {"xdm": xdm}}
+
+
+def with_id(doc: dict[str, Any], event_id: str) -> dict[str, Any]:
+    """`doc` as the relay sends it: `xdm._id` set to the eventId."""
+    return {**doc, "event": {**doc["event"], "xdm": {**doc["event"]["xdm"], "_id": event_id}}}
+
+
+def sqs_record(stack: LocalStack, body: str, *, message_id: str | None = None, sent_ms: int | None = None) -> dict:
+    """One record exactly as the SQS event source mapping hands it to the function."""
+    mid = message_id or str(uuid.uuid4())
+    return {
+        "messageId": mid,
+        "receiptHandle": f"rh-{mid}",
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": str(sent_ms if sent_ms is not None else int(time.time() * 1000)),
+            "SenderId": "AIDAEXAMPLE",
+            "ApproximateFirstReceiveTimestamp": str(int(time.time() * 1000)),
+        },
+        "messageAttributes": {},
+        "md5OfBody": "0" * 32,
+        "eventSource": "aws:sqs",
+        "eventSourceARN": stack.resources.queue_arn,
+        "awsRegion": stack.region,
+    }
+
+
+def edge_requests(stack: LocalStack, event_id: str) -> list[dict[str, Any]]:
+    return [r for r in stack.sim.requests_log() if r["path"].endswith("/interact") and r["xdm_id"] == event_id]
+
+
+def timeless(item: dict[str, Any] | None) -> dict[str, Any]:
+    """The stored item without its clock-dependent attributes, after checking their shape."""
+    assert item is not None
+    out = dict(item)
+    stored = out.pop("storedAt")
+    assert len(stored) == 24 and stored.endswith("Z"), stored
+    assert abs(out.pop("expiresAt") - (time.time() + THIRTY_DAYS)) < 120
+    out.pop("updatedAt", None)  # written by the claim
+    return out
+
+
+def simulator_handle(stack: LocalStack, ecid: str) -> list[dict[str, Any]]:
+    """What the simulator answers for a first event of `ecid` (no identity fetch, no personalization)."""
+    prefix = org_cookie_prefix(stack.sim.org_id)
+    return [
+        {
+            "type": "locationHint:result",
+            "payload": [
+                {"scope": "Target", "hint": "35", "ttlSeconds": 1800},
+                {"scope": "AAM", "hint": "9", "ttlSeconds": 1800},
+                {"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800},
+            ],
+        },
+        {
+            "type": "state:store",
+            "payload": [
+                {"key": prefix + "_identity", "value": encode_identity_state(ecid), "maxAge": 34128000},
+                {"key": prefix + "_cluster", "value": "or2", "maxAge": 1800},
+            ],
+        },
+    ]
+
+
+def assert_edge_headers(stack: LocalStack, request: dict[str, Any]) -> None:
+    headers = request["headers"]
+    scheme, _, token = headers["authorization"].partition(" ")
+    assert (scheme, bool(token)) == ("Bearer", True)
+    assert headers["x-api-key"] == stack.sim.client_id
+    assert headers["x-gw-ims-org-id"] == stack.sim.org_id
+    assert headers["content-type"] == "application/json"
+    assert request["query"]["datastreamId"] == DATASTREAM_ID
+
+
+# ---------------------------------------------------------------------------------------------------------- tests
+
+
+def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a batch: three valid events (a plain answer, a fixture answer, a 207 with errors), a body that is not
+    # JSON, JSON that is not an event, one Edge rejects with 400, and one Edge answers 503 every time
+    ecids = [new_ecid() for _ in range(3)]
+    ids = [f"evt-{uuid.uuid4()}" for _ in range(3)]
+    valid = [interact_event(ids[i], ecid=ecids[i]) for i in range(3)]
+    rejected_id = f"evt-{uuid.uuid4()}"
+    rejected_doc = interact_event(rejected_id)
+    unavailable_doc = interact_event()  # no xdm._id: the relay sets it to the messageId
+    unavailable_mid = str(uuid.uuid4())
+    stack.sim.add_fault(match_id=ids[1], fixture="send-event-with-identity.json")
+    partial_error = {"type": ERROR_TYPE_BASE + "EXEG-0201-503", "status": 503, "title": "Target unavailable"}
+    stack.sim.add_fault(match_id=ids[2], status=207, errors=[partial_error])
+    stack.sim.add_fault(match_id=rejected_id, status=400)
+    stack.sim.add_fault(match_id=unavailable_mid, status=503, retry_after=0)
+    sent_ms = int(time.time() * 1000) - 5000
+    records = [
+        sqs_record(stack, json.dumps(valid[0])),
+        sqs_record(stack, "this is {not json"),
+        sqs_record(stack, json.dumps(valid[1])),
+        sqs_record(stack, json.dumps({"event": {"xdm": []}, "query": "x"})),
+        sqs_record(stack, json.dumps(rejected_doc)),
+        sqs_record(stack, json.dumps(unavailable_doc), message_id=unavailable_mid, sent_ms=sent_ms),
+        sqs_record(stack, json.dumps(valid[2])),
+    ]
+    not_json_mid, not_event_mid = records[1]["messageId"], records[3]["messageId"]
+
+    # WHEN the function gets the batch
+    answer = new_runtime().handle({"Records": records}, new_context(30))
+
+    # THEN only the 503 record is to be redelivered
+    assert answer == {"batchItemFailures": [{"itemIdentifier": unavailable_mid}]}
+
+    # AND the simulator got one call per valid or Edge-rejected event, with the Edge headers and the body as sent
+    for event_id, doc in [*zip(ids, valid, strict=True), (rejected_id, rejected_doc)]:
+        calls = edge_requests(stack, event_id)
+        assert len(calls) == 1, event_id
+        assert_edge_headers(stack, calls[0])
+        assert calls[0]["body"] == doc
+    # AND the 503 event was tried 5 times (EDGE_MAX_ATTEMPTS), always with the same body and xdm._id (= messageId)
+    calls = edge_requests(stack, unavailable_mid)
+    assert [c["status"] for c in calls] == [503] * 5
+    expected_body = with_id(unavailable_doc, unavailable_mid)
+    assert all(c["body"] == expected_body for c in calls)
+    for call in calls:
+        assert_edge_headers(stack, call)
+    # AND no Edge call was made for the two invalid bodies
+    assert len([r for r in stack.sim.requests_log() if r["path"].endswith("/interact")]) == 4 + 5
+
+    # AND the delivered items hold exactly the handles the simulator returned
+    rid = {event_id: edge_requests(stack, event_id)[0]["request_id"] for event_id in [*ids, rejected_id]}
+    fixture = json.loads((FIXTURES / "send-event-with-identity.json").read_text())
+    base = {"pk": "", "sk": "RESULT", "status": "delivered", "datastreamId": DATASTREAM_ID, "source": "sqs"}
+    assert timeless(stack.result_item(ids[0])) == {
+        **base,
+        "pk": f"EVENT#{ids[0]}",
+        "eventId": ids[0],
+        "requestId": rid[ids[0]],
+        "handle": simulator_handle(stack, ecids[0]),
+        "attempts": 1,
+    }
+    assert timeless(stack.result_item(ids[1])) == {
+        **base,
+        "pk": f"EVENT#{ids[1]}",
+        "eventId": ids[1],
+        "requestId": fixture["requestId"],
+        "handle": fixture["handle"],
+        "attempts": 1,
+    }
+    assert timeless(stack.result_item(ids[2])) == {
+        **base,
+        "pk": f"EVENT#{ids[2]}",
+        "eventId": ids[2],
+        "requestId": rid[ids[2]],
+        "handle": simulator_handle(stack, ecids[2]),
+        "errors": [partial_error],
+        "attempts": 1,
+    }
+    # AND the Edge rejection is stored with Edge's problem and the request as sent
+    assert timeless(stack.result_item(rejected_id)) == {
+        "pk": f"EVENT#{rejected_id}",
+        "sk": "RESULT",
+        "eventId": rejected_id,
+        "status": "rejected",
+        "datastreamId": DATASTREAM_ID,
+        "source": "sqs",
+        "requestId": rid[rejected_id],
+        "error": {
+            "type": ERROR_TYPE_BASE + "EXEG-0102-400",
+            "status": 400,
+            "title": "Invalid request",
+            "detail": "The request failed validation.",
+            "report": {"requestId": rid[rejected_id]},
+        },
+        "request": rejected_doc,
+        "attempts": 1,
+    }
+    # AND the invalid bodies are stored rejected (eventId = messageId) with their field paths and the raw body
+    assert timeless(stack.result_item(not_json_mid)) == {
+        "pk": f"EVENT#{not_json_mid}",
+        "sk": "RESULT",
+        "eventId": not_json_mid,
+        "status": "rejected",
+        "datastreamId": DATASTREAM_ID,
+        "source": "sqs",
+        "error": {
+            "type": INVALID_EVENT_TYPE,
+            "title": "Invalid event",
+            "status": 400,
+            "errors": [{"path": "$", "message": "body is not JSON: Expecting value at line 1 column 1"}],
+        },
+        "request": "this is {not json",
+    }
+    assert timeless(stack.result_item(not_event_mid)) == {
+        "pk": f"EVENT#{not_event_mid}",
+        "sk": "RESULT",
+        "eventId": not_event_mid,
+        "status": "rejected",
+        "datastreamId": DATASTREAM_ID,
+        "source": "sqs",
+        "error": {
+            "type": INVALID_EVENT_TYPE,
+            "title": "Invalid event",
+            "status": 400,
+            "errors": [
+                {"path": "event.xdm", "message": "must be an object, not array"},
+                {"path": "query", "message": "must be an object, not string"},
+            ],
+        },
+        "request": json.dumps({"event": {"xdm": []}, "query": "x"}),
+    }
+    # AND the 503 event is released for redelivery (no outcome stored yet), with the reason
+    queued = stack.result_item(unavailable_mid)
+    assert queued is not None
+    assert abs(queued.pop("expiresAt") - (time.time() + THIRTY_DAYS)) < 120
+    assert queued.pop("updatedAt").endswith("Z")
+    assert queued == {
+        "pk": f"EVENT#{unavailable_mid}",
+        "sk": "RESULT",
+        "eventId": unavailable_mid,
+        "status": "queued",
+        "datastreamId": DATASTREAM_ID,
+        "source": "sqs",
+        "attempts": 1,
+        "lastError": "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503",
+    }
+
+
+def send(stack: LocalStack, body: str) -> str:
+    return stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=body)["MessageId"]
+
+
+def dlq_messages(stack: LocalStack) -> list[dict[str, Any]]:
+    return stack.sqs.receive_message(
+        QueueUrl=stack.resources.dlq_url, MaxNumberOfMessages=10, AttributeNames=["All"], WaitTimeSeconds=0
+    ).get("Messages", [])
+
+
+def test_poller_redelivers_the_503_record_until_the_dead_letter_queue(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a valid event, a body that is not JSON, one Edge rejects with 422 and one Edge answers 503 every time
+    # (no xdm._id and no xdm.timestamp: the relay fills both in, from the messageId and SentTimestamp)
+    ok_id, rejected_id = f"evt-{uuid.uuid4()}", f"evt-{uuid.uuid4()}"
+    ok_mid = send(stack, json.dumps(interact_event(ok_id)))
+    bad_mid = send(stack, "{truncated")
+    rejected_mid = send(stack, json.dumps(interact_event(rejected_id)))
+    doc = interact_event()
+    del doc["event"]["xdm"]["timestamp"]
+    unavailable_mid = send(stack, json.dumps(doc))
+    stack.sim.add_fault(match_id=rejected_id, status=422)
+    stack.sim.add_fault(match_id=unavailable_mid, status=503, retry_after=0)
+    max_receive = stack.resources.max_receive_count
+    assert max_receive == 5
+
+    # WHEN the event source mapping stand-in polls until the queue is empty (failed records reappear after 1 s)
+    poller = stack.poller(new_runtime().handle, batching_window=0)
+    poller.drain(timeout=40, raise_on_timeout=True)
+
+    # THEN the first invocation acknowledged everything but the 503 record, which came back max_receive times
+    first, *rest = poller.history
+    assert sorted(first.message_ids) == sorted([ok_mid, bad_mid, rejected_mid, unavailable_mid])
+    assert (sorted(first.deleted), first.failed) == (sorted([ok_mid, bad_mid, rejected_mid]), [unavailable_mid])
+    assert [(o.message_ids, o.deleted, o.failed) for o in rest] == [([unavailable_mid], [], [unavailable_mid])] * (
+        max_receive - 1
+    )
+    # AND it is now in the dead-letter queue, unchanged, and nothing is left in the queue
+    dead = dlq_messages(stack)
+    assert [(m["MessageId"], m["Body"]) for m in dead] == [(unavailable_mid, json.dumps(doc))]
+    assert poller.pending() == 0
+    # AND Edge saw 5 attempts per receive, every one the same request: xdm._id = messageId, timestamp = SentTimestamp
+    calls = edge_requests(stack, unavailable_mid)
+    assert [c["status"] for c in calls] == [503] * 5 * max_receive
+    sent_ts = int(dead[0]["Attributes"]["SentTimestamp"]) / 1000
+
+
+    xdm = {**doc["event"]["xdm"], "_id": unavailable_mid, "timestamp": iso_millis(sent_ts)}
+    assert all(c["body"] == {"event": {"xdm": xdm}} for c in calls)
+    # AND the others ended as they should, each with exactly one Edge call
+    assert stack.result_item(ok_id)["status"] == "delivered"
+    assert stack.result_item(bad_mid)["status"] == "rejected"
+    rejected = stack.result_item(rejected_id)
+    assert (rejected["status"], rejected["error"]["status"], rejected["error"]["title"]) == (
+        "rejected",
+        422,
+        "Unprocessable entity",
+    )
+    assert [len(edge_requests(stack, i)) for i in (ok_id, rejected_id)] == [1, 1]
+    # AND the dead-lettered event's result says it is waiting for a retry, with the last reason
+    item = stack.result_item(unavailable_mid)
+    assert (item["status"], item["attempts"], item["lastError"]) == (
+        "queued",
+        max_receive,
+        "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503",
+    )
+
+
+SUCCESS_FIXTURES = [
+    "send-event.json",
+    "send-event-with-identity.json",
+    "personalization-view.json",
+    "personalization-form-based.json",
+]
+
+
+@pytest.mark.parametrize("status", [200, 207])
+@pytest.mark.parametrize("fixture", SUCCESS_FIXTURES)
+def test_fixture_answer_is_stored_exactly_as_edge_returned_it(clean_stack: LocalStack, fixture: str, status: int):
+    stack = clean_stack
+    # GIVEN Edge answers with one of Adobe's captured response bodies (as a 207, with an error added)
+    answer = json.loads((FIXTURES / fixture).read_text())
+    event_id = f"evt-{uuid.uuid4()}"
+    if status == 200:
+        stack.sim.add_fault(match_id=event_id, fixture=fixture)
+    else:
+        answer["errors"] = [
+            {
+                "type": ERROR_TYPE_BASE + "EXEG-0201-503",
+                "status": 503,
+                "title": "The service is temporarily unable to serve this request. Please try again later.",
+                "report": {"eventIndex": 0},
+            }
+        ]
+        stack.sim.add_fault(match_id=event_id, status=207, body=json.dumps(answer), content_type="application/json")
+    send(stack, json.dumps(interact_event(event_id)))
+
+    # WHEN the poller delivers it
+    poller = stack.poller(new_runtime().handle, batching_window=0)
+    poller.drain(timeout=20, raise_on_timeout=True)
+
+    # THEN the stored handle array is the fixture's, unchanged, and a 207's errors are stored too
+    assert [o.failed for o in poller.history] == [[]]
+    stored = timeless(stack.result_item(event_id))
+    expected = {
+        "pk": f"EVENT#{event_id}",
+        "sk": "RESULT",
+        "eventId": event_id,
+        "status": "delivered",
+        "datastreamId": DATASTREAM_ID,
+        "source": "sqs",
+        "requestId": answer["requestId"],
+        "handle": json.loads((FIXTURES / fixture).read_text())["handle"],
+        "attempts": 1,
+    }
+    if status == 207:
+        expected["errors"] = answer["errors"]
+    assert stored == expected
+    assert [c["status"] for c in edge_requests(stack, event_id)] == [status]

@@ -1,0 +1,505 @@
+"""relay.integrations.edge.EdgeClient.deliver: Adobe's retry rules within a deadline, on a fake session and clock."""
+
+from __future__ import annotations
+
+import json
+import random
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+import requests
+from relay.clock import Deadline
+from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
+from relay.integrations.edge import EdgeClient, problem_from
+from relay.integrations.ims import AccessToken
+from relay.settings import Settings, load_settings
+
+from tests.fakes import (
+    CREDS,
+    WALL_START,
+    FakeClock,
+    FakeSession,
+    FakeTokenProvider,
+    Scripted,
+    edge_problem,
+    make_response,
+)
+
+DATASTREAM = "ds-1"
+REQUEST = {"event": {"xdm": {"_id": "evt-1", "timestamp": "2023-11-14T22:13:20.000Z"}}}
+OK_BODY = {"requestId": "edge-req-1", "handle": [{"type": "identity:result", "payload": []}]}
+
+
+def settings(**overrides: str) -> Settings:
+    env = {
+        "HANDLES_TABLE": "t",
+        "DATASTREAM_ID": DATASTREAM,
+        "EDGE_AUTH": "none",
+        "WEBHOOK_AUTH": "none",
+        "EDGE_BASE_URL": "https://edge.adobedc.net",
+    }
+    return load_settings(env | overrides)
+
+
+def client(
+    session: FakeSession, clock: FakeClock, *, tokens: FakeTokenProvider | None = None, **env: str
+) -> EdgeClient:
+    return EdgeClient(session, settings(**env), tokens, clock, random.Random(42))  # type: ignore[arg-type]
+
+
+def ok(status: int = 200, body: dict[str, Any] | None = None) -> requests.Response:
+    return make_response(status, body if body is not None else OK_BODY)
+
+
+def retryable(status: int, retry_after: str | None = None) -> requests.Response:
+    headers = {"Retry-After": retry_after} if retry_after is not None else None
+    return make_response(status, {"type": f"https://ns.adobe.com/aep/errors/EXEG-0000-{status}"}, headers=headers)
+
+
+# -- success -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 207])
+def test_deliver_returns_200_and_207_with_attempt_count(status):
+    # GIVEN
+    clock = FakeClock()
+    body = {**OK_BODY, "errors": [{"type": "x", "status": 502}]} if status == 207 else OK_BODY
+    session = FakeSession([ok(status, body)])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert (answer.status, answer.body, answer.attempts, answer.request_id) == (status, body, 1, "edge-req-1")
+    assert len(session.calls) == 1
+    assert clock.sleeps == []
+
+
+def test_deliver_posts_the_request_body_and_query_params():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([ok()])
+
+    # WHEN
+    client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    call = session.calls[0]
+    assert call.url == "https://edge.adobedc.net/ee/v2/interact"
+    assert call.params is not None
+    assert call.params["datastreamId"] == "ds-1"
+    assert len(call.params["requestId"]) == 36
+    assert json.loads(call.data) == REQUEST
+    assert call.data == b'{"event":{"xdm":{"_id":"evt-1","timestamp":"2023-11-14T22:13:20.000Z"}}}'
+    assert call.headers == {"Content-Type": "application/json", "Accept": "application/json"}
+    assert call.timeout == (3.05, 5.0)
+
+
+def test_deliver_uses_the_hinted_url_when_a_hint_is_given():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([ok()])
+
+    # WHEN
+    client(session, clock).deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+
+    # THEN
+    assert session.calls[0].url == "https://edge.adobedc.net/ee/or2/v2/interact"
+
+
+def test_deliver_uses_the_subdomain_hint_template():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([ok()])
+    edge = client(
+        session,
+        clock,
+        EDGE_BASE_URL="https://server.adobedc.net",
+        EDGE_HINT_URL_TEMPLATE="https://{hint}.server.adobedc.net/ee/v2/interact",
+    )
+
+    # WHEN
+    edge.deliver(DATASTREAM, REQUEST, "va6", Deadline(clock, 10))
+
+    # THEN
+    assert session.calls[0].url == "https://va6.server.adobedc.net/ee/v2/interact"
+
+
+def test_deliver_sends_ims_headers_when_tokens_are_set():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([ok()])
+    tokens = FakeTokenProvider()
+
+    # WHEN
+    client(session, clock, tokens=tokens).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert session.calls[0].headers == {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "Authorization": "Bearer token-1",
+        "x-api-key": CREDS.client_id,
+        "x-gw-ims-org-id": CREDS.org_id,
+    }
+    assert tokens.refreshes == []
+
+
+def test_deliver_uses_a_fresh_request_id_each_attempt_and_the_same_body():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([retryable(503), retryable(502), ok()])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN
+    assert answer.attempts == 3
+    request_ids = [c.params["requestId"] for c in session.calls if c.params]
+    assert len(set(request_ids)) == 3
+    assert [c.params["datastreamId"] for c in session.calls if c.params] == ["ds-1", "ds-1", "ds-1"]
+    assert len({c.data for c in session.calls}) == 1
+
+
+# -- not retried ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (500, "EXEG-0001-500"),
+        (400, "EXEG-0003-400"),
+        (404, "EXEG-0000-404"),
+        (413, "EXEG-0112-413"),
+        (422, "EXEG-0104-422"),
+    ],
+)
+def test_deliver_raises_edge_rejected_after_one_call(status, code):
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([edge_problem(status, code, title="Nope", detail="because")])
+
+    # WHEN
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN
+    assert len(session.calls) == 1
+    assert clock.sleeps == []
+    assert info.value.status == status
+    assert info.value.problem == {
+        "type": f"https://ns.adobe.com/aep/errors/{code}",
+        "status": status,
+        "title": "Nope",
+        "detail": "because",
+        "report": {"requestId": f"req-{code}"},
+    }
+
+
+def test_deliver_wraps_a_non_json_gateway_error():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([make_response(500, text="<html>upstream broke</html>", reason="Internal Server Error")])
+
+    # WHEN
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN
+    assert info.value.problem == {
+        "type": "about:blank",
+        "status": 500,
+        "title": "Internal Server Error",
+        "detail": "<html>upstream broke</html>",
+    }
+
+
+def test_problem_from_truncates_detail_and_drops_unknown_fields():
+    # GIVEN
+    long_text = make_response(502, text="x" * 1000, reason="")
+    extra = make_response(400, {"type": "t", "title": "T", "secret": "s", "status": 400})
+
+    # WHEN / THEN
+    assert problem_from(long_text) == {"type": "about:blank", "status": 502, "title": "HTTP 502", "detail": "x" * 300}
+    assert problem_from(extra) == {"type": "t", "title": "T", "status": 400}
+
+
+# -- retried -------------------------------------------------------------------------------------------------------
+
+
+def test_deliver_429_waits_retry_after_seconds_then_succeeds():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([retryable(429, "2"), ok()])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert answer.attempts == 2
+    assert clock.sleeps == [2.0]
+
+
+def test_deliver_honours_an_http_date_retry_after():
+    # GIVEN a Retry-After 3 s after the fake wall clock
+    clock = FakeClock()
+    session = FakeSession([retryable(503, formatdate(clock.now() + 3, usegmt=True)), ok()])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert answer.attempts == 2
+    assert clock.sleeps == [3.0]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        retryable(502),
+        retryable(503),
+        retryable(504),
+        retryable(408),
+        requests.Timeout("read timed out"),
+        requests.ConnectionError("refused"),
+        make_response(200, text="not json"),
+    ],
+    ids=["502", "503", "504", "408", "timeout", "connection", "200-not-json"],
+)
+def test_deliver_retries_recoverable_failures_with_backoff(failure):
+    # GIVEN two failures then success
+    clock = FakeClock()
+    session = FakeSession([failure, failure, ok()])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN backoff waits are within the jitter bounds of attempts 1 and 2
+    assert answer.attempts == 3
+    assert len(session.calls) == 3
+    assert len(clock.sleeps) == 2
+    assert 0.1 <= clock.sleeps[0] <= 0.2
+    assert 0.2 <= clock.sleeps[1] <= 0.4
+
+
+def test_deliver_gives_up_after_edge_max_attempts():
+    # GIVEN Edge stays unavailable
+    clock = FakeClock()
+    session = FakeSession([retryable(503)] * 10)
+
+    # WHEN
+    with pytest.raises(EdgeUnavailable) as info:
+        client(session, clock, EDGE_MAX_ATTEMPTS="3").deliver(DATASTREAM, REQUEST, None, Deadline(clock, 60))
+
+    # THEN
+    assert len(session.calls) == 3
+    assert len(clock.sleeps) == 2
+    assert info.value.attempts == 3
+    assert info.value.reason == "edge answered 503 https://ns.adobe.com/aep/errors/EXEG-0000-503"
+    assert info.value.retry_after is None
+
+
+def test_deliver_gives_up_after_max_attempts_of_timeouts():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([requests.Timeout()] * 5)
+
+    # WHEN
+    with pytest.raises(EdgeUnavailable) as info:
+        client(session, clock, EDGE_MAX_ATTEMPTS="2").deliver(DATASTREAM, REQUEST, None, Deadline(clock, 60))
+
+    # THEN
+    assert len(session.calls) == 2
+    assert (info.value.reason, info.value.attempts) == ("edge call failed: Timeout", 2)
+
+
+def test_deliver_retry_after_beyond_the_deadline_raises_without_sleeping():
+    # GIVEN a 429 asking for 30 s with 10 s left
+    clock = FakeClock()
+    session = FakeSession([retryable(429, "30"), ok()])
+
+    # WHEN
+    with pytest.raises(EdgeUnavailable) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert len(session.calls) == 1
+    assert clock.sleeps == []
+    assert (info.value.retry_after, info.value.attempts) == (30.0, 1)
+
+
+def test_deliver_with_no_time_left_makes_no_call():
+    # GIVEN an exhausted deadline
+    clock = FakeClock()
+    session = FakeSession([ok()])
+
+    # WHEN
+    with pytest.raises(EdgeUnavailable) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 0.01))
+
+    # THEN
+    assert session.calls == []
+    assert (info.value.reason, info.value.attempts) == ("no time left for an attempt", 0)
+
+
+def test_deliver_never_waits_or_calls_past_the_deadline():
+    # GIVEN slow calls, timeouts that use their whole read timeout, and Retry-After waits, within 12 s
+    clock = FakeClock()
+    deadline = Deadline(clock, 12)
+    start = clock.monotonic()
+    session = FakeSession(
+        [
+            Scripted(retryable(503, "1"), elapsed=0.5),
+            Scripted(requests.Timeout(), elapsed=None),
+            Scripted(retryable(429, "2"), elapsed=0.4),
+            Scripted(requests.Timeout(), elapsed=None),
+            Scripted(retryable(502), elapsed=0.2),
+            Scripted(ok(), elapsed=0.1),
+        ],
+        clock=clock,
+        deadline=deadline,
+    )
+
+    # WHEN
+    with pytest.raises(EdgeUnavailable):
+        client(session, clock, EDGE_MAX_ATTEMPTS="10").deliver(DATASTREAM, REQUEST, None, deadline)
+
+    # THEN each call's timeouts fit in what was left, and waits plus calls stay within the deadline
+    for call in session.calls:
+        assert call.remaining is not None
+        connect, read = call.timeout
+        assert connect <= call.remaining
+        assert read <= call.remaining
+    assert sum(clock.sleeps) + sum(session.elapsed) <= 12.0 + 1e-9
+    assert clock.monotonic() - start <= 12.0 + 1e-9
+
+
+def test_deliver_connect_plus_read_timeout_fits_in_the_remaining_time():
+    # GIVEN the default webhook deadline of 5 s and default timeouts (3.05 s connect, 5 s read)
+    clock = FakeClock()
+    deadline = Deadline(clock, 5.0)
+    session = FakeSession([ok()], clock=clock, deadline=deadline)
+
+    # WHEN
+    client(session, clock).deliver(DATASTREAM, REQUEST, None, deadline)
+
+    # THEN the worst case of the one call (connect, then read) ends by the deadline
+    connect, read = session.calls[0].timeout
+    assert connect + read <= 5.0
+
+
+def test_deliver_later_attempts_get_shorter_timeouts():
+    # GIVEN 20 s at first, then 4 s left after a slow first failure
+    clock = FakeClock()
+    deadline = Deadline(clock, 20.0)
+    session = FakeSession(
+        [Scripted(retryable(503, "0"), elapsed=16.0), Scripted(ok(), elapsed=0.1)], clock=clock, deadline=deadline
+    )
+
+    # WHEN
+    client(session, clock).deliver(DATASTREAM, REQUEST, None, deadline)
+
+    # THEN the first call gets the configured timeouts, the second only what is left
+    assert session.calls[0].timeout == (3.05, 5.0)
+    assert session.calls[1].remaining == 4.0
+    connect, read = session.calls[1].timeout
+    assert connect <= 3.05
+    assert read <= 4.0
+    assert clock.sleeps == [0.0]
+
+
+# -- credentials ---------------------------------------------------------------------------------------------------
+
+
+def test_deliver_expired_token_refreshes_once_and_retries():
+    # GIVEN
+    clock = FakeClock()
+    tokens = FakeTokenProvider()
+    session = FakeSession([edge_problem(401, "EXEG-0503-401"), ok()])
+
+    # WHEN
+    answer = client(session, clock, tokens=tokens).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert answer.attempts == 2
+    assert tokens.refreshes == [
+        {"force_refresh": True, "stale": AccessToken("token-1", WALL_START + 3600, CREDS.client_id, CREDS.org_id)}
+    ]
+    assert [c.headers["Authorization"] for c in session.calls if c.headers] == ["Bearer token-1", "Bearer token-2"]
+    assert clock.sleeps == []
+
+
+def test_deliver_second_expired_token_is_not_refreshed_again():
+    # GIVEN
+    clock = FakeClock()
+    tokens = FakeTokenProvider()
+    session = FakeSession([edge_problem(401, "EXEG-0503-401"), edge_problem(401, "EXEG-0503-401"), ok()])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        client(session, clock, tokens=tokens).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert len(session.calls) == 2
+    assert len(tokens.refreshes) == 1
+    assert str(info.value) == "edge refused the credentials: https://ns.adobe.com/aep/errors/EXEG-0503-401"
+
+
+@pytest.mark.parametrize("code", ["EXEG-0500-401", "EXEG-0502-401", "EXEG-0505-401"])
+def test_deliver_other_401_raises_credentials_error_without_refresh(code):
+    # GIVEN
+    clock = FakeClock()
+    tokens = FakeTokenProvider()
+    session = FakeSession([edge_problem(401, code)])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        client(session, clock, tokens=tokens).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert len(session.calls) == 1
+    assert tokens.refreshes == []
+    assert str(info.value) == f"edge refused the credentials: https://ns.adobe.com/aep/errors/{code}"
+
+
+def test_deliver_expired_token_without_ims_is_a_credentials_error():
+    # GIVEN EDGE_AUTH=none (no token provider)
+    clock = FakeClock()
+    session = FakeSession([edge_problem(401, "EXEG-0503-401")])
+
+    # WHEN / THEN
+    with pytest.raises(CredentialsError):
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+    assert len(session.calls) == 1
+
+
+def test_deliver_token_refresh_then_recoverable_failures_still_capped():
+    # GIVEN max 3 attempts: the refresh retry counts as one
+    clock = FakeClock()
+    tokens = FakeTokenProvider()
+    session = FakeSession([edge_problem(401, "EXEG-0503-401")] + [retryable(503)] * 5)
+
+    # WHEN
+    with pytest.raises(EdgeUnavailable) as info:
+        client(session, clock, tokens=tokens, EDGE_MAX_ATTEMPTS="3").deliver(
+            DATASTREAM, REQUEST, None, Deadline(clock, 30)
+        )
+
+    # THEN
+    assert len(session.calls) == 3
+    assert info.value.attempts == 3
+    assert len(tokens.refreshes) == 1
+
+
+def test_deliver_non_ascii_retry_after_falls_back_to_backoff():
+    # GIVEN a 503 whose Retry-After is one latin-1 byte that str.isdigit() accepts
+    clock = FakeClock()
+    session = FakeSession([retryable(503, b"\xb2".decode("latin-1")), ok()])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN
+    assert answer.attempts == 2
+    assert 0.1 <= clock.sleeps[0] <= 0.2

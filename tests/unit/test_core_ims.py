@@ -1,0 +1,220 @@
+"""relay.integrations.ims.ImsTokenProvider: caching, forced refresh of a stale token, secret re-read on refusal."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+from relay.errors import CredentialsError
+from relay.integrations.credentials import AdobeCredentials
+from relay.integrations.ims import AccessToken, ImsTokenProvider
+
+from tests.fakes import CREDS, WALL_START, FakeClock, FakeCredentialsStore, FakeSession, make_response
+
+TOKEN_URL = "https://ims-na1.adobelogin.com/ims/token/v3"
+ROTATED = AdobeCredentials(client_id="client-2", client_secret="new-s3cret", org_id="ORG1@AdobeOrg", scopes="openid")
+
+
+def token_response(value: str, expires_in: float = 86399) -> requests.Response:
+    return make_response(200, {"access_token": value, "token_type": "bearer", "expires_in": expires_in})
+
+
+def provider(session: FakeSession, clock: FakeClock, creds: FakeCredentialsStore | None = None) -> ImsTokenProvider:
+    return ImsTokenProvider(session, TOKEN_URL, creds or FakeCredentialsStore(), clock)  # type: ignore[arg-type]
+
+
+def test_ims_get_posts_the_client_credentials_form():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A")])
+
+    # WHEN
+    token = provider(session, clock).get()
+
+    # THEN
+    assert token == AccessToken("tok-A", WALL_START + 86399 - 300, "client-1", "ORG1@AdobeOrg")
+    call = session.calls[0]
+    assert call.url == TOKEN_URL
+    assert call.data == {
+        "grant_type": "client_credentials",
+        "client_id": CREDS.client_id,
+        "client_secret": CREDS.client_secret,
+        "scope": CREDS.scopes,
+    }
+    assert call.timeout == (3.05, 10.0)
+
+
+def test_ims_token_is_cached_until_expiry_minus_margin():
+    # GIVEN a 24 h token: refreshed 300 s before IMS says it expires
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), token_response("tok-B")])
+    tokens = provider(session, clock)
+
+    # WHEN many calls happen before the refresh point
+    first = [tokens.get() for _ in range(20)]
+    clock.advance(86399 - 300 - 1)
+    still = tokens.get()
+
+    # THEN one POST
+    assert {t.value for t in first} == {"tok-A"}
+    assert still.value == "tok-A"
+    assert len(session.calls) == 1
+
+    # WHEN the refresh point is reached
+    clock.advance(1)
+    fresh = tokens.get()
+
+    # THEN a new POST
+    assert fresh == AccessToken("tok-B", WALL_START + 2 * (86399 - 300), "client-1", "ORG1@AdobeOrg")
+    assert len(session.calls) == 2
+
+
+def test_ims_short_token_margin_is_ten_percent():
+    # GIVEN a 100 s token
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A", 100)])
+
+    # WHEN
+    token = provider(session, clock).get()
+
+    # THEN
+    assert token.expires_at == WALL_START + 90
+
+
+def test_ims_force_refresh_with_the_same_stale_token_refreshes_once():
+    # GIVEN two callers that both got tok-A and both saw Edge say it expired
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), token_response("tok-B"), token_response("tok-C")])
+    tokens = provider(session, clock)
+    stale = tokens.get()
+
+    # WHEN
+    first = tokens.get(force_refresh=True, stale=stale)
+    second = tokens.get(force_refresh=True, stale=stale)
+
+    # THEN
+    assert (first.value, second.value) == ("tok-B", "tok-B")
+    assert len(session.calls) == 2
+
+
+def test_ims_force_refresh_from_two_threads_refreshes_once():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), token_response("tok-B"), token_response("tok-C")])
+    tokens = provider(session, clock)
+    stale = tokens.get()
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(tokens.get(force_refresh=True, stale=stale).value)
+
+    # WHEN
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+
+    # THEN
+    assert results == ["tok-B", "tok-B"]
+    assert len(session.calls) == 2
+
+
+def test_ims_force_refresh_without_stale_always_refreshes():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), token_response("tok-B")])
+    tokens = provider(session, clock)
+    tokens.get()
+
+    # WHEN
+    token = tokens.get(force_refresh=True)
+
+    # THEN
+    assert token.value == "tok-B"
+    assert len(session.calls) == 2
+
+
+def test_ims_refused_credentials_reread_the_secret_once():
+    # GIVEN IMS refuses the old secret and accepts the rotated one
+    clock = FakeClock()
+    creds = FakeCredentialsStore(CREDS, ROTATED)
+    session = FakeSession([make_response(401, {"error": "invalid_client"}), token_response("tok-A")])
+
+    # WHEN
+    token = provider(session, clock, creds).get()
+
+    # THEN the token carries the rotated credential's client id (Edge's x-api-key)
+    assert token == AccessToken("tok-A", WALL_START + 86399 - 300, "client-2", "ORG1@AdobeOrg")
+    assert creds.calls == [False, True]
+    assert [c.data["client_id"] for c in session.calls] == ["client-1", "client-2"]
+
+
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_ims_still_refused_after_reread_is_a_credentials_error(status):
+    # GIVEN
+    clock = FakeClock()
+    creds = FakeCredentialsStore(CREDS, ROTATED)
+    session = FakeSession([make_response(status, {}), make_response(status, {})])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock, creds).get()
+
+    # THEN
+    assert str(info.value) == f"IMS refused the token request (HTTP {status})"
+    assert creds.calls == [False, True]
+    assert len(session.calls) == 2
+
+
+def test_ims_server_error_is_not_a_reason_to_reread_the_secret():
+    # GIVEN
+    clock = FakeClock()
+    creds = FakeCredentialsStore()
+    session = FakeSession([make_response(503, {})])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock, creds).get()
+
+    # THEN
+    assert str(info.value) == "IMS refused the token request (HTTP 503)"
+    assert creds.calls == [False]
+
+
+def test_ims_unreachable_is_a_credentials_error():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([requests.ConnectionError("refused")])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock).get()
+
+    # THEN
+    assert str(info.value) == "IMS unreachable (ConnectionError)"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [make_response(200, {"token_type": "bearer"}), make_response(200, text="<html>"), make_response(200, [1])],
+)
+def test_ims_answer_without_token_is_a_credentials_error(answer):
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([answer])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock).get()
+
+    # THEN
+    assert str(info.value) == "IMS answered without access_token/expires_in"
+
+
+def test_ims_access_token_repr_hides_the_value():
+    # WHEN / THEN
+    assert "tok-secret" not in repr(AccessToken("tok-secret", 1.0))

@@ -1,0 +1,391 @@
+"""relay.process_event: with_state and Relay.process (claim → identity state → Edge → store) on fakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from relay.clock import Deadline
+from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable, InvalidEvent, StoreUnavailable
+from relay.identity_state import IdentityState, StoredEntry, opaque_identity_id
+from relay.integrations.edge import EdgeAnswer
+from relay.integrations.store import Claim
+from relay.models import InboundEvent, build_inbound
+from relay.process_event import INVALID_EVENT_TYPE, Outcome, Relay, Result, edge_status_of, with_state
+
+from tests.fakes import WALL_START, FakeClock, FakeEdge, FakeStore
+
+FIXTURE_BODY = json.loads(Path("/work/shared/fixtures/edge-responses/send-event-with-identity.json").read_text())
+NOW = WALL_START
+DS = "ds-1"
+OPAQUE = opaque_identity_id("FPID", "fp-1")
+CLUSTER_KEY = "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_cluster"
+IDENTITY_KEY = "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_identity"
+
+
+def inbound(*, identity: bool = True, meta: dict[str, Any] | None = None) -> InboundEvent:
+    xdm: dict[str, Any] = {"eventType": "web.webpagedetails.pageViews"}
+    if identity:
+        xdm["identityMap"] = {"FPID": [{"id": "fp-1", "primary": True}]}
+    doc: dict[str, Any] = {"event": {"xdm": xdm}}
+    if meta is not None:
+        doc["meta"] = meta
+    return build_inbound(doc, event_id="evt-1", datastream_id=DS, source="sqs", received_at=NOW)
+
+
+def relay(store: FakeStore, edge: FakeEdge, clock: FakeClock) -> Relay:
+    return Relay(store, edge, clock)  # type: ignore[arg-type]
+
+
+def process(store: FakeStore, edge: FakeEdge, clock: FakeClock, event: InboundEvent | None = None) -> Result:
+    return relay(store, edge, clock).process(event or inbound(), Deadline(clock, 10), lease_s=30)
+
+
+# -- with_state ----------------------------------------------------------------------------------------------------
+
+
+def test_with_state_without_entries_returns_the_request_unchanged():
+    # GIVEN
+    request = {"event": {"xdm": {}}, "meta": {"konductorConfig": {"a": 1}}}
+
+    # WHEN
+    out = with_state(request, IdentityState(), NOW)
+
+    # THEN
+    assert out is request
+
+
+def test_with_state_adds_live_entries_and_keeps_other_meta():
+    # GIVEN
+    request = {"event": {"xdm": {}}, "meta": {"state": {"domain": "example.com"}, "other": 1}}
+    state = IdentityState(
+        entries={"live": StoredEntry("v", NOW + 60, 100), "gone": StoredEntry("x", NOW, 100)},
+    )
+
+    # WHEN
+    out = with_state(request, state, NOW)
+
+    # THEN
+    assert out == {
+        "event": {"xdm": {}},
+        "meta": {
+            "state": {"domain": "example.com", "entries": [{"key": "live", "value": "v", "maxAge": 60}]},
+            "other": 1,
+        },
+    }
+    assert request == {"event": {"xdm": {}}, "meta": {"state": {"domain": "example.com"}, "other": 1}}
+
+
+def test_with_state_caller_entries_win_by_key():
+    # GIVEN
+    request = {"event": {"xdm": {}}, "meta": {"state": {"entries": [{"key": "k", "value": "caller"}]}}}
+    state = IdentityState(entries={"k": StoredEntry("stored", NOW + 60, 100), "j": StoredEntry("j", NOW + 60, 100)})
+
+    # WHEN
+    out = with_state(request, state, NOW)
+
+    # THEN
+    assert out["meta"]["state"]["entries"] == [
+        {"key": "j", "value": "j", "maxAge": 60},
+        {"key": "k", "value": "caller"},
+    ]
+
+
+def test_edge_status_of_defaults_to_400():
+    # WHEN / THEN
+    assert edge_status_of({"error": {"status": 500}}) == 500
+    assert edge_status_of({"error": {"status": "500"}}) == 400
+    assert edge_status_of({}) == 400
+
+
+# -- Relay.process -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["delivered", "rejected"])
+def test_process_duplicate_of_a_finished_event_does_not_call_edge(status):
+    # GIVEN
+    existing = {"eventId": "evt-1", "status": status, "handle": []}
+    store = FakeStore(claim_result=Claim(False, existing=existing))
+    edge = FakeEdge()
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN
+    assert result == Result(Outcome.DUPLICATE, "evt-1", item=existing)
+    assert edge.calls == []
+    assert store.finished == []
+    assert store.releases == []
+
+
+@pytest.mark.parametrize("existing", [{"eventId": "evt-1", "status": "pending"}, None])
+def test_process_live_claim_is_busy(existing):
+    # GIVEN another invocation holds the event
+    store = FakeStore(claim_result=Claim(False, existing=existing))
+    edge = FakeEdge()
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN
+    assert result == Result(Outcome.BUSY, "evt-1", reason="another invocation is processing this event")
+    assert edge.calls == []
+    assert store.releases == []
+
+
+def test_process_claims_with_the_event_details():
+    # GIVEN
+    store = FakeStore()
+    edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": []}, 1))
+
+    # WHEN
+    process(store, edge, FakeClock())
+
+    # THEN
+    assert store.claims == [{"event_id": "evt-1", "datastream_id": DS, "source": "sqs", "lease_s": 30}]
+
+
+def test_process_store_unavailable_on_claim_is_retry_without_release():
+    # GIVEN
+    store = FakeStore(claim_result=StoreUnavailable("dynamodb update_item failed: Throttling"))
+    edge = FakeEdge()
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN
+    assert result == Result(Outcome.RETRY, "evt-1", reason="dynamodb update_item failed: Throttling")
+    assert edge.calls == []
+    assert store.releases == []
+
+
+def test_process_edge_unavailable_releases_the_claim_and_retries():
+    # GIVEN
+    store = FakeStore()
+    edge = FakeEdge(EdgeUnavailable("edge answered 503", retry_after=2.0, attempts=5))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN
+    assert result == Result(Outcome.RETRY, "evt-1", reason="edge answered 503", retry_after=2.0)
+    assert store.releases == [("evt-1", "tok-1", "edge answered 503")]
+    assert store.finished == []
+
+
+def test_process_credentials_error_releases_the_claim_and_retries():
+    # GIVEN
+    store = FakeStore()
+    edge = FakeEdge(CredentialsError("IMS refused the token request (HTTP 401)"))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN
+    assert result == Result(Outcome.RETRY, "evt-1", reason="IMS refused the token request (HTTP 401)")
+    assert store.releases == [("evt-1", "tok-1", "IMS refused the token request (HTTP 401)")]
+
+
+def test_process_release_failure_still_returns_retry():
+    # GIVEN a store that cannot release
+    class NoRelease(FakeStore):
+        def release(self, event_id: str, token: str, reason: str) -> None:
+            raise StoreUnavailable("down")
+
+    store = NoRelease()
+    edge = FakeEdge(EdgeUnavailable("edge call failed: Timeout"))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN
+    assert result == Result(Outcome.RETRY, "evt-1", reason="edge call failed: Timeout")
+
+
+def test_process_rejected_stores_error_and_request():
+    # GIVEN
+    problem = {
+        "type": "https://ns.adobe.com/aep/errors/EXEG-0104-422",
+        "status": 422,
+        "title": "Unprocessable entity",
+        "detail": "Invalid request",
+        "report": {"requestId": "edge-req-9"},
+    }
+    store = FakeStore()
+    edge = FakeEdge(EdgeRejected(422, problem))
+    event = inbound()
+
+    # WHEN
+    result = process(store, edge, FakeClock(), event)
+
+    # THEN
+    fields = {
+        "status": "rejected",
+        "datastreamId": DS,
+        "source": "sqs",
+        "requestId": "edge-req-9",
+        "error": problem,
+        "request": event.request,
+    }
+    assert store.finished == [("evt-1", fields)]
+    assert result == Result(
+        Outcome.REJECTED, "evt-1", item={**fields, "eventId": "evt-1", "storedAt": "2023-11-14T22:13:20.000Z"}
+    )
+    assert store.releases == []
+    assert store.state_writes == []
+
+
+def test_process_delivered_stores_result_and_writes_new_state():
+    # GIVEN a first event for this identity
+    clock = FakeClock()
+    store = FakeStore()
+    body = {**FIXTURE_BODY, "warnings": [{"type": "w"}], "errors": []}
+    edge = FakeEdge(EdgeAnswer(200, body, 2))
+
+    # WHEN
+    result = process(store, edge, clock)
+
+    # THEN the event went to the default URL with the request as built
+    assert [(c.datastream_id, c.request, c.hint) for c in edge.calls] == [(DS, inbound().request, None)]
+    fields = {
+        "status": "delivered",
+        "datastreamId": DS,
+        "source": "sqs",
+        "requestId": "3931ed0b-d171-45f6-9d3e-29a61113aac2-identity-test",
+        "handle": FIXTURE_BODY["handle"],
+        "warnings": [{"type": "w"}],
+    }
+    assert store.finished == [("evt-1", fields)]
+    assert result.outcome is Outcome.DELIVERED
+    assert result.item == {**fields, "eventId": "evt-1", "storedAt": "2023-11-14T22:13:20.000Z"}
+    # and the identity state was written once, under the hashed id
+    assert store.state_reads == [(OPAQUE, DS)]
+    assert len(store.state_writes) == 1
+    opaque, ds, state = store.state_writes[0]
+    assert (opaque, ds) == (OPAQUE, DS)
+    assert state.hint == "or2"
+    assert state.hint_expires_at == NOW + 1800
+    assert set(state.entries) == {CLUSTER_KEY, IDENTITY_KEY}
+    assert state.version == 1
+
+
+def test_process_second_event_sends_stored_state_and_hint_and_skips_an_unneeded_write():
+    # GIVEN the state from a first event, and the same answer 60 s later
+    clock = FakeClock()
+    store = FakeStore()
+    process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
+    clock.advance(60)
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    result = process(store, edge, clock)
+
+    # THEN the stored entries and hint went to Edge
+    assert result.outcome is Outcome.DELIVERED
+    call = edge.calls[0]
+    assert call.hint == "or2"
+    assert call.request["meta"]["state"]["entries"] == [
+        {"key": CLUSTER_KEY, "value": "or2", "maxAge": 1740},
+        {"key": IDENTITY_KEY, "value": "CiQ0MTg2MTY2NjE5MzE0MDE2MTkzNDI3Njg0NTY1MTE0ODg3Njk4OA==", "maxAge": 34127940},
+    ]
+    # and no second state write (nothing due yet)
+    assert len(store.state_writes) == 1
+
+
+def test_process_writes_state_again_once_half_the_lifetime_passed():
+    # GIVEN
+    clock = FakeClock()
+    store = FakeStore()
+    process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
+    clock.advance(901)
+
+    # WHEN
+    process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
+
+    # THEN
+    assert len(store.state_writes) == 2
+    assert store.state_writes[1][2].hint_expires_at == NOW + 901 + 1800
+    assert store.state_writes[1][2].version == 2
+
+
+def test_process_caller_entries_win_over_stored_ones():
+    # GIVEN stored state and a caller who sends its own cluster entry
+    clock = FakeClock()
+    store = FakeStore(
+        states={(OPAQUE, DS): IdentityState(entries={CLUSTER_KEY: StoredEntry("or2", NOW + 100, 1800)}, version=1)}
+    )
+    edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": []}, 1))
+    event = inbound(meta={"state": {"entries": [{"key": CLUSTER_KEY, "value": "va6"}]}})
+
+    # WHEN
+    process(store, edge, clock, event)
+
+    # THEN
+    assert edge.calls[0].request["meta"]["state"]["entries"] == [{"key": CLUSTER_KEY, "value": "va6"}]
+
+
+def test_process_without_primary_identity_keeps_no_state():
+    # GIVEN
+    store = FakeStore()
+    edge = FakeEdge(EdgeAnswer(207, {"requestId": "r", "handle": [], "errors": [{"type": "e"}]}, 1))
+
+    # WHEN
+    result = process(store, edge, FakeClock(), inbound(identity=False))
+
+    # THEN
+    assert result.outcome is Outcome.DELIVERED
+    assert store.state_reads == []
+    assert store.state_writes == []
+    assert store.finished[0][1] == {
+        "status": "delivered",
+        "datastreamId": DS,
+        "source": "sqs",
+        "requestId": "r",
+        "handle": [],
+        "errors": [{"type": "e"}],
+    }
+
+
+def test_process_store_failure_after_delivery_is_retry_and_releases():
+    # GIVEN a store whose finish() fails
+    class NoFinish(FakeStore):
+        def finish(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+            raise StoreUnavailable("dynamodb update_item failed: InternalServerError")
+
+    store = NoFinish()
+    edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": []}, 1))
+
+    # WHEN
+    result = process(store, edge, FakeClock(), inbound(identity=False))
+
+    # THEN
+    assert result == Result(Outcome.RETRY, "evt-1", reason="dynamodb update_item failed: InternalServerError")
+    assert store.releases == [("evt-1", "tok-1", "dynamodb update_item failed: InternalServerError")]
+
+
+def test_reject_invalid_stores_the_field_errors_and_raw_body():
+    # GIVEN
+    store = FakeStore()
+    error = InvalidEvent([{"path": "event.xdm", "message": "is required"}])
+
+    # WHEN
+    item = relay(store, FakeEdge(), FakeClock()).reject_invalid(
+        "msg-1", datastream_id=DS, source="webhook", error=error, raw='{"event":{}}'
+    )
+
+    # THEN
+    fields = {
+        "datastreamId": DS,
+        "source": "webhook",
+        "error": {
+            "type": INVALID_EVENT_TYPE,
+            "title": "Invalid event",
+            "status": 400,
+            "errors": [{"path": "event.xdm", "message": "is required"}],
+        },
+        "request": '{"event":{}}',
+    }
+    assert store.rejected_unclaimed == [("msg-1", fields)]
+    assert item == {**fields, "eventId": "msg-1", "status": "rejected", "storedAt": "2023-11-14T22:13:20.000Z"}

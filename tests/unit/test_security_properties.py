@@ -1,0 +1,504 @@
+"""Hostile input against `POST /events` (issue 6): property-based tests and the Standard Webhooks vectors.
+
+The real `WebhookApp`, `Relay` and `EdgeClient` run over fakes (no sockets): an in-memory store, a session that
+answers every Edge call 200, fixed webhook secrets. Properties:
+
+* any request (bytes, text, JSON of any shape, deep nesting, huge bodies, garbage base64, random headers and
+  query strings) gets an answer from the documented set, never 500 and never an exception;
+* an unsigned or badly signed request never reaches the relay: nothing is claimed, stored or sent to Edge;
+* a signed request whose body is not a valid event is stored `rejected` and never sent to Edge;
+* no answer carries a webhook secret, the Adobe client secret or the access token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from relay.clock import SystemClock
+from relay.integrations.edge import EdgeClient
+from relay.process_event import Relay
+from relay.settings import load_settings
+from relay.webhook import WebhookApp
+
+from devtools.gateway import build_event
+from devtools.signing import sign_webhook
+from tests.fakes import CREDS, FakeStore, FakeTokenProvider, make_response
+
+# Fixed test secrets (32 bytes each, base64): the current one and the one being rotated in.
+SECRET_CURRENT = "whsec_" + base64.b64encode(b"interact-relay-current-secret-01").decode()
+SECRET_NEXT = "whsec_" + base64.b64encode(b"interact-relay-rotated-secret-02").decode()
+SECRET_WRONG = "whsec_" + base64.b64encode(b"interact-relay-attacker-secret03").decode()
+SECRETS = [SECRET_CURRENT, SECRET_NEXT]
+
+DOCUMENTED = {200, 202, 400, 401, 409, 413, 422, 502, 503}
+PROBLEM_JSON = "application/problem+json"
+SENSITIVE = [SECRET_CURRENT, SECRET_NEXT, SECRET_CURRENT[6:], SECRET_NEXT[6:], CREDS.client_secret, "token-1"]
+
+ENV = {
+    "HANDLES_TABLE": "handles",
+    "DATASTREAM_ID": "ds-default",
+    "ADOBE_SECRET_ID": "adobe",
+    "WEBHOOK_SECRET_ID": "webhook",
+    "EDGE_BASE_URL": "https://edge.example.test",
+}
+MAX_EXAMPLES = 150
+
+# --------------------------------------------------------------------------------------------------- fakes
+
+
+class OkSession:
+    """Answers every Edge call 200 with a small handle; records each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        self.calls.append({"url": url, **kwargs})
+        return make_response(200, {"requestId": "edge-req-1", "handle": [{"type": "identity:result", "payload": []}]})
+
+
+class FakeWebhookCredentials:
+    def __init__(self, secrets: list[str]) -> None:
+        self.secrets = secrets
+
+    def webhook_secrets(self, *, force: bool = False) -> list[str]:
+        return list(self.secrets)
+
+
+class FakeQueue:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, inbound: Any, *, delay_s: float | None = None) -> bool:
+        self.sent.append(inbound)
+        return True
+
+
+class SpyRelay(Relay):
+    """The real Relay, recording whether anything reached it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.processed: list[Any] = []
+        self.rejected: list[str] = []
+
+    def process(self, inbound: Any, deadline: Any, *, lease_s: float) -> Any:
+        self.processed.append(inbound)
+        return super().process(inbound, deadline, lease_s=lease_s)
+
+    def reject_invalid(self, event_id: str, **kwargs: Any) -> dict[str, Any]:
+        self.rejected.append(event_id)
+        return super().reject_invalid(event_id, **kwargs)
+
+
+@dataclass
+class Harness:
+    app: WebhookApp
+    relay: SpyRelay
+    store: FakeStore
+    session: OkSession
+    queue: FakeQueue
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+    def call(self, event: dict[str, Any]) -> dict[str, Any]:
+        answer = self.app.handle(event, None)
+        self.answers.append(answer)
+        return answer
+
+    @property
+    def reached_relay(self) -> bool:
+        return bool(self.relay.processed or self.relay.rejected or self.store.claims or self.store.finished)
+
+
+def harness(secrets: list[str] | None = None) -> Harness:
+    settings_ = load_settings(ENV)
+    clock = SystemClock()
+    session = OkSession()
+    store = FakeStore()
+    edge = EdgeClient(session, settings_, FakeTokenProvider(), clock)  # type: ignore[arg-type]
+    relay = SpyRelay(store, edge, clock)
+    queue = FakeQueue()
+    creds = FakeWebhookCredentials(secrets or SECRETS)
+    app = WebhookApp(settings_, relay, lambda: creds, lambda: queue, clock)  # type: ignore[arg-type,return-value]
+    return Harness(app, relay, store, session, queue)
+
+
+def http_event(
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    *,
+    query: str = "",
+    content_type: str = "application/json",
+) -> dict[str, Any]:
+    """The HTTP API 2.0 event API Gateway builds for this request."""
+    pairs = [("content-type", content_type), *(headers or {}).items()]
+    return build_event(
+        method="POST",
+        raw_path="/events",
+        raw_query=query,
+        headers=pairs,
+        body=body,
+        route_key="POST /events",
+        source_ip="203.0.113.7",
+    )
+
+
+def check_answer(answer: Any) -> dict[str, Any]:
+    """A well-formed, documented answer with a JSON body that leaks nothing."""
+    assert isinstance(answer, dict), answer
+    status = answer["statusCode"]
+    assert status in DOCUMENTED, answer
+    assert status != 500
+    headers = {k.lower(): v for k, v in (answer.get("headers") or {}).items()}
+    body = json.loads(answer["body"])
+    assert isinstance(body, dict)
+    if status >= 400:
+        assert headers.get("content-type") == PROBLEM_JSON, answer
+        assert {"type", "title", "status", "detail"} <= set(body), body
+        assert body["status"] == status
+        assert "Traceback" not in answer["body"]
+    else:
+        assert headers.get("content-type") == "application/json", answer
+    if status in (409, 503):
+        assert headers.get("retry-after", "").isdigit(), answer
+    for secret in SENSITIVE:
+        assert secret not in answer["body"], "an answer leaked a secret"
+        assert all(secret not in str(v) for v in headers.values())
+    return body
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5), st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+identity_maps = st.dictionaries(
+    st.sampled_from(["ECID", "FPID", "Email", "CRMID"]),
+    st.lists(
+        st.fixed_dictionaries(
+            {"id": st.text(min_size=1, max_size=40)},
+            optional={"primary": st.booleans(), "authenticatedState": st.sampled_from(["ambiguous", "authenticated"])},
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    max_size=3,
+)
+valid_events = st.fixed_dictionaries(
+    {
+        "event": st.fixed_dictionaries(
+            {
+                "xdm": st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "_id": st.text(min_size=1, max_size=64),
+                        "timestamp": st.just("2024-01-01T00:00:00.000Z"),
+                        "identityMap": identity_maps,
+                        "eventType": st.text(max_size=20),
+                        "commerce": json_values,
+                    },
+                )
+            },
+            optional={"data": st.dictionaries(st.text(max_size=12), json_values, max_size=4)},
+        )
+    },
+    optional={
+        "query": st.dictionaries(st.text(max_size=12), json_values, max_size=3),
+        "meta": st.dictionaries(st.text(max_size=12), json_values, max_size=3),
+        "extra": json_values,
+    },
+)
+
+
+def nested(depth: int, *, inside_event: bool) -> bytes:
+    core = "[" * depth + "]" * depth
+    text = '{"event":{"xdm":{},"data":{"deep":' + core + "}}}" if inside_event else core
+    return text.encode()
+
+
+def huge(size: int) -> bytes:
+    return b'{"event":{"xdm":{"blob":"' + b"x" * size + b'"}}}'
+
+
+any_bodies = st.one_of(
+    st.binary(max_size=3000),
+    st.text(max_size=2000).map(str.encode),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    valid_events.map(lambda v: json.dumps(v).encode()),
+    st.builds(nested, st.integers(1, 20000), inside_event=st.booleans()),
+    st.integers(65_400, 66_000).map(huge),
+    st.sampled_from([b"", b" ", b"null", b"[]", b"{}", b'{"event":null}', b'{"event":{"xdm":[]}}', b"\xff\xfe"]),
+)
+header_text = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF), max_size=80)
+random_headers = st.dictionaries(
+    st.one_of(
+        st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature"]), st.from_regex(r"[a-z-]{1,20}")
+    ),
+    header_text,
+    max_size=5,
+)
+query_strings = st.one_of(
+    st.just(""),
+    st.text(max_size=60),
+    st.builds(lambda v: "datastreamId=" + v, st.text(max_size=140)),
+    st.sampled_from(["datastreamId=ds-other", "datastreamId=", "datastreamId=a&datastreamId=b", "datastreamId=%00"]),
+)
+
+PROPERTY_SETTINGS = settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+
+@PROPERTY_SETTINGS
+@given(
+    body=any_bodies,
+    headers=random_headers,
+    query=query_strings,
+    base64_mode=st.sampled_from(["gateway", "true-valid", "true-garbage", "false"]),
+    content_type=st.sampled_from(["application/json", "text/plain", "application/octet-stream", ""]),
+)
+def test_unsigned_requests_never_reach_the_relay(
+    body: bytes, headers: dict[str, str], query: str, base64_mode: str, content_type: str
+) -> None:
+    h = harness()
+    event = http_event(body, headers, query=query, content_type=content_type)
+    if base64_mode == "true-valid":
+        event["body"], event["isBase64Encoded"] = base64.b64encode(body).decode(), True
+    elif base64_mode == "true-garbage":
+        event["body"], event["isBase64Encoded"] = body.decode("latin-1") + "*%$", True
+    elif base64_mode == "false":
+        event["body"], event["isBase64Encoded"] = body.decode("utf-8", errors="replace"), False
+    answer = check_answer(h.call(event))
+    assert answer["status"] in (400, 401)  # 400 only for a body that is not even base64
+    assert not h.reached_relay
+    assert h.session.calls == [] and h.queue.sent == []
+
+
+@PROPERTY_SETTINGS
+@given(body=any_bodies, query=query_strings, use_base64=st.booleans(), rotated=st.booleans())
+def test_signed_requests_get_documented_answers_and_invalid_ones_never_reach_edge(
+    body: bytes, query: str, use_base64: bool, rotated: bool
+) -> None:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # a Standard Webhooks signature is over text; covered by the unsigned property
+    h = harness()
+    event = http_event(body, sign_webhook(text, SECRET_NEXT if rotated else SECRET_CURRENT), query=query)
+    if use_base64:
+        event["body"], event["isBase64Encoded"] = base64.b64encode(body).decode(), True
+    answer_raw = h.call(event)
+    answer = check_answer(answer_raw)
+    status = answer_raw["statusCode"]
+    assert status in (200, 400, 413), answer
+    if status == 200:
+        assert len(h.session.calls) == 1 and len(h.relay.processed) == 1
+        assert h.store.rejected_unclaimed == []
+    else:
+        # Refused before Edge: stored as rejected (with the validation errors), never sent.
+        assert h.session.calls == [] and h.relay.processed == []
+        assert h.store.claims == [] and h.store.finished == []
+        assert [e for e, _ in h.store.rejected_unclaimed] == [answer["eventId"]]
+        assert answer["errors"] and all({"path", "message"} <= set(e) for e in answer["errors"])
+        if status == 413:
+            assert len(body) > 64 * 1024
+
+
+@PROPERTY_SETTINGS
+@given(doc=valid_events, query=st.sampled_from(["", "datastreamId=ds-other"]))
+def test_signed_valid_events_are_delivered_once_with_a_stable_id(doc: dict[str, Any], query: str) -> None:
+    h = harness()
+    text = json.dumps(doc)
+    headers = sign_webhook(text, SECRET_CURRENT)
+    answer = check_answer(h.call(http_event(text.encode(), headers, query=query)))
+    assert answer["eventId"] == doc["event"]["xdm"].get("_id", headers["webhook-id"])
+    (call,) = h.session.calls
+    sent = json.loads(call["data"])
+    assert sent["event"]["xdm"]["_id"] == answer["eventId"]
+    assert call["params"]["datastreamId"] == ("ds-other" if query else "ds-default")
+
+
+# ----------------------------------------------------------------------------- Standard Webhooks vectors
+
+
+def v1(secret: str, msg_id: str, timestamp: int, body: str) -> str:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def test_signer_matches_the_standard_webhooks_reference_vector() -> None:
+    # The specification's own example (standard-webhooks/spec, libraries' test suites).
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    msg_id, ts, payload = "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, '{"test": 2432232314}'
+    expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert v1(secret, msg_id, ts, payload) == expected
+    assert sign_webhook(payload, secret, msg_id=msg_id, timestamp=ts)["webhook-signature"] == expected
+
+
+BODY = '{"event": {"xdm": {"_id": "vector-1", "eventType": "commerce.purchases"}}}'
+MSG_ID = "msg_vector"
+
+
+def vector_headers(name: str, now: int) -> tuple[str, dict[str, str]]:
+    """(body to send, headers) for each named case."""
+    good = v1(SECRET_CURRENT, MSG_ID, now, BODY)
+
+    def signed_at(ts: int) -> dict[str, str]:  # a correct signature, but made at `ts`
+        return {
+            "webhook-id": MSG_ID,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": v1(SECRET_CURRENT, MSG_ID, ts, BODY),
+        }
+
+    base = {"webhook-id": MSG_ID, "webhook-timestamp": str(now), "webhook-signature": good}
+    cases: dict[str, tuple[str, dict[str, str]]] = {
+        "valid": (BODY, base),
+        "rotated-secret": (BODY, {**base, "webhook-signature": v1(SECRET_NEXT, MSG_ID, now, BODY)}),
+        "several-signatures-one-valid": (
+            BODY,
+            {**base, "webhook-signature": f"{v1(SECRET_WRONG, MSG_ID, now, BODY)} v1,AAAA {good}"},
+        ),
+        "wrong-secret": (BODY, {**base, "webhook-signature": v1(SECRET_WRONG, MSG_ID, now, BODY)}),
+        "tampered-body": (BODY.replace("purchases", "refunds"), base),
+        "tampered-id": (BODY, {**base, "webhook-id": "msg_other"}),
+        "tampered-timestamp": (BODY, {**base, "webhook-timestamp": str(now - 1)}),
+        "timestamp-6-min-old": (
+            BODY,
+            {
+                **base,
+                "webhook-timestamp": str(now - 360),
+                "webhook-signature": v1(SECRET_CURRENT, MSG_ID, now - 360, BODY),
+            },
+        ),
+        "timestamp-6-min-future": (
+            BODY,
+            {
+                **base,
+                "webhook-timestamp": str(now + 360),
+                "webhook-signature": v1(SECRET_CURRENT, MSG_ID, now + 360, BODY),
+            },
+        ),
+        "timestamp-not-a-number": (BODY, {**base, "webhook-timestamp": "yesterday"}),
+        "missing-id": (BODY, {k: v for k, v in base.items() if k != "webhook-id"}),
+        "missing-timestamp": (BODY, {k: v for k, v in base.items() if k != "webhook-timestamp"}),
+        "missing-signature": (BODY, {k: v for k, v in base.items() if k != "webhook-signature"}),
+        "no-headers": (BODY, {}),
+        "v2-signature-only": (BODY, {**base, "webhook-signature": "v2," + good.split(",", 1)[1]}),
+        "signature-without-comma": (BODY, {**base, "webhook-signature": good.replace(",", "")}),
+        "signature-bad-base64": (BODY, {**base, "webhook-signature": "v1,!!!not-base64!!!"}),
+        "signature-empty": (BODY, {**base, "webhook-signature": ""}),
+        "signature-truncated": (BODY, {**base, "webhook-signature": good[:-8]}),
+    }
+    return cases[name]
+
+
+ACCEPTED = ["valid", "rotated-secret", "several-signatures-one-valid"]
+REFUSED = [
+    "wrong-secret",
+    "tampered-body",
+    "tampered-id",
+    "tampered-timestamp",
+    "timestamp-6-min-old",
+    "timestamp-6-min-future",
+    "timestamp-not-a-number",
+    "missing-id",
+    "missing-timestamp",
+    "missing-signature",
+    "no-headers",
+    "v2-signature-only",
+    "signature-without-comma",
+    "signature-bad-base64",
+    "signature-empty",
+    "signature-truncated",
+]
+
+
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_signature_vectors_accepted(case: str) -> None:
+    h = harness()
+    body, headers = vector_headers(case, int(time.time()))
+    answer = check_answer(h.call(http_event(body.encode(), headers)))
+    assert h.answers[-1]["statusCode"] == 200, answer
+    assert answer["eventId"] == "vector-1"
+    assert len(h.session.calls) == 1
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_signature_vectors_refused(case: str) -> None:
+    h = harness()
+    body, headers = vector_headers(case, int(time.time()))
+    answer = check_answer(h.call(http_event(body.encode(), headers)))
+    assert h.answers[-1]["statusCode"] == 401, answer
+    assert answer["title"] == "Unauthorized" and answer["detail"] == "missing or invalid webhook signature"
+    assert not h.reached_relay and h.session.calls == []
+
+
+def test_signature_with_a_secret_that_was_rotated_out_is_refused() -> None:
+    h = harness(secrets=[SECRET_NEXT])  # the old secret was removed from the list
+    body, headers = vector_headers("valid", int(time.time()))
+    check_answer(h.call(http_event(body.encode(), headers)))
+    assert h.answers[-1]["statusCode"] == 401 and not h.reached_relay
+
+
+def test_timestamps_within_tolerance_are_accepted() -> None:
+    now = int(time.time())
+    for skew in (-290, 290):
+        h = harness()
+        headers = {
+            "webhook-id": MSG_ID,
+            "webhook-timestamp": str(now + skew),
+            "webhook-signature": v1(SECRET_CURRENT, MSG_ID, now + skew, BODY),
+        }
+        check_answer(h.call(http_event(BODY.encode(), headers)))
+        assert h.answers[-1]["statusCode"] == 200, skew
+
+
+def test_signature_is_checked_on_the_raw_bytes_not_a_reparsed_body() -> None:
+    # Same JSON document, different bytes (whitespace): the signature over the compact form does not match.
+    h = harness()
+    compact = json.dumps(json.loads(BODY), separators=(",", ":"))
+    headers = sign_webhook(compact, SECRET_CURRENT)
+    check_answer(h.call(http_event(BODY.encode(), headers)))
+    assert h.answers[-1]["statusCode"] == 401 and not h.reached_relay
+
+
+# ------------------------------------------------------------------------------------------- known bugs
+
+
+def test_lone_surrogate_escape_is_refused_as_invalid() -> None:
+    h = harness()
+    body = '{"event": {"xdm": {"_id": "surrogate-1", "name": "\\ud800"}}}'
+    answer = h.app.handle(http_event(body.encode(), sign_webhook(body, SECRET_CURRENT)), None)
+    assert answer["statusCode"] == 400
+    assert h.session.calls == []
+
+
+def test_garbage_base64_answer_carries_errors() -> None:
+    h = harness()
+    event = http_event(BODY.encode(), {})
+    event["body"], event["isBase64Encoded"] = "***not base64***", True
+    answer = check_answer(h.call(event))
+    assert answer["status"] == 400
+    assert answer.get("errors")

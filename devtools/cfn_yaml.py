@@ -34,7 +34,7 @@ _CfnLoader.add_multi_constructor("!", _construct_tag)  # type: ignore[no-untyped
 def load_template(path: Path | str = TEMPLATE_PATH) -> dict[str, Any]:
     """Return the template as plain dicts, intrinsic functions in their long form."""
     with open(path, encoding="utf-8") as fh:
-        data = yaml.load(fh, Loader=_CfnLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(fh, Loader=_CfnLoader)  # noqa: S506  # nosec B506
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a template")
     return data

@@ -58,9 +58,10 @@ def item_key(operation: str, body: bytes) -> str | None:
         return None
     key: Any = doc.get("Key") or doc.get("Item")
     if operation == "TransactWriteItems":
-        items = doc.get("TransactItems") or [{}]
-        first = next(iter(items[0].values()), {}) if isinstance(items[0], dict) and items[0] else {}
-        key = first.get("Key") or first.get("Item") if isinstance(first, dict) else None
+        items = doc.get("TransactItems")
+        first: Any = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+        action: Any = next(iter(first.values()), {}) if first else {}
+        key = (action.get("Key") or action.get("Item")) if isinstance(action, dict) else None
     if not isinstance(key, dict):
         return None
     parts = [key.get(name) for name in ("pk", "sk")]

@@ -34,7 +34,8 @@ import random
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,9 +72,11 @@ class SoakConfig:
     invalid: float = 0.01  # bodies that are not JSON or have no event.xdm
     no_identity: float = 0.01  # valid bodies without a primary identity (Edge: EXEG-0306-400)
     without_id: float = 0.1  # valid bodies without xdm._id (eventId = webhook-id / SQS messageId)
+    poison: int = 5  # valid events Edge always answers 502 for: they must end in the dead-letter queue
+    poison_shared_identity: bool = False  # poison events keep a popular identity (shows head-of-line blocking)
     identities: int = 500
-    webhook_senders: int = 6
-    gateway_runtimes: int = 3  # execution environments behind the gateway (each serializes its webhooks)
+    webhook_senders: int = 12
+    gateway_runtimes: int = 8  # execution environments behind the gateway (each serializes its webhooks)
     pollers: int = 3  # SQS pollers, one execution environment each
     batch_concurrency: int = 8
     edge_read_timeout_ms: int = 400
@@ -93,7 +96,7 @@ class Send:
     """One delivery attempt by a producer (a webhook POST, retried by its sender, or one SQS message)."""
 
     index: int
-    kind: str  # valid | no_primary | invalid_json | invalid_no_xdm
+    kind: str  # valid | no_primary | poison | invalid_json | invalid_no_xdm
     trigger: str  # webhook | sqs
     body: bytes
     event_id: str | None  # None until SQS assigns the messageId (bodies without xdm._id)
@@ -160,6 +163,13 @@ def plan_sends(cfg: SoakConfig) -> list[Send]:
             identity = {"CRMID": [{"id": f"crm-anon-{i}", "primary": False}]}
         body = _valid_body(rng, event_id, identity, i)
         sends.append(Send(i, kind, trigger, body, event_id or webhook_id, webhook_id))
+    # Poison: Edge keeps failing them (a fault rule per xdm._id); after 5 receives they belong in the DLQ.
+    valid_with_id = [s for s in sends if s.kind == "valid" and s.event_id and s.event_id.startswith("soak-")]
+    for send in rng.sample(valid_with_id, min(cfg.poison, len(valid_with_id))):
+        send.kind = "poison"
+        if not cfg.poison_shared_identity:  # an identity of its own: see docs/soak.md, head-of-line blocking
+            own = {"CRMID": [{"id": f"crm-poison-{send.index}", "primary": True}]}
+            send.body = _valid_body(rng, send.event_id, own, send.index)
     # Duplicates: the same eventId (xdm._id) again, through either trigger (a webhook duplicate is a new delivery).
     with_id = [s for s in sends if s.kind in ("valid", "no_primary") and s.event_id and s.event_id.startswith("soak-")]
     for n in range(min(len(with_id), round(cfg.events * cfg.duplicates))):
@@ -294,7 +304,10 @@ class WebhookSenders:
         self.done = 0
         self.answers: Counter[int] = Counter()
         self.gave_up: list[Send] = []
-        self._threads = [threading.Thread(target=self._work, name=f"soak-webhook-{i}", daemon=True) for i in range(n)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"soak-webhook-{i}", daemon=True)
+            for i in range(cfg.webhook_senders)
+        ]
         self._deadline = time.monotonic() + cfg.send_timeout
 
     def start(self) -> WebhookSenders:
@@ -346,7 +359,10 @@ class WebhookSenders:
         with requests.Session() as session:
             while (job := self._next()) is not None:
                 assert job.webhook_id is not None
-                headers = {"content-type": "application/json", **sign_webhook(job.body, self._secret, msg_id=job.webhook_id)}
+                headers = {
+                    "content-type": "application/json",
+                    **sign_webhook(job.body, self._secret, msg_id=job.webhook_id),
+                }
                 retry_after = 1.0
                 try:
                     resp = session.post(self._url, data=job.body, headers=headers, timeout=(5, 60))
@@ -540,19 +556,22 @@ def account(
                 reasons[reason or "(no reason stored)"] += 1
                 if reason is None:
                     no_reason.append(event_id)
-            want = "delivered" if kind == "valid" else "rejected"
+            want = {"valid": "delivered", "poison": "dlq"}.get(kind, "rejected")
             if status != want:
                 unexpected.append(f"{event_id}: {kind} ended {status} ({_reason(item) if item else ''})")
         elif event_id in dlq_ids:
             outcome["dlq"] += 1
+            if kind != "poison":
+                unexpected.append(f"{event_id}: {kind} ended in the dead-letter queue")
         elif event_id in left_ids:
             outcome["queue"] += 1
         else:
             outcome["missing"] += 1
             missing.append(f"{event_id} ({kind}; item status {status or 'none'})")
     dup_without_one = [
-        e for e in sorted(duplicate_ids) if results.get(e, {}).get("status") not in ("delivered", "rejected")
-        and e not in dlq_ids and e not in left_ids
+        e
+        for e in sorted(duplicate_ids)
+        if results.get(e, {}).get("status") not in ("delivered", "rejected") and e not in dlq_ids and e not in left_ids
     ]
     stray = sorted(set(results) - set(expected))
 
@@ -582,21 +601,28 @@ def account(
     writes = int(proxy_stats.get("write_requests", 0))
     rows: list[tuple[str, str]] = [
         ("events generated", f"{generated}  (webhook {by_trigger['webhook']}, sqs {by_trigger['sqs']})"),
-        ("  of which invalid / no primary identity",
-         f"{sum(1 for k in expected.values() if k.startswith('invalid'))} / "
-         f"{sum(1 for k in expected.values() if k == 'no_primary')}"),
-        ("duplicates sent (same eventId again)",
-         f"{sum(dup_sends.values())}  (webhook {dup_sends['webhook']}, sqs {dup_sends['sqs']}; "
-         f"{len(duplicate_ids)} eventIds)"),
-        ("webhook answers",
-         ", ".join(f"{'conn-error' if k == 0 else k}: {v}" for k, v in sorted(webhook_answers.items())) or "-"),
+        (
+            "  of which invalid / no primary identity / poison (Edge always 502)",
+            f"{sum(1 for k in expected.values() if k.startswith('invalid'))} / "
+            f"{sum(1 for k in expected.values() if k == 'no_primary')} / "
+            f"{sum(1 for k in expected.values() if k == 'poison')}",
+        ),
+        (
+            "duplicates sent (same eventId again)",
+            f"{sum(dup_sends.values())}  (webhook {dup_sends['webhook']}, sqs {dup_sends['sqs']}; "
+            f"{len(duplicate_ids)} eventIds)",
+        ),
+        (
+            "webhook answers",
+            ", ".join(f"{'conn-error' if k == 0 else k}: {v}" for k, v in sorted(webhook_answers.items())) or "-",
+        ),
         ("delivered", str(delivered)),
         ("rejected", str(outcome["rejected"])),
         *[(f"  {reason}", str(n)) for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))],
         ("in the dead-letter queue", f"{outcome['dlq']}  ({len(dlq)} messages)"),
         ("still in the queue", f"{outcome['queue']}" + ("" if drained else "  (drain timed out)")),
         ("missing (must be 0)", str(outcome["missing"])),
-        ("unexpected outcomes", str(len(unexpected))),
+        ("unexpected outcomes (valid not delivered, invalid not rejected, ...)", str(len(unexpected))),
         ("stray result items (eventId not generated)", str(len(stray))),
         ("Edge calls total", str(len(interact))),
         ("Edge calls per delivered event", per_delivered(len(interact))),
@@ -605,23 +631,32 @@ def account(
         ("  after a DynamoDB write failed past botocore's retries (expected: record redelivered)", str(dup_ddb)),
         ("  other (must be 0)", str(sum(other.values()))),
         ("DynamoDB write requests per delivered event", per_delivered(writes)),
-        ("DynamoDB requests by operation",
-         ", ".join(f"{op} {n}" for op, n in sorted((proxy_stats.get("requests") or {}).items()))),
-        ("faults injected: Edge", f"{sum(faults.values())}  ("
-         + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())) + ")"),
-        ("faults injected: DynamoDB writes", f"{proxy_stats.get('faults_total', 0)}  ("
-         + ", ".join(f"{k} {v}" for k, v in sorted((proxy_stats.get("faults") or {}).items()))
-         + f"; {proxy_stats.get('bursts', 0)} bursts of {cfg.ddb_burst_length})"),
-        ("DynamoDB writes failed after botocore's retries",
-         str(sum(tracer.ddb_failed_writes.values()))),
-        ("Edge timeouts/connection errors seen by the relay",
-         ", ".join(f"{k} {v}" for k, v in sorted(tracer.client_errors.items())) or "0"),
+        (
+            "DynamoDB requests by operation",
+            ", ".join(f"{op} {n}" for op, n in sorted((proxy_stats.get("requests") or {}).items())),
+        ),
+        (
+            "faults injected: Edge",
+            f"{sum(faults.values())}  (" + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())) + ")",
+        ),
+        (
+            "faults injected: DynamoDB writes",
+            f"{proxy_stats.get('faults_total', 0)}  ("
+            + ", ".join(f"{k} {v}" for k, v in sorted((proxy_stats.get("faults") or {}).items()))
+            + f"; {proxy_stats.get('bursts', 0)} bursts of {cfg.ddb_burst_length})",
+        ),
+        ("DynamoDB writes failed after botocore's retries", str(sum(tracer.ddb_failed_writes.values()))),
+        (
+            "Edge timeouts/connection errors seen by the relay",
+            ", ".join(f"{k} {v}" for k, v in sorted(tracer.client_errors.items())) or "0",
+        ),
         ("IMS token requests", str(sim_stats.get("ims_requests", 0))),
         ("webhooks given up by the sender / SQS sends failed", f"{len(gave_up)} / {len(unsent)}"),
         ("duration", f"{duration:.0f} s ({generated / duration:.1f} events/s)" if duration else "-"),
     ]
     counts = {
         "generated": generated,
+        "event_ids": len(expected),
         "delivered": delivered,
         "rejected": outcome["rejected"],
         "dlq": outcome["dlq"],
@@ -648,20 +683,23 @@ def _quiet_function(log_file: IO[str]) -> Iterator[None]:
     from relay.observability import logger as relay_logger
 
     saved_stdout = sys.stdout
-    saved_level = relay_logger.log_level
-    handlers = [h for h in logging.getLogger(relay_logger.name).handlers if isinstance(h, logging.StreamHandler)]
+    std_logger = logging.getLogger(relay_logger.name)
+    saved_level = std_logger.level
+    handlers = [h for h in std_logger.handlers if isinstance(h, logging.StreamHandler)]
     streams = [h.stream for h in handlers]
     relay_logger.setLevel("WARNING")
     for h in handlers:
         h.setStream(log_file)
     sys.stdout = log_file
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No application metrics to publish")
+            yield
     finally:
         sys.stdout = saved_stdout
         for h, s in zip(handlers, streams, strict=True):
             h.setStream(s)
-        relay_logger.setLevel(saved_level)
+        std_logger.setLevel(saved_level)
 
 
 def run_soak(cfg: SoakConfig, out: Callable[[str], None] | None = None) -> SoakReport:
@@ -722,9 +760,10 @@ def _run(
     pool = RuntimePool([new_runtime() for _ in range(cfg.gateway_runtimes)], res.function_timeout)
     gateway = stack.gateway(pool)
     pollers = [stack.poller(new_runtime().handle) for _ in range(cfg.pollers)]
-    stack.sim.set_chaos(
-        cfg.fault_rate, seed=cfg.seed, slow_delay=cfg.slow_delay, retry_after_max=cfg.retry_after_max
-    )
+    stack.sim.set_chaos(cfg.fault_rate, seed=cfg.seed, slow_delay=cfg.slow_delay, retry_after_max=cfg.retry_after_max)
+    for send in sends:
+        if send.kind == "poison" and not send.duplicate and send.event_id:
+            stack.sim.add_fault(status=502, match_id=send.event_id)
     proxy.configure(
         rate=cfg.ddb_fault_rate,
         seed=cfg.seed + 1,
@@ -810,6 +849,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-identity", type=float, default=defaults.no_identity)
     parser.add_argument("--pollers", type=int, default=defaults.pollers)
     parser.add_argument("--webhook-senders", type=int, default=defaults.webhook_senders)
+    parser.add_argument(
+        "--poison", type=int, default=defaults.poison, help="events Edge always fails (expected in the DLQ)"
+    )
+    parser.add_argument(
+        "--poison-shared-identity",
+        action="store_true",
+        help="give poison events popular identities (reproduces head-of-line blocking: see docs/soak.md)",
+    )
     parser.add_argument("--show", type=int, default=10, help="list at most this many missing/unexpected events")
     args = parser.parse_args(argv)
     cfg = SoakConfig(
@@ -823,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
         no_identity=args.no_identity,
         pollers=args.pollers,
         webhook_senders=args.webhook_senders,
+        poison=args.poison,
+        poison_shared_identity=args.poison_shared_identity,
     )
     stop_on_sigterm()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

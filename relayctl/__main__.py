@@ -86,6 +86,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             doc = decode_item(item)
             if not args.full:
                 doc.pop("request", None)
+            if doc.get("status") in ("queued", "pending") and t.dlq_url:
+                where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id)
+                if where:
+                    doc.update(status="dead-lettered", **where)
             _print(doc)
             found += 1
             continue
@@ -209,8 +213,16 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         ).get("Messages", [])
         if not msgs:
             break
+        # A message without an eventId attribute was keyed by its messageId: keep that key across the move.
         entries = [
-            {"Id": str(i), "MessageBody": m["Body"], "MessageAttributes": m.get("MessageAttributes", {})}
+            {
+                "Id": str(i),
+                "MessageBody": m["Body"],
+                "MessageAttributes": {
+                    "eventId": {"DataType": "String", "StringValue": m["MessageId"]},
+                    **m.get("MessageAttributes", {}),
+                },
+            }
             for i, m in enumerate(msgs)
         ]
         sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=entries)

@@ -159,7 +159,9 @@ class FakeTokenProvider:
         c = self._credentials
         return AccessToken(f"token-{self.issued}", self._expires_at, c.client_id, c.org_id)
 
-    def get(self, *, force_refresh: bool = False, stale: AccessToken | None = None) -> AccessToken:
+    def get(
+        self, *, force_refresh: bool = False, stale: AccessToken | None = None, deadline: object = None
+    ) -> AccessToken:
         self.get_calls.append({"force_refresh": force_refresh, "stale": stale})
         if force_refresh and (stale is None or stale == self.token):
             self.issued += 1

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 import requests
 from relay import codec
+from relay.errors import StoreUnavailable
 from relay.identity_state import opaque_identity_id
+from relay.integrations.store import HandlesStore
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
@@ -143,22 +145,27 @@ def handle_payload(handles: list[dict[str, Any]], kind: str) -> list[dict[str, A
 
 
 def stored_ecid(stack: LocalStack, event_id: str) -> str:
-    item = stack.result_item(event_id)
-    assert item is not None and item["status"] == "delivered", item
+    item = result(stack, event_id)
+    assert item["status"] == "delivered", item
     [identity] = handle_payload(item["handle"], "identity:result")
     return str(identity["id"])
 
 
-def state_item(stack: LocalStack, crm_id: str) -> dict[str, Any] | None:
-    """The raw identity-state item of a CRMID on the local datastream, with `state` decoded."""
+def result(stack: LocalStack, event_id: str) -> dict[str, Any]:
+    item = stack.result_item(event_id)
+    assert item is not None, f"no result stored for {event_id}"
+    return item
+
+
+def state_item(stack: LocalStack, crm_id: str) -> dict[str, Any]:
+    """The identity-state item of a CRMID on the local datastream, with `state` decoded."""
     resp = stack.dynamodb.get_item(
         TableName=stack.resources.table_name,
         Key={"pk": {"S": f"IDENTITY#{opaque_identity_id('CRMID', crm_id)}"}, "sk": {"S": f"STATE#{DATASTREAM_ID}"}},
         ConsistentRead=True,
     )
     item = resp.get("Item")
-    if not item:
-        return None
+    assert item, "no identity-state item"
     return {
         "pk": item["pk"]["S"],
         "sk": item["sk"]["S"],
@@ -197,7 +204,7 @@ def test_three_cold_starts_keep_one_ecid_and_send_back_state_on_the_hinted_path(
     ecid = stored_ecid(stack, e1)
     assert [stored_ecid(stack, e) for e in (e1, e2, e3)] == [ecid, ecid, ecid]
     assert handle_payload(answer["handle"], "identity:result") == [{"id": ecid, "namespace": {"code": "ECID"}}]
-    assert [stack.result_item(e)["source"] for e in (e1, e2, e3)] == ["sqs", "webhook", "sqs"]
+    assert [result(stack, e)["source"] for e in (e1, e2, e3)] == ["sqs", "webhook", "sqs"]
     # AND the first call went to the unhinted path without state, the next two to the hinted path
     r1, r2, r3 = edge_requests(stack, e1, e2, e3)
     assert [r["xdm_id"] for r in (r1, r2, r3)] == [e1, e2, e3]
@@ -205,7 +212,7 @@ def test_three_cold_starts_keep_one_ecid_and_send_back_state_on_the_hinted_path(
     assert [r["hint_mismatch"] for r in (r1, r2, r3)] == [False, False, False]
     assert "meta" not in r1["body"]
     # AND they carried the first answer's state:store entries, with their remaining lifetime as maxAge
-    first_store = handle_payload(stack.result_item(e1)["handle"], "state:store")
+    first_store = handle_payload(result(stack, e1)["handle"], "state:store")
     assert {e["key"]: e["value"] for e in first_store} == {
         IDENTITY_KEY: first_store[0]["value"],
         CLUSTER_KEY: "or2",
@@ -425,7 +432,6 @@ def test_two_identities_interleaved_in_one_batch_keep_separate_state_in_order(
     assert abs(ra1["time"] - rb1["time"]) < latency
     # AND two different state items exist, keyed by a hash that never holds the raw id
     item_a, item_b = state_item(stack, crm_a), state_item(stack, crm_b)
-    assert item_a is not None and item_b is not None
     assert item_a["pk"] != item_b["pk"] and item_a["state"] != item_b["state"]
     raw_items = identity_items(stack)
     assert sorted(i["pk"]["S"] for i in raw_items) == sorted([item_a["pk"], item_b["pk"]])
@@ -455,7 +461,7 @@ def test_different_identities_in_one_batch_are_relayed_concurrently(
     assert sorted(r["xdm_id"] for r in log) == sorted(events[0] for _, events in ids)
     arrivals = [r["time"] for r in log]
     assert max(arrivals) - min(arrivals) < latency
-    assert [stack.result_item(events[0])["status"] for _, events in ids] == ["delivered"] * 4
+    assert [result(stack, events[0])["status"] for _, events in ids] == ["delivered"] * 4
 
 
 # ---------------------------------------------------------------------------------------------------- 5. no identity
@@ -487,8 +493,7 @@ def test_events_without_a_primary_identity_keep_no_state_and_are_rejected(
     assert resp.status_code == 422
     assert resp.json()["type"] == "https://ns.adobe.com/aep/errors/EXEG-0306-400"
     for event_id, body in ((no_map_id, no_map), (no_primary_id, no_primary)):
-        item = stack.result_item(event_id)
-        assert item is not None
+        item = result(stack, event_id)
         assert item["status"] == "rejected"
         assert item["error"]["type"] == "https://ns.adobe.com/aep/errors/EXEG-0306-400"
         assert item["error"]["status"] == 400
@@ -497,6 +502,48 @@ def test_events_without_a_primary_identity_keep_no_state_and_are_rejected(
         assert "meta" not in request_of(stack, event_id)["body"]
     # AND no identity-state item was written
     assert identity_items(stack) == []
+
+
+# ---------------------------------------------------------------------------------------------------- state write fails
+
+
+class ThrottledStateStore(HandlesStore):
+    """The project's store, except that DynamoDB throttles the first identity-state write (a transient error)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.throttled = 0
+
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        if op == "put_item" and kwargs["Item"]["pk"]["S"].startswith("IDENTITY#") and not self.throttled:
+            self.throttled += 1
+            raise StoreUnavailable("dynamodb put_item failed: ThrottlingException")
+        return super()._call(op, **kwargs)
+
+
+def test_a_failed_state_write_after_delivery_does_not_send_the_event_to_edge_twice(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN a handler instance whose first identity-state write is throttled by DynamoDB
+    stack = clean_stack
+    crm, (e1,) = new_ids("state-write-fails", 1)
+    runtime = new_runtime()
+    s = runtime.settings
+    store = ThrottledStateStore(
+        runtime.clients["dynamodb"], s.handles_table, ttl_days=s.result_ttl_days, clock=runtime.clock
+    )
+    runtime.store = store  # type: ignore[misc]  # the instance's store, before its relay is built
+
+    # WHEN an event is relayed from the queue, and the queue is drained (failed records come back after 1 s)
+    stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=json.dumps(crm_event(crm, e1)))
+    poller = stack.poller(runtime.handle, batching_window=0)
+    poller.drain(timeout=10, raise_on_timeout=True)
+
+    # THEN Edge was called once, and the event is stored as delivered
+    assert store.throttled == 1
+    assert len(edge_requests(stack, e1)) == 1
+    assert result(stack, e1)["status"] == "delivered"
+    assert [o.failed for o in poller.history] == [[]]
 
 
 # ---------------------------------------------------------------------------------------------------- 6. TTL / writes

@@ -317,7 +317,6 @@ def test_poller_redelivers_the_503_record_until_the_dead_letter_queue(clean_stac
     assert [c["status"] for c in calls] == [503] * 5 * max_receive
     sent_ts = int(dead[0]["Attributes"]["SentTimestamp"]) / 1000
 
-
     xdm = {**doc["event"]["xdm"], "_id": unavailable_mid, "timestamp": iso_millis(sent_ts)}
     assert all(c["body"] == {"event": {"xdm": xdm}} for c in calls)
     # AND the others ended as they should, each with exactly one Edge call

@@ -484,7 +484,7 @@ def test_signature_is_checked_on_the_raw_bytes_not_a_reparsed_body() -> None:
     assert h.answers[-1]["statusCode"] == 401 and not h.reached_relay
 
 
-# ------------------------------------------------------------------------------------------- known bugs
+# ------------------------------------------------------------ regressions (bugs found here, since fixed)
 
 
 def test_lone_surrogate_escape_is_refused_as_invalid() -> None:

@@ -99,7 +99,8 @@ class Relay:
                 logger.info("repeat of a finished event", eventId=event_id, status=existing.get("status"))
                 return Result(Outcome.DUPLICATE, event_id, item=existing)
             return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
-        assert claim.token is not None
+        if claim.token is None:
+            return Result(Outcome.RETRY, event_id, reason="claim without a token")
         try:
             return self._deliver(inbound, claim.token, deadline)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
@@ -145,7 +146,12 @@ class Relay:
                 new = apply_handles(current, handles, received)
                 return new if needs_write(current, new, received) else None
 
-            self.store.update_state(opaque, inbound.datastream_id, state, change)
+            try:
+                self.store.update_state(opaque, inbound.datastream_id, state, change)
+            except StoreUnavailable as exc:
+                # Edge has the event: never send it again for the sake of its state (contract §1).
+                count("StateWriteFailed")
+                logger.warning("identity state not saved", eventId=inbound.event_id, reason=str(exc))
         fields: dict[str, Any] = {
             "status": "delivered",
             "datastreamId": inbound.datastream_id,

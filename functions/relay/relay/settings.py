@@ -91,11 +91,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     edge_auth = choice("EDGE_AUTH", "ims", ("ims", "none"))
     webhook_auth = choice("WEBHOOK_AUTH", "standard-webhooks", ("standard-webhooks", "none"))
     adobe_secret = env.get("ADOBE_SECRET_ID", "").strip() or None
-    if edge_auth == "ims" and not adobe_secret:
-        problems["ADOBE_SECRET_ID"] = "is required when EDGE_AUTH=ims"
     webhook_secret = env.get("WEBHOOK_SECRET_ID", "").strip() or None
-    if webhook_auth == "standard-webhooks" and not webhook_secret:
-        problems["WEBHOOK_SECRET_ID"] = "is required when WEBHOOK_AUTH=standard-webhooks"
+    for name, value, needed, because in (
+        ("ADOBE_SECRET_ID", adobe_secret, edge_auth == "ims", "EDGE_AUTH=ims"),
+        ("WEBHOOK_SECRET_ID", webhook_secret, webhook_auth == "standard-webhooks", "WEBHOOK_AUTH=standard-webhooks"),
+    ):
+        if needed and not value:
+            problems[name] = f"is required when {because}"
     base = _url(problems, "EDGE_BASE_URL", env.get("EDGE_BASE_URL", "").strip() or "https://server.adobedc.net")
     ims = _url(
         problems,

@@ -61,13 +61,14 @@ class EdgeClient:
         self._settings = settings
         self._tokens = tokens
         self._clock = clock
-        self._rng = rng or random.Random()
+        # backoff jitter only, not security
+        self._rng = rng or random.Random()  # nosec B311
 
-    def _headers(self) -> tuple[dict[str, str], Any]:
+    def _headers(self, deadline: Deadline) -> tuple[dict[str, str], Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._tokens is None:
             return headers, None
-        token = self._tokens.get()
+        token = self._tokens.get(deadline=deadline)
         headers.update(
             {
                 "Authorization": f"Bearer {token.value}",
@@ -92,10 +93,14 @@ class EdgeClient:
             remaining = deadline.remaining()
             if remaining < _MIN_ATTEMPT_S:
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
-            headers, token = self._headers()
+            headers, token = self._headers(deadline)
+            remaining = deadline.remaining()  # the token request may have used some of it
+            if remaining < _MIN_ATTEMPT_S:
+                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
             params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
             # connect + read together must fit in what is left
-            connect = min(s.edge_connect_timeout_s, remaining / 2)
+            # (a pooled keep-alive connection needs no connect time; a new one rarely needs a quarter)
+            connect = min(s.edge_connect_timeout_s, remaining / 4)
             timeout = (connect, min(s.edge_read_timeout_s, remaining - connect))
             started = self._clock.monotonic()
             try:
@@ -118,7 +123,7 @@ class EdgeClient:
                     code = str(problem.get("type", ""))
                     if status == 401 and "EXEG-0503" in code and self._tokens and not refreshed:
                         refreshed = True  # expired token: refresh once and retry at once
-                        self._tokens.get(force_refresh=True, stale=token)
+                        self._tokens.get(force_refresh=True, stale=token, deadline=deadline)
                         logger.info("edge token expired, refreshed", attempt=attempt)
                         continue
                     if status == 401:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from relay.clock import Clock
+from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 
@@ -40,29 +40,38 @@ class ImsTokenProvider:
         self._token: AccessToken | None = None
         self._lock = threading.Lock()
 
-    def get(self, *, force_refresh: bool = False, stale: AccessToken | None = None) -> AccessToken:
+    def get(
+        self, *, force_refresh: bool = False, stale: AccessToken | None = None, deadline: Deadline | None = None
+    ) -> AccessToken:
         with self._lock:
             token = self._token
             # A refresh forced by an expired-token answer only replaces the token that was refused.
             if token and not (force_refresh and (stale is None or stale == token)):
                 if token.expires_at > self._clock.now():
                     return token
-            self._token = self._fetch()
+            self._token = self._fetch(deadline)
             return self._token
 
-    def _fetch(self) -> AccessToken:
+    def _fetch(self, deadline: Deadline | None) -> AccessToken:
         creds = self._credentials.adobe()
-        status = self._request(creds)
+        status = self._request(creds, deadline)
         if isinstance(status, AccessToken):
             return status
         if status in (400, 401, 403):  # refused credentials: the secret may have been rotated; re-read it once
             creds = self._credentials.adobe(force=True)
-            status = self._request(creds)
+            status = self._request(creds, deadline)
             if isinstance(status, AccessToken):
                 return status
         raise CredentialsError(f"IMS refused the token request (HTTP {status})")
 
-    def _request(self, creds: AdobeCredentials) -> AccessToken | int:
+    def _request(self, creds: AdobeCredentials, deadline: Deadline | None) -> AccessToken | int:
+        timeout = self._timeout
+        if deadline is not None:  # the token request counts against the invocation's budget too
+            left = deadline.remaining()
+            if left < 0.05:
+                raise CredentialsError("no time left to request an IMS token")
+            connect = min(self._timeout[0], left / 4)
+            timeout = (connect, min(self._timeout[1], left - connect))
         try:
             resp = self._session.post(
                 self._url,
@@ -72,7 +81,7 @@ class ImsTokenProvider:
                     "client_secret": creds.client_secret,
                     "scope": creds.scopes,
                 },
-                timeout=self._timeout,
+                timeout=timeout,
             )
         except requests.RequestException as exc:
             raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None

@@ -1,0 +1,602 @@
+"""Delivery guarantees under injected faults (issue 4, item 2): one Edge call per eventId, Adobe's retry rules inside
+the Lambda's time, the webhook's queue fallback. Real HTTP to moto server and the Edge simulator; the only injected
+piece of the relay is its clock (`Runtime(..., clock=FakeClock)`), and, for the DynamoDB failure, a loopback proxy in
+front of moto that the runtime's own boto3 client talks to."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from relay.integrations.aws_clients import build_clients, client_config
+from relay.runtime import Runtime
+from relay.settings import load_settings
+
+from devtools.edge_sim import ERROR_TYPE_BASE, new_ecid
+from devtools.gateway import LocalGateway
+from devtools.lambda_context import new_context
+from devtools.stack import DATASTREAM_ID, LocalStack
+from tests.fakes import FakeClock
+
+pytestmark = pytest.mark.integration
+
+PROBLEM = "application/problem+json"
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+class SkipClock:
+    """Real time, except that `sleep()` returns at once: it records the wait and moves this clock forward by it."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+        self._skipped = 0.0
+
+    def now(self) -> float:
+        return time.time() + self._skipped
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self._skipped
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self._skipped += max(seconds, 0.0)
+
+
+def new_runtime(clock: Any = None, clients: dict[str, Any] | None = None, **overrides: str) -> Runtime:
+    return Runtime(load_settings({**os.environ, **overrides}), clock=clock, clients=clients)
+
+
+def interact_event(event_id: str | None = None, *, ecid: str | None = None) -> dict[str, Any]:
+    xdm: dict[str, Any] = {
+        "eventType": "commerce.purchases",
+        "identityMap": {"ECID": [{"id": ecid or new_ecid(), "primary": True}]},
+        "timestamp": "2026-01-01T00:00:00.000Z",
+    }
+    if event_id is not None:
+        xdm["_id"] = event_id
+    return {"event": {"xdm": xdm}}
+
+
+def record(stack: LocalStack, doc: dict[str, Any], message_id: str | None = None) -> dict[str, Any]:
+    return {
+        "messageId": message_id or str(uuid.uuid4()),
+        "receiptHandle": "rh",
+        "body": json.dumps(doc),
+        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": str(int(time.time() * 1000))},
+        "messageAttributes": {},
+        "md5OfBody": "0" * 32,
+        "eventSource": "aws:sqs",
+        "eventSourceARN": stack.resources.queue_arn,
+        "awsRegion": stack.region,
+    }
+
+
+def batch(*records: dict[str, Any]) -> dict[str, Any]:
+    return {"Records": list(records)}
+
+
+def failures(*message_ids: str) -> dict[str, Any]:
+    return {"batchItemFailures": [{"itemIdentifier": m} for m in message_ids]}
+
+
+def edge_requests(stack: LocalStack, event_id: str) -> list[dict[str, Any]]:
+    return [r for r in stack.sim.requests_log() if r["path"].endswith("/interact") and r["xdm_id"] == event_id]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def post(gw: LocalGateway, stack: LocalStack, doc: dict[str, Any], msg_id: str | None = None) -> requests.Response:
+    body = json.dumps(doc)
+    headers = {"content-type": "application/json", **stack.sign(body, msg_id=msg_id)}
+    return requests.post(f"{gw.url}/events", data=body, headers=headers, timeout=30)
+
+
+def queue_messages(stack: LocalStack) -> list[dict[str, Any]]:
+    """Peek at the queue (the messages stay visible)."""
+    return stack.sqs.receive_message(
+        QueueUrl=stack.resources.queue_url,
+        MaxNumberOfMessages=10,
+        VisibilityTimeout=0,
+        MessageAttributeNames=["All"],
+        AttributeNames=["All"],
+    ).get("Messages", [])
+
+
+def warm_up(stack: LocalStack, runtime: Runtime) -> None:
+    """One delivered event, so the runtime holds its secrets and IMS token (what a warm execution environment has)."""
+    assert runtime.handle(batch(record(stack, interact_event(f"warm-{uuid.uuid4()}"))), new_context(30)) == failures()
+
+
+# ---------------------------------------------------------------------------------------------------------- duplicates
+
+
+def test_duplicate_event_id_in_one_batch_calls_edge_once(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN one batch carrying the same event twice (two messages, one xdm._id)
+    event_id = f"evt-{uuid.uuid4()}"
+    doc = interact_event(event_id)
+    first, second = record(stack, doc), record(stack, doc)
+
+    # WHEN the function handles it
+    answer = new_runtime().handle(batch(first, second), new_context(30))
+
+    # THEN both records are acknowledged, Edge was called once and the result is stored once
+    assert answer == failures()
+    assert [r["status"] for r in edge_requests(stack, event_id)] == [200]
+    item = stack.result_item(event_id)
+    assert (item["status"], item["attempts"], item["requestId"]) == (
+        "delivered",
+        1,
+        edge_requests(stack, event_id)[0]["request_id"],
+    )
+
+
+def test_duplicate_event_id_across_batches_calls_edge_once(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN an event delivered by one execution environment
+    event_id = f"evt-{uuid.uuid4()}"
+    doc = interact_event(event_id)
+    assert new_runtime().handle(batch(record(stack, doc)), new_context(30)) == failures()
+    stored = stack.result_item(event_id)
+
+    # WHEN SQS delivers it again, in another batch, to another execution environment
+    answer = new_runtime().handle(batch(record(stack, doc)), new_context(30))
+
+    # THEN it is acknowledged without a second Edge call, and the stored result is untouched
+    assert answer == failures()
+    assert len(edge_requests(stack, event_id)) == 1
+    assert stack.result_item(event_id) == stored
+
+
+def test_concurrent_sqs_duplicate_is_busy_and_edge_is_called_once(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN two warm execution environments, and Edge holding the first call for 3 s
+    event_id = f"evt-{uuid.uuid4()}"
+    doc = interact_event(event_id)
+    stack.sim.add_fault(match_id=event_id, delay=3, times=1)
+    one, two = new_runtime(), new_runtime()
+    warm_up(stack, one)
+    warm_up(stack, two)
+    first, second = record(stack, doc), record(stack, doc)
+    answers: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: answers.update(one=one.handle(batch(first), new_context(30))))
+
+    # WHEN the first is inside its Edge call and the duplicate reaches the second
+    worker.start()
+    wait_for(lambda: len(edge_requests(stack, event_id)) == 1)
+    busy = two.handle(batch(second), new_context(30))
+    worker.join(timeout=10)
+
+    # THEN the duplicate is handed back for redelivery (not failed, not sent), the first delivers
+    assert busy == failures(second["messageId"])
+    assert answers["one"] == failures()
+    # AND when it comes back it is acknowledged as a duplicate; Edge saw one call in all
+    assert two.handle(batch(second), new_context(30)) == failures()
+    assert len(edge_requests(stack, event_id)) == 1
+    assert stack.result_item(event_id)["status"] == "delivered"
+
+
+def test_concurrent_webhook_duplicate_gets_409_then_the_delivered_answer(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN two warm execution environments behind two gateways, and Edge holding the first call for 1.5 s
+    # (under the first attempt's read timeout: half of the 4.25 s webhook budget)
+    gw_one = stack.gateway(new_runtime().handle)
+    gw_two = stack.gateway(new_runtime().handle)
+    for gw in (gw_one, gw_two):
+        assert post(gw, stack, interact_event()).status_code == 200
+    doc = interact_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    stack.sim.add_fault(match_id=msg_id, delay=1.5, times=1)
+    answers: dict[str, requests.Response] = {}
+    worker = threading.Thread(target=lambda: answers.update(one=post(gw_one, stack, doc, msg_id)))
+
+    # WHEN the sender's retry arrives at the second while the first is inside its Edge call
+    worker.start()
+    wait_for(lambda: len(edge_requests(stack, msg_id)) == 1)
+    conflict = post(gw_two, stack, doc, msg_id)
+    worker.join(timeout=10)
+
+    # THEN the retry gets 409 with Retry-After, the first gets 200
+    assert (conflict.status_code, conflict.headers["content-type"], conflict.headers["retry-after"]) == (
+        409,
+        PROBLEM,
+        "2",
+    )
+    assert conflict.json() == {
+        "type": "about:blank",
+        "title": "Conflict",
+        "status": 409,
+        "detail": "this event is being processed; retry shortly to read its result",
+        "eventId": msg_id,
+        "retryAfter": 2,
+    }
+    assert answers["one"].status_code == 200
+    # AND retrying after Retry-After reads the same delivered answer; Edge saw one call in all
+    again = post(gw_two, stack, doc, msg_id)
+    assert (again.status_code, again.json()) == (200, answers["one"].json())
+    assert len(edge_requests(stack, msg_id)) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------- retries
+
+
+@pytest.mark.parametrize(("edge_status", "code"), [(500, "EXEG-0001-500"), (400, "EXEG-0102-400")])
+def test_edge_500_and_400_are_not_retried(clean_stack: LocalStack, edge_status: int, code: str) -> None:
+    stack = clean_stack
+    # GIVEN Edge answers this event with a status Adobe says must not be retried
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=edge_status)
+    clock = FakeClock(wall=time.time(), mono=time.monotonic())
+
+    # WHEN the function gets it from SQS
+    answer = new_runtime(clock).handle(batch(record(stack, interact_event(event_id))), new_context(30))
+
+    # THEN it is acknowledged and stored rejected after exactly one Edge call, without any wait
+    assert answer == failures()
+    assert [r["status"] for r in edge_requests(stack, event_id)] == [edge_status]
+    assert clock.sleeps == []
+    item = stack.result_item(event_id)
+    assert (item["status"], item["error"]["type"], item["error"]["status"]) == (
+        "rejected",
+        ERROR_TYPE_BASE + code,
+        edge_status,
+    )
+
+
+def test_429_with_retry_after_2_waits_2_seconds_on_the_injected_clock(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN Edge throttles this event once with `Retry-After: 2`
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=429, retry_after=2, times=1)
+    clock = FakeClock(wall=time.time(), mono=time.monotonic())
+
+    # WHEN the function gets it
+    started = time.monotonic()
+    answer = new_runtime(clock).handle(batch(record(stack, interact_event(event_id))), new_context(30))
+    elapsed = time.monotonic() - started
+
+    # THEN it waited what Edge asked, on the injected clock (no real sleeping), then delivered
+    assert answer == failures()
+    assert clock.sleeps == [2.0]
+    assert elapsed < 2.0
+    calls = edge_requests(stack, event_id)
+    assert [r["status"] for r in calls] == [429, 200]
+    assert calls[0]["body"] == calls[1]["body"]
+    assert stack.result_item(event_id)["status"] == "delivered"
+
+
+def test_429_with_retry_after_as_http_date_waits_until_that_date(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN Edge throttles this event once with a `Retry-After` HTTP-date 3 s from now (1 s resolution)
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=429, retry_after=3, retry_after_http_date=True, times=1)
+    clock = SkipClock()  # follows real time, so the date compares with the real now; sleeps are skipped
+
+    # WHEN the function gets it
+    started = time.monotonic()
+    answer = new_runtime(clock).handle(batch(record(stack, interact_event(event_id))), new_context(30))
+
+    # THEN it waited until the date (2-3 s after the answer), on the injected clock, then delivered
+    assert answer == failures()
+    assert len(clock.sleeps) == 1 and 2.0 - 0.5 <= clock.sleeps[0] <= 3.0
+    assert time.monotonic() - started < 2.0
+    assert [r["status"] for r in edge_requests(stack, event_id)] == [429, 200]
+
+
+def test_retry_budget_fits_the_lambdas_remaining_time_with_retry_after(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN Edge answers 503 with `Retry-After: 1` forever, 3 s left in the invocation, a 0.5 s safety margin
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=503, retry_after=1)
+    msg = record(stack, interact_event(event_id))
+
+    runtime = new_runtime(SAFETY_MARGIN_MS="500")
+    warm_up(stack, runtime)
+
+    # WHEN the function gets the event
+    started = time.time()
+    answer = runtime.handle(batch(msg), new_context(3))
+    elapsed = time.time() - started
+
+    # THEN it tried about every second (t=0, 1, 2 s), stopped when the next wait would not fit in 3 - 0.5 s,
+    # and returned before the Lambda's deadline
+    calls = edge_requests(stack, event_id)
+    assert [c["status"] for c in calls] in ([503, 503], [503, 503, 503])
+    assert all(c["time"] - started < 2.5 for c in calls)
+    assert all(b["time"] - a["time"] >= 1.0 for a, b in zip(calls, calls[1:], strict=False))
+    assert elapsed < 3.0
+    assert answer == failures(msg["messageId"])
+    item = stack.result_item(event_id)
+    assert (item["status"], item["lastError"]) == ("queued", "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503")
+
+
+def test_retry_budget_caps_a_slow_answer_by_the_lambdas_remaining_time(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN Edge takes 4 s to answer, while the invocation has 3 s left (0.5 s safety margin)
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, delay=4)
+    msg = record(stack, interact_event(event_id))
+
+    runtime = new_runtime(SAFETY_MARGIN_MS="500")
+    warm_up(stack, runtime)
+
+    # WHEN the function gets the event
+    started = time.time()
+    answer = runtime.handle(batch(msg), new_context(3))
+    elapsed = time.time() - started
+
+    # THEN each attempt's timeouts were cut to what was left: the handler returns before the Lambda's deadline
+    assert elapsed < 3.0
+    assert answer == failures(msg["messageId"])
+    calls = edge_requests(stack, event_id)
+    assert calls and all(c["time"] - started < 2.5 for c in calls)
+    item = stack.result_item(event_id)
+    assert (item["status"], item["lastError"]) == ("queued", "edge call failed: ReadTimeout")
+
+
+def test_retry_budget_includes_the_ims_token_request(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a cold execution environment (no token yet), IMS taking 6 s to answer, 3 s left in the invocation
+    stack.sim.add_fault(match_path="/ims/token/v3", delay=6)
+    event_id = f"evt-{uuid.uuid4()}"
+    msg = record(stack, interact_event(event_id))
+    runtime = new_runtime(SAFETY_MARGIN_MS="500")
+
+    # WHEN the function gets an event
+    started = time.time()
+    answer = runtime.handle(batch(msg), new_context(3))
+    elapsed = time.time() - started
+
+    # THEN it gives up on the token in time and hands the record back, before the Lambda's deadline
+    assert elapsed < 3.0, f"the invocation ran {elapsed:.1f} s with 3 s left: Lambda would have killed it"
+    assert answer == failures(msg["messageId"])
+
+
+# ---------------------------------------------------------------------------------------------------------- webhook
+
+
+def test_webhook_falls_back_to_the_queue_with_202_and_the_poller_delivers_it_later(clean_stack: LocalStack):
+    stack = clean_stack
+    # GIVEN Edge answers 503 to every attempt for this event
+    runtime = new_runtime()
+    gw = stack.gateway(runtime.handle)
+    doc = interact_event()  # no xdm._id: the eventId is the webhook-id
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+
+    # WHEN it is posted
+    resp = post(gw, stack, doc, msg_id)
+
+    # THEN 202 queued, after the 5 attempts of the retry budget
+    assert (resp.status_code, resp.headers["content-type"], resp.json()) == (
+        202,
+        "application/json",
+        {"eventId": msg_id, "status": "queued"},
+    )
+    assert [r["status"] for r in edge_requests(stack, msg_id)] == [503] * 5
+    # AND the queue holds the event as sent to Edge (stable xdm._id) with its eventId, source and datastream
+    [message] = queue_messages(stack)
+    sent = {"event": {"xdm": {**doc["event"]["xdm"], "_id": msg_id}}}
+    assert json.loads(message["Body"]) == sent
+    assert {k: v["StringValue"] for k, v in message["MessageAttributes"].items()} == {
+        "eventId": msg_id,
+        "relaySource": "webhook",
+        "datastreamId": DATASTREAM_ID,
+    }
+    item = stack.result_item(msg_id)
+    assert (item["status"], item["source"], item["lastError"]) == (
+        "queued",
+        "webhook",
+        "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503",
+    )
+
+    # WHEN Edge recovers and the poller runs
+    stack.sim.remove_fault(rule)
+    poller = stack.poller(runtime.handle, batching_window=0)
+    poller.drain(timeout=20, raise_on_timeout=True)
+
+    # THEN it is delivered under the same eventId, with the same body every time
+    item = stack.result_item(msg_id)
+    assert (item["status"], item["eventId"], item["source"]) == ("delivered", msg_id, "webhook")
+    calls = edge_requests(stack, msg_id)
+    assert [c["status"] for c in calls] == [503] * 5 + [200]
+    assert all(c["body"] == sent for c in calls)
+    assert item["requestId"] == calls[-1]["request_id"]
+    # AND a sender's late retry now reads the delivered answer
+    again = post(gw, stack, doc, msg_id)
+    assert (again.status_code, again.json()["requestId"]) == (200, item["requestId"])
+
+
+def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN Edge takes 8 s to answer this event; the webhook deadline is the default 5 s; a warm environment
+    gw = stack.gateway(new_runtime().handle)
+    assert post(gw, stack, interact_event()).status_code == 200
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    stack.sim.add_fault(match_id=msg_id, delay=8)
+
+    # WHEN it is posted
+    started = time.monotonic()
+    resp = post(gw, stack, interact_event(), msg_id)
+    elapsed = time.monotonic() - started
+
+    # THEN the sender gets 202 within the deadline and the event waits in the queue
+    assert (resp.status_code, resp.json()) == (202, {"eventId": msg_id, "status": "queued"})
+    assert elapsed < 5.0, elapsed
+    assert all(c["fault"] for c in edge_requests(stack, msg_id))  # every attempt was one of the slow ones
+    assert [m["MessageAttributes"]["eventId"]["StringValue"] for m in queue_messages(stack)] == [msg_id]
+
+
+def test_webhook_answers_503_when_edge_is_down_and_the_queue_too(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN an execution environment whose retry queue does not exist, and Edge answering 503
+    missing_queue = f"{stack.moto.url}/123456789012/no-such-queue"
+    runtime = new_runtime(RETRY_QUEUE_URL=missing_queue)
+    gw = stack.gateway(runtime.handle)
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+    doc = interact_event()
+
+    # WHEN an event is posted
+    resp = post(gw, stack, doc, msg_id)
+
+    # THEN 503 problem telling the sender to retry
+    assert (resp.status_code, resp.headers["content-type"], resp.headers["retry-after"]) == (503, PROBLEM, "30")
+    assert resp.json() == {
+        "type": "about:blank",
+        "title": "Service unavailable",
+        "status": 503,
+        "detail": "Edge is unavailable and the event could not be queued; retry",
+        "eventId": msg_id,
+        "retryAfter": 30,
+    }
+    assert queue_messages(stack) == []
+    assert stack.result_item(msg_id)["status"] == "queued"  # released: the sender's retry may claim it
+
+    # WHEN Edge recovers and the sender retries
+    stack.sim.remove_fault(rule)
+    again = post(gw, stack, doc, msg_id)
+
+    # THEN it is delivered
+    assert again.status_code == 200
+    assert stack.result_item(msg_id)["status"] == "delivered"
+    assert [c["status"] for c in edge_requests(stack, msg_id)] == [503] * 5 + [200]
+
+
+# ---------------------------------------------------------------------------------------------------------- DynamoDB
+
+
+class FailingDynamoProxy:
+    """An HTTP proxy in front of moto's DynamoDB: forwards everything, except that it answers the first `fail`
+    UpdateItem calls that write a `delivered` outcome with `status`/`error_type`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.fail = 0
+        self.status = 400
+        self.error_type = "ResourceNotFoundException"
+        self.failed = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> FailingDynamoProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                target = self.headers.get("x-amz-target", "")
+                if target.endswith(".UpdateItem") and b'"delivered"' in body and proxy.fail > 0:
+                    proxy.fail -= 1
+                    proxy.failed += 1
+                    payload = json.dumps(
+                        {"__type": f"com.amazonaws.dynamodb.v20120810#{proxy.error_type}", "message": "injected"}
+                    ).encode()
+                    self.send_response(proxy.status)
+                    self.send_header("content-type", "application/x-amz-json-1.0")
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                skip = {"host", "content-length", "connection", "accept-encoding"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                resp = requests.post(proxy.target + self.path, data=body, headers=headers, timeout=30)
+                self.send_response(resp.status_code)
+                for name in ("content-type", "x-amz-crc32", "x-amzn-requestid"):
+                    if name in resp.headers:
+                        self.send_header(name, resp.headers[name])
+                self.send_header("content-length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+@pytest.fixture
+def dynamo_proxy(clean_stack: LocalStack) -> Iterator[FailingDynamoProxy]:
+    proxy = FailingDynamoProxy(clean_stack.moto.url).start()
+    yield proxy
+    proxy.stop()
+
+
+def proxied_clients(proxy: FailingDynamoProxy) -> dict[str, Any]:
+    clients = build_clients(20)
+    clients["dynamodb"] = boto3.session.Session().client("dynamodb", endpoint_url=proxy.url, config=client_config(20))
+    return clients
+
+
+def test_transient_dynamodb_failure_after_edge_success_is_retried_by_the_write(
+    clean_stack: LocalStack, dynamo_proxy: FailingDynamoProxy
+) -> None:
+    stack = clean_stack
+    # GIVEN DynamoDB fails the first two writes of the outcome with a 500
+    dynamo_proxy.fail, dynamo_proxy.status, dynamo_proxy.error_type = 2, 500, "InternalServerError"
+    event_id = f"evt-{uuid.uuid4()}"
+    runtime = new_runtime(clients=proxied_clients(dynamo_proxy))
+
+    # WHEN the function gets the event
+    answer = runtime.handle(batch(record(stack, interact_event(event_id))), new_context(30))
+
+    # THEN the write was retried and succeeded: delivered, with one Edge call
+    assert answer == failures()
+    assert dynamo_proxy.failed == 2
+    assert stack.result_item(event_id)["status"] == "delivered"
+    assert len(edge_requests(stack, event_id)) == 1
+
+
+def test_lasting_dynamodb_failure_after_edge_success_fails_the_record(
+    clean_stack: LocalStack, dynamo_proxy: FailingDynamoProxy
+) -> None:
+    stack = clean_stack
+    # GIVEN DynamoDB refuses the outcome write (after Edge answered 200)
+    dynamo_proxy.fail = 1
+    event_id = f"evt-{uuid.uuid4()}"
+    msg = record(stack, interact_event(event_id))
+    runtime = new_runtime(clients=proxied_clients(dynamo_proxy))
+
+    # WHEN the function gets the event
+    answer = runtime.handle(batch(msg), new_context(30))
+
+    # THEN the record is handed back for redelivery, not silently acknowledged
+    assert answer == failures(msg["messageId"])
+    assert dynamo_proxy.failed == 1
+    item = stack.result_item(event_id)
+    assert (item["status"], item["lastError"]) == ("queued", "dynamodb update_item failed: ResourceNotFoundException")
+    # AND the redelivery sends the same event again (Edge dedupes on xdm._id) and stores it delivered
+    assert runtime.handle(batch(msg), new_context(30)) == failures()
+    calls = edge_requests(stack, event_id)
+    assert [c["status"] for c in calls] == [200, 200]
+    assert calls[0]["body"]["event"] == calls[1]["body"]["event"]  # (the 2nd also carries the identity's state)
+    item = stack.result_item(event_id)
+    assert (item["status"], item["requestId"], item["attempts"]) == ("delivered", calls[1]["request_id"], 2)

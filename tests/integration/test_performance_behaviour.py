@@ -1,0 +1,124 @@
+"""Behaviour behind the benchmark's numbers (issue 5), shown without timing anything.
+
+* Records of one identity reach Edge one after another, in batch order, while records of different identities are
+  in flight at the same time (read from the simulator's request log, with Edge answering slowly).
+* One execution environment keeps one connection to Edge/IMS across invocations.
+* A returning identity's delivered event costs at most 2 DynamoDB write requests (counted by a loopback proxy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from relay.handler import new_runtime
+from relay.runtime import Runtime
+
+from devtools.bench import CountingProxy, interact_body, sqs_record
+from devtools.lambda_context import new_context
+from devtools.stack import LocalStack
+
+LATENCY = 0.2  # long enough that "in flight at once" and "one after another" cannot be confused
+
+
+def batch(records: list[tuple[str, int]], space: int) -> dict[str, Any]:
+    """An SQS event with one record per (eventId, identity)."""
+    return {"Records": [sqs_record(interact_body(event_id, ident, space)) for event_id, ident in records]}
+
+
+def edge_calls(stack: LocalStack) -> list[dict[str, Any]]:
+    return [e for e in stack.sim.requests_log() if e["path"].endswith("/v2/interact")]
+
+
+def ecid_of(entry: dict[str, Any]) -> str:
+    return str(entry["body"]["event"]["xdm"]["identityMap"]["ECID"][0]["id"])
+
+
+@pytest.fixture
+def runtime(clean_stack: LocalStack) -> Runtime:
+    """A fresh execution environment (its own session, clients and pool)."""
+    return new_runtime()
+
+
+def test_one_identity_in_order_while_identities_overlap(clean_stack: LocalStack, runtime: Runtime) -> None:
+    clean_stack.sim.set_latency(LATENCY)
+    # Three identities, three events each, interleaved in the batch as a queue would deliver them.
+    records = [(f"order-{ident}-{n}", ident) for n in range(3) for ident in range(3)]
+    result = runtime.handle(batch(records, space=901), new_context(30))
+    assert result == {"batchItemFailures": []}
+
+    calls = edge_calls(clean_stack)
+    assert sorted(e["xdm_id"] for e in calls) == sorted(event_id for event_id, _ in records)
+    by_identity: dict[str, list[dict[str, Any]]] = {}
+    for entry in sorted(calls, key=lambda e: e["time"]):
+        by_identity.setdefault(ecid_of(entry), []).append(entry)
+    assert len(by_identity) == 3
+    for entries in by_identity.values():
+        ident = entries[0]["xdm_id"].split("-")[1]
+        # batch order within the identity ...
+        assert [e["xdm_id"] for e in entries] == [f"order-{ident}-{n}" for n in range(3)]
+        # ... and each call starts only after the previous one was answered (the simulator held it LATENCY s).
+        for before, after in zip(entries, entries[1:], strict=False):
+            assert after["time"] - before["time"] >= LATENCY * 0.9
+    # Different identities overlap: every identity's first call arrived while the others' first calls were held.
+    firsts = [entries[0]["time"] for entries in by_identity.values()]
+    assert max(firsts) - min(firsts) < LATENCY
+
+
+def test_one_connection_reused_across_invocations(clean_stack: LocalStack, runtime: Runtime) -> None:
+    clean_stack.sim.set_latency(0)
+    assert clean_stack.sim.stats()["connections"] == 0
+    for n in range(3):
+        result = runtime.handle(batch([(f"conn-{n}", 7)], space=902), new_context(30))
+        assert result == {"batchItemFailures": []}
+        stats = clean_stack.sim.stats()
+        # IMS (first invocation only) and every Edge call went over the one keep-alive connection.
+        assert stats["connections"] == 1, stats
+    assert stats["ims_requests"] == 1
+    assert stats["interact_requests"] == 3
+
+
+@pytest.fixture
+def counted(clean_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingProxy]:
+    """A counting proxy between the relay and moto's DynamoDB."""
+    proxy = CountingProxy(clean_stack.moto.url, images=False).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", proxy.url)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def writes(proxy: CountingProxy) -> float:
+    with proxy.lock:
+        return proxy.counts.get("ddb.write_requests", 0)
+
+
+def delivered(stack: LocalStack, event_ids: list[str]) -> int:
+    return sum(1 for e in event_ids if (stack.result_item(e) or {}).get("status") == "delivered")
+
+
+def test_returning_identity_costs_at_most_two_writes(clean_stack: LocalStack, counted: CountingProxy) -> None:
+    runtime = new_runtime()  # built after the endpoint points at the proxy
+    first = [(f"ret-a-{i}", i) for i in range(5)]
+    assert runtime.handle(batch(first, space=903), new_context(30)) == {"batchItemFailures": []}
+    before = writes(counted)
+    again = [(f"ret-b-{i}", i) for i in range(5)] + [(f"ret-c-{i}", i) for i in range(5)]
+    assert runtime.handle(batch(again, space=903), new_context(30)) == {"batchItemFailures": []}
+    ids = [event_id for event_id, _ in again]
+    assert delivered(clean_stack, ids) == len(ids)
+    assert writes(counted) - before <= 2 * len(ids)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 5 asks for <= 2 writes per delivered event; a first-seen identity costs 3 today "
+    "(claim, identity-state put, result): see docs/benchmark.md",
+)
+def test_first_seen_identity_costs_at_most_two_writes(clean_stack: LocalStack, counted: CountingProxy) -> None:
+    runtime = new_runtime()
+    records = [(f"new-{i}", i) for i in range(5)]
+    assert runtime.handle(batch(records, space=904), new_context(30)) == {"batchItemFailures": []}
+    assert delivered(clean_stack, [e for e, _ in records]) == len(records)
+    assert writes(counted) <= 2 * len(records)

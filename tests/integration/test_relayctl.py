@@ -1,0 +1,210 @@
+"""relayctl against the local stack (issue 4, item 3): `relayctl.__main__.main([...])` in-process with the stack's
+environment (HANDLES_TABLE, QUEUE_URL, DLQ_URL), events relayed by the real handler through the SQS poller."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import pytest
+from relay.runtime import Runtime
+from relay.settings import load_settings
+
+from devtools.edge_sim import ERROR_TYPE_BASE, new_ecid
+from devtools.poller import QueuePoller
+from devtools.stack import LocalStack
+from relayctl.__main__ import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ctl_env(clean_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> LocalStack:
+    """The stack, with relayctl's variables set the way an operator would."""
+    monkeypatch.setenv("QUEUE_URL", clean_stack.resources.queue_url)
+    monkeypatch.setenv("DLQ_URL", clean_stack.resources.dlq_url)
+    assert os.environ["HANDLES_TABLE"] == clean_stack.resources.table_name
+    return clean_stack
+
+
+def interact_event(event_id: str | None = None) -> dict[str, Any]:
+    xdm: dict[str, Any] = {"identityMap": {"ECID": [{"id": new_ecid(), "primary": True}]}}
+    if event_id is not None:
+        xdm["_id"] = event_id
+    return {"event": {"xdm": xdm}}
+
+
+def poller(stack: LocalStack) -> QueuePoller:
+    return stack.poller(Runtime(load_settings(os.environ)).handle, batching_window=0)
+
+
+def send(stack: LocalStack, doc: dict[str, Any]) -> str:
+    return stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=json.dumps(doc))["MessageId"]
+
+
+def edge_requests(stack: LocalStack, event_id: str) -> list[dict[str, Any]]:
+    return [r for r in stack.sim.requests_log() if r["path"].endswith("/interact") and r["xdm_id"] == event_id]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def show(capsys: pytest.CaptureFixture[str], event_id: str) -> dict[str, Any]:
+    code, out = run(capsys, "show", event_id)
+    assert code == 0, out
+    return json.loads(out)
+
+
+def dead_letter(stack: LocalStack, doc: dict[str, Any], match_id: str | None = None) -> str:
+    """Send `doc`, let Edge answer 503 until SQS moves it to the dead-letter queue; return its messageId."""
+    message_id = send(stack, doc)
+    rule = stack.sim.add_fault(match_id=match_id or message_id, status=503, retry_after=0)
+    poller(stack).drain(timeout=40, raise_on_timeout=True)
+    stack.sim.remove_fault(rule)
+    dlq = stack.sqs.get_queue_attributes(
+        QueueUrl=stack.resources.dlq_url, AttributeNames=["ApproximateNumberOfMessages"]
+    )["Attributes"]
+    assert dlq["ApproximateNumberOfMessages"] == "1"
+    return message_id
+
+
+# ---------------------------------------------------------------------------------------------------------- replay
+
+
+def test_rejected_event_is_listed_shown_replayed_and_then_delivered(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN an event Edge rejected with 422, relayed from the queue
+    event_id = f"evt-{uuid.uuid4()}"
+    doc = interact_event(event_id)
+    stack.sim.add_fault(match_id=event_id, status=422)
+    send(stack, doc)
+    poller(stack).drain(timeout=20, raise_on_timeout=True)
+    stored = stack.result_item(event_id)
+    assert stored["status"] == "rejected"
+
+    # WHEN the operator lists rejected events
+    code, out = run(capsys, "rejected")
+
+    # THEN it is there with its reason
+    assert code == 0
+    reason = "EXEG-0104-422: Unprocessable entity"
+    assert out.splitlines() == [
+        f"{'storedAt':<25} {'eventId':<40} {'source':<8} reason",
+        f"{stored['storedAt']:<25} {event_id:<40} {'sqs':<8} {reason}",
+        "1 rejected event(s)",
+    ]
+    code, out = run(capsys, "rejected", "--json")
+    without_request = {k: v for k, v in stored.items() if k not in ("request", "pk", "sk")}
+    assert (code, [{k: v for k, v in r.items() if k not in ("pk", "sk")} for r in json.loads(out)]) == (
+        0,
+        [without_request],
+    )
+
+    # WHEN the operator shows it
+    shown = show(capsys, event_id)
+
+    # THEN the reason is Edge's problem
+    assert {k: v for k, v in shown.items() if k not in ("pk", "sk")} == without_request
+    assert shown["error"]["type"] == ERROR_TYPE_BASE + "EXEG-0104-422"
+    assert shown["error"]["title"] == "Unprocessable entity"
+    code, out = run(capsys, "show", "--full", event_id)
+    request = json.loads(out)["request"]  # as sent to Edge: xdm.timestamp filled in from SentTimestamp
+    assert request == edge_requests(stack, event_id)[0]["body"]
+    assert {**request["event"]["xdm"], "timestamp": None} == {**doc["event"]["xdm"], "timestamp": None}
+
+    # WHEN Edge is fixed and the operator replays it
+    stack.sim.clear_faults()
+    code, out = run(capsys, "replay", event_id)
+
+    # THEN it is back on the queue with its eventId, marked queued
+    assert (code, out) == (0, f"{event_id}: queued\n")
+    assert stack.result_item(event_id)["status"] == "queued"
+    assert show(capsys, event_id)["status"] == "queued"
+
+    # WHEN the poller runs
+    poller(stack).drain(timeout=20, raise_on_timeout=True)
+
+    # THEN show says delivered, same eventId, with Edge's new requestId; Edge saw the same xdm._id twice
+    shown = show(capsys, event_id)
+    calls = edge_requests(stack, event_id)
+    assert [c["status"] for c in calls] == [422, 200]
+    assert calls[0]["body"]["event"] == calls[1]["body"]["event"]
+    assert (shown["status"], shown["eventId"], shown["requestId"], shown["source"]) == (
+        "delivered",
+        event_id,
+        calls[1]["request_id"],
+        "sqs",
+    )
+    assert [h["type"] for h in shown["handle"]] == ["locationHint:result", "state:store"]
+    # AND a second replay is refused: it is not rejected any more
+    assert run(capsys, "replay", event_id) == (1, f"{event_id}: skipped: status is delivered\n")
+    code, out = run(capsys, "rejected")
+    assert out.splitlines()[-1] == "0 rejected event(s)"
+
+
+def test_show_unknown_event_says_unknown(ctl_env: LocalStack, capsys) -> None:
+    # GIVEN nothing about this event  WHEN shown  THEN unknown, exit 1
+    code, out = run(capsys, "show", "evt-never-seen")
+    assert code == 1
+    assert json.loads(out)["status"] == "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------- redrive
+
+
+def test_redrive_moves_a_dead_letter_message_back_and_it_is_delivered(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN an event (with its own xdm._id) that Edge refused with 503 until it reached the dead-letter queue
+    event_id = f"evt-{uuid.uuid4()}"
+    dead_letter(stack, interact_event(event_id), match_id=event_id)
+    assert len(edge_requests(stack, event_id)) == 5 * 5
+
+    # WHEN the operator redrives the dead-letter queue
+    code, out = run(capsys, "redrive")
+
+    # THEN the message is back on the queue and the dead-letter queue is empty
+    assert (code, out) == (0, "moved 1 message(s) from the dead-letter queue to the queue\n")
+    attrs = stack.sqs.get_queue_attributes(QueueUrl=stack.resources.dlq_url, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+    # WHEN the poller runs (Edge has recovered)
+    poller(stack).drain(timeout=20, raise_on_timeout=True)
+
+    # THEN it is delivered under the same eventId
+    shown = show(capsys, event_id)
+    assert (shown["status"], shown["eventId"]) == ("delivered", event_id)
+    assert [c["status"] for c in edge_requests(stack, event_id)] == [503] * 25 + [200]
+
+
+def test_redrive_keeps_the_event_id_of_an_event_without_xdm_id(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN an event without xdm._id (its eventId is its messageId) that reached the dead-letter queue
+    message_id = dead_letter(stack, interact_event())
+    assert {c["xdm_id"] for c in edge_requests(stack, message_id)} == {message_id}
+
+    # WHEN the operator redrives it and the poller delivers it
+    assert run(capsys, "redrive")[0] == 0
+    poller(stack).drain(timeout=20, raise_on_timeout=True)
+
+    # THEN it is delivered as the same event: same eventId, same xdm._id at Edge
+    shown = show(capsys, message_id)
+    assert (shown["status"], shown["eventId"]) == ("delivered", message_id)
+    assert [c["status"] for c in edge_requests(stack, message_id)] == [503] * 25 + [200]
+
+
+def test_show_says_dead_lettered_for_an_event_in_the_dead_letter_queue(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN an event that reached the dead-letter queue after 5 receives
+    event_id = f"evt-{uuid.uuid4()}"
+    message_id = dead_letter(stack, interact_event(event_id), match_id=event_id)
+
+    # WHEN the operator shows it
+    shown = show(capsys, event_id)
+
+    # THEN it says where the event is
+    assert (shown["status"], shown.get("messageId")) == ("dead-lettered", message_id)

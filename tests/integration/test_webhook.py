@@ -1,0 +1,435 @@
+"""`POST /events` over HTTP (issue 2, item 3; contract §5, §7): a local HTTP API gateway in front of the real
+handler, moto server and the Edge simulator on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from relay.runtime import Runtime
+from relay.settings import load_settings
+
+from devtools.edge_sim import ERROR_TYPE_BASE, new_ecid
+from devtools.gateway import LocalGateway
+from devtools.signing import sign_webhook
+from devtools.stack import DATASTREAM_ID, LocalStack
+
+pytestmark = pytest.mark.integration
+
+INVALID_EVENT_TYPE = "https://github.com/interact-relay/errors/invalid-event"
+PROBLEM = "application/problem+json"
+UNAUTHORIZED = {
+    "type": "about:blank",
+    "title": "Unauthorized",
+    "status": 401,
+    "detail": "missing or invalid webhook signature",
+}
+
+
+@pytest.fixture
+def gateway(clean_stack: LocalStack) -> Iterator[LocalGateway]:
+    """The gateway in front of a fresh execution environment of the function."""
+    runtime = Runtime(load_settings(os.environ))
+    yield clean_stack.gateway(runtime.handle)
+
+
+def interact_event(event_id: str | None = None) -> dict[str, Any]:
+    xdm: dict[str, Any] = {
+        "eventType": "commerce.purchases",
+        "identityMap": {"ECID": [{"id": new_ecid(), "primary": True}]},
+        "timestamp": "2026-01-01T00:00:00.000Z",
+    }
+    if event_id is not None:
+        xdm["_id"] = event_id
+    return {"event": {"xdm": xdm}}
+
+
+def post(gw: LocalGateway, body: str, headers: dict[str, str], query: str = "") -> requests.Response:
+    return requests.post(
+        f"{gw.url}/events{query}",
+        data=body.encode("utf-8"),
+        headers={"content-type": "application/json", **headers},
+        timeout=30,
+    )
+
+
+def edge_requests(stack: LocalStack, event_id: str | None = None) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in stack.sim.requests_log()
+        if r["path"].endswith("/interact") and (event_id is None or r["xdm_id"] == event_id)
+    ]
+
+
+def assert_problem(stack: LocalStack, resp: requests.Response, status: int, body: dict[str, Any]) -> None:
+    """A problem+json answer with exactly `body`, and nothing secret or internal in it."""
+    assert (resp.status_code, resp.headers["content-type"], resp.json()) == (status, PROBLEM, body)
+    text = resp.text
+    secrets = [*stack.webhook_secrets, *(s.removeprefix("whsec_") for s in stack.webhook_secrets)]
+    secrets += [stack.sim.client_secret]
+    for secret in secrets:
+        assert secret not in text
+    for marker in ("Traceback", 'File "', "Bearer", "botocore", "/relay/"):
+        assert marker not in text
+
+
+def delivered(stack: LocalStack, resp: requests.Response, event_id: str) -> dict[str, Any]:
+    """Assert a 200 delivered answer for `event_id` that matches the stored item; return the body."""
+    assert (resp.status_code, resp.headers["content-type"]) == (200, "application/json")
+    body = resp.json()
+    item = stack.result_item(event_id)
+    assert item is not None
+    assert (item["status"], item["source"]) == ("delivered", "webhook")
+    assert body == {"eventId": event_id, "requestId": item["requestId"], "handle": item["handle"]}
+    [call] = edge_requests(stack, event_id)
+    assert call["request_id"] == item["requestId"]
+    return body
+
+
+# ---------------------------------------------------------------------------------------------------------- 200
+
+
+def test_signed_event_is_delivered_and_answered_200(clean_stack: LocalStack, gateway: LocalGateway) -> None:
+    stack = clean_stack
+    # GIVEN a signed event without xdm._id (the webhook-id becomes the eventId)
+    doc = interact_event()
+    body = json.dumps(doc)
+    headers = stack.sign(body)
+    event_id = headers["webhook-id"]
+
+    # WHEN it is posted
+    resp = post(gateway, body, headers)
+
+    # THEN 200 with the stored result
+    answer = delivered(stack, resp, event_id)
+    assert [h["type"] for h in answer["handle"]] == ["locationHint:result", "state:store"]
+    # AND Edge got the event with xdm._id = webhook-id, on the default datastream, with the Edge headers
+    [call] = edge_requests(stack, event_id)
+    assert call["body"] == {"event": {"xdm": {**doc["event"]["xdm"], "_id": event_id}}}
+    assert call["query"]["datastreamId"] == DATASTREAM_ID
+    assert call["headers"]["authorization"].startswith("Bearer ")
+    assert (call["headers"]["x-api-key"], call["headers"]["x-gw-ims-org-id"]) == (stack.sim.client_id, stack.sim.org_id)
+    item = stack.result_item(event_id)
+    assert (item["datastreamId"], item["eventId"], item["attempts"]) == (DATASTREAM_ID, event_id, 1)
+
+
+def test_repeat_of_a_delivered_webhook_id_answers_the_same_body_without_calling_edge(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN an event delivered once
+    body = json.dumps(interact_event())
+    headers = stack.sign(body)
+    first = post(gateway, body, headers)
+    assert first.status_code == 200
+
+    # WHEN the sender retries it (same webhook-id, re-signed later)
+    time.sleep(1)
+    second = post(gateway, body, stack.sign(body, msg_id=headers["webhook-id"]))
+
+    # THEN the same 200 body, and Edge was called once
+    assert (second.status_code, second.json()) == (200, first.json())
+    assert len(edge_requests(stack, headers["webhook-id"])) == 1
+    assert stack.result_item(headers["webhook-id"])["attempts"] == 1
+
+
+def test_second_rotated_secret_is_accepted(clean_stack: LocalStack, gateway: LocalGateway) -> None:
+    stack = clean_stack
+    # GIVEN the second secret listed in the webhook secret (read back from Secrets Manager)
+    value = stack.secretsmanager.get_secret_value(SecretId=stack.resources.webhook_secret_id)["SecretString"]
+    secrets = json.loads(value)["secrets"]
+    assert len(secrets) == 2 and secrets == stack.webhook_secrets
+    body = json.dumps(interact_event())
+    headers = sign_webhook(body, secrets[1])
+
+    # WHEN an event signed only with it is posted
+    resp = post(gateway, body, headers)
+
+    # THEN it is delivered
+    delivered(stack, resp, headers["webhook-id"])
+
+
+def test_datastream_query_parameter_is_used(clean_stack: LocalStack, gateway: LocalGateway) -> None:
+    stack = clean_stack
+    # GIVEN a second datastream known to Edge
+    stack.sim.datastreams.add("ds-second")
+    try:
+        body = json.dumps(interact_event())
+        headers = stack.sign(body)
+
+        # WHEN an event is posted with ?datastreamId=ds-second
+        resp = post(gateway, body, headers, query="?datastreamId=ds-second")
+    finally:
+        stack.sim.datastreams.discard("ds-second")
+
+    # THEN Edge was called on that datastream and the result says so
+    delivered(stack, resp, headers["webhook-id"])
+    [call] = edge_requests(stack, headers["webhook-id"])
+    assert call["query"]["datastreamId"] == "ds-second"
+    assert stack.result_item(headers["webhook-id"])["datastreamId"] == "ds-second"
+
+
+# ---------------------------------------------------------------------------------------------------------- 401
+
+
+def _expired(stack: LocalStack, body: str) -> dict[str, str]:
+    return sign_webhook(body, stack.webhook_secret, timestamp=int(time.time()) - 360)
+
+
+def _wrong_signature(stack: LocalStack, body: str) -> dict[str, str]:
+    headers = stack.sign(body)
+    return {**headers, "webhook-signature": sign_webhook(body + " ", stack.webhook_secret)["webhook-signature"]}
+
+
+def _unknown_secret(stack: LocalStack, body: str) -> dict[str, str]:
+    return sign_webhook(body, "whsec_" + "QUJD" * 8)
+
+
+def _missing_signature(stack: LocalStack, body: str) -> dict[str, str]:
+    headers = stack.sign(body)
+    del headers["webhook-signature"]
+    return headers
+
+
+def _missing_all(stack: LocalStack, body: str) -> dict[str, str]:
+    return {}
+
+
+@pytest.mark.parametrize(
+    "make_headers",
+    [_wrong_signature, _unknown_secret, _expired, _missing_signature, _missing_all],
+    ids=["wrong-signature", "unknown-secret", "expired-6-minutes", "missing-signature", "missing-headers"],
+)
+def test_unauthenticated_request_is_answered_401_and_not_relayed(
+    clean_stack: LocalStack, gateway: LocalGateway, make_headers: Any
+) -> None:
+    stack = clean_stack
+    # GIVEN an event whose signature headers are wrong, expired or missing
+    event_id = f"evt-{uuid.uuid4()}"
+    body = json.dumps(interact_event(event_id))
+    headers = make_headers(stack, body)
+
+    # WHEN it is posted
+    resp = post(gateway, body, headers)
+
+    # THEN 401 problem, no Edge call, nothing stored
+    assert_problem(stack, resp, 401, UNAUTHORIZED)
+    assert edge_requests(stack) == []
+    assert stack.result_item(event_id) is None
+    if "webhook-id" in headers:
+        assert stack.result_item(headers["webhook-id"]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------- 400 / 413
+
+
+def test_body_over_64_kib_is_answered_413_and_stored_rejected(clean_stack: LocalStack, gateway: LocalGateway) -> None:
+    stack = clean_stack
+    # GIVEN a signed event of 64 KiB + 1 byte
+    doc = interact_event()
+    doc["event"]["data"] = {"pad": ""}
+    doc["event"]["data"]["pad"] = "x" * (65537 - len(json.dumps(doc)))
+    body = json.dumps(doc)
+    assert len(body.encode()) == 65537
+    headers = stack.sign(body)
+    event_id = headers["webhook-id"]
+
+    # WHEN it is posted
+    resp = post(gateway, body, headers)
+
+    # THEN 413, never truncated nor relayed, and stored rejected with the body as received
+    errors = [{"path": "$", "message": "body is 65537 bytes; the limit is 65536 bytes (Edge's own limit)"}]
+    assert_problem(
+        stack,
+        resp,
+        413,
+        {
+            "type": "about:blank",
+            "title": "Payload too large",
+            "status": 413,
+            "detail": "the body is not a valid interact event",
+            "eventId": event_id,
+            "errors": errors,
+        },
+    )
+    assert edge_requests(stack) == []
+    item = stack.result_item(event_id)
+    assert item is not None
+    assert {k: item[k] for k in ("eventId", "status", "source", "datastreamId", "error", "request")} == {
+        "eventId": event_id,
+        "status": "rejected",
+        "source": "webhook",
+        "datastreamId": DATASTREAM_ID,
+        "error": {"type": INVALID_EVENT_TYPE, "title": "Payload too large", "status": 413, "errors": errors},
+        "request": body,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        ("not json at all", [{"path": "$", "message": "body is not JSON: Expecting value at line 1 column 1"}]),
+        (
+            '{"event": {"xdm": {"a": 1}}',
+            [{"path": "$", "message": "body is not JSON: Expecting ',' delimiter at line 1 column 28"}],
+        ),
+        ("[1, 2]", [{"path": "$", "message": "must be a JSON object, not array"}]),
+        ('{"query": {}}', [{"path": "event", "message": "is required"}]),
+        ('{"event": {"data": {}}}', [{"path": "event.xdm", "message": "is required"}]),
+        (
+            json.dumps(
+                {
+                    "event": {
+                        "xdm": {
+                            "_id": "",
+                            "timestamp": 17,
+                            "identityMap": {"ECID": [{"id": "", "primary": "yes"}], "Email": {}},
+                        },
+                        "data": [],
+                    },
+                    "meta": {"state": {"entries": [{"value": 1}]}},
+                    "query": "all",
+                }
+            ),
+            [
+                {"path": "event.xdm._id", "message": "must be a string of 1-256 characters"},
+                {"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"},
+                {"path": "event.xdm.identityMap.ECID[0].id", "message": "is required and must be a non-empty string"},
+                {"path": "event.xdm.identityMap.ECID[0].primary", "message": "must be a boolean"},
+                {"path": "event.xdm.identityMap.Email", "message": "must be an array of identities"},
+                {"path": "event.data", "message": "must be an object, not array"},
+                {"path": "query", "message": "must be an object, not string"},
+                {"path": "meta.state.entries[0]", "message": "must be an object with a key"},
+            ],
+        ),
+    ],
+    ids=["not-json", "truncated-json", "json-array", "no-event", "no-xdm", "wrong-types"],
+)
+def test_body_that_is_not_an_event_is_answered_400_with_field_paths(
+    clean_stack: LocalStack, gateway: LocalGateway, body: str, errors: list[dict[str, str]]
+) -> None:
+    stack = clean_stack
+    # GIVEN a correctly signed body that is not an interact event
+    headers = stack.sign(body)
+    event_id = headers["webhook-id"]
+
+    # WHEN it is posted
+    resp = post(gateway, body, headers)
+
+    # THEN 400 naming every failing field, no Edge call, stored rejected with the body as received
+    assert_problem(
+        stack,
+        resp,
+        400,
+        {
+            "type": "about:blank",
+            "title": "Invalid event",
+            "status": 400,
+            "detail": "the body is not a valid interact event",
+            "eventId": event_id,
+            "errors": errors,
+        },
+    )
+    assert edge_requests(stack) == []
+    item = stack.result_item(event_id)
+    assert item is not None
+    assert (item["status"], item["error"], item["request"]) == (
+        "rejected",
+        {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400, "errors": errors},
+        body,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- Edge errors
+
+
+@pytest.mark.parametrize(
+    ("edge_status", "answer", "code", "title", "detail"),
+    [
+        (
+            422,
+            422,
+            "EXEG-0104-422",
+            "Unprocessable entity",
+            "Invalid request (report attached). Please check your request and try again.",
+        ),
+        (400, 422, "EXEG-0102-400", "Invalid request", "The request failed validation."),
+        (
+            500,
+            502,
+            "EXEG-0001-500",
+            "Request processing error",
+            "An unexpected error occurred while processing the request. Do not retry this request.",
+        ),
+    ],
+    ids=["edge-422-is-422", "edge-400-is-422", "edge-500-is-502"],
+)
+def test_edge_rejection_is_answered_with_edges_problem_and_not_retried(
+    clean_stack: LocalStack, gateway: LocalGateway, edge_status: int, answer: int, code: str, title: str, detail: str
+) -> None:
+    stack = clean_stack
+    # GIVEN Edge rejects this event
+    event_id = f"evt-{uuid.uuid4()}"
+    doc = interact_event(event_id)
+    stack.sim.add_fault(match_id=event_id, status=edge_status)
+    body = json.dumps(doc)
+
+    # WHEN it is posted
+    resp = post(gateway, body, stack.sign(body))
+
+    # THEN the answer carries Edge's type/title/detail
+    assert_problem(
+        stack,
+        resp,
+        answer,
+        {
+            "type": ERROR_TYPE_BASE + code,
+            "title": title,
+            "status": answer,
+            "detail": detail,
+            "edgeStatus": edge_status,
+            "eventId": event_id,
+        },
+    )
+    # AND Edge was called exactly once (never retried)
+    [call] = edge_requests(stack, event_id)
+    assert call["status"] == edge_status
+    # AND the event is stored rejected with Edge's problem and the request, so it can be replayed
+    item = stack.result_item(event_id)
+    assert item is not None
+    problem = {"type": ERROR_TYPE_BASE + code, "status": edge_status, "title": title, "detail": detail}
+    problem["report"] = {"requestId": call["request_id"], **({"orgId": stack.sim.org_id} if edge_status == 422 else {})}
+    assert {k: item[k] for k in ("eventId", "status", "source", "requestId", "error", "request")} == {
+        "eventId": event_id,
+        "status": "rejected",
+        "source": "webhook",
+        "requestId": call["request_id"],
+        "error": problem,
+        "request": doc,
+    }
+
+
+def test_repeat_of_a_rejected_event_answers_the_same_problem_without_calling_edge(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN an event Edge rejected with 422
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=422)
+    body = json.dumps(interact_event(event_id))
+    first = post(gateway, body, stack.sign(body))
+    assert first.status_code == 422
+
+    # WHEN the sender retries it after Edge stopped rejecting
+    stack.sim.clear_faults()
+    second = post(gateway, body, stack.sign(body))
+
+    # THEN the same problem, and still one Edge call
+    assert_problem(stack, second, 422, first.json())
+    assert len(edge_requests(stack, event_id)) == 1

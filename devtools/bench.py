@@ -421,13 +421,21 @@ def _simple_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"phases": {"run": {"cpu": time.process_time() - cpu0, "walls": [time.perf_counter() - t0], "events": n}}}
 
 
-def worker_main(kind: str, spec_json: str, out_path: str) -> int:
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from before exec."""
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_main(kind: str, spec_json: str, out_path: str) -> int:
     spec = json.loads(spec_json)
     spec["kind"] = kind
     result = _relay_worker(spec) if kind == "relay" else _simple_worker(spec)
-    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["maxrss_mb"] = peak_rss_mb()
     Path(out_path).write_text(json.dumps(result), encoding="utf-8")
     return 0
 

@@ -296,6 +296,13 @@ class LocalStack:
         item = resp.get("Item")
         return decode_item(item) if item else None
 
+    def result(self, event_id: str) -> dict[str, Any]:
+        """Like ``result_item``, for an event that must have a stored result."""
+        item = self.result_item(event_id)
+        if item is None:
+            raise AssertionError(f"no result stored for {event_id}")
+        return item
+
 
 # ---------------------------------------------------------------------------------------- decoding
 

@@ -93,7 +93,7 @@ def test_ims_token_is_requested_once_over_50_invocations(clean_stack: LocalStack
 
     # THEN every event was delivered with one token, requested once, as the form IMS expects
     assert answers == [{"batchItemFailures": []}] * 50
-    assert all(stack.result_item(event_id)["status"] == "delivered" for event_id in ids)
+    assert all(stack.result(event_id)["status"] == "delivered" for event_id in ids)
     stats = stack.sim.stats()
     assert (stats["ims_requests"], stats["interact_requests"]) == (1, 50)
     assert len(set(tokens_used(stack))) == 1
@@ -159,7 +159,7 @@ def test_expired_token_answer_refreshes_the_token_exactly_once(clean_stack: Loca
     later = [r for r in interact_calls(stack) if r["xdm_id"] in ids[1:]]
     assert [r["status"] for r in later] == [200, 200]
     assert {r["headers"]["authorization"] for r in later} == {first[1]["headers"]["authorization"]}
-    assert all(stack.result_item(event_id)["status"] == "delivered" for event_id in ids)
+    assert all(stack.result(event_id)["status"] == "delivered" for event_id in ids)
 
 
 # ---------------------------------------------------------------------------------------------------------- secrets
@@ -215,7 +215,7 @@ def test_adobe_secret_is_not_read_again_while_cached(clean_stack: LocalStack) ->
     # THEN the token refresh used the cached credentials (default cache period 300 s): no re-read, IMS accepted them
     assert answer == {"batchItemFailures": []}
     assert [r["status"] for r in ims_calls(stack)] == [200, 200]
-    assert stack.result_item(event_id)["status"] == "delivered"
+    assert stack.result(event_id)["status"] == "delivered"
 
 
 def test_rotated_adobe_secret_is_re_read_once_when_ims_refuses_the_cached_one(clean_stack: LocalStack) -> None:
@@ -244,4 +244,4 @@ def test_rotated_adobe_secret_is_re_read_once_when_ims_refuses_the_cached_one(cl
     # THEN IMS refused the cached secret once, the secret was re-read, and the event was delivered
     assert answer == {"batchItemFailures": []}
     assert [r["status"] for r in ims_calls(stack)] == [200, 401, 200]
-    assert stack.result_item(event_id)["status"] == "delivered"
+    assert stack.result(event_id)["status"] == "delivered"

@@ -139,7 +139,7 @@ def test_duplicate_event_id_in_one_batch_calls_edge_once(clean_stack: LocalStack
     # THEN both records are acknowledged, Edge was called once and the result is stored once
     assert answer == failures()
     assert [r["status"] for r in edge_requests(stack, event_id)] == [200]
-    item = stack.result_item(event_id)
+    item = stack.result(event_id)
     assert (item["status"], item["attempts"], item["requestId"]) == (
         "delivered",
         1,
@@ -153,7 +153,7 @@ def test_duplicate_event_id_across_batches_calls_edge_once(clean_stack: LocalSta
     event_id = f"evt-{uuid.uuid4()}"
     doc = interact_event(event_id)
     assert new_runtime().handle(batch(record(stack, doc)), new_context(30)) == failures()
-    stored = stack.result_item(event_id)
+    stored = stack.result(event_id)
 
     # WHEN SQS delivers it again, in another batch, to another execution environment
     answer = new_runtime().handle(batch(record(stack, doc)), new_context(30))
@@ -189,7 +189,7 @@ def test_concurrent_sqs_duplicate_is_busy_and_edge_is_called_once(clean_stack: L
     # AND when it comes back it is acknowledged as a duplicate; Edge saw one call in all
     assert two.handle(batch(second), new_context(30)) == failures()
     assert len(edge_requests(stack, event_id)) == 1
-    assert stack.result_item(event_id)["status"] == "delivered"
+    assert stack.result(event_id)["status"] == "delivered"
 
 
 def test_concurrent_webhook_duplicate_gets_409_then_the_delivered_answer(clean_stack: LocalStack) -> None:
@@ -251,7 +251,7 @@ def test_edge_500_and_400_are_not_retried(clean_stack: LocalStack, edge_status: 
     assert answer == failures()
     assert [r["status"] for r in edge_requests(stack, event_id)] == [edge_status]
     assert clock.sleeps == []
-    item = stack.result_item(event_id)
+    item = stack.result(event_id)
     assert (item["status"], item["error"]["type"], item["error"]["status"]) == (
         "rejected",
         ERROR_TYPE_BASE + code,
@@ -278,7 +278,7 @@ def test_429_with_retry_after_2_waits_2_seconds_on_the_injected_clock(clean_stac
     calls = edge_requests(stack, event_id)
     assert [r["status"] for r in calls] == [429, 200]
     assert calls[0]["body"] == calls[1]["body"]
-    assert stack.result_item(event_id)["status"] == "delivered"
+    assert stack.result(event_id)["status"] == "delivered"
 
 
 def test_429_with_retry_after_as_http_date_waits_until_that_date(clean_stack: LocalStack) -> None:
@@ -322,7 +322,7 @@ def test_retry_budget_fits_the_lambdas_remaining_time_with_retry_after(clean_sta
     assert all(b["time"] - a["time"] >= 1.0 for a, b in zip(calls, calls[1:], strict=False))
     assert elapsed < 3.0
     assert answer == failures(msg["messageId"])
-    item = stack.result_item(event_id)
+    item = stack.result(event_id)
     assert (item["status"], item["lastError"]) == ("queued", "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503")
 
 
@@ -346,7 +346,7 @@ def test_retry_budget_caps_a_slow_answer_by_the_lambdas_remaining_time(clean_sta
     assert answer == failures(msg["messageId"])
     calls = edge_requests(stack, event_id)
     assert calls and all(c["time"] - started < 2.5 for c in calls)
-    item = stack.result_item(event_id)
+    item = stack.result(event_id)
     assert (item["status"], item["lastError"]) == ("queued", "edge call failed: ReadTimeout")
 
 
@@ -399,7 +399,7 @@ def test_webhook_falls_back_to_the_queue_with_202_and_the_poller_delivers_it_lat
         "relaySource": "webhook",
         "datastreamId": DATASTREAM_ID,
     }
-    item = stack.result_item(msg_id)
+    item = stack.result(msg_id)
     assert (item["status"], item["source"], item["lastError"]) == (
         "queued",
         "webhook",
@@ -412,7 +412,7 @@ def test_webhook_falls_back_to_the_queue_with_202_and_the_poller_delivers_it_lat
     poller.drain(timeout=20, raise_on_timeout=True)
 
     # THEN it is delivered under the same eventId, with the same body every time
-    item = stack.result_item(msg_id)
+    item = stack.result(msg_id)
     assert (item["status"], item["eventId"], item["source"]) == ("delivered", msg_id, "webhook")
     calls = edge_requests(stack, msg_id)
     assert [c["status"] for c in calls] == [503] * 5 + [200]
@@ -467,7 +467,7 @@ def test_webhook_answers_503_when_edge_is_down_and_the_queue_too(clean_stack: Lo
         "retryAfter": 30,
     }
     assert queue_messages(stack) == []
-    assert stack.result_item(msg_id)["status"] == "queued"  # released: the sender's retry may claim it
+    assert stack.result(msg_id)["status"] == "queued"  # released: the sender's retry may claim it
 
     # WHEN Edge recovers and the sender retries
     stack.sim.remove_fault(rule)
@@ -475,7 +475,7 @@ def test_webhook_answers_503_when_edge_is_down_and_the_queue_too(clean_stack: Lo
 
     # THEN it is delivered
     assert again.status_code == 200
-    assert stack.result_item(msg_id)["status"] == "delivered"
+    assert stack.result(msg_id)["status"] == "delivered"
     assert [c["status"] for c in edge_requests(stack, msg_id)] == [503] * 5 + [200]
 
 
@@ -571,7 +571,7 @@ def test_transient_dynamodb_failure_after_edge_success_is_retried_by_the_write(
     # THEN the write was retried and succeeded: delivered, with one Edge call
     assert answer == failures()
     assert dynamo_proxy.failed == 2
-    assert stack.result_item(event_id)["status"] == "delivered"
+    assert stack.result(event_id)["status"] == "delivered"
     assert len(edge_requests(stack, event_id)) == 1
 
 
@@ -591,12 +591,12 @@ def test_lasting_dynamodb_failure_after_edge_success_fails_the_record(
     # THEN the record is handed back for redelivery, not silently acknowledged
     assert answer == failures(msg["messageId"])
     assert dynamo_proxy.failed == 1
-    item = stack.result_item(event_id)
+    item = stack.result(event_id)
     assert (item["status"], item["lastError"]) == ("queued", "dynamodb update_item failed: ResourceNotFoundException")
     # AND the redelivery sends the same event again (Edge dedupes on xdm._id) and stores it delivered
     assert runtime.handle(batch(msg), new_context(30)) == failures()
     calls = edge_requests(stack, event_id)
     assert [c["status"] for c in calls] == [200, 200]
     assert calls[0]["body"]["event"] == calls[1]["body"]["event"]  # (the 2nd also carries the identity's state)
-    item = stack.result_item(event_id)
+    item = stack.result(event_id)
     assert (item["status"], item["requestId"], item["attempts"]) == ("delivered", calls[1]["request_id"], 2)

@@ -84,7 +84,7 @@ def test_rejected_event_is_listed_shown_replayed_and_then_delivered(ctl_env: Loc
     stack.sim.add_fault(match_id=event_id, status=422)
     send(stack, doc)
     poller(stack).drain(timeout=20, raise_on_timeout=True)
-    stored = stack.result_item(event_id)
+    stored = stack.result(event_id)
     assert stored["status"] == "rejected"
 
     # WHEN the operator lists rejected events
@@ -123,7 +123,7 @@ def test_rejected_event_is_listed_shown_replayed_and_then_delivered(ctl_env: Loc
 
     # THEN it is back on the queue with its eventId, marked queued
     assert (code, out) == (0, f"{event_id}: queued\n")
-    assert stack.result_item(event_id)["status"] == "queued"
+    assert stack.result(event_id)["status"] == "queued"
     assert show(capsys, event_id)["status"] == "queued"
 
     # WHEN the poller runs

@@ -133,8 +133,8 @@ def test_logs_and_answers_never_carry_secrets_tokens_bodies_identities_or_state(
     sim.clear_faults()
     time.sleep(1.2)  # failed records reappear after the stack's failure visibility timeout
     poller.drain(20)
-    assert stack.result_item("leak-sqs-ok")["status"] == "delivered"  # type: ignore[index]
-    assert stack.result_item("leak-503")["status"] == "delivered"  # type: ignore[index]
+    assert stack.result("leak-sqs-ok")["status"] == "delivered"  # type: ignore[index]
+    assert stack.result("leak-503")["status"] == "delivered"  # type: ignore[index]
 
     # What to look for.
     tokens = {

@@ -320,9 +320,9 @@ def test_poller_redelivers_the_503_record_until_the_dead_letter_queue(clean_stac
     xdm = {**doc["event"]["xdm"], "_id": unavailable_mid, "timestamp": iso_millis(sent_ts)}
     assert all(c["body"] == {"event": {"xdm": xdm}} for c in calls)
     # AND the others ended as they should, each with exactly one Edge call
-    assert stack.result_item(ok_id)["status"] == "delivered"
-    assert stack.result_item(bad_mid)["status"] == "rejected"
-    rejected = stack.result_item(rejected_id)
+    assert stack.result(ok_id)["status"] == "delivered"
+    assert stack.result(bad_mid)["status"] == "rejected"
+    rejected = stack.result(rejected_id)
     assert (rejected["status"], rejected["error"]["status"], rejected["error"]["title"]) == (
         "rejected",
         422,
@@ -330,7 +330,7 @@ def test_poller_redelivers_the_503_record_until_the_dead_letter_queue(clean_stac
     )
     assert [len(edge_requests(stack, i)) for i in (ok_id, rejected_id)] == [1, 1]
     # AND the dead-lettered event's result says it is waiting for a retry, with the last reason
-    item = stack.result_item(unavailable_mid)
+    item = stack.result(unavailable_mid)
     assert (item["status"], item["attempts"], item["lastError"]) == (
         "queued",
         max_receive,

@@ -115,7 +115,7 @@ def test_signed_event_is_delivered_and_answered_200(clean_stack: LocalStack, gat
     assert call["query"]["datastreamId"] == DATASTREAM_ID
     assert call["headers"]["authorization"].startswith("Bearer ")
     assert (call["headers"]["x-api-key"], call["headers"]["x-gw-ims-org-id"]) == (stack.sim.client_id, stack.sim.org_id)
-    item = stack.result_item(event_id)
+    item = stack.result(event_id)
     assert (item["datastreamId"], item["eventId"], item["attempts"]) == (DATASTREAM_ID, event_id, 1)
 
 
@@ -136,7 +136,7 @@ def test_repeat_of_a_delivered_webhook_id_answers_the_same_body_without_calling_
     # THEN the same 200 body, and Edge was called once
     assert (second.status_code, second.json()) == (200, first.json())
     assert len(edge_requests(stack, headers["webhook-id"])) == 1
-    assert stack.result_item(headers["webhook-id"])["attempts"] == 1
+    assert stack.result(headers["webhook-id"])["attempts"] == 1
 
 
 def test_second_rotated_secret_is_accepted(clean_stack: LocalStack, gateway: LocalGateway) -> None:
@@ -172,7 +172,7 @@ def test_datastream_query_parameter_is_used(clean_stack: LocalStack, gateway: Lo
     delivered(stack, resp, headers["webhook-id"])
     [call] = edge_requests(stack, headers["webhook-id"])
     assert call["query"]["datastreamId"] == "ds-second"
-    assert stack.result_item(headers["webhook-id"])["datastreamId"] == "ds-second"
+    assert stack.result(headers["webhook-id"])["datastreamId"] == "ds-second"
 
 
 # ---------------------------------------------------------------------------------------------------------- 401

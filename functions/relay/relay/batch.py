@@ -20,12 +20,15 @@ from relay.observability import logger
 from relay.process_event import Outcome, Relay
 from relay.settings import Settings
 
+HOLD_BACK_RECEIVES = 3  # of maxReceiveCount 5: later receives are processed even if an earlier record failed
+
 
 @dataclass
 class _Item:
     message_id: str
     group: str
     run: Callable[[], bool]  # True = acknowledged (delivered, rejected, duplicate); False = redeliver
+    receive_count: int = 1
 
 
 def _attr(record: dict[str, Any], name: str) -> str | None:
@@ -43,6 +46,10 @@ class BatchRunner:
     def _prepare(self, record: dict[str, Any], deadline: Deadline, lease_s: float) -> _Item:
         message_id = str(record.get("messageId", ""))
         raw = record.get("body") or ""
+        try:
+            receive_count = int((record.get("attributes") or {}).get("ApproximateReceiveCount", 1))
+        except (TypeError, ValueError):
+            receive_count = 1
         source: Source = "webhook" if _attr(record, "relaySource") == "webhook" else "sqs"
         try:
             sent_ms = float((record.get("attributes") or {}).get("SentTimestamp", 0)) / 1000
@@ -67,7 +74,7 @@ class BatchRunner:
                 self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
                 return True
 
-            return _Item(message_id, f"event:{eid}", reject)
+            return _Item(message_id, f"event:{eid}", reject, receive_count)
         pid = inbound.primary_identity
         group = f"identity:{inbound.datastream_id}:{opaque_identity_id(*pid)}" if pid else f"event:{event_id}"
 
@@ -75,7 +82,7 @@ class BatchRunner:
             result = self._relay.process(inbound, deadline, lease_s=lease_s)
             return result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
 
-        return _Item(message_id, group, process)
+        return _Item(message_id, group, process, receive_count)
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
@@ -87,7 +94,9 @@ class BatchRunner:
         def run_group(items: list[_Item]) -> list[str]:
             failed: list[str] = []
             for item in items:
-                if failed:  # keep one identity's order: once one fails, the rest wait for redelivery too
+                # Keep one identity's order: once one fails, the rest wait for its redelivery too. But only for the
+                # first receives: a record that keeps failing must not drag healthy ones into the dead-letter queue.
+                if failed and item.receive_count < HOLD_BACK_RECEIVES:
                     failed.append(item.message_id)
                     continue
                 try:

@@ -138,7 +138,15 @@ class WebhookApp:
                     event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text
                 )
             except StoreUnavailable:
+                # A 400 would be final for the sender and nothing would be kept: make it retry instead.
                 logger.error("could not store a rejected body", eventId=event_id)
+                return problem(
+                    503,
+                    "Service unavailable",
+                    "the rejection could not be recorded; retry",
+                    eventId=event_id,
+                    retryAfter=5,
+                )
             return problem(
                 error.status,
                 error.title,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import boto3
@@ -15,11 +16,30 @@ def client_config(pool_size: int) -> Config:
         retries={"mode": "standard", "max_attempts": 5},
         max_pool_connections=max(pool_size, 10),
         tcp_keepalive=True,
+        # Requests are built by this code, not by users: skip botocore's per-call parameter validation (CPU).
+        parameter_validation=False,
     )
 
 
-def build_clients(pool_size: int) -> dict[str, Any]:
-    """One session, three clients; built on the first event of an execution environment, never at import."""
-    session = boto3.session.Session()
-    config = client_config(pool_size)
-    return {name: session.client(name, config=config) for name in ("dynamodb", "secretsmanager", "sqs")}
+class AwsClients(dict[str, Any]):
+    """Clients by service name, each created on first use: an SQS batch never builds the SQS client it does not
+    need (the retry queue is only for webhooks), which keeps the cold start short."""
+
+    def __init__(self, pool_size: int) -> None:
+        super().__init__()
+        self._config = client_config(pool_size)
+        self._session: boto3.session.Session | None = None
+        self._lock = threading.Lock()
+
+    def __missing__(self, service: str) -> Any:
+        with self._lock:  # batch workers may ask at once
+            if service not in self:
+                if self._session is None:
+                    self._session = boto3.session.Session()
+                self[service] = self._session.client(service, config=self._config)  # type: ignore[call-overload]
+            return dict.__getitem__(self, service)
+
+
+def build_clients(pool_size: int) -> AwsClients:
+    """One session; built on the first event of an execution environment, never at import."""
+    return AwsClients(pool_size)

@@ -265,6 +265,18 @@ class CountingProxy:
                 size, consistent = 0, True
             units["ddb.read_requests"] = 1
             units["ddb.rru"] = max(1, math.ceil(size / 4096)) * (1 if consistent else 0.5)
+        elif service.startswith("DynamoDB") and op == "BatchGetItem":
+            # Priced like one GetItem per key: a found item by its size, a missing one at the minimum.
+            try:
+                tables = json.loads(raw).get("RequestItems", {})
+                found = [i for items in json.loads(body).get("Responses", {}).values() for i in items]
+                keys = sum(len(t.get("Keys", [])) for t in tables.values())
+                consistent = all(t.get("ConsistentRead") for t in tables.values())
+            except ValueError:
+                tables, found, keys, consistent = {}, [], 0, True
+            per_item = [max(1, math.ceil(item_size(i) / 4096)) for i in found] + [1] * max(keys - len(found), 0)
+            units["ddb.read_requests"] = 1
+            units["ddb.rru"] = sum(per_item) * (1 if consistent else 0.5)
         with self.lock:
             for k, v in units.items():
                 if k != "ddb.max_item_bytes":

@@ -122,3 +122,31 @@ def test_first_seen_identity_costs_at_most_two_writes(clean_stack: LocalStack, c
     assert runtime.handle(batch(records, space=904), new_context(30)) == {"batchItemFailures": []}
     assert delivered(clean_stack, [e for e, _ in records]) == len(records)
     assert writes(counted) <= 2 * len(records)
+
+
+def test_a_batch_reads_every_identity_state_with_one_call(clean_stack: LocalStack, counted: CountingProxy) -> None:
+    # GIVEN 10 identities already seen once (their state items exist)
+    runtime = new_runtime()
+    first = [(f"read-a-{i}", i) for i in range(10)]
+    assert runtime.handle(batch(first, space=905), new_context(30)) == {"batchItemFailures": []}
+    with counted.lock:
+        before = dict(counted.counts)
+
+    # WHEN they return, two events each, in one batch
+    again = [(f"read-{n}-{i}", i) for n in ("b", "c") for i in range(10)]
+    assert runtime.handle(batch(again, space=905), new_context(30)) == {"batchItemFailures": []}
+
+    # THEN their states were read with one BatchGetItem (no GetItem per event), each identity's second event used the
+    # state carried from its first, and each delivered event cost 2 writes (claim + result)
+    with counted.lock:
+        after = dict(counted.counts)
+    assert delivered(clean_stack, [e for e, _ in again]) == 20
+    assert after.get("dynamodb.BatchGetItem", 0) - before.get("dynamodb.BatchGetItem", 0) == 1
+    assert after.get("dynamodb.GetItem", 0) - before.get("dynamodb.GetItem", 0) == 0
+    assert after["ddb.write_requests"] - before["ddb.write_requests"] == 2 * 20
+    # and the carried state is right: each second event sent its identity's entries to the hinted path
+    calls = {e["xdm_id"]: e for e in edge_calls(clean_stack)}
+    for i in range(10):
+        assert calls[f"read-c-{i}"]["hint"] == "or2"
+        keys = {entry["key"] for entry in calls[f"read-c-{i}"]["body"]["meta"]["state"]["entries"]}
+        assert any(k.endswith("_identity") for k in keys)

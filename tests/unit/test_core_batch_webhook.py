@@ -30,10 +30,13 @@ class ScriptedRelay:
         self.failing = failing
         self.processed: list[str] = []
 
-    def process(self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float) -> Result:
+    def process(self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float, state: Any = None) -> Result:
         self.processed.append(inbound.event_id)
         outcome = Outcome.RETRY if inbound.event_id in self.failing else Outcome.DELIVERED
         return Result(outcome, inbound.event_id)
+
+    def prefetch_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        return {}
 
     def reject_invalid(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {}

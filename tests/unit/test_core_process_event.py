@@ -231,7 +231,10 @@ def test_process_rejected_stores_error_and_request():
     }
     assert store.finished == [("evt-1", fields)]
     assert result == Result(
-        Outcome.REJECTED, "evt-1", item={**fields, "eventId": "evt-1", "storedAt": "2023-11-14T22:13:20.000Z"}
+        Outcome.REJECTED,
+        "evt-1",
+        item={**fields, "eventId": "evt-1", "storedAt": "2023-11-14T22:13:20.000Z"},
+        state=IdentityState(),  # unchanged by a rejection; a batch carries it to the identity's next record
     )
     assert store.releases == []
     assert store.state_writes == []
@@ -389,3 +392,23 @@ def test_reject_invalid_stores_the_field_errors_and_raw_body():
     }
     assert store.rejected_unclaimed == [("msg-1", fields)]
     assert item == {**fields, "eventId": "msg-1", "status": "rejected", "storedAt": "2023-11-14T22:13:20.000Z"}
+
+
+def test_process_with_a_known_state_does_not_read_it_and_returns_the_state_after():
+    # GIVEN a first event whose result carries the identity's state as stored
+    clock = FakeClock()
+    store = FakeStore()
+    first = process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
+    assert first.state == store.states[(OPAQUE, DS)]  # what was written, version 1
+    reads = list(store.state_reads)
+
+    # WHEN the identity's next event is given that state (as a batch carries it) 60 s later
+    clock.advance(60)
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+    second = relay(store, edge, clock).process(inbound(), Deadline(clock, 10), lease_s=30, state=first.state)
+
+    # THEN the state is not read again, it goes to Edge, and (no write needed yet) the state after is the same one
+    assert store.state_reads == reads
+    assert edge.calls[0].hint == "or2"
+    assert second.outcome is Outcome.DELIVERED
+    assert second.state == first.state

@@ -91,9 +91,9 @@ class SpyRelay(Relay):
         self.processed: list[Any] = []
         self.rejected: list[str] = []
 
-    def process(self, inbound: Any, deadline: Any, *, lease_s: float) -> Any:
+    def process(self, inbound: Any, deadline: Any, *, lease_s: float, state: Any = None) -> Any:
         self.processed.append(inbound)
-        return super().process(inbound, deadline, lease_s=lease_s)
+        return super().process(inbound, deadline, lease_s=lease_s, state=state)
 
     def reject_invalid(self, event_id: str, **kwargs: Any) -> dict[str, Any]:
         self.rejected.append(event_id)

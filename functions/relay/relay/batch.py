@@ -14,7 +14,7 @@ from typing import Any
 
 from relay.clock import Deadline
 from relay.errors import InvalidEvent, StoreUnavailable
-from relay.identity_state import opaque_identity_id
+from relay.identity_state import IdentityState, opaque_identity_id
 from relay.models import Source, build_inbound, decode_body, event_id_for, resolve_datastream
 from relay.observability import logger
 from relay.process_event import Outcome, Relay
@@ -23,12 +23,17 @@ from relay.settings import Settings
 HOLD_BACK_RECEIVES = 3  # of maxReceiveCount 5: later receives are processed even if an earlier record failed
 
 
+Carry = IdentityState | None  # an identity's state as stored, carried from one record of the group to the next
+
+
 @dataclass
 class _Item:
     message_id: str
     group: str
-    run: Callable[[], bool]  # True = acknowledged (delivered, rejected, duplicate); False = redeliver
+    # Takes the identity's known state; returns (acknowledged?, state after). Not acknowledged = redeliver.
+    run: Callable[[Carry], tuple[bool, Carry]]
     receive_count: int = 1
+    state_key: tuple[str, str] | None = None  # (opaque identity id, datastream) for events with a primary identity
 
 
 def _attr(record: dict[str, Any], name: str) -> str | None:
@@ -70,19 +75,21 @@ class BatchRunner:
         except InvalidEvent as exc:
             ds, eid, error = datastream, event_id, exc  # `exc` is unbound after the except block
 
-            def reject() -> bool:
+            def reject(carry: Carry) -> tuple[bool, Carry]:
                 self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
-                return True
+                return True, carry
 
             return _Item(message_id, f"event:{eid}", reject, receive_count)
         pid = inbound.primary_identity
-        group = f"identity:{inbound.datastream_id}:{opaque_identity_id(*pid)}" if pid else f"event:{event_id}"
+        key = (opaque_identity_id(*pid), inbound.datastream_id) if pid else None
+        group = f"identity:{key[1]}:{key[0]}" if key else f"event:{event_id}"
 
-        def process() -> bool:
-            result = self._relay.process(inbound, deadline, lease_s=lease_s)
-            return result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
+        def process(carry: Carry) -> tuple[bool, Carry]:
+            result = self._relay.process(inbound, deadline, lease_s=lease_s, state=carry)
+            ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
+            return ok, result.state  # unknown after a failure: the next record reads it afresh
 
-        return _Item(message_id, group, process, receive_count)
+        return _Item(message_id, group, process, receive_count, key)
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
@@ -91,8 +98,18 @@ class BatchRunner:
             item = self._prepare(record, deadline, lease_s)
             groups.setdefault(item.group, []).append(item)
 
+        # One BatchGetItem for every identity of the batch instead of one GetItem per event; each identity's state is
+        # then carried through its records in memory (they run in order on one worker).
+        keys = [item.state_key for items in groups.values() for item in items[:1] if item.state_key]
+        try:
+            known = self._relay.prefetch_states(keys) if keys else {}
+        except StoreUnavailable as exc:
+            logger.warning("identity states not prefetched; reading them per event", reason=str(exc))
+            known = {}
+
         def run_group(items: list[_Item]) -> list[str]:
             failed: list[str] = []
+            carry: Carry = known.get(items[0].state_key) if items[0].state_key else None
             for item in items:
                 # Keep one identity's order: once one fails, the rest wait for its redelivery too. But only for the
                 # first receives: a record that keeps failing must not drag healthy ones into the dead-letter queue.
@@ -100,13 +117,15 @@ class BatchRunner:
                     failed.append(item.message_id)
                     continue
                 try:
-                    ok = item.run()
+                    ok, carry = item.run(carry)
                 except StoreUnavailable as exc:
                     logger.warning("record will be redelivered", messageId=item.message_id, reason=str(exc))
                     ok = False
                 except Exception:
                     logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
                     ok = False
+                if not ok:
+                    carry = None
                 if not ok:
                     failed.append(item.message_id)
             return failed

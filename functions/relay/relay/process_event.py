@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay.clock import Clock, Deadline
@@ -38,6 +38,7 @@ class Result:
     item: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     retry_after: float | None = None
+    state: IdentityState | None = None  # the identity's state after this event, when known (batches carry it)
 
 
 def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dict[str, Any]:
@@ -63,6 +64,10 @@ class Relay:
         self.edge = edge
         self.clock = clock
 
+    def prefetch_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], IdentityState]:
+        """The current state of many identities at once (one call for a whole SQS batch)."""
+        return self.store.get_states(keys)
+
     def reject_invalid(
         self, event_id: str, *, datastream_id: str, source: str, error: InvalidEvent, raw: str | None
     ) -> dict[str, Any]:
@@ -84,7 +89,11 @@ class Relay:
             },
         )
 
-    def process(self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float) -> Result:
+    def process(
+        self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float, state: IdentityState | None = None
+    ) -> Result:
+        """Relay one event. `state`, when given, is the identity's current state (read by the caller for a whole
+        batch, or carried from the identity's previous event), which saves reading it again."""
         event_id = inbound.event_id
         try:
             claim = self.store.claim(
@@ -97,12 +106,12 @@ class Relay:
             if existing.get("status") in ("delivered", "rejected"):
                 count("Duplicates")
                 logger.info("repeat of a finished event", eventId=event_id, status=existing.get("status"))
-                return Result(Outcome.DUPLICATE, event_id, item=existing)
+                return Result(Outcome.DUPLICATE, event_id, item=existing, state=state)
             return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
         if claim.token is None:
             return Result(Outcome.RETRY, event_id, reason="claim without a token")
         try:
-            return self._deliver(inbound, claim.token, deadline)
+            return self._deliver(inbound, claim.token, deadline, state)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
             retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
             reason = str(exc)
@@ -114,10 +123,15 @@ class Relay:
                 pass  # the lease expires by itself
             return Result(Outcome.RETRY, event_id, reason=reason, retry_after=retry_after)
 
-    def _deliver(self, inbound: InboundEvent, token: str, deadline: Deadline) -> Result:
+    def _deliver(self, inbound: InboundEvent, token: str, deadline: Deadline, known: IdentityState | None) -> Result:
         now = self.clock.now()
         opaque = opaque_identity_id(*inbound.primary_identity) if inbound.primary_identity else None
-        state = self.store.get_state(opaque, inbound.datastream_id) if opaque else IdentityState()
+        if not opaque:
+            state = IdentityState()
+        elif known is not None:
+            state = known
+        else:
+            state = self.store.get_state(opaque, inbound.datastream_id)
         request = with_state(inbound.request, state, now)
         try:
             answer = self.edge.deliver(inbound.datastream_id, request, state.live_hint(now), deadline)
@@ -137,17 +151,23 @@ class Relay:
                     "request": inbound.request,
                 },
             )
-            return Result(Outcome.REJECTED, inbound.event_id, item=item)
+            return Result(Outcome.REJECTED, inbound.event_id, item=item, state=state if opaque else None)
         received = self.clock.now()
         handles = as_list(answer.body.get("handle"))
+        after: IdentityState | None = None
         if opaque:
+            seen: list[tuple[IdentityState, IdentityState | None]] = []
 
             def change(current: IdentityState) -> IdentityState | None:
                 new = apply_handles(current, handles, received)
-                return new if needs_write(current, new, received) else None
+                seen.append((current, new if needs_write(current, new, received) else None))
+                return seen[-1][1]
 
             try:
-                self.store.update_state(opaque, inbound.datastream_id, state, change)
+                wrote = self.store.update_state(opaque, inbound.datastream_id, state, change)
+                current, new = seen[-1]
+                # What is stored now: our write (one version up), or what we read if nothing needed writing.
+                after = replace(new, version=current.version + 1) if wrote and new else current
             except StoreUnavailable as exc:
                 # Edge has the event: never send it again for the sake of its state (contract §1).
                 count("StateWriteFailed")
@@ -165,4 +185,4 @@ class Relay:
         item = self.store.finish(inbound.event_id, fields)
         count("Delivered")
         logger.info("event delivered", eventId=inbound.event_id, edgeStatus=answer.status, attempts=answer.attempts)
-        return Result(Outcome.DELIVERED, inbound.event_id, item=item)
+        return Result(Outcome.DELIVERED, inbound.event_id, item=item, state=after)

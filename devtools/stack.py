@@ -13,13 +13,11 @@ import shlex
 import signal
 import sys
 import threading
-import zlib
 from collections.abc import Mapping
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from boto3.dynamodb.types import TypeDeserializer
+from relay.integrations.store import decode_item  # the relay's own reader: one decoder for stored items
 
 from devtools.cfn_yaml import load_template
 from devtools.edge_sim import EdgeSimulator, SimulatorClient
@@ -305,47 +303,6 @@ class LocalStack:
 
 
 # ---------------------------------------------------------------------------------------- decoding
-
-
-def decode_json_attribute(value: Any) -> Any:
-    """A stored JSON value: a JSON string, zlib-compressed JSON bytes, or already native."""
-    if isinstance(value, bytes | bytearray):
-        raw = bytes(value)
-        try:
-            raw = zlib.decompress(raw)
-        except zlib.error:
-            pass
-        return json.loads(raw.decode("utf-8"))
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
-
-
-def decode_item(item: Mapping[str, Any]) -> dict[str, Any]:
-    """A low-level DynamoDB item as plain Python, with JSON-encoded attributes decoded."""
-    deserializer = TypeDeserializer()
-    plain: dict[str, Any] = {}
-    for key, attr in item.items():
-        value = deserializer.deserialize(attr)
-        if hasattr(value, "value") and isinstance(getattr(value, "value", None), bytes):  # boto3 Binary
-            value = value.value
-        if key in ("handle", "errors", "warnings", "error", "request"):
-            value = decode_json_attribute(value)
-        plain[key] = _plain_numbers(value)
-    return plain
-
-
-def _plain_numbers(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {k: _plain_numbers(v) for k, v in value.items()}
-    if isinstance(value, list | set):
-        return [_plain_numbers(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------- --serve

@@ -14,7 +14,7 @@ from typing import Any
 
 from relay.clock import Deadline
 from relay.errors import InvalidEvent, StoreUnavailable
-from relay.identity_state import IdentityState, opaque_identity_id
+from relay.identity_state import IdentityState
 from relay.models import Source, build_inbound, decode_body, event_id_for, resolve_datastream
 from relay.observability import logger
 from relay.process_event import Outcome, Relay
@@ -80,8 +80,7 @@ class BatchRunner:
                 return True, carry
 
             return _Item(message_id, f"event:{eid}", reject, receive_count)
-        pid = inbound.primary_identity
-        key = (opaque_identity_id(*pid), inbound.datastream_id) if pid else None
+        key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
         group = f"identity:{key[1]}:{key[0]}" if key else f"event:{event_id}"
 
         def process(carry: Carry) -> tuple[bool, Carry]:

@@ -6,9 +6,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 
 from relay.errors import InvalidEvent, PayloadTooLarge
+from relay.identity_state import opaque_identity_id
 
 MAX_BODY_BYTES = 64 * 1024  # Edge's own limit (EXEG-0112-413)
 MAX_EVENT_ID_LENGTH = 256
@@ -28,6 +30,11 @@ class InboundEvent:
     request: dict[str, Any]
     received_at: float
     primary_identity: tuple[str, str] | None = field(default=None, repr=False)  # (namespace, id): never log
+
+    @cached_property
+    def identity_id(self) -> str | None:
+        """The primary identity's opaque key (hashed once per event), or None without a primary identity."""
+        return opaque_identity_id(*self.primary_identity) if self.primary_identity else None
 
 
 def as_dict(value: Any) -> dict[str, Any]:

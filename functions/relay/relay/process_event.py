@@ -12,7 +12,6 @@ from relay.identity_state import (
     IdentityState,
     apply_handles,
     needs_write,
-    opaque_identity_id,
     outgoing_entries,
 )
 from relay.integrations.edge import EdgeClient
@@ -111,7 +110,7 @@ class Relay:
         if claim.token is None:
             return Result(Outcome.RETRY, event_id, reason="claim without a token")
         try:
-            return self._deliver(inbound, claim.token, deadline, state)
+            return self._deliver(inbound, deadline, state)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
             retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
             reason = str(exc)
@@ -123,9 +122,9 @@ class Relay:
                 pass  # the lease expires by itself
             return Result(Outcome.RETRY, event_id, reason=reason, retry_after=retry_after)
 
-    def _deliver(self, inbound: InboundEvent, token: str, deadline: Deadline, known: IdentityState | None) -> Result:
+    def _deliver(self, inbound: InboundEvent, deadline: Deadline, known: IdentityState | None) -> Result:
         now = self.clock.now()
-        opaque = opaque_identity_id(*inbound.primary_identity) if inbound.primary_identity else None
+        opaque = inbound.identity_id
         if not opaque:
             state = IdentityState()
         elif known is not None:

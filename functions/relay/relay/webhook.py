@@ -15,7 +15,15 @@ from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable, Unauthorized
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
-from relay.models import MAX_EVENT_ID_LENGTH, as_dict, build_inbound, decode_body, event_id_for, resolve_datastream
+from relay.models import (
+    MAX_EVENT_ID_LENGTH,
+    InboundEvent,
+    as_dict,
+    build_inbound,
+    decode_body,
+    event_id_for,
+    resolve_datastream,
+)
 from relay.observability import count, logger
 from relay.process_event import Outcome, Relay, Result, edge_status_of
 from relay.settings import Settings
@@ -160,7 +168,7 @@ class WebhookApp:
         result = self._relay.process(inbound, deadline, lease_s=max(remaining, budget) + 5)
         return self._answer(result, inbound)
 
-    def _answer(self, result: Result, inbound: Any) -> Response:
+    def _answer(self, result: Result, inbound: InboundEvent) -> Response:
         item = result.item
         if result.outcome is Outcome.DELIVERED or (
             result.outcome is Outcome.DUPLICATE and item.get("status") == "delivered"

@@ -199,8 +199,10 @@ class HandlesStore:
     def get_state(self, opaque_id: str, datastream_id: str) -> IdentityState:
         resp = self._call("get_item", Key=self.state_key(opaque_id, datastream_id), ConsistentRead=True)
         item = resp.get("Item")
-        if not item:
-            return IdentityState()
+        return self._state_of(item) if item else IdentityState()
+
+    @staticmethod
+    def _state_of(item: dict[str, Any]) -> IdentityState:
         doc = codec.decode_json(item["state"]) if "state" in item else {}
         return state_from_item(doc, int(item.get("version", {"N": "0"})["N"]))
 
@@ -225,8 +227,7 @@ class HandlesStore:
                 for item in resp.get("Responses", {}).get(self._table, []):
                     opaque = item["pk"]["S"].removeprefix("IDENTITY#")
                     datastream = item["sk"]["S"].removeprefix("STATE#")
-                    doc = codec.decode_json(item["state"]) if "state" in item else {}
-                    found[(opaque, datastream)] = state_from_item(doc, int(item.get("version", {"N": "0"})["N"]))
+                    found[(opaque, datastream)] = self._state_of(item)
                 request = resp.get("UnprocessedKeys") or {}
                 if not request:
                     break

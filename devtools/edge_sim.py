@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, urlsplit
 
+from devtools.loopback import LoopbackService
+
 if TYPE_CHECKING:
     import requests
 
@@ -315,7 +317,7 @@ class _Ctx:
 # Simulator
 
 
-class EdgeSimulator:
+class EdgeSimulator(LoopbackService):
     """Edge Network + IMS simulator on a loopback port. Thread-safe; use as a context manager or start()/stop()."""
 
     def __init__(
@@ -356,8 +358,6 @@ class EdgeSimulator:
         self._counters: dict[str, int] = {}
         self._by_status: dict[int, int] = {}
         self._open_sockets: set[socket.socket] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._personalization_payload: list[Any] = []
         view = json.loads(_load_fixture("personalization-view.json"))
         for handle in view.get("handle", []):
@@ -368,23 +368,14 @@ class EdgeSimulator:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
-    def start(self) -> EdgeSimulator:
-        if self._server is not None:
-            return self
+    thread_name = "edge-sim"
+
+    def _make_server(self) -> _Server:
         server = _Server((self.host, self._requested_port), _Handler)
         server.sim = self
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-        self._thread.name = f"edge-sim-{self.port}"
-        self._thread.start()
-        return self
+        return server
 
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
+    def _after_shutdown(self) -> None:
         with self._lock:
             sockets = list(self._open_sockets)
             self._open_sockets.clear()
@@ -393,25 +384,12 @@ class EdgeSimulator:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> EdgeSimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("simulator not started")
         return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def ims_url(self) -> str:

@@ -31,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from devtools.loopback import LoopbackService
+
 WRITE_OPERATIONS = frozenset({"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem"})
 FAULT_KINDS = ("throughput", "internal")
 _ERROR_PREFIX = "com.amazonaws.dynamodb.v20120810#"
@@ -91,7 +93,7 @@ class ProxyStats:
         }
 
 
-class FaultProxy:
+class FaultProxy(LoopbackService):
     """Forward to ``upstream`` (``http://127.0.0.1:<port>``); fail writes at ``rate``. Start/stop or a context."""
 
     def __init__(
@@ -119,8 +121,6 @@ class FaultProxy:
         self._stats = ProxyStats()
         self._bursts: dict[str, int] = {}  # item key -> writes still to fail
         self._failed_keys: Counter[str] = Counter()  # item key -> writes refused
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.configure(rate=rate, seed=seed, kinds=kinds, burst_share=burst_share, burst_length=burst_length)
 
     # ---- control -------------------------------------------------------------------------------------------------
@@ -163,43 +163,17 @@ class FaultProxy:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("proxy not started")
-        return f"http://{self.host}:{self._server.server_address[1]}"
+    thread_name = "ddb-fault-proxy"
 
-    def start(self) -> FaultProxy:
-        if self._server is not None:
-            return self
+    def _make_server(self) -> ThreadingHTTPServer:
         proxy = self
 
         class Handler(_ProxyHandler):
             owner = proxy
 
-        self._server = ThreadingHTTPServer((self.host, self._requested_port), Handler)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = 128
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="ddb-fault-proxy", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        server = ThreadingHTTPServer((self.host, self._requested_port), Handler)
+        server.request_queue_size = 128
+        return server
 
     # ---- decisions -----------------------------------------------------------------------------------------------
 

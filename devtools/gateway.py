@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 
 from devtools.cfn_yaml import load_template
 from devtools.lambda_context import DEFAULT_ACCOUNT, new_context
+from devtools.loopback import LoopbackService
 from devtools.resources import FUNCTION_RESOURCE, function_timeout, http_routes
 
 Handler = Callable[[dict[str, Any], Any], Any]
@@ -160,7 +161,7 @@ def map_result(result: Any) -> _Response:
     return _Response(200, {"content-type": "application/json"}, [], text.encode("utf-8"))
 
 
-class LocalGateway:
+class LocalGateway(LoopbackService):
     """An HTTP API gateway on 127.0.0.1 that invokes ``handler(event, context)`` per request.
 
     Parameters
@@ -196,47 +197,22 @@ class LocalGateway:
         self.host = host
         self.port = port
         self._lock: threading.Lock | None = threading.Lock() if serialize else None
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.invocations = 0
 
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("gateway not started")
-        return f"http://{self.host}:{self._server.server_address[1]}"
+    thread_name = "local-gateway"
+    poll_interval = 0.05
 
-    def start(self) -> LocalGateway:
-        if self._server is not None:
-            return self
+    def _make_server(self) -> ThreadingHTTPServer:
         gateway = self
 
         class RequestHandler(_GatewayRequestHandler):
             gw = gateway
 
-        self._server = ThreadingHTTPServer((self.host, self.port), RequestHandler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-gateway", daemon=True
+        server = ThreadingHTTPServer((self.host, self.port), RequestHandler)
+        logger.info(
+            "gateway listening on %s routes=%s", f"http://{self.host}:{server.server_address[1]}", sorted(self.routes)
         )
-        self._thread.start()
-        logger.info("gateway listening on %s routes=%s", self.url, sorted(self.routes))
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> LocalGateway:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return server
 
     def invoke(self, event: dict[str, Any]) -> _Response:
         context = new_context(self.function_timeout)

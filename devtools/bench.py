@@ -136,13 +136,15 @@ def item_size(item: Mapping[str, Any] | None) -> int:
 class CountingProxy:
     """A loopback HTTP proxy in front of moto that counts AWS API calls and DynamoDB capacity units.
 
-    A write consumes ceil(max(before, after) / 1 KB) WCU (the larger of the item images, as DynamoDB bills
-    PutItem/UpdateItem); the proxy reads both images with its own uncounted GetItem. A read consumes
+    ``ddb.write_requests`` counts write API calls, ``ddb.item_writes`` the items they wrote (a BatchWriteItem of 25
+    writes 25 items; DynamoDB bills each like a PutItem). Each item written consumes ceil(max(before, after) / 1 KB)
+    WCU (the larger of the item images, as DynamoDB bills PutItem/UpdateItem); the proxy reads both images with its
+    own uncounted GetItem. A read consumes
     ceil(size / 4 KB) RRU (strongly consistent), half that when eventually consistent. ``GET /_bench/counts``
     returns the counters (workers snapshot them around their phases).
     """
 
-    WRITE_OPS = ("PutItem", "UpdateItem", "DeleteItem")
+    WRITE_OPS = ("PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem")
 
     def __init__(self, upstream: str, *, images: bool = True, stub_dynamodb: bool = False) -> None:
         self.upstream = urlsplit(upstream)
@@ -155,6 +157,9 @@ class CountingProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
+            # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -188,10 +193,10 @@ class CountingProxy:
                 ddb = service.startswith("DynamoDB")
                 if ddb and proxy.stub_dynamodb:  # answers at once: no item, every write accepted
                     status, resp_headers, body = 200, {"Content-Type": "application/x-amz-json-1.0"}, b"{}"
-                    proxy._count(service, op, raw, headers, status, body, 0)
+                    proxy._count(service, op, raw, headers, status, body, [])
                     self._reply(status, resp_headers, body)
                     return
-                before = proxy._image(raw, headers) if ddb and op in proxy.WRITE_OPS and proxy.images else 0
+                before = proxy._images(raw, headers) if ddb and op in proxy.WRITE_OPS and proxy.images else []
                 status, resp_headers, body = proxy.send(method, self.path, raw, headers)
                 proxy._count(service, op, raw, headers, status, body, before)
                 self._reply(status, resp_headers, body)
@@ -231,32 +236,66 @@ class CountingProxy:
                     raise
         raise AssertionError("unreachable")
 
-    def _image(self, raw: bytes, headers: Mapping[str, str]) -> int:
-        """Size of the item a DynamoDB write request touches, read now (uncounted)."""
+    @staticmethod
+    def _written_keys(raw: bytes) -> tuple[str, list[dict[str, Any]]]:
+        """(table, keys of the items) a DynamoDB write request touches."""
+        req = json.loads(raw)
+        if "RequestItems" in req:
+            ((table, writes),) = req["RequestItems"].items()
+            keys = []
+            for w in writes:
+                item = (w.get("PutRequest") or {}).get("Item") or (w.get("DeleteRequest") or {}).get("Key") or {}
+                keys.append({k: item[k] for k in ("pk", "sk")})
+            return table, keys
+        return req["TableName"], [req.get("Key") or {k: req["Item"][k] for k in ("pk", "sk")}]
+
+    def _images(self, raw: bytes, headers: Mapping[str, str]) -> list[int]:
+        """Sizes of the items a DynamoDB write request touches, read now (uncounted)."""
         try:
-            req = json.loads(raw)
-            key = req.get("Key") or {k: req["Item"][k] for k in ("pk", "sk")}
-            get = json.dumps({"TableName": req["TableName"], "Key": key, "ConsistentRead": True}).encode()
-            hdrs = {**headers, "X-Amz-Target": "DynamoDB_20120810.GetItem", "Content-Length": str(len(get))}
-            status, _, body = self.send("POST", "/", get, hdrs)
-            return item_size(json.loads(body).get("Item")) if status == 200 else 0
+            table, keys = self._written_keys(raw)
         except (ValueError, KeyError, TypeError):
-            return 0
+            return []
+        sizes = []
+        for key in keys:
+            get = json.dumps({"TableName": table, "Key": key, "ConsistentRead": True}).encode()
+            hdrs = {**headers, "X-Amz-Target": "DynamoDB_20120810.GetItem", "Content-Length": str(len(get))}
+            try:
+                status, _, body = self.send("POST", "/", get, hdrs)
+                sizes.append(item_size(json.loads(body).get("Item")) if status == 200 else 0)
+            except (ValueError, KeyError, TypeError):
+                sizes.append(0)
+        return sizes
 
     def _count(
-        self, service: str, op: str, raw: bytes, headers: Mapping[str, str], status: int, body: bytes, before: int
+        self,
+        service: str,
+        op: str,
+        raw: bytes,
+        headers: Mapping[str, str],
+        status: int,
+        body: bytes,
+        before: list[int],
     ) -> None:
         name = f"{service.split('_')[0].lower() or 'other'}.{op or 'other'}"
         units: dict[str, float] = {name: 1}
         if service.startswith("DynamoDB") and op in self.WRITE_OPS:
-            after = self._image(raw, headers) if self.images and not self.stub_dynamodb else 0
+            after = self._images(raw, headers) if self.images and not self.stub_dynamodb else []
+            try:
+                touched = len(self._written_keys(raw)[1])
+                unprocessed = json.loads(body).get("UnprocessedItems") or {} if status == 200 else {}
+                left = sum(len(v) for v in unprocessed.values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                touched, left = 1, 0
+            written = touched - left if status == 200 else 0
+            sizes = [max(b, a) for b, a in zip(before or [0] * touched, after or [0] * touched, strict=False)]
             units["ddb.write_requests"] = 1
-            units["ddb.wcu"] = max(1, math.ceil(max(before, after) / 1024))
+            units["ddb.item_writes"] = written if op == "BatchWriteItem" else 1  # a failed conditional write bills 1
+            units["ddb.wcu"] = sum(max(1, math.ceil(size / 1024)) for size in sizes[: max(written, 1)])
             units["ddb.max_item_bytes"] = 0
             if status != 200:
                 units["ddb.failed_writes"] = 1
             with self.lock:
-                self.counts["ddb.max_item_bytes"] = max(self.counts.get("ddb.max_item_bytes", 0), after)
+                self.counts["ddb.max_item_bytes"] = max(self.counts.get("ddb.max_item_bytes", 0), *after, 0)
         elif service.startswith("DynamoDB") and op == "GetItem":
             try:
                 size = item_size(json.loads(body).get("Item"))

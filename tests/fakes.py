@@ -13,7 +13,7 @@ from relay.identity_state import IdentityState
 from relay.integrations.credentials import AdobeCredentials
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.ims import AccessToken
-from relay.integrations.store import Claim
+from relay.integrations.store import Claim, ResultWrite
 from requests.structures import CaseInsensitiveDict
 
 WALL_START = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -204,6 +204,8 @@ class FakeStore:
     state_reads: list[tuple[str, str]] = field(default_factory=list)
     state_writes: list[tuple[str, str, IdentityState]] = field(default_factory=list)
     stored_at: str = "2023-11-14T22:13:20.000Z"
+    batch_writes: list[list[str]] = field(default_factory=list)  # event ids per put_results call
+    failing_writes: set[str] = field(default_factory=set)  # put_results fails these
 
     def claim(self, event_id: str, *, datastream_id: str, source: str, lease_s: float) -> Claim:
         self.claims.append({"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s})
@@ -214,9 +216,18 @@ class FakeStore:
     def release(self, event_id: str, token: str, reason: str) -> None:
         self.releases.append((event_id, token, reason))
 
-    def finish(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        self.finished.append((event_id, fields))
-        return {**fields, "eventId": event_id, "storedAt": self.stored_at}
+    def compose_result(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None) -> ResultWrite:
+        return ResultWrite(event_id, {"fields": fields}, {**fields, "eventId": event_id, "storedAt": self.stored_at})
+
+    def put_result(self, write: ResultWrite) -> None:
+        self.finished.append((write.event_id, write.item["fields"]))
+
+    def put_results(self, writes: list[ResultWrite]) -> dict[str, str]:
+        self.batch_writes.append([w.event_id for w in writes])
+        for write in writes:
+            if write.event_id not in self.failing_writes:
+                self.put_result(write)
+        return {w.event_id: "scripted write failure" for w in writes if w.event_id in self.failing_writes}
 
     def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         self.rejected_unclaimed.append((event_id, fields))
@@ -225,6 +236,9 @@ class FakeStore:
     def get_state(self, opaque_id: str, datastream_id: str) -> IdentityState:
         self.state_reads.append((opaque_id, datastream_id))
         return self.states.get((opaque_id, datastream_id), IdentityState())
+
+    def get_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], IdentityState]:
+        return {key: self.states.get(key, IdentityState()) for key in keys}
 
     def update_state(
         self,

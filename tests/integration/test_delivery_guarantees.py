@@ -482,9 +482,12 @@ def test_webhook_answers_503_when_edge_is_down_and_the_queue_too(clean_stack: Lo
 # ---------------------------------------------------------------------------------------------------------- DynamoDB
 
 
+RESULT_WRITES = (".PutItem", ".BatchWriteItem")  # a webhook's result is one PutItem, an SQS batch's a BatchWriteItem
+
+
 class FailingDynamoProxy:
     """An HTTP proxy in front of moto's DynamoDB: forwards everything, except that it answers the first `fail`
-    UpdateItem calls that write a `delivered` outcome with `status`/`error_type`."""
+    result writes (PutItem or BatchWriteItem of a `delivered` outcome) with `status`/`error_type`."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -504,7 +507,7 @@ class FailingDynamoProxy:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 target = self.headers.get("x-amz-target", "")
-                if target.endswith(".UpdateItem") and b'"delivered"' in body and proxy.fail > 0:
+                if target.endswith(RESULT_WRITES) and b'"delivered"' in body and proxy.fail > 0:
                     proxy.fail -= 1
                     proxy.failed += 1
                     payload = json.dumps(
@@ -592,7 +595,10 @@ def test_lasting_dynamodb_failure_after_edge_success_fails_the_record(
     assert answer == failures(msg["messageId"])
     assert dynamo_proxy.failed == 1
     item = stack.result(event_id)
-    assert (item["status"], item["lastError"]) == ("queued", "dynamodb update_item failed: ResourceNotFoundException")
+    assert (item["status"], item["lastError"]) == (
+        "queued",
+        "dynamodb batch_write_item failed: ResourceNotFoundException",
+    )
     # AND the redelivery sends the same event again (Edge dedupes on xdm._id) and stores it delivered
     assert runtime.handle(batch(msg), new_context(30)) == failures()
     calls = edge_requests(stack, event_id)

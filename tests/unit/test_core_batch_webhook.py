@@ -1,5 +1,6 @@
 """Regressions found by the soak: ordering hold-back must not dead-letter healthy records, and a webhook rejection
-that cannot be stored must make the sender retry rather than be lost."""
+that cannot be stored must make the sender retry rather than be lost. And how a batch writes its results: 25 to a
+BatchWriteItem, a record acknowledged only once its result is written."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import pytest
 from relay.batch import HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
 from relay.errors import StoreUnavailable
+from relay.integrations.edge import EdgeAnswer
 from relay.models import InboundEvent
-from relay.process_event import Outcome, Result
+from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
 
 from devtools.signing import sign_webhook
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, FakeEdge, FakeStore
 from tests.unit.test_security_properties import SECRETS, harness, http_event
 
 SETTINGS = load_settings({"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"})
@@ -30,7 +32,9 @@ class ScriptedRelay:
         self.failing = failing
         self.processed: list[str] = []
 
-    def process(self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float, state: Any = None) -> Result:
+    def process(
+        self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float, state: Any = None, defer_store: bool = False
+    ) -> Result:
         self.processed.append(inbound.event_id)
         outcome = Outcome.RETRY if inbound.event_id in self.failing else Outcome.DELIVERED
         return Result(outcome, inbound.event_id)
@@ -101,3 +105,74 @@ def test_webhook_invalid_body_whose_rejection_cannot_be_stored_answers_503() -> 
     assert answer["headers"]["Retry-After"] == "5"
     doc = json.loads(answer["body"])
     assert (doc["status"], doc["eventId"], doc["title"]) == (503, "msg-store-down", "Service unavailable")
+
+
+# -- result writes ---------------------------------------------------------------------------------------------------
+
+
+def sqs(event_id: str, message_id: str, person: str) -> dict[str, Any]:
+    body = {"event": {"xdm": {"_id": event_id, "identityMap": {"CRMID": [{"id": person, "primary": True}]}}}}
+    return {
+        "messageId": message_id,
+        "body": json.dumps(body),
+        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1700000000000"},
+        "messageAttributes": {},
+        "eventSource": "aws:sqs",
+    }
+
+
+def real_relay(store: FakeStore, calls: int) -> tuple[Relay, FakeEdge]:
+    edge = FakeEdge(*[EdgeAnswer(200, {"requestId": f"r{n}", "handle": []}, 1) for n in range(calls)])
+    return Relay(store, edge, FakeClock()), edge  # type: ignore[arg-type]
+
+
+def run_batch(relay: Relay, records: list[dict[str, Any]]) -> dict[str, Any]:
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1))
+    return runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+
+def test_batch_writes_its_results_25_to_a_request() -> None:
+    # GIVEN 60 events of 60 people
+    store = FakeStore()
+    relay, _ = real_relay(store, 60)
+    records = [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(60)]
+
+    # WHEN the batch runs
+    answer = run_batch(relay, records)
+
+    # THEN every record is acknowledged, and the 60 results were written in requests of 25, 25 and 10
+    assert answer == {"batchItemFailures": []}
+    assert [len(chunk) for chunk in store.batch_writes] == [25, 25, 10]
+    assert sorted(event_id for event_id, _ in store.finished) == sorted(f"e{n}" for n in range(60))
+
+
+def test_batch_result_that_cannot_be_written_is_redelivered_and_its_claim_given_back() -> None:
+    # GIVEN three events, the second's result write fails (after Edge accepted it)
+    store = FakeStore(failing_writes={"e1"})
+    relay, edge = real_relay(store, 3)
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(3)])
+
+    # THEN only that record is redelivered, its claim is released with the reason, the others are stored
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m1"}]}
+    assert store.releases == [("e1", "tok-1", "scripted write failure")]
+    assert sorted(event_id for event_id, _ in store.finished) == ["e0", "e2"]
+    assert len(edge.calls) == 3
+
+
+@pytest.mark.parametrize("write_fails", [False, True])
+def test_batch_repeat_of_an_event_shares_the_first_records_fate(write_fails: bool) -> None:
+    # GIVEN one event delivered twice in one batch (two messages), and another event
+    store = FakeStore(failing_writes={"e1"} if write_fails else set())
+    relay, edge = real_relay(store, 2)
+    records = [sqs("e1", "m1", "p1"), sqs("e2", "m2", "p2"), sqs("e1", "m1-again", "p1")]
+
+    # WHEN the batch runs
+    answer = run_batch(relay, records)
+
+    # THEN Edge got the event once; the repeat is acknowledged with the first, or redelivered with it
+    assert [call.request["event"]["xdm"]["_id"] for call in edge.calls] == ["e1", "e2"]
+    failed = [{"itemIdentifier": "m1"}, {"itemIdentifier": "m1-again"}] if write_fails else []
+    assert answer == {"batchItemFailures": failed}
+    assert len(store.claims) == 2

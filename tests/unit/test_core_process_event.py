@@ -11,7 +11,7 @@ from relay.clock import Deadline
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState, StoredEntry, opaque_identity_id
 from relay.integrations.edge import EdgeAnswer
-from relay.integrations.store import Claim
+from relay.integrations.store import Claim, ResultWrite
 from relay.models import InboundEvent, build_inbound
 from relay.process_event import INVALID_EVENT_TYPE, Outcome, Relay, Result, edge_status_of, with_state
 
@@ -352,10 +352,10 @@ def test_process_without_primary_identity_keeps_no_state():
 
 
 def test_process_store_failure_after_delivery_is_retry_and_releases():
-    # GIVEN a store whose finish() fails
+    # GIVEN a store whose result write fails
     class NoFinish(FakeStore):
-        def finish(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-            raise StoreUnavailable("dynamodb update_item failed: InternalServerError")
+        def put_result(self, write: ResultWrite) -> None:
+            raise StoreUnavailable("dynamodb put_item failed: InternalServerError")
 
     store = NoFinish()
     edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": []}, 1))
@@ -364,8 +364,8 @@ def test_process_store_failure_after_delivery_is_retry_and_releases():
     result = process(store, edge, FakeClock(), inbound(identity=False))
 
     # THEN
-    assert result == Result(Outcome.RETRY, "evt-1", reason="dynamodb update_item failed: InternalServerError")
-    assert store.releases == [("evt-1", "tok-1", "dynamodb update_item failed: InternalServerError")]
+    assert result == Result(Outcome.RETRY, "evt-1", reason="dynamodb put_item failed: InternalServerError")
+    assert store.releases == [("evt-1", "tok-1", "dynamodb put_item failed: InternalServerError")]
 
 
 def test_reject_invalid_stores_the_field_errors_and_raw_body():

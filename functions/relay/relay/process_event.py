@@ -15,7 +15,7 @@ from relay.identity_state import (
     outgoing_entries,
 )
 from relay.integrations.edge import EdgeClient
-from relay.integrations.store import HandlesStore
+from relay.integrations.store import HandlesStore, ResultWrite
 from relay.models import InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
@@ -38,6 +38,10 @@ class Result:
     reason: str | None = None
     retry_after: float | None = None
     state: IdentityState | None = None  # the identity's state after this event, when known (batches carry it)
+    # With `defer_store`: the result item still to be written (DELIVERED/REJECTED), and the claim's token.
+    pending: ResultWrite | None = None
+    token: str | None = None
+    note: dict[str, Any] = field(default_factory=dict, compare=False)  # what the "stored" log line adds
 
 
 def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dict[str, Any]:
@@ -89,10 +93,19 @@ class Relay:
         )
 
     def process(
-        self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float, state: IdentityState | None = None
+        self,
+        inbound: InboundEvent,
+        deadline: Deadline,
+        *,
+        lease_s: float,
+        state: IdentityState | None = None,
+        defer_store: bool = False,
     ) -> Result:
         """Relay one event. `state`, when given, is the identity's current state (read by the caller for a whole
-        batch, or carried from the identity's previous event), which saves reading it again."""
+        batch, or carried from the identity's previous event), which saves reading it again.
+
+        With `defer_store`, a DELIVERED or REJECTED result comes back with its item in `pending`, not yet written:
+        the caller writes it with others (`store.put_results`) and then calls `stored` or `not_stored`."""
         event_id = inbound.event_id
         try:
             claim = self.store.claim(
@@ -110,19 +123,44 @@ class Relay:
         if claim.token is None:
             return Result(Outcome.RETRY, event_id, reason="claim without a token")
         try:
-            return self._deliver(inbound, deadline, state)
+            result = self._deliver(inbound, deadline, state, claim.item)
+            if defer_store:
+                return replace(result, token=claim.token)
+            if result.pending is not None:
+                self.store.put_result(result.pending)
+            self.stored(result)
+            return replace(result, pending=None)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
             retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
-            reason = str(exc)
-            logger.warning("event will be retried", eventId=event_id, reason=reason)
-            count("RetriesScheduled")
-            try:
-                self.store.release(event_id, claim.token, reason)
-            except StoreUnavailable:
-                pass  # the lease expires by itself
-            return Result(Outcome.RETRY, event_id, reason=reason, retry_after=retry_after)
+            self._give_back(event_id, claim.token, str(exc))
+            return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after)
 
-    def _deliver(self, inbound: InboundEvent, deadline: Deadline, known: IdentityState | None) -> Result:
+    def stored(self, result: Result) -> None:
+        """Count and log a result whose item is written."""
+        if result.outcome is Outcome.DELIVERED:
+            count("Delivered")
+            logger.info("event delivered", eventId=result.event_id, **result.note)
+        else:
+            count("Rejected")
+            logger.warning("edge rejected the event", eventId=result.event_id, **result.note)
+
+    def not_stored(self, result: Result, reason: str) -> None:
+        """A deferred result that could not be written: give the claim back so the redelivery can take it at once
+        (Edge has the event; the redelivery sends the same `xdm._id` again, and Edge dedupes on it)."""
+        if result.token:
+            self._give_back(result.event_id, result.token, reason)
+
+    def _give_back(self, event_id: str, token: str, reason: str) -> None:
+        logger.warning("event will be retried", eventId=event_id, reason=reason)
+        count("RetriesScheduled")
+        try:
+            self.store.release(event_id, token, reason)
+        except StoreUnavailable:
+            pass  # the lease expires by itself
+
+    def _deliver(
+        self, inbound: InboundEvent, deadline: Deadline, known: IdentityState | None, claimed: dict[str, Any] | None
+    ) -> Result:
         now = self.clock.now()
         opaque = inbound.identity_id
         if not opaque:
@@ -135,11 +173,7 @@ class Relay:
         try:
             answer = self.edge.deliver(inbound.datastream_id, request, state.live_hint(now), deadline)
         except EdgeRejected as exc:
-            count("Rejected")
-            logger.warning(
-                "edge rejected the event", eventId=inbound.event_id, status=exc.status, type=exc.problem.get("type")
-            )
-            item = self.store.finish(
+            write = self.store.compose_result(
                 inbound.event_id,
                 {
                     "status": "rejected",
@@ -149,8 +183,16 @@ class Relay:
                     "error": exc.problem,
                     "request": inbound.request,
                 },
+                claimed,
             )
-            return Result(Outcome.REJECTED, inbound.event_id, item=item, state=state if opaque else None)
+            return Result(
+                Outcome.REJECTED,
+                inbound.event_id,
+                item=write.doc,
+                state=state if opaque else None,
+                pending=write,
+                note={"status": exc.status, "type": exc.problem.get("type")},
+            )
         received = self.clock.now()
         handles = as_list(answer.body.get("handle"))
         after: IdentityState | None = None
@@ -181,7 +223,12 @@ class Relay:
         for key in ("errors", "warnings"):
             if answer.body.get(key):
                 fields[key] = answer.body[key]
-        item = self.store.finish(inbound.event_id, fields)
-        count("Delivered")
-        logger.info("event delivered", eventId=inbound.event_id, edgeStatus=answer.status, attempts=answer.attempts)
-        return Result(Outcome.DELIVERED, inbound.event_id, item=item, state=after)
+        write = self.store.compose_result(inbound.event_id, fields, claimed)
+        return Result(
+            Outcome.DELIVERED,
+            inbound.event_id,
+            item=write.doc,
+            state=after,
+            pending=write,
+            note={"edgeStatus": answer.status, "attempts": answer.attempts},
+        )

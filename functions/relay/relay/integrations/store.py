@@ -19,6 +19,10 @@ from relay.models import iso_millis
 MAX_ITEM_BYTES = 380_000  # below DynamoDB's 400 KB item limit, with room for names and numbers
 _JSON_FIELDS = ("handle", "errors", "warnings", "error", "request")
 STATE_WRITE_ATTEMPTS = 8
+BATCH_WRITE_SIZE = 25  # DynamoDB's BatchWriteItem limit
+BATCH_WRITE_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with backoff 50, 100, 200 ms
+_MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item"})  # name their tables in RequestItems
+_CLAIM_ONLY = frozenset({"leaseUntil", "claimToken", "lastError", "error", "request", "requestOmitted"})
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,16 @@ class Claim:
     acquired: bool
     token: str | None = None
     existing: dict[str, Any] | None = None  # the stored item (decoded) when not acquired
+    item: dict[str, Any] | None = None  # the item as the claim left it (raw attributes) when acquired
+
+
+@dataclass(frozen=True)
+class ResultWrite:
+    """A final result item, composed and ready to be written (now, or with other results in one batch)."""
+
+    event_id: str
+    item: dict[str, Any]  # raw DynamoDB attributes, the whole item
+    doc: dict[str, Any]  # what was stored, as plain JSON (without the keys)
 
 
 def _conditional_failed(exc: ClientError) -> bool:
@@ -65,7 +79,9 @@ class HandlesStore:
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         try:
-            return getattr(self._ddb, op)(TableName=self._table, **kwargs)
+            if op not in _MULTI_TABLE_OPS:
+                kwargs["TableName"] = self._table
+            return getattr(self._ddb, op)(**kwargs)
         except ClientError as exc:
             if _conditional_failed(exc):
                 raise
@@ -80,7 +96,7 @@ class HandlesStore:
         now = self._clock.now()
         token = uuid.uuid4().hex
         try:
-            self._call(
+            resp = self._call(
                 "update_item",
                 Key=self.result_key(event_id),
                 UpdateExpression=(
@@ -102,12 +118,13 @@ class HandlesStore:
                     ":now": {"S": iso_millis(now)},
                     ":one": {"N": "1"},
                 },
+                ReturnValues="ALL_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             old = exc.response.get("Item") or self.get_result_item(event_id) or {}
             return Claim(False, existing=decode_item(old))
-        return Claim(True, token=token)
+        return Claim(True, token=token, item=resp.get("Attributes") or {})
 
     def get_result_item(self, event_id: str) -> dict[str, Any] | None:
         resp = self._call("get_item", Key=self.result_key(event_id), ConsistentRead=True)
@@ -118,22 +135,52 @@ class HandlesStore:
         item = self.get_result_item(event_id)
         return decode_item(item) if item else None
 
-    def finish(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """Write the outcome over the claim in one UpdateItem (keeps `attempts`, drops the lease)."""
+    def compose_result(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None) -> ResultWrite:
+        """The whole result item that replaces the claim: `fields`, plus what the claim counted (`attempts`, its
+        `updatedAt`). The lease, the last error and a replayed rejection's `error`/`request` are left behind."""
         now = self._clock.now()
         doc = {**fields, "eventId": event_id, "storedAt": iso_millis(now)}
-        values = self._encode(doc)
-        values["expiresAt"] = {"N": str(int(now) + self._ttl_s)}
-        names = {f"#a{i}": name for i, name in enumerate(values)}
-        sets = ", ".join(f"#a{i} = :v{i}" for i in range(len(values)))
-        self._call(
-            "update_item",
-            Key=self.result_key(event_id),
-            UpdateExpression=f"SET {sets} REMOVE leaseUntil, claimToken, lastError",
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues={f":v{i}": v for i, v in enumerate(values.values())},
-        )
-        return doc
+        kept = {k: v for k, v in (claimed or {}).items() if k not in _CLAIM_ONLY}
+        item = {
+            **kept,
+            **self.result_key(event_id),
+            **self._encode(doc),
+            "expiresAt": {"N": str(int(now) + self._ttl_s)},
+        }
+        return ResultWrite(event_id, item, doc)
+
+    def finish(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the outcome over the claim now (one PutItem). Returns what was stored."""
+        write = self.compose_result(event_id, fields, claimed)
+        self.put_result(write)
+        return write.doc
+
+    def put_result(self, write: ResultWrite) -> None:
+        self._call("put_item", Item=write.item)
+
+    def put_results(self, writes: list[ResultWrite]) -> dict[str, str]:
+        """Write many results with `BatchWriteItem`, 25 per request: one request instead of 25, the same write
+        units. Items DynamoDB leaves unprocessed (throttling) are sent again with backoff; an error (after
+        botocore's own retries) fails its chunk. Returns {eventId: reason} for the results not written."""
+        failed: dict[str, str] = {}
+        for start in range(0, len(writes), BATCH_WRITE_SIZE):
+            chunk = {w.item["pk"]["S"]: w for w in writes[start : start + BATCH_WRITE_SIZE]}
+            request: dict[str, Any] = {self._table: [{"PutRequest": {"Item": w.item}} for w in chunk.values()]}
+            reason = "dynamodb batch_write_item left the item unprocessed"
+            for attempt in range(BATCH_WRITE_ATTEMPTS):
+                if attempt:
+                    self._clock.sleep(0.05 * 2 ** (attempt - 1))
+                try:
+                    resp = self._call("batch_write_item", RequestItems=request)
+                except StoreUnavailable as exc:
+                    reason = str(exc)
+                    break
+                request = resp.get("UnprocessedItems") or {}
+                if not request:
+                    break
+            left = [w["PutRequest"]["Item"]["pk"]["S"] for w in request.get(self._table, [])] if request else []
+            failed.update({chunk[pk].event_id: reason for pk in left if pk in chunk})
+        return failed
 
     def _encode(self, doc: dict[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = {}

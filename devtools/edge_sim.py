@@ -1132,6 +1132,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
+    # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
+    disable_nagle_algorithm = True
     server_version = "EdgeSimulator/1.0"
     timeout = 300  # idle keep-alive connections are closed after this many seconds
 

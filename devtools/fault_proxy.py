@@ -212,6 +212,9 @@ class FaultProxy(LoopbackService):
 
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
+    # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
+    disable_nagle_algorithm = True
     owner: FaultProxy
     timeout = 120  # idle keep-alive connections from botocore are closed after this
 

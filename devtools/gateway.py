@@ -237,6 +237,9 @@ class LocalGateway(LoopbackService):
 
 class _GatewayRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
+    # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
+    disable_nagle_algorithm = True
     server_version = "LocalHttpApi"
     sys_version = ""
     gw: LocalGateway

@@ -1182,6 +1182,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         sim = self.sim
+        arrived = time.monotonic()  # latency counts from here: the answer leaves `latency` s after the request came
         split = urlsplit(self.path)
         path = split.path
         try:
@@ -1211,7 +1212,7 @@ class _Handler(BaseHTTPRequestHandler):
                 assert match is not None
                 ctx = _Ctx(path=path, hint=match["hint"], query=query, headers=headers, raw=raw)
                 reply = sim._handle_edge(path, match["hint"], match["action"], ctx)
-            pause = latency + reply.delay
+            pause = latency + reply.delay - (time.monotonic() - arrived)  # the simulator's own work is part of it
             if pause > 0:
                 time.sleep(pause)
             if reply.drop:

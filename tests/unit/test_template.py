@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from devtools.cfn_yaml import load_template
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FUNCTION = "RelayFunction"
 QUEUE = "EventsQueue"
@@ -272,6 +275,26 @@ def test_secrets_are_readable_exactly_for_the_two_parameters(template: dict[str,
     assert sorted(granted, key=str) == [{"Ref": "AdobeSecretArn"}, {"Ref": "WebhookSecretArn"}]
     for name in ("AdobeSecretArn", "WebhookSecretArn"):
         assert template["Parameters"][name]["AllowedPattern"].startswith("^arn:aws"), name
+
+
+def test_the_function_may_call_exactly_the_dynamodb_operations_its_store_calls(template: dict[str, Any]) -> None:
+    # The operations named in the store's code: `self._call("op", ...)` and `self._ddb.op(...)`.
+    source = (ROOT / "functions/relay/relay/integrations/store.py").read_text(encoding="utf-8")
+    ops = set(re.findall(r'_call\(\s*"([a-z_]+)"', source)) | set(re.findall(r"_ddb\.([a-z_]+)\(", source))
+    assert {"update_item", "batch_write_item", "batch_get_item"} <= ops  # the scan finds the calls
+    used = {"dynamodb:" + "".join(part.title() for part in op.split("_")) for op in ops}
+    granted = {a for s in statements_granting_prefix(template, "dynamodb:") for a in as_list(s["Action"])}
+    assert granted == used
+
+
+def test_bench_costs_the_template_memory_size(template: dict[str, Any]) -> None:
+    from devtools.bench import RECOMMENDED_MB
+
+    assert function_properties(template, FUNCTION)["MemorySize"] == RECOMMENDED_MB
+
+
+def statements_granting_prefix(template: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
+    return [s for s in policy_statements(template) if any(a.startswith(prefix) for a in as_list(s["Action"]))]
 
 
 def test_table_and_queue_access_is_scoped(template: dict[str, Any]) -> None:

@@ -239,3 +239,20 @@ def test_load_settings_converts_milliseconds_to_seconds():
     assert s.edge_max_attempts == 3
     assert s.result_ttl_days == 7
     assert s.retry_queue_url == "https://sqs.eu-west-1.amazonaws.com/123456789012/retry"
+
+
+def test_http_session_reads_the_environment_per_request_only_when_a_proxy_is_set(monkeypatch):
+    from relay.runtime import new_http_session
+
+    # GIVEN no proxy variables (Lambda's case): requests does not scan os.environ and ~/.netrc on every request
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    session = new_http_session(16)
+    assert session.trust_env is False
+    # AND its pool holds one connection per concurrent Edge call
+    adapter = session.get_adapter("https://server.adobedc.net")
+    assert (getattr(adapter, "_pool_maxsize", None), getattr(adapter, "_pool_block", None)) == (16, True)
+
+    # GIVEN a proxy is configured: requests' own proxy handling (NO_PROXY included) stays on
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert new_http_session(16).trust_env is True

@@ -50,6 +50,30 @@ _FAULTS: dict[str, tuple[int, str, str]] = {
 }
 
 
+def _pk_sk(key: Any) -> str | None:
+    if not isinstance(key, dict):
+        return None
+    parts = [key.get(name) for name in ("pk", "sk")]
+    values = [next(iter(p.values()), "") if isinstance(p, dict) and p else "" for p in parts]
+    return "|".join(str(v) for v in values)
+
+
+def item_keys(operation: str, body: bytes) -> list[str]:
+    """``pk|sk`` of every item a write touches: one, or each item of a BatchWriteItem."""
+    if operation != "BatchWriteItem":
+        key = item_key(operation, body)
+        return [key] if key is not None else []
+    try:
+        doc = json.loads(body)
+        writes = [w for ws in doc["RequestItems"].values() for w in ws]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return []
+    keys = [
+        _pk_sk((w.get("PutRequest") or {}).get("Item") or (w.get("DeleteRequest") or {}).get("Key")) for w in writes
+    ]
+    return [k for k in keys if k is not None]
+
+
 def item_key(operation: str, body: bytes) -> str | None:
     """``pk|sk`` of the item a write touches (the first one for transactions), or None."""
     try:
@@ -64,11 +88,7 @@ def item_key(operation: str, body: bytes) -> str | None:
         first: Any = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
         action: Any = next(iter(first.values()), {}) if first else {}
         key = (action.get("Key") or action.get("Item")) if isinstance(action, dict) else None
-    if not isinstance(key, dict):
-        return None
-    parts = [key.get(name) for name in ("pk", "sk")]
-    values = [next(iter(p.values()), "") if isinstance(p, dict) and p else "" for p in parts]
-    return "|".join(str(v) for v in values)
+    return _pk_sk(key)
 
 
 @dataclass
@@ -178,28 +198,33 @@ class FaultProxy(LoopbackService):
     # ---- decisions -----------------------------------------------------------------------------------------------
 
     def _decide(self, operation: str, body: bytes) -> str | None:
-        """Count the request; return the fault kind to answer with, or None to forward it."""
-        key = item_key(operation, body) if operation in WRITE_OPERATIONS else None
+        """Count the request; return the fault kind to answer with, or None to forward it.
+
+        Bursts are per item; a BatchWriteItem fails as a whole if any of its items is in a burst, and a burst it
+        starts covers all its items."""
+        keys = item_keys(operation, body) if operation in WRITE_OPERATIONS else []
         with self._lock:
             self._stats.requests[operation] += 1
             if operation not in WRITE_OPERATIONS or self._rate <= 0.0 and not self._bursts:
                 return None
-            left = self._bursts.get(key or "", 0)
-            if left > 0:
-                if left == 1:
-                    del self._bursts[key or ""]
-                else:
-                    self._bursts[key or ""] = left - 1
+            bursting = [k for k in keys if self._bursts.get(k, 0) > 0]
+            if bursting:
+                for k in bursting:
+                    if self._bursts[k] == 1:
+                        del self._bursts[k]
+                    else:
+                        self._bursts[k] -= 1
             elif self._rng.random() < self._rate:
-                if key is not None and self._rng.random() < self._burst_share:
-                    self._bursts[key] = self._burst_length - 1
+                if keys and self._rng.random() < self._burst_share:
+                    for k in keys:
+                        self._bursts[k] = self._burst_length - 1
                     self._stats.bursts += 1
             else:
                 return None
             kind = self._rng.choice(self._kinds)
             self._stats.faults[kind] += 1
-            if key is not None:
-                self._failed_keys[key] += 1
+            for k in keys:
+                self._failed_keys[k] += 1
             return kind
 
     def _forwarded(self, operation: str, ok: bool) -> None:

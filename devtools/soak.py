@@ -230,6 +230,9 @@ class Tracer:
         key = params.get("Key") or params.get("Item") or {}
         pk = key.get("pk") if isinstance(key, dict) else None
         context["soak_pk"] = next(iter(pk.values()), "") if isinstance(pk, dict) and pk else ""
+        # A BatchWriteItem of results: every event it carries
+        writes = [w for ws in (params.get("RequestItems") or {}).values() for w in ws]
+        context["soak_batch_pks"] = [str(w["PutRequest"]["Item"]["pk"]["S"]) for w in writes if "PutRequest" in w]
 
     def _after_call(self, http_response: Any, parsed: dict[str, Any], model: Any, context: Any, **_: Any) -> None:
         if http_response is None or http_response.status_code < 300 or model.name not in WRITE_OPERATIONS:
@@ -240,6 +243,10 @@ class Tracer:
         last_ok = getattr(self._local, "last_ok", None)
         with self._lock:
             self.ddb_failed_writes[model.name] += 1
+            for batch_pk in (context or {}).get("soak_batch_pks") or []:
+                event_id = batch_pk.removeprefix("EVENT#")
+                if self.client_ok.get(event_id):  # a result written after its Edge 200, in a batch that failed
+                    self.ddb_failed_after_ok[event_id] += 1
             if last_ok and (pk == f"EVENT#{last_ok}" or pk.startswith("IDENTITY#")):
                 self.ddb_failed_after_ok[last_ok] += 1
 

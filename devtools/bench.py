@@ -881,7 +881,7 @@ class Bench:
             "-",
             None,
         )
-        row(f"  context: smallest memory at which the model is Edge-bound, MB: {knee}", knee, None, ".0f", "-", None)
+        row("  context: smallest memory at which the model is Edge-bound, MB", knee, None, ".0f", "-", None)
 
         header = ("measure", "relay", "baseline/floor", "ratio", "target", "pass")
         widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]

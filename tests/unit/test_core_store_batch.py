@@ -1,0 +1,89 @@
+"""`HandlesStore.put_results`: 25 results to a BatchWriteItem, unprocessed items sent again, failures per event.
+
+A scripted stand-in for the boto3 client (unit level); the real calls against moto are in the integration tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.exceptions import ClientError
+from relay.integrations.store import HandlesStore, ResultWrite
+
+from tests.fakes import FakeClock
+
+
+class ScriptedDynamo:
+    """Answers each batch_write_item with its next step: the event ids to leave unprocessed, or an error."""
+
+    def __init__(self, *steps: set[str] | Exception) -> None:
+        self.steps = list(steps)
+        self.requests: list[list[str]] = []  # event ids per request
+
+    def batch_write_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:  # noqa: N803 (boto3's name)
+        writes = RequestItems["t"]
+        ids = [w["PutRequest"]["Item"]["eventId"]["S"] for w in writes]
+        self.requests.append(ids)
+        step = self.steps.pop(0) if self.steps else set()
+        if isinstance(step, Exception):
+            raise step
+        left = [w for w, event_id in zip(writes, ids, strict=True) if event_id in step]
+        return {"UnprocessedItems": {"t": left} if left else {}}
+
+
+def store(client: ScriptedDynamo, clock: FakeClock | None = None) -> HandlesStore:
+    return HandlesStore(client, "t", ttl_days=30, clock=clock or FakeClock())
+
+
+def writes(s: HandlesStore, n: int) -> list[ResultWrite]:
+    claimed = {"attempts": {"N": "2"}, "leaseUntil": {"N": "1"}, "claimToken": {"S": "tok"}, "lastError": {"S": "x"}}
+    return [s.compose_result(f"e{i}", {"status": "delivered", "handle": []}, claimed) for i in range(n)]
+
+
+def test_results_go_25_to_a_request_and_all_are_stored():
+    client = ScriptedDynamo()
+    s = store(client)
+    assert s.put_results(writes(s, 60)) == {}
+    assert [len(r) for r in client.requests] == [25, 25, 10]
+
+
+def test_the_written_item_keeps_the_claims_attempts_and_drops_its_lease():
+    s = store(ScriptedDynamo())
+    item = writes(s, 1)[0].item
+    assert item["attempts"] == {"N": "2"}
+    assert (item["pk"], item["sk"], item["status"]) == ({"S": "EVENT#e0"}, {"S": "RESULT"}, {"S": "delivered"})
+    assert not {"leaseUntil", "claimToken", "lastError"} & set(item)
+
+
+def test_unprocessed_items_are_sent_again_with_backoff():
+    # GIVEN DynamoDB leaves 2 items unprocessed, then 1, then none
+    clock = FakeClock()
+    client = ScriptedDynamo({"e1", "e3"}, {"e3"}, set())
+    s = store(client, clock)
+
+    # WHEN
+    failed = s.put_results(writes(s, 5))
+
+    # THEN each retry carried only what was left, after 50 and 100 ms, and everything is stored
+    assert failed == {}
+    assert client.requests == [["e0", "e1", "e2", "e3", "e4"], ["e1", "e3"], ["e3"]]
+    assert clock.sleeps == [0.05, 0.1]
+
+
+def test_items_still_unprocessed_after_the_last_attempt_are_reported_failed():
+    client = ScriptedDynamo({"e1"}, {"e1"}, {"e1"}, {"e1"})
+    s = store(client)
+    assert s.put_results(writes(s, 3)) == {"e1": "dynamodb batch_write_item left the item unprocessed"}
+    assert len(client.requests) == 4
+
+
+def test_an_error_fails_its_chunk_only():
+    # GIVEN the second request of 25 is refused (botocore has already retried it)
+    error = ClientError({"Error": {"Code": "InternalServerError", "Message": "x"}}, "BatchWriteItem")
+    client = ScriptedDynamo(set(), error)
+    s = store(client)
+
+    # WHEN 30 results are written
+    failed = s.put_results(writes(s, 30))
+
+    # THEN the 5 of the second chunk are reported, with the reason; the first 25 are stored
+    assert failed == {f"e{i}": "dynamodb batch_write_item failed: InternalServerError" for i in range(25, 30)}

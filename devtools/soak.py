@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.request import getproxies
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -257,6 +258,7 @@ class TracingSession(requests.Session):
     def __init__(self, tracer: Tracer, pool_size: int) -> None:
         super().__init__()
         self._tracer = tracer
+        self.trust_env = bool(getproxies())  # as relay.runtime.new_http_session
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0, pool_block=True)
         self.mount("https://", adapter)
         self.mount("http://", adapter)

@@ -149,13 +149,8 @@ class HandlesStore:
         }
         return ResultWrite(event_id, item, doc)
 
-    def finish(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write the outcome over the claim now (one PutItem). Returns what was stored."""
-        write = self.compose_result(event_id, fields, claimed)
-        self.put_result(write)
-        return write.doc
-
     def put_result(self, write: ResultWrite) -> None:
+        """Write one result now (a webhook's): one PutItem over the claim."""
         self._call("put_item", Item=write.item)
 
     def put_results(self, writes: list[ResultWrite]) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Behaviour behind the benchmark's numbers (issue 5), shown without timing anything.
 
 * Records of one identity reach Edge one after another, in batch order, while records of different identities are
-  in flight at the same time (read from the simulator's request log, with Edge answering slowly).
+  in flight at the same time (read from the simulator's request log, with Edge answering slowly), never more than
+  BATCH_CONCURRENCY of them.
 * One execution environment keeps one connection to Edge/IMS across invocations.
 * A returning identity's delivered event costs at most 2 DynamoDB item writes (counted by a loopback proxy), and an
   SQS batch writes its results with one BatchWriteItem per 25 events.
@@ -9,12 +10,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from relay.handler import new_runtime
 from relay.runtime import Runtime
+from relay.settings import load_settings
 
 from devtools.bench import CountingProxy, interact_body, sqs_record
 from devtools.lambda_context import new_context
@@ -65,6 +68,25 @@ def test_one_identity_in_order_while_identities_overlap(clean_stack: LocalStack,
     # Different identities overlap: every identity's first call arrived while the others' first calls were held.
     firsts = [entries[0]["time"] for entries in by_identity.values()]
     assert max(firsts) - min(firsts) < LATENCY
+
+
+def test_edge_calls_in_flight_never_exceed_batch_concurrency(clean_stack: LocalStack) -> None:
+    # GIVEN BATCH_CONCURRENCY=2: 2 Edge calls in flight at most, on twice as many worker threads
+    runtime = Runtime(load_settings({**os.environ, "BATCH_CONCURRENCY": "2"}))
+    assert runtime.workers == 4
+    clean_stack.sim.set_latency(LATENCY)
+
+    # WHEN a batch of 6 identities runs
+    records = [(f"slots-{i}", i) for i in range(6)]
+    assert runtime.handle(batch(records, space=907), new_context(30)) == {"batchItemFailures": []}
+
+    # THEN the calls came 2 at a time: each call started only after the one two places before it was answered
+    starts = sorted(e["time"] for e in edge_calls(clean_stack))
+    assert len(starts) == 6
+    for earlier, later in zip(starts, starts[2:], strict=False):
+        assert later - earlier >= LATENCY * 0.9
+    # AND 2 did run at once (the first two started together)
+    assert starts[1] - starts[0] < LATENCY / 2
 
 
 def test_one_connection_reused_across_invocations(clean_stack: LocalStack, runtime: Runtime) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from email.utils import formatdate
 from typing import Any
 
@@ -503,3 +504,54 @@ def test_deliver_non_ascii_retry_after_falls_back_to_backoff():
     # THEN
     assert answer.attempts == 2
     assert 0.1 <= clock.sleeps[0] <= 0.2
+
+
+# -- calls in flight -------------------------------------------------------------------------------------------------
+
+
+def test_each_attempt_holds_a_slot_only_while_it_posts():
+    # GIVEN one slot, and Edge answering 503 then 200
+    clock = FakeClock()
+    slots = threading.BoundedSemaphore(1)
+    held: list[bool] = []
+
+    class Observed(FakeSession):
+        def post(self, url: str, **kwargs: Any) -> requests.Response:
+            held.append(not slots.acquire(blocking=False))  # the slot is taken while the post runs
+            return super().post(url, **kwargs)
+
+    session = Observed([retryable(503), ok()])
+    edge = EdgeClient(session, settings(), None, clock, random.Random(42), slots=slots)  # type: ignore[arg-type]
+
+    # WHEN
+    answer = edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN both attempts held the slot, and it was given back (also across the backoff sleep in between)
+    assert (answer.status, held) == (200, [True, True])
+    assert len(clock.sleeps) == 1
+    assert slots.acquire(blocking=False)
+
+
+def test_slot_is_given_back_when_the_post_fails():
+    clock = FakeClock()
+    slots = threading.BoundedSemaphore(1)
+    session = FakeSession([requests.ConnectionError("reset")], clock=clock)
+    edge = EdgeClient(session, settings(EDGE_MAX_ATTEMPTS="1"), None, clock, slots=slots)  # type: ignore[arg-type]
+    with pytest.raises(EdgeUnavailable):
+        edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+    assert slots.acquire(blocking=False)
+
+
+def test_no_slot_before_the_deadline_is_a_retry_without_a_call():
+    # GIVEN every slot taken by other calls, and 0.15 s left
+    clock = FakeClock()
+    slots = threading.BoundedSemaphore(1)
+    slots.acquire()
+    session = FakeSession([ok()])
+    edge = EdgeClient(session, settings(), None, clock, slots=slots)  # type: ignore[arg-type]
+
+    # WHEN / THEN: it waits at most the time left (less the minimum an attempt needs), then gives up unsent
+    with pytest.raises(EdgeUnavailable) as info:
+        edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 0.15))
+    assert (info.value.reason, info.value.attempts) == ("no time left for an attempt", 0)
+    assert session.calls == []

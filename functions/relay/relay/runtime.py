@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from relay.webhook import WebhookApp
 
 
+WORKERS_PER_EDGE_SLOT = 2
+
+
 def new_http_session(pool_size: int) -> requests.Session:
     """One keep-alive connection pool for Edge and IMS, sized for the batch concurrency."""
     session = requests.Session()
@@ -59,9 +62,16 @@ class Runtime:
         self._rng = rng
         self._webhook_lock = threading.Lock()  # the resolver keeps per-request state; Lambda runs one at a time
 
+    @property
+    def workers(self) -> int:
+        """Threads for a batch's identity groups: twice the Edge calls allowed in flight, so that while
+        `batch_concurrency` records wait on Edge, the next ones take their claims (a DynamoDB round trip that would
+        otherwise hold an Edge slot idle) and the finished ones hand over their results."""
+        return WORKERS_PER_EDGE_SLOT * self.settings.batch_concurrency
+
     @cached_property
     def clients(self) -> dict[str, Any]:
-        return self._clients or build_clients(self.settings.batch_concurrency + 4)
+        return self._clients or build_clients(self.workers + 4)
 
     @cached_property
     def session(self) -> requests.Session:
@@ -94,7 +104,9 @@ class Runtime:
 
     @cached_property
     def relay(self) -> Relay:
-        edge = EdgeClient(self.session, self.settings, self.tokens, self.clock, self._rng)
+        # At most `batch_concurrency` Edge calls in flight, whatever the number of worker threads.
+        slots = threading.BoundedSemaphore(self.settings.batch_concurrency)
+        edge = EdgeClient(self.session, self.settings, self.tokens, self.clock, self._rng, slots=slots)
         return Relay(self.store, edge, self.clock)
 
     @cached_property
@@ -103,7 +115,7 @@ class Runtime:
 
     @cached_property
     def executor(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=self.settings.batch_concurrency, thread_name_prefix="relay")
+        return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="relay")
 
     @cached_property
     def webhook(self) -> WebhookApp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,11 @@ class EdgeClient:
         tokens: ImsTokenProvider | None,
         clock: Clock,
         rng: random.Random | None = None,
+        *,
+        slots: threading.Semaphore | None = None,
     ) -> None:
         self._session = session
+        self._slots = slots  # bounds the calls in flight (the batch's Edge concurrency); None = unbounded
         self._settings = settings
         self._tokens = tokens
         self._clock = clock
@@ -77,6 +81,27 @@ class EdgeClient:
             }
         )
         return headers, token
+
+    def _post(
+        self, url: str, params: dict[str, str], body: bytes, headers: dict[str, str], deadline: Deadline
+    ) -> requests.Response | None:
+        """One POST, holding one of the slots for calls in flight; waiting for a slot counts against the deadline.
+        None when no slot, or not enough time, is left."""
+        s = self._settings
+        if self._slots is not None and not self._slots.acquire(timeout=max(deadline.remaining() - _MIN_ATTEMPT_S, 0)):
+            return None
+        try:
+            remaining = deadline.remaining()
+            if remaining < _MIN_ATTEMPT_S:
+                return None
+            # connect + read together must fit in what is left
+            # (a pooled keep-alive connection needs no connect time; a new one rarely needs a quarter)
+            connect = min(s.edge_connect_timeout_s, remaining / 4)
+            timeout = (connect, min(s.edge_read_timeout_s, remaining - connect))
+            return self._session.post(url, params=params, data=body, headers=headers, timeout=timeout)
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
     def deliver(self, datastream_id: str, request: dict[str, Any], hint: str | None, deadline: Deadline) -> EdgeAnswer:
         """Send one event; retry only what Adobe calls recoverable, within `deadline`.
@@ -98,16 +123,14 @@ class EdgeClient:
             if remaining < _MIN_ATTEMPT_S:
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
             params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
-            # connect + read together must fit in what is left
-            # (a pooled keep-alive connection needs no connect time; a new one rarely needs a quarter)
-            connect = min(s.edge_connect_timeout_s, remaining / 4)
-            timeout = (connect, min(s.edge_read_timeout_s, remaining - connect))
             started = self._clock.monotonic()
             try:
-                resp = self._session.post(url, params=params, data=body, headers=headers, timeout=timeout)
+                resp = self._post(url, params, body, headers, deadline)
             except (requests.Timeout, requests.ConnectionError) as exc:
                 reason, retry_after = f"edge call failed: {type(exc).__name__}", None
             else:
+                if resp is None:  # no slot freed up, or no time left, before the deadline
+                    raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
                 status = resp.status_code
                 if status in (200, 207):

@@ -33,7 +33,7 @@ class ScriptedRelay:
         self.processed: list[str] = []
 
     def process(
-        self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float, state: Any = None, defer_store: bool = False
+        self, inbound: InboundEvent, deadline: Deadline, *, lease_s: float, state: Any = None, **kwargs: Any
     ) -> Result:
         self.processed.append(inbound.event_id)
         outcome = Outcome.RETRY if inbound.event_id in self.failing else Outcome.DELIVERED

@@ -412,3 +412,33 @@ def test_process_with_a_known_state_does_not_read_it_and_returns_the_state_after
     assert edge.calls[0].hint == "or2"
     assert second.outcome is Outcome.DELIVERED
     assert second.state == first.state
+
+
+def test_process_asks_the_state_source_only_after_taking_the_claim():
+    # GIVEN a state source (a batch's read still running) that records when it is asked
+    store = FakeStore()
+    asked: list[int] = []
+
+    def source() -> IdentityState:
+        asked.append(len(store.claims))
+        return IdentityState()
+
+    # WHEN an event is processed
+    result = relay(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), FakeClock()).process(
+        inbound(), Deadline(FakeClock(), 10), lease_s=30, state_source=source
+    )
+
+    # THEN it was asked once, after the claim, and the state was not read per event
+    assert (result.outcome, asked, store.state_reads) == (Outcome.DELIVERED, [1], [])
+
+
+def test_process_does_not_wait_for_the_state_of_a_duplicate():
+    store = FakeStore(claim_result=Claim(False, existing={"status": "delivered"}))
+
+    def source() -> IdentityState:
+        raise AssertionError("a duplicate needs no state")
+
+    result = relay(store, FakeEdge(), FakeClock()).process(
+        inbound(), Deadline(FakeClock(), 10), lease_s=30, state_source=source
+    )
+    assert result.outcome is Outcome.DUPLICATE

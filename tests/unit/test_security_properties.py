@@ -91,11 +91,9 @@ class SpyRelay(Relay):
         self.processed: list[Any] = []
         self.rejected: list[str] = []
 
-    def process(
-        self, inbound: Any, deadline: Any, *, lease_s: float, state: Any = None, defer_store: bool = False
-    ) -> Any:
+    def process(self, inbound: Any, deadline: Any, *, lease_s: float, state: Any = None, **kwargs: Any) -> Any:
         self.processed.append(inbound)
-        return super().process(inbound, deadline, lease_s=lease_s, state=state, defer_store=defer_store)
+        return super().process(inbound, deadline, lease_s=lease_s, state=state, **kwargs)
 
     def reject_invalid(self, event_id: str, **kwargs: Any) -> dict[str, Any]:
         self.rejected.append(event_id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ HOLD_BACK_RECEIVES = 3  # of maxReceiveCount 5: later receives are processed eve
 
 
 Carry = IdentityState | None  # an identity's state as stored, carried from one record of the group to the next
+StateSource = Callable[[], Carry]  # the group's first state: from the batch's BatchGetItem, once it has answered
 
 
 @dataclass
@@ -45,8 +46,8 @@ class _Item:
     message_id: str
     event_id: str
     group: str
-    # Takes the identity's known state.
-    run: Callable[[Carry], Done]
+    # Takes the identity's known state, or where to get it once the claim is taken.
+    run: Callable[[Carry, StateSource | None], Done]
     receive_count: int = 1
     state_key: tuple[str, str] | None = None  # (opaque identity id, datastream) for events with a primary identity
     twins: list[str] = field(default_factory=list)  # later records of the batch with the same eventId
@@ -131,7 +132,7 @@ class BatchRunner:
         except InvalidEvent as exc:
             ds, eid, error = datastream, event_id, exc  # `exc` is unbound after the except block
 
-            def reject(carry: Carry) -> Done:
+            def reject(carry: Carry, _: StateSource | None) -> Done:
                 self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
                 return Done(True, carry)
 
@@ -139,8 +140,10 @@ class BatchRunner:
         key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
         group = f"identity:{key[1]}:{key[0]}" if key else f"event:{event_id}"
 
-        def process(carry: Carry) -> Done:
-            result = self._relay.process(inbound, deadline, lease_s=lease_s, state=carry, defer_store=True)
+        def process(carry: Carry, first_state: StateSource | None) -> Done:
+            result = self._relay.process(
+                inbound, deadline, lease_s=lease_s, state=carry, state_source=first_state, defer_store=True
+            )
             ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
             return Done(ok, result.state, result)  # state unknown after a failure: the next record reads it afresh
 
@@ -164,17 +167,16 @@ class BatchRunner:
         writes = _ResultWrites(self._relay)
 
         # One BatchGetItem for every identity of the batch instead of one GetItem per event; each identity's state is
-        # then carried through its records in memory (they run in order on one worker).
+        # then carried through its records in memory (they run in order on one worker). The read runs while the
+        # workers take their first claims: a group waits for it only when its first record is about to call Edge.
         keys = [item.state_key for items in groups.values() for item in items[:1] if item.state_key]
-        try:
-            known = self._relay.prefetch_states(keys) if keys else {}
-        except StoreUnavailable as exc:
-            logger.warning("identity states not prefetched; reading them per event", reason=str(exc))
-            known = {}
+        states: Future[dict[tuple[str, str], IdentityState]] = Future()
 
         def run_group(items: list[_Item]) -> list[str]:
             failed: list[str] = []
-            carry: Carry = known.get(items[0].state_key) if items[0].state_key else None
+            carry: Carry = None
+            key = items[0].state_key
+            source: StateSource | None = (lambda: states.result().get(key)) if key else None
             for item in items:
                 # Keep one identity's order: once one fails, the rest wait for its redelivery too. But only for the
                 # first receives: a record that keeps failing must not drag healthy ones into the dead-letter queue.
@@ -182,7 +184,7 @@ class BatchRunner:
                     failed.append(item.message_id)
                     continue
                 try:
-                    done = item.run(carry)
+                    done = item.run(carry, source)
                 except StoreUnavailable as exc:
                     logger.warning("record will be redelivered", messageId=item.message_id, reason=str(exc))
                     done = Done(False)
@@ -190,6 +192,7 @@ class BatchRunner:
                     logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
                     done = Done(False)
                 carry = done.carry if done.ok else None
+                source = None  # from here on the carry is the state (None after a failure: read it afresh)
                 if not done.ok:
                     failed.append(item.message_id)
                 elif done.result is not None and done.result.pending is not None:
@@ -197,6 +200,14 @@ class BatchRunner:
             return failed
 
         futures = [self._executor.submit(run_group, items) for items in groups.values()]
+        try:
+            states.set_result(self._relay.prefetch_states(keys) if keys else {})
+        except StoreUnavailable as exc:
+            logger.warning("identity states not prefetched; reading them per event", reason=str(exc))
+            states.set_result({})
+        except BaseException:
+            states.set_result({})  # never leave the workers waiting
+            raise
         failed = {mid for future in futures for mid in future.result()}
         writes.flush()
         failed |= writes.failed

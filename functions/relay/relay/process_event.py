@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -99,10 +100,12 @@ class Relay:
         *,
         lease_s: float,
         state: IdentityState | None = None,
+        state_source: Callable[[], IdentityState | None] | None = None,
         defer_store: bool = False,
     ) -> Result:
         """Relay one event. `state`, when given, is the identity's current state (read by the caller for a whole
-        batch, or carried from the identity's previous event), which saves reading it again.
+        batch, or carried from the identity's previous event), which saves reading it again. `state_source`, when
+        given (and `state` is not), is asked for it after the claim is taken (a batch's read may still be running).
 
         With `defer_store`, a DELIVERED or REJECTED result comes back with its item in `pending`, not yet written:
         the caller writes it with others (`store.put_results`) and then calls `stored` or `not_stored`."""
@@ -123,6 +126,8 @@ class Relay:
         if claim.token is None:
             return Result(Outcome.RETRY, event_id, reason="claim without a token")
         try:
+            if state is None and state_source is not None:
+                state = state_source()
             result = self._deliver(inbound, deadline, state, claim.item)
             if defer_store:
                 return replace(result, token=claim.token)

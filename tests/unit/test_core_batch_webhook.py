@@ -5,6 +5,7 @@ BatchWriteItem, a record acknowledged only once its result is written."""
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -176,3 +177,24 @@ def test_batch_repeat_of_an_event_shares_the_first_records_fate(write_fails: boo
     failed = [{"itemIdentifier": "m1"}, {"itemIdentifier": "m1-again"}] if write_fails else []
     assert answer == {"batchItemFailures": failed}
     assert len(store.claims) == 2
+
+
+def test_a_batch_logs_one_info_summary_and_its_deliveries_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN three events, one whose result cannot be written
+    store = FakeStore(failing_writes={"e1"})
+    relay, _ = real_relay(store, 3)
+
+    # WHEN the batch runs at the deployed log level
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        run_batch(relay, [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(3)])
+
+    # THEN the deliveries are not logged one by one at INFO; one summary line counts the outcomes
+    messages = [r.getMessage() for r in caplog.records]
+    assert "event delivered" not in messages
+    summary = [r for r in caplog.records if r.getMessage() == "batch done"]
+    assert len(summary) == 1
+    fields = summary[0].__dict__
+    assert (fields["records"], fields["redelivered"], fields["writesFailed"]) == (3, 1, 1)
+    assert fields["outcomes"] == {"delivered": 3}
+    # AND the failure is still logged on its own, as a warning
+    assert "event will be retried" in messages

@@ -13,6 +13,7 @@ redelivered (Edge dedupes on the unchanged `xdm._id`).
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class _ResultWrites:
         for message_id, result in chunk:
             reason = failed.get(result.event_id)
             if reason is None:
-                self._relay.stored(result)
+                self._relay.stored(result, in_batch=True)
                 continue
             self._relay.not_stored(result, reason)
             with self._lock:
@@ -191,6 +192,7 @@ class BatchRunner:
                 except Exception:
                     logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
                     done = Done(False)
+                outcomes.append(done.result.outcome.value if done.result else ("ok" if done.ok else "failed"))
                 carry = done.carry if done.ok else None
                 source = None  # from here on the carry is the state (None after a failure: read it afresh)
                 if not done.ok:
@@ -199,6 +201,7 @@ class BatchRunner:
                     writes.add(item.message_id, done.result)
             return failed
 
+        outcomes: list[str] = []  # list.append is atomic: the workers share it
         futures = [self._executor.submit(run_group, items) for items in groups.values()]
         try:
             states.set_result(self._relay.prefetch_states(keys) if keys else {})
@@ -214,4 +217,11 @@ class BatchRunner:
         failed |= {twin for item in firsts.values() if item.message_id in failed for twin in item.twins}
         # Same order as the batch, each failed record once.
         ordered = [r.get("messageId") for r in records if r.get("messageId") in failed]
+        logger.info(
+            "batch done",
+            records=len(records),
+            redelivered=len(set(ordered)),
+            writesFailed=len(writes.failed),
+            outcomes=dict(Counter(outcomes)),
+        )
         return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(ordered)]}

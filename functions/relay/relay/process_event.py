@@ -140,11 +140,13 @@ class Relay:
             self._give_back(event_id, claim.token, str(exc))
             return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after)
 
-    def stored(self, result: Result) -> None:
-        """Count and log a result whose item is written."""
+    def stored(self, result: Result, *, in_batch: bool = False) -> None:
+        """Count and log a result whose item is written. In a batch a delivery is logged at DEBUG (the batch logs one
+        INFO summary): a line per delivered event would cost more CPU and CloudWatch Logs ingestion than it tells."""
         if result.outcome is Outcome.DELIVERED:
             count("Delivered")
-            logger.info("event delivered", eventId=result.event_id, **result.note)
+            log = logger.debug if in_batch else logger.info
+            log("event delivered", eventId=result.event_id, **result.note)
         else:
             count("Rejected")
             logger.warning("edge rejected the event", eventId=result.event_id, **result.note)

@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import IO, Any
 from urllib.request import getproxies
@@ -259,6 +260,7 @@ class TracingSession(requests.Session):
         super().__init__()
         self._tracer = tracer
         self.trust_env = bool(getproxies())  # as relay.runtime.new_http_session
+        self.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # likewise: no cookies across events
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0, pool_block=True)
         self.mount("https://", adapter)
         self.mount("http://", adapter)

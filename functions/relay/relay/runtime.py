@@ -6,6 +6,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
+from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any
 from urllib.request import getproxies
 
@@ -37,6 +38,9 @@ def new_http_session(pool_size: int) -> requests.Session:
     # With trust_env on, requests scans os.environ for proxy variables and looks for ~/.netrc on every request: about
     # a sixth of the relay's CPU per event in the benchmark. Lambda sets no proxy; keep that handling only if one is.
     session.trust_env = bool(getproxies())
+    # One session serves every identity: a cookie set in an answer about one person must never ride along with the
+    # next person's event (Edge reads identities such as FPID from cookies). State travels in `meta.state` only.
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0, pool_block=True)
     session.mount("https://", adapter)
     session.mount("http://", adapter)

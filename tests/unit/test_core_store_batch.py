@@ -15,9 +15,18 @@ from tests.fakes import FakeClock
 class ScriptedDynamo:
     """Answers each batch_write_item with its next step: the event ids to leave unprocessed, or an error."""
 
-    def __init__(self, *steps: set[str] | Exception) -> None:
+    def __init__(self, *steps: set[str] | Exception, bad_items: frozenset[str] = frozenset()) -> None:
         self.steps = list(steps)
         self.requests: list[list[str]] = []  # event ids per request
+        self.bad_items = bad_items  # put_item refuses these with a ValidationException
+        self.puts: list[str] = []
+
+    def put_item(self, TableName: str, Item: dict[str, Any]) -> dict[str, Any]:  # noqa: N803 (boto3's names)
+        event_id = Item["eventId"]["S"]
+        if event_id in self.bad_items:
+            raise ClientError({"Error": {"Code": "ValidationException", "Message": "x"}}, "PutItem")
+        self.puts.append(event_id)
+        return {}
 
     def batch_write_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:  # noqa: N803 (boto3's name)
         writes = RequestItems["t"]
@@ -87,3 +96,17 @@ def test_an_error_fails_its_chunk_only():
 
     # THEN the 5 of the second chunk are reported, with the reason; the first 25 are stored
     assert failed == {f"e{i}": "dynamodb batch_write_item failed: InternalServerError" for i in range(25, 30)}
+
+
+def test_a_validation_error_writes_the_chunk_one_by_one_so_only_the_bad_item_fails():
+    # GIVEN DynamoDB refuses a batch because of one malformed item
+    error = ClientError({"Error": {"Code": "ValidationException", "Message": "x"}}, "BatchWriteItem")
+    client = ScriptedDynamo(error, bad_items=frozenset({"e1"}))
+    s = store(client)
+
+    # WHEN 3 results are written
+    failed = s.put_results(writes(s, 3))
+
+    # THEN the other two are written with PutItem, and only the bad one is reported
+    assert client.puts == ["e0", "e2"]
+    assert failed == {"e1": "dynamodb put_item failed: ValidationException"}

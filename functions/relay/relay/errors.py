@@ -64,3 +64,7 @@ class EdgeUnavailable(Exception):
 
 class StoreUnavailable(Exception):
     """DynamoDB could not take a write after botocore's retries."""
+
+    def __init__(self, reason: str, *, code: str | None = None) -> None:
+        self.code = code  # DynamoDB's error code, when it answered with one
+        super().__init__(reason)

@@ -85,7 +85,8 @@ class HandlesStore:
         except ClientError as exc:
             if _conditional_failed(exc):
                 raise
-            raise StoreUnavailable(f"dynamodb {op} failed: {exc.response.get('Error', {}).get('Code')}") from None
+            code = exc.response.get("Error", {}).get("Code")
+            raise StoreUnavailable(f"dynamodb {op} failed: {code}", code=code) from None
         except BotoCoreError as exc:
             raise StoreUnavailable(f"dynamodb {op} failed: {type(exc).__name__}") from None
 
@@ -156,7 +157,8 @@ class HandlesStore:
     def put_results(self, writes: list[ResultWrite]) -> dict[str, str]:
         """Write many results with `BatchWriteItem`, 25 per request: one request instead of 25, the same write
         units. Items DynamoDB leaves unprocessed (throttling) are sent again with backoff; an error (after
-        botocore's own retries) fails its chunk. Returns {eventId: reason} for the results not written."""
+        botocore's own retries) fails its chunk, except a validation error, after which the chunk's items are
+        written one by one. Returns {eventId: reason} for the results not written."""
         failed: dict[str, str] = {}
         for start in range(0, len(writes), BATCH_WRITE_SIZE):
             chunk = {w.item["pk"]["S"]: w for w in writes[start : start + BATCH_WRITE_SIZE]}
@@ -169,12 +171,26 @@ class HandlesStore:
                     resp = self._call("batch_write_item", RequestItems=request)
                 except StoreUnavailable as exc:
                     reason = str(exc)
+                    if exc.code == "ValidationException" and len(chunk) > 1:
+                        # One malformed item refuses the whole request: write the chunk item by item, so that only
+                        # that item's record is redelivered (and not 24 healthy ones with it, to the DLQ at last).
+                        failed.update(self._put_one_by_one(list(chunk.values())))
+                        request = {}
                     break
                 request = resp.get("UnprocessedItems") or {}
                 if not request:
                     break
             left = [w["PutRequest"]["Item"]["pk"]["S"] for w in request.get(self._table, [])] if request else []
             failed.update({chunk[pk].event_id: reason for pk in left if pk in chunk})
+        return failed
+
+    def _put_one_by_one(self, writes: list[ResultWrite]) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        for write in writes:
+            try:
+                self.put_result(write)
+            except StoreUnavailable as exc:
+                failed[write.event_id] = str(exc)
         return failed
 
     def _encode(self, doc: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def store(client: ScriptedDynamo, clock: FakeClock | None = None) -> HandlesStor
 
 
 def writes(s: HandlesStore, n: int) -> list[ResultWrite]:
-    claimed = {"attempts": {"N": "2"}, "leaseUntil": {"N": "1"}, "claimToken": {"S": "tok"}, "lastError": {"S": "x"}}
+    claimed = {"attempts": {"N": "2"}, "updatedAt": {"S": "2023-11-14T22:13:20.000Z"}}  # what a claim hands on
     return [s.compose_result(f"e{i}", {"status": "delivered", "handle": []}, claimed) for i in range(n)]
 
 
@@ -55,12 +55,12 @@ def test_results_go_25_to_a_request_and_all_are_stored():
     assert [len(r) for r in client.requests] == [25, 25, 10]
 
 
-def test_the_written_item_keeps_the_claims_attempts_and_drops_its_lease():
+def test_the_written_item_is_whole_and_keeps_the_claims_attempt_count():
     s = store(ScriptedDynamo())
     item = writes(s, 1)[0].item
     assert item["attempts"] == {"N": "2"}
     assert (item["pk"], item["sk"], item["status"]) == ({"S": "EVENT#e0"}, {"S": "RESULT"}, {"S": "delivered"})
-    assert not {"leaseUntil", "claimToken", "lastError"} & set(item)
+    assert set(item) == {"pk", "sk", "status", "handle", "eventId", "storedAt", "expiresAt", "attempts", "updatedAt"}
 
 
 def test_unprocessed_items_are_sent_again_with_backoff():

@@ -22,7 +22,6 @@ STATE_WRITE_ATTEMPTS = 8
 BATCH_WRITE_SIZE = 25  # DynamoDB's BatchWriteItem limit
 BATCH_WRITE_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with backoff 50, 100, 200 ms
 _MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item"})  # name their tables in RequestItems
-_CLAIM_ONLY = frozenset({"leaseUntil", "claimToken", "lastError", "error", "request", "requestOmitted"})
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class Claim:
     acquired: bool
     token: str | None = None
     existing: dict[str, Any] | None = None  # the stored item (decoded) when not acquired
-    item: dict[str, Any] | None = None  # the item as the claim left it (raw attributes) when acquired
+    item: dict[str, Any] | None = None  # what the result keeps of the claimed item (raw attributes) when acquired
 
 
 @dataclass(frozen=True)
@@ -119,13 +118,19 @@ class HandlesStore:
                     ":now": {"S": iso_millis(now)},
                     ":one": {"N": "1"},
                 },
-                ReturnValues="ALL_NEW",
+                # The old values of what the claim changed: nothing at all for a new event (the usual case, and the
+                # cheapest answer to parse), else the previous attempt count.
+                ReturnValues="UPDATED_OLD",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             old = exc.response.get("Item") or self.get_result_item(event_id) or {}
             return Claim(False, existing=decode_item(old))
-        return Claim(True, token=token, item=resp.get("Attributes") or {})
+        before = resp.get("Attributes") or {}
+        attempts = int(before["attempts"]["N"]) + 1 if "attempts" in before else 1
+        # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
+        item = {"attempts": {"N": str(attempts)}, "updatedAt": {"S": iso_millis(now)}}
+        return Claim(True, token=token, item=item)
 
     def get_result_item(self, event_id: str) -> dict[str, Any] | None:
         resp = self._call("get_item", Key=self.result_key(event_id), ConsistentRead=True)
@@ -141,9 +146,8 @@ class HandlesStore:
         `updatedAt`). The lease, the last error and a replayed rejection's `error`/`request` are left behind."""
         now = self._clock.now()
         doc = {**fields, "eventId": event_id, "storedAt": iso_millis(now)}
-        kept = {k: v for k, v in (claimed or {}).items() if k not in _CLAIM_ONLY}
         item = {
-            **kept,
+            **(claimed or {}),
             **self.result_key(event_id),
             **self._encode(doc),
             "expiresAt": {"N": str(int(now) + self._ttl_s)},

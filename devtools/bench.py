@@ -779,7 +779,7 @@ class Bench:
                     measure,
                     format(relay, fmt),
                     "-" if base is None else format(base, fmt),
-                    "-" if ratio is None else f"{ratio:.2f}",
+                    "-" if ratio is None else f"{ratio:.3f}" if ratio < 1 else f"{ratio:.2f}",
                     target,
                     "-" if ok is None else ("PASS" if ok else "FAIL"),
                 )

@@ -174,6 +174,7 @@ def test_deliver_uses_a_fresh_request_id_each_attempt_and_the_same_body():
         (404, "EXEG-0000-404"),
         (413, "EXEG-0112-413"),
         (422, "EXEG-0104-422"),
+        (403, "EXEG-0400-403"),  # e.g. a geo restriction: retrying cannot help
     ],
 )
 def test_deliver_raises_edge_rejected_after_one_call(status, code):

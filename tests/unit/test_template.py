@@ -278,9 +278,11 @@ def test_secrets_are_readable_exactly_for_the_two_parameters(template: dict[str,
 
 
 def test_the_function_may_call_exactly_the_dynamodb_operations_its_store_calls(template: dict[str, Any]) -> None:
-    # The operations named in the store's code: `self._call("op", ...)` and `self._ddb.op(...)`.
+    # The operations named in the store's code: `self._call("op", ...)`, `self._until_processed("op", ...)` and
+    # `self._ddb.op(...)`.
     source = (ROOT / "functions/relay/relay/integrations/store.py").read_text(encoding="utf-8")
-    ops = set(re.findall(r'_call\(\s*"([a-z_]+)"', source)) | set(re.findall(r"_ddb\.([a-z_]+)\(", source))
+    named = re.findall(r'(?:_call|_until_processed)\(\s*"([a-z_]+)"', source)
+    ops = set(named) | set(re.findall(r"_ddb\.([a-z_]+)\(", source))
     assert {"update_item", "batch_write_item", "batch_get_item"} <= ops  # the scan finds the calls
     used = {"dynamodb:" + "".join(part.title() for part in op.split("_")) for op in ops}
     granted = {a for s in statements_granting_prefix(template, "dynamodb:") for a in as_list(s["Action"])}

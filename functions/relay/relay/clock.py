@@ -36,6 +36,13 @@ class Deadline:
     def remaining(self) -> float:
         return max(self.at - self.clock.monotonic(), 0.0)
 
+    def http_timeouts(self, connect_s: float, read_s: float) -> tuple[float, float]:
+        """(connect, read) timeouts for one HTTP attempt that together fit in the time left. Connect gets at most a
+        quarter of it: a pooled keep-alive connection needs no connect time, and a new one rarely needs a quarter."""
+        remaining = self.remaining()
+        connect = min(connect_s, remaining / 4)
+        return connect, min(read_s, remaining - connect)
+
     def earlier(self, seconds: float) -> Deadline:
         """A deadline that is this one, or `seconds` from now if that comes first."""
         return Deadline(self.clock, min(seconds, self.remaining()))

@@ -91,13 +91,9 @@ class EdgeClient:
         if self._slots is not None and not self._slots.acquire(timeout=max(deadline.remaining() - _MIN_ATTEMPT_S, 0)):
             return None
         try:
-            remaining = deadline.remaining()
-            if remaining < _MIN_ATTEMPT_S:
+            if deadline.remaining() < _MIN_ATTEMPT_S:
                 return None
-            # connect + read together must fit in what is left
-            # (a pooled keep-alive connection needs no connect time; a new one rarely needs a quarter)
-            connect = min(s.edge_connect_timeout_s, remaining / 4)
-            timeout = (connect, min(s.edge_read_timeout_s, remaining - connect))
+            timeout = deadline.http_timeouts(s.edge_connect_timeout_s, s.edge_read_timeout_s)
             return self._session.post(url, params=params, data=body, headers=headers, timeout=timeout)
         finally:
             if self._slots is not None:

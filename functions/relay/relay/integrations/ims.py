@@ -67,11 +67,9 @@ class ImsTokenProvider:
     def _request(self, creds: AdobeCredentials, deadline: Deadline | None) -> AccessToken | int:
         timeout = self._timeout
         if deadline is not None:  # the token request counts against the invocation's budget too
-            left = deadline.remaining()
-            if left < 0.05:
+            if deadline.remaining() < 0.05:
                 raise CredentialsError("no time left to request an IMS token")
-            connect = min(self._timeout[0], left / 4)
-            timeout = (connect, min(self._timeout[1], left - connect))
+            timeout = deadline.http_timeouts(*self._timeout)
         try:
             resp = self._session.post(
                 self._url,

@@ -20,7 +20,7 @@ MAX_ITEM_BYTES = 380_000  # below DynamoDB's 400 KB item limit, with room for na
 _JSON_FIELDS = ("handle", "errors", "warnings", "error", "request")
 STATE_WRITE_ATTEMPTS = 8
 BATCH_WRITE_SIZE = 25  # DynamoDB's BatchWriteItem limit
-BATCH_WRITE_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with backoff 50, 100, 200 ms
+BATCH_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with backoff 50, 100, 200 ms
 _MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item"})  # name their tables in RequestItems
 
 
@@ -161,32 +161,46 @@ class HandlesStore:
     def put_results(self, writes: list[ResultWrite]) -> dict[str, str]:
         """Write many results with `BatchWriteItem`, 25 per request: one request instead of 25, the same write
         units. Items DynamoDB leaves unprocessed (throttling) are sent again with backoff; an error (after
-        botocore's own retries) fails its chunk, except a validation error, after which the chunk's items are
+        botocore's own retries) fails the items not yet written, except a validation error, after which they are
         written one by one. Returns {eventId: reason} for the results not written."""
         failed: dict[str, str] = {}
         for start in range(0, len(writes), BATCH_WRITE_SIZE):
             chunk = {w.item["pk"]["S"]: w for w in writes[start : start + BATCH_WRITE_SIZE]}
-            request: dict[str, Any] = {self._table: [{"PutRequest": {"Item": w.item}} for w in chunk.values()]}
-            reason = "dynamodb batch_write_item left the item unprocessed"
-            for attempt in range(BATCH_WRITE_ATTEMPTS):
-                if attempt:
-                    self._clock.sleep(0.05 * 2 ** (attempt - 1))
-                try:
-                    resp = self._call("batch_write_item", RequestItems=request)
-                except StoreUnavailable as exc:
-                    reason = str(exc)
-                    if exc.code == "ValidationException" and len(chunk) > 1:
-                        # One malformed item refuses the whole request: write the chunk item by item, so that only
-                        # that item's record is redelivered (and not 24 healthy ones with it, to the DLQ at last).
-                        failed.update(self._put_one_by_one(list(chunk.values())))
-                        request = {}
-                    break
-                request = resp.get("UnprocessedItems") or {}
-                if not request:
-                    break
-            left = [w["PutRequest"]["Item"]["pk"]["S"] for w in request.get(self._table, [])] if request else []
-            failed.update({chunk[pk].event_id: reason for pk in left if pk in chunk})
+            request = {self._table: [{"PutRequest": {"Item": w.item}} for w in chunk.values()]}
+            left, error = self._until_processed("batch_write_item", request, "UnprocessedItems")
+            unwritten = [chunk[w["PutRequest"]["Item"]["pk"]["S"]] for w in left.get(self._table, [])]
+            if error is not None and error.code == "ValidationException" and len(unwritten) > 1:
+                # One malformed item refuses the whole request: write these item by item, so that only that item's
+                # record is redelivered (and not 24 healthy ones with it, to the DLQ at last).
+                failed.update(self._put_one_by_one(unwritten))
+                continue
+            reason = str(error) if error else "dynamodb batch_write_item left the item unprocessed"
+            failed.update({w.event_id: reason for w in unwritten})
         return failed
+
+    def _until_processed(
+        self,
+        op: str,
+        request: dict[str, Any],
+        unprocessed: str,
+        on_answer: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[dict[str, Any], StoreUnavailable | None]:
+        """Call a batch operation, then again with what DynamoDB left unprocessed (throttling), at most
+        BATCH_ATTEMPTS times, waiting 50, 100, 200 ms between; `on_answer` sees each answer. Returns what is still
+        to do ({} when done) and the error that stopped it, if any (after botocore's own retries)."""
+        for attempt in range(BATCH_ATTEMPTS):
+            if attempt:
+                self._clock.sleep(0.05 * 2 ** (attempt - 1))
+            try:
+                resp = self._call(op, RequestItems=request)
+            except StoreUnavailable as exc:
+                return request, exc
+            if on_answer is not None:
+                on_answer(resp)
+            request = resp.get(unprocessed) or {}
+            if not request:
+                break
+        return request, None
 
     def _put_one_by_one(self, writes: list[ResultWrite]) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -273,31 +287,23 @@ class HandlesStore:
         instead of one per event. Keys DynamoDB leaves unprocessed after a few tries are simply absent (callers
         then read them one by one)."""
         found: dict[tuple[str, str], IdentityState] = {}
+
+        def take(resp: dict[str, Any]) -> None:
+            for item in resp.get("Responses", {}).get(self._table, []):
+                opaque = item["pk"]["S"].removeprefix("IDENTITY#")
+                datastream = item["sk"]["S"].removeprefix("STATE#")
+                found[(opaque, datastream)] = self._state_of(item)
+
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), 100):
-            request: dict[str, Any] = {
-                self._table: {
-                    "Keys": [self.state_key(o, d) for o, d in unique[start : start + 100]],
-                    "ConsistentRead": True,
-                }
-            }
-            for attempt in range(4):
-                try:
-                    resp = self._ddb.batch_get_item(RequestItems=request)
-                except (ClientError, BotoCoreError) as exc:
-                    raise StoreUnavailable(f"dynamodb batch_get_item failed: {type(exc).__name__}") from None
-                for item in resp.get("Responses", {}).get(self._table, []):
-                    opaque = item["pk"]["S"].removeprefix("IDENTITY#")
-                    datastream = item["sk"]["S"].removeprefix("STATE#")
-                    found[(opaque, datastream)] = self._state_of(item)
-                request = resp.get("UnprocessedKeys") or {}
-                if not request:
-                    break
-                self._clock.sleep(0.05 * 2**attempt)
-            else:
-                continue
-            for key in unique[start : start + 100]:
-                found.setdefault(key, IdentityState())  # read and absent: a new identity
+            chunk = unique[start : start + 100]
+            request = {self._table: {"Keys": [self.state_key(o, d) for o, d in chunk], "ConsistentRead": True}}
+            left, error = self._until_processed("batch_get_item", request, "UnprocessedKeys", take)
+            if error is not None:
+                raise error
+            if not left:
+                for key in chunk:
+                    found.setdefault(key, IdentityState())  # read and absent: a new identity
         return found
 
     def update_state(

@@ -1,0 +1,35 @@
+"""Cold start (issue 5): importing the handler does no client, secret or configuration work, and loads neither the
+webhook stack nor clients an SQS batch does not need."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FUNCTION_DIR = Path(__file__).resolve().parents[2] / "functions" / "relay"
+
+PROBE = """
+import json, sys
+import relay.handler as h
+print(json.dumps({
+    "runtime_built": h._runtime is not None,
+    "webhook_stack": sorted(m for m in ("relay.webhook", "standardwebhooks", "aws_lambda_powertools.event_handler")
+                            if m in sys.modules),
+}))
+"""
+
+
+def test_importing_the_handler_builds_nothing_and_needs_no_configuration():
+    # GIVEN an environment with none of the function's variables (any configuration work at import would fail)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(FUNCTION_DIR)}
+
+    # WHEN the handler module is imported in a fresh interpreter
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    # THEN it imported cleanly, built no runtime (no clients, secrets or settings), and left the webhook stack out
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"runtime_built": False, "webhook_stack": []}

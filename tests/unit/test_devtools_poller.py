@@ -208,3 +208,37 @@ def test_poller_without_failure_override_keeps_the_queue_visibility_timeout(sqs:
     assert visible_bodies(sqs, res.queue_url) == []
     assert poller.pending() == 1
     assert time.monotonic() - started < res.visibility_timeout
+
+
+class OneMessageTurningVisible:
+    """An SQS stand-in that, like moto, computes the requested counts one after another in a fixed order (visible
+    first), with one in-flight message whose visibility timeout ends after ``turns_at`` counts have been computed."""
+
+    ORDER = (
+        "ApproximateNumberOfMessages",
+        "ApproximateNumberOfMessagesDelayed",
+        "ApproximateNumberOfMessagesNotVisible",
+    )
+
+    def __init__(self, turns_at: int) -> None:
+        self.turns_at = turns_at
+        self.computed = 0
+
+    def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:  # noqa: N803
+        attrs: dict[str, str] = {}
+        for name in (n for n in self.ORDER if n in AttributeNames):
+            visible = self.computed >= self.turns_at
+            self.computed += 1
+            counts = {self.ORDER[0]: int(visible), self.ORDER[1]: 0, self.ORDER[2]: int(not visible)}
+            attrs[name] = str(counts[name])
+        return {"Attributes": attrs}
+
+
+@pytest.mark.parametrize("turns_at", range(5))
+def test_pending_counts_a_message_whose_visibility_timeout_ends_while_counting(turns_at: int) -> None:
+    # GIVEN a message in flight whose visibility timeout ends between any two of the counts (or not at all)
+    sqs = OneMessageTurningVisible(turns_at)
+    arn = "arn:aws:sqs:us-east-1:123456789012:q"
+    poller = QueuePoller(Recorder(), sqs, "q", arn, batch_size=10, batching_window=0, function_timeout=30)
+    # THEN pending() still counts it, so drain() cannot stop while it is about to come back
+    assert poller.pending() >= 1

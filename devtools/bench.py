@@ -35,10 +35,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from devtools.fault_proxy import batch_write_items
+from devtools.loopback import LoopbackHandler, LoopbackService
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTION_DIR = ROOT / "functions" / "relay"
@@ -134,7 +137,7 @@ def item_size(item: Mapping[str, Any] | None) -> int:
     return sum(len(k.encode("utf-8")) + _attr_size(v) for k, v in (item or {}).items())
 
 
-class CountingProxy:
+class CountingProxy(LoopbackService):
     """A loopback HTTP proxy in front of moto that counts AWS API calls and DynamoDB capacity units.
 
     ``ddb.write_requests`` counts write API calls, ``ddb.item_writes`` the items they wrote (a BatchWriteItem of 25
@@ -155,14 +158,13 @@ class CountingProxy:
         self.counts: dict[str, float] = {}
         self.items: dict[str, Any] = {}  # the stub's table
         self.local = threading.local()
+
+    thread_name = "bench-proxy"
+
+    def _make_server(self) -> ThreadingHTTPServer:
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
-            # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
-            disable_nagle_algorithm = True
-
+        class Handler(LoopbackHandler):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
@@ -207,22 +209,9 @@ class CountingProxy:
                 proxy._count(service, op, raw, headers, status, body, before)
                 self._reply(status, resp_headers, body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.request_queue_size = 128
-        self.thread = threading.Thread(target=self.server.serve_forever, name="bench-proxy", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def start(self) -> CountingProxy:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        server = ThreadingHTTPServer((self.host, 0), Handler)
+        server.request_queue_size = 128
+        return server
 
     def stub(self, op: str, raw: bytes) -> bytes:
         """The stub's answer: PutItem and BatchWriteItem items are kept (no condition is checked) and served to GetItem
@@ -275,12 +264,8 @@ class CountingProxy:
         """(table, keys of the items) a DynamoDB write request touches."""
         req = json.loads(raw)
         if "RequestItems" in req:
-            ((table, writes),) = req["RequestItems"].items()
-            keys = []
-            for w in writes:
-                item = (w.get("PutRequest") or {}).get("Item") or (w.get("DeleteRequest") or {}).get("Key") or {}
-                keys.append({k: item[k] for k in ("pk", "sk")})
-            return table, keys
+            ((table, _),) = req["RequestItems"].items()
+            return table, [{k: item[k] for k in ("pk", "sk")} for item in batch_write_items(req)]
         return req["TableName"], [req.get("Key") or {k: req["Item"][k] for k in ("pk", "sk")}]
 
     def _images(self, raw: bytes, headers: Mapping[str, str]) -> list[int]:

@@ -40,12 +40,12 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from devtools.loopback import LoopbackService
+from devtools.loopback import LoopbackHandler, LoopbackService
 
 if TYPE_CHECKING:
     import requests
@@ -1130,11 +1130,7 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
-    # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
-    disable_nagle_algorithm = True
+class _Handler(LoopbackHandler):
     server_version = "EdgeSimulator/1.0"
     timeout = 300  # idle keep-alive connections are closed after this many seconds
 

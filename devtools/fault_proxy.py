@@ -27,11 +27,11 @@ import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from devtools.loopback import LoopbackService
+from devtools.loopback import LoopbackHandler, LoopbackService
 
 WRITE_OPERATIONS = frozenset({"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem"})
 FAULT_KINDS = ("throughput", "internal")
@@ -64,14 +64,20 @@ def item_keys(operation: str, body: bytes) -> list[str]:
         key = item_key(operation, body)
         return [key] if key is not None else []
     try:
-        doc = json.loads(body)
-        writes = [w for ws in doc["RequestItems"].values() for w in ws]
+        items = batch_write_items(json.loads(body))
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         return []
-    keys = [
-        _pk_sk((w.get("PutRequest") or {}).get("Item") or (w.get("DeleteRequest") or {}).get("Key")) for w in writes
-    ]
+    keys = [_pk_sk(item) for item in items]
     return [k for k in keys if k is not None]
+
+
+def batch_write_items(request: dict[str, Any]) -> list[Any]:
+    """The item (a put) or key (a delete) of every write in a BatchWriteItem request (None for neither)."""
+    return [
+        (w.get("PutRequest") or {}).get("Item") or (w.get("DeleteRequest") or {}).get("Key")
+        for writes in request["RequestItems"].values()
+        for w in writes
+    ]
 
 
 def item_key(operation: str, body: bytes) -> str | None:
@@ -235,11 +241,7 @@ class FaultProxy(LoopbackService):
                 self._stats.upstream_errors += 1
 
 
-class _ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
-    # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
-    disable_nagle_algorithm = True
+class _ProxyHandler(LoopbackHandler):
     owner: FaultProxy
     timeout = 120  # idle keep-alive connections from botocore are closed after this
 

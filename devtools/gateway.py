@@ -15,13 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
 
 from devtools.cfn_yaml import load_template
 from devtools.lambda_context import DEFAULT_ACCOUNT, new_context
-from devtools.loopback import LoopbackService
+from devtools.loopback import LoopbackHandler, LoopbackService
 from devtools.resources import FUNCTION_RESOURCE, function_timeout, http_routes
 
 Handler = Callable[[dict[str, Any], Any], Any]
@@ -235,11 +235,7 @@ class LocalGateway(LoopbackService):
             return _json_response(500, "Internal Server Error")
 
 
-class _GatewayRequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + the peer's delayed ACK hold the body
-    # ~40 ms on a kept-alive connection, a stall real AWS/Adobe endpoints do not have.
-    disable_nagle_algorithm = True
+class _GatewayRequestHandler(LoopbackHandler):
     server_version = "LocalHttpApi"
     sys_version = ""
     gw: LocalGateway

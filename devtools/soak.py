@@ -39,13 +39,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import IO, Any
-from urllib.request import getproxies
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from devtools.fault_proxy import WRITE_OPERATIONS, FaultProxy
 from devtools.lambda_context import new_context
@@ -254,16 +251,14 @@ class Tracer:
 
 
 class TracingSession(requests.Session):
-    """The relay's Edge/IMS session (same pool settings as ``relay.runtime.new_http_session``), observed."""
+    """The relay's Edge/IMS session (``relay.runtime.configure_http_session``), observed."""
 
     def __init__(self, tracer: Tracer, pool_size: int) -> None:
+        from relay.runtime import configure_http_session
+
         super().__init__()
         self._tracer = tracer
-        self.trust_env = bool(getproxies())  # as relay.runtime.new_http_session
-        self.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # likewise: no cookies across events
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0, pool_block=True)
-        self.mount("https://", adapter)
-        self.mount("http://", adapter)
+        configure_http_session(self, pool_size)  # exactly the relay's session settings
 
     def post(self, url: Any, data: Any = None, json: Any = None, **kwargs: Any) -> requests.Response:
         if "/interact" not in str(url):

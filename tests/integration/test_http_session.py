@@ -2,45 +2,50 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from relay.runtime import new_http_session
 
+from devtools.loopback import LoopbackHandler, LoopbackService
+
+
+class CookieServer(LoopbackService):
+    """Answers every request with a Set-Cookie (as an identity service might) and records the Cookie it received."""
+
+    thread_name = "cookie-server"
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def _make_server(self) -> ThreadingHTTPServer:
+        seen = self.seen
+
+        class Handler(LoopbackHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                seen.append(self.headers.get("Cookie"))
+                body = b"{}"
+                self.send_response(200)
+                self.send_header("Set-Cookie", f"FPID=person-{len(seen)}; Path=/")
+                self.send_header("Set-Cookie", "kndctr_ORG_AdobeOrg_identity=abc; Path=/")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return ThreadingHTTPServer((self.host, 0), Handler)
+
 
 @pytest.fixture
 def cookie_server() -> Iterator[tuple[str, list[str | None]]]:
-    """Answers every request with a Set-Cookie (as an identity service might) and records the Cookie it received."""
-    seen: list[str | None] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            seen.append(self.headers.get("Cookie"))
-            body = b"{}"
-            self.send_response(200)
-            self.send_header("Set-Cookie", f"FPID=person-{len(seen)}; Path=/")
-            self.send_header("Set-Cookie", "kndctr_ORG_AdobeOrg_identity=abc; Path=/")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with CookieServer() as server:
+        yield server.url, server.seen
 
 
 def test_cookies_from_one_answer_are_never_sent_with_the_next_request(

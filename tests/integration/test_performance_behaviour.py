@@ -113,10 +113,15 @@ def counted(clean_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterato
         proxy.stop()
 
 
+def counts(proxy: CountingProxy) -> dict[str, float]:
+    """A snapshot of the proxy's counters (API calls by name, `ddb.item_writes`, ...)."""
+    with proxy.lock:
+        return dict(proxy.counts)
+
+
 def writes(proxy: CountingProxy) -> float:
     """Items written (what DynamoDB bills): one per PutItem/UpdateItem, one per item of a BatchWriteItem."""
-    with proxy.lock:
-        return proxy.counts.get("ddb.item_writes", 0)
+    return counts(proxy).get("ddb.item_writes", 0)
 
 
 def delivered(stack: LocalStack, event_ids: list[str]) -> int:
@@ -153,8 +158,7 @@ def test_a_batch_reads_every_identity_state_with_one_call(clean_stack: LocalStac
     runtime = new_runtime()
     first = [(f"read-a-{i}", i) for i in range(10)]
     assert runtime.handle(batch(first, space=905), new_context(30)) == {"batchItemFailures": []}
-    with counted.lock:
-        before = dict(counted.counts)
+    before = counts(counted)
 
     # WHEN they return, two events each, in one batch
     again = [(f"read-{n}-{i}", i) for n in ("b", "c") for i in range(10)]
@@ -162,8 +166,7 @@ def test_a_batch_reads_every_identity_state_with_one_call(clean_stack: LocalStac
 
     # THEN their states were read with one BatchGetItem (no GetItem per event), each identity's second event used the
     # state carried from its first, and each delivered event cost 2 writes (claim + result)
-    with counted.lock:
-        after = dict(counted.counts)
+    after = counts(counted)
     assert delivered(clean_stack, [e for e, _ in again]) == 20
     assert after.get("dynamodb.BatchGetItem", 0) - before.get("dynamodb.BatchGetItem", 0) == 1
     assert after.get("dynamodb.GetItem", 0) - before.get("dynamodb.GetItem", 0) == 0
@@ -184,16 +187,14 @@ def test_a_batch_writes_its_results_25_to_a_request(clean_stack: LocalStack, cou
     runtime = new_runtime()
     first = [(f"bw-a-{i}", i) for i in range(30)]
     assert runtime.handle(batch(first, space=906), new_context(30)) == {"batchItemFailures": []}
-    with counted.lock:
-        before = dict(counted.counts)
+    before = counts(counted)
 
     # WHEN they return in one batch
     again = [(f"bw-b-{i}", i) for i in range(30)]
     assert runtime.handle(batch(again, space=906), new_context(30)) == {"batchItemFailures": []}
 
     # THEN the 30 results went in 2 BatchWriteItem requests (25 + 5), and no result was written on its own
-    with counted.lock:
-        after = dict(counted.counts)
+    after = counts(counted)
     assert after["dynamodb.BatchWriteItem"] - before["dynamodb.BatchWriteItem"] == 2
     assert after.get("dynamodb.PutItem", 0) - before.get("dynamodb.PutItem", 0) == 0
     assert after["dynamodb.UpdateItem"] - before["dynamodb.UpdateItem"] == 30  # the claims

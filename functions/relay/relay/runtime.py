@@ -34,7 +34,11 @@ WORKERS_PER_EDGE_SLOT = 2
 
 def new_http_session(pool_size: int) -> requests.Session:
     """One keep-alive connection pool for Edge and IMS, sized for the batch concurrency."""
-    session = requests.Session()
+    return configure_http_session(requests.Session(), pool_size)
+
+
+def configure_http_session(session: requests.Session, pool_size: int) -> requests.Session:
+    """The relay's settings for its Edge/IMS session (also for a subclass, such as the soak test's tracing one)."""
     # With trust_env on, requests scans os.environ for proxy variables and looks for ~/.netrc on every request: about
     # a sixth of the relay's CPU per event in the benchmark. Lambda sets no proxy; keep that handling only if one is.
     session.trust_env = bool(getproxies())

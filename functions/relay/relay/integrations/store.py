@@ -95,6 +95,7 @@ class HandlesStore:
         """Take the event: create or take over its item unless it is done or another holder's lease is live."""
         now = self._clock.now()
         token = uuid.uuid4().hex
+        stamp = {"S": iso_millis(now)}
         try:
             resp = self._call(
                 "update_item",
@@ -115,7 +116,7 @@ class HandlesStore:
                     ":ds": {"S": datastream_id},
                     ":src": {"S": source},
                     ":exp": {"N": str(int(now) + self._ttl_s)},
-                    ":now": {"S": iso_millis(now)},
+                    ":now": stamp,
                     ":one": {"N": "1"},
                 },
                 # The old values of what the claim changed: nothing at all for a new event (the usual case, and the
@@ -129,7 +130,7 @@ class HandlesStore:
         before = resp.get("Attributes") or {}
         attempts = int(before["attempts"]["N"]) + 1 if "attempts" in before else 1
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
-        item = {"attempts": {"N": str(attempts)}, "updatedAt": {"S": iso_millis(now)}}
+        item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
         return Claim(True, token=token, item=item)
 
     def get_result_item(self, event_id: str) -> dict[str, Any] | None:
@@ -255,20 +256,18 @@ class HandlesStore:
 
     def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Store a `rejected` outcome for a body that never became an event (never over a delivered result)."""
-        now = self._clock.now()
-        doc = {**fields, "eventId": event_id, "status": "rejected", "storedAt": iso_millis(now)}
-        item = {**self.result_key(event_id), **self._encode(doc), "expiresAt": {"N": str(int(now) + self._ttl_s)}}
+        write = self.compose_result(event_id, {**fields, "status": "rejected"}, None)
         try:
             self._call(
                 "put_item",
-                Item=item,
+                Item=write.item,
                 ConditionExpression="attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)",
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues={":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}},
             )
         except ClientError:
             pass  # an event with this id was delivered (or is in flight): that outcome stands
-        return doc
+        return write.doc
 
     # -- identity state -----------------------------------------------------------------------------------------
 

@@ -338,6 +338,52 @@ def test_poller_redelivers_the_503_record_until_the_dead_letter_queue(clean_stac
     )
 
 
+def test_a_record_edge_asks_to_retry_later_than_the_visibility_timeout_waits_until_then(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    sqs, queue_url = stack.sqs, stack.resources.queue_url
+    # GIVEN a queue whose visibility timeout is 2 s, and a function told so
+    original = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["VisibilityTimeout"])["Attributes"]
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": "2"})
+    try:
+        runtime = new_runtime(QUEUE_VISIBILITY_TIMEOUT_SECONDS="2", EDGE_MAX_ATTEMPTS="1")
+        # AND three events: Edge answers the first 503 with Retry-After 10 s once, the second is the same identity's
+        # next event, and the third (another identity) gets a 503 with Retry-After 0 once
+        ecid = new_ecid()
+        first, second, other = (f"evt-{uuid.uuid4()}" for _ in range(3))
+        first_mid = send(stack, json.dumps(interact_event(first, ecid=ecid)))
+        second_mid = send(stack, json.dumps(interact_event(second, ecid=ecid)))
+        other_mid = send(stack, json.dumps(interact_event(other)))
+        stack.sim.add_fault(match_id=first, status=503, retry_after=10, times=1)
+        stack.sim.add_fault(match_id=other, status=503, retry_after=0, times=1)
+        poller = stack.poller(runtime.handle, batching_window=0, failure_visibility_timeout=None)
+
+        # WHEN the event source mapping stand-in hands them to the function in one batch (and leaves the visibility
+        # of failed records alone, as Lambda does)
+        assert poller.poll_once() == 3
+        sent_back = time.monotonic()
+        assert sorted(poller.history[0].failed) == sorted([first_mid, second_mid, other_mid])
+
+        # THEN once the queue's 2 s have passed, only the record with the short Retry-After is visible again: the
+        # first event, and the second that waits for it, stay invisible for the 10 s Edge asked for
+        time.sleep(max(0.0, sent_back + 3.5 - time.monotonic()))
+        peek = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0)
+        assert time.monotonic() - sent_back < 10, "the check came too late to tell"
+        assert [m["MessageId"] for m in peek.get("Messages", [])] == [other_mid]
+
+        # AND when they come back, all three are delivered, the first event before the second
+        poller.drain(timeout=40, raise_on_timeout=True)
+        assert time.monotonic() - sent_back >= 10
+        assert [stack.result(e)["status"] for e in (first, second, other)] == ["delivered"] * 3
+        assert [c["status"] for c in edge_requests(stack, first)] == [503, 200]
+        assert [c["status"] for c in edge_requests(stack, second)] == [200]
+        log = [r["xdm_id"] for r in stack.sim.requests_log() if r.get("status") == 200]
+        assert log.index(first) < log.index(second)
+    finally:
+        sqs.set_queue_attributes(QueueUrl=queue_url, Attributes=original)
+
+
 SUCCESS_FIXTURES = [
     "send-event.json",
     "send-event-with-identity.json",

@@ -1,6 +1,7 @@
 """Regressions found by the soak: ordering hold-back must not dead-letter healthy records, and a webhook rejection
-that cannot be stored must make the sender retry rather than be lost. And how a batch writes its results: 25 to a
-BatchWriteItem, a record acknowledged only once its result is written."""
+that cannot be stored must make the sender retry rather than be lost. How a batch writes its results: 25 to a
+BatchWriteItem, a record acknowledged only once its result is written. And how a record Edge asked to retry later
+than the queue's visibility timeout is kept invisible until then."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from relay.batch import HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
 from relay.errors import StoreUnavailable
 from relay.integrations.edge import EdgeAnswer
+from relay.integrations.queue import RetryQueue, queue_url_for
 from relay.models import InboundEvent
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
@@ -22,15 +25,17 @@ from devtools.signing import sign_webhook
 from tests.fakes import FakeClock, FakeEdge, FakeStore
 from tests.unit.test_security_properties import SECRETS, harness, http_event
 
-SETTINGS = load_settings({"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"})
+ENV = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
+SETTINGS = load_settings(ENV)
 
 
 class ScriptedRelay:
     """Fails the events named in `failing`, delivers the rest; records the order of processing."""
 
-    def __init__(self, failing: set[str]) -> None:
+    def __init__(self, failing: set[str], retry_after: dict[str, float] | None = None) -> None:
         self.clock = FakeClock()
         self.failing = failing
+        self.retry_after = retry_after or {}  # event id -> the Retry-After Edge answered it with
         self.processed: list[str] = []
 
     def process(
@@ -38,7 +43,7 @@ class ScriptedRelay:
     ) -> Result:
         self.processed.append(inbound.event_id)
         outcome = Outcome.RETRY if inbound.event_id in self.failing else Outcome.DELIVERED
-        return Result(outcome, inbound.event_id)
+        return Result(outcome, inbound.event_id, retry_after=self.retry_after.get(inbound.event_id))
 
     def prefetch_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
         return {}
@@ -47,14 +52,20 @@ class ScriptedRelay:
         return {}
 
 
-def record(event_id: str, receive_count: int) -> dict[str, Any]:
-    body = {"event": {"xdm": {"_id": event_id, "identityMap": {"CRMID": [{"id": "crm-1", "primary": True}]}}}}
+QUEUE_ARN = "arn:aws:sqs:eu-west-1:123456789012:relay-events"
+QUEUE_URL = "https://sqs.eu-west-1.amazonaws.com/123456789012/relay-events"
+
+
+def record(event_id: str, receive_count: int, person: str = "crm-1") -> dict[str, Any]:
+    body = {"event": {"xdm": {"_id": event_id, "identityMap": {"CRMID": [{"id": person, "primary": True}]}}}}
     return {
         "messageId": f"m-{event_id}",
+        "receiptHandle": f"rh-{event_id}",
         "body": json.dumps(body),
         "attributes": {"ApproximateReceiveCount": str(receive_count), "SentTimestamp": "1700000000000"},
         "messageAttributes": {},
         "eventSource": "aws:sqs",
+        "eventSourceARN": QUEUE_ARN,
     }
 
 
@@ -198,3 +209,118 @@ def test_a_batch_logs_one_info_summary_and_its_deliveries_at_debug(caplog: pytes
     assert fields["outcomes"] == {"delivered": 3}
     # AND the failure is still logged on its own, as a warning
     assert "event will be retried" in messages
+
+
+# -- Retry-After longer than the queue's visibility timeout ----------------------------------------------------------
+
+
+class FakeSqs:
+    """`change_message_visibility_batch` only: records each call; entries whose receipt handle is in `refuse` fail."""
+
+    def __init__(self, refuse: frozenset[str] = frozenset(), error: Exception | None = None) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.refuse = refuse
+        self.error = error
+
+    def change_message_visibility_batch(self, *, QueueUrl: str, Entries: list[dict[str, Any]]) -> dict[str, Any]:
+        self.calls.append({"QueueUrl": QueueUrl, "Entries": Entries})
+        if self.error is not None:
+            raise self.error
+        failed = [
+            {"Id": e["Id"], "Code": "ReceiptHandleIsInvalid"} for e in Entries if e["ReceiptHandle"] in self.refuse
+        ]
+        return {
+            "Successful": [{"Id": e["Id"]} for e in Entries if e["ReceiptHandle"] not in self.refuse],
+            "Failed": failed,
+        }
+
+
+def postponed(sqs: FakeSqs) -> dict[str, int]:
+    return {e["ReceiptHandle"]: e["VisibilityTimeout"] for call in sqs.calls for e in call["Entries"]}
+
+
+def test_records_edge_asked_to_retry_after_the_visibility_timeout_wait_until_then() -> None:
+    # GIVEN a queue whose visibility timeout is 180 s, and a batch in which Edge answers:
+    #   a1 Retry-After 600 (a2, the same identity, waits behind it), b1 Retry-After 30, c1 Retry-After 5000,
+    #   d1 fails with no Retry-After (a DynamoDB outage, say), e1 is delivered; e1-twin repeats a1's eventId
+    settings = load_settings({**ENV, "QUEUE_VISIBILITY_TIMEOUT_SECONDS": "180"})
+    relay = ScriptedRelay(failing={"a1", "b1", "c1", "d1"}, retry_after={"a1": 600, "b1": 30, "c1": 5000})
+    sqs = FakeSqs()
+    runner = BatchRunner(settings, relay, ThreadPoolExecutor(2), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+    twin = {**record("a1", 1), "messageId": "m-a1-twin", "receiptHandle": "rh-a1-twin"}
+    records = [record("a1", 1), record("a2", 1), twin]
+    records += [record("b1", 1, "crm-2"), record("c1", 1, "crm-3"), record("d1", 1, "crm-4"), record("e1", 1, "crm-5")]
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN every failed record is redelivered, and only those whose Retry-After outlasts the visibility timeout are
+    # kept invisible that long: a1 for 600 s with the record waiting behind it and its repeat, c1 for at most 900 s
+    assert [f["itemIdentifier"] for f in answer["batchItemFailures"]] == [
+        "m-a1",
+        "m-a2",
+        "m-a1-twin",
+        "m-b1",
+        "m-c1",
+        "m-d1",
+    ]
+    assert postponed(sqs) == {"rh-a1": 600, "rh-a2": 600, "rh-a1-twin": 600, "rh-c1": 900}
+    assert {call["QueueUrl"] for call in sqs.calls} == {QUEUE_URL}
+
+
+def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_client() -> None:
+    # GIVEN Edge asking for a retry within the visibility timeout (it only comes back later than asked; a shorter
+    # visibility would use up its receives sooner in an outage)
+    relay = ScriptedRelay(failing={"a1"}, retry_after={"a1": 180})
+
+    def no_queue() -> RetryQueue:
+        raise AssertionError("the SQS client must not be built when nothing is postponed")
+
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1), no_queue)  # type: ignore[arg-type]
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": [record("a1", 1)]}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN the record is simply redelivered
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-a1"}]}
+
+
+def test_postponing_goes_ten_records_to_a_call_and_a_refusal_only_costs_the_wait() -> None:
+    # GIVEN 23 records to keep invisible, one of whose receipt handles SQS refuses
+    sqs = FakeSqs(refuse=frozenset({"rh-e7"}))
+    records = [(record(f"e{n}", 1), 300) for n in range(23)]
+
+    # WHEN they are postponed
+    done = RetryQueue(sqs, QUEUE_URL).postpone(records)
+
+    # THEN three calls of at most ten, each entry with its own id, and the refused one is not counted
+    assert [len(call["Entries"]) for call in sqs.calls] == [10, 10, 3]
+    assert all(len({e["Id"] for e in call["Entries"]}) == len(call["Entries"]) for call in sqs.calls)
+    assert done == 22
+
+
+def test_postponing_never_raises() -> None:
+    error = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ChangeMessageVisibilityBatch")
+    assert RetryQueue(FakeSqs(error=error), QUEUE_URL).postpone([(record("a1", 1), 300)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("arn", "known", "url"),
+    [
+        (QUEUE_ARN, QUEUE_URL, QUEUE_URL),
+        (
+            QUEUE_ARN,
+            "http://127.0.0.1:5000/123456789012/relay-events",
+            "http://127.0.0.1:5000/123456789012/relay-events",
+        ),
+        (QUEUE_ARN, "https://sqs.eu-west-1.amazonaws.com/123456789012/other", QUEUE_URL),
+        (QUEUE_ARN, None, QUEUE_URL),
+        ("arn:aws-cn:sqs:cn-north-1:123456789012:q", None, "https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q"),
+        ("arn:aws:sns:eu-west-1:123456789012:topic", QUEUE_URL, None),
+        ("not an arn", QUEUE_URL, None),
+        ("", QUEUE_URL, None),
+    ],
+)
+def test_queue_url_of_a_record(arn: str, known: str | None, url: str | None) -> None:
+    # The configured retry queue's URL when the record came from it (as the template wires it), else SQS's own form
+    assert queue_url_for(arn, known) == url

@@ -107,6 +107,13 @@ def test_visibility_timeout_is_at_least_six_times_the_function_timeout(template:
     assert visibility >= 6 * timeout
 
 
+def test_the_function_knows_the_queue_visibility_timeout(template: dict[str, Any]) -> None:
+    # The relay keeps a record Edge asked to retry later than this invisible until then (relay/batch.py).
+    variables = function_properties(template, FUNCTION)["Environment"]["Variables"]
+    visibility = template["Resources"][QUEUE]["Properties"]["VisibilityTimeout"]
+    assert int(variables["QUEUE_VISIBILITY_TIMEOUT_SECONDS"]) == int(visibility)
+
+
 def test_queue_redrives_to_the_dead_letter_queue_after_five_receives(template: dict[str, Any]) -> None:
     redrive = template["Resources"][QUEUE]["Properties"]["RedrivePolicy"]
     assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": [DLQ, "Arn"]}
@@ -305,10 +312,11 @@ def test_table_and_queue_access_is_scoped(template: dict[str, Any]) -> None:
     for statement in dynamo:
         assert as_list(statement["Resource"]) == [{"Fn::GetAtt": [TABLE, "Arn"]}]
         assert not {"dynamodb:Scan", "dynamodb:DeleteTable"} & set(as_list(statement["Action"]))
-    send = statements_granting(template, "sqs:SendMessage")
-    assert send
-    for statement in send:
-        assert as_list(statement["Resource"]) == [{"Fn::GetAtt": [QUEUE, "Arn"]}]
+    for action in ("sqs:SendMessage", "sqs:ChangeMessageVisibility"):
+        granted = statements_granting(template, action)
+        assert granted, action
+        for statement in granted:
+            assert as_list(statement["Resource"]) == [{"Fn::GetAtt": [QUEUE, "Arn"]}]
 
 
 # --- outputs ------------------------------------------------------------------------------------------
@@ -356,6 +364,7 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
 
 # Metrics the function emits (relay/observability.py callers): the dashboard must show each of these.
 DASHBOARD_APP_METRICS = {
+    "RetriesPostponed",
     "Delivered",
     "Rejected",
     "Queued",

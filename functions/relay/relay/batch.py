@@ -8,10 +8,16 @@ Result items are written 25 at a time (`BatchWriteItem`) rather than one `PutIte
 twenty-fifth of the requests, and so a fraction of the CPU a Lambda spends signing and parsing DynamoDB calls. A
 record is acknowledged only once its result is written; one whose write fails gives its claim back and is
 redelivered (Edge dedupes on the unchanged `xdm._id`).
+
+A record sent back because Edge asked for a `Retry-After` longer than the queue's visibility timeout is kept
+invisible that long (up to 15 minutes), as are the later records of its identity that wait for it: it comes back
+when Edge said, not sooner, and so does not use up its receives before the dead-letter queue. A shorter
+`Retry-After` leaves the visibility alone: a shorter one would only reach the dead-letter queue sooner in an outage.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +28,7 @@ from typing import Any
 from relay.clock import Deadline
 from relay.errors import InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
+from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
 from relay.integrations.store import BATCH_WRITE_SIZE
 from relay.models import Source, build_inbound, decode_body, event_id_for, resolve_datastream
 from relay.observability import count, logger
@@ -101,10 +108,17 @@ def _attr(record: dict[str, Any], name: str) -> str | None:
 
 
 class BatchRunner:
-    def __init__(self, settings: Settings, relay: Relay, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        relay: Relay,
+        executor: ThreadPoolExecutor,
+        queue: Callable[[], RetryQueue] | None = None,
+    ) -> None:
         self._settings = settings
         self._relay = relay
         self._executor = executor
+        self._queue = queue  # built only when a record has to be postponed (no SQS client on the common path)
 
     def _prepare(self, record: dict[str, Any], deadline: Deadline, lease_s: float) -> _Item:
         message_id = str(record.get("messageId", ""))
@@ -173,8 +187,9 @@ class BatchRunner:
         keys = [item.state_key for items in groups.values() for item in items[:1] if item.state_key]
         states: Future[dict[tuple[str, str], IdentityState]] = Future()
 
-        def run_group(items: list[_Item]) -> list[str]:
-            failed: list[str] = []
+        def run_group(items: list[_Item]) -> list[tuple[str, float | None]]:
+            """The group's records to redeliver, each with how long Edge asked it to wait (None: not said)."""
+            failed: list[tuple[str, float | None]] = []
             carry: Carry = None
             key = items[0].state_key
             source: StateSource | None = (lambda: states.result().get(key)) if key else None
@@ -182,7 +197,7 @@ class BatchRunner:
                 # Keep one identity's order: once one fails, the rest wait for its redelivery too. But only for the
                 # first receives: a record that keeps failing must not drag healthy ones into the dead-letter queue.
                 if failed and item.receive_count < HOLD_BACK_RECEIVES:
-                    failed.append(item.message_id)
+                    failed.append((item.message_id, failed[0][1]))  # it comes back with the record it waits for
                     continue
                 try:
                     done = item.run(carry, source)
@@ -196,7 +211,7 @@ class BatchRunner:
                 carry = done.carry if done.ok else None
                 source = None  # from here on the carry is the state (None after a failure: read it afresh)
                 if not done.ok:
-                    failed.append(item.message_id)
+                    failed.append((item.message_id, done.result.retry_after if done.result else None))
                 elif done.result is not None and done.result.pending is not None:
                     writes.add(item.message_id, done.result)
             return failed
@@ -211,10 +226,15 @@ class BatchRunner:
         except BaseException:
             states.set_result({})  # never leave the workers waiting
             raise
-        failed = {mid for future in futures for mid in future.result()}
+        delays = dict(pair for future in futures for pair in future.result())
         writes.flush()
-        failed |= writes.failed
-        failed |= {twin for item in firsts.values() if item.message_id in failed for twin in item.twins}
+        for mid in writes.failed:
+            delays.setdefault(mid, None)
+        for item in firsts.values():
+            if item.message_id in delays:
+                delays.update((twin, delays[item.message_id]) for twin in item.twins)
+        failed = set(delays)
+        self._postpone(records, delays)
         # Same order as the batch, each failed record once.
         ordered = [r.get("messageId") for r in records if r.get("messageId") in failed]
         logger.info(
@@ -225,3 +245,19 @@ class BatchRunner:
             outcomes=dict(Counter(outcomes)),
         )
         return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(ordered)]}
+
+    def _postpone(self, records: list[dict[str, Any]], delays: dict[str, float | None]) -> None:
+        """Keep records whose `Retry-After` outlasts the queue's visibility timeout invisible that long instead."""
+        floor = self._settings.queue_visibility_timeout_s
+        later: dict[str, int] = {}
+        for mid, delay in delays.items():
+            seconds = min(math.ceil(delay), MAX_RETRY_DELAY_S) if delay is not None else 0
+            if seconds > floor:
+                later[mid] = seconds
+        if not later or self._queue is None:
+            return
+        chosen = [(r, later[mid]) for r in records if (mid := str(r.get("messageId", ""))) in later]
+        postponed = self._queue().postpone(chosen)
+        if postponed:
+            count("RetriesPostponed", postponed)
+            logger.info("records postponed as Edge asked", records=postponed, maxDelaySeconds=max(later.values()))

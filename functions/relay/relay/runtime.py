@@ -133,7 +133,7 @@ class Runtime:
 
     @cached_property
     def batch(self) -> BatchRunner:
-        return BatchRunner(self.settings, self.relay, self.executor)
+        return BatchRunner(self.settings, self.relay, self.executor, lambda: self.queue)
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0

@@ -35,6 +35,7 @@ class Settings:
     edge_max_attempts: int
     safety_margin_s: float
     secrets_max_age_s: int
+    queue_visibility_timeout_s: int  # the trigger queue's VisibilityTimeout: when a record sent back returns
 
     @property
     def interact_url(self) -> str:
@@ -121,6 +122,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     attempts = _int(problems, env, "EDGE_MAX_ATTEMPTS", 5, 1, 20)
     margin_ms = _int(problems, env, "SAFETY_MARGIN_MS", 2000, 0, 60000)
     secrets_age = _int(problems, env, "SECRETS_MAX_AGE_SECONDS", 300, 0, 86400)
+    visibility = _int(problems, env, "QUEUE_VISIBILITY_TIMEOUT_SECONDS", 180, 0, 43200)
     if problems:
         raise ConfigurationError(problems)
     return Settings(
@@ -142,6 +144,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         edge_max_attempts=attempts,
         safety_margin_s=margin_ms / 1000,
         secrets_max_age_s=secrets_age,
+        queue_visibility_timeout_s=visibility,
     )
 
 

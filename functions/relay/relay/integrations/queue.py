@@ -1,4 +1,5 @@
-"""The retry queue: where a webhook event goes when Edge is unavailable (contract §7, 202)."""
+"""The retry queue: where a webhook event goes when Edge is unavailable (contract §7, 202), and where an SQS record
+Edge asked to be retried later waits out its `Retry-After`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,25 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from relay import codec
 from relay.models import InboundEvent
+from relay.observability import logger
+
+# Edge's Retry-After is honoured up to 15 minutes on both paths: SQS's longest DelaySeconds for a webhook event that
+# falls back to the queue, and the same bound for the visibility of an SQS record sent back.
+MAX_RETRY_DELAY_S = 900
+_VISIBILITY_BATCH = 10  # ChangeMessageVisibilityBatch takes at most 10 entries
+
+
+def queue_url_for(source_arn: str, known_url: str | None) -> str | None:
+    """The URL of the queue an SQS record came from (`eventSourceARN` = arn:PARTITION:sqs:REGION:ACCOUNT:NAME):
+    the configured retry queue's URL when it is that queue (the template wires them so), else the standard one."""
+    parts = source_arn.split(":")
+    if len(parts) != 6 or parts[0] != "arn" or parts[2] != "sqs" or not all(parts[3:]):
+        return None
+    partition, region, account, name = parts[1], parts[3], parts[4], parts[5]
+    if known_url and known_url.rstrip("/").split("/")[-2:] == [account, name]:
+        return known_url
+    domain = "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
+    return f"https://sqs.{region}.{domain}/{account}/{name}"
 
 
 class RetryQueue:
@@ -23,7 +43,7 @@ class RetryQueue:
             self._sqs.send_message(
                 QueueUrl=self._url,
                 MessageBody=codec.dumps(inbound.request),
-                DelaySeconds=int(min(max(delay_s or 0, 0), 900)),
+                DelaySeconds=int(min(max(delay_s or 0, 0), MAX_RETRY_DELAY_S)),
                 MessageAttributes={
                     "datastreamId": {"DataType": "String", "StringValue": inbound.datastream_id},
                     "relaySource": {"DataType": "String", "StringValue": inbound.source},
@@ -33,3 +53,38 @@ class RetryQueue:
         except (ClientError, BotoCoreError):
             return False
         return True
+
+    def postpone(self, records: list[tuple[dict[str, Any], int]]) -> int:
+        """Keep received SQS records invisible for the given seconds instead of the queue's visibility timeout
+        (`ChangeMessageVisibilityBatch`, 10 to a call). Returns how many were postponed. A record that could not be
+        postponed only comes back at the queue's own timeout, so failures are logged, never raised."""
+        by_queue: dict[str, list[dict[str, Any]]] = {}
+        for record, seconds in records:
+            url = queue_url_for(str(record.get("eventSourceARN") or ""), self._url)
+            handle = record.get("receiptHandle")
+            if url is None or not handle:
+                continue
+            entry = {"Id": str(len(by_queue.get(url, []))), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
+            by_queue.setdefault(url, []).append(entry)
+        done = 0
+        for url, entries in by_queue.items():
+            for start in range(0, len(entries), _VISIBILITY_BATCH):
+                chunk = entries[start : start + _VISIBILITY_BATCH]
+                try:
+                    resp = self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=chunk)
+                except (ClientError, BotoCoreError) as exc:
+                    logger.warning(
+                        "records not postponed; they return at the queue's visibility timeout",
+                        records=len(chunk),
+                        reason=type(exc).__name__,
+                    )
+                    continue
+                failed = resp.get("Failed") or []
+                if failed:
+                    logger.warning(
+                        "records not postponed; they return at the queue's visibility timeout",
+                        records=len(failed),
+                        reason=str(failed[0].get("Code", "")),
+                    )
+                done += len(chunk) - len(failed)
+        return done

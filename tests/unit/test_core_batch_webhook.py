@@ -285,6 +285,22 @@ def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_clien
     assert answer == {"batchItemFailures": [{"itemIdentifier": "m-a1"}]}
 
 
+def test_no_postponing_once_the_batch_time_is_up() -> None:
+    # GIVEN a record Edge asked to retry in 600 s, in a batch whose time runs out while it is processed
+    relay = ScriptedRelay(failing={"a1"}, retry_after={"a1": 600})
+    sqs = FakeSqs()
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+    deadline = Deadline(relay.clock, 20)
+    relay.clock.advance(21)
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": [record("a1", 1)]}, deadline, lease_s=25)
+
+    # THEN the answer comes first: the record is redelivered at the queue's own timeout
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-a1"}]}
+    assert sqs.calls == []
+
+
 def test_postponing_goes_ten_records_to_a_call_and_a_refusal_only_costs_the_wait() -> None:
     # GIVEN 23 records to keep invisible, one of whose receipt handles SQS refuses
     sqs = FakeSqs(refuse=frozenset({"rh-e7"}))

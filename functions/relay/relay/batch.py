@@ -234,7 +234,7 @@ class BatchRunner:
             if item.message_id in delays:
                 delays.update((twin, delays[item.message_id]) for twin in item.twins)
         failed = set(delays)
-        self._postpone(records, delays)
+        self._postpone(records, delays, deadline)
         # Same order as the batch, each failed record once.
         ordered = [r.get("messageId") for r in records if r.get("messageId") in failed]
         logger.info(
@@ -246,8 +246,9 @@ class BatchRunner:
         )
         return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(ordered)]}
 
-    def _postpone(self, records: list[dict[str, Any]], delays: dict[str, float | None]) -> None:
-        """Keep records whose `Retry-After` outlasts the queue's visibility timeout invisible that long instead."""
+    def _postpone(self, records: list[dict[str, Any]], delays: dict[str, float | None], deadline: Deadline) -> None:
+        """Keep records whose `Retry-After` outlasts the queue's visibility timeout invisible that long instead.
+        Not once the batch's time is up: the answer matters more (they then come back at the queue's timeout)."""
         floor = self._settings.queue_visibility_timeout_s
         later: dict[str, int] = {}
         for mid, delay in delays.items():
@@ -255,6 +256,9 @@ class BatchRunner:
             if seconds > floor:
                 later[mid] = seconds
         if not later or self._queue is None:
+            return
+        if deadline.remaining() <= 0:
+            logger.warning("no time left to postpone records; they return at the queue's timeout", records=len(later))
             return
         chosen = [(r, later[mid]) for r in records if (mid := str(r.get("messageId", ""))) in later]
         postponed = self._queue().postpone(chosen)

@@ -199,6 +199,7 @@ class FakeStore:
     states: dict[tuple[str, str], IdentityState] = field(default_factory=dict)
     claims: list[dict[str, Any]] = field(default_factory=list)
     releases: list[tuple[str, str, str]] = field(default_factory=list)
+    retry_after: dict[str, float | None] = field(default_factory=dict)  # the Retry-After given with each release
     finished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     rejected_unclaimed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     state_reads: list[tuple[str, str]] = field(default_factory=list)
@@ -213,8 +214,9 @@ class FakeStore:
             raise self.claim_result
         return self.claim_result
 
-    def release(self, event_id: str, token: str, reason: str) -> None:
+    def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
         self.releases.append((event_id, token, reason))
+        self.retry_after[event_id] = retry_after
 
     def compose_result(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None) -> ResultWrite:
         return ResultWrite(event_id, {"fields": fields}, {**fields, "eventId": event_id, "storedAt": self.stored_at})

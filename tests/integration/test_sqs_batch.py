@@ -364,6 +364,10 @@ def test_a_record_edge_asks_to_retry_later_than_the_visibility_timeout_waits_unt
         assert poller.poll_once() == 3
         sent_back = time.monotonic()
         assert sorted(poller.history[0].failed) == sorted([first_mid, second_mid, other_mid])
+        # AND the first event's result says it is queued, why, and how long Edge asked it to wait
+        queued = stack.result(first)
+        assert (queued["status"], queued["retryAfterSeconds"]) == ("queued", 10)
+        assert queued["lastError"] == "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503"
 
         # THEN once the queue's 2 s have passed, only the record with the short Retry-After is visible again: the
         # first event, and the second that waits for it, stay invisible for the 10 s Edge asked for

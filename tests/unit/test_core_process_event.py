@@ -172,6 +172,7 @@ def test_process_edge_unavailable_releases_the_claim_and_retries():
     # THEN
     assert result == Result(Outcome.RETRY, "evt-1", reason="edge answered 503", retry_after=2.0)
     assert store.releases == [("evt-1", "tok-1", "edge answered 503")]
+    assert store.retry_after == {"evt-1": 2.0}  # kept on the queued item, so a user can tell when it comes back
     assert store.finished == []
 
 
@@ -186,12 +187,13 @@ def test_process_credentials_error_releases_the_claim_and_retries():
     # THEN
     assert result == Result(Outcome.RETRY, "evt-1", reason="IMS refused the token request (HTTP 401)")
     assert store.releases == [("evt-1", "tok-1", "IMS refused the token request (HTTP 401)")]
+    assert store.retry_after == {"evt-1": None}
 
 
 def test_process_release_failure_still_returns_retry():
     # GIVEN a store that cannot release
     class NoRelease(FakeStore):
-        def release(self, event_id: str, token: str, reason: str) -> None:
+        def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
             raise StoreUnavailable("down")
 
     store = NoRelease()

@@ -137,7 +137,7 @@ class Relay:
             return replace(result, pending=None)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
             retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
-            self._give_back(event_id, claim.token, str(exc))
+            self._give_back(event_id, claim.token, str(exc), retry_after)
             return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after)
 
     def stored(self, result: Result, *, in_batch: bool = False) -> None:
@@ -157,11 +157,11 @@ class Relay:
         if result.token:
             self._give_back(result.event_id, result.token, reason)
 
-    def _give_back(self, event_id: str, token: str, reason: str) -> None:
+    def _give_back(self, event_id: str, token: str, reason: str, retry_after: float | None = None) -> None:
         logger.warning("event will be retried", eventId=event_id, reason=reason)
         count("RetriesScheduled")
         try:
-            self.store.release(event_id, token, reason)
+            self.store.release(event_id, token, reason, retry_after=retry_after)
         except StoreUnavailable:
             pass  # the lease expires by itself
 

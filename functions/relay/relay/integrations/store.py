@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,21 +236,31 @@ class HandlesStore:
             values["handleOmitted"] = {"BOOL": True}
         return values
 
-    def release(self, event_id: str, token: str, reason: str) -> None:
-        """Give the event back (status `queued`) so a retry can claim it at once; only our own claim."""
+    def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
+        """Give the event back (status `queued`) so a retry can claim it at once; only our own claim. With the
+        `Retry-After` Edge gave (seconds), so a user can tell when the next attempt comes."""
+        values = {
+            ":queued": {"S": "queued"},
+            ":r": {"S": reason[:500]},
+            ":tok": {"S": token},
+            ":now": {"S": iso_millis(self._clock.now())},
+        }
+        if retry_after is not None:
+            values[":ra"] = {"N": str(math.ceil(retry_after))}
+            update = "SET #s = :queued, lastError = :r, updatedAt = :now, retryAfterSeconds = :ra"
+            update += " REMOVE leaseUntil, claimToken"
+        else:
+            update = (
+                "SET #s = :queued, lastError = :r, updatedAt = :now REMOVE leaseUntil, claimToken, retryAfterSeconds"
+            )
         try:
             self._call(
                 "update_item",
                 Key=self.result_key(event_id),
-                UpdateExpression="SET #s = :queued, lastError = :r, updatedAt = :now REMOVE leaseUntil, claimToken",
+                UpdateExpression=update,
                 ConditionExpression="claimToken = :tok",
                 ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":queued": {"S": "queued"},
-                    ":r": {"S": reason[:500]},
-                    ":tok": {"S": token},
-                    ":now": {"S": iso_millis(self._clock.now())},
-                },
+                ExpressionAttributeValues=values,
             )
         except ClientError:
             pass  # someone else holds it now; their outcome stands

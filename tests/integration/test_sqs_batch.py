@@ -254,7 +254,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         },
         "request": json.dumps({"event": {"xdm": []}, "query": "x"}),
     }
-    # AND the 503 event is released for redelivery (no outcome stored yet), with the reason
+    # AND the 503 event is released for redelivery (no outcome stored yet), with the reason and Edge's Retry-After
     queued = stack.result_item(unavailable_mid)
     assert queued is not None
     assert abs(queued.pop("expiresAt") - (time.time() + THIRTY_DAYS)) < 120
@@ -268,6 +268,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         "source": "sqs",
         "attempts": 1,
         "lastError": "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503",
+        "retryAfterSeconds": 0,
     }
 
 

@@ -326,6 +326,32 @@ def test_retry_budget_fits_the_lambdas_remaining_time_with_retry_after(clean_sta
     assert (item["status"], item["lastError"]) == ("queued", "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503")
 
 
+def test_a_queued_result_holds_the_latest_attempts_retry_after_only(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN an event that Edge answers 503 with `Retry-After: 7` once, one attempt per invocation
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=503, retry_after=7, times=1)
+    msg = record(stack, interact_event(event_id))
+    runtime = new_runtime(EDGE_MAX_ATTEMPTS="1")
+
+    # WHEN the function gets it
+    assert runtime.handle(batch(msg), new_context(30)) == failures(msg["messageId"])
+
+    # THEN its result says it is queued, why, and how long Edge asked it to wait
+    item = stack.result(event_id)
+    assert (item["status"], item["retryAfterSeconds"]) == ("queued", 7)
+    assert item["lastError"] == "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503"
+
+    # AND WHEN it comes back and Edge drops the connection (no Retry-After this time)
+    stack.sim.add_fault(match_id=event_id, drop=True, times=1)
+    assert runtime.handle(batch(msg), new_context(30)) == failures(msg["messageId"])
+
+    # THEN the result holds the new reason and no stale wait
+    item = stack.result(event_id)
+    assert (item["status"], item["lastError"]) == ("queued", "edge call failed: ConnectionError")
+    assert "retryAfterSeconds" not in item
+
+
 def test_retry_budget_caps_a_slow_answer_by_the_lambdas_remaining_time(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN Edge takes 4 s to answer, while the invocation has 3 s left (0.5 s safety margin)

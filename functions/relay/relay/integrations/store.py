@@ -245,14 +245,12 @@ class HandlesStore:
             ":tok": {"S": token},
             ":now": {"S": iso_millis(self._clock.now())},
         }
-        if retry_after is not None:
-            values[":ra"] = {"N": str(math.ceil(retry_after))}
-            update = "SET #s = :queued, lastError = :r, updatedAt = :now, retryAfterSeconds = :ra"
-            update += " REMOVE leaseUntil, claimToken"
+        set_ra, remove_ra = ", retryAfterSeconds = :ra", ""
+        if retry_after is None:
+            set_ra, remove_ra = "", ", retryAfterSeconds"  # no stale wait from an earlier attempt
         else:
-            update = (
-                "SET #s = :queued, lastError = :r, updatedAt = :now REMOVE leaseUntil, claimToken, retryAfterSeconds"
-            )
+            values[":ra"] = {"N": str(max(math.ceil(retry_after), 0))}
+        update = f"SET #s = :queued, lastError = :r, updatedAt = :now{set_ra} REMOVE leaseUntil, claimToken{remove_ra}"
         try:
             self._call(
                 "update_item",

@@ -136,7 +136,8 @@ class QueuePoller:
         As configured on the event source mapping and the function (read them from the template).
     failure_visibility_timeout:
         When set, failed records are made visible again after this many seconds instead of the
-        queue's visibility timeout (keeps redelivery tests fast).
+        queue's visibility timeout (keeps redelivery tests fast). This overrides any visibility the
+        handler set itself (a record postponed for Edge's `Retry-After`); leave it None to see that.
     report_batch_item_failures:
         ``FunctionResponseTypes: [ReportBatchItemFailures]``; without it a successful invocation
         deletes the whole batch whatever it returns.

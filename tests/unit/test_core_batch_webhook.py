@@ -123,14 +123,7 @@ def test_webhook_invalid_body_whose_rejection_cannot_be_stored_answers_503() -> 
 
 
 def sqs(event_id: str, message_id: str, person: str) -> dict[str, Any]:
-    body = {"event": {"xdm": {"_id": event_id, "identityMap": {"CRMID": [{"id": person, "primary": True}]}}}}
-    return {
-        "messageId": message_id,
-        "body": json.dumps(body),
-        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1700000000000"},
-        "messageAttributes": {},
-        "eventSource": "aws:sqs",
-    }
+    return {**record(event_id, 1, person), "messageId": message_id}
 
 
 def real_relay(store: FakeStore, calls: int) -> tuple[Relay, FakeEdge]:

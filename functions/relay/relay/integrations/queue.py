@@ -71,20 +71,15 @@ class RetryQueue:
             for start in range(0, len(entries), _VISIBILITY_BATCH):
                 chunk = entries[start : start + _VISIBILITY_BATCH]
                 try:
-                    resp = self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=chunk)
+                    failed = self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=chunk).get("Failed") or []
+                    reason = str(failed[0].get("Code", "")) if failed else ""
                 except (ClientError, BotoCoreError) as exc:
-                    logger.warning(
-                        "records not postponed; they return at the queue's visibility timeout",
-                        records=len(chunk),
-                        reason=type(exc).__name__,
-                    )
-                    continue
-                failed = resp.get("Failed") or []
+                    failed, reason = chunk, type(exc).__name__
                 if failed:
                     logger.warning(
                         "records not postponed; they return at the queue's visibility timeout",
                         records=len(failed),
-                        reason=str(failed[0].get("Code", "")),
+                        reason=reason,
                     )
                 done += len(chunk) - len(failed)
         return done

@@ -245,17 +245,17 @@ class HandlesStore:
             ":tok": {"S": token},
             ":now": {"S": iso_millis(self._clock.now())},
         }
-        set_ra, remove_ra = ", retryAfterSeconds = :ra", ""
+        set_part, remove_part = "SET #s = :queued, lastError = :r, updatedAt = :now", "REMOVE leaseUntil, claimToken"
         if retry_after is None:
-            set_ra, remove_ra = "", ", retryAfterSeconds"  # no stale wait from an earlier attempt
+            remove_part += ", retryAfterSeconds"  # no stale wait from an earlier attempt
         else:
-            values[":ra"] = {"N": str(max(math.ceil(retry_after), 0))}
-        update = f"SET #s = :queued, lastError = :r, updatedAt = :now{set_ra} REMOVE leaseUntil, claimToken{remove_ra}"
+            set_part += ", retryAfterSeconds = :ra"
+            values[":ra"] = {"N": str(math.ceil(retry_after))}  # parse_retry_after never gives a negative wait
         try:
             self._call(
                 "update_item",
                 Key=self.result_key(event_id),
-                UpdateExpression=update,
+                UpdateExpression=f"{set_part} {remove_part}",
                 ConditionExpression="claimToken = :tok",
                 ExpressionAttributeNames={"#s": "status"},
                 ExpressionAttributeValues=values,

@@ -117,8 +117,8 @@ def _attr_size(value: Mapping[str, Any]) -> int:
     ((kind, v),) = value.items()
     if kind == "S":
         return len(v.encode("utf-8"))
-    if kind == "B":
-        return len(base64.b64decode(v))
+    if kind == "B":  # base64 on the wire; bytes once boto3 has decoded it
+        return len(v) if isinstance(v, bytes) else len(base64.b64decode(v))
     if kind == "N":
         digits = len(v.lstrip("-").replace(".", "").lstrip("0")) or 1
         return (digits + 1) // 2 + 1

@@ -6,12 +6,15 @@
 * One execution environment keeps one connection to Edge/IMS across invocations.
 * A returning identity's delivered event costs at most 2 DynamoDB item writes (counted by a loopback proxy), and an
   SQS batch writes its results with one BatchWriteItem per 25 events.
+* Each item written for a typical Edge answer (the simulator's, and Adobe's real ones) fits one write unit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,10 +22,11 @@ from relay.handler import new_runtime
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
-from devtools.bench import CountingProxy, interact_body, sqs_record
+from devtools.bench import CountingProxy, interact_body, item_size, sqs_record
 from devtools.lambda_context import new_context
 from devtools.stack import LocalStack
 
+FIXTURES = Path(__file__).resolve().parents[2] / "devtools" / "edge_fixtures"
 LATENCY = 0.2  # long enough that "in flight at once" and "one after another" cannot be confused
 
 
@@ -204,3 +208,55 @@ def test_a_batch_writes_its_results_25_to_a_request(clean_stack: LocalStack, cou
         assert item is not None
         assert (item["status"], item["attempts"]) == ("delivered", 1)
         assert not {"leaseUntil", "claimToken"} & set(item)
+
+
+def raw_item(stack: LocalStack, pk: str, sk: str) -> dict[str, Any]:
+    resp = stack.dynamodb.get_item(
+        TableName=stack.resources.table_name, Key={"pk": {"S": pk}, "sk": {"S": sk}}, ConsistentRead=True
+    )
+    item: dict[str, Any] = resp["Item"]
+    return item
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        None,
+        "send-event.json",
+        "send-event-with-identity.json",
+        "personalization-view.json",
+        "personalization-form-based.json",
+    ],
+)
+def test_each_item_written_fits_one_write_unit_on_a_typical_answer(
+    clean_stack: LocalStack, runtime: Runtime, fixture: str | None
+) -> None:
+    """DynamoDB bills a write `ceil(max(item before, item after) / 1 KB)` units: every item the relay writes for a
+    typical answer stays within 1 KB by DynamoDB's item-size rules (compact JSON, zlib where it is smaller), so each
+    write costs one unit. The answers: the simulator's own, and real Edge answers from Adobe's Web SDK tests."""
+    # GIVEN Edge answers a first-seen identity's event, then its next one, with this answer
+    records = [("size-1", 7), ("size-2", 7)]
+    for event_id, _ in records:
+        if fixture is not None:
+            clean_stack.sim.add_fault(match_id=event_id, fixture=fixture)
+    # WHEN both are relayed (two invocations: the second finds the stored state)
+    for one in records:
+        assert runtime.handle(batch([one], space=907), new_context(30)) == {"batchItemFailures": []}
+
+    # THEN every result and the identity's state item are each at most 1 KB, and what is stored is Edge's answer
+    # exactly, however it is encoded
+    sizes = {}
+    for event_id, _ in records:
+        stored = clean_stack.result(event_id)
+        assert stored["status"] == "delivered"
+        if fixture is not None:
+            answer = json.loads((FIXTURES / fixture).read_text(encoding="utf-8"))
+            assert stored["handle"] == answer["handle"]
+        sizes[event_id] = item_size(raw_item(clean_stack, f"EVENT#{event_id}", "RESULT"))
+    table = clean_stack.resources.table_name
+    states = clean_stack.dynamodb.scan(
+        TableName=table, FilterExpression="begins_with(pk, :p)", ExpressionAttributeValues={":p": {"S": "IDENTITY#"}}
+    )["Items"]
+    assert len(states) == 1
+    sizes["state"] = item_size(states[0])
+    assert all(0 < size <= 1024 for size in sizes.values()), sizes

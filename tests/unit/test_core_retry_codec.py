@@ -170,6 +170,69 @@ def test_codec_big_document_stays_a_string_when_zlib_does_not_shrink_it(monkeypa
     assert codec.decode_json(attr) == doc
 
 
-def test_codec_attribute_size_of_a_number():
+def test_codec_attribute_size_of_a_number_counts_a_byte_per_two_digits_plus_one():
+    # WHEN / THEN: DynamoDB's rule, without trimming zeroes (an upper bound)
+    assert codec.attribute_size({"N": "1700000000"}) == 6
+    assert codec.attribute_size({"N": "-12.5"}) == 3
+    assert codec.attribute_size({"BOOL": True}) == 1
+
+
+def test_codec_item_size_adds_names_and_values():
     # WHEN / THEN
-    assert codec.attribute_size({"N": "1700000000"}) == 10
+    assert codec.item_size({"pk": {"S": "EVENT#é"}, "v": {"N": "12"}, "b": {"B": b"xyz"}}) == 2 + 8 + 1 + 2 + 1 + 3
+
+
+def _handles(n: int) -> list[dict[str, object]]:
+    """Compressible handles, `n` of them: about 135 bytes of JSON each."""
+    entries = [{"key": f"kndctr_{i}_identity", "value": "CiY" * 20} for i in range(n)]
+    return [{"type": "state:store", "payload": [entry]} for entry in entries]
+
+
+def test_fit_write_unit_leaves_an_item_within_one_unit_alone():
+    # GIVEN an item of well under 1 KB
+    item = {"pk": {"S": "EVENT#1"}, "handle": codec.encode_json(_handles(2))}
+
+    # WHEN / THEN: the very same item, the document still a string
+    assert codec.fit_write_unit(item, ("handle",)) is item
+
+
+def test_fit_write_unit_compresses_a_document_whose_item_would_take_two_units():
+    # GIVEN a document under 1 KiB (so `encode_json` keeps it a string) in an item over 1 KB
+    doc = _handles(7)
+    assert len(codec.dumps(doc)) <= codec.COMPRESS_OVER_BYTES
+    item = {"pk": {"S": "EVENT#1"}, "handle": codec.encode_json(doc), "requestId": {"S": "r" * 300}}
+    assert codec.item_size(item) > codec.WRITE_UNIT_BYTES
+
+    # WHEN
+    fitted = codec.fit_write_unit(item, ("handle",))
+
+    # THEN the document is zlib JSON that decodes to the same document, the item fits one unit, the rest is unchanged
+    assert "B" in fitted["handle"]
+    assert codec.decode_json(fitted["handle"]) == doc
+    assert codec.item_size(fitted) <= codec.WRITE_UNIT_BYTES
+    assert {k: v for k, v in fitted.items() if k != "handle"} == {k: v for k, v in item.items() if k != "handle"}
+    assert "S" in item["handle"]  # the given item is not changed
+
+
+def test_fit_write_unit_compresses_the_largest_document_first_and_stops_once_it_fits():
+    # GIVEN two documents: a large one and a small one, together over 1 KB
+    handle, warnings = codec.encode_json(_handles(7)), codec.encode_json(_handles(1))
+    item = {"pk": {"S": "EVENT#1"}, "handle": handle, "warnings": warnings}
+    assert codec.item_size(item) > codec.WRITE_UNIT_BYTES
+
+    # WHEN
+    fitted = codec.fit_write_unit(item, ("handle", "warnings"))
+
+    # THEN only the large one was needed
+    assert "B" in fitted["handle"]
+    assert fitted["warnings"] == item["warnings"]
+
+
+def test_fit_write_unit_keeps_a_string_that_zlib_cannot_shrink(monkeypatch):
+    # GIVEN an item over 1 KB and a compressor that cannot make its document smaller
+    item = {"pk": {"S": "EVENT#1"}, "handle": codec.encode_json(_handles(7)), "requestId": {"S": "r" * 300}}
+    assert codec.item_size(item) > codec.WRITE_UNIT_BYTES
+    monkeypatch.setattr(codec.zlib, "compress", lambda data, level: data + b"!")
+
+    # WHEN / THEN: two units rather than a bigger item
+    assert codec.fit_write_unit(item, ("handle",)) == item

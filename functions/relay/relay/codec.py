@@ -1,8 +1,9 @@
 """How JSON documents are kept in DynamoDB attributes.
 
-A document is stored as a compact JSON string (type S). When its JSON is over 1 KiB and zlib makes it smaller, it is
-stored compressed instead (type B, zlib of the UTF-8 JSON). Readers accept both, so the choice is invisible: see
-`decode_json` and the README's boto3 snippet.
+A document is stored as a compact JSON string (type S). It is stored compressed instead (type B, zlib of the UTF-8
+JSON) when zlib makes it smaller and either the document is over 1 KiB or its item would otherwise be over one write
+unit (`fit_write_unit`: DynamoDB bills each started KB of an item written). Readers accept both, so the choice is
+invisible: see `decode_json` and the README's boto3 snippet.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import zlib
 from typing import Any
 
 COMPRESS_OVER_BYTES = 1024
+WRITE_UNIT_BYTES = 1024  # DynamoDB bills a write one unit per started KB of the item
 
 
 def dumps(value: Any) -> str:
@@ -35,5 +37,35 @@ def decode_json(attribute: dict[str, Any]) -> Any:
 
 
 def attribute_size(attribute: dict[str, Any]) -> int:
-    value = attribute.get("B", attribute.get("S", attribute.get("N", "")))
+    """DynamoDB's size of a value of the kinds this code writes (S, B, N, BOOL); a number is counted as if none of
+    its digits were trimmed (an upper bound: DynamoDB counts a byte per two significant digits, plus one)."""
+    if "BOOL" in attribute:
+        return 1
+    if "N" in attribute:
+        return (len(str(attribute["N"]).lstrip("-").replace(".", "")) + 1) // 2 + 1
+    value = attribute.get("B", attribute.get("S", ""))
     return len(value) if isinstance(value, bytes) else len(str(value).encode("utf-8"))
+
+
+def item_size(item: dict[str, Any]) -> int:
+    """DynamoDB's size of an item: its attribute names and values."""
+    return sum(len(name.encode("utf-8")) + attribute_size(value) for name, value in item.items())
+
+
+def fit_write_unit(item: dict[str, Any], documents: tuple[str, ...]) -> dict[str, Any]:
+    """`item`, with its JSON documents among `documents` compressed, largest first, while it is over one write unit
+    and zlib makes the document smaller. A typical Edge answer then costs one write unit instead of two."""
+    size = item_size(item)
+    if size <= WRITE_UNIT_BYTES:
+        return item
+    item = dict(item)
+    strings = [name for name in documents if "S" in item.get(name, {})]
+    for name in sorted(strings, key=lambda n: -len(item[n]["S"])):
+        text = item[name]["S"].encode("utf-8")
+        packed = zlib.compress(text, 6)
+        if len(packed) < len(text):
+            item[name] = {"B": packed}
+            size -= len(text) - len(packed)
+            if size <= WRITE_UNIT_BYTES:
+                break
+    return item

@@ -154,7 +154,7 @@ class HandlesStore:
             **self._encode(doc),
             "expiresAt": {"N": str(int(now) + self._ttl_s)},
         }
-        return ResultWrite(event_id, item, doc)
+        return ResultWrite(event_id, codec.fit_write_unit(item, _JSON_FIELDS), doc)
 
     def put_result(self, write: ResultWrite) -> None:
         """Write one result now (a webhook's): one PutItem over the claim."""
@@ -226,7 +226,7 @@ class HandlesStore:
                 values[name] = {"N": str(value)}
             else:
                 values[name] = {"S": str(value)}
-        size = sum(len(k) + codec.attribute_size(v) for k, v in values.items())
+        size = codec.item_size(values)
         if size > MAX_ITEM_BYTES and "request" in values:
             # Keep the outcome; say the original request was too large to keep (it can't be replayed from here).
             size -= codec.attribute_size(values.pop("request"))
@@ -338,6 +338,7 @@ class HandlesStore:
                 "updatedAt": {"S": iso_millis(now)},
                 "expiresAt": {"N": str(int(new.expires_at()) + 1)},
             }
+            item = codec.fit_write_unit(item, ("state",))
             condition = "attribute_not_exists(pk)" if state.version == 0 else "version = :v"
             extra = {} if state.version == 0 else {"ExpressionAttributeValues": {":v": {"N": str(state.version)}}}
             try:

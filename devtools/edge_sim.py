@@ -236,6 +236,7 @@ class _Reply:
     headers: list[tuple[str, str]] = field(default_factory=list)
     delay: float = 0.0
     drop: bool = False
+    truncate: bool = False  # send the headers and half the body, then close the connection
 
 
 @dataclass
@@ -260,6 +261,7 @@ class _FaultRule:
     retry_after_http_date: bool = False
     delay: float = 0.0
     drop: bool = False
+    truncate: bool = False
     body: str | None = None
     content_type: str | None = None
     errors: list[dict[str, Any]] | bool | None = None
@@ -421,6 +423,7 @@ class EdgeSimulator(LoopbackService):
         retry_after_http_date: bool = False,
         delay: float = 0.0,
         drop: bool = False,
+        truncate: bool = False,
         body: str | None = None,
         content_type: str | None = None,
         errors: list[dict[str, Any]] | bool | None = None,
@@ -433,8 +436,9 @@ class EdgeSimulator(LoopbackService):
         """Add a fault rule; the first matching rule is applied to a request. Returns the rule id.
 
         ``times`` = how many requests it applies to (None: until removed). ``errors``/``warnings`` = True uses a
-        default EXEG-0201-503 error / EXEG-0204-200 warning. ``before_auth=False`` applies the rule only to requests
-        that passed every validation. ``match_path`` (substring) targets other routes, e.g. ``/ims/token/v3``.
+        default EXEG-0201-503 error / EXEG-0204-200 warning. ``truncate`` = a 200 cut off in the middle of its body.
+        ``before_auth=False`` applies the rule only to requests that passed every validation. ``match_path``
+        (substring) targets other routes, e.g. ``/ims/token/v3``.
         """
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 or None")
@@ -453,6 +457,7 @@ class EdgeSimulator(LoopbackService):
             retry_after_http_date=retry_after_http_date,
             delay=float(delay),
             drop=drop,
+            truncate=truncate,
             body=body,
             content_type=content_type,
             errors=errors,
@@ -899,6 +904,8 @@ class EdgeSimulator(LoopbackService):
             headers.append(("Retry-After", _retry_after_value(rule.retry_after, rule.retry_after_http_date)))
         if rule.drop:
             return _Reply(0, drop=True)
+        if rule.truncate:  # a 200 cut off in the middle of its body (a connection lost while the answer is read)
+            return _Reply(200, _json_bytes({"requestId": request_id, "handle": []}), truncate=True)
         if rule.fixture is not None:
             status = rule.status or 200
             ctype = rule.content_type or ("application/json" if status < 400 else "application/problem+json")
@@ -1234,6 +1241,12 @@ class _Handler(LoopbackHandler):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
+            if reply.truncate:
+                self.wfile.write(reply.body[: len(reply.body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if reply.body:
                 self.wfile.write(reply.body)
             self.wfile.flush()

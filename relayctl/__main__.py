@@ -10,13 +10,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import boto3
 from relay import codec
 from relay.integrations.store import HandlesStore, decode_item
-from relay.models import as_dict
+from relay.models import as_dict, iso_millis
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
             ExpressionAttributeValues={
                 ":q": {"S": "queued"},
                 ":r": {"S": "rejected"},
-                ":now": {"S": doc.get("storedAt", "")},
+                ":now": {"S": iso_millis(time.time())},
             },
         )
     except ddb.exceptions.ConditionalCheckFailedException:

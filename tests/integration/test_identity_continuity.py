@@ -573,22 +573,22 @@ def test_state_item_ttl_is_the_last_entry_lapse_and_early_extensions_are_not_wri
         CLUSTER_KEY: int(start + HINT_TTL),
     }
 
-    # WHEN two more events come before half of the hint's lifetime (900 s) has passed
+    # WHEN two more events come before a tenth of the hint's lifetime (180 s) has passed
     clock.advance(10)
     via_sqs(stack, runtime, crm_event(crm, e2))
-    clock.advance(889)  # T + 899: 901 s of the hint and the cluster entry left
+    clock.advance(169)  # T + 179: 1621 s of the hint and the cluster entry left
     via_sqs(stack, runtime, crm_event(crm, e3))
 
     # THEN their answers (which only extend expiries) did not rewrite the item
     assert state_item(stack, crm) == first
 
-    # WHEN an event comes once half of the hint's lifetime has passed
-    clock.advance(2)  # T + 901: 899 s left
+    # WHEN an event comes once a tenth of the hint's lifetime has passed
+    clock.advance(2)  # T + 181: 1619 s left
     via_sqs(stack, runtime, crm_event(crm, e4))
 
     # THEN the item is rewritten with the extended expiries and TTL
     later = state_item(stack, crm)
-    now = start + 901
+    now = start + 181
     assert later["version"] == 2
     assert later["expiresAt"] == math.ceil(now + IDENTITY_MAX_AGE)
     assert later["state"]["hintExpiresAt"] == int(now + HINT_TTL)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from typing import Any
 
 import pytest
+from relay.models import iso_millis
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
@@ -126,11 +128,16 @@ def test_rejected_event_is_listed_shown_replayed_and_then_delivered(ctl_env: Loc
 
     # WHEN Edge is fixed and the operator replays it
     stack.sim.clear_faults()
+    rejected_at = stack.result(event_id)["storedAt"]
+    before = iso_millis(time.time())
     code, out = run(capsys, "replay", event_id)
 
-    # THEN it is back on the queue with its eventId, marked queued
+    # THEN it is back on the queue with its eventId, marked queued at the time of the replay
     assert (code, out) == (0, f"{event_id}: queued\n")
-    assert stack.result(event_id)["status"] == "queued"
+    replayed = stack.result(event_id)
+    assert replayed["status"] == "queued"
+    assert before <= replayed["replayedAt"] <= iso_millis(time.time())
+    assert replayed["replayedAt"] > rejected_at
     assert show(capsys, event_id)["status"] == "queued"
 
     # WHEN the poller runs

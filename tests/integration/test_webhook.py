@@ -415,6 +415,52 @@ def test_edge_rejection_is_answered_with_edges_problem_and_not_retried(
     }
 
 
+def test_edge_500_with_a_problem_body_that_gives_no_status_is_answered_502(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN Edge answers 500 with a problem body that has a type and a title but no status
+    event_id = f"evt-{uuid.uuid4()}"
+    edge_problem = {"type": ERROR_TYPE_BASE + "EXEG-0001-500", "title": "Request processing error"}
+    stack.sim.add_fault(
+        match_id=event_id, status=500, body=json.dumps(edge_problem), content_type="application/problem+json"
+    )
+    body = json.dumps(interact_event(event_id))
+
+    # WHEN it is posted
+    resp = post(gateway, body, stack.sign(body))
+
+    # THEN the HTTP status decides: Edge failed (502), not the event (422), and the stored problem says 500
+    assert_problem(
+        stack,
+        resp,
+        502,
+        {**edge_problem, "status": 502, "detail": "", "edgeStatus": 500, "eventId": event_id},
+    )
+    assert stack.result(event_id)["error"] == {**edge_problem, "status": 500}
+
+
+def test_edge_answer_cut_off_mid_body_is_retried_like_a_dropped_connection(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN Edge's first answer to this event is a 200 whose connection closes halfway through the body
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, truncate=True, times=1)
+    body = json.dumps(interact_event(event_id))
+
+    # WHEN it is posted
+    resp = post(gateway, body, stack.sign(body))
+
+    # THEN the relay retried at once (a connection failure is recoverable) and the sender gets the delivered answer,
+    # not a 500 with the event left claimed
+    assert resp.status_code == 200
+    assert [c["xdm_id"] for c in edge_requests(stack, event_id)] == [event_id, event_id]
+    item = stack.result(event_id)
+    assert (item["status"], item["attempts"]) == ("delivered", 1)
+    assert resp.json()["requestId"] == item["requestId"]
+
+
 def test_repeat_of_a_rejected_event_answers_the_same_problem_without_calling_edge(
     clean_stack: LocalStack, gateway: LocalGateway
 ) -> None:

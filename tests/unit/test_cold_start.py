@@ -33,3 +33,25 @@ def test_importing_the_handler_builds_nothing_and_needs_no_configuration():
     # THEN it imported cleanly, built no runtime (no clients, secrets or settings), and left the webhook stack out
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"runtime_built": False, "webhook_stack": []}
+
+
+def test_a_log_level_powertools_refuses_does_not_break_the_import_and_is_reported_as_configuration():
+    # GIVEN a POWERTOOLS_LOG_LEVEL that Powertools' Logger would refuse (it raises at construction)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(FUNCTION_DIR), "POWERTOOLS_LOG_LEVEL": "LOUD"}
+    probe = (
+        "import relay.handler as h\n"
+        "from relay.errors import ConfigurationError\n"
+        "try:\n"
+        "    h.lambda_handler({'Records': []}, None)\n"
+        "except ConfigurationError as exc:\n"
+        "    print(exc.problems['POWERTOOLS_LOG_LEVEL'])\n"
+    )
+
+    # WHEN the handler is imported and invoked in a fresh interpreter
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    # THEN the import worked and the invocation's configuration error names the variable
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"

@@ -227,6 +227,15 @@ def test_problem_from_truncates_detail_and_drops_unknown_fields():
     assert problem_from(extra) == {"type": "t", "title": "T", "status": 400}
 
 
+@pytest.mark.parametrize("said", [None, "500", True])
+def test_problem_from_takes_the_http_status_when_the_body_does_not_give_one(said):
+    # GIVEN a 500 whose problem body has no usable status
+    body = {"type": "t", "title": "T"} | ({} if said is None else {"status": said})
+
+    # WHEN / THEN: the stored problem says 500, so the webhook answers 502 (Edge failed), not 422
+    assert problem_from(make_response(500, body))["status"] == 500
+
+
 # -- retried -------------------------------------------------------------------------------------------------------
 
 
@@ -265,9 +274,11 @@ def test_deliver_honours_an_http_date_retry_after():
         retryable(408),
         requests.Timeout("read timed out"),
         requests.ConnectionError("refused"),
+        requests.exceptions.ChunkedEncodingError("connection closed in the middle of the body"),
+        requests.exceptions.ContentDecodingError("bad gzip"),
         make_response(200, text="not json"),
     ],
-    ids=["502", "503", "504", "408", "timeout", "connection", "200-not-json"],
+    ids=["502", "503", "504", "408", "timeout", "connection", "cut-off-body", "undecodable-body", "200-not-json"],
 )
 def test_deliver_retries_recoverable_failures_with_backoff(failure):
     # GIVEN two failures then success

@@ -296,14 +296,14 @@ def test_needs_write_false_for_an_early_repeat_of_the_same_answer():
     assert needs_write(old, new, later) is False
 
 
-def test_needs_write_true_once_half_the_lifetime_has_passed():
-    # GIVEN the same answer 901 s later: the 1800 s cluster entry and hint have less than half left
+def test_needs_write_true_once_a_tenth_of_the_lifetime_has_passed():
+    # GIVEN the same answer 181 s later: a tenth (180 s) of the 1800 s cluster entry's and hint's lifetime has passed
     old = stored_fixture_state()
 
     # WHEN / THEN
-    at_half = NOW + 900
-    assert needs_write(old, apply_handles(old, fixture_handles(), at_half), at_half) is False
-    later = NOW + 901
+    at_tenth = NOW + 180
+    assert needs_write(old, apply_handles(old, fixture_handles(), at_tenth), at_tenth) is False
+    later = NOW + 181
     assert needs_write(old, apply_handles(old, fixture_handles(), later), later) is True
 
 
@@ -316,7 +316,7 @@ def test_needs_write_true_when_only_the_hint_extension_is_due():
 
     # WHEN / THEN
     assert needs_write(old, apply_handles(old, answer, NOW + 100), NOW + 100) is False
-    assert needs_write(old, apply_handles(old, answer, NOW + 901), NOW + 901) is True
+    assert needs_write(old, apply_handles(old, answer, NOW + 181), NOW + 181) is True
 
 
 def test_needs_write_true_when_a_value_changes():

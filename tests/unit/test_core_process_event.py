@@ -190,6 +190,21 @@ def test_process_credentials_error_releases_the_claim_and_retries():
     assert store.retry_after == {"evt-1": None}
 
 
+def test_process_unexpected_error_after_the_claim_releases_it_and_retries():
+    # GIVEN a defect somewhere after the claim (here: in the Edge client)
+    store = FakeStore()
+    edge = FakeEdge(KeyError("handle"))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN the event is handed back for a retry at once, not left claimed until its lease runs out (and a webhook
+    # answers 202 queued instead of a 500)
+    assert result == Result(Outcome.RETRY, "evt-1", reason="unexpected error: KeyError")
+    assert store.releases == [("evt-1", "tok-1", "unexpected error: KeyError")]
+    assert store.finished == []
+
+
 def test_process_release_failure_still_returns_retry():
     # GIVEN a store that cannot release
     class NoRelease(FakeStore):
@@ -299,19 +314,19 @@ def test_process_second_event_sends_stored_state_and_hint_and_skips_an_unneeded_
     assert len(store.state_writes) == 1
 
 
-def test_process_writes_state_again_once_half_the_lifetime_passed():
-    # GIVEN
+def test_process_writes_state_again_once_a_tenth_of_the_lifetime_passed():
+    # GIVEN the same answer 181 s after the first (of the 1800 s hint and cluster entry, 180 s is a tenth)
     clock = FakeClock()
     store = FakeStore()
     process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
-    clock.advance(901)
+    clock.advance(181)
 
     # WHEN
     process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
 
     # THEN
     assert len(store.state_writes) == 2
-    assert store.state_writes[1][2].hint_expires_at == NOW + 901 + 1800
+    assert store.state_writes[1][2].hint_expires_at == NOW + 181 + 1800
     assert store.state_writes[1][2].version == 2
 
 

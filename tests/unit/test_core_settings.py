@@ -256,3 +256,18 @@ def test_http_session_reads_the_environment_per_request_only_when_a_proxy_is_set
     # GIVEN a proxy is configured: requests' own proxy handling (NO_PROXY included) stays on
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     assert new_http_session(16).trust_env is True
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "info", "WARN", "warning", "ERROR", "CRITICAL"])
+def test_a_log_level_powertools_accepts_is_valid(level: str) -> None:
+    # WHEN / THEN
+    load_settings({**MINIMAL, "POWERTOOLS_LOG_LEVEL": level})
+
+
+def test_a_log_level_powertools_would_refuse_is_named_with_the_other_problems() -> None:
+    # WHEN / THEN
+    assert problems_of({"POWERTOOLS_LOG_LEVEL": "LOUD", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none"}) == {
+        "HANDLES_TABLE": "is required",
+        "WEBHOOK_SECRET_ID": "is required when WEBHOOK_AUTH=standard-webhooks",
+        "POWERTOOLS_LOG_LEVEL": "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    }

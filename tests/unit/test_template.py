@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from relay.errors import ConfigurationError
+from relay.settings import load_settings
 
 from devtools.cfn_yaml import load_template
 
@@ -365,6 +367,7 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
 # Metrics the function emits (relay/observability.py callers): the dashboard must show each of these.
 DASHBOARD_APP_METRICS = {
     "RetriesPostponed",
+    "UnexpectedErrors",
     "Delivered",
     "Rejected",
     "Queued",
@@ -482,3 +485,39 @@ def test_dashboard_shows_every_alarm(template: dict[str, Any]) -> None:
     shown = {a for w in body["widgets"] if w["type"] == "alarm" for a in w["properties"]["alarms"]}
     alarms = resources(template, "AWS::CloudWatch::Alarm")
     assert shown == {f"SUB_{name}.Arn" for name in alarms}
+
+
+ENV = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "ADOBE_SECRET_ID": "a", "WEBHOOK_SECRET_ID": "w"}
+
+
+@pytest.mark.parametrize(
+    ("parameter", "variable"), [("BatchConcurrency", "BATCH_CONCURRENCY"), ("ResultTtlDays", "RESULT_TTL_DAYS")]
+)
+def test_a_number_parameter_allows_exactly_what_the_function_accepts(
+    template: dict[str, Any], parameter: str, variable: str
+) -> None:
+    # GIVEN the parameter's bounds
+    low, high = template["Parameters"][parameter]["MinValue"], template["Parameters"][parameter]["MaxValue"]
+
+    # THEN the function starts with either bound, and refuses one past each: a deploy the template lets through never
+    # fails every invocation with a configuration error
+    load_settings({**ENV, variable: str(low)})
+    load_settings({**ENV, variable: str(high)})
+    for outside in (low - 1, high + 1):
+        with pytest.raises(ConfigurationError):
+            load_settings({**ENV, variable: str(outside)})
+
+
+def test_the_datastream_parameter_allows_only_ids_the_function_accepts(template: dict[str, Any]) -> None:
+    # GIVEN the parameter's pattern and length
+    spec = template["Parameters"]["DatastreamId"]
+    allowed = re.compile(spec["AllowedPattern"])
+    candidates = ["a", "0" * 128, "ds-1_x:y.z", "abc-", "-abc", "_x", "a b", "a/b", "a" * 129, "é"]
+
+    # THEN each id the template lets through is one the function starts with
+    for candidate in candidates:
+        if allowed.match(candidate) and spec["MinLength"] <= len(candidate) <= spec["MaxLength"]:
+            load_settings({**ENV, "DATASTREAM_ID": candidate})
+        else:
+            with pytest.raises(ConfigurationError):
+                load_settings({**ENV, "DATASTREAM_ID": candidate})

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
-logger = Logger(service="interact-relay", use_rfc3339=True)
+from relay.settings import valid_log_level
+
+# A level Powertools would refuse must not fail the import: the logger starts at INFO and `load_settings` names the
+# variable in the invocation's configuration error, with every other bad one.
+_level = os.environ.get("POWERTOOLS_LOG_LEVEL", "")
+logger = Logger(service="interact-relay", use_rfc3339=True, level=None if valid_log_level(_level or "INFO") else "INFO")
 metrics = Metrics(namespace="InteractRelay", service="interact-relay")
 
 _metrics_lock = threading.Lock()

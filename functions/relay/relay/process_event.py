@@ -139,6 +139,14 @@ class Relay:
             retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
             self._give_back(event_id, claim.token, str(exc), retry_after)
             return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after)
+        except Exception as exc:
+            # A defect, not the event's fault: never a 500 or a claim left to time out. The event is retried (and
+            # reaches the dead-letter queue if the defect stays); the log has the stack trace, never the response.
+            logger.exception("unexpected error; event will be retried", eventId=event_id)
+            count("UnexpectedErrors")
+            reason = f"unexpected error: {type(exc).__name__}"
+            self._give_back(event_id, claim.token, reason)
+            return Result(Outcome.RETRY, event_id, reason=reason)
 
     def stored(self, result: Result, *, in_batch: bool = False) -> None:
         """Count and log a result whose item is written. In a batch a delivery is logged at DEBUG (the batch logs one

@@ -13,6 +13,12 @@ from relay.errors import ConfigurationError
 
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _DATASTREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def valid_log_level(value: str) -> bool:
+    """A POWERTOOLS_LOG_LEVEL that Powertools' Logger accepts (any case; WARN is WARNING)."""
+    return value.upper() in (*LOG_LEVELS, "WARN")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     margin_ms = _int(problems, env, "SAFETY_MARGIN_MS", 2000, 0, 60000)
     secrets_age = _int(problems, env, "SECRETS_MAX_AGE_SECONDS", 300, 0, 86400)
     visibility = _int(problems, env, "QUEUE_VISIBILITY_TIMEOUT_SECONDS", 180, 0, 43200)
+    level = env.get("POWERTOOLS_LOG_LEVEL", "")
+    if level and not valid_log_level(level):
+        problems["POWERTOOLS_LOG_LEVEL"] = f"must be one of {', '.join(LOG_LEVELS)}"
     if problems:
         raise ConfigurationError(problems)
     return Settings(

@@ -40,7 +40,10 @@ def problem_from(resp: requests.Response) -> dict[str, Any]:
     except ValueError:
         doc = None
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
-        return {k: doc[k] for k in ("type", "status", "title", "detail", "report") if k in doc}
+        found = {k: doc[k] for k in ("type", "status", "title", "detail", "report") if k in doc}
+        if not isinstance(found.get("status"), int) or isinstance(found.get("status"), bool):
+            found["status"] = resp.status_code  # what the relay acted on, when the body does not say it
+        return found
     return {
         "type": "about:blank",
         "status": resp.status_code,
@@ -122,7 +125,7 @@ class EdgeClient:
             started = self._clock.monotonic()
             try:
                 resp = self._post(url, params, body, headers, deadline)
-            except (requests.Timeout, requests.ConnectionError) as exc:
+            except requests.RequestException as exc:  # timeouts, refused or dropped connections, a cut-off body
                 reason, retry_after = f"edge call failed: {type(exc).__name__}", None
             else:
                 if resp is None:  # no slot freed up, or no time left, before the deadline

@@ -18,6 +18,7 @@ import boto3
 from relay import codec
 from relay.integrations.store import HandlesStore, decode_item
 from relay.models import as_dict, iso_millis
+from relay.process_event import INVALID_EVENT_TYPE
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,10 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     doc = decode_item(item)
     if doc.get("status") != "rejected":
         return f"skipped: status is {doc.get('status')}"
+    if as_dict(doc.get("error")).get("type") == INVALID_EVENT_TYPE:
+        # The relay refused the body (or its datastreamId) itself: the same message would be refused again, or sent
+        # to the default datastream in place of the one it named. The sender must send a corrected event.
+        return "skipped: the relay found the event itself invalid; send a corrected one"
     request = doc.get("request")
     if request is None:
         return "skipped: the original request was too large to keep"

@@ -333,3 +333,114 @@ def test_postponing_never_raises() -> None:
 def test_queue_url_of_a_record(arn: str, known: str | None, url: str | None) -> None:
     # The configured retry queue's URL when the record came from it (as the template wires it), else SQS's own form
     assert queue_url_for(arn, known) == url
+
+
+# -- records that cannot be read ---------------------------------------------------------------------------------
+
+
+def test_a_body_with_an_overlong_number_is_rejected_and_its_batch_mates_delivered() -> None:
+    # GIVEN a poison body (Python refuses integers of more than 4,300 digits) between two healthy records
+    store = FakeStore()
+    relay, edge = real_relay(store, 2)
+    poison = {**sqs("x", "m-poison", "p-x"), "body": '{"event":{"xdm":{"_id":"poison-1","n":' + "1" * 5000 + "}}}"}
+    records = [sqs("e0", "m0", "p0"), poison, sqs("e1", "m1", "p1")]
+
+    # WHEN the batch runs
+    answer = run_batch(relay, records)
+
+    # THEN nothing is redelivered: the healthy ones are delivered, the poison one is stored rejected with the reason
+    assert answer == {"batchItemFailures": []}
+    assert sorted(event_id for event_id, _ in store.finished) == ["e0", "e1"]
+    [(event_id, fields)] = store.rejected_unclaimed
+    assert event_id == "m-poison"  # the body could not be read, so its xdm._id neither
+    assert fields["error"]["errors"] == [{"path": "$", "message": "body has a number with too many digits to read"}]
+    assert len(edge.calls) == 2
+
+
+def test_a_body_that_is_not_a_string_is_rejected() -> None:
+    # GIVEN a malformed record whose body is an object
+    store = FakeStore()
+    relay, _ = real_relay(store, 0)
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [{**sqs("x", "m-obj", "p-x"), "body": {"event": {}}}])
+
+    # THEN it is stored rejected, not a crash of the batch
+    assert answer == {"batchItemFailures": []}
+    assert store.rejected_unclaimed[0][1]["error"]["errors"] == [
+        {"path": "$", "message": "body is object, not a string"}
+    ]
+
+
+def test_a_bad_datastream_attribute_is_rejected_under_the_events_own_id() -> None:
+    # GIVEN a record whose body names its eventId, with a datastreamId attribute that is not a datastream id
+    store = FakeStore()
+    relay, _ = real_relay(store, 0)
+    bad = sqs("order-42", "m-123", "p")
+    bad["messageAttributes"] = {"datastreamId": {"stringValue": "not a datastream!", "dataType": "String"}}
+
+    # WHEN the batch runs
+    run_batch(relay, [bad])
+
+    # THEN the rejection is kept under order-42 (where `relayctl show order-42` finds it), not the messageId
+    [(event_id, fields)] = store.rejected_unclaimed
+    assert event_id == "order-42"
+    assert fields["error"]["errors"][0]["path"] == "datastreamId"
+
+
+def test_a_failed_record_without_a_message_id_fails_the_whole_batch_rather_than_being_deleted() -> None:
+    # GIVEN a malformed record without a messageId whose event fails
+    relay = ScriptedRelay(failing={"a1"})
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))  # type: ignore[arg-type]
+    broken = record("a1", 1)
+    del broken["messageId"]
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": [broken]}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN it is reported with an empty identifier: Lambda then treats the whole batch as failed and nothing is deleted
+    assert answer == {"batchItemFailures": [{"itemIdentifier": ""}]}
+
+
+def test_a_defect_reading_one_record_redelivers_only_that_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a defect in reading one particular record
+    import relay.batch as batch_module
+
+    real = batch_module.decode_body
+
+    def flaky(raw: Any) -> Any:
+        if "boom" in raw:
+            raise RuntimeError("a defect")
+        return real(raw)
+
+    monkeypatch.setattr(batch_module, "decode_body", flaky)
+    relay = ScriptedRelay(failing=set())
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))  # type: ignore[arg-type]
+    records = [record("a1", 1, "p1"), record("boom", 1, "p2"), record("a3", 1, "p3")]
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN only that record comes back; its batch-mates are processed
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-boom"}]}
+    assert sorted(relay.processed) == ["a1", "a3"]
+
+
+def test_a_webhook_defect_before_the_claim_answers_503_not_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a defect in reading a webhook body
+    import relay.webhook as webhook_module
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(webhook_module, "build_inbound", broken)
+    h = harness()
+    body = b'{"event": {"xdm": {}}}'
+
+    # WHEN a signed event is posted
+    answer = h.app.handle(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg-defect")), None)
+
+    # THEN the sender is told to retry (it still holds the event), with no stack trace in the answer
+    assert answer["statusCode"] == 503
+    assert answer["headers"]["Retry-After"] == "30"
+    assert "Traceback" not in answer["body"] and "RuntimeError" not in answer["body"]

@@ -423,3 +423,16 @@ def test_iso_millis_never_rounds_into_the_next_second():
 
     # WHEN / THEN
     assert iso_millis(epoch) == "2023-11-14T22:13:20.999Z"
+
+
+def test_field_errors_are_capped_so_a_hostile_body_cannot_make_a_huge_rejection() -> None:
+    # GIVEN a validation that found 200 errors with very long paths
+    from relay.errors import MAX_ERROR_TEXT, MAX_ERRORS, InvalidEvent
+
+    error = InvalidEvent([{"path": "x" * 5000, "message": f"bad {n}"} for n in range(200)])
+
+    # THEN the first MAX_ERRORS are kept, cut to MAX_ERROR_TEXT characters, and one more entry says how many are left
+    assert len(error.errors) == MAX_ERRORS + 1
+    assert all(len(e["path"]) <= MAX_ERROR_TEXT for e in error.errors)
+    assert error.errors[-1] == {"path": "$", "message": f"and {200 - MAX_ERRORS} more errors"}
+    assert error.errors[0]["message"] == "bad 0"

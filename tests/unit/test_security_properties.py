@@ -24,6 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from relay.clock import SystemClock
+from relay.errors import CredentialsError
+from relay.integrations.credentials import check_webhook_secrets
 from relay.integrations.edge import EdgeClient
 from relay.process_event import Relay
 from relay.settings import load_settings
@@ -380,6 +382,8 @@ def vector_headers(name: str, now: int) -> tuple[str, dict[str, str]]:
             BODY,
             {**base, "webhook-signature": f"{v1(SECRET_WRONG, MSG_ID, now, BODY)} v1,AAAA {good}"},
         ),
+        # entries with bad base64, two commas and no comma, and a double space, ahead of a valid one
+        "malformed-entries-before-a-valid-one": (BODY, {**base, "webhook-signature": f"v1,abcde v1,a,b  v9 {good}"}),
         "wrong-secret": (BODY, {**base, "webhook-signature": v1(SECRET_WRONG, MSG_ID, now, BODY)}),
         "tampered-body": (BODY.replace("purchases", "refunds"), base),
         "tampered-id": (BODY, {**base, "webhook-id": "msg_other"}),
@@ -414,7 +418,7 @@ def vector_headers(name: str, now: int) -> tuple[str, dict[str, str]]:
     return cases[name]
 
 
-ACCEPTED = ["valid", "rotated-secret", "several-signatures-one-valid"]
+ACCEPTED = ["valid", "rotated-secret", "several-signatures-one-valid", "malformed-entries-before-a-valid-one"]
 REFUSED = [
     "wrong-secret",
     "tampered-body",
@@ -502,3 +506,35 @@ def test_garbage_base64_answer_carries_errors() -> None:
     answer = check_answer(h.call(event))
     assert answer["status"] == 400
     assert answer.get("errors")
+
+
+@pytest.mark.parametrize("key_bytes", [24, 32, 64])
+def test_webhook_secrets_of_24_to_64_random_bytes_are_accepted(key_bytes: int) -> None:
+    secrets = [SECRET_CURRENT, "whsec_" + base64.b64encode(bytes(range(key_bytes))).decode()]
+    assert check_webhook_secrets(secrets) == secrets
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "whsec_QQ",  # one byte: the library would take it, and a signature could be forged in 256 tries
+        "whsec_!!QQ!!",  # characters the library would silently drop
+        "whsec_abcde",  # not base64 at all
+        "changeme",  # no whsec_ prefix
+        "whsec_" + base64.b64encode(bytes(23)).decode(),  # 23 bytes
+        "whsec_" + base64.b64encode(bytes(65)).decode(),  # 65 bytes
+        "",
+        42,
+    ],
+)
+def test_a_weak_or_malformed_webhook_secret_is_a_configuration_error_that_does_not_echo_it(bad: Any) -> None:
+    # WHEN / THEN: a CredentialsError (the webhook answers 503 and logs an ERROR, not a 401 like an attack would)
+    with pytest.raises(CredentialsError) as info:
+        check_webhook_secrets([SECRET_CURRENT, bad])
+    assert str(info.value) == 'webhook secret 2 of 2 is not "whsec_" + base64 of 24 to 64 random bytes'
+
+
+@pytest.mark.parametrize("doc", [None, [], "whsec_x", {"a": 1}])
+def test_a_webhook_secret_document_without_a_list_of_secrets_is_a_configuration_error(doc: Any) -> None:
+    with pytest.raises(CredentialsError):
+        check_webhook_secrets(doc)

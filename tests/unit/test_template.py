@@ -255,10 +255,17 @@ def test_tracing_is_off_by_default(template: dict[str, Any]) -> None:
 # --- least privilege ----------------------------------------------------------------------------------
 
 
+# Actions without resource-level permissions: "*" is the only resource they accept.
+UNSCOPABLE = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
+
+
 def test_no_wildcard_resources_or_actions(template: dict[str, Any]) -> None:
     statements = policy_statements(template)
     assert len(statements) >= 3
     for statement in statements:
+        if set(as_list(statement.get("Action", []))) <= UNSCOPABLE:
+            assert statement["Resource"] == "*", statement
+            continue
         assert "NotAction" not in statement and "NotResource" not in statement, statement
         for action in as_list(statement.get("Action", [])):
             assert isinstance(action, str), statement
@@ -268,11 +275,42 @@ def test_no_wildcard_resources_or_actions(template: dict[str, Any]) -> None:
             assert "*" not in text, statement
 
 
-def test_function_policies_are_inline_documents(template: dict[str, Any]) -> None:
-    # No managed-policy names or SAM policy templates, whose scope the template does not show.
-    policies = template["Resources"][FUNCTION]["Properties"]["Policies"]
-    for policy in as_list(policies):
-        assert isinstance(policy, dict) and "Statement" in policy, policy
+def test_the_function_role_is_the_templates_own_with_inline_policies_only(template: dict[str, Any]) -> None:
+    # GIVEN the function's role: the template's own. (Left to SAM, an SQS event and tracing attach AWS managed
+    # policies whose statements allow every queue and every log group in the account.)
+    props = template["Resources"][FUNCTION]["Properties"]
+    assert props["Role"] == {"Fn::GetAtt": ["RelayFunctionRole", "Arn"]}
+    assert "Policies" not in props  # SAM would add these to a role of its own making
+    role = template["Resources"]["RelayFunctionRole"]
+    assert role["Type"] == "AWS::IAM::Role"
+
+    # THEN it has no managed policies, only inline documents, and it can be assumed by Lambda only
+    assert "ManagedPolicyArns" not in role["Properties"]
+    [trust] = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert (trust["Principal"], trust["Action"]) == ({"Service": "lambda.amazonaws.com"}, "sts:AssumeRole")
+    for policy in role["Properties"]["Policies"]:
+        assert "PolicyDocument" in policy or "Fn::If" in policy, policy
+
+
+def test_logs_and_the_event_source_are_scoped_to_the_functions_own_resources(template: dict[str, Any]) -> None:
+    for action in ("logs:CreateLogStream", "logs:PutLogEvents"):
+        [statement] = statements_granting(template, action)
+        assert statement["Resource"] == {"Fn::GetAtt": ["RelayLogGroup", "Arn"]}
+    assert function_properties(template, FUNCTION)["LoggingConfig"]["LogGroup"] == {"Ref": "RelayLogGroup"}
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"):
+        [statement] = statements_granting(template, action)
+        assert statement["Resource"] == {"Fn::GetAtt": [QUEUE, "Arn"]}
+
+
+def test_x_ray_may_be_written_only_when_tracing_is_on(template: dict[str, Any]) -> None:
+    policies = template["Resources"]["RelayFunctionRole"]["Properties"]["Policies"]
+    [conditional] = [p for p in policies if "Fn::If" in p]
+    condition, when_true, when_false = conditional["Fn::If"]
+    assert (condition, when_false) == ("TracingEnabled", {"Ref": "AWS::NoValue"})
+    actions = {a for s in when_true["PolicyDocument"]["Statement"] for a in as_list(s["Action"])}
+    assert actions == UNSCOPABLE
+    unconditional = [p for p in policies if "Fn::If" not in p]
+    assert not [s for s in policy_statements({"p": unconditional}) if set(as_list(s["Action"])) & UNSCOPABLE]
 
 
 def test_secrets_are_readable_exactly_for_the_two_parameters(template: dict[str, Any]) -> None:

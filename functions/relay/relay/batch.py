@@ -101,6 +101,16 @@ class _ResultWrites:
                 self.failed.add(message_id)
 
 
+def _redeliver(carry: Carry, _: StateSource | None) -> Done:
+    return Done(False, carry)
+
+
+def _message_id(record: dict[str, Any]) -> str:
+    """The record's messageId as a string ("" for a malformed record without one: Lambda then retries the batch)."""
+    value = record.get("messageId") if isinstance(record, dict) else None
+    return value if isinstance(value, str) else ""
+
+
 def _attr(record: dict[str, Any], name: str) -> str | None:
     attr = (record.get("messageAttributes") or {}).get(name) or {}
     value = attr.get("stringValue")
@@ -121,7 +131,7 @@ class BatchRunner:
         self._queue = queue  # built only when a record has to be postponed (no SQS client on the common path)
 
     def _prepare(self, record: dict[str, Any], deadline: Deadline, lease_s: float) -> _Item:
-        message_id = str(record.get("messageId", ""))
+        message_id = _message_id(record)
         raw = record.get("body") or ""
         try:
             receive_count = int((record.get("attributes") or {}).get("ApproximateReceiveCount", 1))
@@ -138,9 +148,9 @@ class BatchRunner:
         event_id = fallback_id
         datastream = self._settings.datastream_id
         try:
-            datastream = resolve_datastream(_attr(record, "datastreamId"), self._settings.datastream_id)
             text, doc = decode_body(raw)
-            event_id = event_id_for(doc, fallback_id)
+            event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
+            datastream = resolve_datastream(_attr(record, "datastreamId"), self._settings.datastream_id)
             inbound = build_inbound(
                 doc, event_id=event_id, datastream_id=datastream, source=source, received_at=received_at
             )
@@ -168,8 +178,16 @@ class BatchRunner:
         records = event.get("Records") or []
         groups: dict[str, list[_Item]] = {}
         firsts: dict[str, _Item] = {}
-        for record in records:
-            item = self._prepare(record, deadline, lease_s)
+        for n, record in enumerate(records):
+            try:
+                item = self._prepare(record, deadline, lease_s)
+            except Exception:
+                # A defect reading one record must not fail its batch-mates: this one is redelivered (and reaches
+                # the dead-letter queue if the defect stays).
+                message_id = _message_id(record)
+                logger.exception("unexpected error reading a record; it will be redelivered", messageId=message_id)
+                count("UnexpectedErrors")
+                item = _Item(message_id, f"unreadable:{n}", f"unreadable:{n}", _redeliver)
             first = firsts.setdefault(item.event_id, item)
             if first is not item:
                 # The same event twice in one batch: the later record shares the first one's fate (its result is
@@ -236,7 +254,7 @@ class BatchRunner:
         failed = set(delays)
         self._postpone(records, delays, deadline)
         # Same order as the batch, each failed record once.
-        ordered = [r.get("messageId") for r in records if r.get("messageId") in failed]
+        ordered = [mid for r in records if (mid := _message_id(r)) in failed]
         logger.info(
             "batch done",
             records=len(records),
@@ -260,7 +278,7 @@ class BatchRunner:
         if deadline.remaining() <= 0:
             logger.warning("no time left to postpone records; they return at the queue's timeout", records=len(later))
             return
-        chosen = [(r, later[mid]) for r in records if (mid := str(r.get("messageId", ""))) in later]
+        chosen = [(r, later[mid]) for r in records if (mid := _message_id(r)) in later]
         postponed = self._queue().postpone(chosen)
         if postponed:
             count("RetriesPostponed", postponed)

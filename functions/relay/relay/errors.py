@@ -14,13 +14,21 @@ class ConfigurationError(Exception):
         super().__init__(f"invalid configuration: {detail}")
 
 
+MAX_ERRORS = 50  # field errors kept (and answered) per event: a hostile body must not make a 400 KB item
+MAX_ERROR_TEXT = 300  # characters of a path or a message
+
+
 class InvalidEvent(Exception):
-    """The body is not an interact event. `errors` lists `{path, message}` pairs."""
+    """The body is not an interact event. `errors` lists `{path, message}` pairs: at most MAX_ERRORS of them (then one
+    saying how many more), each path and message cut to MAX_ERROR_TEXT characters."""
 
     status = 400
 
     def __init__(self, errors: list[dict[str, str]], *, title: str = "Invalid event") -> None:
-        self.errors = errors
+        kept = [{k: str(v)[:MAX_ERROR_TEXT] for k, v in e.items()} for e in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            kept.append({"path": "$", "message": f"and {len(errors) - MAX_ERRORS} more errors"})
+        self.errors = kept
         self.title = title
         super().__init__(title)
 

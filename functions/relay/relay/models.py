@@ -135,6 +135,8 @@ def primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
 
 def decode_body(raw: bytes | str) -> tuple[str, Any]:
     """Enforce the size limit and parse JSON. Returns (text, document)."""
+    if not isinstance(raw, bytes | str):  # a malformed record (an SQS body is always a string)
+        raise InvalidEvent([{"path": "$", "message": f"body is {_type_name(raw)}, not a string"}])
     data = raw.encode("utf-8", errors="surrogatepass") if isinstance(raw, str) else raw
     if len(data) > MAX_BODY_BYTES:
         raise PayloadTooLarge(len(data), MAX_BODY_BYTES)
@@ -146,12 +148,13 @@ def decode_body(raw: bytes | str) -> tuple[str, Any]:
         raise InvalidEvent([{"path": "$", "message": "body is empty"}])
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        message = (
-            f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            if isinstance(exc, json.JSONDecodeError)
-            else "body is nested too deeply"
-        )
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            message = f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        elif isinstance(exc, RecursionError):
+            message = "body is nested too deeply"
+        else:  # Python refuses integers of more than 4,300 digits (a guard against quadratic parsing)
+            message = "body has a number with too many digits to read"
         raise InvalidEvent([{"path": "$", "message": message}]) from None
     if _SURROGATE_ESCAPE.search(text):  # "\ud800" parses, but a lone surrogate cannot be sent on as UTF-8
         try:

@@ -38,6 +38,18 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     return Response(status_code=status, content_type=PROBLEM, body=json.dumps(body), headers=headers)
 
 
+def _well_formed_signature(entry: str) -> bool:
+    """`v1,<base64>`: the only entries the library can read without raising."""
+    version, _, signature = entry.partition(",")
+    if version != "v1" or not signature:
+        return False
+    try:
+        base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
 def ok(status: int, body: dict[str, Any]) -> Response:
     return Response(status_code=status, content_type="application/json", body=json.dumps(body))
 
@@ -84,11 +96,19 @@ class WebhookApp:
         self._clock = clock
         self.app = APIGatewayHttpResolver()
         self.app.post("/events")(self._post_events)
+        self.app.exception_handler(Exception)(self._unexpected)
         self._context: Any = None
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         self._context = context
         return self.app.resolve(event, context)
+
+    def _unexpected(self, exc: Exception) -> Response:
+        """A defect before the event was claimed: never a 500 or a stack trace. Nothing is stored, so the sender is told
+        to retry (it still holds the event); an event that was claimed is handed back by `Relay.process` instead."""
+        logger.exception("unexpected error answering a webhook; the sender is asked to retry")
+        count("UnexpectedErrors")
+        return problem(503, "Service unavailable", "the relay could not take the event; retry", retryAfter=30)
 
     def _verify(self, raw: bytes, headers: dict[str, str]) -> None:
         if self._settings.webhook_auth == "none":
@@ -98,6 +118,10 @@ class WebhookApp:
         except UnicodeDecodeError:
             raise Unauthorized("body is not UTF-8; signature cannot match") from None
         secrets = self._credentials().webhook_secrets()
+        # The library stops at the first entry it cannot parse: keep only well-formed ones, so that a malformed entry
+        # cannot hide a valid signature after it (several space-separated signatures are allowed).
+        entries = headers.get("webhook-signature", "").split(" ")
+        headers = {**headers, "webhook-signature": " ".join(e for e in entries if _well_formed_signature(e))}
         for secret in secrets:
             try:
                 Webhook(secret).verify(text, headers, json_parse=False)
@@ -134,9 +158,9 @@ class WebhookApp:
         event_id = fallback_id
         raw_text = raw.decode("utf-8", errors="replace")
         try:
-            datastream = resolve_datastream((event.query_string_parameters or {}).get("datastreamId"), datastream)
             _, doc = decode_body(raw)
-            event_id = event_id_for(doc, fallback_id)
+            event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
+            datastream = resolve_datastream((event.query_string_parameters or {}).get("datastreamId"), datastream)
             inbound = build_inbound(
                 doc, event_id=event_id, datastream_id=datastream, source="webhook", received_at=received_at
             )

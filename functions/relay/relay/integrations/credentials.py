@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import threading
 from dataclasses import dataclass, field
@@ -10,6 +12,29 @@ from typing import Any
 from aws_lambda_powertools.utilities.parameters import SecretsProvider
 
 from relay.errors import CredentialsError
+
+WEBHOOK_KEY_BYTES = (24, 64)  # Standard Webhooks: secrets of 24 to 64 random bytes
+
+
+def check_webhook_secrets(secrets: Any) -> list[str]:
+    """The secrets, if each is `whsec_` + strict base64 of 24 to 64 bytes. The library would otherwise take
+    `whsec_QQ` as a one-byte key (forged in 256 tries) and drop characters it cannot decode; a bad secret is a
+    configuration error (503, logged as such), never a weak key. Problems name a secret's position, not its value."""
+    if not isinstance(secrets, list) or not secrets:
+        raise CredentialsError('webhook secret must be {"secrets": ["whsec_...", ...]}')
+    low, high = WEBHOOK_KEY_BYTES
+    for n, secret in enumerate(secrets, 1):
+        try:
+            if not isinstance(secret, str) or not secret.startswith("whsec_"):
+                raise ValueError
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except (ValueError, binascii.Error):
+            key = b""
+        if not low <= len(key) <= high:
+            raise CredentialsError(
+                f'webhook secret {n} of {len(secrets)} is not "whsec_" + base64 of {low} to {high} random bytes'
+            )
+    return list(secrets)
 
 
 @dataclass(frozen=True)
@@ -61,7 +86,4 @@ class CredentialsStore:
     def webhook_secrets(self, *, force: bool = False) -> list[str]:
         if not self._webhook_id:
             raise CredentialsError("WEBHOOK_SECRET_ID is not configured")
-        secrets = self._read(self._webhook_id, force).get("secrets")
-        if not isinstance(secrets, list) or not secrets or not all(isinstance(s, str) and s for s in secrets):
-            raise CredentialsError('webhook secret must be {"secrets": ["whsec_...", ...]}')
-        return list(secrets)
+        return check_webhook_secrets(self._read(self._webhook_id, force).get("secrets"))

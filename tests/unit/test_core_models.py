@@ -436,3 +436,20 @@ def test_field_errors_are_capped_so_a_hostile_body_cannot_make_a_huge_rejection(
     assert all(len(e["path"]) <= MAX_ERROR_TEXT for e in error.errors)
     assert error.errors[-1] == {"path": "$", "message": f"and {200 - MAX_ERRORS} more errors"}
     assert error.errors[0]["message"] == "bad 0"
+
+
+def test_a_body_nested_deeper_than_the_limit_is_refused_before_it_can_fail_later() -> None:
+    # GIVEN bodies nested exactly MAX_DEPTH levels, and one level more (json.loads takes ~990 levels; json.dumps,
+    # which sends the event on, may not)
+    from relay.models import MAX_DEPTH, decode_body
+
+    def nested(levels: int) -> str:
+        return '{"event":' + '{"a":' * (levels - 2) + "{}" + "}" * (levels - 2) + "}"
+
+    # WHEN / THEN
+    assert decode_body(nested(MAX_DEPTH))[1]["event"]
+    with pytest.raises(InvalidEvent) as info:
+        decode_body(nested(MAX_DEPTH + 1))
+    assert info.value.errors == [{"path": "$", "message": f"body is nested more than {MAX_DEPTH} levels deep"}]
+    with pytest.raises(InvalidEvent):
+        decode_body("[" * 900 + "]" * 900)

@@ -14,6 +14,7 @@ from relay.identity_state import opaque_identity_id
 
 MAX_BODY_BYTES = 64 * 1024  # Edge's own limit (EXEG-0112-413)
 MAX_EVENT_ID_LENGTH = 256
+MAX_DEPTH = 64  # levels of nested objects/arrays: far beyond any XDM schema, far below what json.dumps can recurse
 _DATASTREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -156,6 +157,9 @@ def decode_body(raw: bytes | str) -> tuple[str, Any]:
         else:  # Python refuses integers of more than 4,300 digits (a guard against quadratic parsing)
             message = "body has a number with too many digits to read"
         raise InvalidEvent([{"path": "$", "message": message}]) from None
+    if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(doc, MAX_DEPTH):
+        # It parsed, but sending it on (json.dumps recurses) could fail: refuse it now, with a reason.
+        raise InvalidEvent([{"path": "$", "message": f"body is nested more than {MAX_DEPTH} levels deep"}])
     if _SURROGATE_ESCAPE.search(text):  # "\ud800" parses, but a lone surrogate cannot be sent on as UTF-8
         try:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
@@ -164,6 +168,20 @@ def decode_body(raw: bytes | str) -> tuple[str, Any]:
                 [{"path": "$", "message": "body contains an unpaired UTF-16 surrogate escape"}]
             ) from None
     return text, doc
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """Whether objects/arrays nest more than `limit` levels (iteratively: no recursion on hostile input)."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def resolve_datastream(candidate: str | None, default: str) -> str:

@@ -400,6 +400,7 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
     "EdgeUnavailableRateAlarm": (APP_NAMESPACE, {"EdgeUnavailable", "EdgeLatency"}, APP_DIMENSIONS),
     "EdgeThrottledRateAlarm": (APP_NAMESPACE, {"EdgeThrottled", "EdgeLatency"}, APP_DIMENSIONS),
     "QueueFallbackFailedAlarm": (APP_NAMESPACE, {"QueueFallbackFailed"}, APP_DIMENSIONS),
+    "UnexpectedErrorsAlarm": (APP_NAMESPACE, {"UnexpectedErrors"}, APP_DIMENSIONS),
 }
 
 # Metrics the function emits (relay/observability.py callers): the dashboard must show each of these.
@@ -469,7 +470,7 @@ def test_rate_alarms_divide_by_the_right_denominator(template: dict[str, Any]) -
 
 
 def test_dead_letter_and_fallback_alarms_fire_on_the_first_message(template: dict[str, Any]) -> None:
-    for name in ("DeadLetterQueueAlarm", "QueueFallbackFailedAlarm", "FunctionThrottlesAlarm"):
+    for name in ("DeadLetterQueueAlarm", "QueueFallbackFailedAlarm", "FunctionThrottlesAlarm", "UnexpectedErrorsAlarm"):
         props = template["Resources"][name]["Properties"]
         assert props["Threshold"] == 0 and props["ComparisonOperator"] == "GreaterThanThreshold", name
         assert props["EvaluationPeriods"] == 1, name

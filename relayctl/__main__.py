@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
+from botocore.exceptions import BotoCoreError, ClientError
 from relay import codec
 from relay.integrations.store import HandlesStore, decode_item
 from relay.models import as_dict, iso_millis
@@ -46,36 +47,49 @@ def _targets(args: argparse.Namespace) -> Targets:
     )
 
 
+_PEEK_HIDE_S = 30  # how long `show` hides the dead-letter messages it has read (it shows them again when done)
+
+
 def _print(doc: Any) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
-def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 100) -> dict[str, Any] | None:
-    """Look for an event in the dead-letter queue without consuming it (messages reappear at once)."""
-    seen = 0
-    while seen < limit:
-        msgs = sqs.receive_message(
-            QueueUrl=dlq_url,
-            MaxNumberOfMessages=10,
-            VisibilityTimeout=0,
-            MessageAttributeNames=["All"],
-            AttributeNames=["All"],
-        ).get("Messages", [])
-        if not msgs:
-            return None
-        for msg in msgs:
-            seen += 1
-            attr = (msg.get("MessageAttributes") or {}).get("eventId", {}).get("StringValue")
-            try:
-                xdm_id = json.loads(msg["Body"])["event"]["xdm"]["_id"]
-            except (ValueError, KeyError, TypeError):
-                xdm_id = None
-            if event_id in (msg["MessageId"], attr, xdm_id):
-                return {
-                    "messageId": msg["MessageId"],
-                    "receiveCount": msg.get("Attributes", {}).get("ApproximateReceiveCount"),
-                }
-    return None
+def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 1000) -> dict[str, Any] | None:
+    """Look for an event among the first `limit` dead-letter messages without consuming any. Each receive hides what
+    it read for a while (with 0, the same first messages would come back on every receive), and everything read is
+    made visible again before returning."""
+    handles: list[str] = []
+    try:
+        while len(handles) < limit:
+            msgs = sqs.receive_message(
+                QueueUrl=dlq_url,
+                MaxNumberOfMessages=10,
+                VisibilityTimeout=_PEEK_HIDE_S,
+                MessageAttributeNames=["All"],
+                AttributeNames=["All"],
+            ).get("Messages", [])
+            if not msgs:
+                return None
+            handles += [msg["ReceiptHandle"] for msg in msgs]  # all of them: the loop below may return early
+            for msg in msgs:
+                attr = (msg.get("MessageAttributes") or {}).get("eventId", {}).get("StringValue")
+                try:
+                    xdm_id = json.loads(msg["Body"])["event"]["xdm"]["_id"]
+                except (ValueError, KeyError, TypeError):
+                    xdm_id = None
+                if event_id in (msg["MessageId"], attr, xdm_id):
+                    return {
+                        "messageId": msg["MessageId"],
+                        "receiveCount": msg.get("Attributes", {}).get("ApproximateReceiveCount"),
+                    }
+        return None
+    finally:
+        for start in range(0, len(handles), 10):
+            entries = [
+                {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
+                for i, h in enumerate(handles[start : start + 10])
+            ]
+            sqs.change_message_visibility_batch(QueueUrl=dlq_url, Entries=entries)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -160,6 +174,8 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     request = doc.get("request")
     if request is None:
         return "skipped: the original request was too large to keep"
+    # `queued` first: the relay claims only a queued (or new) event, so the mark must be there before the message.
+    stamp = {"S": iso_millis(time.time())}
     try:
         ddb.update_item(
             TableName=table,
@@ -167,11 +183,7 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
             UpdateExpression="SET #s = :q, replayedAt = :now",
             ConditionExpression="#s = :r",
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={
-                ":q": {"S": "queued"},
-                ":r": {"S": "rejected"},
-                ":now": {"S": iso_millis(time.time())},
-            },
+            ExpressionAttributeValues={":q": {"S": "queued"}, ":r": {"S": "rejected"}, ":now": stamp},
         )
     except ddb.exceptions.ConditionalCheckFailedException:
         return "skipped: changed meanwhile"
@@ -182,7 +194,23 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     }
     if doc.get("datastreamId"):
         attrs["datastreamId"] = {"DataType": "String", "StringValue": str(doc["datastreamId"])}
-    sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attrs)
+    try:
+        sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attrs)
+    except (ClientError, BotoCoreError) as exc:
+        # Nothing was queued: put the mark back, so the event stays listed as rejected and can be replayed again.
+        reason = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
+        try:
+            ddb.update_item(
+                TableName=table,
+                Key=HandlesStore.result_key(event_id),
+                UpdateExpression="SET #s = :r REMOVE replayedAt",
+                ConditionExpression="#s = :q AND replayedAt = :now",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":q": {"S": "queued"}, ":r": {"S": "rejected"}, ":now": stamp},
+            )
+        except (ClientError, BotoCoreError):
+            return f"failed: not sent ({reason}), and left marked queued: run `show` and replay it again"
+        return f"failed: not sent to the queue ({reason}); still rejected"
     return "queued"
 
 
@@ -209,7 +237,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     if not (t.queue_url and t.dlq_url):
         raise SystemExit("relayctl: redrive needs --queue-url and --dlq-url (or --stack)")
     sqs = boto3.client("sqs")
-    moved = 0
+    moved, failed = 0, False
     while moved < args.max:
         msgs = sqs.receive_message(
             QueueUrl=t.dlq_url,
@@ -239,9 +267,10 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         moved += len(done)
         if len(done) < len(msgs):
             print(f"{len(msgs) - len(done)} message(s) could not be sent; left in the dead-letter queue")
+            failed = True
             break
     print(f"moved {moved} message(s) from the dead-letter queue to the queue")
-    return 0
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from relay.identity_state import (
     IdentityState,
     StoredEntry,
@@ -419,3 +420,15 @@ def test_state_from_item_tolerates_missing_and_bad_parts():
         entries={"ok": StoredEntry("v", 5.0, 0, None)}, hint=None, hint_expires_at=0.0, version=2
     )
     assert state_from_item({}, 0) == IdentityState()
+
+
+@pytest.mark.parametrize("later", [181, 1000, 1799])
+def test_needs_write_false_for_an_answer_that_does_not_resend_the_entries(later):
+    # GIVEN a stored state, and an answer long after with no state:store and no hint (nothing extended)
+    old = stored_fixture_state()
+    now = NOW + later
+
+    # WHEN / THEN nothing changed, however much of the lifetimes has passed: no write (an unchanged item was
+    # rewritten on every event once a tenth of an entry's lifetime had passed)
+    new = apply_handles(old, [{"type": "identity:result", "payload": []}], now)
+    assert needs_write(old, new, now) is False

@@ -6,11 +6,12 @@ import threading
 
 import pytest
 import requests
+from relay.clock import Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials
-from relay.integrations.ims import AccessToken, ImsTokenProvider
+from relay.integrations.ims import FAILURE_HOLD_S, AccessToken, ImsTokenProvider
 
-from tests.fakes import CREDS, WALL_START, FakeClock, FakeCredentialsStore, FakeSession, make_response
+from tests.fakes import CREDS, WALL_START, FakeClock, FakeCredentialsStore, FakeSession, Scripted, make_response
 
 TOKEN_URL = "https://ims-na1.adobelogin.com/ims/token/v3"
 ROTATED = AdobeCredentials(client_id="client-2", client_secret="new-s3cret", org_id="ORG1@AdobeOrg", scopes="openid")
@@ -218,3 +219,40 @@ def test_ims_answer_without_token_is_a_credentials_error(answer):
 def test_ims_access_token_repr_hides_the_value():
     # WHEN / THEN
     assert "tok-secret" not in repr(AccessToken("tok-secret", 1.0))
+
+
+@pytest.mark.parametrize("failure", [make_response(401, {}), make_response(429, {}), requests.ConnectionError("down")])
+def test_a_failed_token_fetch_is_held_briefly_so_waiting_workers_do_not_each_ask_ims(failure):
+    # GIVEN IMS refuses (or cannot be reached), then would answer
+    clock = FakeClock()
+    creds = FakeCredentialsStore(CREDS, CREDS)
+    session = FakeSession([failure, failure, token_response("tok-A")])
+    tokens = provider(session, clock, creds)
+    with pytest.raises(CredentialsError) as first:
+        tokens.get()
+    sent, reads = len(session.calls), len(creds.calls)
+
+    # WHEN the batch's other workers ask within FAILURE_HOLD_S
+    for _ in range(31):
+        with pytest.raises(CredentialsError) as again:
+            tokens.get()
+        assert str(again.value) == str(first.value)
+
+    # THEN they got the same error without a request to IMS or a secret read of their own
+    assert (len(session.calls), len(creds.calls)) == (sent, reads)
+    # AND once the hold is over, the next caller asks IMS again
+    clock.advance(FAILURE_HOLD_S + 0.01)
+    session.script = [Scripted(token_response("tok-A"))]
+    assert tokens.get().value == "tok-A"
+
+
+def test_a_caller_without_time_left_does_not_hold_back_the_others():
+    # GIVEN a caller whose deadline has run out
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A")])
+    tokens = provider(session, clock)
+    with pytest.raises(CredentialsError):
+        tokens.get(deadline=Deadline(clock, 0))
+
+    # WHEN / THEN the next caller, with time, gets a token at once
+    assert tokens.get(deadline=Deadline(clock, 10)).value == "tok-A"

@@ -271,3 +271,20 @@ def test_a_log_level_powertools_would_refuse_is_named_with_the_other_problems() 
         "WEBHOOK_SECRET_ID": "is required when WEBHOOK_AUTH=standard-webhooks",
         "POWERTOOLS_LOG_LEVEL": "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
     }
+
+
+def test_secrets_manager_calls_fail_within_seconds_while_other_clients_keep_the_general_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN the function's clients (built offline; nothing is called)
+    from relay.integrations.aws_clients import build_clients
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    clients = build_clients(32)
+
+    # WHEN / THEN a secret read (done under the token lock, inside an event's deadline) gives up after 2 short
+    # attempts, about 6.5 s at worst, while DynamoDB keeps 6 attempts and the pool sized for the workers
+    secrets, dynamodb = clients["secretsmanager"].meta.config, clients["dynamodb"].meta.config
+    assert (secrets.connect_timeout, secrets.read_timeout, secrets.retries["total_max_attempts"]) == (1, 2, 2)
+    assert (dynamodb.connect_timeout, dynamodb.read_timeout, dynamodb.retries["total_max_attempts"]) == (2, 5, 6)
+    assert secrets.max_pool_connections == dynamodb.max_pool_connections == 32

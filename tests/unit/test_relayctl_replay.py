@@ -1,13 +1,19 @@
-"""relayctl replay on fakes: what it refuses to replay (the happy path runs against moto in the integration tests)."""
+"""relayctl on fakes and in-process moto: what replay refuses, a replay whose send fails, `show` over a long
+dead-letter queue, a partial redrive (the happy paths run against moto over HTTP in the integration tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import boto3
+import pytest
+from moto import mock_aws
 from relay import codec
 from relay.process_event import INVALID_EVENT_TYPE
 
-from relayctl.__main__ import replay_event
+import relayctl.__main__ as relayctl_main
+from relayctl.__main__ import _peek_dlq, replay_event
 
 
 class Recorder:
@@ -47,3 +53,107 @@ def test_replay_refuses_an_event_the_relay_itself_found_invalid() -> None:
     # datastream); the sender has to send a corrected event
     assert outcome == "skipped: the relay found the event itself invalid; send a corrected one"
     assert (ddb.calls, sqs.calls) == ([], [])
+
+
+# -- against moto in-process (SQS/DynamoDB semantics that the logic relies on) -------------------------------------
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name, value in {
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_DYNAMODB"):
+        monkeypatch.delenv(name, raising=False)
+    with mock_aws():
+        yield
+
+
+def test_show_finds_a_dead_lettered_event_beyond_the_first_ten_and_hides_none(aws: None) -> None:
+    # GIVEN 15 messages in the dead-letter queue, the event is the 13th
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    for n in range(15):
+        attrs = {"eventId": {"DataType": "String", "StringValue": f"ev-{n}"}}
+        sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=attrs)
+
+    # WHEN / THEN it is found (receives with a visibility of 0 kept returning the first ten)
+    assert _peek_dlq(sqs, dlq, "ev-12") is not None
+    assert _peek_dlq(sqs, dlq, "ev-99") is None
+    # AND every message is visible again afterwards (nothing consumed, nothing left hidden)
+    assert (
+        sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]["ApproximateNumberOfMessages"]
+        == "15"
+    )
+
+
+def rejected_item(event_id: str) -> dict[str, Any]:
+    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "status": 422, "title": "Unprocessable"}
+    return {
+        "pk": {"S": f"EVENT#{event_id}"},
+        "sk": {"S": "RESULT"},
+        "status": {"S": "rejected"},
+        "eventId": {"S": event_id},
+        "error": codec.encode_json(problem),
+        "request": codec.encode_json({"event": {"xdm": {"_id": event_id}}}),
+    }
+
+
+def test_a_replay_whose_message_cannot_be_sent_leaves_the_event_rejected_and_replayable(aws: None) -> None:
+    # GIVEN a rejected event, and a queue URL that does not exist
+    ddb = boto3.client("dynamodb")
+    ddb.create_table(
+        TableName="t",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
+    sqs = boto3.client("sqs")
+    missing = "https://sqs.us-east-1.amazonaws.com/123456789012/no-such-queue"
+
+    # WHEN it is replayed
+    outcome = replay_event(ddb, sqs, "t", missing, "ev-1")
+
+    # THEN the failure is said, and the event is rejected again (not `queued` with no message behind it)
+    assert outcome.startswith("failed: not sent to the queue (")
+    item = ddb.get_item(TableName="t", Key={"pk": {"S": "EVENT#ev-1"}, "sk": {"S": "RESULT"}})["Item"]
+    assert item["status"] == {"S": "rejected"} and "replayedAt" not in item
+    # AND a replay to the right queue then works
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    assert replay_event(ddb, sqs, "t", queue, "ev-1") == "queued"
+
+
+def test_redrive_that_leaves_messages_behind_exits_1(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN 12 dead-letter messages and a queue that refuses one entry of the first batch
+    real = boto3.client("sqs")
+    dlq = real.create_queue(QueueName="dlq")["QueueUrl"]
+    queue = real.create_queue(QueueName="q")["QueueUrl"]
+    for n in range(12):
+        real.send_message(QueueUrl=dlq, MessageBody=f'{{"n": {n}}}')
+
+    class OneRefused:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+            entries = kwargs["Entries"]
+            answer: dict[str, Any] = real.send_message_batch(**{**kwargs, "Entries": entries[1:]})
+            answer["Failed"] = [{"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}]
+            return answer
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: OneRefused())
+
+    # WHEN redrive runs
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN it says so with its exit code, and what was not sent is still in the dead-letter queue
+    assert code == 1
+    left = real.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+    assert int(left["ApproximateNumberOfMessages"]) + int(left["ApproximateNumberOfMessagesNotVisible"]) == 3

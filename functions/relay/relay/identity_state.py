@@ -107,7 +107,9 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
         before = old_live[key]
         if (before.value, before.attrs) != (entry.value, entry.attrs):
             return True
-        if entry.expires_at < before.expires_at or before.expires_at - now < entry.max_age * _KEEP:
+        # Due: Edge extended the entry (it re-sent it) and less than nine tenths of the new lifetime is stored. An entry
+        # Edge did not re-send keeps its expiry: nothing to write for it, however old it is.
+        if entry.expires_at < before.expires_at or before.expires_at - now < (entry.expires_at - now) * _KEEP:
             return True
     if new.hint and (
         new.hint_expires_at < old.hint_expires_at or old.hint_expires_at - now < (new.hint_expires_at - now) * _KEEP

@@ -21,6 +21,13 @@ def client_config(pool_size: int) -> Config:
     )
 
 
+# Secrets are read while the token lock is held and inside an event's deadline: a stalled Secrets Manager must fail
+# within seconds (2 attempts x (1 s connect + 2 s read) plus one backoff: about 7 s at worst), not 6 x 7 s.
+_SERVICE_CONFIG = {
+    "secretsmanager": Config(connect_timeout=1, read_timeout=2, retries={"mode": "standard", "total_max_attempts": 2}),
+}
+
+
 class AwsClients(dict[str, Any]):
     """Clients by service name, each created on first use: an SQS batch never builds the SQS client it does not
     need (the retry queue is only for webhooks), which keeps the cold start short."""
@@ -36,7 +43,8 @@ class AwsClients(dict[str, Any]):
             if service not in self:
                 if self._session is None:
                     self._session = boto3.session.Session()
-                self[service] = self._session.client(service, config=self._config)  # type: ignore[call-overload]
+                config = self._config.merge(_SERVICE_CONFIG[service]) if service in _SERVICE_CONFIG else self._config
+                self[service] = self._session.client(service, config=config)  # type: ignore[call-overload]
             return dict.__getitem__(self, service)
 
 

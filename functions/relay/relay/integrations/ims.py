@@ -11,6 +11,12 @@ from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 
+FAILURE_HOLD_S = 5.0  # after a failed fetch, callers get its error for this long instead of asking IMS again
+
+
+class NoTimeLeft(CredentialsError):
+    """The caller's deadline left no time for the token request: about that caller, not about IMS."""
+
 
 @dataclass(frozen=True)
 class AccessToken:
@@ -39,6 +45,9 @@ class ImsTokenProvider:
         self._timeout = timeout
         self._token: AccessToken | None = None
         self._lock = threading.Lock()
+        # (until, reason) of the last failed fetch: the 32 workers of a batch that all need a token must not send
+        # IMS (and Secrets Manager) 32 requests one after another, each waiting its turn, when IMS refuses or is down.
+        self._failure: tuple[float, str] | None = None
 
     def get(
         self, *, force_refresh: bool = False, stale: AccessToken | None = None, deadline: Deadline | None = None
@@ -49,7 +58,16 @@ class ImsTokenProvider:
             if token and not (force_refresh and (stale is None or stale == token)):
                 if token.expires_at > self._clock.now():
                     return token
-            self._token = self._fetch(deadline)
+            if self._failure is not None and self._clock.monotonic() < self._failure[0]:
+                raise CredentialsError(self._failure[1])
+            try:
+                self._token = self._fetch(deadline)
+            except NoTimeLeft:
+                raise
+            except CredentialsError as exc:
+                self._failure = (self._clock.monotonic() + FAILURE_HOLD_S, str(exc))
+                raise
+            self._failure = None
             return self._token
 
     def _fetch(self, deadline: Deadline | None) -> AccessToken:
@@ -68,7 +86,7 @@ class ImsTokenProvider:
         timeout = self._timeout
         if deadline is not None:  # the token request counts against the invocation's budget too
             if deadline.remaining() < 0.05:
-                raise CredentialsError("no time left to request an IMS token")
+                raise NoTimeLeft("no time left to request an IMS token")
             timeout = deadline.http_timeouts(*self._timeout)
         try:
             resp = self._session.post(

@@ -793,9 +793,10 @@ class EdgeSimulator(LoopbackService):
                 return self._invalid(where, "is required and must be an object", rid)
             if not isinstance(event.get("xdm"), dict):
                 return self._invalid(f"{where}.xdm", "is required and must be an object", rid)
-        # 6. primary identity
+        # 6. primary identity: exactly one per event (reference §1.2: "must mark exactly one identity primary: true;
+        # otherwise 400 EXEG-0306")
         primaries = [_primary_identity(e["xdm"]) for e in events]
-        if any(p is None for p in primaries):
+        if any(p is None for p in primaries) or any(_primary_count(e["xdm"]) > 1 for e in events):
             return self._problem_reply(
                 _problem(
                     "EXEG-0306-400",
@@ -1100,6 +1101,14 @@ def _primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
                 if isinstance(item, dict) and item.get("primary") is True and isinstance(item.get("id"), str):
                     return namespace, item["id"]
     return None
+
+
+def _primary_count(xdm: dict[str, Any]) -> int:
+    identity_map = xdm.get("identityMap")
+    if not isinstance(identity_map, dict):
+        return 0
+    items = [item for values in identity_map.values() if isinstance(values, list) for item in values]
+    return sum(1 for item in items if isinstance(item, dict) and item.get("primary") is True)
 
 
 def _region(hint: str) -> int:

@@ -47,6 +47,8 @@ _FAULTS: dict[str, tuple[int, str, str]] = {
         "Consider increasing your provisioning level with the UpdateTable API. (injected by the soak's fault proxy)",
     ),
     "internal": (500, "InternalServerError", "Internal server error (injected by the soak's fault proxy)"),
+    # Not retried by botocore: only for `fail_item`, which makes one chosen write fail at once.
+    "validation": (400, "ValidationException", "One or more parameter values were invalid (injected)"),
 }
 
 
@@ -147,6 +149,7 @@ class FaultProxy(LoopbackService):
         self._stats = ProxyStats()
         self._bursts: dict[str, int] = {}  # item key -> writes still to fail
         self._failed_keys: Counter[str] = Counter()  # item key -> writes refused
+        self._scripted: dict[str, list[str]] = {}  # item key -> fault kinds its next writes get (fail_item)
         self.configure(rate=rate, seed=seed, kinds=kinds, burst_share=burst_share, burst_length=burst_length)
 
     # ---- control -------------------------------------------------------------------------------------------------
@@ -172,6 +175,14 @@ class FaultProxy(LoopbackService):
             self._burst_share = burst_share
             self._burst_length = max(1, int(burst_length))
             self._bursts.clear()
+
+    def fail_item(self, key: str, kinds: list[str]) -> None:
+        """Answer the next writes to the item ``pk|sk`` with these faults, one each, whatever the rate."""
+        bad = [k for k in kinds if k not in _FAULTS]
+        if bad:
+            raise ValueError(f"kinds must be among {tuple(_FAULTS)}")
+        with self._lock:
+            self._scripted[key] = list(kinds)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -211,6 +222,12 @@ class FaultProxy(LoopbackService):
         keys = item_keys(operation, body) if operation in WRITE_OPERATIONS else []
         with self._lock:
             self._stats.requests[operation] += 1
+            for k in keys:
+                if self._scripted.get(k):
+                    kind = self._scripted[k].pop(0)
+                    self._stats.faults[kind] += 1
+                    self._failed_keys[k] += 1
+                    return kind
             if operation not in WRITE_OPERATIONS or self._rate <= 0.0 and not self._bursts:
                 return None
             bursting = [k for k in keys if self._bursts.get(k, 0) > 0]

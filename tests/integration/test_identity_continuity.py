@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 import requests
 from relay import codec
-from relay.errors import StoreUnavailable
 from relay.identity_state import opaque_identity_id
-from relay.integrations.store import HandlesStore
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
 from devtools.edge_sim import IDENTITY_MAX_AGE, decode_identity_state, org_cookie_prefix
+from devtools.fault_proxy import FaultProxy
 from devtools.stack import DATASTREAM_ID, LocalStack
 from tests.fakes import FakeClock
 
@@ -504,43 +503,49 @@ def test_events_without_a_primary_identity_keep_no_state_and_are_rejected(
     assert identity_items(stack) == []
 
 
+def test_an_event_with_two_primary_identities_is_stored_as_edges_rejection_and_keeps_no_state(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN an event whose identityMap marks two identities primary (Edge wants exactly one)
+    stack = clean_stack
+    tag = uuid.uuid4().hex[:12]
+    event_id = f"evt-twoprimary-{tag}"
+    doc = crm_event(f"crm-twoprimary-{tag}", event_id)
+    doc["event"]["xdm"]["identityMap"]["Email"] = [{"id": f"{tag}@example.com", "primary": True}]
+
+    # WHEN it is relayed
+    via_sqs(stack, new_runtime(), doc)
+
+    # THEN Edge refused it (EXEG-0306-400), the relay stored that rejection, and wrote no state for either identity
+    item = result(stack, event_id)
+    assert (item["status"], item["error"]["type"]) == ("rejected", "https://ns.adobe.com/aep/errors/EXEG-0306-400")
+    assert identity_items(stack) == []
+
+
 # ---------------------------------------------------------------------------------------------------- state write fails
 
 
-class ThrottledStateStore(HandlesStore):
-    """The project's store, except that DynamoDB throttles the first identity-state write (a transient error)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.throttled = 0
-
-    def _call(self, op: str, **kwargs: Any) -> Any:
-        if op == "put_item" and kwargs["Item"]["pk"]["S"].startswith("IDENTITY#") and not self.throttled:
-            self.throttled += 1
-            raise StoreUnavailable("dynamodb put_item failed: ThrottlingException")
-        return super()._call(op, **kwargs)
-
-
 def test_a_failed_state_write_after_delivery_does_not_send_the_event_to_edge_twice(
-    clean_stack: LocalStack, new_runtime: RuntimeFactory
+    clean_stack: LocalStack, new_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # GIVEN a handler instance whose first identity-state write is throttled by DynamoDB
+    # GIVEN DynamoDB (through a fault proxy on loopback) refuses the identity's first state write
     stack = clean_stack
     crm, (e1,) = new_ids("state-write-fails", 1)
+    proxy = FaultProxy(stack.moto.url).start()
+    state_key = f"IDENTITY#{opaque_identity_id('CRMID', crm)}|STATE#{DATASTREAM_ID}"
+    proxy.fail_item(state_key, ["validation"])  # not retried by botocore: the write fails at once
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", proxy.url)  # before the instance builds its clients
     runtime = new_runtime()
-    s = runtime.settings
-    store = ThrottledStateStore(
-        runtime.clients["dynamodb"], s.handles_table, ttl_days=s.result_ttl_days, clock=runtime.clock
-    )
-    runtime.store = store  # type: ignore[misc]  # the instance's store, before its relay is built
+    try:
+        # WHEN an event is relayed from the queue, and the queue is drained (failed records come back after 1 s)
+        stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=json.dumps(crm_event(crm, e1)))
+        poller = stack.poller(runtime.handle, batching_window=0)
+        poller.drain(timeout=10, raise_on_timeout=True)
+    finally:
+        proxy.stop()
 
-    # WHEN an event is relayed from the queue, and the queue is drained (failed records come back after 1 s)
-    stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=json.dumps(crm_event(crm, e1)))
-    poller = stack.poller(runtime.handle, batching_window=0)
-    poller.drain(timeout=10, raise_on_timeout=True)
-
-    # THEN Edge was called once, and the event is stored as delivered
-    assert store.throttled == 1
+    # THEN the state write was refused, yet Edge was called once and the event is stored as delivered
+    assert proxy.failed_keys() == {state_key: 1}
     assert len(edge_requests(stack, e1)) == 1
     assert result(stack, e1)["status"] == "delivered"
     assert [o.failed for o in poller.history] == [[]]

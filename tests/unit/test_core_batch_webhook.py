@@ -203,6 +203,16 @@ def test_a_batch_logs_one_info_summary_and_its_deliveries_at_debug(caplog: pytes
     # AND the failure is still logged on its own, as a warning
     assert "event will be retried" in messages
 
+    # AND at DEBUG each stored delivery has its own line (the two whose results were written)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="interact-relay"):
+        run_batch(
+            real_relay(FakeStore(failing_writes={"e1"}), 3)[0], [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(3)]
+        )
+    debug = [r for r in caplog.records if r.getMessage() == "event delivered"]
+    assert sorted(r.__dict__["eventId"] for r in debug) == ["e0", "e2"]
+    assert {r.levelno for r in debug} == {logging.DEBUG}
+
 
 # -- Retry-After longer than the queue's visibility timeout ----------------------------------------------------------
 

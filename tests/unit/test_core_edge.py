@@ -523,9 +523,19 @@ def test_deliver_non_ascii_retry_after_falls_back_to_backoff():
 
 def test_each_attempt_holds_a_slot_only_while_it_posts():
     # GIVEN one slot, and Edge answering 503 then 200
-    clock = FakeClock()
     slots = threading.BoundedSemaphore(1)
     held: list[bool] = []
+    free_while_sleeping: list[bool] = []
+
+    class Observing(FakeClock):
+        def sleep(self, seconds: float) -> None:
+            taken = slots.acquire(blocking=False)  # free during the backoff: another event may use it
+            free_while_sleeping.append(taken)
+            if taken:
+                slots.release()
+            super().sleep(seconds)
+
+    clock = Observing()
 
     class Observed(FakeSession):
         def post(self, url: str, **kwargs: Any) -> requests.Response:
@@ -538,9 +548,10 @@ def test_each_attempt_holds_a_slot_only_while_it_posts():
     # WHEN
     answer = edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
 
-    # THEN both attempts held the slot, and it was given back (also across the backoff sleep in between)
+    # THEN both attempts held the slot, it was free during the backoff sleep in between, and it was given back
     assert (answer.status, held) == (200, [True, True])
     assert len(clock.sleeps) == 1
+    assert free_while_sleeping == [True]
     assert slots.acquire(blocking=False)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
 import pytest
 import requests
@@ -99,10 +101,18 @@ def test_ims_force_refresh_with_the_same_stale_token_refreshes_once():
     assert len(session.calls) == 2
 
 
+class SlowSession(FakeSession):
+    """IMS answers after 0.2 s (real time): long enough that a second caller arrives while the first one waits."""
+
+    def post(self, url: str, **kwargs: Any) -> requests.Response:
+        time.sleep(0.2)
+        return super().post(url, **kwargs)
+
+
 def test_ims_force_refresh_from_two_threads_refreshes_once():
-    # GIVEN
+    # GIVEN a slow IMS, so that the two threads' refreshes really overlap
     clock = FakeClock()
-    session = FakeSession([token_response("tok-A"), token_response("tok-B"), token_response("tok-C")])
+    session = SlowSession([token_response("tok-A"), token_response("tok-B"), token_response("tok-C")])
     tokens = provider(session, clock)
     stale = tokens.get()
     barrier = threading.Barrier(2)

@@ -169,7 +169,13 @@ def test_gateway_infers_a_200_for_non_proxy_results() -> None:
 def test_gateway_keeps_connections_alive(gateway: LocalGateway, recorder: Recorder) -> None:
     with requests.Session() as session:
         for _ in range(3):
-            assert session.post(f"{gateway.url}/events", json={}, timeout=TIMEOUT).status_code == 200
+            resp = session.post(f"{gateway.url}/events", json={}, timeout=TIMEOUT)
+            assert resp.status_code == 200
+            assert resp.headers.get("Connection", "").lower() != "close"
+        adapter = session.get_adapter(gateway.url)
+        assert isinstance(adapter, requests.adapters.HTTPAdapter)
+        pools = adapter.poolmanager.pools
+        assert sum(pools[key].num_connections for key in pools.keys()) == 1  # the three went over one connection
     assert len(recorder.events) == 3
 
 

@@ -123,7 +123,8 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
 
 
 def primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
-    """The identity marked `primary: true` (the first one if several), as Edge picks it."""
+    """The identity marked `primary: true` (the first one if several: Edge refuses an event with more than one,
+    EXEG-0306-400, and the relay stores that as Edge's rejection, writing no state)."""
     identity_map = xdm.get("identityMap")
     if not isinstance(identity_map, dict):
         return None

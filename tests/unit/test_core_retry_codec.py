@@ -84,7 +84,7 @@ def test_parse_retry_after_non_ascii_digits_are_none():
     ("attempt", "low", "high"),
     [(1, 0.1, 0.2), (2, 0.2, 0.4), (3, 0.4, 0.8), (5, 1.6, 3.2), (6, 2.5, 5.0), (20, 2.5, 5.0)],
 )
-def test_backoff_full_jitter_between_half_and_full_ceiling(attempt, low, high):
+def test_backoff_jitter_between_half_and_full_ceiling(attempt, low, high):
     # GIVEN
     rng = random.Random(1234)
 

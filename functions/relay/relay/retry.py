@@ -28,6 +28,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter; `attempt` counts from 1."""
+    """Exponential backoff with "equal" jitter (between half the ceiling and the ceiling, so a retry never comes at
+    once); `attempt` counts from 1."""
     ceiling = min(cap, base * (2 ** (attempt - 1)))
     return (rng or random).uniform(ceiling / 2, ceiling)

@@ -176,15 +176,19 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
         return "skipped: the original request was too large to keep"
     # `queued` first: the relay claims only a queued (or new) event, so the mark must be there before the message.
     stamp = {"S": iso_millis(time.time())}
-    try:
+
+    def mark(update: str, condition: str) -> None:  # between `rejected` (:r) and `queued` (:q), stamped :now
         ddb.update_item(
             TableName=table,
             Key=HandlesStore.result_key(event_id),
-            UpdateExpression="SET #s = :q, replayedAt = :now",
-            ConditionExpression="#s = :r",
+            UpdateExpression=update,
+            ConditionExpression=condition,
             ExpressionAttributeNames={"#s": "status"},
             ExpressionAttributeValues={":q": {"S": "queued"}, ":r": {"S": "rejected"}, ":now": stamp},
         )
+
+    try:
+        mark("SET #s = :q, replayedAt = :now", "#s = :r")
     except ddb.exceptions.ConditionalCheckFailedException:
         return "skipped: changed meanwhile"
     body = request if isinstance(request, str) else codec.dumps(request)
@@ -200,14 +204,7 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
         # Nothing was queued: put the mark back, so the event stays listed as rejected and can be replayed again.
         reason = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
         try:
-            ddb.update_item(
-                TableName=table,
-                Key=HandlesStore.result_key(event_id),
-                UpdateExpression="SET #s = :r REMOVE replayedAt",
-                ConditionExpression="#s = :q AND replayedAt = :now",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":q": {"S": "queued"}, ":r": {"S": "rejected"}, ":now": stamp},
-            )
+            mark("SET #s = :r REMOVE replayedAt", "#s = :q AND replayedAt = :now")
         except (ClientError, BotoCoreError):
             return f"failed: not sent ({reason}), and left marked queued: run `show` and replay it again"
         return f"failed: not sent to the queue ({reason}); still rejected"

@@ -226,6 +226,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         "sk": "RESULT",
         "eventId": not_json_mid,
         "status": "rejected",
+        "rejectedBy": "relay",
         "datastreamId": DATASTREAM_ID,
         "source": "sqs",
         "error": {
@@ -241,6 +242,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         "sk": "RESULT",
         "eventId": not_event_mid,
         "status": "rejected",
+        "rejectedBy": "relay",
         "datastreamId": DATASTREAM_ID,
         "source": "sqs",
         "error": {
@@ -440,3 +442,29 @@ def test_fixture_answer_is_stored_exactly_as_edge_returned_it(clean_stack: Local
         expected["errors"] = answer["errors"]
     assert stored == expected
     assert [c["status"] for c in edge_requests(stack, event_id)] == [status]
+
+
+def test_a_corrected_resend_of_an_event_the_relay_refused_is_delivered_not_a_repeat(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN an event the relay refused itself (its identityMap is not a map), stored rejected under its xdm._id
+    event_id = f"evt-{uuid.uuid4()}"
+    broken = interact_event(event_id)
+    broken["event"]["xdm"]["identityMap"] = "not a map"
+    runtime = new_runtime()
+    assert runtime.handle({"Records": [sqs_record(stack, json.dumps(broken))]}, new_context(30)) == {
+        "batchItemFailures": []
+    }
+    assert stack.result(event_id)["status"] == "rejected"
+    assert edge_requests(stack, event_id) == []
+
+    # WHEN the producer sends the corrected event under the same eventId
+    fixed = interact_event(event_id)
+    answer = runtime.handle({"Records": [sqs_record(stack, json.dumps(fixed))]}, new_context(30))
+
+    # THEN it is delivered (the relay never sent the broken one to Edge, so there is nothing to dedupe), and the
+    # result no longer carries the rejection
+    assert answer == {"batchItemFailures": []}
+    assert len(edge_requests(stack, event_id)) == 1
+    item = stack.result(event_id)
+    assert item["status"] == "delivered"
+    assert not {"error", "request", "rejectedBy"} & set(item)

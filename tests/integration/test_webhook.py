@@ -175,6 +175,26 @@ def test_datastream_query_parameter_is_used(clean_stack: LocalStack, gateway: Lo
     assert stack.result(headers["webhook-id"])["datastreamId"] == "ds-second"
 
 
+def test_a_corrected_retry_after_a_bad_datastream_parameter_is_delivered(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN an event posted with a datastreamId query parameter that is not a datastream id (answered 400, stored)
+    event_id = f"evt-{uuid.uuid4()}"
+    body = json.dumps(interact_event(event_id))
+    first = post(gateway, body, stack.sign(body), query="?datastreamId=ds-a,ds-b")
+    assert first.status_code == 400
+    assert stack.result(event_id)["status"] == "rejected"
+
+    # WHEN the sender fixes its URL and posts the same event again
+    second = post(gateway, body, stack.sign(body))
+
+    # THEN it is delivered: the first attempt never reached Edge, so it is not a repeat to answer 400 for ever
+    assert second.status_code == 200
+    assert len(edge_requests(stack, event_id)) == 1
+    assert stack.result(event_id)["status"] == "delivered"
+
+
 # ---------------------------------------------------------------------------------------------------------- 401
 
 

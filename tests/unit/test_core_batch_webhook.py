@@ -454,3 +454,51 @@ def test_a_webhook_defect_before_the_claim_answers_503_not_500(monkeypatch: pyte
     assert answer["statusCode"] == 503
     assert answer["headers"]["Retry-After"] == "30"
     assert "Traceback" not in answer["body"] and "RuntimeError" not in answer["body"]
+
+
+# -- the HTTP API's edges ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/events"), ("DELETE", "/events"), ("POST", "/other")])
+def test_a_wrong_route_is_404_not_a_503_that_tells_the_sender_to_retry(method: str, path: str) -> None:
+    # GIVEN a request for a route that does not exist
+    h = harness()
+    event = http_event(b"{}", {})
+    event["requestContext"]["http"].update(method=method, path=path)
+    event.update(rawPath=path, routeKey=f"{method} {path}")
+
+    # WHEN / THEN it is answered 404 (final), without a Retry-After
+    answer = h.app.handle(event, None)
+    assert answer["statusCode"] == 404
+    assert "Retry-After" not in (answer.get("headers") or {})
+    assert json.loads(answer["body"])["detail"] == "the only route is POST /events"
+
+
+@pytest.mark.parametrize("missing", ["rawPath", "stage", "method"])
+def test_a_hand_built_event_missing_what_api_gateway_sends_gets_400_not_a_crash(missing: str) -> None:
+    # GIVEN an HTTP API event without one of the fields API Gateway always sends
+    h = harness()
+    event = http_event(b"{}", {})
+    {"rawPath": event, "stage": event["requestContext"], "method": event["requestContext"]["http"]}[missing].pop(
+        missing
+    )
+
+    # WHEN / THEN
+    answer = h.app.handle(event, None)
+    assert (answer["statusCode"], json.loads(answer["body"])["detail"]) == (400, "not an HTTP API 2.0 event")
+
+
+def test_two_long_webhook_ids_that_share_their_first_256_characters_stay_two_events() -> None:
+    # GIVEN two signed events without xdm._id whose webhook-ids differ only after 260 characters
+    h = harness()
+    body = b'{"event": {"xdm": {"identityMap": {"CRMID": [{"id": "c1", "primary": true}]}}}}'
+    ids = ["msg_" + "a" * 260 + "-1", "msg_" + "a" * 260 + "-2"]
+
+    # WHEN both are posted, and the first once more
+    answers = [h.app.handle(http_event(body, sign_webhook(body, SECRETS[0], msg_id=i)), None) for i in [*ids, ids[0]]]
+
+    # THEN two distinct eventIds of at most 256 characters (each the xdm._id Edge got); the repeat has the first's
+    event_ids = [json.loads(a["body"])["eventId"] for a in answers]
+    assert event_ids[0] != event_ids[1] and event_ids[2] == event_ids[0]
+    assert all(len(e) <= 256 and e.startswith("msg_aaaa") for e in event_ids)
+    assert [json.loads(c["data"])["event"]["xdm"]["_id"] for c in h.session.calls] == event_ids

@@ -267,12 +267,15 @@ def test_event_id_for_falls_back_to_the_transport_id(doc):
     assert event_id_for(doc, "webhook-id-1") == "webhook-id-1"
 
 
-def test_event_id_for_truncates_a_long_fallback():
-    # GIVEN
-    fallback = "m" * 300
+def test_event_id_for_bounds_a_long_fallback_without_merging_two_ids():
+    # GIVEN two long transport ids that share their first 256 characters
+    first, second = "m" * 300 + "1", "m" * 300 + "2"
 
-    # WHEN / THEN
-    assert event_id_for({}, fallback) == "m" * 256
+    # WHEN / THEN each becomes 256 characters: its start and a SHA-256 of the whole, so they stay two events
+    a, b = event_id_for({}, first), event_id_for({}, second)
+    assert len(a) == len(b) == 256 and a.startswith("m" * 191 + "~")
+    assert a != b and event_id_for({}, first) == a
+    assert event_id_for({}, "m" * 256) == "m" * 256
 
 
 def test_resolve_datastream_default_and_override():

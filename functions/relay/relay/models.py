@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -201,7 +202,17 @@ def event_id_for(doc: Any, fallback_id: str) -> str:
         candidate = None
     if isinstance(candidate, str) and 0 < len(candidate) <= MAX_EVENT_ID_LENGTH:
         return candidate
-    return fallback_id[:MAX_EVENT_ID_LENGTH]
+    return bounded_id(fallback_id)
+
+
+def bounded_id(value: str) -> str:
+    """`value` as an eventId of at most MAX_EVENT_ID_LENGTH characters: itself when short enough, else its start and a
+    SHA-256 of the whole, so two long ids that share their first 256 characters stay two events (the same id always
+    gives the same eventId, so a retry is still a repeat)."""
+    if len(value) <= MAX_EVENT_ID_LENGTH:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", errors="surrogatepass")).hexdigest()
+    return f"{value[: MAX_EVENT_ID_LENGTH - len(digest) - 1]}~{digest}"
 
 
 def build_inbound(

@@ -16,9 +16,9 @@ from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable, Unaut
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
 from relay.models import (
-    MAX_EVENT_ID_LENGTH,
     InboundEvent,
     as_dict,
+    bounded_id,
     build_inbound,
     decode_body,
     event_id_for,
@@ -96,12 +96,23 @@ class WebhookApp:
         self._clock = clock
         self.app = APIGatewayHttpResolver()
         self.app.post("/events")(self._post_events)
+        self.app.not_found(self._not_found)  # before the catch-all below: a wrong route is final, not "retry"
         self.app.exception_handler(Exception)(self._unexpected)
         self._context: Any = None
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         self._context = context
-        return self.app.resolve(event, context)
+        try:
+            return self.app.resolve(event, context)
+        except (KeyError, TypeError, AttributeError):
+            # Fields API Gateway always sends are missing (a hand-built event, e.g. `sam local invoke -e`): say so
+            # rather than crash (which API Gateway would answer with a bare 500).
+            logger.warning("not an HTTP API 2.0 event: a field API Gateway always sends is missing")
+            body = {"type": "about:blank", "title": "Bad request", "status": 400, "detail": "not an HTTP API 2.0 event"}
+            return {"statusCode": 400, "headers": {"Content-Type": PROBLEM}, "body": json.dumps(body)}
+
+    def _not_found(self, exc: Exception) -> Response:
+        return problem(404, "Not found", "the only route is POST /events")
 
     def _unexpected(self, exc: Exception) -> Response:
         """A defect before the event was claimed: never a 500 or a stack trace. Nothing is stored, so the sender is told
@@ -153,7 +164,7 @@ class WebhookApp:
             logger.error("webhook secret unavailable", reason=str(exc))
             return problem(503, "Service unavailable", "the relay cannot verify signatures right now", retryAfter=30)
         received_at = self._clock.now()
-        fallback_id = (headers.get("webhook-id") or event.request_context.request_id or "")[:MAX_EVENT_ID_LENGTH]
+        fallback_id = bounded_id(headers.get("webhook-id") or event.request_context.request_id or "")
         datastream = self._settings.datastream_id
         event_id = fallback_id
         raw_text = raw.decode("utf-8", errors="replace")

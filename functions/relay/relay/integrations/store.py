@@ -17,6 +17,7 @@ from relay.errors import StoreUnavailable
 from relay.identity_state import IdentityState, state_from_item, state_to_item
 from relay.models import iso_millis
 
+RELAY = "relay"  # `rejectedBy` of an event the relay refused itself (never sent to Edge)
 MAX_ITEM_BYTES = 380_000  # below DynamoDB's 400 KB item limit, with room for names and numbers
 _JSON_FIELDS = ("handle", "errors", "warnings", "error", "request")
 STATE_WRITE_ATTEMPTS = 8
@@ -103,13 +104,21 @@ class HandlesStore:
                 Key=self.result_key(event_id),
                 UpdateExpression=(
                     "SET #s = :pending, leaseUntil = :lease, claimToken = :tok, eventId = :id, datastreamId = :ds, "
-                    "#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now ADD attempts :one"
+                    "#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now ADD attempts :one "
+                    "REMOVE rejectedBy"
                 ),
-                ConditionExpression="attribute_not_exists(pk) OR #s = :queued OR (#s = :pending AND leaseUntil < :t)",
+                # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
+                # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".
+                ConditionExpression=(
+                    "attribute_not_exists(pk) OR #s = :queued OR (#s = :pending AND leaseUntil < :t) "
+                    "OR (#s = :rejected AND rejectedBy = :relay)"
+                ),
                 ExpressionAttributeNames={"#s": "status", "#src": "source"},
                 ExpressionAttributeValues={
                     ":pending": {"S": "pending"},
                     ":queued": {"S": "queued"},
+                    ":rejected": {"S": "rejected"},
+                    ":relay": {"S": RELAY},
                     ":lease": {"N": str(int(now + lease_s) + 1)},
                     ":t": {"N": str(int(now))},
                     ":tok": {"S": token},
@@ -265,7 +274,7 @@ class HandlesStore:
 
     def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Store a `rejected` outcome for a body that never became an event (never over a delivered result)."""
-        write = self.compose_result(event_id, {**fields, "status": "rejected"}, None)
+        write = self.compose_result(event_id, {**fields, "status": "rejected", "rejectedBy": RELAY}, None)
         try:
             self._call(
                 "put_item",

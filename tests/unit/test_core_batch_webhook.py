@@ -502,3 +502,15 @@ def test_two_long_webhook_ids_that_share_their_first_256_characters_stay_two_eve
     assert event_ids[0] != event_ids[1] and event_ids[2] == event_ids[0]
     assert all(len(e) <= 256 and e.startswith("msg_aaaa") for e in event_ids)
     assert [json.loads(c["data"])["event"]["xdm"]["_id"] for c in h.session.calls] == event_ids
+
+
+def test_an_unsigned_event_whose_body_is_not_the_base64_it_claims_is_401() -> None:
+    # GIVEN a hand-built event flagged base64 whose body is plain JSON, without signature headers
+    h = harness()
+    event = http_event(b"{}", {})
+    event.update(isBase64Encoded=True, body='{"event": {"xdm": {}}}')
+
+    # WHEN / THEN it is unauthenticated (401), as any request whose signature cannot be checked
+    answer = h.app.handle(event, None)
+    assert (answer["statusCode"], json.loads(answer["body"])["title"]) == (401, "Unauthorized")
+    assert not h.reached_relay

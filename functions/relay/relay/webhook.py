@@ -148,6 +148,11 @@ class WebhookApp:
         try:
             raw = base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode("utf-8")
         except (binascii.Error, ValueError):
+            if self._settings.webhook_auth != "none":
+                # No bytes to check a signature against (API Gateway always sends valid base64): unauthenticated.
+                count("Unauthorized")
+                logger.warning("webhook signature rejected", reason="body is not the base64 it claims to be")
+                return problem(401, "Unauthorized", "missing or invalid webhook signature")
             return problem(
                 400,
                 "Invalid body",

@@ -89,7 +89,13 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
 
 
 EXTENSION_DUE_SHARE = 0.1  # of a lifetime: an expiry extension is written once this much of it has passed
-_KEEP = 1 - EXTENSION_DUE_SHARE
+
+
+def _extension_due(stored: float, answered: float, now: float) -> bool:
+    """Whether the expiry Edge answered (`answered`) must replace the stored one: it is earlier, or it is later and
+    the stored one keeps less than 1 - EXTENSION_DUE_SHARE of the new lifetime. An expiry Edge did not extend (the
+    same as stored) is never due, however old it is."""
+    return answered < stored or stored - now < (answered - now) * (1 - EXTENSION_DUE_SHARE)
 
 
 def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
@@ -107,15 +113,9 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
         before = old_live[key]
         if (before.value, before.attrs) != (entry.value, entry.attrs):
             return True
-        # Due: Edge extended the entry (it re-sent it) and less than nine tenths of the new lifetime is stored. An entry
-        # Edge did not re-send keeps its expiry: nothing to write for it, however old it is.
-        if entry.expires_at < before.expires_at or before.expires_at - now < (entry.expires_at - now) * _KEEP:
+        if _extension_due(before.expires_at, entry.expires_at, now):
             return True
-    if new.hint and (
-        new.hint_expires_at < old.hint_expires_at or old.hint_expires_at - now < (new.hint_expires_at - now) * _KEEP
-    ):
-        return True
-    return False
+    return bool(new.hint) and _extension_due(old.hint_expires_at, new.hint_expires_at, now)
 
 
 def state_to_item(state: IdentityState) -> dict[str, Any]:

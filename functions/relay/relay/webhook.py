@@ -111,6 +111,13 @@ class WebhookApp:
             body = {"type": "about:blank", "title": "Bad request", "status": 400, "detail": "not an HTTP API 2.0 event"}
             return {"statusCode": 400, "headers": {"Content-Type": PROBLEM}, "body": json.dumps(body)}
 
+    @staticmethod
+    def _unauthorized(exc: Unauthorized) -> Response:
+        """401: the reason is logged and counted, never answered."""
+        count("Unauthorized")
+        logger.warning("webhook signature rejected", reason=str(exc))
+        return problem(401, "Unauthorized", "missing or invalid webhook signature")
+
     def _not_found(self, exc: Exception) -> Response:
         return problem(404, "Not found", "the only route is POST /events")
 
@@ -150,9 +157,7 @@ class WebhookApp:
         except (binascii.Error, ValueError):
             if self._settings.webhook_auth != "none":
                 # No bytes to check a signature against (API Gateway always sends valid base64): unauthenticated.
-                count("Unauthorized")
-                logger.warning("webhook signature rejected", reason="body is not the base64 it claims to be")
-                return problem(401, "Unauthorized", "missing or invalid webhook signature")
+                return self._unauthorized(Unauthorized("body is not the base64 it claims to be"))
             return problem(
                 400,
                 "Invalid body",
@@ -162,9 +167,7 @@ class WebhookApp:
         try:
             self._verify(raw, headers)
         except Unauthorized as exc:
-            count("Unauthorized")
-            logger.warning("webhook signature rejected", reason=str(exc))
-            return problem(401, "Unauthorized", "missing or invalid webhook signature")
+            return self._unauthorized(exc)
         except CredentialsError as exc:
             logger.error("webhook secret unavailable", reason=str(exc))
             return problem(503, "Service unavailable", "the relay cannot verify signatures right now", retryAfter=30)

@@ -98,6 +98,7 @@ class PostCall:
     headers: dict[str, str] | None
     timeout: Any
     remaining: float | None  # deadline.remaining() when the call started, if the session watches a deadline
+    allow_redirects: bool = True
 
 
 class FakeSession:
@@ -124,9 +125,10 @@ class FakeSession:
         data: Any = None,
         headers: dict[str, str] | None = None,
         timeout: Any = None,
+        allow_redirects: bool = True,
     ) -> requests.Response:
         remaining = self.deadline.remaining() if self.deadline is not None else None
-        self.calls.append(PostCall(url, params, data, headers, timeout, remaining))
+        self.calls.append(PostCall(url, params, data, headers, timeout, remaining, allow_redirects))
         if not self.script:
             raise AssertionError(f"unexpected post #{len(self.calls)} to {url}")
         step = self.script.pop(0)
@@ -273,8 +275,11 @@ class FakeEdge:
         self.script = list(script)
         self.calls: list[DeliverCall] = []
 
-    def deliver(self, datastream_id: str, request: dict[str, Any], hint: str | None, deadline: Deadline) -> EdgeAnswer:
-        self.calls.append(DeliverCall(datastream_id, request, hint, deadline))
+    def deliver(
+        self, datastream_id: str, request: dict[str, Any] | bytes, hint: str | None, deadline: Deadline
+    ) -> EdgeAnswer:
+        sent = json.loads(request) if isinstance(request, bytes) else request  # the Relay sends encoded JSON
+        self.calls.append(DeliverCall(datastream_id, sent, hint, deadline))
         if not self.script:
             raise AssertionError("unexpected Edge call")
         step = self.script.pop(0)

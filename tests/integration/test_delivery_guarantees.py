@@ -493,7 +493,11 @@ def test_webhook_answers_503_when_edge_is_down_and_the_queue_too(clean_stack: Lo
         "retryAfter": 30,
     }
     assert queue_messages(stack) == []
-    assert stack.result(msg_id)["status"] == "queued"  # released: the sender's retry may claim it
+    item = stack.result(msg_id)
+    assert item["status"] == "queued"  # released: the sender's retry may claim it
+    # and the item says nothing waits in the queue for it (no retryAfterSeconds promising a next attempt)
+    assert item["lastError"].startswith("not queued (the retry queue refused it; the sender was answered 503)")
+    assert "retryAfterSeconds" not in item
 
     # WHEN Edge recovers and the sender retries
     stack.sim.remove_fault(rule)

@@ -1,13 +1,21 @@
-"""The relay's HTTP session, against a loopback server: no cookie crosses from one event's answer to the next."""
+"""The relay's HTTP session, against loopback servers: no cookie crosses from one event's answer to the next, and no
+redirect is followed (by the Edge call or the IMS token request)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from relay.clock import Deadline, SystemClock
+from relay.errors import CredentialsError, EdgeRejected
+from relay.integrations.credentials import AdobeCredentials
+from relay.integrations.edge import EdgeClient
+from relay.integrations.ims import ImsTokenProvider
 from relay.runtime import new_http_session
+from relay.settings import load_settings
 
 from devtools.loopback import LoopbackHandler, LoopbackService
 
@@ -57,3 +65,86 @@ def test_cookies_from_one_answer_are_never_sent_with_the_next_request(
         assert session.post(f"{url}/ee/v2/interact", data=b"{}", timeout=5).status_code == 200
     assert seen == [None, None, None]
     assert len(session.cookies) == 0
+
+
+class RecordingServer(LoopbackService):
+    """Records every request (method, path, headers, body) and answers each with `status`, `headers` and `body`."""
+
+    thread_name = "recording-server"
+
+    def __init__(self, status: int = 200, headers: dict[str, str] | None = None, body: bytes = b"{}") -> None:
+        self.answer = (status, headers or {}, body)
+        self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def _make_server(self) -> ThreadingHTTPServer:
+        service = self
+
+        class Handler(LoopbackHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                service.seen.append((self.command, self.path, dict(self.headers), data))
+                status, headers, body = service.answer
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any
+
+        return ThreadingHTTPServer((self.host, 0), Handler)
+
+
+def edge_client(base_url: str) -> EdgeClient:
+    env = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
+    return EdgeClient(new_http_session(4), load_settings({**env, "EDGE_BASE_URL": base_url}), None, SystemClock())
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_edge_redirect_is_refused_and_never_followed(status: int) -> None:
+    # GIVEN an "Edge" that redirects to another host, which would answer 200 with a hint of its own
+    hint = {"type": "locationHint:result", "payload": [{"scope": "EdgeNetwork", "hint": "x", "ttlSeconds": 1800}]}
+    foreign = json.dumps({"requestId": "not-edge", "handle": [hint]}).encode()
+    with RecordingServer(200, {"Content-Type": "application/json"}, foreign) as other:
+        with RecordingServer(status, {"Location": f"{other.url}/collect"}, b"") as edge:
+            client = edge_client(edge.url)
+            event = {
+                "event": {"xdm": {"_id": "e1", "identityMap": {"Email": [{"id": "a@example.com", "primary": True}]}}}
+            }
+
+            # WHEN
+            with pytest.raises(EdgeRejected) as caught:
+                client.deliver("ds-1", event, None, Deadline(SystemClock(), 5))
+
+            # THEN the event went to Edge once and nowhere else; the redirect is a rejection, not a delivery
+            assert caught.value.status == status
+            assert len(edge.seen) == 1
+            assert other.seen == []
+
+
+def test_ims_redirect_never_sends_the_client_secret_elsewhere() -> None:
+    # GIVEN an "IMS" that redirects the token request to another host
+    with RecordingServer(
+        200, {"Content-Type": "application/json"}, b'{"access_token":"t","expires_in":86400}'
+    ) as other:
+        with RecordingServer(307, {"Location": f"{other.url}/steal"}, b"") as ims:
+            creds = AdobeCredentials(client_id="c", client_secret="CLIENT-SECRET", org_id="O@AdobeOrg", scopes="openid")
+
+            class Credentials:
+                def adobe(self, *, force: bool = False) -> AdobeCredentials:
+                    return creds
+
+            tokens = ImsTokenProvider(new_http_session(4), f"{ims.url}/ims/token/v3", Credentials(), SystemClock())  # type: ignore[arg-type]
+
+            # WHEN
+            with pytest.raises(CredentialsError) as caught:
+                tokens.get()
+
+            # THEN
+            assert "307" in str(caught.value)
+            assert len(ims.seen) == 1
+            assert other.seen == []

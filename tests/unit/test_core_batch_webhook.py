@@ -15,9 +15,10 @@ from botocore.exceptions import ClientError
 from relay.batch import HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
 from relay.errors import StoreUnavailable
+from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.queue import RetryQueue, queue_url_for
-from relay.models import InboundEvent
+from relay.models import InboundEvent, build_inbound
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
 
@@ -271,6 +272,26 @@ def test_records_edge_asked_to_retry_after_the_visibility_timeout_wait_until_the
     assert {call["QueueUrl"] for call in sqs.calls} == {QUEUE_URL}
 
 
+@pytest.mark.parametrize(("budget", "postponed_too"), [(2.0, True), (1.9, False), (-1.0, False)])
+def test_records_are_postponed_only_while_a_slow_sqs_call_still_fits_in_the_invocation(
+    budget: float, postponed_too: bool
+) -> None:
+    # GIVEN a batch whose record Edge asked to retry in 600 s, and the batch deadline (the Lambda's remaining time
+    # minus SAFETY_MARGIN_MS, 2 s here) nearly used up by the time the batch is done
+    relay = ScriptedRelay(failing={"a1"}, retry_after={"a1": 600})
+    sqs = FakeSqs()
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+
+    # WHEN the batch runs with `budget` seconds of the deadline left when it postpones
+    answer = runner.run({"Records": [record("a1", 1)]}, Deadline(relay.clock, budget), lease_s=25)
+
+    # THEN it postpones only if the SQS client's worst case (4 s) fits in the time the invocation has left; either
+    # way the record is redelivered
+    assert SETTINGS.safety_margin_s + 2.0 == SQS_WORST_CASE_S
+    assert [f["itemIdentifier"] for f in answer["batchItemFailures"]] == ["m-a1"]
+    assert postponed(sqs) == ({"rh-a1": 600} if postponed_too else {})
+
+
 def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_client() -> None:
     # GIVEN Edge asking for a retry within the visibility timeout (it only comes back later than asked; a shorter
     # visibility would use up its receives sooner in an outage)
@@ -514,3 +535,26 @@ def test_an_unsigned_event_whose_body_is_not_the_base64_it_claims_is_401() -> No
     answer = h.app.handle(event, None)
     assert (answer["statusCode"], json.loads(answer["body"])["title"]) == (401, "Unauthorized")
     assert not h.reached_relay
+
+
+def test_a_queued_event_goes_to_sqs_as_ascii_json_equal_to_the_request() -> None:
+    # GIVEN an event whose strings hold characters JSON allows and SQS refuses (U+FFFF), and others outside ASCII
+    class Sends:
+        def __init__(self) -> None:
+            self.bodies: list[str] = []
+
+        def send_message(self, **kwargs: Any) -> dict[str, Any]:
+            self.bodies.append(kwargs["MessageBody"])
+            return {"MessageId": "m"}
+
+    doc = {"event": {"xdm": {"_id": "e1", "note": "caf\u00e9 \uffff \ufffe \U0001f600"}}}
+    inbound = build_inbound(doc, event_id="e1", datastream_id="ds-1", source="webhook", received_at=1_700_000_000)
+    sqs = Sends()
+
+    # WHEN
+    assert RetryQueue(sqs, QUEUE_URL).send(inbound) is True
+
+    # THEN the body is ASCII (escapes) and reads back as the same request
+    (body,) = sqs.bodies
+    assert body.isascii()
+    assert json.loads(body) == inbound.request

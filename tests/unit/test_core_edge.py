@@ -276,9 +276,8 @@ def test_deliver_honours_an_http_date_retry_after():
         requests.ConnectionError("refused"),
         requests.exceptions.ChunkedEncodingError("connection closed in the middle of the body"),
         requests.exceptions.ContentDecodingError("bad gzip"),
-        make_response(200, text="not json"),
     ],
-    ids=["502", "503", "504", "408", "timeout", "connection", "cut-off-body", "undecodable-body", "200-not-json"],
+    ids=["502", "503", "504", "408", "timeout", "connection", "cut-off-body", "undecodable-body"],
 )
 def test_deliver_retries_recoverable_failures_with_backoff(failure):
     # GIVEN two failures then success
@@ -578,3 +577,32 @@ def test_no_slot_before_the_deadline_is_a_retry_without_a_call():
         edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 0.15))
     assert (info.value.reason, info.value.attempts) == ("no time left for an attempt", 0)
     assert session.calls == []
+
+
+@pytest.mark.parametrize("status", [200, 207])
+@pytest.mark.parametrize("text", ["", "not json", "<html>ok</html>", "[]", "null", '"ok"'])
+def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_once(status, text):
+    # GIVEN Edge accepted the event but its body cannot be read as an answer
+    clock = FakeClock()
+    session = FakeSession([make_response(status, text=text)])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it is delivered (contract §6), without handles, and not sent again
+    assert (answer.status, answer.body, answer.attempts, answer.unreadable) == (status, {}, 1, True)
+    assert len(session.calls) == 1
+
+
+def test_deliver_never_follows_a_redirect():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([make_response(307, text="", headers={"Location": "https://elsewhere.example/collect"})])
+
+    # WHEN
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN the 3xx is refused like any non-recoverable status (the loopback test shows nothing reaches the target)
+    assert info.value.status == 307
+    assert [call.allow_redirects for call in session.calls] == [False]

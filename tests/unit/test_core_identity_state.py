@@ -9,6 +9,10 @@ from typing import Any
 
 import pytest
 from relay.identity_state import (
+    MAX_ENTRY_BYTES,
+    MAX_HINT_TTL_S,
+    MAX_LIFETIME_S,
+    MAX_STATE_BYTES,
     IdentityState,
     StoredEntry,
     apply_handles,
@@ -137,7 +141,7 @@ def test_apply_handles_ignores_items_without_key_value_or_numeric_max_age():
 def test_apply_handles_replaces_an_entry_with_the_same_key_and_keeps_attrs():
     # GIVEN
     old = IdentityState(entries={"a": StoredEntry("1", NOW + 100, 100)})
-    handles = [store_handle({"key": "a", "value": 2, "maxAge": 50.5, "attrs": {"SameSite": "None"}})]
+    handles = [store_handle({"key": "a", "value": "2", "maxAge": 50.5, "attrs": {"SameSite": "None"}})]
 
     # WHEN
     new = apply_handles(old, handles, NOW)
@@ -432,3 +436,142 @@ def test_needs_write_false_for_an_answer_that_does_not_resend_the_entries(later)
     # rewritten on every event once a tenth of an entry's lifetime had passed)
     new = apply_handles(old, [{"type": "identity:result", "payload": []}], now)
     assert needs_write(old, new, now) is False
+
+
+# -- what an answer cannot make the relay keep ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hint", ["or2", "va6", "irl1", "aus3", "JPN3", "a-b"])
+def test_apply_handles_keeps_a_plain_hint(hint):
+    # WHEN
+    new = apply_handles(IdentityState(), [hint_handle({"scope": "EdgeNetwork", "hint": hint, "ttlSeconds": 60})], NOW)
+
+    # THEN
+    assert (new.hint, new.hint_expires_at) == (hint, NOW + 60)
+
+
+@pytest.mark.parametrize(
+    "hint",
+    ["../../evil", "or2/../x", "or2?x=", "evil.example/x#", "a.b", "or 2", "-or2", "x" * 33, "", 12, {"a": 1}, None],
+)
+def test_apply_handles_ignores_a_hint_that_is_not_a_plain_name(hint):
+    # GIVEN a stored hint, and an answer whose hint would change the URL's path or host
+    old = IdentityState(hint="or2", hint_expires_at=NOW + 600)
+    handles = [hint_handle({"scope": "EdgeNetwork", "hint": hint, "ttlSeconds": 1800})]
+
+    # WHEN
+    new = apply_handles(old, handles, NOW)
+
+    # THEN the stored hint stays, as for an answer without one
+    assert (new.hint, new.hint_expires_at) == ("or2", NOW + 600)
+
+
+def test_state_from_item_drops_a_stored_hint_that_is_not_a_plain_name():
+    # GIVEN an item written before hints were checked
+    doc = {"entries": {}, "hint": "evil.example/x#", "hintExpiresAt": int(NOW + 600)}
+
+    # WHEN
+    state = state_from_item(doc, 3)
+
+    # THEN
+    assert state.hint is None
+    assert state.live_hint(NOW) is None
+
+
+def test_apply_handles_caps_the_hint_lifetime():
+    # WHEN Edge gives a hint for ten years
+    new = apply_handles(
+        IdentityState(), [hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 10 * 365 * 86400})], NOW
+    )
+
+    # THEN it is kept for two hours at most
+    assert new.hint_expires_at == NOW + MAX_HINT_TTL_S == NOW + 7200
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_apply_handles_ignores_lifetimes_that_are_not_finite(bad):
+    # GIVEN an answer parsed from JSON such as `"maxAge": 1e400` (Python reads it as infinity)
+    old = IdentityState(entries={"a": StoredEntry("1", NOW + 100, 100)}, hint="or2", hint_expires_at=NOW + 600)
+    handles = [
+        store_handle({"key": "a", "value": "2", "maxAge": bad}, {"key": "b", "value": "v", "maxAge": bad}),
+        hint_handle({"scope": "EdgeNetwork", "hint": "va6", "ttlSeconds": bad}),
+    ]
+
+    # WHEN
+    new = apply_handles(old, handles, NOW)
+
+    # THEN nothing changes, and the state still serialises
+    assert new.entries == old.entries
+    assert (new.hint, new.hint_expires_at) == ("or2", NOW + 600)
+    assert state_to_item(new)["entries"]["a"]["expiresAt"] == int(NOW + 100)
+
+
+def test_apply_handles_caps_a_huge_max_age():
+    # WHEN
+    new = apply_handles(IdentityState(), [store_handle({"key": "a", "value": "v", "maxAge": 1e300})], NOW)
+
+    # THEN the expiry is finite and small enough for a DynamoDB number (38 digits)
+    entry = new.entries["a"]
+    assert (entry.expires_at, entry.max_age) == (NOW + MAX_LIFETIME_S, MAX_LIFETIME_S)
+    assert len(str(state_to_item(new)["entries"]["a"]["expiresAt"])) < 38
+
+
+@pytest.mark.parametrize("value", [None, 2, 2.5, True, {"x": 1}, ["v"]])
+def test_apply_handles_ignores_an_entry_whose_value_is_not_a_string(value):
+    # WHEN
+    new = apply_handles(IdentityState(), [store_handle({"key": "a", "value": value, "maxAge": 60})], NOW)
+
+    # THEN it is not kept (it would go back to Edge as Python's text of it, "None" or "{'x': 1}")
+    assert new.entries == {}
+
+
+def test_apply_handles_deletes_a_key_without_a_value():
+    # GIVEN
+    old = IdentityState(entries={"a": StoredEntry("1", NOW + 100, 100)})
+
+    # WHEN
+    new = apply_handles(old, [store_handle({"key": "a", "maxAge": 0})], NOW)
+
+    # THEN
+    assert new.entries == {}
+
+
+def test_empty_attrs_do_not_make_every_repeat_a_write():
+    # GIVEN an entry stored from an answer with empty attrs, read back from its item
+    answer = [store_handle({"key": "a", "value": "v", "maxAge": 3600, "attrs": {}})]
+    stored = state_from_item(state_to_item(apply_handles(IdentityState(), answer, NOW)), 1)
+
+    # WHEN the same answer comes a second later
+    new = apply_handles(stored, answer, NOW + 1)
+
+    # THEN nothing is due
+    assert new.entries["a"].attrs is None
+    assert needs_write(stored, new, NOW + 1) is False
+
+
+def test_apply_handles_ignores_an_entry_over_the_size_of_a_cookie():
+    # GIVEN
+    big = "v" * MAX_ENTRY_BYTES
+
+    # WHEN
+    new = apply_handles(IdentityState(), [store_handle({"key": "a", "value": big, "maxAge": 60})], NOW)
+
+    # THEN
+    assert new.entries == {}
+
+
+def test_apply_handles_keeps_the_longest_lived_entries_within_the_state_limit():
+    # GIVEN the identity entry, and an answer with 40 entries of 1 KB that lapse sooner
+    old = IdentityState(entries={IDENTITY_KEY: StoredEntry(IDENTITY_VALUE, NOW + 34_128_000, 34_128_000)})
+    many = [{"key": f"k{i:02d}", "value": "v" * 1000, "maxAge": 1000 + i} for i in range(40)]
+
+    # WHEN
+    new = apply_handles(old, [store_handle(*many)], NOW)
+
+    # THEN the state stays within its limit, the identity entry is kept, and those that lapse first went
+    total = sum(len(k) + len(e.value) for k, e in new.entries.items())
+    assert total <= MAX_STATE_BYTES
+    assert IDENTITY_KEY in new.entries
+    kept = sorted(k for k in new.entries if k != IDENTITY_KEY)
+    assert kept == [f"k{i:02d}" for i in range(40 - len(kept), 40)]
+    assert len(kept) == 16

@@ -211,7 +211,16 @@ def test_ims_unreachable_is_a_credentials_error():
 
 @pytest.mark.parametrize(
     "answer",
-    [make_response(200, {"token_type": "bearer"}), make_response(200, text="<html>"), make_response(200, [1])],
+    [
+        make_response(200, {"token_type": "bearer"}),
+        make_response(200, text="<html>"),
+        make_response(200, [1]),
+        # a lifetime that would cache the token for ever, or never
+        make_response(200, text='{"access_token": "t", "expires_in": 1e400}'),
+        make_response(200, text='{"access_token": "t", "expires_in": NaN}'),
+        make_response(200, {"access_token": "t", "expires_in": 0}),
+        make_response(200, {"access_token": "t", "expires_in": -5}),
+    ],
 )
 def test_ims_answer_without_token_is_a_credentials_error(answer):
     # GIVEN
@@ -266,3 +275,17 @@ def test_a_caller_without_time_left_does_not_hold_back_the_others():
 
     # WHEN / THEN the next caller, with time, gets a token at once
     assert tokens.get(deadline=Deadline(clock, 10)).value == "tok-A"
+
+
+def test_ims_never_follows_a_redirect():
+    # GIVEN
+    clock = FakeClock()
+    session = FakeSession([make_response(307, text="", headers={"Location": "http://elsewhere.example/steal"})])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock).get()
+
+    # THEN (the loopback test in tests/integration shows the secret reaches no other host)
+    assert str(info.value) == "IMS refused the token request (HTTP 307)"
+    assert [call.allow_redirects for call in session.calls] == [False]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable, Invali
 from relay.identity_state import IdentityState, StoredEntry, opaque_identity_id
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.store import Claim, ResultWrite
-from relay.models import InboundEvent, build_inbound
+from relay.models import MAX_BODY_BYTES, InboundEvent, build_inbound
 from relay.process_event import INVALID_EVENT_TYPE, Outcome, Relay, Result, edge_status_of, with_state
 
 from tests.fakes import WALL_START, FakeClock, FakeEdge, FakeStore
@@ -459,3 +460,73 @@ def test_process_does_not_wait_for_the_state_of_a_duplicate():
         inbound(), Deadline(FakeClock(), 10), lease_s=30, state_source=source
     )
     assert result.outcome is Outcome.DUPLICATE
+
+
+def test_process_defect_in_the_state_step_after_edge_answered_still_delivers_once():
+    # GIVEN a state step that fails with something other than an unavailable store
+    class Broken(FakeStore):
+        def update_state(self, *args: Any, **kwargs: Any) -> int:
+            raise OverflowError("cannot convert float infinity to integer")
+
+    store = Broken()
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN Edge has the event: it is stored as delivered, never handed back to be sent again
+    assert result.outcome is Outcome.DELIVERED
+    assert len(edge.calls) == 1
+    assert store.releases == []
+    assert [eid for eid, _ in store.finished] == ["evt-1"]
+
+
+def test_process_leaves_stored_entries_out_when_they_would_take_the_event_over_edges_limit():
+    # GIVEN a stored identity entry, and an event just under Edge's 64 KiB
+    clock = FakeClock()
+    store = FakeStore()
+    store.states[(OPAQUE, DS)] = IdentityState(entries={IDENTITY_KEY: StoredEntry("v" * 200, NOW + 3600, 3600)})
+    event = inbound()
+    pad = MAX_BODY_BYTES - len(json.dumps(event.request, separators=(",", ":"))) - 100
+    event = replace(event, request={**event.request, "event": {**event.request["event"], "data": {"p": "x" * pad}}})
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    result = process(store, edge, clock, event)
+
+    # THEN it went to Edge as received, within the limit, and Edge's answer still updated the state
+    assert result.outcome is Outcome.DELIVERED
+    sent = edge.calls[0].request
+    assert sent == event.request
+    assert len(json.dumps(sent, separators=(",", ":")).encode()) <= MAX_BODY_BYTES
+    assert set(store.states[(OPAQUE, DS)].entries) == {CLUSTER_KEY, IDENTITY_KEY}
+
+
+def test_process_sends_stored_entries_when_the_event_with_them_fits():
+    # GIVEN the same stored entry and a small event
+    store = FakeStore()
+    store.states[(OPAQUE, DS)] = IdentityState(entries={IDENTITY_KEY: StoredEntry("v" * 200, NOW + 3600, 3600)})
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    process(store, edge, FakeClock())
+
+    # THEN
+    assert edge.calls[0].request["meta"]["state"]["entries"] == [
+        {"key": IDENTITY_KEY, "value": "v" * 200, "maxAge": 3600}
+    ]
+
+
+def test_process_stores_an_unreadable_answer_as_delivered_and_says_so():
+    # GIVEN Edge accepted the event with a body that is not an answer
+    store = FakeStore()
+    edge = FakeEdge(EdgeAnswer(200, {}, 1, unreadable=True))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN
+    assert result.outcome is Outcome.DELIVERED
+    ((_, fields),) = store.finished
+    assert fields["handle"] == [] and fields["answerUnreadable"] is True and fields["requestId"] is None
+    assert store.state_writes == []

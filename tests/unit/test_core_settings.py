@@ -277,7 +277,7 @@ def test_secrets_manager_calls_fail_within_seconds_while_other_clients_keep_the_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # GIVEN the function's clients (built offline; nothing is called)
-    from relay.integrations.aws_clients import build_clients
+    from relay.integrations.aws_clients import SQS_WORST_CASE_S, build_clients
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     clients = build_clients(32)
@@ -288,3 +288,8 @@ def test_secrets_manager_calls_fail_within_seconds_while_other_clients_keep_the_
     assert (secrets.connect_timeout, secrets.read_timeout, secrets.retries["total_max_attempts"]) == (1, 2, 2)
     assert (dynamodb.connect_timeout, dynamodb.read_timeout, dynamodb.retries["total_max_attempts"]) == (2, 5, 6)
     assert secrets.max_pool_connections == dynamodb.max_pool_connections == 32
+    # and SQS (a webhook's fallback, postponed records: called late, when something already failed) gives up within
+    # SQS_WORST_CASE_S, so a stalled SQS cannot outlast the Lambda timeout
+    sqs = clients["sqs"].meta.config
+    assert (sqs.connect_timeout, sqs.read_timeout, sqs.retries["total_max_attempts"]) == (0.5, 1, 2)
+    assert 2 * (sqs.connect_timeout + sqs.read_timeout) + 1 <= SQS_WORST_CASE_S

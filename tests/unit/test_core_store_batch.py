@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from botocore.exceptions import ClientError
+from relay.identity_state import IdentityState, StoredEntry, apply_handles
 from relay.integrations.store import HandlesStore, ResultWrite
 
 from tests.fakes import FakeClock
@@ -110,3 +111,32 @@ def test_a_validation_error_writes_the_chunk_one_by_one_so_only_the_bad_item_fai
     # THEN the other two are written with PutItem, and only the bad one is reported
     assert client.puts == ["e0", "e2"]
     assert failed == {"e1": "dynamodb put_item failed: ValidationException"}
+
+
+def test_a_state_left_without_live_entries_gets_a_ttl_dynamodb_still_acts_on():
+    # GIVEN a stored state whose last entry Edge deletes (maxAge 0)
+    class Puts:
+        def __init__(self) -> None:
+            self.items: list[dict[str, Any]] = []
+
+        def put_item(self, **kwargs: Any) -> dict[str, Any]:
+            self.items.append(kwargs["Item"])
+            return {}
+
+    client, clock = Puts(), FakeClock()
+    s = HandlesStore(client, "t", ttl_days=30, clock=clock)
+    current = IdentityState(entries={"a": StoredEntry("1", clock.now() + 100, 100)}, version=4)
+
+    # WHEN
+    s.update_state(
+        "id",
+        "ds",
+        current,
+        lambda state: apply_handles(
+            state, [{"type": "state:store", "payload": [{"key": "a", "maxAge": 0}]}], clock.now()
+        ),
+    )
+
+    # THEN the item expires now, not in 1970 (TTL ignores items expired more than five years ago)
+    (item,) = client.items
+    assert int(item["expiresAt"]["N"]) == int(clock.now()) + 1

@@ -28,6 +28,7 @@ from typing import Any
 from relay.clock import Deadline
 from relay.errors import InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
+from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
 from relay.integrations.store import BATCH_WRITE_SIZE
 from relay.models import Source, build_inbound, decode_body, event_id_for, resolve_datastream
@@ -266,7 +267,8 @@ class BatchRunner:
 
     def _postpone(self, records: list[dict[str, Any]], delays: dict[str, float | None], deadline: Deadline) -> None:
         """Keep records whose `Retry-After` outlasts the queue's visibility timeout invisible that long instead.
-        Not once the batch's time is up: the answer matters more (they then come back at the queue's timeout)."""
+        Not when the invocation may not outlast a slow SQS call: the answer matters more (they then come back at the
+        queue's timeout)."""
         floor = self._settings.queue_visibility_timeout_s
         later: dict[str, int] = {}
         for mid, delay in delays.items():
@@ -275,7 +277,7 @@ class BatchRunner:
                 later[mid] = seconds
         if not later or self._queue is None:
             return
-        if deadline.remaining() <= 0:
+        if deadline.remaining() + self._settings.safety_margin_s < SQS_WORST_CASE_S:
             logger.warning("no time left to postpone records; they return at the queue's timeout", records=len(later))
             return
         chosen = [(r, later[mid]) for r in records if (mid := _message_id(r)) in later]

@@ -8,8 +8,35 @@ that carries none.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+# What is kept of an answer, so that no answer can break the identity's next events (reference §4-§5):
+HINT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}")  # Edge's hints ("or2", "va6", "irl1"): a URL path part
+MAX_LIFETIME_S = 5 * 365 * 86400  # above any Edge lifetime (the identity entry: 395 days); keeps expiries finite
+MAX_HINT_TTL_S = 2 * 3600  # four times Edge's 30 minutes: a wrong hint cannot stick for long
+MAX_ENTRY_BYTES = 4096  # key, value and attrs of one entry: what a browser keeps of one cookie (Web SDK state)
+MAX_STATE_BYTES = 16 * 1024  # all entries: sent back inside Edge's 64 KB request, stored inside one small item
+
+
+def valid_hint(hint: Any) -> bool:
+    """A location hint safe to put in the URL path: letters, digits and dashes, as Edge's are."""
+    return isinstance(hint, str) and HINT_PATTERN.fullmatch(hint) is not None
+
+
+def _lifetime(value: Any) -> float | None:
+    """A `maxAge`/`ttlSeconds` in seconds (capped at MAX_LIFETIME_S), or None when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return min(value, MAX_LIFETIME_S)
+
+
+def _entry_bytes(key: str, entry: StoredEntry) -> int:
+    attrs = json.dumps(entry.attrs, separators=(",", ":")) if entry.attrs else ""
+    return len(key.encode("utf-8")) + len(entry.value.encode("utf-8")) + len(attrs.encode("utf-8"))
 
 
 def opaque_identity_id(namespace: str, identity: str) -> str:
@@ -55,7 +82,11 @@ def outgoing_entries(state: IdentityState, caller_entries: list[dict[str, Any]],
 
 
 def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: float) -> IdentityState:
-    """Fold one Edge response's `state:store` and `locationHint:result` handles into the state."""
+    """Fold one Edge response's `state:store` and `locationHint:result` handles into the state.
+
+    What cannot be kept safely is left out: an entry whose value is not a string or whose lifetime is not a number,
+    an entry over MAX_ENTRY_BYTES, a hint that is not a plain name. If the entries together pass MAX_STATE_BYTES,
+    those that lapse first are dropped (the long-lived identity entry stays)."""
     entries = state.live_entries(now)
     hint, hint_expires_at = state.hint, state.hint_expires_at
     hint_seen = False
@@ -65,26 +96,37 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
         payload = handle["payload"] if isinstance(handle.get("payload"), list) else []
         if handle.get("type") == "state:store":
             for item in payload:
-                if not (isinstance(item, dict) and isinstance(item.get("key"), str) and "value" in item):
+                if not (isinstance(item, dict) and isinstance(item.get("key"), str)):
                     continue
-                max_age = item.get("maxAge")
-                if not isinstance(max_age, int | float) or isinstance(max_age, bool):
+                max_age = _lifetime(item.get("maxAge"))
+                if max_age is None:
                     continue
                 if max_age <= 0:
                     entries.pop(item["key"], None)
                     continue
+                if not isinstance(item.get("value"), str):
+                    continue
                 attrs = item.get("attrs") if isinstance(item.get("attrs"), dict) else None
-                entries[item["key"]] = StoredEntry(str(item["value"]), now + max_age, int(max_age), attrs)
+                entry = StoredEntry(item["value"], now + max_age, int(max_age), attrs or None)
+                if _entry_bytes(item["key"], entry) <= MAX_ENTRY_BYTES:
+                    entries[item["key"]] = entry
         elif handle.get("type") == "locationHint:result" and not hint_seen:
             for item in payload:
                 if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":
-                    ttl = item.get("ttlSeconds")
-                    if item.get("hint") and isinstance(ttl, int | float) and not isinstance(ttl, bool):
-                        hint, hint_expires_at = str(item["hint"]), now + max(ttl, 0)
+                    ttl = _lifetime(item.get("ttlSeconds"))
+                    if valid_hint(item.get("hint")) and ttl is not None:
+                        hint, hint_expires_at = item["hint"], now + min(max(ttl, 0), MAX_HINT_TTL_S)
                     hint_seen = True
                     break
     if hint and hint_expires_at <= now:
         hint, hint_expires_at = None, 0.0
+    sizes = {key: _entry_bytes(key, entry) for key, entry in entries.items()}
+    if sum(sizes.values()) > MAX_STATE_BYTES:
+        kept, total = {}, 0
+        for key, entry in sorted(entries.items(), key=lambda pair: -pair[1].expires_at):
+            if total + sizes[key] <= MAX_STATE_BYTES:
+                kept[key], total = entry, total + sizes[key]
+        entries = kept
     return replace(state, entries=entries, hint=hint, hint_expires_at=hint_expires_at)
 
 
@@ -133,13 +175,13 @@ def state_to_item(state: IdentityState) -> dict[str, Any]:
 
 def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
     entries = {
-        k: StoredEntry(str(v["value"]), float(v["expiresAt"]), int(v.get("maxAge", 0)), v.get("attrs"))
+        k: StoredEntry(str(v["value"]), float(v["expiresAt"]), int(v.get("maxAge", 0)), v.get("attrs") or None)
         for k, v in (doc.get("entries") or {}).items()
         if isinstance(v, dict) and "value" in v and "expiresAt" in v
     }
     return IdentityState(
         entries=entries,
-        hint=doc.get("hint") or None,
+        hint=doc["hint"] if valid_hint(doc.get("hint")) else None,
         hint_expires_at=float(doc.get("hintExpiresAt") or 0),
         version=version,
     )

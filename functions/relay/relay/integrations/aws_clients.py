@@ -23,8 +23,13 @@ def client_config(pool_size: int) -> Config:
 
 # Secrets are read while the token lock is held and inside an event's deadline: a stalled Secrets Manager must fail
 # within seconds (2 attempts x (1 s connect + 2 s read) plus one backoff: about 7 s at worst), not 6 x 7 s.
+# SQS is called only when something already went wrong (Edge down: a webhook's fallback; a long Retry-After: records
+# postponed), late in an invocation: 2 short attempts (0.5 s connect, 1 s read) plus one backoff stay within about
+# SQS_WORST_CASE_S, so a stalled SQS cannot outlast the Lambda timeout (a webhook still gets its 503 problem).
+SQS_WORST_CASE_S = 4.0
 _SERVICE_CONFIG = {
     "secretsmanager": Config(connect_timeout=1, read_timeout=2, retries={"mode": "standard", "total_max_attempts": 2}),
+    "sqs": Config(connect_timeout=0.5, read_timeout=1, retries={"mode": "standard", "total_max_attempts": 2}),
 }
 
 

@@ -26,6 +26,7 @@ class EdgeAnswer:
     status: int  # 200 or 207
     body: dict[str, Any]
     attempts: int
+    unreadable: bool = False  # Edge accepted the event but its body was not a JSON object: no handles to keep
 
     @property
     def request_id(self) -> str | None:
@@ -97,19 +98,26 @@ class EdgeClient:
             if deadline.remaining() < _MIN_ATTEMPT_S:
                 return None
             timeout = deadline.http_timeouts(s.edge_connect_timeout_s, s.edge_read_timeout_s)
-            return self._session.post(url, params=params, data=body, headers=headers, timeout=timeout)
+            # Never follow a redirect: it would re-send the event (identities, API key) to wherever it points, and
+            # that host's answer would be stored as Edge's. A 3xx is refused like any other non-recoverable status.
+            return self._session.post(
+                url, params=params, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
         finally:
             if self._slots is not None:
                 self._slots.release()
 
-    def deliver(self, datastream_id: str, request: dict[str, Any], hint: str | None, deadline: Deadline) -> EdgeAnswer:
-        """Send one event; retry only what Adobe calls recoverable, within `deadline`.
+    def deliver(
+        self, datastream_id: str, request: dict[str, Any] | bytes, hint: str | None, deadline: Deadline
+    ) -> EdgeAnswer:
+        """Send one event (a request, or its JSON already encoded); retry only what Adobe calls recoverable, within
+        `deadline`.
 
         Raises EdgeRejected (not to be retried), EdgeUnavailable (retry later) or CredentialsError (retry later).
         """
         s = self._settings
         url = s.hinted_url(hint) if hint else s.interact_url
-        body = codec.dumps(request).encode("utf-8")
+        body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
         attempt, refreshed = 0, False
         reason, retry_after = "no time left for an attempt", None
         while True:
@@ -139,7 +147,11 @@ class EdgeClient:
                         doc = None
                     if isinstance(doc, dict):
                         return EdgeAnswer(status, doc, attempt)
-                    reason, retry_after = f"edge answered {status} without a JSON body", None
+                    # 200 and 207 mean delivered (contract §6), whatever the body: sending it again would only
+                    # duplicate the event. Kept as delivered without handles, and said so.
+                    count("EdgeAnswerUnreadable")
+                    logger.warning("edge accepted the event but its answer is not a JSON object", status=status)
+                    return EdgeAnswer(status, {}, attempt, unreadable=True)
                 else:
                     problem = problem_from(resp)
                     code = str(problem.get("type", ""))

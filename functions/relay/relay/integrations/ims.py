@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -98,6 +99,7 @@ class ImsTokenProvider:
                     "scope": creds.scopes,
                 },
                 timeout=timeout,
+                allow_redirects=False,  # a redirect would re-send the client secret to wherever it points
             )
         except requests.RequestException as exc:
             raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
@@ -106,6 +108,8 @@ class ImsTokenProvider:
         try:
             doc = resp.json()
             value, expires_in = str(doc["access_token"]), float(doc["expires_in"])
+            if not (math.isfinite(expires_in) and expires_in > 0):
+                raise ValueError("expires_in")
         except (ValueError, KeyError, TypeError):
             raise CredentialsError("IMS answered without access_token/expires_in") from None
         # Refresh 5 minutes (or 10% of a short lifetime) before IMS says the token expires.

@@ -3,11 +3,11 @@ Edge asked to be retried later waits out its `Retry-After`."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from relay import codec
 from relay.models import InboundEvent
 from relay.observability import logger
 
@@ -42,7 +42,8 @@ class RetryQueue:
         try:
             self._sqs.send_message(
                 QueueUrl=self._url,
-                MessageBody=codec.dumps(inbound.request),
+                # ASCII only (\uXXXX escapes, the same JSON): SQS refuses some characters JSON allows, such as U+FFFF.
+                MessageBody=json.dumps(inbound.request, separators=(",", ":")),
                 DelaySeconds=int(min(max(delay_s or 0, 0), MAX_RETRY_DELAY_S)),
                 MessageAttributes={
                     "datastreamId": {"DataType": "String", "StringValue": inbound.datastream_id},

@@ -272,6 +272,25 @@ class HandlesStore:
         except ClientError:
             pass  # someone else holds it now; their outcome stands
 
+    def note_not_queued(self, event_id: str, reason: str) -> None:
+        """Say on a `queued` item that nothing is queued for it (the retry queue refused the webhook's fallback): the
+        next attempt is the sender's resend, not a queue message, so no `retryAfterSeconds` promise is left."""
+        try:
+            self._call(
+                "update_item",
+                Key=self.result_key(event_id),
+                UpdateExpression="SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
+                ConditionExpression="#s = :queued",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":queued": {"S": "queued"},
+                    ":r": {"S": reason[:500]},
+                    ":now": {"S": iso_millis(self._clock.now())},
+                },
+            )
+        except (ClientError, StoreUnavailable):
+            pass  # taken again meanwhile (its outcome stands), or the store is down too: the 503 still tells
+
     def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Store a `rejected` outcome for a body that never became an event (never over a delivered result)."""
         write = self.compose_result(event_id, {**fields, "status": "rejected", "rejectedBy": RELAY}, None)
@@ -345,7 +364,8 @@ class HandlesStore:
                 "state": codec.encode_json(state_to_item(new)),
                 "version": {"N": str(state.version + 1)},
                 "updatedAt": {"S": iso_millis(now)},
-                "expiresAt": {"N": str(int(new.expires_at()) + 1)},
+                # Never in the past beyond DynamoDB's reach: TTL ignores items expired over five years ago.
+                "expiresAt": {"N": str(int(max(new.expires_at(), now)) + 1)},
             }
             item = codec.fit_write_unit(item, ("state",))
             condition = "attribute_not_exists(pk)" if state.version == 0 else "version = :v"

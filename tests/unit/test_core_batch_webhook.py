@@ -439,10 +439,10 @@ def test_a_defect_reading_one_record_redelivers_only_that_record(monkeypatch: py
 
     real = batch_module.decode_body
 
-    def flaky(raw: Any) -> Any:
+    def flaky(raw: Any, **kwargs: Any) -> Any:
         if "boom" in raw:
             raise RuntimeError("a defect")
-        return real(raw)
+        return real(raw, **kwargs)
 
     monkeypatch.setattr(batch_module, "decode_body", flaky)
     relay = ScriptedRelay(failing=set())
@@ -537,8 +537,9 @@ def test_an_unsigned_event_whose_body_is_not_the_base64_it_claims_is_401() -> No
     assert not h.reached_relay
 
 
-def test_a_queued_event_goes_to_sqs_as_ascii_json_equal_to_the_request() -> None:
-    # GIVEN an event whose strings hold characters JSON allows and SQS refuses (U+FFFF), and others outside ASCII
+def test_a_queued_event_goes_to_sqs_as_compact_json_with_only_what_sqs_refuses_escaped() -> None:
+    # GIVEN an event whose strings hold characters JSON allows and SQS refuses (U+FFFE, U+FFFF), and others outside
+    # ASCII, which must stay as they are (escaping them would triple an emoji and could push the event it over 64 KiB)
     class Sends:
         def __init__(self) -> None:
             self.bodies: list[str] = []
@@ -547,14 +548,83 @@ def test_a_queued_event_goes_to_sqs_as_ascii_json_equal_to_the_request() -> None
             self.bodies.append(kwargs["MessageBody"])
             return {"MessageId": "m"}
 
-    doc = {"event": {"xdm": {"_id": "e1", "note": "caf\u00e9 \uffff \ufffe \U0001f600"}}}
+    doc = {"event": {"xdm": {"_id": "e1", "note": "caf\u00e9 \uffff \ufffe \U0001f600 \u4e2d"}}}
     inbound = build_inbound(doc, event_id="e1", datastream_id="ds-1", source="webhook", received_at=1_700_000_000)
     sqs = Sends()
 
     # WHEN
     assert RetryQueue(sqs, QUEUE_URL).send(inbound) is True
 
-    # THEN the body is ASCII (escapes) and reads back as the same request
+    # THEN
     (body,) = sqs.bodies
-    assert body.isascii()
+    assert "\uffff" not in body and "\ufffe" not in body
+    assert "caf\u00e9" in body and "\U0001f600" in body and "\u4e2d" in body
+    assert (
+        len(body.encode())
+        == len(json.dumps(inbound.request, separators=(",", ":"), ensure_ascii=False).encode()) + 2 * 3
+    )
     assert json.loads(body) == inbound.request
+
+
+def test_a_webhook_event_back_from_the_queue_is_not_refused_for_its_size() -> None:
+    # GIVEN a webhook event the relay queued itself, over 64 KiB only because of what was added since (or not at
+    # all), and an SQS producer's message of the same size
+    relay = ScriptedRelay(failing=set())
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    rejected: list[str] = []
+    relay.reject_invalid = lambda event_id, **kwargs: rejected.append(event_id) or {}  # type: ignore[method-assign]
+    big = {"event": {"xdm": {"_id": "w1"}, "data": {"pad": "\u00e9" * 33_000}}}
+    webhook = {**record("w1", 1), "body": json.dumps(big, ensure_ascii=False)}
+    webhook["messageAttributes"] = {"relaySource": {"stringValue": "webhook", "dataType": "String"}}
+    producer = {
+        **record("p1", 1, "crm-2"),
+        "body": json.dumps({**big, "event": {**big["event"], "xdm": {"_id": "p1"}}}),
+    }
+
+    # WHEN
+    answer = runner.run({"Records": [webhook, producer]}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN the relay's own goes to Edge; the producer's is refused (413, stored) as before
+    assert len(webhook["body"].encode()) > 65536
+    assert answer["batchItemFailures"] == []
+    assert relay.processed == ["w1"]
+    assert rejected == ["m-p1"]
+
+
+def test_a_defect_prefetching_states_does_not_fail_the_batch() -> None:
+    # GIVEN a batch whose states read fails with something other than an unavailable store
+    relay = ScriptedRelay(failing=set())
+
+    def broken(keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        raise ValueError("Expecting value: line 1 column 1 (char 0)")
+
+    relay.prefetch_states = broken  # type: ignore[method-assign]
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))  # type: ignore[arg-type]
+
+    # WHEN
+    answer = runner.run({"Records": [record("a1", 1), record("b1", 1, "crm-2")]}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN every record goes on (each reads its own state) and the batch answers
+    assert answer == {"batchItemFailures": []}
+    assert sorted(relay.processed) == ["a1", "b1"]
+
+
+@pytest.mark.parametrize("order", ["invalid-first", "corrected-first"])
+def test_a_corrected_resend_in_the_same_batch_as_its_invalid_original_is_delivered(order: str) -> None:
+    # GIVEN an invalid body and its corrected resend under the same eventId, in one batch
+    relay = ScriptedRelay(failing=set())
+    rejected: list[str] = []
+    relay.reject_invalid = lambda event_id, **kwargs: rejected.append(event_id) or {}  # type: ignore[method-assign]
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))  # type: ignore[arg-type]
+    bad = {**record("e-42", 1), "messageId": "m-bad"}
+    bad["body"] = json.dumps({"event": {"xdm": {"_id": "e-42"}, "data": "not an object"}})
+    good = {**record("e-42", 1), "messageId": "m-good"}
+    records = [bad, good] if order == "invalid-first" else [good, bad]
+
+    # WHEN
+    answer = runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN the invalid one is stored rejected and the corrected one goes to Edge: neither shares the other's fate
+    assert answer == {"batchItemFailures": []}
+    assert rejected == ["e-42"]
+    assert relay.processed == ["e-42"]

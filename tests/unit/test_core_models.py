@@ -456,3 +456,71 @@ def test_a_body_nested_deeper_than_the_limit_is_refused_before_it_can_fail_later
     assert info.value.errors == [{"path": "$", "message": f"body is nested more than {MAX_DEPTH} levels deep"}]
     with pytest.raises(InvalidEvent):
         decode_body("[" * 900 + "]" * 900)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ('{"event": {"xdm": {"v": NaN}}}', "body is not JSON: NaN is not a JSON value"),
+        ('{"event": {"xdm": {"v": Infinity}}}', "body is not JSON: Infinity is not a JSON value"),
+        ('{"event": {"xdm": {"v": -Infinity}}}', "body is not JSON: -Infinity is not a JSON value"),
+        ('{"event": {"xdm": {"v": 1e400}}}', "body has a number too large to read: 1e400"),
+    ],
+)
+def test_decode_body_refuses_numbers_that_could_only_go_on_as_invalid_json(raw, message):
+    # WHEN (Python's parser takes these; sent on, they would be `NaN`/`Infinity`, which is not JSON)
+    with pytest.raises(InvalidEvent) as info:
+        decode_body(raw)
+
+    # THEN
+    assert info.value.errors == [{"path": "$", "message": message}]
+
+
+def test_decode_body_keeps_ordinary_numbers():
+    # WHEN
+    _, doc = decode_body('{"event": {"xdm": {"a": 1.5, "b": -2e-3, "c": 1e308, "d": 7}}}')
+
+    # THEN
+    assert doc["event"]["xdm"] == {"a": 1.5, "b": -0.002, "c": 1e308, "d": 7}
+
+
+def test_decode_body_without_a_limit_takes_a_large_body():
+    # GIVEN (an event the relay queued itself, back from the queue)
+    raw = body_of_size(70_000)
+
+    # WHEN
+    text, _ = decode_body(raw, limit=None)
+
+    # THEN
+    assert len(text) == 70_000
+
+
+def test_identity_namespace_that_is_not_a_plain_name_is_quoted_in_field_paths():
+    # GIVEN
+    doc = {"event": {"xdm": {"identityMap": {"a.b": [{"id": ""}], "Email": [{"id": 3}]}}}}
+
+    # WHEN
+    errors = validate_request(doc)
+
+    # THEN
+    assert errors == [
+        {"path": 'event.xdm.identityMap["a.b"][0].id', "message": "is required and must be a non-empty string"},
+        {"path": "event.xdm.identityMap.Email[0].id", "message": "is required and must be a non-empty string"},
+    ]
+
+
+@pytest.mark.parametrize("namespace", ["", "Email\x1fx", "Ema\nil"])
+def test_identity_namespace_that_is_empty_or_has_control_characters_is_refused(namespace):
+    # GIVEN ("Email\x1fx" + "y" and "Email" + "x\x1fy" would otherwise share one identity-state key)
+    doc = {"event": {"xdm": {"identityMap": {namespace: [{"id": "y", "primary": True}]}}}}
+
+    # WHEN
+    errors = validate_request(doc)
+
+    # THEN
+    assert errors == [
+        {
+            "path": f"event.xdm.identityMap[{json.dumps(namespace)}]",
+            "message": "must be a non-empty namespace code without control characters",
+        }
+    ]

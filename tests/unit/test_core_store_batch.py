@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from botocore.exceptions import ClientError
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
 from relay.integrations.store import HandlesStore, ResultWrite
@@ -140,3 +141,30 @@ def test_a_state_left_without_live_entries_gets_a_ttl_dynamodb_still_acts_on():
     # THEN the item expires now, not in 1970 (TTL ignores items expired more than five years ago)
     (item,) = client.items
     assert int(item["expiresAt"]["N"]) == int(clock.now()) + 1
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"S": "{truncated"},
+        {"B": b"not zlib"},
+        {"S": "[1, 2]"},
+        {"S": '{"entries": {"k": {"value": "v", "expiresAt": "x"}}}'},
+    ],
+)
+def test_an_unreadable_state_item_reads_as_empty_at_its_version(state: dict[str, Any]) -> None:
+    # GIVEN a state item that cannot be read (damaged, or written by hand)
+    class Gets:
+        def get_item(self, **kwargs: Any) -> dict[str, Any]:
+            return {
+                "Item": {"pk": {"S": "IDENTITY#id"}, "sk": {"S": "STATE#ds"}, "state": state, "version": {"N": "3"}}
+            }
+
+        def batch_get_item(self, **kwargs: Any) -> dict[str, Any]:
+            return {"Responses": {"t": [self.get_item()["Item"]]}}
+
+    s = HandlesStore(Gets(), "t", ttl_days=30, clock=FakeClock())
+
+    # WHEN / THEN it is empty, at its version (so the next conditional write replaces it), by either read
+    assert s.get_state("id", "ds") == IdentityState(version=3)
+    assert s.get_states([("id", "ds")]) == {("id", "ds"): IdentityState(version=3)}

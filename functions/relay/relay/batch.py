@@ -31,7 +31,7 @@ from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
 from relay.integrations.store import BATCH_WRITE_SIZE
-from relay.models import Source, build_inbound, decode_body, event_id_for, resolve_datastream
+from relay.models import MAX_BODY_BYTES, Source, build_inbound, decode_body, event_id_for, resolve_datastream
 from relay.observability import count, logger
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import Settings
@@ -60,6 +60,7 @@ class _Item:
     receive_count: int = 1
     state_key: tuple[str, str] | None = None  # (opaque identity id, datastream) for events with a primary identity
     twins: list[str] = field(default_factory=list)  # later records of the batch with the same eventId
+    invalid: bool = False  # a body the relay refuses itself (stored `rejected`, never sent to Edge)
 
 
 class _ResultWrites:
@@ -149,7 +150,9 @@ class BatchRunner:
         event_id = fallback_id
         datastream = self._settings.datastream_id
         try:
-            text, doc = decode_body(raw)
+            # A webhook event the relay queued itself passed the size check on arrival; its `_id` and timestamp,
+            # added since, must not make it fail the check now (it was answered 202: it must be delivered).
+            text, doc = decode_body(raw, limit=None if source == "webhook" else MAX_BODY_BYTES)
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
             datastream = resolve_datastream(_attr(record, "datastreamId"), self._settings.datastream_id)
             inbound = build_inbound(
@@ -162,7 +165,7 @@ class BatchRunner:
                 self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
                 return Done(True, carry)
 
-            return _Item(message_id, eid, f"event:{eid}", reject, receive_count)
+            return _Item(message_id, eid, f"invalid:{message_id}", reject, receive_count, invalid=True)
         key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
         group = f"identity:{key[1]}:{key[0]}" if key else f"event:{event_id}"
 
@@ -189,7 +192,10 @@ class BatchRunner:
                 logger.exception("unexpected error reading a record; it will be redelivered", messageId=message_id)
                 count("UnexpectedErrors")
                 item = _Item(message_id, f"unreadable:{n}", f"unreadable:{n}", _redeliver)
-            first = firsts.setdefault(item.event_id, item)
+            # An invalid body shares no one's fate, nor anyone its own: a corrected resend under the same eventId, in
+            # this very batch, must still be delivered. Both then run on their own, which the store keeps safe (a
+            # relay rejection never replaces a pending or delivered result, and a claim may take one over).
+            first = item if item.invalid else firsts.setdefault(item.event_id, item)
             if first is not item:
                 # The same event twice in one batch: the later record shares the first one's fate (its result is
                 # not written yet, so claiming it again would only find the first one's live claim).
@@ -226,7 +232,8 @@ class BatchRunner:
                 except Exception:
                     logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
                     done = Done(False)
-                outcomes.append(done.result.outcome.value if done.result else ("ok" if done.ok else "failed"))
+                label = "rejected" if item.invalid else ("ok" if done.ok else "failed")
+                outcomes.append(done.result.outcome.value if done.result else label)
                 carry = done.carry if done.ok else None
                 source = None  # from here on the carry is the state (None after a failure: read it afresh)
                 if not done.ok:
@@ -241,6 +248,12 @@ class BatchRunner:
             states.set_result(self._relay.prefetch_states(keys) if keys else {})
         except StoreUnavailable as exc:
             logger.warning("identity states not prefetched; reading them per event", reason=str(exc))
+            states.set_result({})
+        except Exception:
+            # A defect must not fail the batch (the workers are already claiming and calling Edge): each event then
+            # reads its own state, so only one that cannot fails.
+            logger.exception("unexpected error prefetching identity states; reading them per event")
+            count("UnexpectedErrors")
             states.set_result({})
         except BaseException:
             states.set_result({})  # never leave the workers waiting

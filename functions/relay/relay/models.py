@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,12 +105,21 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
     return errors
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # written as `.name` in a field path; anything else as `["..."]`
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> None:
     if not isinstance(identity_map, dict):
         errors.append({"path": "event.xdm.identityMap", "message": "must be an object"})
         return
     for namespace, items in identity_map.items():
-        path = f"event.xdm.identityMap.{namespace}"
+        plain = _PLAIN_KEY.fullmatch(namespace) is not None
+        path = f"event.xdm.identityMap.{namespace}" if plain else f"event.xdm.identityMap[{json.dumps(namespace)}]"
+        if not namespace or _CONTROL.search(namespace):
+            # Namespaces are codes ("ECID", "Email"); a control character could also make two identities one key.
+            errors.append({"path": path, "message": "must be a non-empty namespace code without control characters"})
+            continue
         if not isinstance(items, list):
             errors.append({"path": path, "message": "must be an array of identities"})
             continue
@@ -136,13 +146,29 @@ def primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def decode_body(raw: bytes | str) -> tuple[str, Any]:
-    """Enforce the size limit and parse JSON. Returns (text, document)."""
+class _NotAJsonNumber(ValueError):
+    """`NaN`, `Infinity` (which Python's parser accepts but JSON does not) or a number too large for a float."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotAJsonNumber(f"body is not JSON: {name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 is JSON, but reads as infinity, which could only be sent on as `Infinity`
+        raise _NotAJsonNumber(f"body has a number too large to read: {text[:40]}")
+    return value
+
+
+def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tuple[str, Any]:
+    """Enforce the size limit (None: none; an event the relay accepted and queued itself) and parse JSON. Returns
+    (text, document)."""
     if not isinstance(raw, bytes | str):  # a malformed record (an SQS body is always a string)
         raise InvalidEvent([{"path": "$", "message": f"body is {_type_name(raw)}, not a string"}])
     data = raw.encode("utf-8", errors="surrogatepass") if isinstance(raw, str) else raw
-    if len(data) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(len(data), MAX_BODY_BYTES)
+    if limit is not None and len(data) > limit:
+        raise PayloadTooLarge(len(data), limit)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -150,9 +176,11 @@ def decode_body(raw: bytes | str) -> tuple[str, Any]:
     if not text.strip():
         raise InvalidEvent([{"path": "$", "message": "body is empty"}])
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
-        if isinstance(exc, json.JSONDecodeError):
+        if isinstance(exc, _NotAJsonNumber):
+            message = str(exc)
+        elif isinstance(exc, json.JSONDecodeError):
             message = f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         elif isinstance(exc, RecursionError):
             message = "body is nested too deeply"

@@ -3,11 +3,11 @@ Edge asked to be retried later waits out its `Retry-After`."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from relay import codec
 from relay.models import InboundEvent
 from relay.observability import logger
 
@@ -30,6 +30,18 @@ def queue_url_for(source_arn: str, known_url: str | None) -> str | None:
     return f"https://sqs.{region}.{domain}/{account}/{name}"
 
 
+# The only characters compact UTF-8 JSON can hold raw that SQS refuses in a message (it allows #x9, #xA, #xD,
+# #x20-#xD7FF, #xE000-#xFFFD, #x10000-#x10FFFF; JSON escapes the other controls, and lone surrogates never get here).
+_SQS_REFUSED = str.maketrans({"\ufffe": "\\ufffe", "\uffff": "\\uffff"})
+
+
+def message_body(request: dict[str, Any]) -> str:
+    """The request as an SQS message body: compact UTF-8 JSON, as sent to Edge (an event that passed the 64 KiB
+    check must still pass it when it comes back from the queue: escaping all non-ASCII would triple an emoji), with
+    the two characters SQS refuses written as JSON escapes (they can only occur inside strings)."""
+    return codec.dumps(request).translate(_SQS_REFUSED)
+
+
 class RetryQueue:
     def __init__(self, client: Any, queue_url: str | None) -> None:
         self._sqs = client
@@ -42,8 +54,7 @@ class RetryQueue:
         try:
             self._sqs.send_message(
                 QueueUrl=self._url,
-                # ASCII only (\uXXXX escapes, the same JSON): SQS refuses some characters JSON allows, such as U+FFFF.
-                MessageBody=json.dumps(inbound.request, separators=(",", ":")),
+                MessageBody=message_body(inbound.request),
                 DelaySeconds=int(min(max(delay_s or 0, 0), MAX_RETRY_DELAY_S)),
                 MessageAttributes={
                     "datastreamId": {"DataType": "String", "StringValue": inbound.datastream_id},

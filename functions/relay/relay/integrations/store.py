@@ -16,6 +16,7 @@ from relay.clock import Clock
 from relay.errors import StoreUnavailable
 from relay.identity_state import IdentityState, state_from_item, state_to_item
 from relay.models import iso_millis
+from relay.observability import count, logger
 
 RELAY = "relay"  # `rejectedBy` of an event the relay refused itself (never sent to Edge)
 MAX_ITEM_BYTES = 380_000  # below DynamoDB's 400 KB item limit, with room for names and numbers
@@ -315,8 +316,20 @@ class HandlesStore:
 
     @staticmethod
     def _state_of(item: dict[str, Any]) -> IdentityState:
-        doc = codec.decode_json(item["state"]) if "state" in item else {}
-        return state_from_item(doc, int(item.get("version", {"N": "0"})["N"]))
+        """The state an item holds. One that cannot be read (damaged, or written by hand) counts as empty, at its
+        version, so the identity's next write replaces it: it must not fail every event of that identity, nor
+        every batch it is in."""
+        try:
+            version = int(item.get("version", {"N": "0"})["N"])
+        except (KeyError, TypeError, ValueError):
+            version = 0
+        try:
+            doc = codec.decode_json(item["state"]) if "state" in item else {}
+            return state_from_item(doc, version)
+        except Exception as exc:
+            logger.error("identity state unreadable; the next write replaces it", reason=type(exc).__name__)
+            count("UnexpectedErrors")
+            return IdentityState(version=version)
 
     def get_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], IdentityState]:
         """Many identities' states in `BatchGetItem`s of 100 (strongly consistent): one call for a whole SQS batch

@@ -267,14 +267,12 @@ def test_429_with_retry_after_2_waits_2_seconds_on_the_injected_clock(clean_stac
     clock = FakeClock(wall=time.time(), mono=time.monotonic())
 
     # WHEN the function gets it
-    started = time.monotonic()
     answer = new_runtime(clock).handle(batch(record(stack, interact_event(event_id))), new_context(30))
-    elapsed = time.monotonic() - started
 
-    # THEN it waited what Edge asked, on the injected clock (no real sleeping), then delivered
+    # THEN it waited what Edge asked, on the injected clock (whose sleep does not sleep: no wall-time assertion,
+    # which a loaded machine would break), then delivered
     assert answer == failures()
     assert clock.sleeps == [2.0]
-    assert elapsed < 2.0
     calls = edge_requests(stack, event_id)
     assert [r["status"] for r in calls] == [429, 200]
     assert calls[0]["body"] == calls[1]["body"]

@@ -260,13 +260,14 @@ class TracingSession(requests.Session):
         self._tracer = tracer
         configure_http_session(self, pool_size)  # exactly the relay's session settings
 
-    def post(self, url: Any, data: Any = None, json: Any = None, **kwargs: Any) -> requests.Response:
-        if "/interact" not in str(url):
-            return super().post(url, data=data, json=json, **kwargs)
-        xdm_id = _xdm_id(data)
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        # Every call ends here: the relay sends its Edge calls as prepared requests; IMS's `post` comes through too.
+        if "/interact" not in str(request.url):
+            return super().send(request, **kwargs)
+        xdm_id = _xdm_id(request.body)
         self._tracer.edge_call(xdm_id)
         try:
-            resp = super().post(url, data=data, json=json, **kwargs)
+            resp = super().send(request, **kwargs)
         except requests.RequestException as exc:
             self._tracer.edge_error(exc)
             raise

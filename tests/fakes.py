@@ -117,6 +117,21 @@ class FakeSession:
         self.calls: list[PostCall] = []
         self.elapsed: list[float] = []
 
+    def prepare_request(self, request: requests.Request) -> requests.Request:
+        return request  # `send` reads back what `post` would have been given
+
+    def send(
+        self, request: requests.Request, *, timeout: Any = None, allow_redirects: bool = True
+    ) -> requests.Response:
+        return self.post(
+            request.url,
+            params=request.params,
+            data=request.data,
+            headers=request.headers,
+            timeout=timeout,
+            allow_redirects=allow_redirects,
+        )
+
     def post(
         self,
         url: str,

@@ -572,7 +572,12 @@ def test_a_webhook_event_back_from_the_queue_is_not_refused_for_its_size() -> No
     relay = ScriptedRelay(failing=set())
     runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1))  # type: ignore[arg-type]
     rejected: list[str] = []
-    relay.reject_invalid = lambda event_id, **kwargs: rejected.append(event_id) or {}  # type: ignore[method-assign]
+
+    def reject_invalid(event_id: str, **kwargs: Any) -> dict[str, Any]:
+        rejected.append(event_id)
+        return {}
+
+    relay.reject_invalid = reject_invalid  # type: ignore[method-assign]
     big = {"event": {"xdm": {"_id": "w1"}, "data": {"pad": "\u00e9" * 33_000}}}
     webhook = {**record("w1", 1), "body": json.dumps(big, ensure_ascii=False)}
     webhook["messageAttributes"] = {"relaySource": {"stringValue": "webhook", "dataType": "String"}}
@@ -614,7 +619,12 @@ def test_a_corrected_resend_in_the_same_batch_as_its_invalid_original_is_deliver
     # GIVEN an invalid body and its corrected resend under the same eventId, in one batch
     relay = ScriptedRelay(failing=set())
     rejected: list[str] = []
-    relay.reject_invalid = lambda event_id, **kwargs: rejected.append(event_id) or {}  # type: ignore[method-assign]
+
+    def reject_invalid(event_id: str, **kwargs: Any) -> dict[str, Any]:
+        rejected.append(event_id)
+        return {}
+
+    relay.reject_invalid = reject_invalid  # type: ignore[method-assign]
     runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))  # type: ignore[arg-type]
     bad = {**record("e-42", 1), "messageId": "m-bad"}
     bad["body"] = json.dumps({"event": {"xdm": {"_id": "e-42"}, "data": "not an object"}})

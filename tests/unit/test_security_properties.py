@@ -63,6 +63,12 @@ class OkSession:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
+    def prepare_request(self, request: Any) -> Any:
+        return request
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        return self.post(request.url, params=request.params, data=request.data, headers=request.headers, **kwargs)
+
     def post(self, url: str, **kwargs: Any) -> Any:
         self.calls.append({"url": url, **kwargs})
         return make_response(200, {"requestId": "edge-req-1", "handle": [{"type": "identity:result", "payload": []}]})

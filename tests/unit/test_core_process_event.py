@@ -530,3 +530,17 @@ def test_process_stores_an_unreadable_answer_as_delivered_and_says_so():
     ((_, fields),) = store.finished
     assert fields["handle"] == [] and fields["answerUnreadable"] is True and fields["requestId"] is None
     assert store.state_writes == []
+
+
+def test_process_without_time_left_leaves_the_event_untouched():
+    # GIVEN a batch whose time has run out
+    clock = FakeClock()
+    store = FakeStore()
+    edge = FakeEdge()
+
+    # WHEN
+    result = relay(store, edge, clock).process(inbound(), Deadline(clock, 0), lease_s=30)
+
+    # THEN it is redelivered without a claim taken and given back (two writes for nothing) or an Edge call
+    assert result == Result(Outcome.RETRY, "evt-1", reason="no time left to relay the event")
+    assert store.claims == [] and store.releases == [] and edge.calls == []

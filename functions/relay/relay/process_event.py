@@ -16,7 +16,7 @@ from relay.identity_state import (
     needs_write,
     outgoing_entries,
 )
-from relay.integrations.edge import EdgeClient
+from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient
 from relay.integrations.store import HandlesStore, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
@@ -111,6 +111,10 @@ class Relay:
         With `defer_store`, a DELIVERED or REJECTED result comes back with its item in `pending`, not yet written:
         the caller writes it with others (`store.put_results`) and then calls `stored` or `not_stored`."""
         event_id = inbound.event_id
+        if deadline.remaining() < MIN_ATTEMPT_S:
+            # Nothing could be sent in time (a batch whose time ran out): leave the event untouched rather than claim
+            # and release it, two writes and a warning for nothing. It is redelivered like any failed record.
+            return Result(Outcome.RETRY, event_id, reason="no time left to relay the event")
         try:
             claim = self.store.claim(
                 event_id, datastream_id=inbound.datastream_id, source=inbound.source, lease_s=lease_s

@@ -18,7 +18,7 @@ from relay.observability import count, logger, timing
 from relay.retry import RECOVERABLE_STATUSES, backoff, parse_retry_after
 from relay.settings import Settings
 
-_MIN_ATTEMPT_S = 0.05  # don't start an attempt with less time than this left
+MIN_ATTEMPT_S = 0.05  # don't start an attempt with less time than this left
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,10 @@ class EdgeClient:
         prepared = self._session.prepare_request(
             requests.Request("POST", url, params=params, data=body, headers=headers)
         )
-        if self._slots is not None and not self._slots.acquire(timeout=max(deadline.remaining() - _MIN_ATTEMPT_S, 0)):
+        if self._slots is not None and not self._slots.acquire(timeout=max(deadline.remaining() - MIN_ATTEMPT_S, 0)):
             return None
         try:
-            if deadline.remaining() < _MIN_ATTEMPT_S:
+            if deadline.remaining() < MIN_ATTEMPT_S:
                 return None
             timeout = deadline.http_timeouts(s.edge_connect_timeout_s, s.edge_read_timeout_s)
             # Never follow a redirect: it would re-send the event (identities, API key) to wherever it points, and
@@ -128,11 +128,11 @@ class EdgeClient:
         while True:
             attempt += 1
             remaining = deadline.remaining()
-            if remaining < _MIN_ATTEMPT_S:
+            if remaining < MIN_ATTEMPT_S:
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
             headers, token = self._headers(deadline)
             remaining = deadline.remaining()  # the token request may have used some of it
-            if remaining < _MIN_ATTEMPT_S:
+            if remaining < MIN_ATTEMPT_S:
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
             params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
             started = self._clock.monotonic()
@@ -175,7 +175,7 @@ class EdgeClient:
             if attempt >= s.edge_max_attempts:
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             wait = retry_after if retry_after is not None else backoff(attempt, rng=self._rng)
-            if wait + _MIN_ATTEMPT_S > deadline.remaining():
+            if wait + MIN_ATTEMPT_S > deadline.remaining():
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             count("EdgeRetries")
             logger.info("edge call will be retried", attempt=attempt, reason=reason, wait_s=round(wait, 3))

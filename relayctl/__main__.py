@@ -16,7 +16,7 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
-from relay import codec
+from relay.integrations.queue import message_body
 from relay.integrations.store import HandlesStore, decode_item
 from relay.models import as_dict, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
@@ -159,39 +159,57 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     return 0
 
 
-def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) -> str:
-    """Mark a rejected event `queued` and send its original request to the queue. Returns what happened."""
-    item = ddb.get_item(TableName=table, Key=HandlesStore.result_key(event_id), ConsistentRead=True).get("Item")
-    if not item:
+def _replay_plan(doc: dict[str, Any] | None) -> str | None:
+    """Why an event cannot be replayed (read-only: `--dry-run` reports the same), or None if it can."""
+    if doc is None:
         return "not found"
-    doc = decode_item(item)
-    if doc.get("status") != "rejected":
-        return f"skipped: status is {doc.get('status')}"
+    status = doc.get("status")
+    # A replay whose send failed and whose mark could not be put back is left `queued` with nothing queued (no lease:
+    # never claimed since): it may be sent again. Sending one that is also in the queue is harmless (one claim wins).
+    stranded = status == "queued" and doc.get("replayedAt") and not doc.get("leaseUntil")
+    if status != "rejected" and not stranded:
+        return f"skipped: status is {status}"
     if as_dict(doc.get("error")).get("type") == INVALID_EVENT_TYPE:
         # The relay refused the body (or its datastreamId) itself: the same message would be refused again, or sent
         # to the default datastream in place of the one it named. The sender must send a corrected event.
         return "skipped: the relay found the event itself invalid; send a corrected one"
-    request = doc.get("request")
-    if request is None:
+    if doc.get("request") is None:
         return "skipped: the original request was too large to keep"
+    return None
+
+
+def _get(ddb: Any, table: str, event_id: str) -> dict[str, Any] | None:
+    item = ddb.get_item(TableName=table, Key=HandlesStore.result_key(event_id), ConsistentRead=True).get("Item")
+    return decode_item(item) if item else None
+
+
+def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) -> str:
+    """Mark a rejected event `queued` and send its original request to the queue. Returns what happened."""
+    doc = _get(ddb, table, event_id)
+    skip = _replay_plan(doc)
+    if skip is not None or doc is None:
+        return skip or "not found"
+    request = doc["request"]
     # `queued` first: the relay claims only a queued (or new) event, so the mark must be there before the message.
     stamp = {"S": iso_millis(time.time())}
+    was = {"S": str(doc.get("status"))}
 
-    def mark(update: str, condition: str) -> None:  # between `rejected` (:r) and `queued` (:q), stamped :now
+    def mark(update: str, condition: str) -> None:  # between what it was (:was) and `queued` (:q), stamped :now
         ddb.update_item(
             TableName=table,
             Key=HandlesStore.result_key(event_id),
             UpdateExpression=update,
             ConditionExpression=condition,
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":q": {"S": "queued"}, ":r": {"S": "rejected"}, ":now": stamp},
+            ExpressionAttributeValues={":q": {"S": "queued"}, ":was": was, ":now": stamp},
         )
 
     try:
-        mark("SET #s = :q, replayedAt = :now", "#s = :r")
+        mark("SET #s = :q, replayedAt = :now", "#s = :was AND attribute_not_exists(leaseUntil)")
     except ddb.exceptions.ConditionalCheckFailedException:
         return "skipped: changed meanwhile"
-    body = request if isinstance(request, str) else codec.dumps(request)
+    # The relay's own queue encoding: compact JSON with the characters SQS refuses (U+FFFE, U+FFFF) escaped.
+    body = request if isinstance(request, str) else message_body(request)
     attrs = {
         "eventId": {"DataType": "String", "StringValue": event_id},
         "relaySource": {"DataType": "String", "StringValue": str(doc.get("source") or "sqs")},
@@ -201,13 +219,13 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     try:
         sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attrs)
     except (ClientError, BotoCoreError) as exc:
-        # Nothing was queued: put the mark back, so the event stays listed as rejected and can be replayed again.
+        # Nothing was queued: put the mark back, so the event stays listed as it was and can be replayed again.
         reason = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
         try:
-            mark("SET #s = :r REMOVE replayedAt", "#s = :q AND replayedAt = :now")
+            mark("SET #s = :was REMOVE replayedAt", "#s = :q AND replayedAt = :now")
         except (ClientError, BotoCoreError):
-            return f"failed: not sent ({reason}), and left marked queued: run `show` and replay it again"
-        return f"failed: not sent to the queue ({reason}); still rejected"
+            return f"failed: not sent ({reason}), and left marked queued: run `relayctl replay {event_id}` again"
+        return f"failed: not sent to the queue ({reason}); still {was['S']}"
     return "queued"
 
 
@@ -218,12 +236,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
     ids = list(args.event_ids)
     if args.all_rejected:
-        ids += [str(r["eventId"]) for r in _scan_rejected(ddb, t.table)]
+        # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender.
+        rows = _scan_rejected(ddb, t.table)
+        ids += [str(r["eventId"]) for r in rows if as_dict(r.get("error")).get("type") != INVALID_EVENT_TYPE]
     if not ids:
         raise SystemExit("relayctl: name event ids or pass --all-rejected")
     failures = 0
     for event_id in dict.fromkeys(ids):
-        outcome = "would replay" if args.dry_run else replay_event(ddb, sqs, t.table, t.queue_url, event_id)
+        if args.dry_run:
+            outcome = _replay_plan(_get(ddb, t.table, event_id)) or "would replay"
+        else:
+            outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id)
+        # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
         failures += outcome not in ("queued", "would replay")
         print(f"{event_id}: {outcome}")
     return 1 if failures else 0
@@ -298,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ClientError, BotoCoreError) as exc:
+        # A wrong table or queue, or missing access: one line, not a traceback.
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
+        print(f"relayctl: AWS refused the call: {code}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

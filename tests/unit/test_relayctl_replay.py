@@ -3,6 +3,7 @@ dead-letter queue, a partial redrive (the happy paths run against moto over HTTP
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,3 +158,107 @@ def test_redrive_that_leaves_messages_behind_exits_1(aws: None, monkeypatch: pyt
     assert code == 1
     left = real.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
     assert int(left["ApproximateNumberOfMessages"]) + int(left["ApproximateNumberOfMessagesNotVisible"]) == 3
+
+
+def make_table(ddb: Any) -> None:
+    ddb.create_table(
+        TableName="t",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+
+
+def test_a_replay_left_marked_queued_with_nothing_sent_can_be_replayed_again(aws: None) -> None:
+    # GIVEN an event a replay left `queued` (its send failed, so did putting the mark back): no lease, nothing queued
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(
+        TableName="t", Item={**rejected_item("ev-1"), "status": {"S": "queued"}, "replayedAt": {"S": "2026-01-01"}}
+    )
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN it is replayed again, as the failure message says to do
+    outcome = replay_event(ddb, sqs, "t", queue, "ev-1")
+
+    # THEN it is sent
+    assert outcome == "queued"
+    assert len(sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])) == 1
+
+
+def test_a_queued_event_in_flight_or_from_the_relay_is_not_replayed(aws: None) -> None:
+    # GIVEN queued events that are not a stranded replay: one the relay gave back, one whose replay is claimed
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-1"), "status": {"S": "queued"}})
+    claimed = {"status": {"S": "pending"}, "replayedAt": {"S": "2026-01-01"}, "leaseUntil": {"N": "9999999999"}}
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-2"), **claimed})
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN / THEN
+    assert replay_event(ddb, sqs, "t", queue, "ev-1") == "skipped: status is queued"
+    assert replay_event(ddb, sqs, "t", queue, "ev-2") == "skipped: status is pending"
+    assert sqs.receive_message(QueueUrl=queue).get("Messages", []) == []
+
+
+def test_a_replay_escapes_the_characters_sqs_refuses(aws: None) -> None:
+    # GIVEN a rejected event whose request holds U+FFFF (JSON allows it, SQS refuses it)
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    request = {"event": {"xdm": {"_id": "ev-1", "note": "a\uffffb"}}}
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-1"), "request": codec.encode_json(request)})
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN
+    assert replay_event(ddb, sqs, "t", queue, "ev-1") == "queued"
+
+    # THEN the body carries it as an escape, and reads back as the same request
+    (message,) = sqs.receive_message(QueueUrl=queue)["Messages"]
+    assert "\uffff" not in message["Body"] and "\\uffff" in message["Body"]
+    assert json.loads(message["Body"]) == request
+
+
+def test_replay_dry_run_and_all_rejected_say_what_a_replay_would_do(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an Edge rejection, a relay rejection and a delivered event
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item=rejected_item("edge-1"))
+    relay_own = codec.encode_json({"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400})
+    ddb.put_item(TableName="t", Item={**rejected_item("relay-1"), "error": relay_own})
+    ddb.put_item(TableName="t", Item={**rejected_item("done-1"), "status": {"S": "delivered"}})
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    base = ["--table", "t", "--queue-url", queue, "replay"]
+
+    # WHEN a dry run names them all (and one that does not exist)
+    code = relayctl_main.main([*base, "--dry-run", "edge-1", "relay-1", "done-1", "nope"])
+
+    # THEN each line says what a replay would do, nothing is sent, and the exit code says not all would go
+    assert code == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "edge-1: would replay",
+        "relay-1: skipped: the relay found the event itself invalid; send a corrected one",
+        "done-1: skipped: status is delivered",
+        "nope: not found",
+    ]
+    assert sqs.receive_message(QueueUrl=queue).get("Messages", []) == []
+
+    # WHEN every rejected event is replayed
+    code = relayctl_main.main([*base, "--all-rejected"])
+
+    # THEN only Edge's rejection is (the relay's own can only be fixed by the sender), and that is a success
+    assert (code, capsys.readouterr().out.splitlines()) == (0, ["edge-1: queued"])
+
+
+def test_an_aws_error_is_one_line_and_exit_2(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # WHEN the table does not exist
+    code = relayctl_main.main(["--table", "no-such-table", "show", "ev-1"])
+
+    # THEN
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relayctl: AWS refused the call: ResourceNotFoundException") and "Traceback" not in err

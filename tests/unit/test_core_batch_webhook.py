@@ -638,3 +638,17 @@ def test_a_corrected_resend_in_the_same_batch_as_its_invalid_original_is_deliver
     assert answer == {"batchItemFailures": []}
     assert rejected == ["e-42"]
     assert relay.processed == ["e-42"]
+
+
+def test_postponing_many_records_stops_while_the_invocation_can_still_answer() -> None:
+    # GIVEN 25 records to postpone (3 calls of at most 10), and time for 2 calls only
+    sqs = FakeSqs()
+    records = [(record(f"e{n}", 1), 600) for n in range(25)]
+    calls_left = iter([True, True, False])
+
+    # WHEN
+    done = RetryQueue(sqs, QUEUE_URL).postpone(records, time_for_a_call=lambda: next(calls_left))
+
+    # THEN it made the calls there was time for; the rest come back at the queue's timeout
+    assert done == 20
+    assert [len(call["Entries"]) for call in sqs.calls] == [10, 10]

@@ -290,11 +290,15 @@ class BatchRunner:
                 later[mid] = seconds
         if not later or self._queue is None:
             return
-        if deadline.remaining() + self._settings.safety_margin_s < SQS_WORST_CASE_S:
+
+        def time_for_a_call() -> bool:  # each SQS call may take the client's worst case
+            return deadline.remaining() + self._settings.safety_margin_s >= SQS_WORST_CASE_S
+
+        if not time_for_a_call():
             logger.warning("no time left to postpone records; they return at the queue's timeout", records=len(later))
             return
         chosen = [(r, later[mid]) for r in records if (mid := _message_id(r)) in later]
-        postponed = self._queue().postpone(chosen)
+        postponed = self._queue().postpone(chosen, time_for_a_call=time_for_a_call)
         if postponed:
             count("RetriesPostponed", postponed)
             logger.info("records postponed as Edge asked", records=postponed, maxDelaySeconds=max(later.values()))

@@ -3,6 +3,7 @@ Edge asked to be retried later waits out its `Retry-After`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -36,9 +37,9 @@ _SQS_REFUSED = str.maketrans({"\ufffe": "\\ufffe", "\uffff": "\\uffff"})
 
 
 def message_body(request: dict[str, Any]) -> str:
-    """The request as an SQS message body: compact UTF-8 JSON, as sent to Edge (an event that passed the 64 KiB
-    check must still pass it when it comes back from the queue: escaping all non-ASCII would triple an emoji), with
-    the two characters SQS refuses written as JSON escapes (they can only occur inside strings)."""
+    """The request as an SQS message body: the request as received, with `_id`/timestamp set, as compact UTF-8 JSON
+    (escaping all non-ASCII would triple an emoji, and could push an accepted event past 64 KiB), with the two
+    characters SQS refuses written as JSON escapes (they can only occur inside strings)."""
     return codec.dumps(request).translate(_SQS_REFUSED)
 
 
@@ -66,7 +67,9 @@ class RetryQueue:
             return False
         return True
 
-    def postpone(self, records: list[tuple[dict[str, Any], int]]) -> int:
+    def postpone(
+        self, records: list[tuple[dict[str, Any], int]], *, time_for_a_call: Callable[[], bool] | None = None
+    ) -> int:
         """Keep received SQS records invisible for the given seconds instead of the queue's visibility timeout
         (`ChangeMessageVisibilityBatch`, 10 to a call). Returns how many were postponed. A record that could not be
         postponed only comes back at the queue's own timeout, so failures are logged, never raised."""
@@ -82,6 +85,13 @@ class RetryQueue:
         for url, entries in by_queue.items():
             for start in range(0, len(entries), _VISIBILITY_BATCH):
                 chunk = entries[start : start + _VISIBILITY_BATCH]
+                if time_for_a_call is not None and not time_for_a_call():
+                    # Each call may take the SQS client's worst case: stop while the invocation can still answer.
+                    logger.warning(
+                        "no time left to postpone more records; they return at the queue's timeout",
+                        records=len(entries) - start,
+                    )
+                    return done
                 try:
                     failed = self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=chunk).get("Failed") or []
                     reason = str(failed[0].get("Code", "")) if failed else ""

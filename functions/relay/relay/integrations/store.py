@@ -64,6 +64,9 @@ def decode_item(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+UNREADABLE_VERSION = -1  # a state item with no readable `version`: written over on the condition that it has none
+
+
 class HandlesStore:
     def __init__(self, client: Any, table: str, *, ttl_days: int, clock: Clock) -> None:
         self._ddb = client
@@ -320,14 +323,16 @@ class HandlesStore:
         version, so the identity's next write replaces it: it must not fail every event of that identity, nor
         every batch it is in."""
         try:
-            version = int(item.get("version", {"N": "0"})["N"])
+            version = int(item["version"]["N"])
         except (KeyError, TypeError, ValueError):
-            version = 0
+            version = UNREADABLE_VERSION  # the item is there: its next write must match it as it is
         try:
             doc = codec.decode_json(item["state"]) if "state" in item else {}
             return state_from_item(doc, version)
         except Exception as exc:
-            logger.error("identity state unreadable; the next write replaces it", reason=type(exc).__name__)
+            logger.error(
+                "unexpected error: identity state unreadable; the next write replaces it", reason=type(exc).__name__
+            )
             count("UnexpectedErrors")
             return IdentityState(version=version)
 
@@ -375,14 +380,22 @@ class HandlesStore:
             item = {
                 **self.state_key(opaque_id, datastream_id),
                 "state": codec.encode_json(state_to_item(new)),
-                "version": {"N": str(state.version + 1)},
+                "version": {"N": str(max(state.version, 0) + 1)},
                 "updatedAt": {"S": iso_millis(now)},
                 # Never in the past beyond DynamoDB's reach: TTL ignores items expired over five years ago.
                 "expiresAt": {"N": str(int(max(new.expires_at(), now)) + 1)},
             }
             item = codec.fit_write_unit(item, ("state",))
-            condition = "attribute_not_exists(pk)" if state.version == 0 else "version = :v"
-            extra = {} if state.version == 0 else {"ExpressionAttributeValues": {":v": {"N": str(state.version)}}}
+            extra: dict[str, Any]
+            if state.version == 0:
+                condition, extra = "attribute_not_exists(pk)", {}
+            elif state.version == UNREADABLE_VERSION:  # an item whose version is missing or not a number
+                condition = (
+                    "attribute_exists(pk) AND (attribute_not_exists(version) OR NOT attribute_type(version, :n))"
+                )
+                extra = {"ExpressionAttributeValues": {":n": {"S": "N"}}}
+            else:
+                condition, extra = "version = :v", {"ExpressionAttributeValues": {":v": {"N": str(state.version)}}}
             try:
                 self._call("put_item", Item=item, ConditionExpression=condition, **extra)
                 return 1

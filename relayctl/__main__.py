@@ -92,6 +92,24 @@ def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 1000) -> dict[
             sqs.change_message_visibility_batch(QueueUrl=dlq_url, Entries=entries)
 
 
+def _explain(doc: dict[str, Any], now: float) -> str | None:
+    """What a `pending` or `queued` item means for the operator (the raw fields do not say it)."""
+    status, lease = doc.get("status"), doc.get("leaseUntil")
+    if status == "pending" and isinstance(lease, int | float):
+        until = iso_millis(float(lease))
+        if lease > now:
+            return f"in flight: an attempt holds it until {until}"
+        return (
+            f"an attempt stopped without an outcome (its invocation ended; lease lapsed {until}): the next delivery "
+            "takes it over, when its queue message comes back (sqs) or the sender resends (webhook)"
+        )
+    if status == "queued" and str(doc.get("lastError", "")).startswith("not queued"):
+        return "nothing is queued for it: the webhook sender was answered 503 and must resend"
+    if status == "queued":
+        return "waiting in the queue for its next attempt"
+    return None
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     t = _targets(args)
     ddb = boto3.client("dynamodb")
@@ -102,10 +120,14 @@ def cmd_show(args: argparse.Namespace) -> int:
             doc = decode_item(item)
             if not args.full:
                 doc.pop("request", None)
+            detail = _explain(doc, time.time())
+            if detail:
+                doc["detail"] = detail
             if doc.get("status") in ("queued", "pending") and t.dlq_url:
                 where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id)
                 if where:
-                    doc.update(status="dead-lettered", **where)
+                    doc.update(status="dead-lettered", detail="failed 5 receives: redrive it once the cause is fixed")
+                    doc.update(where)
             _print(doc)
             found += 1
             continue

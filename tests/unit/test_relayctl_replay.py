@@ -262,3 +262,38 @@ def test_an_aws_error_is_one_line_and_exit_2(aws: None, capsys: pytest.CaptureFi
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("relayctl: AWS refused the call: ResourceNotFoundException") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("doc", "detail"),
+    [
+        ({"status": "pending", "leaseUntil": 2_000}, "in flight: an attempt holds it until 1970-01-01T00:33:20.000Z"),
+        (
+            {"status": "pending", "leaseUntil": 500},
+            "an attempt stopped without an outcome (its invocation ended; lease lapsed 1970-01-01T00:08:20.000Z): the "
+            "next delivery takes it over, when its queue message comes back (sqs) or the sender resends (webhook)",
+        ),
+        (
+            {"status": "queued", "lastError": "not queued (the retry queue refused it; ...): edge answered 503"},
+            "nothing is queued for it: the webhook sender was answered 503 and must resend",
+        ),
+        ({"status": "queued", "lastError": "edge answered 503"}, "waiting in the queue for its next attempt"),
+        ({"status": "delivered"}, None),
+    ],
+)
+def test_show_explains_what_a_pending_or_queued_item_means(doc: dict[str, Any], detail: str | None) -> None:
+    assert relayctl_main._explain(doc, now=1_000) == detail
+
+
+def test_show_prints_the_explanation(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN an item whose attempt died (lease lapsed long ago)
+    ddb = boto3.client("dynamodb")
+    make_table(ddb)
+    ddb.put_item(
+        TableName="t", Item={**rejected_item("ev-1"), "status": {"S": "pending"}, "leaseUntil": {"N": "1700000000"}}
+    )
+
+    # WHEN / THEN
+    assert relayctl_main.main(["--table", "t", "show", "ev-1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "pending" and shown["detail"].startswith("an attempt stopped without an outcome")

@@ -215,15 +215,21 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     # `queued` first: the relay claims only a queued (or new) event, so the mark must be there before the message.
     stamp = {"S": iso_millis(time.time())}
     was = {"S": str(doc.get("status"))}
+    # What putting the mark back restores: a stranded replay keeps its earlier `replayedAt` (which is what makes it
+    # replayable); a rejected event had none.
+    earlier = doc.get("replayedAt") if was["S"] == "queued" else None
 
     def mark(update: str, condition: str) -> None:  # between what it was (:was) and `queued` (:q), stamped :now
+        values = {":q": {"S": "queued"}, ":was": was, ":now": stamp}
+        if earlier is not None and ":old" in update:
+            values[":old"] = {"S": str(earlier)}
         ddb.update_item(
             TableName=table,
             Key=HandlesStore.result_key(event_id),
             UpdateExpression=update,
             ConditionExpression=condition,
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":q": {"S": "queued"}, ":was": was, ":now": stamp},
+            ExpressionAttributeValues=values,
         )
 
     try:
@@ -244,7 +250,8 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
         # Nothing was queued: put the mark back, so the event stays listed as it was and can be replayed again.
         reason = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
         try:
-            mark("SET #s = :was REMOVE replayedAt", "#s = :q AND replayedAt = :now")
+            put_back = "SET #s = :was, replayedAt = :old" if earlier is not None else "SET #s = :was REMOVE replayedAt"
+            mark(put_back, "#s = :q AND replayedAt = :now")
         except (ClientError, BotoCoreError):
             return f"failed: not sent ({reason}), and left marked queued: run `relayctl replay {event_id}` again"
         return f"failed: not sent to the queue ({reason}); still {was['S']}"

@@ -104,6 +104,8 @@ class PostCall:
 class FakeSession:
     """A `requests.Session`-like object whose `post()` plays a script and records every call."""
 
+    trust_env = False  # as the relay's session on Lambda (no proxy configured)
+
     def __init__(
         self,
         script: Iterable[requests.Response | BaseException | Scripted] = (),

@@ -652,3 +652,26 @@ def test_postponing_many_records_stops_while_the_invocation_can_still_answer() -
     # THEN it made the calls there was time for; the rest come back at the queue's timeout
     assert done == 20
     assert [len(call["Entries"]) for call in sqs.calls] == [10, 10]
+
+
+def test_the_batch_summary_counts_an_invalid_record_whose_rejection_was_not_stored_as_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # GIVEN an invalid record whose rejection cannot be stored
+    relay = ScriptedRelay(failing=set())
+
+    def reject_invalid(event_id: str, **kwargs: Any) -> dict[str, Any]:
+        raise StoreUnavailable("dynamodb put_item failed: InternalServerError")
+
+    relay.reject_invalid = reject_invalid  # type: ignore[method-assign]
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    bad = {**record("e-1", 1), "body": "not json"}
+
+    # WHEN
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        answer = runner.run({"Records": [bad]}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN it is redelivered, and the summary says so (not "rejected")
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-e-1"}]}
+    (summary,) = [r for r in caplog.records if r.getMessage() == "batch done"]
+    assert summary.__dict__["outcomes"] == {"failed": 1}

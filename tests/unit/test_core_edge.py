@@ -606,3 +606,35 @@ def test_deliver_never_follows_a_redirect():
     # THEN the 3xx is refused like any non-recoverable status (the loopback test shows nothing reaches the target)
     assert info.value.status == 307
     assert [call.allow_redirects for call in session.calls] == [False]
+
+
+def test_deliver_behind_a_proxy_uses_the_environments_ca_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a proxy and a CA bundle in the environment (a TLS-inspecting egress proxy), and a transport that records
+    from relay.runtime import new_http_session
+    from requests.adapters import BaseAdapter
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corp-proxy-ca.pem")
+    seen: list[dict[str, Any]] = []
+
+    class Recording(BaseAdapter):
+        def send(self, request: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+            seen.append(kwargs)
+            response = make_response(200, OK_BODY)
+            response.request = request
+            return response
+
+        def close(self) -> None:
+            pass
+
+    session = new_http_session(4)
+    session.mount("https://", Recording())
+    clock = FakeClock()
+
+    # WHEN
+    EdgeClient(session, settings(), None, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN the Edge call verifies with that bundle and goes through that proxy, as `Session.request` would
+    (kwargs,) = seen
+    assert kwargs["verify"] == "/etc/ssl/corp-proxy-ca.pem"
+    assert kwargs["proxies"].get("https") == "http://proxy.internal:3128"

@@ -524,3 +524,16 @@ def test_identity_namespace_that_is_empty_or_has_control_characters_is_refused(n
             "message": "must be a non-empty namespace code without control characters",
         }
     ]
+
+
+@pytest.mark.parametrize("event_id", ["ord-1\u0001", "ord-1\n", "ord-1\uffff", "ord-1\ufffe"])
+def test_an_xdm_id_sqs_could_not_carry_is_refused(event_id):
+    # WHEN (the id becomes the queue message's eventId attribute, which SQS refuses with these characters)
+    errors = validate_request({"event": {"xdm": {"_id": event_id}}})
+
+    # THEN
+    assert errors == [{"path": "event.xdm._id", "message": "must not contain control characters, U+FFFE or U+FFFF"}]
+
+
+def test_an_ordinary_xdm_id_passes():
+    assert validate_request({"event": {"xdm": {"_id": "order-42 \u00e9 \U0001f600"}}}) == []

@@ -297,3 +297,23 @@ def test_show_prints_the_explanation(aws: None, capsys: pytest.CaptureFixture[st
     assert relayctl_main.main(["--table", "t", "show", "ev-1"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["status"] == "pending" and shown["detail"].startswith("an attempt stopped without an outcome")
+
+
+def test_a_stranded_replay_whose_send_fails_again_stays_replayable(aws: None) -> None:
+    # GIVEN a stranded replay (queued, replayedAt, no lease, nothing queued) and a queue that is still missing
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    stranded = {"status": {"S": "queued"}, "replayedAt": {"S": "2026-01-01T00:00:00.000Z"}}
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-1"), **stranded})
+    missing = "https://sqs.us-east-1.amazonaws.com/123456789012/no-such-queue"
+
+    # WHEN it is replayed to the missing queue, then to a working one
+    first = replay_event(ddb, sqs, "t", missing, "ev-1")
+    item = ddb.get_item(TableName="t", Key={"pk": {"S": "EVENT#ev-1"}, "sk": {"S": "RESULT"}})["Item"]
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    second = replay_event(ddb, sqs, "t", queue, "ev-1")
+
+    # THEN the first failure put it back as it was (its earlier replayedAt kept), so the second replay sends it
+    assert first.startswith("failed: not sent to the queue (") and first.endswith("; still queued")
+    assert (item["status"], item["replayedAt"]) == ({"S": "queued"}, {"S": "2026-01-01T00:00:00.000Z"})
+    assert second == "queued"

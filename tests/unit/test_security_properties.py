@@ -60,6 +60,8 @@ MAX_EXAMPLES = 150
 class OkSession:
     """Answers every Edge call 200 with a small handle; records each call."""
 
+    trust_env = False
+
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
@@ -215,7 +217,13 @@ valid_events = st.fixed_dictionaries(
                 "xdm": st.fixed_dictionaries(
                     {},
                     optional={
-                        "_id": st.text(min_size=1, max_size=64),
+                        # any text SQS can carry as the eventId attribute (ids with control characters, U+FFFE or
+                        # U+FFFF are refused: test_core_models)
+                        "_id": st.text(
+                            st.characters(min_codepoint=0x20, exclude_characters="\ufffe\uffff"),
+                            min_size=1,
+                            max_size=64,
+                        ),
                         "timestamp": st.just("2024-01-01T00:00:00.000Z"),
                         "identityMap": identity_maps,
                         "eventType": st.text(max_size=20),

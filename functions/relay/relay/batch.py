@@ -232,7 +232,7 @@ class BatchRunner:
                 except Exception:
                     logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
                     done = Done(False)
-                label = "rejected" if item.invalid else ("ok" if done.ok else "failed")
+                label = ("rejected" if item.invalid else "ok") if done.ok else "failed"
                 outcomes.append(done.result.outcome.value if done.result else label)
                 carry = done.carry if done.ok else None
                 source = None  # from here on the carry is the state (None after a failure: read it afresh)

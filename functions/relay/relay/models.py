@@ -83,6 +83,10 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
             if "_id" in xdm and not (isinstance(xdm["_id"], str) and 0 < len(xdm["_id"]) <= MAX_EVENT_ID_LENGTH):
                 message = f"must be a string of 1-{MAX_EVENT_ID_LENGTH} characters"
                 errors.append({"path": "event.xdm._id", "message": message})
+            elif "_id" in xdm and _ID_REFUSED.search(xdm["_id"]):
+                # It becomes the queue message's `eventId` attribute, which SQS refuses with these characters.
+                message = "must not contain control characters, U+FFFE or U+FFFF"
+                errors.append({"path": "event.xdm._id", "message": message})
             if "timestamp" in xdm and not isinstance(xdm["timestamp"], str):
                 errors.append({"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"})
             if "identityMap" in xdm:
@@ -105,6 +109,7 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
     return errors
 
 
+_ID_REFUSED = re.compile(r"[\x00-\x1f\ufffe\uffff]")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # written as `.name` in a field path; anything else as `["..."]`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -107,7 +107,14 @@ class EdgeClient:
             timeout = deadline.http_timeouts(s.edge_connect_timeout_s, s.edge_read_timeout_s)
             # Never follow a redirect: it would re-send the event (identities, API key) to wherever it points, and
             # that host's answer would be stored as Edge's. A 3xx is refused like any other non-recoverable status.
-            return self._session.send(prepared, timeout=timeout, allow_redirects=False)
+            # With trust_env (a proxy is configured) apply what `Session.request` would take from the environment
+            # too: proxies and, behind a TLS-inspecting proxy, REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE.
+            env: dict[str, Any] = (
+                dict(self._session.merge_environment_settings(prepared.url, {}, None, None, None))
+                if self._session.trust_env
+                else {}
+            )
+            return self._session.send(prepared, timeout=timeout, allow_redirects=False, **env)
         finally:
             if self._slots is not None:
                 self._slots.release()

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from relay.codec import item_size
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
-from relay.integrations.store import HandlesStore, ResultWrite
+from relay.integrations.store import HandlesStore, ResultWrite, decode_item
 
 from tests.fakes import FakeClock
 
@@ -216,3 +217,63 @@ def test_the_next_write_replaces_a_damaged_state_item(damage: dict[str, Any], mo
         after = s.get_state("id", "ds")
         assert set(after.entries) == {"k"}
         assert after.version == max(current.version, 0) + 1
+
+
+def noise(n: int) -> str:
+    """`n` characters zlib cannot shrink (so an item's size is what the test says)."""
+    import base64
+    import os
+
+    return base64.b64encode(os.urandom(n))[:n].decode()
+
+
+def composed(fields: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    write = store(ScriptedDynamo()).compose_result("e1", fields, None)
+    return decode_item(write.item), item_size(write.item)
+
+
+def test_a_small_result_is_stored_whole() -> None:
+    doc, _ = composed({"status": "rejected", "error": {"type": "t", "detail": "d"}, "request": {"a": 1}})
+    assert doc["error"] == {"type": "t", "detail": "d"} and doc["request"] == {"a": 1}
+    assert not {"errorTrimmed", "requestOmitted", "handleOmitted"} & set(doc)
+
+
+def test_a_huge_edge_problem_is_cut_before_the_request_so_the_rejection_stays_replayable() -> None:
+    # GIVEN an Edge problem of 450 KB and a 53 KB request
+    detail = noise(3000)
+    problem: dict[str, Any] = {"type": "x/EXEG-0104-422", "status": 422, "title": "Unprocessable", "detail": detail}
+    problem["report"] = {"blob": noise(450_000)}
+    request = {"event": {"xdm": {"_id": "e1"}, "data": {"pad": noise(53_000)}}}
+
+    # WHEN
+    doc, size = composed({"status": "rejected", "error": problem, "request": request})
+
+    # THEN the item fits, the request is kept, the problem keeps its essentials and says it was cut
+    assert size <= 400_000
+    assert doc["request"] == request and "requestOmitted" not in doc
+    assert doc["error"] == {
+        "type": "x/EXEG-0104-422",
+        "status": 422,
+        "title": "Unprocessable",
+        "detail": detail[:1000],
+    }
+    assert doc["errorTrimmed"] is True
+
+
+def test_a_huge_request_is_dropped_and_said_so() -> None:
+    # WHEN
+    doc, size = composed({"status": "rejected", "error": {"type": "t"}, "request": {"pad": noise(600_000)}})
+
+    # THEN
+    assert size <= 400_000
+    assert "request" not in doc and doc["requestOmitted"] is True and doc["error"] == {"type": "t"}
+
+
+def test_huge_207_errors_go_before_the_handles() -> None:
+    # WHEN a delivered result's errors list is 600 KB (450 KB compressed)
+    handle = [{"type": "identity:result", "payload": [{"id": "x"}]}]
+    doc, size = composed({"status": "delivered", "handle": handle, "errors": [{"detail": noise(600_000)}]})
+
+    # THEN
+    assert size <= 400_000
+    assert doc["handle"] == handle and "errors" not in doc and doc["errorsOmitted"] is True

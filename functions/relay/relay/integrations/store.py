@@ -20,6 +20,8 @@ from relay.observability import count, logger
 
 RELAY = "relay"  # `rejectedBy` of an event the relay refused itself (never sent to Edge)
 MAX_ITEM_BYTES = 380_000  # below DynamoDB's 400 KB item limit, with room for names and numbers
+MAX_ERROR_BYTES = 16 * 1024  # an Edge problem kept whole up to this; cut to its essentials when the item is too big
+_FLAG_BYTES = 20  # an `...Omitted`/`errorTrimmed` flag's name and value
 _JSON_FIELDS = ("handle", "errors", "warnings", "error", "request")
 STATE_WRITE_ATTEMPTS = 8
 BATCH_WRITE_SIZE = 25  # DynamoDB's BatchWriteItem limit
@@ -240,13 +242,23 @@ class HandlesStore:
             else:
                 values[name] = {"S": str(value)}
         size = codec.item_size(values)
-        if size > MAX_ITEM_BYTES and "request" in values:
-            # Keep the outcome; say the original request was too large to keep (it can't be replayed from here).
-            size -= codec.attribute_size(values.pop("request"))
-            values["requestOmitted"] = {"BOOL": True}
-        if size > MAX_ITEM_BYTES and "handle" in values:
-            values.pop("handle")
-            values["handleOmitted"] = {"BOOL": True}
+        if size <= MAX_ITEM_BYTES:
+            return values
+        # Over DynamoDB's limit: keep the outcome and shed the rest, least useful first. Edge's problem is cut to its
+        # type, status, title and the start of its detail before the request goes (a rejection with its request can
+        # still be replayed); then the request, then 207 errors/warnings, then the handles. Each is marked as cut.
+        error = doc.get("error")
+        if isinstance(error, dict) and "error" in values and codec.attribute_size(values["error"]) > MAX_ERROR_BYTES:
+            kept = {k: error[k] for k in ("type", "status", "title") if k in error}
+            kept["detail"] = str(error.get("detail", ""))[:1000]
+            size -= codec.attribute_size(values["error"])
+            values["error"] = codec.encode_json(kept)
+            size += codec.attribute_size(values["error"]) + _FLAG_BYTES
+            values["errorTrimmed"] = {"BOOL": True}
+        for name in ("request", "errors", "warnings", "handle"):
+            if size > MAX_ITEM_BYTES and name in values:
+                size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
+                values[f"{name}Omitted"] = {"BOOL": True}
         return values
 
     def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import requests
 from relay.clock import Deadline
@@ -101,6 +102,17 @@ class PostCall:
     allow_redirects: bool = True
 
 
+def unprepare(request: requests.PreparedRequest) -> tuple[str, dict[str, str] | None, dict[str, str]]:
+    """What a `post` of this prepared request was given: the URL without its query, the query's params, and the
+    headers without the Content-Length that preparing added. Refuses anything else, as `Session.send` does."""
+    if not isinstance(request, requests.PreparedRequest):
+        raise ValueError("You can only send PreparedRequests.")
+    parts = urlsplit(str(request.url))
+    params = dict(parse_qsl(parts.query)) or None
+    headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+    return urlunsplit(parts._replace(query="")), params, headers
+
+
 class FakeSession:
     """A `requests.Session`-like object whose `post()` plays a script and records every call."""
 
@@ -119,19 +131,16 @@ class FakeSession:
         self.calls: list[PostCall] = []
         self.elapsed: list[float] = []
 
-    def prepare_request(self, request: requests.Request) -> requests.Request:
-        return request  # `send` reads back what `post` would have been given
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        return request.prepare()
 
     def send(
-        self, request: requests.Request, *, timeout: Any = None, allow_redirects: bool = True
+        self, request: requests.PreparedRequest, *, timeout: Any = None, allow_redirects: bool = True
     ) -> requests.Response:
+        """Like `requests.Session.send`: a PreparedRequest only. Recorded as the `post` it stands for."""
+        url, params, headers = unprepare(request)
         return self.post(
-            request.url,
-            params=request.params,
-            data=request.data,
-            headers=request.headers,
-            timeout=timeout,
-            allow_redirects=allow_redirects,
+            url, params=params, data=request.body, headers=headers, timeout=timeout, allow_redirects=allow_redirects
         )
 
     def post(
@@ -318,4 +327,5 @@ __all__ = [
     "Scripted",
     "edge_problem",
     "make_response",
+    "unprepare",
 ]

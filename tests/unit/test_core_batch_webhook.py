@@ -567,8 +567,8 @@ def test_a_queued_event_goes_to_sqs_as_compact_json_with_only_what_sqs_refuses_e
 
 
 def test_a_webhook_event_back_from_the_queue_is_not_refused_for_its_size() -> None:
-    # GIVEN a webhook event the relay queued itself, over 64 KiB only because of what was added since (or not at
-    # all), and an SQS producer's message of the same size
+    # GIVEN a webhook event the relay queued itself, over 64 KiB once back from the queue, and an SQS producer's
+    # message of the same content (larger still: its `é` are ASCII escapes)
     relay = ScriptedRelay(failing=set())
     runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1))  # type: ignore[arg-type]
     rejected: list[str] = []

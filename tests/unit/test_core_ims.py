@@ -222,7 +222,7 @@ def test_ims_unreachable_is_a_credentials_error():
         make_response(200, {"access_token": "t", "expires_in": -5}),
     ],
 )
-def test_ims_answer_without_token_is_a_credentials_error(answer):
+def test_ims_answer_without_a_usable_token_is_a_credentials_error(answer):
     # GIVEN
     clock = FakeClock()
     session = FakeSession([answer])

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from relay.clock import SystemClock
@@ -33,7 +34,7 @@ from relay.webhook import WebhookApp
 
 from devtools.gateway import build_event
 from devtools.signing import sign_webhook
-from tests.fakes import CREDS, FakeStore, FakeTokenProvider, make_response
+from tests.fakes import CREDS, FakeStore, FakeTokenProvider, make_response, unprepare
 
 # Fixed test secrets (32 bytes each, base64): the current one and the one being rotated in.
 SECRET_CURRENT = "whsec_" + base64.b64encode(b"interact-relay-current-secret-01").decode()
@@ -65,11 +66,12 @@ class OkSession:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
-    def prepare_request(self, request: Any) -> Any:
-        return request
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        return request.prepare()
 
-    def send(self, request: Any, **kwargs: Any) -> Any:
-        return self.post(request.url, params=request.params, data=request.data, headers=request.headers, **kwargs)
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> Any:
+        url, params, headers = unprepare(request)
+        return self.post(url, params=params, data=request.body, headers=headers, **kwargs)
 
     def post(self, url: str, **kwargs: Any) -> Any:
         self.calls.append({"url": url, **kwargs})

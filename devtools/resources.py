@@ -251,6 +251,15 @@ def _create_table(ddb: Any, name: str, props: Mapping[str, Any]) -> None:
         )
 
 
+def create_handles_table(
+    ddb: Any, name: str, template: Mapping[str, Any] | None = None, *, region: str = DEFAULT_REGION
+) -> None:
+    """The results table exactly as template.yaml declares it, through `ddb` (also an in-process moto client)."""
+    tpl = load_template() if template is None else template
+    resolver = TemplateResolver(tpl, region=region, names={TABLE_RESOURCE: name})
+    _create_table(ddb, name, resource_properties(tpl, TABLE_RESOURCE, resolver))
+
+
 _QUEUE_ATTRS = (
     "VisibilityTimeout",
     "MessageRetentionPeriod",
@@ -321,8 +330,8 @@ def create_resources(
     sm = aws_client("secretsmanager", endpoint_url, region)
 
     table_name = f"{prefix}-handles"
+    create_handles_table(ddb, table_name, tpl, region=region)
     resolver = TemplateResolver(tpl, region=region, names={TABLE_RESOURCE: table_name})
-    _create_table(ddb, table_name, resource_properties(tpl, TABLE_RESOURCE, resolver))
 
     dlq_props = resource_properties(tpl, DLQ_RESOURCE, resolver)
     dlq_url, dlq_arn = _create_queue(sqs, f"{prefix}-events-dlq", dlq_props, None)

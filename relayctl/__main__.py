@@ -92,6 +92,15 @@ def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 1000) -> dict[
             sqs.change_message_visibility_batch(QueueUrl=dlq_url, Entries=entries)
 
 
+def _get(ddb: Any, table: str, event_id: str) -> dict[str, Any] | None:
+    item = ddb.get_item(TableName=table, Key=HandlesStore.result_key(event_id), ConsistentRead=True).get("Item")
+    return decode_item(item) if item else None
+
+
+def _aws_code(exc: ClientError | BotoCoreError) -> str:
+    return str(exc.response.get("Error", {}).get("Code")) if isinstance(exc, ClientError) else type(exc).__name__
+
+
 def _explain(doc: dict[str, Any], now: float) -> str | None:
     """What a `pending` or `queued` item means for the operator (the raw fields do not say it)."""
     status, lease = doc.get("status"), doc.get("leaseUntil")
@@ -115,9 +124,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     ddb = boto3.client("dynamodb")
     found = 0
     for event_id in args.event_ids:
-        item = ddb.get_item(TableName=t.table, Key=HandlesStore.result_key(event_id), ConsistentRead=True).get("Item")
-        if item:
-            doc = decode_item(item)
+        doc = _get(ddb, t.table, event_id)
+        if doc is not None:
             if not args.full:
                 doc.pop("request", None)
             detail = _explain(doc, time.time())
@@ -200,17 +208,13 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _get(ddb: Any, table: str, event_id: str) -> dict[str, Any] | None:
-    item = ddb.get_item(TableName=table, Key=HandlesStore.result_key(event_id), ConsistentRead=True).get("Item")
-    return decode_item(item) if item else None
-
-
 def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) -> str:
     """Mark a rejected event `queued` and send its original request to the queue. Returns what happened."""
     doc = _get(ddb, table, event_id)
     skip = _replay_plan(doc)
-    if skip is not None or doc is None:
-        return skip or "not found"
+    if skip is not None:
+        return skip
+    assert doc is not None  # _replay_plan says "not found" otherwise
     request = doc["request"]
     # `queued` first: the relay claims only a queued (or new) event, so the mark must be there before the message.
     stamp = {"S": iso_millis(time.time())}
@@ -219,10 +223,8 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     # replayable); a rejected event had none.
     earlier = doc.get("replayedAt") if was["S"] == "queued" else None
 
-    def mark(update: str, condition: str) -> None:  # between what it was (:was) and `queued` (:q), stamped :now
-        values = {":q": {"S": "queued"}, ":was": was, ":now": stamp}
-        if earlier is not None and ":old" in update:
-            values[":old"] = {"S": str(earlier)}
+    def mark(update: str, condition: str, extra: dict[str, Any] | None = None) -> None:  # :was <-> `queued`, at :now
+        values = {":q": {"S": "queued"}, ":was": was, ":now": stamp, **(extra or {})}
         ddb.update_item(
             TableName=table,
             Key=HandlesStore.result_key(event_id),
@@ -248,10 +250,13 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
         sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attrs)
     except (ClientError, BotoCoreError) as exc:
         # Nothing was queued: put the mark back, so the event stays listed as it was and can be replayed again.
-        reason = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
+        reason = _aws_code(exc)
         try:
-            put_back = "SET #s = :was, replayedAt = :old" if earlier is not None else "SET #s = :was REMOVE replayedAt"
-            mark(put_back, "#s = :q AND replayedAt = :now")
+            if earlier is not None:
+                restore = {":old": {"S": str(earlier)}}
+                mark("SET #s = :was, replayedAt = :old", "#s = :q AND replayedAt = :now", restore)
+            else:
+                mark("SET #s = :was REMOVE replayedAt", "#s = :q AND replayedAt = :now")
         except (ClientError, BotoCoreError):
             return f"failed: not sent ({reason}), and left marked queued: run `relayctl replay {event_id}` again"
         return f"failed: not sent to the queue ({reason}); still {was['S']}"
@@ -355,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (ClientError, BotoCoreError) as exc:
         # A wrong table or queue, or missing access: one line, not a traceback.
-        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
-        print(f"relayctl: AWS refused the call: {code}: {exc}", file=sys.stderr)
+        print(f"relayctl: AWS refused the call: {_aws_code(exc)}: {exc}", file=sys.stderr)
         return 2
 
 

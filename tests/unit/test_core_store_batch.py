@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import boto3
 import pytest
 from botocore.exceptions import ClientError
 from relay.codec import item_size
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
 
+from devtools.resources import create_handles_table
 from tests.fakes import FakeClock
 
 
@@ -179,44 +181,24 @@ def test_an_unreadable_state_item_reads_as_empty_at_its_version(state: dict[str,
         {"state": {"S": "{}"}, "version": {"S": "three"}},  # version not a number
     ],
 )
-def test_the_next_write_replaces_a_damaged_state_item(damage: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    # GIVEN a damaged state item in a table (moto in-process: DynamoDB's condition semantics)
-    import boto3
-    from moto import mock_aws
+def test_the_next_write_replaces_a_damaged_state_item(damage: dict[str, Any], aws: None) -> None:
+    # GIVEN a damaged state item in the template's table (moto in-process: DynamoDB's condition semantics)
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    clock = FakeClock()
+    s = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    ddb.put_item(TableName="t", Item={**s.state_key("id", "ds"), **damage})
+    answer = [{"type": "state:store", "payload": [{"key": "k", "value": "v", "maxAge": 60}]}]
 
-    for name, value in {
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "y",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB"):
-        monkeypatch.delenv(name, raising=False)
-    with mock_aws():
-        ddb = boto3.client("dynamodb")
-        ddb.create_table(
-            TableName="t",
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        clock = FakeClock()
-        s = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
-        ddb.put_item(TableName="t", Item={**s.state_key("id", "ds"), **damage})
-        answer = [{"type": "state:store", "payload": [{"key": "k", "value": "v", "maxAge": 60}]}]
+    # WHEN the identity's next event writes its state
+    current = s.get_state("id", "ds")
+    wrote = s.update_state("id", "ds", current, lambda state: apply_handles(state, answer, clock.now()))
 
-        # WHEN the identity's next event writes its state
-        current = s.get_state("id", "ds")
-        wrote = s.update_state("id", "ds", current, lambda state: apply_handles(state, answer, clock.now()))
-
-        # THEN one write replaced it, and it reads back whole
-        assert wrote == 1
-        after = s.get_state("id", "ds")
-        assert set(after.entries) == {"k"}
-        assert after.version == max(current.version, 0) + 1
+    # THEN one write replaced it, and it reads back whole
+    assert wrote == 1
+    after = s.get_state("id", "ds")
+    assert set(after.entries) == {"k"}
+    assert after.version == max(current.version, 0) + 1
 
 
 def noise(n: int) -> str:

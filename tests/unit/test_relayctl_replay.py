@@ -4,16 +4,15 @@ dead-letter queue, a partial redrive (the happy paths run against moto over HTTP
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 from relay import codec
 from relay.process_event import INVALID_EVENT_TYPE
 
 import relayctl.__main__ as relayctl_main
+from devtools.resources import create_handles_table
 from relayctl.__main__ import _peek_dlq, replay_event
 
 
@@ -59,20 +58,6 @@ def test_replay_refuses_an_event_the_relay_itself_found_invalid() -> None:
 # -- against moto in-process (SQS/DynamoDB semantics that the logic relies on) -------------------------------------
 
 
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name, value in {
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "y",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_DYNAMODB"):
-        monkeypatch.delenv(name, raising=False)
-    with mock_aws():
-        yield
-
-
 def test_show_finds_a_dead_lettered_event_beyond_the_first_ten_and_hides_none(aws: None) -> None:
     # GIVEN 15 messages in the dead-letter queue, the event is the 13th
     sqs = boto3.client("sqs")
@@ -106,15 +91,7 @@ def rejected_item(event_id: str) -> dict[str, Any]:
 def test_a_replay_whose_message_cannot_be_sent_leaves_the_event_rejected_and_replayable(aws: None) -> None:
     # GIVEN a rejected event, and a queue URL that does not exist
     ddb = boto3.client("dynamodb")
-    ddb.create_table(
-        TableName="t",
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_handles_table(ddb, "t")
     ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
     sqs = boto3.client("sqs")
     missing = "https://sqs.us-east-1.amazonaws.com/123456789012/no-such-queue"
@@ -161,15 +138,7 @@ def test_redrive_that_leaves_messages_behind_exits_1(aws: None, monkeypatch: pyt
 
 
 def make_table(ddb: Any) -> None:
-    ddb.create_table(
-        TableName="t",
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_handles_table(ddb, "t")
 
 
 def test_a_replay_left_marked_queued_with_nothing_sent_can_be_replayed_again(aws: None) -> None:

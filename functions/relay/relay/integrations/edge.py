@@ -99,6 +99,13 @@ class EdgeClient:
         prepared = self._session.prepare_request(
             requests.Request("POST", url, params=params, data=body, headers=headers)
         )
+        # With trust_env (a proxy is configured) apply what `Session.request` would take from the environment too:
+        # proxies and, behind a TLS-inspecting proxy, REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE.
+        env: dict[str, Any] = (
+            dict(self._session.merge_environment_settings(prepared.url, {}, None, None, None))
+            if self._session.trust_env
+            else {}
+        )
         if self._slots is not None and not self._slots.acquire(timeout=max(deadline.remaining() - MIN_ATTEMPT_S, 0)):
             return None
         try:
@@ -107,13 +114,6 @@ class EdgeClient:
             timeout = deadline.http_timeouts(s.edge_connect_timeout_s, s.edge_read_timeout_s)
             # Never follow a redirect: it would re-send the event (identities, API key) to wherever it points, and
             # that host's answer would be stored as Edge's. A 3xx is refused like any other non-recoverable status.
-            # With trust_env (a proxy is configured) apply what `Session.request` would take from the environment
-            # too: proxies and, behind a TLS-inspecting proxy, REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE.
-            env: dict[str, Any] = (
-                dict(self._session.merge_environment_settings(prepared.url, {}, None, None, None))
-                if self._session.trust_env
-                else {}
-            )
             return self._session.send(prepared, timeout=timeout, allow_redirects=False, **env)
         finally:
             if self._slots is not None:

@@ -212,9 +212,8 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     """Mark a rejected event `queued` and send its original request to the queue. Returns what happened."""
     doc = _get(ddb, table, event_id)
     skip = _replay_plan(doc)
-    if skip is not None:
-        return skip
-    assert doc is not None  # _replay_plan says "not found" otherwise
+    if skip is not None or doc is None:  # (_replay_plan says "not found" for None)
+        return skip or "not found"
     request = doc["request"]
     # `queued` first: the relay claims only a queued (or new) event, so the mark must be there before the message.
     stamp = {"S": iso_millis(time.time())}

@@ -99,6 +99,23 @@ def test_batch_stops_holding_back_once_a_record_keeps_failing() -> None:
     assert relay.processed == ["a1", "a2"]
 
 
+def test_an_identity_with_many_records_in_a_batch_starts_first() -> None:
+    # GIVEN a batch in which one identity's three records come after two identities with one record each, and one
+    # worker (so the order in which groups start is the order they run in)
+    relay = ScriptedRelay(failing=set())
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    records = [record("a1", 1, "crm-a"), record("b1", 1, "crm-b")]
+    records += [record(f"c{n}", 1, "crm-c") for n in (1, 2, 3)]
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN the long group started first (its records in their order; started last, it would be the batch's tail while
+    # the other workers sat idle), and the others kept batch order
+    assert answer == {"batchItemFailures": []}
+    assert relay.processed == ["c1", "c2", "c3", "a1", "b1"]
+
+
 def test_webhook_invalid_body_whose_rejection_cannot_be_stored_answers_503() -> None:
     # GIVEN a signed body that is not an event, and a store that is down
     h = harness()

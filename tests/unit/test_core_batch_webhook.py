@@ -692,3 +692,59 @@ def test_the_batch_summary_counts_an_invalid_record_whose_rejection_was_not_stor
     assert answer == {"batchItemFailures": [{"itemIdentifier": "m-e-1"}]}
     (summary,) = [r for r in caplog.records if r.getMessage() == "batch done"]
     assert summary.__dict__["outcomes"] == {"failed": 1}
+
+
+# -- misconfiguration the operator must be told about ----------------------------------------------------------------
+
+
+class RefusingSqs:
+    def send_message(self, **kwargs: Any) -> dict[str, Any]:
+        raise ClientError({"Error": {"Code": "AWS.SimpleQueueService.NonExistentQueue", "Message": "m"}}, "SendMessage")
+
+
+@pytest.mark.parametrize(
+    ("client", "url", "level", "message", "reason"),
+    [
+        (RefusingSqs(), QUEUE_URL, logging.WARNING, "the retry queue refused the event", "NonExistentQueue"),
+        (None, None, logging.ERROR, "no retry queue: RETRY_QUEUE_URL is not set", None),
+    ],
+)
+def test_a_queue_that_cannot_take_an_event_says_why(
+    caplog: pytest.LogCaptureFixture, client: Any, url: str | None, level: int, message: str, reason: str | None
+) -> None:
+    # GIVEN a webhook event to queue, and a queue that does not exist (or none configured)
+    inbound = build_inbound(
+        {"event": {"xdm": {"_id": "q-1"}}}, event_id="q-1", datastream_id="ds-1", source="webhook", received_at=0
+    )
+
+    # WHEN it is sent
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        sent = RetryQueue(client, url).send(inbound)
+
+    # THEN it failed (the webhook answers 503) and the log says why, in AWS's words
+    assert sent is False
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.getMessage()) for r in records] == [(level, message)]
+    if reason is not None:
+        assert reason in str(records[0].__dict__.get("reason"))
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_safety_margin_as_long_as_the_invocation_is_logged_as_the_error_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # GIVEN SAFETY_MARGIN_MS as long as the function's timeout (every event would go to the dead-letter queue)
+    from relay.runtime import Runtime
+
+    from devtools.lambda_context import new_context
+
+    runtime = Runtime(load_settings({**ENV, "SAFETY_MARGIN_MS": "30000"}))
+
+    # WHEN a batch arrives with 30 s to run
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        answer = runtime.handle({"Records": [record("s1", 1)]}, new_context(30))
+
+    # THEN the record is redelivered untouched, and one ERROR names the setting
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-s1"}]}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("SAFETY_MARGIN_MS leaves no time")

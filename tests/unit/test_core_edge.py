@@ -217,6 +217,28 @@ def test_deliver_wraps_a_non_json_gateway_error():
     }
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_problem_that_echoes_the_request_headers_keeps_no_credential(as_json: bool) -> None:
+    # GIVEN a host (a wrong EDGE_BASE_URL, a proxy's error page) that answers 404 with the request's headers in it
+    clock = FakeClock()
+    echo = f"no route. headers: Authorization: Bearer token-1; x-api-key: {CREDS.client_id}"
+    answer = (
+        make_response(404, {"type": "t", "title": echo, "detail": echo, "report": {"seen": [echo]}})
+        if as_json
+        else make_response(404, text=echo, reason="Not Found")
+    )
+    session = FakeSession([answer])
+
+    # WHEN an event is sent with an IMS token
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock, tokens=FakeTokenProvider()).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN the problem (stored, and answered to a webhook sender) has neither the token nor the API key
+    text = json.dumps(info.value.problem)
+    assert "token-1" not in text and CREDS.client_id not in text
+    assert "Bearer [redacted]; x-api-key: [redacted]" in text
+
+
 def test_problem_from_truncates_detail_and_drops_unknown_fields():
     # GIVEN
     long_text = make_response(502, text="x" * 1000, reason="")

@@ -181,6 +181,30 @@ def test_ims_still_refused_after_reread_is_a_credentials_error(status):
     assert len(session.calls) == 2
 
 
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ({"error": "invalid_client", "error_description": "invalid client_id parameter"}, " invalid_client"),
+        ({"error": "invalid_scope"}, " invalid_scope"),
+        ({"error": "Bearer s3cret-in-an-odd-answer"}, ""),  # not an OAuth error code: not repeated
+        (["not", "an", "object"], ""),
+    ],
+)
+def test_an_ims_refusal_names_its_oauth_error_code_and_nothing_else(body: object, said: str) -> None:
+    # GIVEN IMS refusing the credentials (before and after the secret is re-read) with an OAuth error answer
+    clock = FakeClock()
+    creds = FakeCredentialsStore(CREDS, ROTATED)
+    session = FakeSession([make_response(400, body), make_response(400, body)])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock, creds).get()
+
+    # THEN the reason logged and stored says which refusal it was (a wrong client id is not a wrong scope), and
+    # never IMS's free-text description
+    assert str(info.value) == f"IMS refused the token request (HTTP 400{said})"
+
+
 def test_ims_server_error_is_not_a_reason_to_reread_the_secret():
     # GIVEN
     clock = FakeClock()
@@ -289,3 +313,22 @@ def test_ims_never_follows_a_redirect():
     # THEN (the loopback test in tests/integration shows the secret reaches no other host)
     assert str(info.value) == "IMS refused the token request (HTTP 307)"
     assert [call.allow_redirects for call in session.calls] == [False]
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_secret_that_cannot_be_read_is_named_with_the_aws_error_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a Secrets Manager (in-process moto) without the configured Adobe secret
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", raising=False)
+    store = CredentialsStore(
+        boto3.client("secretsmanager"), adobe_secret_id="relay/adobe", webhook_secret_id=None, max_age=300
+    )
+
+    # WHEN the relay reads it
+    with pytest.raises(CredentialsError) as info:
+        store.adobe()
+
+    # THEN the reason says which secret, and why in AWS's words (not found, access denied, KMS, ...)
+    assert str(info.value) == "Adobe secret (ADOBE_SECRET_ID) could not be read (ResourceNotFoundException)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -148,18 +149,23 @@ def test_process_claims_with_the_event_details():
     assert store.claims == [{"event_id": "evt-1", "datastream_id": DS, "source": "sqs", "lease_s": 30}]
 
 
-def test_process_store_unavailable_on_claim_is_retry_without_release():
-    # GIVEN
-    store = FakeStore(claim_result=StoreUnavailable("dynamodb update_item failed: Throttling"))
+def test_process_store_unavailable_on_claim_is_retry_without_release(caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN a table that cannot be written (missing, throttled, an IAM gap)
+    store = FakeStore(claim_result=StoreUnavailable("dynamodb update_item failed: ResourceNotFoundException"))
     edge = FakeEdge()
 
     # WHEN
-    result = process(store, edge, FakeClock())
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        result = process(store, edge, FakeClock())
 
-    # THEN
-    assert result == Result(Outcome.RETRY, "evt-1", reason="dynamodb update_item failed: Throttling")
+    # THEN the event is retried, nothing was sent or given back
+    assert result == Result(Outcome.RETRY, "evt-1", reason="dynamodb update_item failed: ResourceNotFoundException")
     assert edge.calls == []
     assert store.releases == []
+    # AND the operator is told why, at WARNING, with the line the runbook says to look for
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warned] == ["event will be retried"]
+    assert "ResourceNotFoundException" in str(warned[0].__dict__.get("reason"))
 
 
 def test_process_edge_unavailable_releases_the_claim_and_retries():

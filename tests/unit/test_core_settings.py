@@ -105,6 +105,17 @@ def test_load_settings_names_bad_edge_auth_webhook_auth_and_http_base_url_togeth
     assert {name: problems[name] for name in expected} == expected
 
 
+@pytest.mark.parametrize(
+    "base", ["https://server.adobedc.net/ee/v2/interact", "https://server.adobedc.net/ee", "https://h.example?x=1"]
+)
+def test_an_edge_base_url_with_a_path_is_a_configuration_error(base: str) -> None:
+    # GIVEN the interact endpoint's full URL where only the host belongs (every call would be a 404 rejection)
+    problems = problems_of({**MINIMAL, "EDGE_BASE_URL": base})
+
+    # THEN it is named as the configuration error it is
+    assert problems["EDGE_BASE_URL"].startswith("must be the host only")
+
+
 def test_load_settings_does_not_blame_the_default_hint_template_for_a_bad_base_url():
     # GIVEN a plain-http, non-loopback Edge host and no EDGE_HINT_URL_TEMPLATE
     env = {**MINIMAL, "EDGE_BASE_URL": "http://edge.example.com"}
@@ -293,3 +304,11 @@ def test_secrets_manager_calls_fail_within_seconds_while_other_clients_keep_the_
     sqs = clients["sqs"].meta.config
     assert (sqs.connect_timeout, sqs.read_timeout, sqs.retries["total_max_attempts"]) == (0.5, 1, 2)
     assert 2 * (sqs.connect_timeout + sqs.read_timeout) + 1 <= SQS_WORST_CASE_S
+
+
+def test_a_webhook_deadline_too_short_to_try_edge_is_a_configuration_error() -> None:
+    # GIVEN a deadline shorter than the 0.75 s the webhook keeps back to queue the event (Edge would never be called)
+    problems = problems_of({**MINIMAL, "WEBHOOK_DEADLINE_MS": "600"})
+
+    # THEN
+    assert problems == {"WEBHOOK_DEADLINE_MS": "must be between 1000 and 29000"}

@@ -120,6 +120,10 @@ class Relay:
                 event_id, datastream_id=inbound.datastream_id, source=inbound.source, lease_s=lease_s
             )
         except StoreUnavailable as exc:
+            # Nothing was claimed, so nothing to give back; but the operator must see why (a missing table, a
+            # throttled one, an IAM gap): the same line and count as any event handed back for a retry.
+            logger.warning("event will be retried", eventId=event_id, reason=str(exc))
+            count("RetriesScheduled")
             return Result(Outcome.RETRY, event_id, reason=str(exc))
         if not claim.acquired:
             existing = claim.existing or {}

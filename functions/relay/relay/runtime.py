@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 
 WORKERS_PER_EDGE_SLOT = 2
+MIN_WORKING_TIME_S = 1.0  # less than this left after SAFETY_MARGIN_MS at the start of an invocation: misconfigured
 
 
 def new_http_session(pool_size: int) -> requests.Session:
@@ -137,6 +138,14 @@ class Runtime:
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0
+        if remaining - self.settings.safety_margin_s < MIN_WORKING_TIME_S:
+            # Only a misconfiguration does this on a fresh invocation (a margin as long as the function's timeout):
+            # every event would be retried until it reached the dead-letter queue, with nothing else to say why.
+            logger.error(
+                "SAFETY_MARGIN_MS leaves no time to relay anything; raise the function timeout or lower the margin",
+                safetyMarginMs=round(self.settings.safety_margin_s * 1000),
+                remainingMs=round(remaining * 1000),
+            )
         try:
             records = event.get("Records") if isinstance(event, dict) else None
             if isinstance(records, list) and records and records[0].get("eventSource") == "aws:sqs":

@@ -51,8 +51,13 @@ class Settings:
         return self.edge_hint_url_template.format(base=self.edge_base_url, hint=hint)
 
 
-def _url(problems: dict[str, str], name: str, value: str) -> str:
+def _url(problems: dict[str, str], name: str, value: str, *, host_only: bool = False) -> str:
     parts = urlsplit(value)
+    if host_only and (parts.path.strip("/") or parts.query or parts.fragment):
+        # The relay adds /ee/v2/interact itself: a base with a path would make every call a 404, every event a
+        # stored rejection, rather than one clear configuration error.
+        problems[name] = "must be the host only, e.g. https://server.adobedc.net (no path: /ee/v2/interact is added)"
+        return value
     if parts.scheme == "https" and parts.hostname:
         return value.rstrip("/")
     if parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS:
@@ -105,7 +110,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     ):
         if needed and not value:
             problems[name] = f"is required when {because}"
-    base = _url(problems, "EDGE_BASE_URL", env.get("EDGE_BASE_URL", "").strip() or "https://server.adobedc.net")
+    base = _url(
+        problems,
+        "EDGE_BASE_URL",
+        env.get("EDGE_BASE_URL", "").strip() or "https://server.adobedc.net",
+        host_only=True,
+    )
     ims = _url(
         problems,
         "IMS_TOKEN_URL",
@@ -122,7 +132,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     queue = env.get("RETRY_QUEUE_URL", "").strip() or None
     ttl_days = _int(problems, env, "RESULT_TTL_DAYS", 30, 1, 3650)
     concurrency = _int(problems, env, "BATCH_CONCURRENCY", 16, 1, 64)
-    deadline_ms = _int(problems, env, "WEBHOOK_DEADLINE_MS", 5000, 500, 29000)
+    # At least 1 s: the webhook keeps 0.75 s of it back to queue the event if Edge stays down.
+    deadline_ms = _int(problems, env, "WEBHOOK_DEADLINE_MS", 5000, 1000, 29000)
     connect_ms = _int(problems, env, "EDGE_CONNECT_TIMEOUT_MS", 3050, 100, 30000)
     read_ms = _int(problems, env, "EDGE_READ_TIMEOUT_MS", 5000, 100, 60000)
     attempts = _int(problems, env, "EDGE_MAX_ATTEMPTS", 5, 1, 20)

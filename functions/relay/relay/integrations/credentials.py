@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aws_lambda_powertools.utilities.parameters import SecretsProvider
+from botocore.exceptions import ClientError
 
 from relay.errors import CredentialsError
 
@@ -45,6 +46,15 @@ class AdobeCredentials:
     scopes: str
 
 
+def _why(exc: BaseException) -> str:
+    """The AWS error code behind Powertools' GetParameterError (ResourceNotFoundException, AccessDeniedException,
+    DecryptionFailure, ...): what the operator must fix. Never the message, which may quote ARNs."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ClientError):
+        return str(cause.response.get("Error", {}).get("Code") or "ClientError")
+    return type(cause or exc).__name__
+
+
 class CredentialsStore:
     """Reads the two secrets; `max_age` seconds of caching per execution environment (Powertools' cache)."""
 
@@ -57,24 +67,24 @@ class CredentialsStore:
         self._max_age = max_age
         self._lock = threading.Lock()
 
-    def _read(self, secret_id: str, force: bool) -> dict[str, Any]:
+    def _read(self, secret_id: str, force: bool, label: str) -> dict[str, Any]:
         with self._lock:  # one read per cache period even when a batch's workers all start at once
             try:
                 raw = self._provider.get(secret_id, max_age=self._max_age, force_fetch=force)
             except Exception as exc:  # GetParameterError wraps every client error
-                raise CredentialsError(f"secret could not be read ({type(exc).__name__})") from None
+                raise CredentialsError(f"{label} could not be read ({_why(exc)})") from None
         try:
             value = json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))  # type: ignore[arg-type]
         except (ValueError, TypeError):
-            raise CredentialsError("secret is not JSON") from None
+            raise CredentialsError(f"{label} is not JSON") from None
         if not isinstance(value, dict):
-            raise CredentialsError("secret is not a JSON object")
+            raise CredentialsError(f"{label} is not a JSON object")
         return value
 
     def adobe(self, *, force: bool = False) -> AdobeCredentials:
         if not self._adobe_id:
             raise CredentialsError("ADOBE_SECRET_ID is not configured")
-        doc = self._read(self._adobe_id, force)
+        doc = self._read(self._adobe_id, force, "Adobe secret (ADOBE_SECRET_ID)")
         missing = [k for k in ("clientId", "clientSecret", "orgId") if not isinstance(doc.get(k), str) or not doc[k]]
         if missing:
             raise CredentialsError(f"Adobe secret lacks {', '.join(missing)}")
@@ -86,4 +96,5 @@ class CredentialsStore:
     def webhook_secrets(self, *, force: bool = False) -> list[str]:
         if not self._webhook_id:
             raise CredentialsError("WEBHOOK_SECRET_ID is not configured")
-        return check_webhook_secrets(self._read(self._webhook_id, force).get("secrets"))
+        doc = self._read(self._webhook_id, force, "webhook secret (WEBHOOK_SECRET_ID)")
+        return check_webhook_secrets(doc.get("secrets"))

@@ -34,8 +34,27 @@ class EdgeAnswer:
         return value if isinstance(value, str) else None
 
 
-def problem_from(resp: requests.Response) -> dict[str, Any]:
-    """Edge's RFC 7807 problem, or a generic one for a gateway's non-JSON answer."""
+REDACTED = "[redacted]"
+
+
+def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, list):
+        return [_redact(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact(v, secrets) for k, v in value.items()}
+    return value
+
+
+def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Edge's RFC 7807 problem, or a generic one for a gateway's non-JSON answer.
+
+    The problem is stored and may be answered to a webhook sender, so the relay's own credentials (`redact`: the
+    access token, the API key) are cut out of it: a wrong host or a proxy error page may echo the request's
+    headers back."""
     try:
         doc = resp.json()
     except ValueError:
@@ -44,13 +63,15 @@ def problem_from(resp: requests.Response) -> dict[str, Any]:
         found = {k: doc[k] for k in ("type", "status", "title", "detail", "report") if k in doc}
         if not isinstance(found.get("status"), int) or isinstance(found.get("status"), bool):
             found["status"] = resp.status_code  # what the relay acted on, when the body does not say it
-        return found
-    return {
-        "type": "about:blank",
-        "status": resp.status_code,
-        "title": resp.reason or f"HTTP {resp.status_code}",
-        "detail": resp.text[:300],
-    }
+    else:
+        found = {
+            "type": "about:blank",
+            "status": resp.status_code,
+            "title": resp.reason or f"HTTP {resp.status_code}",
+            "detail": resp.text[:300],
+        }
+    secrets = tuple(s for s in redact if s)
+    return _redact(found, secrets) if secrets else found
 
 
 class EdgeClient:
@@ -165,7 +186,7 @@ class EdgeClient:
                     logger.warning("edge accepted the event but its answer is not a JSON object", status=status)
                     return EdgeAnswer(status, {}, attempt, unreadable=True)
                 else:
-                    problem = problem_from(resp)
+                    problem = problem_from(resp, (token.value, token.client_id) if token is not None else ())
                     code = str(problem.get("type", ""))
                     if status == 401 and "EXEG-0503" in code and self._tokens and not refreshed:
                         refreshed = True  # expired token: refresh once and retry at once

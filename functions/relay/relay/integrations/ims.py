@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 
+_OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 FAILURE_HOLD_S = 5.0  # after a failed fetch, callers get its error for this long instead of asking IMS again
 
 
@@ -25,6 +27,15 @@ class AccessToken:
     expires_at: float  # wall clock
     client_id: str = ""  # the credential the token was minted for: Edge wants it as x-api-key
     org_id: str = ""
+
+
+def _oauth_error(resp: requests.Response) -> str:
+    """The `error` code of an OAuth error answer: a short, fixed word, safe to log (never `error_description`)."""
+    try:
+        code = resp.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    return code if isinstance(code, str) and _OAUTH_ERROR.fullmatch(code) else ""
 
 
 class ImsTokenProvider:
@@ -73,17 +84,19 @@ class ImsTokenProvider:
 
     def _fetch(self, deadline: Deadline | None) -> AccessToken:
         creds = self._credentials.adobe()
-        status = self._request(creds, deadline)
-        if isinstance(status, AccessToken):
-            return status
-        if status in (400, 401, 403):  # refused credentials: the secret may have been rotated; re-read it once
+        refused = self._request(creds, deadline)
+        if isinstance(refused, AccessToken):
+            return refused
+        if refused[0] in (400, 401, 403):  # refused credentials: the secret may have been rotated; re-read it once
             creds = self._credentials.adobe(force=True)
-            status = self._request(creds, deadline)
-            if isinstance(status, AccessToken):
-                return status
-        raise CredentialsError(f"IMS refused the token request (HTTP {status})")
+            refused = self._request(creds, deadline)
+            if isinstance(refused, AccessToken):
+                return refused
+        status, code = refused
+        raise CredentialsError(f"IMS refused the token request (HTTP {status}{' ' + code if code else ''})")
 
-    def _request(self, creds: AdobeCredentials, deadline: Deadline | None) -> AccessToken | int:
+    def _request(self, creds: AdobeCredentials, deadline: Deadline | None) -> AccessToken | tuple[int, str]:
+        """The token, or IMS's refusal: its status and OAuth error code (`invalid_client`, `invalid_scope`, ...)."""
         timeout = self._timeout
         if deadline is not None:  # the token request counts against the invocation's budget too
             if deadline.remaining() < 0.05:
@@ -104,7 +117,7 @@ class ImsTokenProvider:
         except requests.RequestException as exc:
             raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
         if resp.status_code != 200:
-            return resp.status_code
+            return resp.status_code, _oauth_error(resp)
         try:
             doc = resp.json()
             value, expires_in = str(doc["access_token"]), float(doc["expires_in"])

@@ -49,8 +49,10 @@ class RetryQueue:
         self._url = queue_url
 
     def send(self, inbound: InboundEvent, *, delay_s: float | None = None) -> bool:
-        """Enqueue the prepared request (stable `xdm._id`); False when there is no queue or the send failed."""
+        """Enqueue the prepared request (stable `xdm._id`); False when there is no queue or the send failed (logged
+        with why: the caller only knows that it failed)."""
         if not self._url:
+            logger.error("no retry queue: RETRY_QUEUE_URL is not set", eventId=inbound.event_id)
             return False
         try:
             self._sqs.send_message(
@@ -63,7 +65,12 @@ class RetryQueue:
                     "eventId": {"DataType": "String", "StringValue": inbound.event_id},
                 },
             )
-        except (ClientError, BotoCoreError):
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code") or "ClientError"
+            logger.warning("the retry queue refused the event", eventId=inbound.event_id, reason=str(code))
+            return False
+        except BotoCoreError as exc:
+            logger.warning("the retry queue could not be reached", eventId=inbound.event_id, reason=type(exc).__name__)
             return False
         return True
 

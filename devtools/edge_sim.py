@@ -141,6 +141,14 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+_ECID_RE = re.compile(r"[0-9]{38}")
+
+
+def _not_json(constant: str) -> Any:
+    """NaN, Infinity and -Infinity are Python's, not JSON's (RFC 8259): Edge answers them 400 EXEG-0101."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def encode_identity_state(ecid: str) -> str:
     """Encode an ECID as the value of the ``kndctr_<org>_identity`` state entry (protobuf field 1, base64)."""
     raw = ecid.encode("utf-8")
@@ -676,7 +684,7 @@ class EdgeSimulator(LoopbackService):
         given = ctx.query.get("requestId") or ctx.headers.get("x-request-id") or str(uuid.uuid4())
         ctx.request_id = f"{given}-{secrets.token_hex(8)}"
         try:
-            ctx.body = json.loads(ctx.raw) if ctx.raw else None
+            ctx.body = json.loads(ctx.raw, parse_constant=_not_json) if ctx.raw else None
         except (ValueError, UnicodeDecodeError):
             ctx.body = None
         ctx.xdm_id = _xdm_id(ctx.body)
@@ -966,7 +974,9 @@ class EdgeSimulator(LoopbackService):
             for entry in entries:
                 if isinstance(entry, dict) and entry.get("key") == identity_key:
                     ecid = decode_identity_state(entry.get("value"))
-                    if ecid is not None and ecid in self._visitors:
+                    # The value carries its own ECID (reference §5): one this simulator never issued (real Edge's,
+                    # an earlier run's) is a visitor too, as it would be for Edge.
+                    if ecid is not None and (ecid in self._visitors or _ECID_RE.fullmatch(ecid)):
                         return ecid
         identity_map = xdm.get("identityMap")
         if isinstance(identity_map, dict):

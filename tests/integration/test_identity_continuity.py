@@ -23,7 +23,7 @@ from relay.identity_state import opaque_identity_id
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
-from devtools.edge_sim import IDENTITY_MAX_AGE, decode_identity_state, org_cookie_prefix
+from devtools.edge_sim import FIXTURE_DIR, IDENTITY_MAX_AGE, decode_identity_state, org_cookie_prefix
 from devtools.fault_proxy import FaultProxy
 from devtools.stack import DATASTREAM_ID, LocalStack
 from tests.fakes import FakeClock
@@ -231,6 +231,29 @@ def test_three_cold_starts_keep_one_ecid_and_send_back_state_on_the_hinted_path(
 
 
 # ---------------------------------------------------------------------------------------------------- 2. expiry
+
+
+def test_an_identity_issued_by_real_edge_is_kept_sent_back_and_continued(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN a new CRMID whose first answer is Adobe's real captured one (its ECID, its identity and cluster entries)
+    stack = clean_stack
+    crm, (e1, e2) = new_ids("real-edge", 2)
+    fixture = json.loads((FIXTURE_DIR / "send-event-with-identity.json").read_text())
+    [fixture_identity] = handle_payload(fixture["handle"], "identity:result")
+    fixture_entries = {e["key"]: e["value"] for e in handle_payload(fixture["handle"], "state:store")}
+    stack.sim.add_fault(match_id=e1, fixture="send-event-with-identity.json")
+    clock = FakeClock(wall=T0)
+    via_sqs(stack, new_runtime(clock), crm_event(crm, e1))
+    assert stored_ecid(stack, e1) == fixture_identity["id"]
+
+    # WHEN the identity's next event arrives (another execution environment)
+    clock.advance(5)
+    via_sqs(stack, new_runtime(clock), crm_event(crm, e2))
+
+    # THEN the relay sent Edge's own entries back, byte for byte, and Edge went on with that visitor: same ECID
+    assert sent_values(request_of(stack, e2)) == fixture_entries
+    assert stored_ecid(stack, e2) == fixture_identity["id"]
 
 
 def test_entry_past_its_max_age_is_not_sent_while_the_identity_entry_still_is(

@@ -436,6 +436,37 @@ def test_a_bad_datastream_attribute_is_rejected_under_the_events_own_id() -> Non
     assert fields["error"]["errors"][0]["path"] == "datastreamId"
 
 
+@pytest.mark.parametrize("body", ["{not json", '{"event": []}'])
+def test_a_body_that_cannot_be_read_is_filed_under_the_datastream_its_record_named(body: str) -> None:
+    # GIVEN a record naming its datastream, whose body is not JSON (or is JSON but not an event)
+    store = FakeStore()
+    relay, _ = real_relay(store, 0)
+    bad = {**sqs("x", "m-9", "p"), "body": body}
+    bad["messageAttributes"] = {"datastreamId": {"stringValue": "ds-named", "dataType": "String"}}
+
+    # WHEN the batch runs
+    run_batch(relay, [bad])
+
+    # THEN the rejection is filed under ds-named (where anyone filtering by datastream looks), not the default
+    [(_, fields)] = store.rejected_unclaimed
+    assert fields["datastreamId"] == "ds-named"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"event": []}'])
+def test_a_webhook_body_that_cannot_be_read_is_filed_under_the_datastream_it_named(body: bytes) -> None:
+    # GIVEN a signed webhook naming ?datastreamId=ds-named, whose body is not JSON (or not an event)
+    h = harness()
+    headers = sign_webhook(body, SECRETS[0], msg_id="msg-ds")
+
+    # WHEN it is posted
+    answer = h.app.handle(http_event(body, headers, query="datastreamId=ds-named"), None)
+
+    # THEN 400, and the rejection is filed under the datastream the request named
+    assert answer["statusCode"] == 400
+    [(_, fields)] = h.store.rejected_unclaimed
+    assert fields["datastreamId"] == "ds-named"
+
+
 def test_a_failed_record_without_a_message_id_fails_the_whole_batch_rather_than_being_deleted() -> None:
     # GIVEN a malformed record without a messageId whose event fails
     relay = ScriptedRelay(failing={"a1"})

@@ -249,13 +249,15 @@ def test_problem_from_truncates_detail_and_drops_unknown_fields():
     assert problem_from(extra) == {"type": "t", "title": "T", "status": 400}
 
 
-@pytest.mark.parametrize("said", [None, "500", True])
-def test_problem_from_takes_the_http_status_when_the_body_does_not_give_one(said):
-    # GIVEN a 500 whose problem body has no usable status
+@pytest.mark.parametrize("said", [None, "500", True, 400])
+def test_problem_from_takes_the_http_status_whatever_the_body_says(said):
+    # GIVEN a 500 whose problem body has no usable status, or a different one (a gateway's body)
     body = {"type": "t", "title": "T"} | ({} if said is None else {"status": said})
 
     # WHEN / THEN: the stored problem says 500, so the webhook answers 502 (Edge failed), not 422
     assert problem_from(make_response(500, body))["status"] == 500
+    # AND the other way round: a 400 is a rejection (422) even if its body claims a 500
+    assert problem_from(make_response(400, body | {"status": 500}))["status"] == 400
 
 
 # -- retried -------------------------------------------------------------------------------------------------------

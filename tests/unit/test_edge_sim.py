@@ -223,6 +223,9 @@ def test_content_type_and_body_errors(sim: EdgeSimulator, token: str) -> None:
     big["event"]["data"] = {"blob": "x" * 70000}
     assert_problem(interact(sim, token, big), 413, "EXEG-0112-413")
     assert_problem(interact(sim, token, data=b"{not json"), 400, "EXEG-0101-400")
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):  # Python's json reads these; JSON has no such values
+        nan = b'{"event": {"xdm": {"_id": "n", "identityMap": {"CRMID": [{"id": "u", "primary": true}]}, "v": %s}}}'
+        assert_problem(interact(sim, token, data=nan % constant), 400, "EXEG-0101-400")
     problem = assert_problem(interact(sim, token, {"event": {"data": {}}}), 400, "EXEG-0102-400")
     assert problem["title"] == "Invalid request" and "event.xdm" in problem["detail"]
     assert_problem(interact(sim, token, [1, 2]), 400, "EXEG-0102-400")
@@ -303,6 +306,21 @@ def test_returning_visitor_keeps_ecid_new_visitor_gets_new(sim: EdgeSimulator, t
     assert ecid_of(interact(sim, token)) != ecid
     garbage = make_event(meta={"state": {"entries": [{"key": f"{PREFIX}_identity", "value": "%%%"}]}})
     assert ecid_of(interact(sim, token, garbage)) != ecid
+
+
+def test_an_identity_entry_issued_elsewhere_continues_its_own_ecid(sim: EdgeSimulator, token: str) -> None:
+    # GIVEN the identity entry of Adobe's real captured answer (an ECID this simulator never issued)
+    fixture = json.loads((FIXTURE_DIR / "send-event-with-identity.json").read_text())
+    payloads = {h["type"]: h["payload"] for h in fixture["handle"]}
+    [entry] = [e for e in payloads["state:store"] if e["key"].endswith("_identity")]
+    [identity] = payloads["identity:result"]
+    assert entry["key"] == f"{PREFIX}_identity"
+
+    # WHEN it is sent back, as an SDK (or the relay) does
+    back = make_event(meta={"state": {"entries": [{"key": entry["key"], "value": entry["value"]}]}})
+
+    # THEN Edge continues that visitor: the ECID inside the value, not a new one
+    assert ecid_of(interact(sim, token, back)) == identity["id"] == decode_identity_state(entry["value"])
 
 
 def test_fpid_is_deterministic_and_ecid_wins(sim: EdgeSimulator, token: str) -> None:

@@ -31,7 +31,15 @@ from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
 from relay.integrations.store import BATCH_WRITE_SIZE
-from relay.models import MAX_BODY_BYTES, Source, build_inbound, decode_body, event_id_for, resolve_datastream
+from relay.models import (
+    MAX_BODY_BYTES,
+    Source,
+    build_inbound,
+    datastream_for_rejection,
+    decode_body,
+    event_id_for,
+    resolve_datastream,
+)
 from relay.observability import count, logger
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import Settings
@@ -148,7 +156,6 @@ class BatchRunner:
         # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
         fallback_id = _attr(record, "eventId") or message_id
         event_id = fallback_id
-        datastream = self._settings.datastream_id
         try:
             # A webhook event the relay queued itself passed the size check on arrival; its `_id` and timestamp,
             # added since, must not make it fail the check now (it was answered 202: it must be delivered).
@@ -159,7 +166,8 @@ class BatchRunner:
                 doc, event_id=event_id, datastream_id=datastream, source=source, received_at=received_at
             )
         except InvalidEvent as exc:
-            ds, eid, error = datastream, event_id, exc  # `exc` is unbound after the except block
+            ds = datastream_for_rejection(_attr(record, "datastreamId"), self._settings.datastream_id)
+            eid, error = event_id, exc  # `exc` is unbound after the except block
 
             def reject(carry: Carry, _: StateSource | None) -> Done:
                 self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)

@@ -227,6 +227,15 @@ def resolve_datastream(candidate: str | None, default: str) -> str:
     return candidate
 
 
+def datastream_for_rejection(candidate: str | None, default: str) -> str:
+    """The datastream a rejected body is filed under: the one the request named, even when the body could not be read
+    (the datastream does not come from the body); the default when it named none, or none valid."""
+    try:
+        return resolve_datastream(candidate, default)
+    except InvalidEvent:
+        return default
+
+
 def event_id_for(doc: Any, fallback_id: str) -> str:
     """`event.xdm._id` when present and valid, else the transport's id (webhook-id / SQS messageId)."""
     try:

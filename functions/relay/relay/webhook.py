@@ -20,6 +20,7 @@ from relay.models import (
     as_dict,
     bounded_id,
     build_inbound,
+    datastream_for_rejection,
     decode_body,
     event_id_for,
     resolve_datastream,
@@ -184,6 +185,8 @@ class WebhookApp:
                 doc, event_id=event_id, datastream_id=datastream, source="webhook", received_at=received_at
             )
         except InvalidEvent as error:
+            named = (event.query_string_parameters or {}).get("datastreamId")
+            datastream = datastream_for_rejection(named, self._settings.datastream_id)
             try:
                 self._relay.reject_invalid(
                     event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text

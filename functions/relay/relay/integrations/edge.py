@@ -60,9 +60,10 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     except ValueError:
         doc = None
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
-        found = {k: doc[k] for k in ("type", "status", "title", "detail", "report") if k in doc}
-        if not isinstance(found.get("status"), int) or isinstance(found.get("status"), bool):
-            found["status"] = resp.status_code  # what the relay acted on, when the body does not say it
+        found = {k: doc[k] for k in ("type", "title", "detail", "report") if k in doc}
+        # The HTTP status is what the relay acted on (retry, 422 or 502), so it is the one stored and answered: a body
+        # that says otherwise (a gateway's, a proxy's) must not turn Edge's 500 into "your event is invalid".
+        found["status"] = resp.status_code
     else:
         found = {
             "type": "about:blank",

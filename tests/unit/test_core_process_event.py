@@ -508,6 +508,27 @@ def test_process_leaves_stored_entries_out_when_they_would_take_the_event_over_e
     assert set(store.states[(OPAQUE, DS)].entries) == {CLUSTER_KEY, IDENTITY_KEY}
 
 
+def test_an_event_the_relays_additions_take_over_edges_limit_is_refused_without_a_call() -> None:
+    # GIVEN an event that is over Edge's 64 KiB once the relay's `_id` and timestamp are in it
+    store = FakeStore()
+    event = inbound()
+    pad = MAX_BODY_BYTES - len(json.dumps(event.request, separators=(",", ":"))) + 10
+    event = replace(event, request={**event.request, "event": {**event.request["event"], "data": {"p": "x" * pad}}})
+    edge = FakeEdge()
+
+    # WHEN
+    result = process(store, edge, FakeClock(), event)
+
+    # THEN it is stored as the relay's own 413 rejection (replaying it could never work), and Edge was not called
+    assert result.outcome is Outcome.REJECTED
+    assert edge.calls == []
+    [(event_id, doc)] = store.finished
+    assert event_id == "evt-1" and doc["status"] == "rejected"
+    assert doc["error"]["status"] == 413 and doc["error"]["type"] == INVALID_EVENT_TYPE
+    assert "over Edge's 65536-byte limit" in doc["error"]["errors"][0]["message"]
+    assert doc["request"] == event.request
+
+
 def test_process_sends_stored_entries_when_the_event_with_them_fits():
     # GIVEN the same stored entry and a small event
     store = FakeStore()

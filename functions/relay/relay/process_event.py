@@ -57,6 +57,22 @@ def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dic
     return {**request, "meta": {**meta, "state": {**meta_state, "entries": entries}}}
 
 
+def too_large_problem(size: int) -> dict[str, Any]:
+    """The relay's own refusal of a request that would be over Edge's limit as sent (stored, answered 413)."""
+    return {
+        "type": INVALID_EVENT_TYPE,
+        "title": "Payload too large",
+        "status": 413,
+        "errors": [
+            {
+                "path": "$",
+                "message": f"with the xdm._id and timestamp the relay adds, the request is {size} bytes: over Edge's "
+                f"{MAX_BODY_BYTES}-byte limit",
+            }
+        ],
+    }
+
+
 def edge_status_of(item: dict[str, Any]) -> int:
     error = as_dict(item.get("error"))
     status = error.get("status")
@@ -202,6 +218,10 @@ class Relay:
             logger.warning("stored state left out: the event would be over Edge's size limit", eventId=inbound.event_id)
             body = codec.dumps(inbound.request).encode("utf-8")
         try:
+            if len(body) > MAX_BODY_BYTES:
+                # The body fitted, but not with the `_id` and timestamp the relay added (or once re-encoded): Edge
+                # would refuse it with a 413, and so would every replay. Refused here, without the call, saying why.
+                raise EdgeRejected(413, too_large_problem(len(body)))
             answer = self.edge.deliver(inbound.datastream_id, body, state.live_hint(now), deadline)
         except EdgeRejected as exc:
             write = self.store.compose_result(

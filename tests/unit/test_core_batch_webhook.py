@@ -779,3 +779,21 @@ def test_a_safety_margin_as_long_as_the_invocation_is_logged_as_the_error_it_is(
     assert answer == {"batchItemFailures": [{"itemIdentifier": "m-s1"}]}
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("SAFETY_MARGIN_MS leaves no time")
+
+
+def test_a_webhook_event_the_relays_additions_take_over_the_limit_is_answered_413_saying_so() -> None:
+    # GIVEN a signed body 20 bytes under 64 KiB, without an `_id` or timestamp (the relay fills both in)
+    h = harness()
+    head = b'{"event": {"xdm": {"identityMap": {"CRMID": [{"id": "u", "primary": true}]}, "p": "'
+    body = head + b"x" * (64 * 1024 - 20 - len(head) - 4) + b'"}}}'
+    assert len(body) == 64 * 1024 - 20
+
+    # WHEN it is posted
+    answer = h.app.handle(http_event(body, sign_webhook(body.decode(), SECRETS[0], msg_id="msg-big")), None)
+
+    # THEN 413, saying what is too large and by how much; Edge was never called
+    assert answer["statusCode"] == 413
+    doc = json.loads(answer["body"])
+    assert doc["detail"] == "the request is too large for Edge as the relay sends it; make the event smaller"
+    assert "over Edge's 65536-byte limit" in doc["errors"][0]["message"]
+    assert h.session.calls == []

@@ -239,6 +239,24 @@ def test_a_problem_that_echoes_the_request_headers_keeps_no_credential(as_json: 
     assert "Bearer [redacted]; x-api-key: [redacted]" in text
 
 
+def test_a_long_token_echoed_across_the_detail_cut_leaves_no_part_of_itself() -> None:
+    # GIVEN an error page echoing a real-length token (1,180 characters) that starts before the 300-character cut
+    token = "eyJhbGciOiJSUzI1NiJ9." + "Q" * 1160
+    page = "<html>404 no route. Authorization: Bearer " + token + "</html>"
+    answer = make_response(404, text=page, reason="Not Found " + token)
+
+    # WHEN the problem is built with the token to cut out
+    problem = problem_from(answer, (token, "client-1"))
+
+    # THEN no run of the token is left, in the detail or the title, and a JSON report's keys are cleaned too
+    text = json.dumps(problem)
+    assert "QQQQ" not in text and "eyJhbGci" not in text
+    assert problem["detail"] == "<html>404 no route. Authorization: Bearer [redacted]</html>"
+    keyed = make_response(404, {"type": "t", "title": "T", "report": {"headers": {"Bearer " + token: "client-1"}}})
+    assert json.dumps(problem_from(keyed, (token, "client-1"))).count("[redacted]") == 2
+    assert "QQQQ" not in json.dumps(problem_from(keyed, (token, "client-1")))
+
+
 def test_problem_from_truncates_detail_and_drops_unknown_fields():
     # GIVEN
     long_text = make_response(502, text="x" * 1000, reason="")

@@ -526,6 +526,7 @@ def test_an_event_the_relays_additions_take_over_edges_limit_is_refused_without_
     assert event_id == "evt-1" and doc["status"] == "rejected"
     assert doc["error"]["status"] == 413 and doc["error"]["type"] == INVALID_EVENT_TYPE
     assert "over Edge's 65536-byte limit" in doc["error"]["errors"][0]["message"]
+    assert doc["error"]["detail"] == "the request is too large for Edge as the relay sends it; make the event smaller"
     assert doc["request"] == event.request
 
 

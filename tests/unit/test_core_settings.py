@@ -312,12 +312,3 @@ def test_a_webhook_deadline_too_short_to_try_edge_is_a_configuration_error() -> 
 
     # THEN
     assert problems == {"WEBHOOK_DEADLINE_MS": "must be between 1000 and 29000"}
-
-
-@pytest.mark.parametrize("url", ["not a url at all", "sqs.us-east-1.amazonaws.com/123456789012/retry", "ftp://q/1/r"])
-def test_a_retry_queue_url_that_is_not_a_url_is_a_configuration_error(url: str) -> None:
-    # GIVEN a queue URL that could never be sent to (found out otherwise only when Edge is down and events need it)
-    problems = problems_of({**MINIMAL, "RETRY_QUEUE_URL": url})
-
-    # THEN
-    assert problems == {"RETRY_QUEUE_URL": "must be an https URL (http only for loopback)"}

@@ -63,11 +63,13 @@ def too_large_problem(size: int) -> dict[str, Any]:
         "type": INVALID_EVENT_TYPE,
         "title": "Payload too large",
         "status": 413,
+        "detail": "the request is too large for Edge as the relay sends it; make the event smaller",
         "errors": [
             {
                 "path": "$",
-                "message": f"with the xdm._id and timestamp the relay adds, the request is {size} bytes: over Edge's "
-                f"{MAX_BODY_BYTES}-byte limit",
+                "message": f"as sent to Edge (compact JSON, with the xdm._id and timestamp the relay fills in, numbers "
+                f"such as 1e5 written out as 100000.0) the request is {size} bytes: over Edge's {MAX_BODY_BYTES}-byte "
+                "limit",
             }
         ],
     }
@@ -182,7 +184,9 @@ class Relay:
             log("event delivered", eventId=result.event_id, **result.note)
         else:
             count("Rejected")
-            logger.warning("edge rejected the event", eventId=result.event_id, **result.note)
+            refused_here = result.note.get("type") == INVALID_EVENT_TYPE  # the relay's own 413: Edge was not called
+            message = "event refused: too large for Edge" if refused_here else "edge rejected the event"
+            logger.warning(message, eventId=result.event_id, **result.note)
 
     def not_stored(self, result: Result, reason: str) -> None:
         """A deferred result that could not be written: give the claim back so the redelivery can take it at once

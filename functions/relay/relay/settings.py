@@ -129,9 +129,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             _url(problems, "EDGE_HINT_URL_TEMPLATE", template.format(base=base, hint="or2"))
         except (KeyError, IndexError, ValueError):
             problems["EDGE_HINT_URL_TEMPLATE"] = "may only use {base} and {hint}"
+    # Not checked as a URL: `sam local invoke` passes the queue's logical id for `!Ref EventsQueue`, and emulators'
+    # queue URLs name all sorts of hosts; an SQS batch never uses it. A send that fails logs SQS's own error code.
     queue = env.get("RETRY_QUEUE_URL", "").strip() or None
-    if queue is not None:  # checked now, not found out during an Edge outage when the first event needs it
-        queue = _url(problems, "RETRY_QUEUE_URL", queue)
     ttl_days = _int(problems, env, "RESULT_TTL_DAYS", 30, 1, 3650)
     concurrency = _int(problems, env, "BATCH_CONCURRENCY", 16, 1, 64)
     # At least 1 s: the webhook keeps 0.75 s of it back to queue the event if Edge stays down.

@@ -72,7 +72,7 @@ def rejected_response(item: dict[str, Any]) -> Response:
         return problem(
             status if status in (400, 413) else 400,
             str(error.get("title", "Invalid event")),
-            "the body is not a valid interact event",
+            str(error.get("detail") or "the body is not a valid interact event"),
             errors=error["errors"],
             **extra,
         )

@@ -45,7 +45,7 @@ def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
     if isinstance(value, list):
         return [_redact(v, secrets) for v in value]
     if isinstance(value, dict):
-        return {k: _redact(v, secrets) for k, v in value.items()}
+        return {_redact(k, secrets): _redact(v, secrets) for k, v in value.items()}
     return value
 
 
@@ -55,6 +55,7 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     The problem is stored and may be answered to a webhook sender, so the relay's own credentials (`redact`: the
     access token, the API key) are cut out of it: a wrong host or a proxy error page may echo the request's
     headers back."""
+    secrets = tuple(s for s in redact if s)
     try:
         doc = resp.json()
     except ValueError:
@@ -64,15 +65,16 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
         # The HTTP status is what the relay acted on (retry, 422 or 502), so it is the one stored and answered: a body
         # that says otherwise (a gateway's, a proxy's) must not turn Edge's 500 into "your event is invalid".
         found["status"] = resp.status_code
-    else:
-        found = {
-            "type": "about:blank",
-            "status": resp.status_code,
-            "title": resp.reason or f"HTTP {resp.status_code}",
-            "detail": resp.text[:300],
-        }
-    secrets = tuple(s for s in redact if s)
-    return _redact(found, secrets) if secrets else found
+        return _redact(found, secrets) if secrets else found
+    # Cut the credentials out of the whole text before shortening it: shortened first, a token running past the cut
+    # would no longer match, and its first part would be kept.
+    text, reason = _redact(resp.text, secrets), _redact(resp.reason or "", secrets)
+    return {
+        "type": "about:blank",
+        "status": resp.status_code,
+        "title": reason or f"HTTP {resp.status_code}",
+        "detail": text[:300],
+    }
 
 
 class EdgeClient:

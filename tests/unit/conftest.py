@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from moto import mock_aws
@@ -21,3 +21,13 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.delenv(name, raising=False)
     with mock_aws():
         yield
+
+
+@pytest.fixture
+def emitted() -> Iterator[Callable[[], dict[str, list[float]]]]:
+    """The relay's metrics recorded since the test started (name -> values), as the next flush would emit them."""
+    from relay.observability import metrics
+
+    metrics.clear_metrics()
+    yield lambda: {name: list(m["Value"]) for name, m in metrics.metric_set.items()}
+    metrics.clear_metrics()

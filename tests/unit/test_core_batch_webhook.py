@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -797,3 +798,81 @@ def test_a_webhook_event_the_relays_additions_take_over_the_limit_is_answered_41
     assert doc["detail"] == "the request is too large for Edge as the relay sends it; make the event smaller"
     assert "over Edge's 65536-byte limit" in doc["errors"][0]["message"]
     assert h.session.calls == []
+
+
+# -- what the alarms count ---------------------------------------------------------------------------------------
+
+
+def test_an_unreadable_webhook_secret_is_counted_for_its_alarm(emitted: Callable[[], dict[str, list[float]]]) -> None:
+    # GIVEN the relay's webhook secret cannot be read (every webhook is refused while Lambda sees no error)
+    from relay.errors import CredentialsError
+
+    h = harness()
+
+    def unreadable(*, force: bool = False) -> list[str]:
+        raise CredentialsError("webhook secret (WEBHOOK_SECRET_ID) could not be read (AccessDeniedException)")
+
+    h.app._credentials().webhook_secrets = unreadable  # type: ignore[method-assign]
+    body = b'{"event": {}}'
+
+    # WHEN a webhook arrives
+    answer = h.app.handle(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg-1")), None)
+
+    # THEN 503, and WebhookAuthUnavailable is counted (the only thing WebhookAuthUnavailableAlarm can see)
+    assert answer["statusCode"] == 503
+    assert emitted().get("WebhookAuthUnavailable") == [1.0]
+
+
+class BrokenStore(FakeStore):
+    """A store with a defect (not an outage) in one method."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def claim(self, event_id: str, **kwargs: Any) -> Any:
+        if self.where == "claim":
+            raise RuntimeError("defect")
+        return super().claim(event_id, **kwargs)
+
+    def put_results(self, writes: list[Any]) -> dict[str, str]:
+        if self.where == "put_results":
+            raise RuntimeError("defect")
+        return super().put_results(writes)
+
+
+@pytest.mark.parametrize("where", ["claim", "put_results"])
+def test_a_defect_in_a_batch_is_counted_for_the_unexpected_errors_alarm(
+    where: str, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    # GIVEN a defect while claiming, or while writing the results
+    relay, _ = real_relay(BrokenStore(where), 1)
+
+    # WHEN a batch runs
+    answer = run_batch(relay, [sqs("d1", "m-d1", "p")])
+
+    # THEN the record is redelivered, and the defect counted (UnexpectedErrorsAlarm)
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-d1"}]}
+    assert emitted().get("UnexpectedErrors") == [1.0]
+
+
+def test_a_rejection_that_could_not_be_stored_is_not_counted_as_rejected(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
+    # GIVEN a store that is down, and an invalid body
+    store = FakeStore()
+
+    def down(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise StoreUnavailable("dynamodb put_item failed: InternalServerError")
+
+    store.reject_unclaimed = down  # type: ignore[method-assign]
+    relay, _ = real_relay(store, 0)
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [{**sqs("x", "m-x", "p"), "body": "{not json"}])
+
+    # THEN the record is redelivered: counted as handed back, not (yet) as rejected
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-x"}]}
+    seen = emitted()
+    assert "Rejected" not in seen
+    assert seen.get("RetriesScheduled") == [1.0]

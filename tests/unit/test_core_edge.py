@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -683,3 +684,24 @@ def test_deliver_behind_a_proxy_uses_the_environments_ca_bundle(monkeypatch: pyt
     (kwargs,) = seen
     assert kwargs["verify"] == "/etc/ssl/corp-proxy-ca.pem"
     assert kwargs["proxies"].get("https") == "http://proxy.internal:3128"
+
+
+@pytest.mark.parametrize(
+    "failure", [requests.Timeout("read timed out"), requests.ConnectionError("refused")], ids=["timeout", "refused"]
+)
+def test_a_call_without_an_answer_counts_as_an_edge_call_and_as_unavailable(
+    failure: Exception, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    # GIVEN Edge unreachable: every attempt times out (or is refused)
+    clock = FakeClock()
+    session = FakeSession([failure] * 3)
+
+    # WHEN an event is sent, 3 attempts at most
+    with pytest.raises(EdgeUnavailable):
+        client(session, clock, EDGE_MAX_ATTEMPTS="3").deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN each attempt is an Edge call (the rate alarms' denominator) and an unavailable one (their numerator): the
+    # most common outage makes EdgeUnavailableRateAlarm fire instead of leaving it without data
+    seen = emitted()
+    assert len(seen["EdgeLatency"]) == 3
+    assert seen["EdgeUnavailable"] == [1.0, 1.0, 1.0]

@@ -401,6 +401,7 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
     "EdgeThrottledRateAlarm": (APP_NAMESPACE, {"EdgeThrottled", "EdgeLatency"}, APP_DIMENSIONS),
     "QueueFallbackFailedAlarm": (APP_NAMESPACE, {"QueueFallbackFailed"}, APP_DIMENSIONS),
     "UnexpectedErrorsAlarm": (APP_NAMESPACE, {"UnexpectedErrors"}, APP_DIMENSIONS),
+    "WebhookAuthUnavailableAlarm": (APP_NAMESPACE, {"WebhookAuthUnavailable"}, APP_DIMENSIONS),
 }
 
 
@@ -473,7 +474,13 @@ def test_rate_alarms_divide_by_the_right_denominator(template: dict[str, Any]) -
 
 
 def test_dead_letter_and_fallback_alarms_fire_on_the_first_message(template: dict[str, Any]) -> None:
-    for name in ("DeadLetterQueueAlarm", "QueueFallbackFailedAlarm", "FunctionThrottlesAlarm", "UnexpectedErrorsAlarm"):
+    for name in (
+        "DeadLetterQueueAlarm",
+        "QueueFallbackFailedAlarm",
+        "FunctionThrottlesAlarm",
+        "UnexpectedErrorsAlarm",
+        "WebhookAuthUnavailableAlarm",
+    ):
         props = template["Resources"][name]["Properties"]
         assert props["Threshold"] == 0 and props["ComparisonOperator"] == "GreaterThanThreshold", name
         assert props["EvaluationPeriods"] == 1, name

@@ -100,6 +100,7 @@ class _ResultWrites:
             failed = self._relay.store.put_results([r.pending for _, r in chunk if r.pending is not None])
         except Exception:
             logger.exception("unexpected error writing results; records will be redelivered")
+            count("UnexpectedErrors")
             failed = {r.event_id: "results not written" for _, r in chunk}
         for message_id, result in chunk:
             reason = failed.get(result.event_id)
@@ -236,9 +237,11 @@ class BatchRunner:
                     done = item.run(carry, source)
                 except StoreUnavailable as exc:
                     logger.warning("record will be redelivered", messageId=item.message_id, reason=str(exc))
+                    count("RetriesScheduled")
                     done = Done(False)
                 except Exception:
                     logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
+                    count("UnexpectedErrors")
                     done = Done(False)
                 label = ("rejected" if item.invalid else "ok") if done.ok else "failed"
                 outcomes.append(done.result.outcome.value if done.result else label)

@@ -94,10 +94,9 @@ class Relay:
     def reject_invalid(
         self, event_id: str, *, datastream_id: str, source: str, error: InvalidEvent, raw: str | None
     ) -> dict[str, Any]:
-        """Store a body that is not a valid event as `rejected`, with its field errors and the body as received."""
-        count("Rejected")
-        logger.warning("event rejected as invalid", eventId=event_id, errors=len(error.errors))
-        return self.store.reject_unclaimed(
+        """Store a body that is not a valid event as `rejected`, with its field errors and the body as received.
+        Counted once stored: a rejection that could not be written is retried, and would be counted again."""
+        stored = self.store.reject_unclaimed(
             event_id,
             {
                 "datastreamId": datastream_id,
@@ -111,6 +110,9 @@ class Relay:
                 "request": raw,
             },
         )
+        count("Rejected")
+        logger.warning("event rejected as invalid", eventId=event_id, errors=len(error.errors))
+        return stored
 
     def process(
         self,

@@ -170,6 +170,9 @@ class WebhookApp:
         except Unauthorized as exc:
             return self._unauthorized(exc)
         except CredentialsError as exc:
+            # Every webhook is refused while this lasts, and nothing fails as far as Lambda can tell: counted, so an
+            # alarm (WebhookAuthUnavailableAlarm) pages someone.
+            count("WebhookAuthUnavailable")
             logger.error("webhook secret unavailable", reason=str(exc))
             return problem(503, "Service unavailable", "the relay cannot verify signatures right now", retryAfter=30)
         received_at = self._clock.now()

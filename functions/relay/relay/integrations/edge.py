@@ -171,6 +171,10 @@ class EdgeClient:
                 resp = self._post(url, params, body, headers, deadline)
             except requests.RequestException as exc:  # timeouts, refused or dropped connections, a cut-off body
                 reason, retry_after = f"edge call failed: {type(exc).__name__}", None
+                # An attempt without an answer is an Edge call too, and the most common outage: timed (so the latency
+                # shows it and the rate alarms count it as a call) and counted as unavailable.
+                timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
+                count("EdgeUnavailable")
             else:
                 if resp is None:  # no slot freed up, or no time left, before the deadline
                     raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)

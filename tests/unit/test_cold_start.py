@@ -1,5 +1,5 @@
-"""Cold start (issue 5): importing the handler does no client, secret or configuration work, and loads neither the
-webhook stack nor clients an SQS batch does not need."""
+"""Cold start (issue 5): importing the handler does no client, secret or configuration work (no runtime is built) and
+does not load the webhook stack (Event Handler, Standard Webhooks), which an SQS batch never needs."""
 
 from __future__ import annotations
 

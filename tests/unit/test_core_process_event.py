@@ -392,6 +392,25 @@ def test_process_store_failure_after_delivery_is_retry_and_releases():
     assert store.releases == [("evt-1", "tok-1", "dynamodb put_item failed: InternalServerError")]
 
 
+def test_a_state_write_that_fails_after_delivery_keeps_the_event_delivered() -> None:
+    # GIVEN a store whose identity-state write fails (an outage) once Edge has the event
+    class NoState(FakeStore):
+        def update_state(self, *args: Any, **kwargs: Any) -> int:
+            raise StoreUnavailable("dynamodb update_item failed: InternalServerError")
+
+    store = NoState()
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN Edge has it: delivered and its result stored, never handed back to be sent again; only its state is lost
+    assert result.outcome is Outcome.DELIVERED
+    assert store.releases == []
+    assert [eid for eid, _ in store.finished] == ["evt-1"]
+    assert len(edge.calls) == 1
+
+
 def test_reject_invalid_stores_the_field_errors_and_raw_body():
     # GIVEN
     store = FakeStore()

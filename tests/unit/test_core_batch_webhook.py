@@ -798,6 +798,10 @@ def test_a_webhook_event_the_relays_additions_take_over_the_limit_is_answered_41
     assert doc["detail"] == "the request is too large for Edge as the relay sends it; make the event smaller"
     assert "over Edge's 65536-byte limit" in doc["errors"][0]["message"]
     assert h.session.calls == []
+    # AND it was refused on arrival, before any claim: a webhook never queues (202) an event it could not deliver
+    assert h.store.claims == []
+    [(event_id, fields)] = h.store.rejected_unclaimed
+    assert event_id == "msg-big" and fields["error"]["status"] == 413
 
 
 # -- what the alarms count ---------------------------------------------------------------------------------------

@@ -546,7 +546,35 @@ def test_an_event_the_relays_additions_take_over_edges_limit_is_refused_without_
     assert doc["error"]["status"] == 413 and doc["error"]["type"] == INVALID_EVENT_TYPE
     assert "over Edge's 65536-byte limit" in doc["error"]["errors"][0]["message"]
     assert doc["error"]["detail"] == "the request is too large for Edge as the relay sends it; make the event smaller"
+    assert doc["rejectedBy"] == "relay"  # its own refusal: a corrected resend under the same eventId is processed
     assert doc["request"] == event.request
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_corrected_resend_of_an_event_refused_as_too_large_is_delivered() -> None:
+    # GIVEN an event refused by the relay as too large as sent (the real store, on in-process moto)
+    import boto3
+    from relay.integrations.store import HandlesStore
+
+    from devtools.resources import create_handles_table
+
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    clock = FakeClock()
+    store = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    big = inbound()
+    pad = MAX_BODY_BYTES - len(json.dumps(big.request, separators=(",", ":"))) + 10
+    big = replace(big, request={**big.request, "event": {**big.request["event"], "data": {"p": "x" * pad}}})
+    edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": []}, 1))
+    assert Relay(store, edge, clock).process(big, Deadline(clock, 10), lease_s=30).outcome is Outcome.REJECTED  # type: ignore[arg-type]
+
+    # WHEN the sender sends a smaller event under the same eventId
+    result = Relay(store, edge, clock).process(inbound(), Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]
+
+    # THEN it is delivered (not answered as a repeat of the refusal)
+    assert result.outcome is Outcome.DELIVERED
+    assert len(edge.calls) == 1
+    assert (store.get_result("evt-1") or {}).get("status") == "delivered"
 
 
 def test_process_sends_stored_entries_when_the_event_with_them_fits():

@@ -158,8 +158,8 @@ class BatchRunner:
         fallback_id = _attr(record, "eventId") or message_id
         event_id = fallback_id
         try:
-            # A webhook event the relay queued itself passed the size check on arrival; its `_id` and timestamp,
-            # added since, must not make it fail the check now (it was answered 202: it must be delivered).
+            # A webhook event the relay queued itself passed the size check on arrival, measured as it would be sent
+            # (`_id` and timestamp included); its raw body is not checked again (it was answered 202).
             text, doc = decode_body(raw, limit=None if source == "webhook" else MAX_BODY_BYTES)
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
             datastream = resolve_datastream(_attr(record, "datastreamId"), self._settings.datastream_id)

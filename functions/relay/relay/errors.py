@@ -23,6 +23,7 @@ class InvalidEvent(Exception):
     saying how many more), each path and message cut to MAX_ERROR_TEXT characters."""
 
     status = 400
+    detail = "the body is not a valid interact event"
 
     def __init__(self, errors: list[dict[str, str]], *, title: str = "Invalid event") -> None:
         kept = [{k: str(v)[:MAX_ERROR_TEXT] for k, v in e.items()} for e in errors[:MAX_ERRORS]]
@@ -34,13 +35,22 @@ class InvalidEvent(Exception):
 
 
 class PayloadTooLarge(InvalidEvent):
+    """Over Edge's limit: the body as received, or (`as_sent`) the request as the relay would send it, which may be
+    larger (the `_id` and timestamp it fills in, numbers written out)."""
+
     status = 413
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            [{"path": "$", "message": f"body is {size} bytes; the limit is {limit} bytes (Edge's own limit)"}],
-            title="Payload too large",
-        )
+    def __init__(self, size: int, limit: int, *, as_sent: bool = False) -> None:
+        if as_sent:
+            message = (
+                "as sent to Edge (compact JSON, with the xdm._id and timestamp the relay fills in, numbers such as 1e5 "
+                f"written out as 100000.0) the request is {size} bytes: over Edge's {limit}-byte limit"
+            )
+        else:
+            message = f"body is {size} bytes; the limit is {limit} bytes (Edge's own limit)"
+        super().__init__([{"path": "$", "message": message}], title="Payload too large")
+        if as_sent:
+            self.detail = "the request is too large for Edge as the relay sends it; make the event smaller"
 
 
 class Unauthorized(Exception):

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Literal
 
+from relay import codec
 from relay.errors import InvalidEvent, PayloadTooLarge
 from relay.identity_state import opaque_identity_id
 
@@ -255,6 +256,14 @@ def bounded_id(value: str) -> str:
         return value
     digest = hashlib.sha256(value.encode("utf-8", errors="surrogatepass")).hexdigest()
     return f"{value[: MAX_EVENT_ID_LENGTH - len(digest) - 1]}~{digest}"
+
+
+def check_size_as_sent(inbound: InboundEvent) -> None:
+    """Refuse (413) an event that fitted Edge's limit as received but not as the relay would send it. A webhook checks
+    this before it can answer 202: an event it queued must be deliverable."""
+    size = len(codec.dumps(inbound.request).encode("utf-8"))
+    if size > MAX_BODY_BYTES:
+        raise PayloadTooLarge(size, MAX_BODY_BYTES, as_sent=True)
 
 
 def build_inbound(

@@ -9,7 +9,14 @@ from typing import Any
 
 from relay import codec
 from relay.clock import Clock, Deadline
-from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable, InvalidEvent, StoreUnavailable
+from relay.errors import (
+    CredentialsError,
+    EdgeRejected,
+    EdgeUnavailable,
+    InvalidEvent,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
 from relay.identity_state import (
     IdentityState,
     apply_handles,
@@ -17,7 +24,7 @@ from relay.identity_state import (
     outgoing_entries,
 )
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient
-from relay.integrations.store import HandlesStore, ResultWrite
+from relay.integrations.store import RELAY, HandlesStore, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
@@ -57,22 +64,13 @@ def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dic
     return {**request, "meta": {**meta, "state": {**meta_state, "entries": entries}}}
 
 
-def too_large_problem(size: int) -> dict[str, Any]:
-    """The relay's own refusal of a request that would be over Edge's limit as sent (stored, answered 413)."""
-    return {
-        "type": INVALID_EVENT_TYPE,
-        "title": "Payload too large",
-        "status": 413,
-        "detail": "the request is too large for Edge as the relay sends it; make the event smaller",
-        "errors": [
-            {
-                "path": "$",
-                "message": f"as sent to Edge (compact JSON, with the xdm._id and timestamp the relay fills in, numbers "
-                f"such as 1e5 written out as 100000.0) the request is {size} bytes: over Edge's {MAX_BODY_BYTES}-byte "
-                "limit",
-            }
-        ],
-    }
+def invalid_problem(error: InvalidEvent) -> dict[str, Any]:
+    """The stored `error` of an event the relay refused itself (never sent to Edge)."""
+    problem: dict[str, Any] = {"type": INVALID_EVENT_TYPE, "title": error.title, "status": error.status}
+    if error.detail != InvalidEvent.detail:
+        problem["detail"] = error.detail
+    problem["errors"] = error.errors
+    return problem
 
 
 def edge_status_of(item: dict[str, Any]) -> int:
@@ -101,12 +99,7 @@ class Relay:
             {
                 "datastreamId": datastream_id,
                 "source": source,
-                "error": {
-                    "type": INVALID_EVENT_TYPE,
-                    "title": error.title,
-                    "status": error.status,
-                    "errors": error.errors,
-                },
+                "error": invalid_problem(error),
                 "request": raw,
             },
         )
@@ -227,21 +220,20 @@ class Relay:
             if len(body) > MAX_BODY_BYTES:
                 # The body fitted, but not with the `_id` and timestamp the relay added (or once re-encoded): Edge
                 # would refuse it with a 413, and so would every replay. Refused here, without the call, saying why.
-                raise EdgeRejected(413, too_large_problem(len(body)))
+                raise EdgeRejected(413, invalid_problem(PayloadTooLarge(len(body), MAX_BODY_BYTES, as_sent=True)))
             answer = self.edge.deliver(inbound.datastream_id, body, state.live_hint(now), deadline)
         except EdgeRejected as exc:
-            write = self.store.compose_result(
-                inbound.event_id,
-                {
-                    "status": "rejected",
-                    "datastreamId": inbound.datastream_id,
-                    "source": inbound.source,
-                    "requestId": as_dict(exc.problem.get("report")).get("requestId"),
-                    "error": exc.problem,
-                    "request": inbound.request,
-                },
-                claimed,
-            )
+            rejected: dict[str, Any] = {
+                "status": "rejected",
+                "datastreamId": inbound.datastream_id,
+                "source": inbound.source,
+                "requestId": as_dict(exc.problem.get("report")).get("requestId"),
+                "error": exc.problem,
+                "request": inbound.request,
+            }
+            if exc.problem.get("type") == INVALID_EVENT_TYPE:
+                rejected["rejectedBy"] = RELAY  # refused here: a corrected resend under the same eventId is processed
+            write = self.store.compose_result(inbound.event_id, rejected, claimed)
             return Result(
                 Outcome.REJECTED,
                 inbound.event_id,

@@ -20,6 +20,7 @@ from relay.models import (
     as_dict,
     bounded_id,
     build_inbound,
+    check_size_as_sent,
     datastream_for_rejection,
     decode_body,
     event_id_for,
@@ -187,6 +188,7 @@ class WebhookApp:
             inbound = build_inbound(
                 doc, event_id=event_id, datastream_id=datastream, source="webhook", received_at=received_at
             )
+            check_size_as_sent(inbound)
         except InvalidEvent as error:
             named = (event.query_string_parameters or {}).get("datastreamId")
             datastream = datastream_for_rejection(named, self._settings.datastream_id)
@@ -204,13 +206,7 @@ class WebhookApp:
                     eventId=event_id,
                     retryAfter=5,
                 )
-            return problem(
-                error.status,
-                error.title,
-                "the body is not a valid interact event",
-                eventId=event_id,
-                errors=error.errors,
-            )
+            return problem(error.status, error.title, error.detail, eventId=event_id, errors=error.errors)
         remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0
         budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)
         deadline = Deadline(self._clock, budget - _ENQUEUE_RESERVE_S)

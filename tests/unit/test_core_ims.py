@@ -301,6 +301,20 @@ def test_a_caller_without_time_left_does_not_hold_back_the_others():
     assert tokens.get(deadline=Deadline(clock, 10)).value == "tok-A"
 
 
+def test_a_timeout_the_callers_short_deadline_caused_does_not_hold_back_the_next_caller():
+    # GIVEN a caller with little time left (a webhook's budget) whose token request times out within it
+    clock = FakeClock()
+    session = FakeSession([requests.ReadTimeout("slow"), token_response("tok-A")])
+    tokens = provider(session, clock)
+    with pytest.raises(CredentialsError):
+        tokens.get(deadline=Deadline(clock, 2))
+    assert session.calls[0].timeout != tokens._timeout  # the deadline had shortened its wait
+
+    # WHEN / THEN the next caller (a batch with time) asks IMS at once, and gets a token
+    assert tokens.get(deadline=Deadline(clock, 28)).value == "tok-A"
+    assert len(session.calls) == 2
+
+
 def test_ims_never_follows_a_redirect():
     # GIVEN
     clock = FakeClock()

@@ -114,6 +114,12 @@ class ImsTokenProvider:
                 timeout=timeout,
                 allow_redirects=False,  # a redirect would re-send the client secret to wherever it points
             )
+        except requests.Timeout as exc:
+            if timeout != self._timeout:
+                # A wait the caller's deadline shortened says nothing about IMS: not held against the next caller
+                # (a webhook's short budget must not make the next batch's every token request fail for seconds).
+                raise NoTimeLeft(f"IMS did not answer within the time left ({type(exc).__name__})") from None
+            raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
         except requests.RequestException as exc:
             raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
         if resp.status_code != 200:

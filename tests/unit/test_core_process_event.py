@@ -392,25 +392,6 @@ def test_process_store_failure_after_delivery_is_retry_and_releases():
     assert store.releases == [("evt-1", "tok-1", "dynamodb put_item failed: InternalServerError")]
 
 
-def test_a_state_write_that_fails_after_delivery_keeps_the_event_delivered() -> None:
-    # GIVEN a store whose identity-state write fails (an outage) once Edge has the event
-    class NoState(FakeStore):
-        def update_state(self, *args: Any, **kwargs: Any) -> int:
-            raise StoreUnavailable("dynamodb update_item failed: InternalServerError")
-
-    store = NoState()
-    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
-
-    # WHEN
-    result = process(store, edge, FakeClock())
-
-    # THEN Edge has it: delivered and its result stored, never handed back to be sent again; only its state is lost
-    assert result.outcome is Outcome.DELIVERED
-    assert store.releases == []
-    assert [eid for eid, _ in store.finished] == ["evt-1"]
-    assert len(edge.calls) == 1
-
-
 def test_reject_invalid_stores_the_field_errors_and_raw_body():
     # GIVEN
     store = FakeStore()
@@ -487,11 +468,19 @@ def test_process_does_not_wait_for_the_state_of_a_duplicate():
     assert result.outcome is Outcome.DUPLICATE
 
 
-def test_process_defect_in_the_state_step_after_edge_answered_still_delivers_once():
-    # GIVEN a state step that fails with something other than an unavailable store
+@pytest.mark.parametrize(
+    "failure",
+    [
+        StoreUnavailable("dynamodb update_item failed: InternalServerError"),  # an outage
+        OverflowError("cannot convert float infinity to integer"),  # a defect in the state step
+    ],
+    ids=["store-unavailable", "defect"],
+)
+def test_process_a_failed_state_step_after_edge_answered_still_delivers_once(failure: Exception) -> None:
+    # GIVEN a state step that fails once Edge has the event
     class Broken(FakeStore):
         def update_state(self, *args: Any, **kwargs: Any) -> int:
-            raise OverflowError("cannot convert float infinity to integer")
+            raise failure
 
     store = Broken()
     edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
@@ -499,7 +488,7 @@ def test_process_defect_in_the_state_step_after_edge_answered_still_delivers_onc
     # WHEN
     result = process(store, edge, FakeClock())
 
-    # THEN Edge has the event: it is stored as delivered, never handed back to be sent again
+    # THEN Edge has the event: it is stored as delivered, never handed back to be sent again; only its state is lost
     assert result.outcome is Outcome.DELIVERED
     assert len(edge.calls) == 1
     assert store.releases == []

@@ -157,17 +157,18 @@ class BatchRunner:
         # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
         fallback_id = _attr(record, "eventId") or message_id
         event_id = fallback_id
+        named = _attr(record, "datastreamId")
         try:
             # A webhook event the relay queued itself passed the size check on arrival, measured as it would be sent
             # (`_id` and timestamp included); its raw body is not checked again (it was answered 202).
             text, doc = decode_body(raw, limit=None if source == "webhook" else MAX_BODY_BYTES)
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
-            datastream = resolve_datastream(_attr(record, "datastreamId"), self._settings.datastream_id)
+            datastream = resolve_datastream(named, self._settings.datastream_id)
             inbound = build_inbound(
                 doc, event_id=event_id, datastream_id=datastream, source=source, received_at=received_at
             )
         except InvalidEvent as exc:
-            ds = datastream_for_rejection(_attr(record, "datastreamId"), self._settings.datastream_id)
+            ds = datastream_for_rejection(named, self._settings.datastream_id)
             eid, error = event_id, exc  # `exc` is unbound after the except block
 
             def reject(carry: Carry, _: StateSource | None) -> Done:

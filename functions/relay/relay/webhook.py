@@ -73,7 +73,7 @@ def rejected_response(item: dict[str, Any]) -> Response:
         return problem(
             status if status in (400, 413) else 400,
             str(error.get("title", "Invalid event")),
-            str(error.get("detail") or "the body is not a valid interact event"),
+            str(error.get("detail") or InvalidEvent.detail),
             errors=error["errors"],
             **extra,
         )
@@ -178,19 +178,18 @@ class WebhookApp:
             return problem(503, "Service unavailable", "the relay cannot verify signatures right now", retryAfter=30)
         received_at = self._clock.now()
         fallback_id = bounded_id(headers.get("webhook-id") or event.request_context.request_id or "")
-        datastream = self._settings.datastream_id
+        named = (event.query_string_parameters or {}).get("datastreamId")
         event_id = fallback_id
         raw_text = raw.decode("utf-8", errors="replace")
         try:
             _, doc = decode_body(raw)
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
-            datastream = resolve_datastream((event.query_string_parameters or {}).get("datastreamId"), datastream)
+            datastream = resolve_datastream(named, self._settings.datastream_id)
             inbound = build_inbound(
                 doc, event_id=event_id, datastream_id=datastream, source="webhook", received_at=received_at
             )
             check_size_as_sent(inbound)
         except InvalidEvent as error:
-            named = (event.query_string_parameters or {}).get("datastreamId")
             datastream = datastream_for_rejection(named, self._settings.datastream_id)
             try:
                 self._relay.reject_invalid(

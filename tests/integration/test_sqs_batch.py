@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from relay.identity_state import opaque_identity_id
 from relay.models import iso_millis
 from relay.runtime import Runtime
 from relay.settings import load_settings
@@ -44,6 +45,12 @@ def interact_event(event_id: str | None = None, *, ecid: str | None = None) -> d
     if event_id is not None:
         xdm["_id"] = event_id
     return {"event": {"xdm": xdm}}
+
+
+def identity_of(doc: dict[str, Any]) -> str:
+    """The opaque id a result keeps of its event's primary identity (a repeat of the eventId must match it)."""
+    [entry] = doc["event"]["xdm"]["identityMap"]["ECID"]
+    return opaque_identity_id("ECID", entry["id"])
 
 
 def with_id(doc: dict[str, Any], event_id: str) -> dict[str, Any]:
@@ -180,6 +187,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         **base,
         "pk": f"EVENT#{ids[0]}",
         "eventId": ids[0],
+        "identityId": identity_of(valid[0]),
         "requestId": rid[ids[0]],
         "handle": simulator_handle(stack, ecids[0]),
         "attempts": 1,
@@ -188,6 +196,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         **base,
         "pk": f"EVENT#{ids[1]}",
         "eventId": ids[1],
+        "identityId": identity_of(valid[1]),
         "requestId": fixture["requestId"],
         "handle": fixture["handle"],
         "attempts": 1,
@@ -196,6 +205,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         **base,
         "pk": f"EVENT#{ids[2]}",
         "eventId": ids[2],
+        "identityId": identity_of(valid[2]),
         "requestId": rid[ids[2]],
         "handle": simulator_handle(stack, ecids[2]),
         "errors": [partial_error],
@@ -209,6 +219,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         "status": "rejected",
         "datastreamId": DATASTREAM_ID,
         "source": "sqs",
+        "identityId": identity_of(rejected_doc),
         "requestId": rid[rejected_id],
         "error": {
             "type": ERROR_TYPE_BASE + "EXEG-0102-400",
@@ -418,7 +429,8 @@ def test_fixture_answer_is_stored_exactly_as_edge_returned_it(clean_stack: Local
             }
         ]
         stack.sim.add_fault(match_id=event_id, status=207, body=json.dumps(answer), content_type="application/json")
-    send(stack, json.dumps(interact_event(event_id)))
+    doc = interact_event(event_id)
+    send(stack, json.dumps(doc))
 
     # WHEN the poller delivers it
     poller = stack.poller(new_runtime().handle, batching_window=0)
@@ -434,6 +446,7 @@ def test_fixture_answer_is_stored_exactly_as_edge_returned_it(clean_stack: Local
         "status": "delivered",
         "datastreamId": DATASTREAM_ID,
         "source": "sqs",
+        "identityId": identity_of(doc),
         "requestId": answer["requestId"],
         "handle": json.loads((FIXTURES / fixture).read_text())["handle"],
         "attempts": 1,

@@ -499,3 +499,52 @@ def test_repeat_of_a_rejected_event_answers_the_same_problem_without_calling_edg
     # THEN the same problem, and still one Edge call
     assert_problem(stack, second, 422, first.json())
     assert len(edge_requests(stack, event_id)) == 1
+
+
+def test_an_eventid_reused_for_another_person_gets_422_and_never_that_persons_answer(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN an event delivered for one person, whose answer holds that person's ECID
+    event_id = f"order-{uuid.uuid4()}"
+    first_body = json.dumps(interact_event(event_id))
+    first = post(gateway, first_body, stack.sign(first_body))
+    assert first.status_code == 200 and first.json()["handle"]
+
+    # WHEN the sender posts another person's event under the same xdm._id
+    other = interact_event(event_id)
+    other_body = json.dumps(other)
+    second = post(gateway, other_body, stack.sign(other_body))
+
+    # THEN 422 naming the field, under the id it was filed as, with nothing of the first answer; Edge was called once
+    problem = second.json()
+    filed_as = problem["eventId"]
+    assert filed_as.startswith(f"{event_id}#reused-")
+    assert_problem(
+        stack,
+        second,
+        422,
+        {
+            "type": "https://github.com/interact-relay/errors/invalid-event",
+            "title": "Event id already used",
+            "status": 422,
+            "detail": "this eventId was already used for a different event; give every event its own xdm._id",
+            "eventId": filed_as,
+            "errors": [
+                {
+                    "path": "event.xdm._id",
+                    "message": "already the eventId of an event relayed for another identity or datastream; "
+                    "not sent to Edge",
+                }
+            ],
+        },
+    )
+    assert len(edge_requests(stack, event_id)) == 1
+    # AND it is kept, rejected, with its own request (to send again under an id of its own); the first is untouched
+    stored = stack.result(filed_as)
+    assert (stored["status"], stored["rejectedBy"], stored["request"]["event"]["xdm"]["identityMap"]) == (
+        "rejected",
+        "relay",
+        other["event"]["xdm"]["identityMap"],
+    )
+    assert stack.result(event_id)["handle"] == first.json()["handle"]

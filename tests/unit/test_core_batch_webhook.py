@@ -19,13 +19,14 @@ from relay.errors import StoreUnavailable
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.queue import RetryQueue, queue_url_for
+from relay.integrations.store import Claim
 from relay.models import InboundEvent, build_inbound
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
 
 from devtools.signing import sign_webhook
 from tests.fakes import FakeClock, FakeEdge, FakeStore
-from tests.unit.test_security_properties import SECRETS, harness, http_event
+from tests.unit.test_security_properties import SECRETS, check_answer, harness, http_event
 
 ENV = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
 SETTINGS = load_settings(ENV)
@@ -880,3 +881,63 @@ def test_a_rejection_that_could_not_be_stored_is_not_counted_as_rejected(
     seen = emitted()
     assert "Rejected" not in seen
     assert seen.get("RetriesScheduled") == [1.0]
+
+
+def test_powertools_dev_mode_never_prints_a_webhook_request(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an operator who turned on Powertools' extra verbosity while debugging
+    monkeypatch.setenv("POWERTOOLS_DEV", "true")
+    h = harness()
+    person = "alice.secret@example.com"
+    body = json.dumps({"event": {"xdm": {"_id": "ev-dev", "identityMap": {"Email": [{"id": person}]}}}}).encode()
+
+    # WHEN a signed request and an unsigned one arrive
+    signed = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg_dev")))
+    unsigned = h.call(http_event(body, {}))
+
+    # THEN both are answered as usual, and neither the identity nor the signature is printed anywhere
+    assert (signed["statusCode"], unsigned["statusCode"]) == (200, 401)
+    out = capsys.readouterr()
+    assert person not in out.out + out.err
+    assert "v1," not in out.out + out.err
+
+
+def reused_elsewhere() -> Claim:
+    """The claim's answer for an eventId already delivered for another identity."""
+    existing = {"status": "delivered", "eventId": "order-1001", "datastreamId": "ds-1", "identityId": "0" * 64}
+    return Claim(False, existing={**existing, "handle": [{"type": "state:store", "payload": ["someone else's"]}]})
+
+
+def test_a_webhook_reusing_another_identitys_eventid_gets_422_saying_which_field_and_no_handle() -> None:
+    # GIVEN an eventId already delivered for another identity
+    h = harness()
+    h.store.claim_result = reused_elsewhere()
+    body = json.dumps({"event": {"xdm": {"_id": "order-1001", "identityMap": {"CRMID": [{"id": "bob"}]}}}}).encode()
+
+    # WHEN a signed event reuses it
+    answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg_reuse")))
+
+    # THEN 422, naming the field, under the id it was filed as; nothing of the other event's answer
+    problem = check_answer(answer)
+    assert answer["statusCode"] == 422 and problem["title"] == "Event id already used"
+    assert problem["errors"][0]["path"] == "event.xdm._id"
+    assert problem["eventId"].startswith("order-1001#reused-")
+    assert "handle" not in problem and "someone else" not in answer["body"]
+    assert [e for e, _ in h.store.rejected_unclaimed] == [problem["eventId"]]
+    assert h.session.calls == []
+
+
+def test_a_batch_record_reusing_another_identitys_eventid_is_stored_rejected_and_acknowledged() -> None:
+    # GIVEN an eventId already delivered for another identity
+    store = FakeStore(claim_result=reused_elsewhere())
+    relay, edge = real_relay(store, 0)
+
+    # WHEN a record reuses it
+    answer = run_batch(relay, [sqs("order-1001", "m-1", "bob")])
+
+    # THEN it is acknowledged, filed `rejected` under an id of its own, and Edge was not called
+    assert answer == {"batchItemFailures": []}
+    [(event_id, fields)] = store.rejected_unclaimed
+    assert event_id.startswith("order-1001#reused-") and fields["error"]["status"] == 422
+    assert edge.calls == []

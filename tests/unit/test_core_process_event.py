@@ -249,6 +249,7 @@ def test_process_rejected_stores_error_and_request():
         "status": "rejected",
         "datastreamId": DS,
         "source": "sqs",
+        "identityId": OPAQUE,
         "requestId": "edge-req-9",
         "error": problem,
         "request": event.request,
@@ -280,6 +281,7 @@ def test_process_delivered_stores_result_and_writes_new_state():
         "status": "delivered",
         "datastreamId": DS,
         "source": "sqs",
+        "identityId": OPAQUE,  # the opaque id: a repeat must be the same identity's
         "requestId": "3931ed0b-d171-45f6-9d3e-29a61113aac2-identity-test",
         "handle": FIXTURE_BODY["handle"],
         "warnings": [{"type": "w"}],
@@ -369,6 +371,7 @@ def test_process_without_primary_identity_keeps_no_state():
         "status": "delivered",
         "datastreamId": DS,
         "source": "sqs",
+        "identityId": "",  # none: compared as such on a repeat
         "requestId": "r",
         "handle": [],
         "errors": [{"type": "e"}],
@@ -608,3 +611,59 @@ def test_process_without_time_left_leaves_the_event_untouched():
     # THEN it is redelivered without a claim taken and given back (two writes for nothing) or an Edge call
     assert result == Result(Outcome.RETRY, "evt-1", reason="no time left to relay the event")
     assert store.claims == [] and store.releases == [] and edge.calls == []
+
+
+def event_for(person: str, *, datastream: str = DS) -> InboundEvent:
+    doc = {"event": {"xdm": {"_id": "order-1001", "identityMap": {"Email": [{"id": person, "primary": True}]}}}}
+    return build_inbound(doc, event_id="order-1001", datastream_id=datastream, source="webhook", received_at=NOW)
+
+
+@pytest.mark.usefixtures("aws")
+def test_an_eventid_reused_for_another_identity_is_rejected_on_its_own_and_never_given_the_first_ones_answer() -> None:
+    # GIVEN an event delivered for Alice (the real store, on in-process moto)
+    import boto3
+    from relay.integrations.store import HandlesStore
+
+    from devtools.resources import create_handles_table
+
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    clock = FakeClock()
+    store = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    edge = FakeEdge(*[EdgeAnswer(200, FIXTURE_BODY, 1)] * 3)
+    run = lambda event: Relay(store, edge, clock).process(event, Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]  # noqa: E731
+    first = run(event_for("alice@example.com"))
+    assert first.outcome is Outcome.DELIVERED
+
+    # WHEN the sender gives Bob's event, then an event to another datastream, the same eventId; and Alice's is resent
+    bob = run(event_for("bob@example.com"))
+    bob_again = run(event_for("bob@example.com"))  # a redelivery of Bob's
+    other_ds = run(event_for("alice@example.com", datastream="ds-2"))
+    repeat = run(event_for("alice@example.com"))
+
+    # THEN Bob's is not sent to Edge and does not get Alice's handle: it is stored `rejected` under an id of its own,
+    # with its request (to send again under a new xdm._id); its redelivery lands on that same item
+    assert len(edge.calls) == 1
+    assert bob.outcome is Outcome.REJECTED and "handle" not in bob.item
+    assert bob.event_id.startswith("order-1001#reused-") and bob_again.event_id == bob.event_id
+    stored = store.get_result(bob.event_id) or {}
+    assert stored["status"] == "rejected" and stored["rejectedBy"] == "relay"
+    assert stored["error"]["status"] == 422 and stored["error"]["errors"][0]["path"] == "event.xdm._id"
+    assert stored["request"]["event"]["xdm"]["identityMap"]["Email"][0]["id"] == "bob@example.com"
+    # another datastream is another event too, filed apart from Bob's
+    assert other_ds.outcome is Outcome.REJECTED and other_ds.event_id not in (bob.event_id, "order-1001")
+    # Alice's own resend is the repeat it is, answered with her result
+    assert repeat.outcome is Outcome.DUPLICATE and repeat.item["handle"] == FIXTURE_BODY["handle"]
+    assert (store.get_result("order-1001") or {})["identityId"] == event_for("alice@example.com").identity_id
+
+
+def test_a_result_stored_before_identities_were_kept_is_still_a_repeat() -> None:
+    # GIVEN a finished result without `identityId` (stored by an earlier version)
+    store = FakeStore(claim_result=Claim(False, existing={"status": "delivered", "eventId": "order-1001"}))
+    edge = FakeEdge()
+
+    # WHEN the event comes again
+    result = process(store, edge, FakeClock(), event_for("bob@example.com"))
+
+    # THEN it is answered as a repeat, as before (there is nothing to compare)
+    assert result.outcome is Outcome.DUPLICATE and store.rejected_unclaimed == [] and edge.calls == []

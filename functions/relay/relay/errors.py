@@ -53,6 +53,18 @@ class PayloadTooLarge(InvalidEvent):
             self.detail = "the request is too large for Edge as the relay sends it; make the event smaller"
 
 
+class EventIdReused(InvalidEvent):
+    """The eventId of an event already finished, on an event for another identity or datastream: not a repeat of it.
+    Answering it with the finished event's result would hand one person's ECID and state to another's session."""
+
+    status = 422
+    detail = "this eventId was already used for a different event; give every event its own xdm._id"
+
+    def __init__(self) -> None:
+        message = "already the eventId of an event relayed for another identity or datastream; not sent to Edge"
+        super().__init__([{"path": "event.xdm._id", "message": message}], title="Event id already used")
+
+
 class Unauthorized(Exception):
     """Webhook signature missing, wrong or outside the timestamp tolerance. The reason is logged, never returned."""
 

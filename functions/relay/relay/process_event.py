@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,6 +14,7 @@ from relay.errors import (
     CredentialsError,
     EdgeRejected,
     EdgeUnavailable,
+    EventIdReused,
     InvalidEvent,
     PayloadTooLarge,
     StoreUnavailable,
@@ -71,6 +73,21 @@ def invalid_problem(error: InvalidEvent) -> dict[str, Any]:
         problem["detail"] = error.detail
     problem["errors"] = error.errors
     return problem
+
+
+def reused_id(existing: dict[str, Any], inbound: InboundEvent) -> str | None:
+    """The id under which to file `inbound` as a reuse of a finished event's eventId, or None if it is a repeat.
+
+    A repeat has the same primary identity and datastream. Results stored before `identityId` was kept are taken as
+    repeats (nothing to compare); an event without a primary identity is compared as identity ""."""
+    if "identityId" not in existing:
+        return None
+    mine = inbound.identity_id or ""
+    if existing["identityId"] == mine and existing.get("datastreamId") == inbound.datastream_id:
+        return None
+    # Stable for this event (its redeliveries and resends land on the same item), distinct for each other one.
+    digest = hashlib.sha256(f"{inbound.datastream_id}\x1f{mine}".encode()).hexdigest()[:16]
+    return f"{inbound.event_id}#reused-{digest}"
 
 
 def edge_status_of(item: dict[str, Any]) -> int:
@@ -141,6 +158,9 @@ class Relay:
         if not claim.acquired:
             existing = claim.existing or {}
             if existing.get("status") in ("delivered", "rejected"):
+                filed_as = reused_id(existing, inbound)
+                if filed_as is not None:
+                    return self._reject_reused(inbound, filed_as)
                 count("Duplicates")
                 logger.info("repeat of a finished event", eventId=event_id, status=existing.get("status"))
                 return Result(Outcome.DUPLICATE, event_id, item=existing, state=state)
@@ -169,6 +189,29 @@ class Relay:
             reason = f"unexpected error: {type(exc).__name__}"
             self._give_back(event_id, claim.token, reason)
             return Result(Outcome.RETRY, event_id, reason=reason)
+
+    def _reject_reused(self, inbound: InboundEvent, filed_as: str) -> Result:
+        """Store an event that reuses a finished event's eventId as `rejected`, under an id of its own, and never
+        answer it with that other event's result. The store being down makes it a retry, as for any event."""
+        try:
+            stored = self.store.reject_unclaimed(
+                filed_as,
+                {
+                    "datastreamId": inbound.datastream_id,
+                    "source": inbound.source,
+                    "identityId": inbound.identity_id or "",
+                    "error": invalid_problem(EventIdReused()),
+                    "request": inbound.request,
+                },
+            )
+        except StoreUnavailable as exc:
+            logger.warning("event will be retried", eventId=inbound.event_id, reason=str(exc))
+            count("RetriesScheduled")
+            return Result(Outcome.RETRY, inbound.event_id, reason=str(exc))
+        count("Rejected")
+        count("EventIdReused")
+        logger.warning("eventId reused for a different event: rejected", eventId=inbound.event_id, filedAs=filed_as)
+        return Result(Outcome.REJECTED, filed_as, item=stored)
 
     def stored(self, result: Result, *, in_batch: bool = False) -> None:
         """Count and log a result whose item is written. In a batch a delivery is logged at DEBUG (the batch logs one
@@ -227,6 +270,7 @@ class Relay:
                 "status": "rejected",
                 "datastreamId": inbound.datastream_id,
                 "source": inbound.source,
+                "identityId": inbound.identity_id or "",
                 "requestId": as_dict(exc.problem.get("report")).get("requestId"),
                 "error": exc.problem,
                 "request": inbound.request,
@@ -271,6 +315,7 @@ class Relay:
             "status": "delivered",
             "datastreamId": inbound.datastream_id,
             "source": inbound.source,
+            "identityId": inbound.identity_id or "",
             "requestId": answer.request_id,
             "handle": answer.body.get("handle", []),
         }

@@ -71,7 +71,7 @@ def rejected_response(item: dict[str, Any]) -> Response:
     extra = {"eventId": item.get("eventId"), "type": error.get("type", "about:blank")}
     if error.get("errors"):  # our own validation of a body
         return problem(
-            status if status in (400, 413) else 400,
+            status if status in (400, 413, 422) else 400,
             str(error.get("title", "Invalid event")),
             str(error.get("detail") or InvalidEvent.detail),
             errors=error["errors"],
@@ -96,7 +96,10 @@ class WebhookApp:
         self._credentials = credentials
         self._queue = queue
         self._clock = clock
-        self.app = APIGatewayHttpResolver()
+        # Never Powertools' debug mode, whatever the environment says: with `POWERTOOLS_DEV` set (documented as "more
+        # verbose", so an operator may turn it on to debug) it prints every request whole (signature, body,
+        # identities), even an unsigned one, before the relay has checked anything.
+        self.app = APIGatewayHttpResolver(debug=False)
         self.app.post("/events")(self._post_events)
         self.app.not_found(self._not_found)  # before the catch-all below: a wrong route is final, not "retry"
         self.app.exception_handler(Exception)(self._unexpected)

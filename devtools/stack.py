@@ -183,7 +183,6 @@ class LocalStack:
                 "EdgeBaseUrl": self.sim.url,
                 "ImsTokenUrl": self.sim.ims_url,
                 "EdgeAuth": "ims",
-                "WebhookAuth": "standard-webhooks",
             },
         )
         variables: dict[str, Any] = {}

@@ -25,12 +25,12 @@ TABLE = "HandlesTable"
 CONTRACT_ENV = {
     "HANDLES_TABLE": {"Ref": TABLE},
     "DATASTREAM_ID": {"Ref": "DatastreamId"},
-    "ADOBE_SECRET_ID": {"Ref": "AdobeSecretArn"},
+    "ADOBE_SECRET_ID": {"Fn::If": ["UsesIms", {"Ref": "AdobeSecretArn"}, {"Ref": "AWS::NoValue"}]},
     "WEBHOOK_SECRET_ID": {"Ref": "WebhookSecretArn"},
     "EDGE_BASE_URL": {"Ref": "EdgeBaseUrl"},
     "EDGE_AUTH": {"Ref": "EdgeAuth"},
     "IMS_TOKEN_URL": {"Ref": "ImsTokenUrl"},
-    "WEBHOOK_AUTH": {"Ref": "WebhookAuth"},
+    "WEBHOOK_AUTH": "standard-webhooks",  # the API has no other authorizer: `none` would open it to anyone
     "RETRY_QUEUE_URL": {"Ref": QUEUE},
     "RESULT_TTL_DAYS": {"Ref": "ResultTtlDays"},
 }
@@ -40,7 +40,6 @@ CONTRACT_DEFAULTS = {
     "EdgeBaseUrl": "https://server.adobedc.net",
     "EdgeAuth": "ims",
     "ImsTokenUrl": "https://ims-na1.adobelogin.com/ims/token/v3",
-    "WebhookAuth": "standard-webhooks",
     "ResultTtlDays": 30,
 }
 
@@ -181,7 +180,7 @@ def test_table_ttl_pitr_encryption_and_retention(template: dict[str, Any]) -> No
     assert props["TimeToLiveSpecification"] == {"AttributeName": "expiresAt", "Enabled": True}
     assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
     assert props["SSESpecification"]["SSEEnabled"] is True
-    assert table["DeletionPolicy"] == "Retain"
+    assert table["DeletionPolicy"] == "RetainExceptOnCreate"  # kept with the stack, not after a failed first create
     assert table["UpdateReplacePolicy"] == "Retain"
 
 
@@ -230,7 +229,7 @@ def test_parameter_defaults_match_the_contract(template: dict[str, Any]) -> None
         assert parameters[name]["Default"] == default, name
     assert "Default" not in parameters["DatastreamId"]
     assert set(parameters["EdgeAuth"]["AllowedValues"]) == {"ims", "none"}
-    assert set(parameters["WebhookAuth"]["AllowedValues"]) == {"standard-webhooks", "none"}
+    assert "WebhookAuth" not in parameters  # a deployed API is always signed (README, "Deploy")
 
 
 def test_logs_have_a_retention(template: dict[str, Any]) -> None:
@@ -304,7 +303,7 @@ def test_logs_and_the_event_source_are_scoped_to_the_functions_own_resources(tem
 
 def test_x_ray_may_be_written_only_when_tracing_is_on(template: dict[str, Any]) -> None:
     policies = template["Resources"]["RelayFunctionRole"]["Properties"]["Policies"]
-    [conditional] = [p for p in policies if "Fn::If" in p]
+    [conditional] = [p for p in policies if "Fn::If" in p and p["Fn::If"][0] == "TracingEnabled"]
     condition, when_true, when_false = conditional["Fn::If"]
     assert (condition, when_false) == ("TracingEnabled", {"Ref": "AWS::NoValue"})
     actions = {a for s in when_true["PolicyDocument"]["Statement"] for a in as_list(s["Action"])}
@@ -320,8 +319,8 @@ def test_secrets_are_readable_exactly_for_the_two_parameters(template: dict[str,
         assert as_list(statement["Action"]) == ["secretsmanager:GetSecretValue"]
     granted = [r for s in statements for r in as_list(s["Resource"])]
     assert sorted(granted, key=str) == [{"Ref": "AdobeSecretArn"}, {"Ref": "WebhookSecretArn"}]
-    for name in ("AdobeSecretArn", "WebhookSecretArn"):
-        assert template["Parameters"][name]["AllowedPattern"].startswith("^arn:aws"), name
+    assert template["Parameters"]["WebhookSecretArn"]["AllowedPattern"].startswith("^arn:aws")
+    assert template["Parameters"]["AdobeSecretArn"]["AllowedPattern"].startswith("^$|^arn:aws")  # empty: EdgeAuth=none
 
 
 def test_the_function_may_call_exactly_the_dynamodb_operations_its_store_calls(template: dict[str, Any]) -> None:
@@ -570,3 +569,51 @@ def test_the_datastream_parameter_allows_only_ids_the_function_accepts(template:
         else:
             with pytest.raises(ConfigurationError):
                 load_settings({**ENV, "DATASTREAM_ID": candidate})
+
+
+def conditional_policy(template: dict[str, Any], condition: str) -> list[dict[str, Any]]:
+    """The statements of the role's policy that exists only under `condition`."""
+    policies = template["Resources"]["RelayFunctionRole"]["Properties"]["Policies"]
+    [(name, when_true, when_false)] = [p["Fn::If"] for p in policies if "Fn::If" in p and p["Fn::If"][0] == condition]
+    assert when_false == {"Ref": "AWS::NoValue"}
+    return list(when_true["PolicyDocument"]["Statement"])
+
+
+def test_the_adobe_secret_is_used_and_readable_only_with_ims_and_then_required(template: dict[str, Any]) -> None:
+    assert template["Conditions"]["UsesIms"] == {"Fn::Equals": [{"Ref": "EdgeAuth"}, "ims"]}
+    [statement] = conditional_policy(template, "UsesIms")
+    assert (statement["Action"], statement["Resource"]) == ("secretsmanager:GetSecretValue", {"Ref": "AdobeSecretArn"})
+    parameter = template["Parameters"]["AdobeSecretArn"]
+    assert "Default" not in parameter and parameter["AllowedPattern"].startswith("^$|^arn:aws")
+    rule = template["Rules"]["ImsNeedsTheAdobeSecret"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "EdgeAuth"}, "ims"]}
+    assert rule["Assertions"][0]["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "AdobeSecretArn"}, ""]}]}
+
+
+def test_the_unauthenticated_edge_mode_refuses_the_authenticated_host(template: dict[str, Any]) -> None:
+    rule = template["Rules"]["UnauthenticatedEdgeNeedsItsOwnHost"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "EdgeAuth"}, "none"]}
+    assert rule["Assertions"][0]["Assert"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeBaseUrl"}, CONTRACT_DEFAULTS["EdgeBaseUrl"]]}]
+    }
+
+
+def test_a_customer_managed_key_on_the_secrets_may_decrypt_only_through_secrets_manager(
+    template: dict[str, Any],
+) -> None:
+    assert template["Parameters"]["SecretsKmsKeyArn"]["Default"] == ""
+    [statement] = conditional_policy(template, "HasSecretsKmsKey")
+    assert (statement["Action"], statement["Resource"]) == ("kms:Decrypt", {"Ref": "SecretsKmsKeyArn"})
+    assert statement["Condition"] == {
+        "StringEquals": {"kms:ViaService": {"Fn::Sub": "secretsmanager.${AWS::Region}.amazonaws.com"}}
+    }
+    assert [s for s in policy_statements(template) if "kms:Decrypt" in as_list(s["Action"])] == [statement]
+
+
+def test_names_that_must_not_clash_across_stacks(template: dict[str, Any]) -> None:
+    resources_ = template["Resources"]
+    assert resources_["DepsLayer"]["Properties"]["LayerName"] == {"Fn::Sub": "${AWS::StackName}-deps"}
+    # API Gateway adds its access log group to the account's (size-limited) Logs resource policy: near the limit,
+    # only /aws/vendedlogs/ names are accepted.
+    group = resources_["ApiAccessLogGroup"]["Properties"]["LogGroupName"]["Fn::Sub"]
+    assert group.startswith("/aws/vendedlogs/")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,7 @@ DUMMY_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "t
 
 TABLE_RESOURCE = "HandlesTable"
 QUEUE_RESOURCE = "EventsQueue"
+IDENTITY_KEY_RESOURCE = "IdentityKeySecret"
 DLQ_RESOURCE = "EventsDeadLetterQueue"
 FUNCTION_RESOURCE = "RelayFunction"
 
@@ -51,6 +54,7 @@ class LocalResources:
     visibility_timeout: int
     region: str = DEFAULT_REGION
     endpoint_url: str = ""
+    identity_key_secret_id: str | None = None  # the template's generated identity key, when it has one
 
 
 def aws_client(service: str, endpoint_url: str, region: str = DEFAULT_REGION) -> Any:
@@ -302,6 +306,23 @@ def _put_secret(sm: Any, name: str, value: Mapping[str, Any]) -> str:
     return arn
 
 
+def _generated_secret(sm: Any, name: str, props: Mapping[str, Any]) -> str:
+    """A secret made the way CloudFormation's `GenerateSecretString` makes it (a random string of letters and digits
+    under `GenerateStringKey` in `SecretStringTemplate`); an existing one is kept, as a stack update keeps it."""
+    spec = props.get("GenerateSecretString") or {}
+    alphabet = string.ascii_letters + string.digits
+    value = "".join(secrets.choice(alphabet) for _ in range(int(spec.get("PasswordLength", 32))))
+    doc = json.loads(spec.get("SecretStringTemplate") or "{}")
+    doc[spec.get("GenerateStringKey", "key")] = value
+    try:
+        arn: str = sm.create_secret(Name=name, SecretString=json.dumps(doc))["ARN"]
+    except ClientError as err:
+        if err.response["Error"]["Code"] != "ResourceExistsException":
+            raise
+        arn = sm.describe_secret(SecretId=name)["ARN"]
+    return arn
+
+
 def create_resources(
     endpoint_url: str,
     template: Mapping[str, Any] | None = None,
@@ -347,6 +368,10 @@ def create_resources(
     event = resolver.resolve(sqs_event(tpl))
     adobe_arn = _put_secret(sm, f"{prefix}/interact-relay/adobe", adobe_secret)
     webhook_arn = _put_secret(sm, f"{prefix}/interact-relay/webhook", webhook_secret)
+    identity_key_arn = None
+    if IDENTITY_KEY_RESOURCE in (tpl.get("Resources") or {}):
+        key_props = resource_properties(tpl, IDENTITY_KEY_RESOURCE, resolver)
+        identity_key_arn = _generated_secret(sm, f"{prefix}/interact-relay/identity-key", key_props)
     return LocalResources(
         table_name=table_name,
         queue_url=queue_url,
@@ -362,4 +387,5 @@ def create_resources(
         visibility_timeout=int(queue_props.get("VisibilityTimeout", SQS_DEFAULT_VISIBILITY_TIMEOUT)),
         region=region,
         endpoint_url=endpoint_url,
+        identity_key_secret_id=identity_key_arn,
     )

@@ -28,6 +28,7 @@ from devtools.resources import (
     DEFAULT_REGION,
     DUMMY_CREDENTIALS,
     FUNCTION_RESOURCE,
+    IDENTITY_KEY_RESOURCE,
     QUEUE_RESOURCE,
     TABLE_RESOURCE,
     LocalResources,
@@ -171,10 +172,12 @@ class LocalStack:
         parameters set for the local stack and ``!Ref`` resolved to the local resources.
         """
         res = self.resources
+        # `!Ref` of a secret is its ARN
+        identity_key = {IDENTITY_KEY_RESOURCE: res.identity_key_secret_id} if res.identity_key_secret_id else {}
         resolver = TemplateResolver(
             self.template,
             region=self.region,
-            names={TABLE_RESOURCE: res.table_name, QUEUE_RESOURCE: res.queue_url},
+            names={TABLE_RESOURCE: res.table_name, QUEUE_RESOURCE: res.queue_url, **identity_key},
             arns={QUEUE_RESOURCE: res.queue_arn},
             parameters={
                 "DatastreamId": DATASTREAM_ID,
@@ -282,6 +285,21 @@ class LocalStack:
             for i in range(0, len(items), 25):
                 requests = [{"DeleteRequest": {"Key": item}} for item in items[i : i + 25]]
                 self.dynamodb.batch_write_item(RequestItems={table: requests})
+
+    @property
+    def identity_key(self) -> bytes | None:
+        """The identity key the template generated (the function's HMAC key of identity ids), read back."""
+        arn = self.resources.identity_key_secret_id
+        if not arn:
+            return None
+        value = self.secretsmanager.get_secret_value(SecretId=arn)["SecretString"]
+        return str(json.loads(value)["key"]).encode("utf-8")
+
+    def identity_id(self, namespace: str, identity: str) -> str:
+        """The opaque id under which the function keeps this identity's state (`IDENTITY#<id>`)."""
+        from relay.identity_state import opaque_identity_id
+
+        return opaque_identity_id(namespace, identity, key=self.identity_key)
 
     def result_item(self, event_id: str) -> dict[str, Any] | None:
         """The ``EVENT#<eventId>``/``RESULT`` item as plain Python values (``handle``/``errors``/... decoded)."""

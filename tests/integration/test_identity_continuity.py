@@ -160,7 +160,7 @@ def state_item(stack: LocalStack, crm_id: str) -> dict[str, Any]:
     """The identity-state item of a CRMID on the local datastream, with `state` decoded."""
     resp = stack.dynamodb.get_item(
         TableName=stack.resources.table_name,
-        Key={"pk": {"S": f"IDENTITY#{opaque_identity_id('CRMID', crm_id)}"}, "sk": {"S": f"STATE#{DATASTREAM_ID}"}},
+        Key={"pk": {"S": f"IDENTITY#{stack.identity_id('CRMID', crm_id)}"}, "sk": {"S": f"STATE#{DATASTREAM_ID}"}},
         ConsistentRead=True,
     )
     item = resp.get("Item")
@@ -555,7 +555,7 @@ def test_a_failed_state_write_after_delivery_does_not_send_the_event_to_edge_twi
     stack = clean_stack
     crm, (e1,) = new_ids("state-write-fails", 1)
     proxy = FaultProxy(stack.moto.url).start()
-    state_key = f"IDENTITY#{opaque_identity_id('CRMID', crm)}|STATE#{DATASTREAM_ID}"
+    state_key = f"IDENTITY#{stack.identity_id('CRMID', crm)}|STATE#{DATASTREAM_ID}"
     proxy.fail_item(state_key, ["validation"])  # not retried by botocore: the write fails at once
     monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", proxy.url)  # before the instance builds its clients
     runtime = new_runtime()
@@ -627,3 +627,21 @@ def test_state_item_ttl_is_the_last_entry_lapse_and_early_extensions_are_not_wri
     assert later["updatedAt"] > first["updatedAt"]
     # AND all four events kept the ECID
     assert len({stored_ecid(stack, e) for e in (e1, e2, e3, e4)}) == 1
+
+
+def test_state_keys_are_keyed_hashes_that_a_guessed_identity_cannot_find(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN the stack's identity key (generated from the template's IdentityKeySecret, read back from the emulator)
+    stack = clean_stack
+    assert stack.identity_key is not None and len(stack.identity_key) == 64
+    crm, (e1,) = new_ids("keyed", 1)
+
+    # WHEN an event of that identity is relayed
+    via_sqs(stack, new_runtime(FakeClock(wall=T0)), crm_event(crm, e1))
+
+    # THEN its state is kept under the HMAC of the identity, and nothing under the plain SHA-256 anyone could compute
+    keys = {item["pk"]["S"] for item in stack.dynamodb.scan(TableName=stack.resources.table_name)["Items"]}
+    assert f"IDENTITY#{stack.identity_id('CRMID', crm)}" in keys
+    assert f"IDENTITY#{opaque_identity_id('CRMID', crm)}" not in keys
+    assert result(stack, e1)["identityId"] == stack.identity_id("CRMID", crm)

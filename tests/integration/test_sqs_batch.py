@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relay.identity_state import opaque_identity_id
 from relay.models import iso_millis
 from relay.runtime import Runtime
 from relay.settings import load_settings
@@ -47,10 +46,10 @@ def interact_event(event_id: str | None = None, *, ecid: str | None = None) -> d
     return {"event": {"xdm": xdm}}
 
 
-def identity_of(doc: dict[str, Any]) -> str:
+def identity_of(stack: LocalStack, doc: dict[str, Any]) -> str:
     """The opaque id a result keeps of its event's primary identity (a repeat of the eventId must match it)."""
     [entry] = doc["event"]["xdm"]["identityMap"]["ECID"]
-    return opaque_identity_id("ECID", entry["id"])
+    return stack.identity_id("ECID", entry["id"])
 
 
 def with_id(doc: dict[str, Any], event_id: str) -> dict[str, Any]:
@@ -187,7 +186,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         **base,
         "pk": f"EVENT#{ids[0]}",
         "eventId": ids[0],
-        "identityId": identity_of(valid[0]),
+        "identityId": identity_of(stack, valid[0]),
         "requestId": rid[ids[0]],
         "handle": simulator_handle(stack, ecids[0]),
         "attempts": 1,
@@ -196,7 +195,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         **base,
         "pk": f"EVENT#{ids[1]}",
         "eventId": ids[1],
-        "identityId": identity_of(valid[1]),
+        "identityId": identity_of(stack, valid[1]),
         "requestId": fixture["requestId"],
         "handle": fixture["handle"],
         "attempts": 1,
@@ -205,7 +204,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         **base,
         "pk": f"EVENT#{ids[2]}",
         "eventId": ids[2],
-        "identityId": identity_of(valid[2]),
+        "identityId": identity_of(stack, valid[2]),
         "requestId": rid[ids[2]],
         "handle": simulator_handle(stack, ecids[2]),
         "errors": [partial_error],
@@ -219,7 +218,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         "status": "rejected",
         "datastreamId": DATASTREAM_ID,
         "source": "sqs",
-        "identityId": identity_of(rejected_doc),
+        "identityId": identity_of(stack, rejected_doc),
         "requestId": rid[rejected_id],
         "error": {
             "type": ERROR_TYPE_BASE + "EXEG-0102-400",
@@ -446,7 +445,7 @@ def test_fixture_answer_is_stored_exactly_as_edge_returned_it(clean_stack: Local
         "status": "delivered",
         "datastreamId": DATASTREAM_ID,
         "source": "sqs",
-        "identityId": identity_of(doc),
+        "identityId": identity_of(stack, doc),
         "requestId": answer["requestId"],
         "handle": json.loads((FIXTURES / fixture).read_text())["handle"],
         "attempts": 1,

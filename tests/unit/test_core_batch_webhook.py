@@ -15,7 +15,8 @@ import pytest
 from botocore.exceptions import ClientError
 from relay.batch import HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
-from relay.errors import StoreUnavailable
+from relay.errors import CredentialsError, StoreUnavailable
+from relay.identity_state import opaque_identity_id
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.queue import RetryQueue, queue_url_for
@@ -941,3 +942,53 @@ def test_a_batch_record_reusing_another_identitys_eventid_is_stored_rejected_and
     [(event_id, fields)] = store.rejected_unclaimed
     assert event_id.startswith("order-1001#reused-") and fields["error"]["status"] == 422
     assert edge.calls == []
+
+
+def key_unavailable() -> bytes:
+    raise CredentialsError("identity key secret (IDENTITY_KEY_SECRET_ID) could not be read (AccessDeniedException)")
+
+
+def test_a_batch_whose_identity_key_cannot_be_read_touches_nothing_and_comes_back_whole() -> None:
+    # GIVEN the identity key cannot be read
+    store = FakeStore()
+    relay, edge = real_relay(store, 2)
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1), identity_key=key_unavailable)
+
+    # WHEN a batch arrives
+    answer = runner.run(
+        {"Records": [sqs("e-1", "m-1", "ann"), sqs("e-2", "m-2", "bob")]}, Deadline(relay.clock, 20), 25
+    )
+
+    # THEN nothing is claimed or sent (no state could be found or kept), and every record is redelivered
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-1"}, {"itemIdentifier": "m-2"}]}
+    assert store.claims == [] and edge.calls == []
+
+
+def test_a_batch_keys_identities_with_the_deployments_key() -> None:
+    # GIVEN an identity key
+    store = FakeStore()
+    handle = [{"type": "state:store", "payload": [{"key": "k", "value": "v", "maxAge": 60}]}]
+    relay = Relay(store, FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": handle}, 1)), FakeClock())  # type: ignore[arg-type]
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1), identity_key=lambda: b"k" * 64)
+
+    # WHEN an event of CRMID "ann" is relayed
+    runner.run({"Records": [sqs("e-1", "m-1", "ann")]}, Deadline(relay.clock, 20), 25)
+
+    # THEN its state is keyed with the HMAC, not the plain SHA-256
+    [(opaque, _, _)] = store.state_writes
+    assert opaque == opaque_identity_id("CRMID", "ann", key=b"k" * 64) != opaque_identity_id("CRMID", "ann")
+
+
+def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused() -> None:
+    # GIVEN the identity key cannot be read
+    h = harness()
+    h.app._identity_key = key_unavailable
+    body = json.dumps({"event": {"xdm": {"_id": "ev-key", "identityMap": {"CRMID": [{"id": "ann"}]}}}}).encode()
+
+    # WHEN a signed event arrives
+    answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg_key")))
+
+    # THEN it is queued (202) for a batch to deliver, untouched (no claim, no Edge call)
+    assert (answer["statusCode"], json.loads(answer["body"])) == (202, {"eventId": "ev-key", "status": "queued"})
+    assert [e.event_id for e in h.queue.sent] == ["ev-key"]
+    assert h.store.claims == [] and h.session.calls == []

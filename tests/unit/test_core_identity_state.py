@@ -575,3 +575,19 @@ def test_apply_handles_keeps_the_longest_lived_entries_within_the_state_limit():
     kept = sorted(k for k in new.entries if k != IDENTITY_KEY)
     assert kept == [f"k{i:02d}" for i in range(40 - len(kept), 40)]
     assert len(kept) == 16
+
+
+def test_an_identity_id_with_the_deployments_key_cannot_be_recomputed_without_it() -> None:
+    import hashlib
+    import hmac
+
+    data = b"Email\x1falice@example.com"
+    key = b"k" * 64
+    plain = opaque_identity_id("Email", "alice@example.com")
+    keyed = opaque_identity_id("Email", "alice@example.com", key=key)
+    # Without a key: SHA-256, which anyone can compute for a guessed email.
+    assert plain == hashlib.sha256(data).hexdigest()
+    # With it: HMAC-SHA256, stable for the deployment, different in another one.
+    assert keyed == hmac.new(key, data, hashlib.sha256).hexdigest() != plain
+    assert opaque_identity_id("Email", "alice@example.com", key=key) == keyed
+    assert opaque_identity_id("Email", "alice@example.com", key=b"j" * 64) != keyed

@@ -346,3 +346,30 @@ def test_a_secret_that_cannot_be_read_is_named_with_the_aws_error_code(monkeypat
 
     # THEN the reason says which secret, and why in AWS's words (not found, access denied, KMS, ...)
     assert str(info.value) == "Adobe secret (ADOBE_SECRET_ID) could not be read (ResourceNotFoundException)"
+
+
+@pytest.mark.usefixtures("aws")
+def test_the_identity_key_is_read_once_and_a_short_one_is_refused() -> None:
+    import json
+
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    sm = boto3.client("secretsmanager")
+    good = sm.create_secret(Name="key", SecretString=json.dumps({"key": "a" * 64}))["ARN"]
+    short = sm.create_secret(Name="short", SecretString=json.dumps({"key": "a" * 31}))["ARN"]
+
+    def store(arn: str) -> CredentialsStore:
+        return CredentialsStore(sm, adobe_secret_id=None, webhook_secret_id=None, max_age=0, identity_key_secret_id=arn)
+
+    # GIVEN the template's shape of secret
+    creds = store(good)
+    assert creds.identity_key() == b"a" * 64
+    # WHEN it changes (or Secrets Manager fails) later, THEN the environment keeps the key it started with (a new key
+    # would orphan every state it keeps), even with no caching at all configured for the other secrets
+    sm.put_secret_value(SecretId=good, SecretString=json.dumps({"key": "b" * 64}))
+    sm.delete_secret(SecretId=good, ForceDeleteWithoutRecovery=True)
+    assert creds.identity_key() == b"a" * 64
+    # AND a key too short to be one is a configuration error naming the variable, never used
+    with pytest.raises(CredentialsError, match="IDENTITY_KEY_SECRET_ID"):
+        store(short).identity_key()

@@ -312,13 +312,17 @@ def test_x_ray_may_be_written_only_when_tracing_is_on(template: dict[str, Any]) 
     assert not [s for s in policy_statements({"p": unconditional}) if set(as_list(s["Action"])) & UNSCOPABLE]
 
 
-def test_secrets_are_readable_exactly_for_the_two_parameters(template: dict[str, Any]) -> None:
+def test_secrets_are_readable_exactly_for_the_two_parameters_and_the_identity_key(template: dict[str, Any]) -> None:
     statements = [s for s in policy_statements(template) if any("secretsmanager" in a for a in as_list(s["Action"]))]
     assert statements, "the function must be allowed to read its secrets"
     for statement in statements:
         assert as_list(statement["Action"]) == ["secretsmanager:GetSecretValue"]
     granted = [r for s in statements for r in as_list(s["Resource"])]
-    assert sorted(granted, key=str) == [{"Ref": "AdobeSecretArn"}, {"Ref": "WebhookSecretArn"}]
+    assert sorted(granted, key=str) == [
+        {"Ref": "AdobeSecretArn"},
+        {"Ref": "IdentityKeySecret"},
+        {"Ref": "WebhookSecretArn"},
+    ]
     assert template["Parameters"]["WebhookSecretArn"]["AllowedPattern"].startswith("^arn:aws")
     assert template["Parameters"]["AdobeSecretArn"]["AllowedPattern"].startswith("^$|^arn:aws")  # empty: EdgeAuth=none
 
@@ -617,3 +621,16 @@ def test_names_that_must_not_clash_across_stacks(template: dict[str, Any]) -> No
     # only /aws/vendedlogs/ names are accepted.
     group = resources_["ApiAccessLogGroup"]["Properties"]["LogGroupName"]["Fn::Sub"]
     assert group.startswith("/aws/vendedlogs/")
+
+
+def test_the_identity_key_is_generated_kept_with_the_table_and_given_to_the_function(template: dict[str, Any]) -> None:
+    secret = template["Resources"]["IdentityKeySecret"]
+    assert secret["Type"] == "AWS::SecretsManager::Secret"
+    generate = secret["Properties"]["GenerateSecretString"]
+    assert (generate["GenerateStringKey"], generate["SecretStringTemplate"]) == ("key", "{}")
+    assert generate["PasswordLength"] >= 64 and generate["ExcludePunctuation"] is True
+    # A new key would orphan every identity state: it lives exactly as long as the table.
+    table = template["Resources"][TABLE]
+    assert (secret["DeletionPolicy"], secret["UpdateReplacePolicy"]) == (table["DeletionPolicy"], "Retain")
+    variables = function_properties(template, FUNCTION)["Environment"]["Variables"]
+    assert variables["IDENTITY_KEY_SECRET_ID"] == {"Ref": "IdentityKeySecret"}

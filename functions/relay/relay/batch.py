@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.clock import Deadline
-from relay.errors import InvalidEvent, StoreUnavailable
+from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
@@ -135,13 +135,15 @@ class BatchRunner:
         relay: Relay,
         executor: ThreadPoolExecutor,
         queue: Callable[[], RetryQueue] | None = None,
+        identity_key: Callable[[], bytes | None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._relay = relay
         self._executor = executor
         self._queue = queue  # built only when a record has to be postponed (no SQS client on the common path)
+        self._identity_key = identity_key  # the HMAC key of identity ids (None: plain SHA-256)
 
-    def _prepare(self, record: dict[str, Any], deadline: Deadline, lease_s: float) -> _Item:
+    def _prepare(self, record: dict[str, Any], deadline: Deadline, lease_s: float, key: bytes | None) -> _Item:
         message_id = _message_id(record)
         raw = record.get("body") or ""
         try:
@@ -165,7 +167,12 @@ class BatchRunner:
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
             datastream = resolve_datastream(named, self._settings.datastream_id)
             inbound = build_inbound(
-                doc, event_id=event_id, datastream_id=datastream, source=source, received_at=received_at
+                doc,
+                event_id=event_id,
+                datastream_id=datastream,
+                source=source,
+                received_at=received_at,
+                identity_key=key,
             )
         except InvalidEvent as exc:
             ds = datastream_for_rejection(named, self._settings.datastream_id)
@@ -176,8 +183,8 @@ class BatchRunner:
                 return Done(True, carry)
 
             return _Item(message_id, eid, f"invalid:{message_id}", reject, receive_count, invalid=True)
-        key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
-        group = f"identity:{key[1]}:{key[0]}" if key else f"event:{event_id}"
+        state_key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
+        group = f"identity:{state_key[1]}:{state_key[0]}" if state_key else f"event:{event_id}"
 
         def process(carry: Carry, first_state: StateSource | None) -> Done:
             result = self._relay.process(
@@ -186,15 +193,23 @@ class BatchRunner:
             ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
             return Done(ok, result.state, result)  # state unknown after a failure: the next record reads it afresh
 
-        return _Item(message_id, event_id, group, process, receive_count, key)
+        return _Item(message_id, event_id, group, process, receive_count, state_key)
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
+        try:
+            key = self._identity_key()
+        except CredentialsError as exc:
+            # No identity can be keyed, so no state found or kept: nothing is touched, every record comes back (and,
+            # if this lasts, reaches the dead-letter queue, whose alarm pages someone).
+            logger.warning("identity key unavailable; records will be redelivered", reason=str(exc))
+            count("RetriesScheduled", len(records))
+            return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(map(_message_id, records))]}
         groups: dict[str, list[_Item]] = {}
         firsts: dict[str, _Item] = {}
         for n, record in enumerate(records):
             try:
-                item = self._prepare(record, deadline, lease_s)
+                item = self._prepare(record, deadline, lease_s, key)
             except Exception:
                 # A defect reading one record must not fail its batch-mates: this one is redelivered (and reaches
                 # the dead-letter queue if the defect stays).

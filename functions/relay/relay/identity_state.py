@@ -8,6 +8,7 @@ that carries none.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -39,9 +40,14 @@ def _entry_bytes(key: str, entry: StoredEntry) -> int:
     return len(key.encode("utf-8")) + len(entry.value.encode("utf-8")) + len(attrs.encode("utf-8"))
 
 
-def opaque_identity_id(namespace: str, identity: str) -> str:
-    """A stable key for an identity that never contains its value (SHA-256 of namespace and id)."""
-    return hashlib.sha256(f"{namespace}\x1f{identity}".encode()).hexdigest()
+def opaque_identity_id(namespace: str, identity: str, key: bytes | None = None) -> str:
+    """A stable key for an identity that never contains its value: HMAC-SHA256 of namespace and id with the
+    deployment's identity key (`IDENTITY_KEY_SECRET_ID`), so that whoever reads the table cannot test guesses (an
+    email, a phone number) against it. Without a key, plain SHA-256 (guessable for such identities: README)."""
+    data = f"{namespace}\x1f{identity}".encode()
+    if key:
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,14 @@ class InboundEvent:
     request: dict[str, Any]
     received_at: float
     primary_identity: tuple[str, str] | None = field(default=None, repr=False)  # (namespace, id): never log
+    identity_key: bytes | None = field(default=None, repr=False, compare=False)  # the deployment's HMAC key
 
     @cached_property
     def identity_id(self) -> str | None:
         """The primary identity's opaque key (hashed once per event), or None without a primary identity."""
-        return opaque_identity_id(*self.primary_identity) if self.primary_identity else None
+        if not self.primary_identity:
+            return None
+        return opaque_identity_id(*self.primary_identity, key=self.identity_key)
 
 
 def as_dict(value: Any) -> dict[str, Any]:
@@ -273,6 +276,7 @@ def build_inbound(
     datastream_id: str,
     source: Source,
     received_at: float,
+    identity_key: bytes | None = None,
 ) -> InboundEvent:
     """Validate `doc` and return the event with `xdm._id` and `xdm.timestamp` filled in (stable across retries)."""
     errors = validate_request(doc)
@@ -292,4 +296,5 @@ def build_inbound(
         request=request,
         received_at=received_at,
         primary_identity=primary_identity(xdm),
+        identity_key=identity_key,
     )

@@ -94,7 +94,13 @@ class Runtime:
             adobe_secret_id=s.adobe_secret_id,
             webhook_secret_id=s.webhook_secret_id,
             max_age=s.secrets_max_age_s,
+            identity_key_secret_id=s.identity_key_secret_id,
         )
+
+    def identity_key(self) -> bytes | None:
+        """The HMAC key of identity ids, or None when the deployment names none (plain SHA-256). Raises
+        CredentialsError while it cannot be read."""
+        return self.credentials.identity_key() if self.settings.identity_key_secret_id else None
 
     @cached_property
     def tokens(self) -> ImsTokenProvider | None:
@@ -130,11 +136,18 @@ class Runtime:
     def webhook(self) -> WebhookApp:
         from relay.webhook import WebhookApp  # Event Handler and standardwebhooks: only when a webhook arrives
 
-        return WebhookApp(self.settings, self.relay, lambda: self.credentials, lambda: self.queue, self.clock)
+        return WebhookApp(
+            self.settings,
+            self.relay,
+            lambda: self.credentials,
+            lambda: self.queue,
+            self.clock,
+            identity_key=self.identity_key,
+        )
 
     @cached_property
     def batch(self) -> BatchRunner:
-        return BatchRunner(self.settings, self.relay, self.executor, lambda: self.queue)
+        return BatchRunner(self.settings, self.relay, self.executor, lambda: self.queue, self.identity_key)
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0

@@ -42,6 +42,7 @@ class Settings:
     safety_margin_s: float
     secrets_max_age_s: int
     queue_visibility_timeout_s: int  # the trigger queue's VisibilityTimeout: when a record sent back returns
+    identity_key_secret_id: str | None = None  # the HMAC key of identity ids; unset: plain SHA-256 (README)
 
     @property
     def interact_url(self) -> str:
@@ -104,6 +105,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     webhook_auth = choice("WEBHOOK_AUTH", "standard-webhooks", ("standard-webhooks", "none"))
     adobe_secret = env.get("ADOBE_SECRET_ID", "").strip() or None
     webhook_secret = env.get("WEBHOOK_SECRET_ID", "").strip() or None
+    identity_key_secret = env.get("IDENTITY_KEY_SECRET_ID", "").strip() or None
     for name, value, needed, because in (
         ("ADOBE_SECRET_ID", adobe_secret, edge_auth == "ims", "EDGE_AUTH=ims"),
         ("WEBHOOK_SECRET_ID", webhook_secret, webhook_auth == "standard-webhooks", "WEBHOOK_AUTH=standard-webhooks"),
@@ -167,6 +169,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         safety_margin_s=margin_ms / 1000,
         secrets_max_age_s=secrets_age,
         queue_visibility_timeout_s=visibility,
+        identity_key_secret_id=identity_key_secret,
     )
 
 

@@ -90,7 +90,10 @@ class WebhookApp:
         credentials: Callable[[], CredentialsStore],
         queue: Callable[[], RetryQueue],
         clock: Clock,
+        *,
+        identity_key: Callable[[], bytes | None] = lambda: None,
     ) -> None:
+        self._identity_key = identity_key  # the HMAC key of identity ids (None: plain SHA-256)
         self._settings = settings
         self._relay = relay
         self._credentials = credentials
@@ -185,11 +188,20 @@ class WebhookApp:
         event_id = fallback_id
         raw_text = raw.decode("utf-8", errors="replace")
         try:
+            key, key_error = self._identity_key(), None
+        except CredentialsError as exc:
+            key, key_error = None, exc
+        try:
             _, doc = decode_body(raw)
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
             datastream = resolve_datastream(named, self._settings.datastream_id)
             inbound = build_inbound(
-                doc, event_id=event_id, datastream_id=datastream, source="webhook", received_at=received_at
+                doc,
+                event_id=event_id,
+                datastream_id=datastream,
+                source="webhook",
+                received_at=received_at,
+                identity_key=key,
             )
             check_size_as_sent(inbound)
         except InvalidEvent as error:
@@ -209,6 +221,11 @@ class WebhookApp:
                     retryAfter=5,
                 )
             return problem(error.status, error.title, error.detail, eventId=event_id, errors=error.errors)
+        if key_error is not None:
+            # Its identity cannot be keyed, so its state can be neither found nor kept: queued as when Edge is down
+            # (202), for a batch to deliver once the key can be read (or the dead-letter queue, whose alarm pages).
+            logger.warning("identity key unavailable; event will be queued", eventId=event_id, reason=str(key_error))
+            return self._answer(Result(Outcome.RETRY, event_id, reason=str(key_error)), inbound)
         remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0
         budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)
         deadline = Deadline(self._clock, budget - _ENQUEUE_RESERVE_S)

@@ -1,4 +1,5 @@
-"""Adobe and webhook credentials from Secrets Manager, cached through Powertools Parameters (contract §4-§5)."""
+"""Adobe and webhook credentials (contract §4-§5) and the identity key, from Secrets Manager, cached through Powertools
+Parameters."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from botocore.exceptions import ClientError
 from relay.errors import CredentialsError
 
 WEBHOOK_KEY_BYTES = (24, 64)  # Standard Webhooks: secrets of 24 to 64 random bytes
+MIN_IDENTITY_KEY_CHARS = 32  # the template generates 64 letters and digits (about 380 bits)
 
 
 def check_webhook_secrets(secrets: Any) -> list[str]:
@@ -56,14 +58,23 @@ def _why(exc: BaseException) -> str:
 
 
 class CredentialsStore:
-    """Reads the two secrets; `max_age` seconds of caching per execution environment (Powertools' cache)."""
+    """Reads the secrets; `max_age` seconds of caching per execution environment (Powertools' cache), the identity
+    key once."""
 
     def __init__(
-        self, secrets_client: Any, *, adobe_secret_id: str | None, webhook_secret_id: str | None, max_age: int
+        self,
+        secrets_client: Any,
+        *,
+        adobe_secret_id: str | None,
+        webhook_secret_id: str | None,
+        max_age: int,
+        identity_key_secret_id: str | None = None,
     ) -> None:
         self._provider = SecretsProvider(boto3_client=secrets_client)
         self._adobe_id = adobe_secret_id
         self._webhook_id = webhook_secret_id
+        self._identity_key_id = identity_key_secret_id
+        self._identity_key: bytes | None = None
         self._max_age = max_age
         self._lock = threading.Lock()
 
@@ -92,6 +103,22 @@ class CredentialsStore:
         if isinstance(scopes, list):
             scopes = ",".join(str(s) for s in scopes)
         return AdobeCredentials(doc["clientId"], doc["clientSecret"], doc["orgId"], str(scopes))
+
+    def identity_key(self) -> bytes:
+        """The HMAC key of identity ids (`{"key": "..."}`), read once per execution environment: it never changes
+        (a new key would orphan every stored identity state), so a later Secrets Manager outage cannot touch it."""
+        if self._identity_key is None:
+            if not self._identity_key_id:
+                raise CredentialsError("IDENTITY_KEY_SECRET_ID is not configured")
+            doc = self._read(self._identity_key_id, False, "identity key secret (IDENTITY_KEY_SECRET_ID)")
+            key = doc.get("key")
+            if not isinstance(key, str) or len(key) < MIN_IDENTITY_KEY_CHARS:
+                raise CredentialsError(
+                    f'identity key secret (IDENTITY_KEY_SECRET_ID) must be {{"key": "..."}} with at least '
+                    f"{MIN_IDENTITY_KEY_CHARS} characters"
+                )
+            self._identity_key = key.encode("utf-8")
+        return self._identity_key
 
     def webhook_secrets(self, *, force: bool = False) -> list[str]:
         if not self._webhook_id:

@@ -983,7 +983,8 @@ def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused() -> 
     # GIVEN the identity key cannot be read
     h = harness()
     h.app._identity_key = key_unavailable
-    body = json.dumps({"event": {"xdm": {"_id": "ev-key", "identityMap": {"CRMID": [{"id": "ann"}]}}}}).encode()
+    doc = {"event": {"xdm": {"_id": "ev-key", "identityMap": {"CRMID": [{"id": "ann", "primary": True}]}}}}
+    body = json.dumps(doc).encode()
 
     # WHEN a signed event arrives
     answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg_key")))
@@ -992,3 +993,49 @@ def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused() -> 
     assert (answer["statusCode"], json.loads(answer["body"])) == (202, {"eventId": "ev-key", "status": "queued"})
     assert [e.event_id for e in h.queue.sent] == ["ev-key"]
     assert h.store.claims == [] and h.session.calls == []
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_record_reusing_an_eventid_in_the_same_batch_is_not_taken_for_a_repeat() -> None:
+    # GIVEN one batch with two people's events under one eventId (the real store, on in-process moto)
+    import boto3
+    from relay.integrations.store import HandlesStore
+
+    from devtools.resources import create_handles_table
+
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    clock = FakeClock()
+    store = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    edge = FakeEdge(*[EdgeAnswer(200, {"requestId": f"r{n}", "handle": []}, 1) for n in range(2)])
+    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
+    ann, bob = sqs("order-7", "m-ann", "ann"), sqs("order-7", "m-bob", "bob")
+
+    # WHEN the batch runs, and then Bob's record comes back
+    first = run_batch(relay, [ann, bob])
+    again = run_batch(relay, [bob])
+
+    # THEN Bob's is not acknowledged as Ann's repeat: it comes back, and is then filed as a reuse; Edge got Ann's only
+    assert first == {"batchItemFailures": [{"itemIdentifier": "m-bob"}]}
+    assert again == {"batchItemFailures": []}
+    assert len(edge.calls) == 1
+    items = ddb.scan(TableName="t", ProjectionExpression="pk, #s", ExpressionAttributeNames={"#s": "status"})["Items"]
+    found = {
+        i["pk"]["S"].split("#reused-")[0] + ("#reused" if "#reused-" in i["pk"]["S"] else ""): i["status"]["S"]
+        for i in items
+        if i["pk"]["S"].startswith("EVENT#")
+    }
+    assert found == {"EVENT#order-7": "delivered", "EVENT#order-7#reused": "rejected"}
+
+
+def test_a_webhook_without_a_primary_identity_needs_no_identity_key() -> None:
+    # GIVEN the identity key cannot be read
+    h = harness()
+    h.app._identity_key = key_unavailable
+    body = json.dumps({"event": {"xdm": {"_id": "ev-anon", "eventType": "web.webpagedetails.pageViews"}}}).encode()
+
+    # WHEN a signed event without any identity arrives
+    answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg_anon")))
+
+    # THEN it is delivered as usual, not queued
+    assert answer["statusCode"] == 200 and h.queue.sent == []

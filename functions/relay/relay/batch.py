@@ -67,7 +67,10 @@ class _Item:
     run: Callable[[Carry, StateSource | None], Done]
     receive_count: int = 1
     state_key: tuple[str, str] | None = None  # (opaque identity id, datastream) for events with a primary identity
-    twins: list[str] = field(default_factory=list)  # later records of the batch with the same eventId
+    twins: list[str] = field(default_factory=list)  # later records of the batch with the same event
+    # What makes a later record with the same eventId a repeat of this one: the same datastream and primary identity.
+    # One for another identity or datastream is another event (stored `#reused-` once this one is finished).
+    same_event: tuple[str, str, str] | None = None
     invalid: bool = False  # a body the relay refuses itself (stored `rejected`, never sent to Edge)
 
 
@@ -193,7 +196,8 @@ class BatchRunner:
             ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
             return Done(ok, result.state, result)  # state unknown after a failure: the next record reads it afresh
 
-        return _Item(message_id, event_id, group, process, receive_count, state_key)
+        same_event = (event_id, inbound.datastream_id, inbound.identity_id or "")
+        return _Item(message_id, event_id, group, process, receive_count, state_key, same_event=same_event)
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
@@ -206,7 +210,7 @@ class BatchRunner:
             count("RetriesScheduled", len(records))
             return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(map(_message_id, records))]}
         groups: dict[str, list[_Item]] = {}
-        firsts: dict[str, _Item] = {}
+        firsts: dict[tuple[str, str, str] | str, _Item] = {}
         for n, record in enumerate(records):
             try:
                 item = self._prepare(record, deadline, lease_s, key)
@@ -220,7 +224,7 @@ class BatchRunner:
             # An invalid body shares no one's fate, nor anyone its own: a corrected resend under the same eventId, in
             # this very batch, must still be delivered. Both then run on their own, which the store keeps safe (a
             # relay rejection never replaces a pending or delivered result, and a claim may take one over).
-            first = item if item.invalid else firsts.setdefault(item.event_id, item)
+            first = item if item.invalid else firsts.setdefault(item.same_event or item.event_id, item)
             if first is not item:
                 # The same event twice in one batch: the later record shares the first one's fate (its result is
                 # not written yet, so claiming it again would only find the first one's live claim).

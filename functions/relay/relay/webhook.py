@@ -221,9 +221,10 @@ class WebhookApp:
                     retryAfter=5,
                 )
             return problem(error.status, error.title, error.detail, eventId=event_id, errors=error.errors)
-        if key_error is not None:
+        if key_error is not None and inbound.primary_identity:
             # Its identity cannot be keyed, so its state can be neither found nor kept: queued as when Edge is down
             # (202), for a batch to deliver once the key can be read (or the dead-letter queue, whose alarm pages).
+            # An event without a primary identity needs no key: it goes on as usual.
             logger.warning("identity key unavailable; event will be queued", eventId=event_id, reason=str(key_error))
             return self._answer(Result(Outcome.RETRY, event_id, reason=str(key_error)), inbound)
         remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0

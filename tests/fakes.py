@@ -187,11 +187,18 @@ class FakeTokenProvider:
         c = self._credentials
         return AccessToken(f"token-{self.issued}", self._expires_at, c.client_id, c.org_id)
 
+    age_s = 3600.0  # how old the current token is: a refresh asked with a larger `min_age_s` keeps it
+
     def get(
-        self, *, force_refresh: bool = False, stale: AccessToken | None = None, deadline: object = None
+        self,
+        *,
+        force_refresh: bool = False,
+        stale: AccessToken | None = None,
+        deadline: object = None,
+        min_age_s: float = 0.0,
     ) -> AccessToken:
-        self.get_calls.append({"force_refresh": force_refresh, "stale": stale})
-        if force_refresh and (stale is None or stale == self.token):
+        self.get_calls.append({"force_refresh": force_refresh, "stale": stale, "min_age_s": min_age_s})
+        if force_refresh and (stale is None or stale == self.token) and self.age_s >= min_age_s:
             self.issued += 1
             self.token = self._mint()
         return self.token

@@ -162,6 +162,27 @@ def test_expired_token_answer_refreshes_the_token_exactly_once(clean_stack: Loca
     assert all(stack.result(event_id)["status"] == "delivered" for event_id in ids)
 
 
+def test_a_token_edge_stops_accepting_is_replaced_once_not_kept_until_it_expires(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a warm execution environment holding a token a few minutes old
+    clock = real_time_clock()
+    runtime = new_runtime(clock)
+    assert runtime.handle(sqs_event(stack, f"evt-{uuid.uuid4()}"), new_context(30)) == {"batchItemFailures": []}
+    clock.advance(300)
+
+    # WHEN Edge no longer knows that token (revoked: refused with a 401 other than "expired"), and events arrive
+    stack.sim.reset(full=True)
+    ids = [f"evt-{uuid.uuid4()}" for _ in range(3)]
+    answers = [runtime.handle(sqs_event(stack, event_id), new_context(30)) for event_id in ids]
+
+    # THEN the first one's refusal got one new token and a retry; all three were delivered, with one IMS request
+    assert answers == [{"batchItemFailures": []}] * 3
+    assert stack.sim.stats()["ims_requests"] == 1
+    first = [r for r in interact_calls(stack) if r["xdm_id"] == ids[0]]
+    assert [r["status"] for r in first] == [401, 200]  # EXEG-0502-401: the simulator never issued that token
+    assert first[0]["headers"]["authorization"] != first[1]["headers"]["authorization"]
+
+
 # ---------------------------------------------------------------------------------------------------------- secrets
 
 

@@ -1039,3 +1039,56 @@ def test_a_webhook_without_a_primary_identity_needs_no_identity_key() -> None:
 
     # THEN it is delivered as usual, not queued
     assert answer["statusCode"] == 200 and h.queue.sent == []
+
+
+def test_kept_alive_connections_are_dropped_after_an_idle_minute_and_kept_under_load() -> None:
+    # GIVEN a loopback server that records each connection, and a runtime whose session talks to it
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from relay.runtime import IDLE_RECONNECT_S, Runtime, new_http_session
+    from relay.settings import load_settings
+
+    from devtools.loopback import LoopbackHandler
+    from tests.fakes import FakeClock
+
+    connections: list[int] = []
+
+    class Handler(LoopbackHandler):
+        def setup(self) -> None:
+            super().setup()
+            connections.append(self.client_address[1])
+
+        def do_GET(self) -> None:
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    clock = FakeClock()
+    settings = load_settings({"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"})
+    runtime = Runtime(settings, clock=clock, session=new_http_session(4))
+
+    def invocation() -> None:
+        with pytest.raises(ValueError):
+            runtime.handle({"unsupported": True}, None)  # an invocation that does nothing, start to end
+        assert runtime.session.get(url, timeout=5).status_code == 204
+
+    try:
+        # WHEN invocations follow each other, then one comes after more than a minute idle
+        invocation()
+        clock.advance(5)
+        invocation()
+        clock.advance(IDLE_RECONNECT_S + 1)
+        invocation()
+    finally:
+        runtime.session.close()
+        server.shutdown()
+        server.server_close()
+
+    # THEN the second reused the first one's connection, and the one after the idle minute opened a new one
+    assert len(connections) == 2

@@ -479,7 +479,11 @@ def test_deliver_expired_token_refreshes_once_and_retries():
     # THEN
     assert answer.attempts == 2
     assert tokens.refreshes == [
-        {"force_refresh": True, "stale": AccessToken("token-1", WALL_START + 3600, CREDS.client_id, CREDS.org_id)}
+        {
+            "force_refresh": True,
+            "stale": AccessToken("token-1", WALL_START + 3600, CREDS.client_id, CREDS.org_id),
+            "min_age_s": 0.0,  # an expired token is replaced whatever its age
+        }
     ]
     assert [c.headers["Authorization"] for c in session.calls if c.headers] == ["Bearer token-1", "Bearer token-2"]
     assert clock.sleeps == []
@@ -502,19 +506,36 @@ def test_deliver_second_expired_token_is_not_refreshed_again():
 
 
 @pytest.mark.parametrize("code", ["EXEG-0500-401", "EXEG-0502-401", "EXEG-0505-401"])
-def test_deliver_other_401_raises_credentials_error_without_refresh(code):
-    # GIVEN
+def test_deliver_a_refused_token_old_enough_is_replaced_once_and_the_call_retried(code):
+    # GIVEN Edge refuses a cached token (revoked, or minted before the credential's product profile was fixed)
     clock = FakeClock()
     tokens = FakeTokenProvider()
+    session = FakeSession([edge_problem(401, code), make_response(200, {"requestId": "r", "handle": []})])
+
+    # WHEN
+    answer = client(session, clock, tokens=tokens).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+
+    # THEN a new token was fetched once (only if the refused one is a minute old) and the event delivered with it
+    assert answer.status == 200
+    assert [c.headers["Authorization"] for c in session.calls if c.headers] == ["Bearer token-1", "Bearer token-2"]
+    assert [r["min_age_s"] for r in tokens.refreshes] == [60.0]
+
+
+@pytest.mark.parametrize("code", ["EXEG-0500-401", "EXEG-0502-401", "EXEG-0505-401"])
+def test_deliver_a_refused_fresh_token_is_a_credentials_error_without_asking_ims_again(code):
+    # GIVEN Edge refuses a token minted moments ago (a new one would be refused too)
+    clock = FakeClock()
+    tokens = FakeTokenProvider()
+    tokens.age_s = 10
     session = FakeSession([edge_problem(401, code)])
 
     # WHEN
     with pytest.raises(CredentialsError) as info:
         client(session, clock, tokens=tokens).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
 
-    # THEN
+    # THEN one call, the same token kept, and the credentials problem named
     assert len(session.calls) == 1
-    assert tokens.refreshes == []
+    assert tokens.token.value == "token-1"
     assert str(info.value) == f"edge refused the credentials: https://ns.adobe.com/aep/errors/{code}"
 
 

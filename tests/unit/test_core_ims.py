@@ -220,17 +220,42 @@ def test_ims_server_error_is_not_a_reason_to_reread_the_secret():
     assert creds.calls == [False]
 
 
-def test_ims_unreachable_is_a_credentials_error():
-    # GIVEN
+def test_ims_unreachable_is_a_credentials_error_after_one_immediate_second_try():
+    # GIVEN IMS cannot be reached at all
     clock = FakeClock()
-    session = FakeSession([requests.ConnectionError("refused")])
+    session = FakeSession([requests.ConnectionError("refused"), requests.ConnectionError("refused")])
 
     # WHEN
     with pytest.raises(CredentialsError) as info:
         provider(session, clock).get()
 
-    # THEN
+    # THEN it was tried twice, at once (no wait), and that is the error
     assert str(info.value) == "IMS unreachable (ConnectionError)"
+    assert len(session.calls) == 2 and clock.sleeps == []
+
+
+def test_a_kept_alive_ims_connection_dropped_while_idle_costs_nothing():
+    # GIVEN the pooled connection the far end dropped while the environment was idle (the next request is reset)
+    clock = FakeClock()
+    session = FakeSession([requests.ConnectionError("Connection reset by peer"), token_response("tok-A")])
+
+    # WHEN a token is needed
+    token = provider(session, clock).get()
+
+    # THEN the second try, on a new connection, gets it: no failure held against the next callers
+    assert token.value == "tok-A" and len(session.calls) == 2
+
+
+def test_an_ims_lifetime_beyond_a_day_is_not_believed():
+    # GIVEN IMS answers a lifetime in milliseconds (as the deprecated JWT flow did)
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A", expires_in=86399000)])
+
+    # WHEN
+    token = provider(session, clock).get()
+
+    # THEN the token is kept at most a day (less the refresh margin), not 1,000 days
+    assert token.expires_at == clock.now() + 86400 - 300
 
 
 @pytest.mark.parametrize(
@@ -373,3 +398,21 @@ def test_the_identity_key_is_read_once_and_a_short_one_is_refused() -> None:
     # AND a key too short to be one is a configuration error naming the variable, never used
     with pytest.raises(CredentialsError, match="IDENTITY_KEY_SECRET_ID"):
         store(short).identity_key()
+
+
+def test_a_refused_token_is_replaced_only_once_it_is_old_enough():
+    # GIVEN a token minted now
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), token_response("tok-B")])
+    tokens = provider(session, clock)
+    first = tokens.get()
+
+    # WHEN Edge refuses it at once, and again a minute later
+    young = tokens.get(force_refresh=True, stale=first, min_age_s=60)
+    clock.advance(61)
+    old = tokens.get(force_refresh=True, stale=first, min_age_s=60)
+
+    # THEN a token refused as soon as it was minted is kept (a new one would be refused too: no IMS call per event);
+    # one a minute old is replaced, once
+    assert (young.value, old.value) == ("tok-A", "tok-B")
+    assert len(session.calls) == 2

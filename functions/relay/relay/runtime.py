@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 WORKERS_PER_EDGE_SLOT = 2
 MIN_WORKING_TIME_S = 1.0  # less than this left after SAFETY_MARGIN_MS at the start of an invocation: misconfigured
+# After this long without an invocation the kept-alive Edge/IMS connections are dropped before the next one: a far end
+# or a NAT that forgot them while the environment was frozen would make the first call fail (a reset, counted as Edge
+# being unavailable, or a token request failed for a whole batch). Under load they are kept, as they should be.
+IDLE_RECONNECT_S = 60.0
 
 
 def new_http_session(pool_size: int) -> requests.Session:
@@ -70,6 +74,7 @@ class Runtime:
         self._session = session
         self._rng = rng
         self._webhook_lock = threading.Lock()  # the resolver keeps per-request state; Lambda runs one at a time
+        self._last_done: float | None = None  # monotonic time the last invocation ended
 
     @property
     def workers(self) -> int:
@@ -149,7 +154,15 @@ class Runtime:
     def batch(self) -> BatchRunner:
         return BatchRunner(self.settings, self.relay, self.executor, lambda: self.queue, self.identity_key)
 
+    def _drop_idle_connections(self) -> None:
+        if self._last_done is None or "session" not in self.__dict__:
+            return
+        if self.clock.monotonic() - self._last_done > IDLE_RECONNECT_S:
+            for adapter in self.session.adapters.values():
+                adapter.close()  # empties the pools; the next request opens a new connection
+
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        self._drop_idle_connections()
         remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0
         if remaining - self.settings.safety_margin_s < MIN_WORKING_TIME_S:
             # Only a misconfiguration does this on a fresh invocation (a margin as long as the function's timeout):
@@ -170,4 +183,5 @@ class Runtime:
             logger.error("unsupported event shape", keys=sorted(event)[:10] if isinstance(event, dict) else None)
             raise ValueError("unsupported event: expected an HTTP API 2.0 or SQS event")
         finally:
+            self._last_done = self.clock.monotonic()
             metrics.flush_metrics(raise_on_empty_metrics=False)

@@ -19,6 +19,7 @@ from relay.retry import RECOVERABLE_STATUSES, backoff, parse_retry_after
 from relay.settings import Settings
 
 MIN_ATTEMPT_S = 0.05  # don't start an attempt with less time than this left
+REFUSED_TOKEN_MIN_AGE_S = 60.0  # a token Edge refuses is replaced only if older than this (at most one IMS call/min)
 
 
 @dataclass(frozen=True)
@@ -195,11 +196,22 @@ class EdgeClient:
                 else:
                     problem = problem_from(resp, (token.value, token.client_id) if token is not None else ())
                     code = str(problem.get("type", ""))
-                    if status == 401 and "EXEG-0503" in code and self._tokens and not refreshed:
-                        refreshed = True  # expired token: refresh once and retry at once
-                        self._tokens.get(force_refresh=True, stale=token, deadline=deadline)
-                        logger.info("edge token expired, refreshed", attempt=attempt)
-                        continue
+                    if status == 401 and self._tokens and token is not None and not refreshed:
+                        refreshed = True
+                        # Expired (EXEG-0503): refresh once and retry at once. Refused otherwise (revoked, or minted
+                        # before the credential's product profile or scopes were fixed): the same, once the token is
+                        # old enough that a new one may differ; a cached token would otherwise be refused until it
+                        # expired, up to a day, in every warm environment.
+                        expired = "EXEG-0503" in code
+                        fresh = self._tokens.get(
+                            force_refresh=True,
+                            stale=token,
+                            deadline=deadline,
+                            min_age_s=0.0 if expired else REFUSED_TOKEN_MIN_AGE_S,
+                        )
+                        if expired or fresh != token:
+                            logger.info("edge refused the token, refreshed", attempt=attempt, expired=expired)
+                            continue
                     if status == 401:
                         raise CredentialsError(f"edge refused the credentials: {code or status}")
                     if status not in RECOVERABLE_STATUSES:

@@ -15,6 +15,7 @@ from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 
 _OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 FAILURE_HOLD_S = 5.0  # after a failed fetch, callers get its error for this long instead of asking IMS again
+MAX_TOKEN_LIFETIME_S = 86400.0  # IMS tokens live 24 h: a larger expires_in (e.g. milliseconds) is not believed
 
 
 class NoTimeLeft(CredentialsError):
@@ -27,6 +28,7 @@ class AccessToken:
     expires_at: float  # wall clock
     client_id: str = ""  # the credential the token was minted for: Edge wants it as x-api-key
     org_id: str = ""
+    issued_at: float = field(default=0.0, compare=False)  # wall clock
 
 
 def _oauth_error(resp: requests.Response) -> str:
@@ -62,13 +64,25 @@ class ImsTokenProvider:
         self._failure: tuple[float, str] | None = None
 
     def get(
-        self, *, force_refresh: bool = False, stale: AccessToken | None = None, deadline: Deadline | None = None
+        self,
+        *,
+        force_refresh: bool = False,
+        stale: AccessToken | None = None,
+        deadline: Deadline | None = None,
+        min_age_s: float = 0.0,
     ) -> AccessToken:
+        """A live token. `force_refresh` replaces `stale` (the token Edge refused), unless another caller already
+        did, or unless it is younger than `min_age_s`: a token refused as soon as it was minted would only be refused
+        again, and each event must not cost an IMS request."""
         with self._lock:
             token = self._token
-            # A refresh forced by an expired-token answer only replaces the token that was refused.
-            if token and not (force_refresh and (stale is None or stale == token)):
-                if token.expires_at > self._clock.now():
+            now = self._clock.now()
+            refused = force_refresh and (stale is None or stale == token)
+            if token and refused and now - token.issued_at < min_age_s:
+                refused = False
+            # A refresh forced by a refused token only replaces the token that was refused.
+            if token and not refused:
+                if token.expires_at > now:
                     return token
             if self._failure is not None and self._clock.monotonic() < self._failure[0]:
                 raise CredentialsError(self._failure[1])
@@ -102,26 +116,34 @@ class ImsTokenProvider:
             if deadline.remaining() < 0.05:
                 raise NoTimeLeft("no time left to request an IMS token")
             timeout = deadline.http_timeouts(*self._timeout)
-        try:
-            resp = self._session.post(
-                self._url,
-                data={
-                    "grant_type": "client_credentials",
-                    "client_id": creds.client_id,
-                    "client_secret": creds.client_secret,
-                    "scope": creds.scopes,
-                },
-                timeout=timeout,
-                allow_redirects=False,  # a redirect would re-send the client secret to wherever it points
-            )
-        except requests.Timeout as exc:
-            if timeout != self._timeout:
-                # A wait the caller's deadline shortened says nothing about IMS: not held against the next caller
-                # (a webhook's short budget must not make the next batch's every token request fail for seconds).
-                raise NoTimeLeft(f"IMS did not answer within the time left ({type(exc).__name__})") from None
-            raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
-        except requests.RequestException as exc:
-            raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
+        for attempt in (1, 2):
+            try:
+                resp = self._session.post(
+                    self._url,
+                    data={
+                        "grant_type": "client_credentials",
+                        "client_id": creds.client_id,
+                        "client_secret": creds.client_secret,
+                        "scope": creds.scopes,
+                    },
+                    timeout=timeout,
+                    allow_redirects=False,  # a redirect would re-send the client secret to wherever it points
+                )
+                break
+            except requests.Timeout as exc:
+                if timeout != self._timeout:
+                    # A wait the caller's deadline shortened says nothing about IMS: not held against the next caller
+                    # (a webhook's short budget must not make the next batch's every token request fail for seconds).
+                    raise NoTimeLeft(f"IMS did not answer within the time left ({type(exc).__name__})") from None
+                raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
+            except requests.ConnectionError as exc:
+                # The token is requested about once a day: its kept-alive connection is the one most likely to have
+                # been dropped by the far end (or a NAT) while the environment sat idle. Once more, at once.
+                if attempt == 1 and (deadline is None or deadline.remaining() >= 0.05):
+                    continue
+                raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
+            except requests.RequestException as exc:
+                raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
         if resp.status_code != 200:
             return resp.status_code, _oauth_error(resp)
         try:
@@ -131,6 +153,8 @@ class ImsTokenProvider:
                 raise ValueError("expires_in")
         except (ValueError, KeyError, TypeError):
             raise CredentialsError("IMS answered without access_token/expires_in") from None
+        expires_in = min(expires_in, MAX_TOKEN_LIFETIME_S)
         # Refresh 5 minutes (or 10% of a short lifetime) before IMS says the token expires.
         margin = min(300.0, expires_in * 0.1)
-        return AccessToken(value, self._clock.now() + expires_in - margin, creds.client_id, creds.org_id)
+        now = self._clock.now()
+        return AccessToken(value, now + expires_in - margin, creds.client_id, creds.org_id, issued_at=now)

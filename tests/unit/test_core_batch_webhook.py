@@ -948,20 +948,23 @@ def key_unavailable() -> bytes:
     raise CredentialsError("identity key secret (IDENTITY_KEY_SECRET_ID) could not be read (AccessDeniedException)")
 
 
-def test_a_batch_whose_identity_key_cannot_be_read_touches_nothing_and_comes_back_whole() -> None:
+def test_a_batch_whose_identity_key_cannot_be_read_sends_back_the_events_with_an_identity_untouched() -> None:
     # GIVEN the identity key cannot be read
     store = FakeStore()
     relay, edge = real_relay(store, 2)
     runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1), identity_key=key_unavailable)
+    anonymous = {**sqs("e-3", "m-3", "x"), "body": json.dumps({"event": {"xdm": {"_id": "e-3"}}})}
 
-    # WHEN a batch arrives
+    # WHEN a batch arrives with two people's events and one without any identity
     answer = runner.run(
-        {"Records": [sqs("e-1", "m-1", "ann"), sqs("e-2", "m-2", "bob")]}, Deadline(relay.clock, 20), 25
+        {"Records": [sqs("e-1", "m-1", "ann"), sqs("e-2", "m-2", "bob"), anonymous]}, Deadline(relay.clock, 20), 25
     )
 
-    # THEN nothing is claimed or sent (no state could be found or kept), and every record is redelivered
+    # THEN the two with an identity are neither claimed nor sent (no state could be found or kept) and come back;
+    # the one without needs no key and is delivered
     assert answer == {"batchItemFailures": [{"itemIdentifier": "m-1"}, {"itemIdentifier": "m-2"}]}
-    assert store.claims == [] and edge.calls == []
+    assert [c["event_id"] for c in store.claims] == ["e-3"]
+    assert [c.request["event"]["xdm"]["_id"] for c in edge.calls] == ["e-3"]
 
 
 def test_a_batch_keys_identities_with_the_deployments_key() -> None:

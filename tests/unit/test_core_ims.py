@@ -416,3 +416,41 @@ def test_a_refused_token_is_replaced_only_once_it_is_old_enough():
     # one a minute old is replaced, once
     assert (young.value, old.value) == ("tok-A", "tok-B")
     assert len(session.calls) == 2
+
+
+def test_a_refused_token_costs_at_most_one_refresh_a_minute_even_when_refreshing_fails():
+    # GIVEN a token an hour old that Edge refuses, and IMS refusing the credentials too (a revoked credential)
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), *[make_response(401, {"error": "invalid_client"})] * 40])
+    creds = FakeCredentialsStore(CREDS, CREDS)
+    tokens = provider(session, clock, creds)
+    first = tokens.get()
+    clock.advance(3600)
+
+    # WHEN events keep arriving for a minute, each asking for a new token after Edge's refusal
+    for _ in range(60):
+        try:
+            tokens.get(force_refresh=True, stale=first, min_age_s=60)
+        except CredentialsError:
+            pass
+        clock.advance(1)
+
+    # THEN IMS was asked once (its refusal makes two POSTs: the secret is re-read once), not every 5 s
+    assert len(session.calls) == 1 + 2
+
+
+def test_an_ims_connection_that_fails_after_a_long_wait_is_not_tried_again():
+    # GIVEN IMS drops the connection only after a long wait (its failure, not a dead pooled connection)
+    clock = FakeClock()
+
+    class SlowDrop(FakeSession):
+        def post(self, *args: Any, **kwargs: Any) -> Any:
+            clock.advance(2)
+            return super().post(*args, **kwargs)
+
+    session = SlowDrop([requests.ConnectionError("reset"), token_response("tok-A")])
+
+    # WHEN / THEN one attempt only, within the caller's deadline
+    with pytest.raises(CredentialsError):
+        provider(session, clock).get(deadline=Deadline(clock, 3))
+    assert len(session.calls) == 1

@@ -146,7 +146,14 @@ class BatchRunner:
         self._queue = queue  # built only when a record has to be postponed (no SQS client on the common path)
         self._identity_key = identity_key  # the HMAC key of identity ids (None: plain SHA-256)
 
-    def _prepare(self, record: dict[str, Any], deadline: Deadline, lease_s: float, key: bytes | None) -> _Item:
+    def _prepare(
+        self,
+        record: dict[str, Any],
+        deadline: Deadline,
+        lease_s: float,
+        key: bytes | None,
+        key_error: CredentialsError | None = None,
+    ) -> _Item:
         message_id = _message_id(record)
         raw = record.get("body") or ""
         try:
@@ -186,6 +193,14 @@ class BatchRunner:
                 return Done(True, carry)
 
             return _Item(message_id, eid, f"invalid:{message_id}", reject, receive_count, invalid=True)
+        if key_error is not None and inbound.primary_identity:
+            # Its identity cannot be keyed, so its state can be neither found nor kept: untouched, it comes back (and,
+            # if this lasts, reaches the dead-letter queue, whose alarm pages someone). Others go on as usual.
+            logger.warning(
+                "identity key unavailable; record will be redelivered", eventId=event_id, reason=str(key_error)
+            )
+            count("RetriesScheduled")
+            return _Item(message_id, event_id, f"nokey:{message_id}", _redeliver, receive_count)
         state_key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
         group = f"identity:{state_key[1]}:{state_key[0]}" if state_key else f"event:{event_id}"
 
@@ -202,18 +217,14 @@ class BatchRunner:
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
         try:
-            key = self._identity_key()
+            key, key_error = self._identity_key(), None
         except CredentialsError as exc:
-            # No identity can be keyed, so no state found or kept: nothing is touched, every record comes back (and,
-            # if this lasts, reaches the dead-letter queue, whose alarm pages someone).
-            logger.warning("identity key unavailable; records will be redelivered", reason=str(exc))
-            count("RetriesScheduled", len(records))
-            return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(map(_message_id, records))]}
+            key, key_error = None, exc
         groups: dict[str, list[_Item]] = {}
         firsts: dict[tuple[str, str, str] | str, _Item] = {}
         for n, record in enumerate(records):
             try:
-                item = self._prepare(record, deadline, lease_s, key)
+                item = self._prepare(record, deadline, lease_s, key, key_error)
             except Exception:
                 # A defect reading one record must not fail its batch-mates: this one is redelivered (and reaches
                 # the dead-letter queue if the defect stays).

@@ -15,6 +15,7 @@ from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 
 _OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 FAILURE_HOLD_S = 5.0  # after a failed fetch, callers get its error for this long instead of asking IMS again
+QUICK_FAILURE_S = 1.0  # a connection failure this fast is a dead pooled connection, worth one immediate retry
 MAX_TOKEN_LIFETIME_S = 86400.0  # IMS tokens live 24 h: a larger expires_in (e.g. milliseconds) is not believed
 
 
@@ -28,7 +29,6 @@ class AccessToken:
     expires_at: float  # wall clock
     client_id: str = ""  # the credential the token was minted for: Edge wants it as x-api-key
     org_id: str = ""
-    issued_at: float = field(default=0.0, compare=False)  # wall clock
 
 
 def _oauth_error(resp: requests.Response) -> str:
@@ -58,6 +58,10 @@ class ImsTokenProvider:
         self._clock = clock
         self._timeout = timeout
         self._token: AccessToken | None = None
+        # Monotonic time of the last refresh asked because the token was refused with `min_age_s` (successful or
+        # not): a refused token, or a refresh that failed, must not start another refresh within `min_age_s`.
+        self._last_refusal_refresh: float | None = None
+        self._token_mono = 0.0  # monotonic time the current token was fetched (the wall clock may step)
         self._lock = threading.Lock()
         # (until, reason) of the last failed fetch: the 32 workers of a batch that all need a token must not send
         # IMS (and Secrets Manager) 32 requests one after another, each waiting its turn, when IMS refuses or is down.
@@ -76,10 +80,14 @@ class ImsTokenProvider:
         again, and each event must not cost an IMS request."""
         with self._lock:
             token = self._token
-            now = self._clock.now()
+            now, mono = self._clock.now(), self._clock.monotonic()
             refused = force_refresh and (stale is None or stale == token)
-            if token and refused and now - token.issued_at < min_age_s:
-                refused = False
+            if token and refused and min_age_s:
+                last = self._last_refusal_refresh
+                if mono - self._token_mono < min_age_s or (last is not None and mono - last < min_age_s):
+                    refused = False
+                else:
+                    self._last_refusal_refresh = mono
             # A refresh forced by a refused token only replaces the token that was refused.
             if token and not refused:
                 if token.expires_at > now:
@@ -88,6 +96,7 @@ class ImsTokenProvider:
                 raise CredentialsError(self._failure[1])
             try:
                 self._token = self._fetch(deadline)
+                self._token_mono = self._clock.monotonic()
             except NoTimeLeft:
                 raise
             except CredentialsError as exc:
@@ -117,6 +126,9 @@ class ImsTokenProvider:
                 raise NoTimeLeft("no time left to request an IMS token")
             timeout = deadline.http_timeouts(*self._timeout)
         for attempt in (1, 2):
+            if attempt == 2 and deadline is not None:
+                timeout = deadline.http_timeouts(*self._timeout)  # what the first attempt left
+            started = self._clock.monotonic()
             try:
                 resp = self._session.post(
                     self._url,
@@ -138,8 +150,10 @@ class ImsTokenProvider:
                 raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
             except requests.ConnectionError as exc:
                 # The token is requested about once a day: its kept-alive connection is the one most likely to have
-                # been dropped by the far end (or a NAT) while the environment sat idle. Once more, at once.
-                if attempt == 1 and (deadline is None or deadline.remaining() >= 0.05):
+                # been dropped by the far end (or a NAT) while the environment sat idle. Such a connection fails at
+                # once: then once more, at once. A failure after a long wait is IMS's, and is not repeated.
+                quick = self._clock.monotonic() - started < QUICK_FAILURE_S
+                if attempt == 1 and quick and (deadline is None or deadline.remaining() >= 0.05):
                     continue
                 raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
             except requests.RequestException as exc:
@@ -156,5 +170,4 @@ class ImsTokenProvider:
         expires_in = min(expires_in, MAX_TOKEN_LIFETIME_S)
         # Refresh 5 minutes (or 10% of a short lifetime) before IMS says the token expires.
         margin = min(300.0, expires_in * 0.1)
-        now = self._clock.now()
-        return AccessToken(value, now + expires_in - margin, creds.client_id, creds.org_id, issued_at=now)
+        return AccessToken(value, self._clock.now() + expires_in - margin, creds.client_id, creds.org_id)

@@ -74,7 +74,9 @@ class Runtime:
         self._session = session
         self._rng = rng
         self._webhook_lock = threading.Lock()  # the resolver keeps per-request state; Lambda runs one at a time
-        self._last_done: float | None = None  # monotonic time the last invocation ended
+        # Wall-clock time the last invocation ended: the wall clock surely moves on while Lambda freezes the environment
+        # (whether the monotonic clock does is not documented); a clock step only adds or saves one reconnect.
+        self._last_done: float | None = None
 
     @property
     def workers(self) -> int:
@@ -157,7 +159,7 @@ class Runtime:
     def _drop_idle_connections(self) -> None:
         if self._last_done is None or "session" not in self.__dict__:
             return
-        if self.clock.monotonic() - self._last_done > IDLE_RECONNECT_S:
+        if self.clock.now() - self._last_done > IDLE_RECONNECT_S:
             for adapter in self.session.adapters.values():
                 adapter.close()  # empties the pools; the next request opens a new connection
 
@@ -183,5 +185,5 @@ class Runtime:
             logger.error("unsupported event shape", keys=sorted(event)[:10] if isinstance(event, dict) else None)
             raise ValueError("unsupported event: expected an HTTP API 2.0 or SQS event")
         finally:
-            self._last_done = self.clock.monotonic()
+            self._last_done = self.clock.now()
             metrics.flush_metrics(raise_on_empty_metrics=False)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -286,9 +287,10 @@ class LocalStack:
                 requests = [{"DeleteRequest": {"Key": item}} for item in items[i : i + 25]]
                 self.dynamodb.batch_write_item(RequestItems={table: requests})
 
-    @property
+    @cached_property
     def identity_key(self) -> bytes | None:
-        """The identity key the template generated (the function's HMAC key of identity ids), read back."""
+        """The identity key the template generated (the function's HMAC key of identity ids), read back once: it is
+        created with the stack's resources and never changes."""
         arn = self.resources.identity_key_secret_id
         if not arn:
             return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from moto import mock_aws
@@ -31,3 +33,25 @@ def emitted() -> Iterator[Callable[[], dict[str, list[float]]]]:
     metrics.clear_metrics()
     yield lambda: {name: list(m["Value"]) for name, m in metrics.metric_set.items()}
     metrics.clear_metrics()
+
+
+@dataclass
+class StoreOnMoto:
+    ddb: Any  # the boto3 DynamoDB client
+    store: Any  # relay.integrations.store.HandlesStore on table "t"
+    clock: Any  # tests.fakes.FakeClock, the store's clock
+
+
+@pytest.fixture
+def store_on_moto(aws: None) -> StoreOnMoto:
+    """The real HandlesStore (DynamoDB's condition semantics) on the template's table, in in-process moto."""
+    import boto3
+    from relay.integrations.store import HandlesStore
+
+    from devtools.resources import create_handles_table
+    from tests.fakes import FakeClock
+
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    clock = FakeClock()
+    return StoreOnMoto(ddb, HandlesStore(ddb, "t", ttl_days=30, clock=clock), clock)

@@ -27,6 +27,7 @@ from relay.settings import load_settings
 
 from devtools.signing import sign_webhook
 from tests.fakes import FakeClock, FakeEdge, FakeStore
+from tests.unit.conftest import StoreOnMoto
 from tests.unit.test_security_properties import SECRETS, check_answer, harness, http_event
 
 ENV = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
@@ -998,18 +999,9 @@ def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused() -> 
     assert h.store.claims == [] and h.session.calls == []
 
 
-@pytest.mark.usefixtures("aws")
-def test_a_record_reusing_an_eventid_in_the_same_batch_is_not_taken_for_a_repeat() -> None:
+def test_a_record_reusing_an_eventid_in_the_same_batch_is_not_taken_for_a_repeat(store_on_moto: StoreOnMoto) -> None:
     # GIVEN one batch with two people's events under one eventId (the real store, on in-process moto)
-    import boto3
-    from relay.integrations.store import HandlesStore
-
-    from devtools.resources import create_handles_table
-
-    ddb = boto3.client("dynamodb")
-    create_handles_table(ddb, "t")
-    clock = FakeClock()
-    store = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
     edge = FakeEdge(*[EdgeAnswer(200, {"requestId": f"r{n}", "handle": []}, 1) for n in range(2)])
     relay = Relay(store, edge, clock)  # type: ignore[arg-type]
     ann, bob = sqs("order-7", "m-ann", "ann"), sqs("order-7", "m-bob", "bob")

@@ -18,6 +18,7 @@ from relay.models import MAX_BODY_BYTES, InboundEvent, build_inbound
 from relay.process_event import INVALID_EVENT_TYPE, Outcome, Relay, Result, edge_status_of, with_state
 
 from tests.fakes import WALL_START, FakeClock, FakeEdge, FakeStore
+from tests.unit.conftest import StoreOnMoto
 
 FIXTURE_BODY = json.loads(Path("/work/shared/fixtures/edge-responses/send-event-with-identity.json").read_text())
 NOW = WALL_START
@@ -542,18 +543,9 @@ def test_an_event_the_relays_additions_take_over_edges_limit_is_refused_without_
     assert doc["request"] == event.request
 
 
-@pytest.mark.usefixtures("aws")
-def test_a_corrected_resend_of_an_event_refused_as_too_large_is_delivered() -> None:
+def test_a_corrected_resend_of_an_event_refused_as_too_large_is_delivered(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an event refused by the relay as too large as sent (the real store, on in-process moto)
-    import boto3
-    from relay.integrations.store import HandlesStore
-
-    from devtools.resources import create_handles_table
-
-    ddb = boto3.client("dynamodb")
-    create_handles_table(ddb, "t")
-    clock = FakeClock()
-    store = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    store, clock = store_on_moto.store, store_on_moto.clock
     big = inbound()
     pad = MAX_BODY_BYTES - len(json.dumps(big.request, separators=(",", ":"))) + 10
     big = replace(big, request={**big.request, "event": {**big.request["event"], "data": {"p": "x" * pad}}})
@@ -618,18 +610,11 @@ def event_for(person: str, *, datastream: str = DS) -> InboundEvent:
     return build_inbound(doc, event_id="order-1001", datastream_id=datastream, source="webhook", received_at=NOW)
 
 
-@pytest.mark.usefixtures("aws")
-def test_an_eventid_reused_for_another_identity_is_rejected_on_its_own_and_never_given_the_first_ones_answer() -> None:
+def test_an_eventid_reused_for_another_identity_is_rejected_on_its_own_and_never_given_the_first_ones_answer(
+    store_on_moto: StoreOnMoto,
+) -> None:
     # GIVEN an event delivered for Alice (the real store, on in-process moto)
-    import boto3
-    from relay.integrations.store import HandlesStore
-
-    from devtools.resources import create_handles_table
-
-    ddb = boto3.client("dynamodb")
-    create_handles_table(ddb, "t")
-    clock = FakeClock()
-    store = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    store, clock = store_on_moto.store, store_on_moto.clock
     edge = FakeEdge(*[EdgeAnswer(200, FIXTURE_BODY, 1)] * 3)
     run = lambda event: Relay(store, edge, clock).process(event, Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]  # noqa: E731
     first = run(event_for("alice@example.com"))

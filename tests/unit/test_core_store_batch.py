@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 from relay.codec import item_size
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
 
-from devtools.resources import create_handles_table
 from tests.fakes import FakeClock
+from tests.unit.conftest import StoreOnMoto
 
 
 class ScriptedDynamo:
@@ -181,12 +180,9 @@ def test_an_unreadable_state_item_reads_as_empty_at_its_version(state: dict[str,
         {"state": {"S": "{}"}, "version": {"S": "three"}},  # version not a number
     ],
 )
-def test_the_next_write_replaces_a_damaged_state_item(damage: dict[str, Any], aws: None) -> None:
+def test_the_next_write_replaces_a_damaged_state_item(damage: dict[str, Any], store_on_moto: StoreOnMoto) -> None:
     # GIVEN a damaged state item in the template's table (moto in-process: DynamoDB's condition semantics)
-    ddb = boto3.client("dynamodb")
-    create_handles_table(ddb, "t")
-    clock = FakeClock()
-    s = HandlesStore(ddb, "t", ttl_days=30, clock=clock)
+    ddb, s, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
     ddb.put_item(TableName="t", Item={**s.state_key("id", "ds"), **damage})
     answer = [{"type": "state:store", "payload": [{"key": "k", "value": "v", "maxAge": 60}]}]
 

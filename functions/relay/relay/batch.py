@@ -211,7 +211,7 @@ class BatchRunner:
             ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
             return Done(ok, result.state, result)  # state unknown after a failure: the next record reads it afresh
 
-        same_event = (event_id, inbound.datastream_id, inbound.identity_id or "")
+        same_event = (event_id, inbound.datastream_id, inbound.stored_identity_id)
         return _Item(message_id, event_id, group, process, receive_count, state_key, same_event=same_event)
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:

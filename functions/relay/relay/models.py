@@ -43,6 +43,11 @@ class InboundEvent:
             return None
         return opaque_identity_id(*self.primary_identity, key=self.identity_key)
 
+    @property
+    def stored_identity_id(self) -> str:
+        """`identityId` as a result keeps it: the opaque id, or "" without a primary identity (a repeat must match)."""
+        return self.identity_id or ""
+
 
 def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}

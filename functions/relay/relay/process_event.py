@@ -82,7 +82,7 @@ def reused_id(existing: dict[str, Any], inbound: InboundEvent) -> str | None:
     repeats (nothing to compare); an event without a primary identity is compared as identity ""."""
     if "identityId" not in existing:
         return None
-    mine = inbound.identity_id or ""
+    mine = inbound.stored_identity_id
     if existing["identityId"] == mine and existing.get("datastreamId") == inbound.datastream_id:
         return None
     # Stable for this event (its redeliveries and resends land on the same item), distinct for each other one.
@@ -199,7 +199,7 @@ class Relay:
                 {
                     "datastreamId": inbound.datastream_id,
                     "source": inbound.source,
-                    "identityId": inbound.identity_id or "",
+                    "identityId": inbound.stored_identity_id,
                     "error": invalid_problem(EventIdReused()),
                     "request": inbound.request,
                 },
@@ -270,7 +270,7 @@ class Relay:
                 "status": "rejected",
                 "datastreamId": inbound.datastream_id,
                 "source": inbound.source,
-                "identityId": inbound.identity_id or "",
+                "identityId": inbound.stored_identity_id,
                 "requestId": as_dict(exc.problem.get("report")).get("requestId"),
                 "error": exc.problem,
                 "request": inbound.request,
@@ -315,7 +315,7 @@ class Relay:
             "status": "delivered",
             "datastreamId": inbound.datastream_id,
             "source": inbound.source,
-            "identityId": inbound.identity_id or "",
+            "identityId": inbound.stored_identity_id,
             "requestId": answer.request_id,
             "handle": answer.body.get("handle", []),
         }

@@ -92,7 +92,7 @@ class ImsTokenProvider:
             if token and not refused:
                 if token.expires_at > now:
                     return token
-            if self._failure is not None and self._clock.monotonic() < self._failure[0]:
+            if self._failure is not None and mono < self._failure[0]:
                 raise CredentialsError(self._failure[1])
             try:
                 self._token = self._fetch(deadline)

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 from devtools.fault_proxy import batch_write_items
 from devtools.loopback import LoopbackHandler, LoopbackService
+from devtools.moto_fidelity import insert_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTION_DIR = ROOT / "functions" / "relay"
@@ -148,7 +149,8 @@ class CountingProxy(LoopbackService):
     returns the counters (workers snapshot them around their phases).
     """
 
-    WRITE_OPS = ("PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem")
+    # BatchExecuteStatement: the relay sends INSERTs only (claims of new events), each statement billed as one write
+    WRITE_OPS = ("PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "BatchExecuteStatement")
 
     def __init__(self, upstream: str, *, images: bool = True, stub_dynamodb: bool = False) -> None:
         self.upstream = urlsplit(upstream)
@@ -230,6 +232,10 @@ class CountingProxy(LoopbackService):
                     for w in writes:
                         if "PutRequest" in w:
                             self.items[key(w["PutRequest"]["Item"])] = w["PutRequest"]["Item"]
+            elif op == "BatchExecuteStatement":  # the relay's claims: each INSERT accepted
+                shapes = [insert_shape(s["Statement"], s.get("Parameters") or []) for s in req["Statements"]]
+                answers = [{"TableName": shape[0]} if shape else {} for shape in shapes]
+                return json.dumps({"Responses": answers}).encode()
             elif op == "GetItem":
                 item = self.items.get(key(req["Key"]))
                 return json.dumps({"Item": item} if item else {}).encode()
@@ -263,6 +269,12 @@ class CountingProxy(LoopbackService):
     def _written_keys(raw: bytes) -> tuple[str, list[dict[str, Any]]]:
         """(table, keys of the items) a DynamoDB write request touches."""
         req = json.loads(raw)
+        if "Statements" in req:
+            inserts = [insert_shape(s["Statement"], s.get("Parameters") or []) for s in req["Statements"]]
+            if not inserts or None in inserts:
+                raise ValueError("not a batch of INSERTs")
+            found = [shape for shape in inserts if shape is not None]
+            return found[0][0], [{k: item[k] for k in ("pk", "sk")} for _, item in found]
         if "RequestItems" in req:
             ((table, _),) = req["RequestItems"].items()
             return table, [{k: item[k] for k in ("pk", "sk")} for item in batch_write_items(req)]
@@ -306,9 +318,12 @@ class CountingProxy(LoopbackService):
             except (ValueError, KeyError, TypeError, AttributeError):
                 touched, left = 1, 0
             written = touched - left if status == 200 else 0
+            if op == "BatchExecuteStatement":
+                written = touched if status == 200 else 0  # each statement billed, DuplicateItem or not
             sizes = [max(b, a) for b, a in zip(before or [0] * touched, after or [0] * touched, strict=False)]
             units["ddb.write_requests"] = 1
-            units["ddb.item_writes"] = written if op == "BatchWriteItem" else 1  # a failed conditional write bills 1
+            # A failed conditional write (an INSERT of an existing key too) bills 1, like a successful one.
+            units["ddb.item_writes"] = {"BatchWriteItem": written, "BatchExecuteStatement": touched}.get(op, 1)
             units["ddb.wcu"] = sum(max(1, math.ceil(size / 1024)) for size in sizes[: max(written, 1)])
             units["ddb.max_item_bytes"] = 0
             if status != 200:

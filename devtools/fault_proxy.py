@@ -3,7 +3,8 @@
 Point boto3 at it with ``AWS_ENDPOINT_URL_DYNAMODB=<proxy.url>`` (boto3's own per-service endpoint
 variable) before the runtime builds its clients. Every request is forwarded byte-for-byte over a
 keep-alive connection to ``upstream``, except that a configurable fraction of **writes**
-(``X-Amz-Target`` PutItem, UpdateItem, DeleteItem, TransactWriteItems, BatchWriteItem) is answered,
+(``X-Amz-Target`` PutItem, UpdateItem, DeleteItem, TransactWriteItems, BatchWriteItem, and
+BatchExecuteStatement, which the relay uses for INSERTs only) is answered,
 without reaching the emulator, with an error shaped like DynamoDB's own:
 
 * HTTP 400 ``ProvisionedThroughputExceededException`` (botocore: a throttling error, retried);
@@ -32,8 +33,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from devtools.loopback import LoopbackHandler, LoopbackService
+from devtools.moto_fidelity import insert_shape
 
-WRITE_OPERATIONS = frozenset({"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem"})
+WRITE_OPERATIONS = frozenset(
+    {"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem", "BatchExecuteStatement"}
+)
 FAULT_KINDS = ("throughput", "internal")
 _ERROR_PREFIX = "com.amazonaws.dynamodb.v20120810#"
 _HOP_BY_HOP = frozenset(
@@ -61,7 +65,13 @@ def _pk_sk(key: Any) -> str | None:
 
 
 def item_keys(operation: str, body: bytes) -> list[str]:
-    """``pk|sk`` of every item a write touches: one, or each item of a BatchWriteItem."""
+    """``pk|sk`` of every item a write touches: one, or each item of a BatchWriteItem or of a batch of INSERTs."""
+    if operation == "BatchExecuteStatement":
+        try:
+            shapes = [insert_shape(s["Statement"], s.get("Parameters") or []) for s in json.loads(body)["Statements"]]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return []
+        return [k for shape in shapes if shape and (k := _pk_sk(shape[1])) is not None]
     if operation != "BatchWriteItem":
         key = item_key(operation, body)
         return [key] if key is not None else []

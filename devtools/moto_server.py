@@ -14,7 +14,8 @@ from typing import IO
 
 import requests
 
-LOCAL_DIR = Path(__file__).resolve().parent.parent / ".local"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_DIR = REPO_ROOT / ".local"
 # AWS allows one PurgeQueue per 60 s; tests empty the queues between cases, so the emulator does not throttle.
 DEFAULT_MOTO_ENV = {"MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR": "false"}
 
@@ -67,13 +68,15 @@ class MotoServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"moto-{self.port}.log"
         self._log = open(self.log_path, "ab")  # closed in stop()
-        cmd = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        # moto's server with DynamoDB's PartiQL INSERT semantics (devtools/moto_fidelity.py says why).
+        cmd = [sys.executable, "-m", "devtools.moto_fidelity", "-H", self.host, "-p", str(self.port)]
         self._proc = subprocess.Popen(
             cmd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env},
+            cwd=REPO_ROOT,  # where `devtools` is importable from
         )
         atexit.register(self.stop)  # never leave the child behind on a normal interpreter exit
         try:

@@ -243,8 +243,27 @@ class FakeStore:
     batch_writes: list[list[str]] = field(default_factory=list)  # event ids per put_results call
     failing_writes: set[str] = field(default_factory=set)  # put_results fails these
 
-    def claim(self, event_id: str, *, datastream_id: str, source: str, lease_s: float) -> Claim:
-        self.claims.append({"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s})
+    # claim_new: None = every INSERT fails as for an existing item (events are then claimed one by one with `claim`,
+    # as scripted); True = every INSERT succeeds; an exception = the whole call raises it
+    insert_claims: bool | Exception | None = None
+    new_claims: list[list[str]] = field(default_factory=list)  # event ids per claim_new call
+
+    def claim_new(self, events: list[tuple[str, str, str]], *, lease_s: float) -> dict[str, Claim]:
+        self.new_claims.append([event_id for event_id, _, _ in events])
+        if isinstance(self.insert_claims, Exception):
+            raise self.insert_claims
+        acquired = self.insert_claims is True
+        return {
+            e: Claim(acquired, token=f"new-{e}", item={"attempts": {"N": "1"}} if acquired else None)
+            for e, _, _ in events
+        }
+
+    def claim(
+        self, event_id: str, *, datastream_id: str, source: str, lease_s: float, token: str | None = None
+    ) -> Claim:
+        self.claims.append(
+            {"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s, "token": token}
+        )
         if isinstance(self.claim_result, Exception):
             raise self.claim_result
         return self.claim_result

@@ -480,3 +480,30 @@ def test_a_corrected_resend_of_an_event_the_relay_refused_is_delivered_not_a_rep
     item = stack.result(event_id)
     assert item["status"] == "delivered"
     assert not {"error", "request", "rejectedBy"} & set(item)
+
+
+def test_a_delivered_event_sent_again_among_new_ones_is_a_repeat_and_left_as_stored(clean_stack: LocalStack) -> None:
+    # GIVEN an event delivered in an earlier batch
+    runtime = new_runtime()
+    doc = interact_event("again-1")
+    first = runtime.handle({"Records": [sqs_record(clean_stack, json.dumps(doc))]}, new_context(30))
+    assert first == {"batchItemFailures": []}
+    stored = clean_stack.result_item("again-1")
+    assert stored is not None and stored["status"] == "delivered"
+
+    # WHEN the sender sends it again, as a new message (a first receive), in a batch with two new events: the batch
+    # claims all three with one BatchExecuteStatement of INSERTs
+    records = [
+        sqs_record(clean_stack, json.dumps(interact_event("again-new-1"))),
+        sqs_record(clean_stack, json.dumps(doc)),
+        sqs_record(clean_stack, json.dumps(interact_event("again-new-2"))),
+    ]
+    assert runtime.handle({"Records": records}, new_context(30)) == {"batchItemFailures": []}
+
+    # THEN Edge saw it once: its INSERT was refused (DuplicateItem), its own claim found it delivered, and its stored
+    # result is as it was; the new events were delivered
+    assert len(edge_requests(clean_stack, "again-1")) == 1
+    assert clean_stack.result_item("again-1") == stored
+    for event_id in ("again-new-1", "again-new-2"):
+        assert (clean_stack.result_item(event_id) or {}).get("status") == "delivered"
+        assert len(edge_requests(clean_stack, event_id)) == 1

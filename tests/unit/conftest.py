@@ -21,6 +21,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.setenv(name, value)
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_DYNAMODB"):
         monkeypatch.delenv(name, raising=False)
+    from devtools import moto_fidelity
+
+    moto_fidelity.install()  # DynamoDB's PartiQL INSERT semantics (the module says why)
     with mock_aws():
         yield
 

@@ -1087,3 +1087,117 @@ def test_kept_alive_connections_are_dropped_after_an_idle_minute_and_kept_under_
 
     # THEN the second reused the first one's connection, and the one after the idle minute opened a new one
     assert len(connections) == 2
+
+
+# -- claims of new events, 25 to a request ---------------------------------------------------------------------------
+
+
+def test_a_batch_claims_the_first_record_of_each_identity_25_to_a_request() -> None:
+    # GIVEN 60 events of 60 people, first receives, and a store that inserts every new claim
+    store = FakeStore(insert_claims=True)
+    relay, edge = real_relay(store, 60)
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(60)])
+
+    # THEN the 60 claims went in requests of 25, 25 and 10, none one by one, and each result kept its claim's token
+    assert answer == {"batchItemFailures": []}
+    assert [len(chunk) for chunk in store.new_claims] == [25, 25, 10]
+    assert sorted(e for chunk in store.new_claims for e in chunk) == sorted(f"e{n}" for n in range(60))
+    assert store.claims == []
+    assert len(edge.calls) == 60 and len(store.finished) == 60
+
+
+def test_an_event_the_batch_could_not_insert_is_claimed_on_its_own_with_the_token_tried() -> None:
+    # GIVEN a store whose INSERTs all fail (the events exist: a repeat, a retry, a lapsed claim)
+    store = FakeStore(insert_claims=None)
+    relay, _ = real_relay(store, 2)
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(2)])
+
+    # THEN each was claimed on its own with its INSERT's token (an INSERT written whose answer was lost is its own)
+    assert answer == {"batchItemFailures": []}
+    assert sorted((c["event_id"], c["token"]) for c in store.claims) == [("e0", "new-e0"), ("e1", "new-e1")]
+
+
+def test_a_defect_claiming_a_batch_leaves_each_event_to_claim_itself(emitted: Callable[[], dict[str, Any]]) -> None:
+    # GIVEN a claim_new that raises something unexpected
+    store = FakeStore(insert_claims=RuntimeError("boom"))
+    relay, edge = real_relay(store, 3)
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(3)])
+
+    # THEN nothing fails: each event was claimed on its own, delivered, and the defect counted
+    assert answer == {"batchItemFailures": []}
+    assert sorted(c["event_id"] for c in store.claims) == ["e0", "e1", "e2"]
+    assert len(edge.calls) == 3
+    assert emitted()["UnexpectedErrors"] == [1.0]
+
+
+def test_only_first_receives_from_the_sender_are_claimed_with_the_batch() -> None:
+    # GIVEN a first receive, a redelivery, a replay (names its eventId), an event the webhook queued, and a second
+    # event of the first one's identity
+    store = FakeStore(insert_claims=True)
+    relay, _ = real_relay(store, 6)
+    redelivered = {**record("e-again", 2, "p2"), "messageId": "m2"}
+    replayed = sqs("e-replay", "m3", "p3")
+    replayed["messageAttributes"] = {"eventId": {"stringValue": "e-replay", "dataType": "String"}}
+    queued = sqs("e-queued", "m4", "p4")
+    queued["messageAttributes"] = {"relaySource": {"stringValue": "webhook", "dataType": "String"}}
+    records = [sqs("e-new", "m1", "p1"), redelivered, replayed, queued, sqs("e-second", "m5", "p1")]
+    records.append(sqs("e-new2", "m6", "p6"))
+
+    # WHEN the batch runs
+    answer = run_batch(relay, records)
+
+    # THEN only the first receives were INSERTed; the others (whose items exist, or whose turn comes later) claim alone
+    assert answer == {"batchItemFailures": []}
+    assert store.new_claims == [["e-new", "e-new2"]]
+    assert sorted(c["event_id"] for c in store.claims) == ["e-again", "e-queued", "e-replay", "e-second"]
+
+
+def test_an_event_id_twice_in_a_batch_for_two_identities_is_inserted_once() -> None:
+    # GIVEN two people's events that share an eventId (DynamoDB refuses two statements on one item in a batch)
+    store = FakeStore(insert_claims=True)
+    relay, _ = real_relay(store, 3)
+
+    # WHEN the batch runs
+    run_batch(relay, [sqs("same", "m1", "p1"), sqs("same", "m2", "p2"), sqs("other", "m3", "p3")])
+
+    # THEN one INSERT for it, and the other record claimed on its own
+    assert store.new_claims == [["same", "other"]]
+    assert [c["event_id"] for c in store.claims] == ["same"]
+
+
+def test_a_claim_taken_for_an_event_that_has_no_time_left_is_given_back() -> None:
+    # GIVEN a claim the batch took, and no time left to relay the event
+    store = FakeStore()
+    relay, edge = real_relay(store, 1)
+    inbound = build_inbound(
+        {"event": {"xdm": {"_id": "e1"}}}, event_id="e1", datastream_id="ds", source="sqs", received_at=0
+    )
+
+    # WHEN it is processed
+    result = relay.process(
+        inbound, Deadline(relay.clock, 0.01), lease_s=25, claim=Claim(True, token="tok-new", item={})
+    )
+
+    # THEN it comes back without a call, and its claim is released so that the redelivery can take it at once
+    assert result.outcome is Outcome.RETRY
+    assert edge.calls == []
+    assert store.releases == [("e1", "tok-new", "no time left to relay the event")]
+
+
+def test_a_lone_new_event_is_claimed_with_update_item_not_a_batch_of_one() -> None:
+    # GIVEN a batch of one first receive
+    store = FakeStore(insert_claims=True)
+    relay, _ = real_relay(store, 1)
+
+    # WHEN it runs
+    assert run_batch(relay, [sqs("e1", "m1", "p1")]) == {"batchItemFailures": []}
+
+    # THEN it claims itself (one request either way; UpdateItem answers a repeat with the stored result)
+    assert store.new_claims == []
+    assert [c["event_id"] for c in store.claims] == ["e1"]

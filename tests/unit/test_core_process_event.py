@@ -147,7 +147,7 @@ def test_process_claims_with_the_event_details():
     process(store, edge, FakeClock())
 
     # THEN
-    assert store.claims == [{"event_id": "evt-1", "datastream_id": DS, "source": "sqs", "lease_s": 30}]
+    assert store.claims == [{"event_id": "evt-1", "datastream_id": DS, "source": "sqs", "lease_s": 30, "token": None}]
 
 
 def test_process_store_unavailable_on_claim_is_retry_without_release(caplog: pytest.LogCaptureFixture) -> None:

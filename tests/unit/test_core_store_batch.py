@@ -255,3 +255,102 @@ def test_huge_207_errors_go_before_the_handles() -> None:
     # THEN
     assert size <= 400_000
     assert doc["handle"] == handle and "errors" not in doc and doc["errorsOmitted"] is True
+
+
+# -- claims of new events: PartiQL INSERTs, 25 to a BatchExecuteStatement --------------------------------------------
+
+
+def raw_result(on: StoreOnMoto, event_id: str) -> dict[str, Any]:
+    item: dict[str, Any] = on.ddb.get_item(TableName="t", Key=HandlesStore.result_key(event_id))["Item"]
+    return item
+
+
+def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(store_on_moto: StoreOnMoto) -> None:
+    # WHEN one event is claimed with an INSERT and another with the one-by-one UpdateItem claim
+    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs")], lease_s=30)["e-insert"]
+    updated = store_on_moto.store.claim("e-update", datastream_id="ds", source="sqs", lease_s=30)
+
+    # THEN both are taken, and their items hold the same attributes (but for their ids and tokens)
+    assert inserted.acquired and updated.acquired
+    assert inserted.item == updated.item  # what the result keeps of the claim: attempts 1, updatedAt
+    a, b = raw_result(store_on_moto, "e-insert"), raw_result(store_on_moto, "e-update")
+    assert a["claimToken"] == {"S": inserted.token}
+    varying = {"pk", "eventId", "claimToken"}
+    assert {k: v for k, v in a.items() if k not in varying} == {k: v for k, v in b.items() if k not in varying}
+
+
+def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a delivered event and a live claim of another invocation
+    store = store_on_moto.store
+    done = store.claim("e-done", datastream_id="ds", source="sqs", lease_s=30)
+    assert done.token
+    store.put_result(store.compose_result("e-done", {"status": "delivered", "datastreamId": "ds"}, done.item))
+    assert store.claim("e-busy", datastream_id="ds", source="sqs", lease_s=30).acquired
+    before = {e: raw_result(store_on_moto, e) for e in ("e-done", "e-busy")}
+
+    # WHEN the batch INSERTs them with a new event
+    claims = store.claim_new([("e-done", "ds", "sqs"), ("e-new", "ds", "sqs"), ("e-busy", "ds", "sqs")], lease_s=30)
+
+    # THEN only the new one is taken; the others are untouched, and the one-by-one claim decides for them
+    assert {e: c.acquired for e, c in claims.items()} == {"e-done": False, "e-new": True, "e-busy": False}
+    assert {e: raw_result(store_on_moto, e) for e in ("e-done", "e-busy")} == before
+    repeat = store.claim("e-done", datastream_id="ds", source="sqs", lease_s=30, token=claims["e-done"].token)
+    assert not repeat.acquired and (repeat.existing or {})["status"] == "delivered"
+    busy = store.claim("e-busy", datastream_id="ds", source="sqs", lease_s=30, token=claims["e-busy"].token)
+    assert not busy.acquired
+
+
+def test_a_claim_whose_insert_answer_was_lost_is_taken_with_its_own_token(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an INSERT that was written, though the relay saw it fail (its answer lost)
+    first = store_on_moto.store.claim_new([("e1", "ds", "sqs")], lease_s=30)["e1"]
+
+    # WHEN the event is claimed one by one with that token, and by someone else
+    again = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, token=first.token)
+    other = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
+
+    # THEN the token's holder has it (not a live claim to wait out), and no one else does
+    assert again.acquired and again.token == first.token
+    assert not other.acquired
+
+
+def test_insert_claims_go_25_to_a_request(store_on_moto: StoreOnMoto, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    real = store_on_moto.ddb.batch_execute_statement
+
+    def counted(**kwargs: Any) -> Any:
+        sizes.append(len(kwargs["Statements"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(store_on_moto.ddb, "batch_execute_statement", counted)
+    claims = store_on_moto.store.claim_new([(f"e{n}", "ds", "sqs") for n in range(60)], lease_s=30)
+    assert sizes == [25, 25, 10]
+    assert all(c.acquired for c in claims.values()) and len(claims) == 60
+
+
+def test_an_insert_refused_per_statement_leaves_the_event_to_claim_alone(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a table name the table does not have: DynamoDB answers each statement with an error
+    store = HandlesStore(store_on_moto.ddb, "missing", ttl_days=30, clock=FakeClock())
+
+    # WHEN the batch claims
+    claims = store.claim_new([("e1", "ds", "sqs"), ("e2", "ds", "sqs")], lease_s=30)
+
+    # THEN nothing raises: no event is taken, and each has a token for its own claim
+    assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
+
+
+class RefusingDynamo:
+    def batch_execute_statement(self, Statements: list[Any]) -> dict[str, Any]:  # noqa: N803 (boto3's name)
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "BatchExecuteStatement")
+
+
+def test_a_refused_insert_request_leaves_every_event_to_claim_alone(caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN a role without dynamodb:PartiQLInsert (a policy written by hand)
+    store = HandlesStore(RefusingDynamo(), "t", ttl_days=30, clock=FakeClock())
+
+    # WHEN the batch claims
+    claims = store.claim_new([("e1", "ds", "sqs"), ("e2", "ds", "sqs")], lease_s=30)
+
+    # THEN nothing raises, no event is taken (each claims alone), and the log says why
+    assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("claims not batched")]
+    assert "AccessDeniedException" in warning.reason  # type: ignore[attr-defined]

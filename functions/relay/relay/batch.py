@@ -30,7 +30,7 @@ from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
-from relay.integrations.store import BATCH_WRITE_SIZE
+from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, Claim
 from relay.models import (
     MAX_BODY_BYTES,
     Source,
@@ -58,13 +58,16 @@ class Done:
     result: Result | None = None
 
 
+# What a record does: from its identity's state (carried, or where to get it) and the batch's claim attempt, if any.
+Run = Callable[[Carry, StateSource | None, Claim | None], Done]
+
+
 @dataclass
 class _Item:
     message_id: str
     event_id: str
     group: str
-    # Takes the identity's known state, or where to get it once the claim is taken.
-    run: Callable[[Carry, StateSource | None], Done]
+    run: Run
     receive_count: int = 1
     state_key: tuple[str, str] | None = None  # (opaque identity id, datastream) for events with a primary identity
     twins: list[str] = field(default_factory=list)  # later records of the batch with the same event
@@ -72,6 +75,8 @@ class _Item:
     # One for another identity or datastream is another event (stored `#reused-` once this one is finished).
     same_event: tuple[str, str, str] | None = None
     invalid: bool = False  # a body the relay refuses itself (stored `rejected`, never sent to Edge)
+    claim_key: tuple[str, str, str] | None = None  # (eventId, datastream, source) of an event to relay
+    claim: Claim | None = None  # the batch's claim attempt (first records of groups), set before the group runs
 
 
 class _ResultWrites:
@@ -115,7 +120,7 @@ class _ResultWrites:
                 self.failed.add(message_id)
 
 
-def _redeliver(carry: Carry, _: StateSource | None) -> Done:
+def _redeliver(carry: Carry, _: StateSource | None, __: Claim | None) -> Done:
     return Done(False, carry)
 
 
@@ -188,7 +193,7 @@ class BatchRunner:
             ds = datastream_for_rejection(named, self._settings.datastream_id)
             eid, error = event_id, exc  # `exc` is unbound after the except block
 
-            def reject(carry: Carry, _: StateSource | None) -> Done:
+            def reject(carry: Carry, _: StateSource | None, __: Claim | None) -> Done:
                 self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
                 return Done(True, carry)
 
@@ -204,15 +209,27 @@ class BatchRunner:
         state_key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
         group = f"identity:{state_key[1]}:{state_key[0]}" if state_key else f"event:{event_id}"
 
-        def process(carry: Carry, first_state: StateSource | None) -> Done:
+        def process(carry: Carry, first_state: StateSource | None, claim: Claim | None) -> Done:
             result = self._relay.process(
-                inbound, deadline, lease_s=lease_s, state=carry, state_source=first_state, defer_store=True
+                inbound,
+                deadline,
+                lease_s=lease_s,
+                state=carry,
+                state_source=first_state,
+                defer_store=True,
+                claim=claim,
             )
             ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
             return Done(ok, result.state, result)  # state unknown after a failure: the next record reads it afresh
 
         same_event = (event_id, inbound.datastream_id, inbound.stored_identity_id)
-        return _Item(message_id, event_id, group, process, receive_count, state_key, same_event=same_event)
+        # A first receive of an event from the sender is most likely new: claimed with the batch (`_claim_firsts`).
+        # A redelivery, a replay or an event the webhook queued (their items exist) would only fail the INSERT.
+        fresh = receive_count <= 1 and source == "sqs" and _attr(record, "eventId") is None
+        claim_key = (event_id, inbound.datastream_id, source) if fresh else None
+        return _Item(
+            message_id, event_id, group, process, receive_count, state_key, same_event=same_event, claim_key=claim_key
+        )
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
@@ -265,7 +282,7 @@ class BatchRunner:
                     failed.append((item.message_id, failed[0][1]))  # it comes back with the record it waits for
                     continue
                 try:
-                    done = item.run(carry, source)
+                    done = item.run(carry, source, item.claim)
                 except StoreUnavailable as exc:
                     logger.warning("record will be redelivered", messageId=item.message_id, reason=str(exc))
                     count("RetriesScheduled")
@@ -288,7 +305,14 @@ class BatchRunner:
         # Longest groups first: a group's records run one after another, so a long one started late would keep the
         # whole batch waiting on it while the other workers sit idle. The sort is stable: batch order otherwise.
         ordered_groups = sorted(groups.values(), key=len, reverse=True)
-        futures = [self._executor.submit(run_group, items) for items in ordered_groups]
+        # Each group's first record is claimed with 24 others in one request (`claim_new`); a group starts once its
+        # claim is answered. The first 25 start at once; the state read and the other claims run while they call Edge.
+        chunks = [ordered_groups[n : n + CLAIM_INSERT_SIZE] for n in range(0, len(ordered_groups), CLAIM_INSERT_SIZE)]
+        futures: list[Future[list[tuple[str, float | None]]]] = []
+        claimed: set[str] = set()
+        for chunk in chunks[:1]:
+            self._claim_firsts(chunk, lease_s, claimed)
+            futures.extend(self._executor.submit(run_group, items) for items in chunk)
         try:
             states.set_result(self._relay.prefetch_states(keys) if keys else {})
         except StoreUnavailable as exc:
@@ -303,6 +327,9 @@ class BatchRunner:
         except BaseException:
             states.set_result({})  # never leave the workers waiting
             raise
+        for chunk in chunks[1:]:
+            self._claim_firsts(chunk, lease_s, claimed)
+            futures.extend(self._executor.submit(run_group, items) for items in chunk)
         delays = dict(pair for future in futures for pair in future.result())
         writes.flush()
         for mid in writes.failed:
@@ -322,6 +349,28 @@ class BatchRunner:
             outcomes=dict(Counter(outcomes)),
         )
         return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(ordered)]}
+
+    def _claim_firsts(self, groups: list[list[_Item]], lease_s: float, claimed: set[str]) -> None:
+        """Claim the first record of each group in one `BatchExecuteStatement` (a new event's claim; any other record
+        is claimed by its worker, as are these when this fails, or when there is only one). An eventId twice in the
+        batch (another identity's event reusing it) is claimed once here: DynamoDB refuses two statements on one item
+        in a batch."""
+        firsts = []
+        for items in groups:
+            item = items[0]
+            if item.claim_key is not None and item.event_id not in claimed:
+                claimed.add(item.event_id)
+                firsts.append(item)
+        if len(firsts) < 2:
+            return  # one claim is one request either way, and UpdateItem's answers a repeat with the stored result
+        try:
+            claims = self._relay.store.claim_new([i.claim_key for i in firsts if i.claim_key], lease_s=lease_s)
+        except Exception:
+            logger.exception("unexpected error claiming a batch's events; they are claimed one by one")
+            count("UnexpectedErrors")
+            return
+        for item in firsts:
+            item.claim = claims.get(item.event_id)
 
     def _postpone(self, records: list[dict[str, Any]], delays: dict[str, float | None], deadline: Deadline) -> None:
         """Keep records whose `Retry-After` outlasts the queue's visibility timeout invisible that long instead.

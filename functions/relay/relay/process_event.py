@@ -26,7 +26,7 @@ from relay.identity_state import (
     outgoing_entries,
 )
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient
-from relay.integrations.store import RELAY, HandlesStore, ResultWrite
+from relay.integrations.store import RELAY, Claim, HandlesStore, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
@@ -133,22 +133,38 @@ class Relay:
         state: IdentityState | None = None,
         state_source: Callable[[], IdentityState | None] | None = None,
         defer_store: bool = False,
+        claim: Claim | None = None,
     ) -> Result:
         """Relay one event. `state`, when given, is the identity's current state (read by the caller for a whole
         batch, or carried from the identity's previous event), which saves reading it again. `state_source`, when
         given (and `state` is not), is asked for it after the claim is taken (a batch's read may still be running).
 
         With `defer_store`, a DELIVERED or REJECTED result comes back with its item in `pending`, not yet written:
-        the caller writes it with others (`store.put_results`) and then calls `stored` or `not_stored`."""
+        the caller writes it with others (`store.put_results`) and then calls `stored` or `not_stored`.
+
+        `claim`, when given, is the caller's claim attempt (a batch claims its new events 25 at a time): used as is when
+        acquired, else the event is claimed here with its token."""
         event_id = inbound.event_id
         if deadline.remaining() < MIN_ATTEMPT_S:
             # Nothing could be sent in time (a batch whose time ran out): leave the event untouched rather than claim
-            # and release it, two writes and a warning for nothing. It is redelivered like any failed record.
-            return Result(Outcome.RETRY, event_id, reason="no time left to relay the event")
+            # and release it, two writes and a warning for nothing. It is redelivered like any failed record (a claim
+            # the batch took for it is given back, so that the redelivery can take it at once).
+            reason = "no time left to relay the event"
+            if claim is not None and claim.acquired and claim.token:
+                try:
+                    self.store.release(event_id, claim.token, reason)
+                except StoreUnavailable:
+                    pass  # the lease expires by itself
+            return Result(Outcome.RETRY, event_id, reason=reason)
         try:
-            claim = self.store.claim(
-                event_id, datastream_id=inbound.datastream_id, source=inbound.source, lease_s=lease_s
-            )
+            if claim is None or not claim.acquired:
+                claim = self.store.claim(
+                    event_id,
+                    datastream_id=inbound.datastream_id,
+                    source=inbound.source,
+                    lease_s=lease_s,
+                    token=claim.token if claim is not None else None,
+                )
         except StoreUnavailable as exc:
             # Nothing was claimed, so nothing to give back; but the operator must see why (a missing table, a
             # throttled one, an IAM gap): the same line and count as any event handed back for a retry.

@@ -26,7 +26,13 @@ _JSON_FIELDS = ("handle", "errors", "warnings", "error", "request")
 STATE_WRITE_ATTEMPTS = 8
 BATCH_WRITE_SIZE = 25  # DynamoDB's BatchWriteItem limit
 BATCH_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with backoff 50, 100, 200 ms
-_MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item"})  # name their tables in RequestItems
+_MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item", "batch_execute_statement"})  # tables named inside
+CLAIM_INSERT_SIZE = 25  # DynamoDB's BatchExecuteStatement limit
+# The attributes a claim sets on a new event's item, in the order of `claim_new`'s INSERT parameters.
+_CLAIM_FIELDS = (
+    "pk", "sk", "status", "leaseUntil", "claimToken", "eventId", "datastreamId", "source", "expiresAt", "updatedAt",
+    "attempts",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,10 +105,59 @@ class HandlesStore:
 
     # -- results and claims -------------------------------------------------------------------------------------
 
-    def claim(self, event_id: str, *, datastream_id: str, source: str, lease_s: float) -> Claim:
-        """Take the event: create or take over its item unless it is done or another holder's lease is live."""
+    def claim_new(self, events: list[tuple[str, str, str]], *, lease_s: float) -> dict[str, Claim]:
+        """Claim many events at once, 25 per `BatchExecuteStatement` of PartiQL `INSERT`s: one request instead of 25
+        `UpdateItem`s, the same write units, and a twenty-fifth of the CPU a Lambda spends signing and parsing them.
+
+        `events` are (eventId, datastreamId, source). An `INSERT` creates the item or, when one exists, fails with
+        `DuplicateItem` and leaves it alone: so only events never seen before are claimed here. The answer has a
+        `Claim` for each event: acquired, or not yet (a repeat, a retry, a lapsed claim to take over, or a statement
+        or request that failed), with the token tried, to be claimed with `claim(..., token=...)`, which decides
+        (and, should an INSERT have been written though its answer was lost, recognises its own token)."""
         now = self._clock.now()
-        token = uuid.uuid4().hex
+        claims: dict[str, Claim] = {}
+        statement = f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in _CLAIM_FIELDS) + "}"
+        for start in range(0, len(events), CLAIM_INSERT_SIZE):
+            chunk = events[start : start + CLAIM_INSERT_SIZE]
+            tokens = [uuid.uuid4().hex for _ in chunk]
+            stamp = {"S": iso_millis(now)}
+            statements = [
+                {
+                    "Statement": statement,
+                    "Parameters": [
+                        *self.result_key(event_id).values(),
+                        {"S": "pending"},
+                        {"N": str(int(now + lease_s) + 1)},
+                        {"S": token},
+                        {"S": event_id},
+                        {"S": datastream_id},
+                        {"S": source},
+                        {"N": str(int(now) + self._ttl_s)},
+                        stamp,
+                        {"N": "1"},
+                    ],
+                }
+                for (event_id, datastream_id, source), token in zip(chunk, tokens, strict=True)
+            ]
+            try:
+                answers = self._call("batch_execute_statement", Statements=statements).get("Responses") or []
+            except (StoreUnavailable, ClientError) as exc:
+                # Nothing lost: each event is then claimed on its own (which fails the same way if the table is down).
+                logger.warning("claims not batched; claiming one by one", events=len(chunk), reason=str(exc))
+                answers = []
+            for n, ((event_id, _, _), token) in enumerate(zip(chunk, tokens, strict=True)):
+                inserted = n < len(answers) and isinstance(answers[n], dict) and "Error" not in answers[n]
+                item = {"attempts": {"N": "1"}, "updatedAt": stamp} if inserted else None
+                claims[event_id] = Claim(inserted, token=token, item=item)
+        return claims
+
+    def claim(
+        self, event_id: str, *, datastream_id: str, source: str, lease_s: float, token: str | None = None
+    ) -> Claim:
+        """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
+        with `token` is its own: see `claim_new`)."""
+        now = self._clock.now()
+        token = token or uuid.uuid4().hex
         stamp = {"S": iso_millis(now)}
         try:
             resp = self._call(
@@ -117,7 +172,7 @@ class HandlesStore:
                 # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".
                 ConditionExpression=(
                     "attribute_not_exists(pk) OR #s = :queued OR (#s = :pending AND leaseUntil < :t) "
-                    "OR (#s = :rejected AND rejectedBy = :relay)"
+                    "OR (#s = :rejected AND rejectedBy = :relay) OR (#s = :pending AND claimToken = :tok)"
                 ),
                 ExpressionAttributeNames={"#s": "status", "#src": "source"},
                 ExpressionAttributeValues={

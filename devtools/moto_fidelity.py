@@ -1,0 +1,98 @@
+"""Give moto's DynamoDB PartiQL `INSERT` the behaviour DynamoDB documents, for the local stack and the tests.
+
+moto 5.2 runs a PartiQL statement by handing every table, converted to JSON, to py-partiql-parser. For an `INSERT`
+that has two consequences the relay cannot live with in its tests:
+
+- an `INSERT` whose key already exists **replaces the item**, where DynamoDB refuses it with `DuplicateItem`
+  ("If the DynamoDB table already has an item with the same primary key ..., DuplicateItemException is returned":
+  https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/ql-reference.insert.html). The relay claims new
+  events with `INSERT`s (25 to a `BatchExecuteStatement`): against unpatched moto a repeat would overwrite a delivered
+  result and be sent to Edge again, so every duplicate test would test moto's bug;
+- each statement copies every table (its cost grows with the tables, as with moto's `TransactWriteItems`).
+
+`install()` routes the one statement shape this project sends, ``INSERT INTO "<table>" VALUE {'<name>': ?, ...}``
+with one parameter per attribute, to moto's own conditional `put_item` (`attribute_not_exists` on the table's hash key:
+DynamoDB's `INSERT` semantics, one item looked up); a key that exists answers `DuplicateItem` and leaves the item
+alone. Every other statement goes to moto unchanged. `tests/unit/test_moto_fidelity.py` shows both behaviours and
+fails once moto itself refuses duplicates (then this module can go).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+_INSERT = re.compile(r'\s*INSERT\s+INTO\s+"([^"]+)"\s+VALUE\s+\{(.*)\}\s*', re.IGNORECASE | re.DOTALL)
+_FIELD = re.compile(r"\s*'([^']+)'\s*:\s*\?\s*")
+_INSTALLED = "_interact_relay_unpatched_batch_execute_statement"
+
+
+def insert_shape(statement: str, parameters: list[Any]) -> tuple[str, dict[str, Any]] | None:
+    """(table, item) for an `INSERT` of the shape above, else None (moto then runs the statement itself)."""
+    match = _INSERT.fullmatch(statement)
+    if match is None:
+        return None
+    names = [_FIELD.fullmatch(part) for part in match.group(2).split(",")]
+    if any(name is None for name in names) or len(names) != len(parameters):
+        return None
+    return match.group(1), {name.group(1): value for name, value in zip(names, parameters, strict=True) if name}
+
+
+def install() -> None:
+    """Patch moto's DynamoDB backend in this process (idempotent). Call before the first request."""
+    from moto.dynamodb.exceptions import ConditionalCheckFailed, ResourceNotFoundException
+    from moto.dynamodb.models import DynamoDBBackend
+
+    if getattr(DynamoDBBackend, _INSTALLED, None) is not None:
+        return
+    original = DynamoDBBackend.batch_execute_statement
+
+    def batch_execute_statement(self: Any, statements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        responses: list[dict[str, Any]] = []
+        for stmt in statements:
+            shape = insert_shape(stmt.get("Statement", ""), stmt.get("Parameters") or [])
+            if shape is None:
+                responses.extend(original(self, [stmt]))
+                continue
+            table_name, item = shape
+            try:
+                table = self.get_table(table_name)
+                table.put_item(
+                    item,
+                    condition_expression="attribute_not_exists(#k)",
+                    expression_attribute_names={"#k": table.hash_key_attr},
+                )
+            except ResourceNotFoundException:
+                responses.append({"Error": {"Code": "ResourceNotFound", "Message": "Requested resource not found"}})
+            except ConditionalCheckFailed:
+                message = "Duplicate primary key exists in table"
+                responses.append({"TableName": table_name, "Error": {"Code": "DuplicateItem", "Message": message}})
+            except Exception as exc:  # what moto would answer for a bad item (wrong key type, ...)
+                code = getattr(exc, "error_type", type(exc).__name__).split("#")[-1].removesuffix("Exception")
+                responses.append({"Error": {"Code": code, "Message": getattr(exc, "message", str(exc))}})
+            else:
+                responses.append({"TableName": table_name})
+        return responses
+
+    DynamoDBBackend.batch_execute_statement = batch_execute_statement  # type: ignore[method-assign]
+    setattr(DynamoDBBackend, _INSTALLED, original)  # kept: the test shows what moto itself does
+
+
+def unpatched() -> Any:
+    """moto's own `batch_execute_statement` (after `install()`)."""
+    from moto.dynamodb.models import DynamoDBBackend
+
+    return getattr(DynamoDBBackend, _INSTALLED)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m devtools.moto_fidelity <moto.server arguments>`: moto's server, patched."""
+    install()
+    from moto.server import main as moto_main
+
+    moto_main(argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -264,10 +264,23 @@ class BatchRunner:
         writes = _ResultWrites(self._relay)
 
         # One BatchGetItem for every identity of the batch instead of one GetItem per event; each identity's state is
-        # then carried through its records in memory (they run in order on one worker). The read runs while the
-        # workers take their first claims: a group waits for it only when its first record is about to call Edge.
+        # then carried through its records in memory (they run in order on one worker). The read runs on a worker
+        # while the batch takes its claims: a group waits for it only when its first record is about to call Edge.
         keys = [item.state_key for items in groups.values() for item in items[:1] if item.state_key]
-        states: Future[dict[tuple[str, str], IdentityState]] = Future()
+
+        def prefetch() -> dict[tuple[str, str], IdentityState]:
+            try:
+                return self._relay.prefetch_states(keys) if keys else {}
+            except StoreUnavailable as exc:
+                logger.warning("identity states not prefetched; reading them per event", reason=str(exc))
+            except Exception:
+                # A defect must not fail the batch (the workers are already claiming and calling Edge): each event
+                # then reads its own state, so only one that cannot fails.
+                logger.exception("unexpected error prefetching identity states; reading them per event")
+                count("UnexpectedErrors")
+            return {}
+
+        states = self._executor.submit(prefetch)
 
         def run_group(items: list[_Item]) -> list[tuple[str, float | None]]:
             """The group's records to redeliver, each with how long Edge asked it to wait (None: not said)."""
@@ -306,28 +319,11 @@ class BatchRunner:
         # whole batch waiting on it while the other workers sit idle. The sort is stable: batch order otherwise.
         ordered_groups = sorted(groups.values(), key=len, reverse=True)
         # Each group's first record is claimed with 24 others in one request (`claim_new`); a group starts once its
-        # claim is answered. The first 25 start at once; the state read and the other claims run while they call Edge.
+        # claim is answered. The first 25 start at once; the other claims are taken while they call Edge.
         chunks = [ordered_groups[n : n + CLAIM_INSERT_SIZE] for n in range(0, len(ordered_groups), CLAIM_INSERT_SIZE)]
         futures: list[Future[list[tuple[str, float | None]]]] = []
         claimed: set[str] = set()
-        for chunk in chunks[:1]:
-            self._claim_firsts(chunk, lease_s, claimed)
-            futures.extend(self._executor.submit(run_group, items) for items in chunk)
-        try:
-            states.set_result(self._relay.prefetch_states(keys) if keys else {})
-        except StoreUnavailable as exc:
-            logger.warning("identity states not prefetched; reading them per event", reason=str(exc))
-            states.set_result({})
-        except Exception:
-            # A defect must not fail the batch (the workers are already claiming and calling Edge): each event then
-            # reads its own state, so only one that cannot fails.
-            logger.exception("unexpected error prefetching identity states; reading them per event")
-            count("UnexpectedErrors")
-            states.set_result({})
-        except BaseException:
-            states.set_result({})  # never leave the workers waiting
-            raise
-        for chunk in chunks[1:]:
+        for chunk in chunks:
             self._claim_firsts(chunk, lease_s, claimed)
             futures.extend(self._executor.submit(run_group, items) for items in chunk)
         delays = dict(pair for future in futures for pair in future.result())

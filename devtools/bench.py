@@ -319,11 +319,12 @@ class CountingProxy(LoopbackService):
                 touched, left = 1, 0
             written = touched - left if status == 200 else 0
             if op == "BatchExecuteStatement":
-                written = touched if status == 200 else 0  # each statement billed, DuplicateItem or not
+                written = touched if status == 200 else 0  # each statement billed, DuplicateItem or not; a refused
+                # request (throttled) bills nothing
             sizes = [max(b, a) for b, a in zip(before or [0] * touched, after or [0] * touched, strict=False)]
             units["ddb.write_requests"] = 1
             # A failed conditional write (an INSERT of an existing key too) bills 1, like a successful one.
-            units["ddb.item_writes"] = {"BatchWriteItem": written, "BatchExecuteStatement": touched}.get(op, 1)
+            units["ddb.item_writes"] = written if op in ("BatchWriteItem", "BatchExecuteStatement") else 1
             units["ddb.wcu"] = sum(max(1, math.ceil(size / 1024)) for size in sizes[: max(written, 1)])
             units["ddb.max_item_bytes"] = 0
             if status != 200:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from relay.batch import HOLD_BACK_RECEIVES, BatchRunner
+from relay.batch import CLAIM_AHEAD, HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
 from relay.errors import CredentialsError, StoreUnavailable
 from relay.identity_state import opaque_identity_id
@@ -1201,3 +1203,73 @@ def test_a_lone_new_event_is_claimed_with_update_item_not_a_batch_of_one() -> No
     # THEN it claims itself (one request either way; UpdateItem answers a repeat with the stored result)
     assert store.new_claims == []
     assert [c["event_id"] for c in store.claims] == ["e1"]
+
+
+def test_a_batch_does_not_answer_while_its_state_read_still_runs() -> None:
+    # GIVEN a batch of repeats (no group ever asks for the states) and a slow state read (DynamoDB throttling it)
+    store = FakeStore(claim_result=Claim(False, existing={"status": "delivered"}))
+    relay, _ = real_relay(store, 0)
+    finished = threading.Event()
+
+    def slow_read(keys: Any) -> Any:
+        time.sleep(0.3)
+        finished.set()
+        return {}
+
+    relay.prefetch_states = slow_read  # type: ignore[method-assign]
+    records = [{**sqs(f"e{n}", f"m{n}", f"p{n}"), "attributes": {"ApproximateReceiveCount": "2"}} for n in range(3)]
+
+    # WHEN the batch runs
+    answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(4)).run(
+        {"Records": records}, Deadline(relay.clock, 20), lease_s=25
+    )
+
+    # THEN it answers only once the read is done (a read left running would resume in the next invocation)
+    assert answer == {"batchItemFailures": []}
+    assert finished.is_set()
+
+
+def test_a_batch_with_no_time_left_writes_nothing(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN three new events and a batch whose time is up
+    relay = Relay(store_on_moto.store, FakeEdge(), store_on_moto.clock)  # type: ignore[arg-type]
+    writes: list[str] = []
+    for op in ("batch_execute_statement", "update_item", "put_item", "batch_write_item"):
+        real = getattr(store_on_moto.ddb, op)
+
+        def counted(*args: Any, _op: str = op, _real: Any = real, **kwargs: Any) -> Any:
+            writes.append(_op)
+            return _real(*args, **kwargs)
+
+        setattr(store_on_moto.ddb, op, counted)
+
+    # WHEN it runs
+    answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2)).run(
+        {"Records": [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(3)]}, Deadline(relay.clock, 0.01), lease_s=25
+    )
+
+    # THEN every record comes back untouched: no claim taken (and given back), nothing written
+    assert len(answer["batchItemFailures"]) == 3
+    assert writes == []
+
+
+def test_claims_stay_a_few_groups_ahead_of_the_workers() -> None:
+    # GIVEN 100 new events and one worker
+    store = FakeStore(insert_claims=True)
+    relay, edge = real_relay(store, 100)
+    claimed_when: list[int] = []  # Edge calls made when each claim_new was made
+    real_claim_new = store.claim_new
+
+    def spy(events: list[tuple[str, str, str]], *, lease_s: float) -> dict[str, Claim]:
+        claimed_when.append(len(edge.calls))
+        return real_claim_new(events, lease_s=lease_s)
+
+    store.claim_new = spy  # type: ignore[method-assign]
+
+    # WHEN the batch runs
+    assert run_batch(relay, [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(100)]) == {"batchItemFailures": []}
+
+    # THEN each chunk of 25 is claimed before the worker reaches it, but only once it is within 8 groups of it
+    assert [len(c) for c in store.new_claims] == [25, 25, 25, 25]
+    assert claimed_when[0] == 0
+    for n in (1, 2, 3):
+        assert 25 * n - CLAIM_AHEAD - 1 <= claimed_when[n] <= 25 * n

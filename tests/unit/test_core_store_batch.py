@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 from relay.codec import item_size
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
@@ -354,3 +354,23 @@ def test_a_refused_insert_request_leaves_every_event_to_claim_alone(caplog: pyte
     assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
     [warning] = [r for r in caplog.records if r.getMessage().startswith("claims not batched")]
     assert "AccessDeniedException" in warning.reason  # type: ignore[attr-defined]
+
+
+def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a BatchExecuteStatement that was written, though its answer never came
+    real = store_on_moto.ddb.batch_execute_statement
+
+    def lost(**kwargs: Any) -> Any:
+        real(**kwargs)
+        raise ReadTimeoutError(endpoint_url="http://dynamodb")
+
+    store_on_moto.ddb.batch_execute_statement = lost
+    tried = store_on_moto.store.claim_new([("e1", "ds", "sqs")], lease_s=30)["e1"]
+    assert not tried.acquired
+
+    # WHEN the event is claimed on its own with the INSERT's token
+    claim = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, token=tried.token)
+
+    # THEN it is one attempt, not two (the result keeps the claim's count)
+    assert claim.acquired and claim.item is not None
+    assert claim.item["attempts"] == {"N": "1"}

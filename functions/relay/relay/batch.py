@@ -21,7 +21,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from relay.clock import Deadline
 from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
+from relay.integrations.edge import MIN_ATTEMPT_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
 from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, Claim
 from relay.models import (
@@ -45,6 +46,9 @@ from relay.process_event import Outcome, Relay, Result
 from relay.settings import Settings
 
 HOLD_BACK_RECEIVES = 3  # of maxReceiveCount 5: later receives are processed even if an earlier record failed
+# The next 25 groups are claimed once at most this many claimed groups wait for a worker: claims stay ahead of the
+# workers (a group never waits for its claim in the steady state) without claiming events the batch may never reach.
+CLAIM_AHEAD = 8
 
 
 Carry = IdentityState | None  # an identity's state as stored, carried from one record of the group to the next
@@ -282,8 +286,15 @@ class BatchRunner:
 
         states = self._executor.submit(prefetch)
 
+        started = threading.Condition()
+        n_started = 0  # groups a worker has taken up (under `started`)
+
         def run_group(items: list[_Item]) -> list[tuple[str, float | None]]:
             """The group's records to redeliver, each with how long Edge asked it to wait (None: not said)."""
+            nonlocal n_started
+            with started:
+                n_started += 1
+                started.notify()
             failed: list[tuple[str, float | None]] = []
             carry: Carry = None
             key = items[0].state_key
@@ -319,14 +330,20 @@ class BatchRunner:
         # whole batch waiting on it while the other workers sit idle. The sort is stable: batch order otherwise.
         ordered_groups = sorted(groups.values(), key=len, reverse=True)
         # Each group's first record is claimed with 24 others in one request (`claim_new`); a group starts once its
-        # claim is answered. The first 25 start at once; the other claims are taken while they call Edge.
+        # claim is answered. The first 25 start at once; the next 25 are claimed while they call Edge, once few
+        # claimed groups are left waiting for a worker, and not once the time is up (such a group is never tried, so
+        # its claim would be two writes for nothing).
         chunks = [ordered_groups[n : n + CLAIM_INSERT_SIZE] for n in range(0, len(ordered_groups), CLAIM_INSERT_SIZE)]
         futures: list[Future[list[tuple[str, float | None]]]] = []
         claimed: set[str] = set()
         for chunk in chunks:
-            self._claim_firsts(chunk, lease_s, claimed)
+            with started:
+                started.wait_for(lambda: n_started >= len(futures) - CLAIM_AHEAD)
+            if deadline.remaining() >= MIN_ATTEMPT_S:
+                self._claim_firsts(chunk, lease_s, claimed)
             futures.extend(self._executor.submit(run_group, items) for items in chunk)
         delays = dict(pair for future in futures for pair in future.result())
+        wait([states])  # no read left running into the next invocation (it is done unless no group needed it)
         writes.flush()
         for mid in writes.failed:
             delays.setdefault(mid, None)

@@ -157,6 +157,7 @@ class HandlesStore:
         """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
         with `token` is its own: see `claim_new`)."""
         now = self._clock.now()
+        own_token = token
         token = token or uuid.uuid4().hex
         stamp = {"S": iso_millis(now)}
         try:
@@ -191,8 +192,10 @@ class HandlesStore:
                     ":one": {"N": "1"},
                 },
                 # The old values of what the claim changed: nothing at all for a new event (the usual case, and the
-                # cheapest answer to parse), else the previous attempt count.
-                ReturnValues="UPDATED_OLD",
+                # cheapest answer to parse), else the previous attempt count. After an INSERT (`token` given), the
+                # whole old item, to tell our own lost INSERT (its token) from another claim (UPDATED_OLD leaves out
+                # an attribute set to the value it had).
+                ReturnValues="ALL_OLD" if own_token else "UPDATED_OLD",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
@@ -200,6 +203,8 @@ class HandlesStore:
             return Claim(False, existing=decode_item(old))
         before = resp.get("Attributes") or {}
         attempts = int(before["attempts"]["N"]) + 1 if "attempts" in before else 1
+        if own_token and before.get("claimToken", {}).get("S") == own_token:
+            attempts -= 1  # our own INSERT, written though its answer was lost: the same attempt, not another
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
         item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
         return Claim(True, token=token, item=item)

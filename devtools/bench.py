@@ -325,7 +325,11 @@ class CountingProxy(LoopbackService):
             units["ddb.write_requests"] = 1
             # A failed conditional write (an INSERT of an existing key too) bills 1, like a successful one.
             units["ddb.item_writes"] = written if op in ("BatchWriteItem", "BatchExecuteStatement") else 1
-            units["ddb.wcu"] = sum(max(1, math.ceil(size / 1024)) for size in sizes[: max(written, 1)])
+            batch = op in ("BatchWriteItem", "BatchExecuteStatement")
+            # A refused batch request (throttled) bills nothing; a failed single write is counted as billed (a failed
+            # conditional write is, and the proxy cannot tell it from a throttled one).
+            billed = sizes[:written] if batch else sizes[: max(written, 1)]
+            units["ddb.wcu"] = sum(max(1, math.ceil(size / 1024)) for size in billed)
             units["ddb.max_item_bytes"] = 0
             if status != 200:
                 units["ddb.failed_writes"] = 1

@@ -371,6 +371,10 @@ def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto:
     # WHEN the event is claimed on its own with the INSERT's token
     claim = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, token=tried.token)
 
-    # THEN it is one attempt, not two (the result keeps the claim's count)
-    assert claim.acquired and claim.item is not None
+    # THEN it is one attempt, not two: in the claim (the result keeps its count) and in the item (a release keeps it)
+    assert claim.acquired and claim.item is not None and claim.token
     assert claim.item["attempts"] == {"N": "1"}
+    assert raw_result(store_on_moto, "e1")["attempts"] == {"N": "1"}
+    store_on_moto.store.release("e1", claim.token, "edge unavailable")
+    again = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
+    assert again.item is not None and again.item["attempts"] == {"N": "2"}

@@ -30,3 +30,4 @@ def test_a_batch_of_inserts_is_one_write_request_and_an_item_write_per_accepted_
 
     assert proxy.counts["ddb.write_requests"] == 1
     assert proxy.counts["ddb.item_writes"] == item_writes
+    assert proxy.counts["ddb.wcu"] == item_writes  # images off: each item at the 1-unit minimum

@@ -204,7 +204,19 @@ class HandlesStore:
         before = resp.get("Attributes") or {}
         attempts = int(before["attempts"]["N"]) + 1 if "attempts" in before else 1
         if own_token and before.get("claimToken", {}).get("S") == own_token:
-            attempts -= 1  # our own INSERT, written though its answer was lost: the same attempt, not another
+            # Our own INSERT, written though its answer was lost: the same attempt, not another. The claim added one;
+            # put the count back (rare: a lost answer), so that a release keeps the right count too.
+            attempts -= 1
+            try:
+                self._call(
+                    "update_item",
+                    Key=self.result_key(event_id),
+                    UpdateExpression="SET attempts = :n",
+                    ConditionExpression="claimToken = :tok",
+                    ExpressionAttributeValues={":n": {"N": str(attempts)}, ":tok": {"S": token}},
+                )
+            except (ClientError, StoreUnavailable):
+                pass  # only a count: the result written over the claim sets it anyway
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
         item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
         return Claim(True, token=token, item=item)

@@ -521,10 +521,49 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _posts_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """``posts``: the harness's own ceiling. BATCH_CONCURRENCY threads that only POST each batch's 100 events to Edge
+    over one pooled session (no claim, no state, no result): what any relay could reach on this machine and
+    simulator."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    import requests
+
+    conc = int(os.environ.get("BATCH_CONCURRENCY", "16"))
+    sm = boto3.client("secretsmanager")
+    secret = json.loads(sm.get_secret_value(SecretId=os.environ["ADOBE_SECRET_ID"])["SecretString"])
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=conc))
+    headers = _edge_headers(_ims_token(session.post, secret), secret)
+    url, tag = os.environ["EDGE_BASE_URL"] + "/ee/v2/interact", uuid.uuid4().hex[:8]
+
+    def one(i: int, b: int) -> None:
+        body = interact_body(f"{tag}-posts-{b}-{i}", i, spec["space"])
+        resp = session.post(
+            url,
+            params={"datastreamId": os.environ["DATASTREAM_ID"]},
+            data=json.dumps(body, separators=(",", ":")).encode(),
+            headers=headers,
+            timeout=(3, 10),
+        )
+        resp.json()
+
+    walls = []
+    with ThreadPoolExecutor(conc) as pool:
+        for b in range(spec["warm"] + spec["batches"]):
+            t0 = time.perf_counter()
+            list(pool.map(lambda i, b=b: one(i, b), range(BATCH)))
+            if b >= spec["warm"]:
+                walls.append(time.perf_counter() - t0)
+    return {"phases": {"run": {"walls": walls, "events": len(walls) * BATCH}}}
+
+
 def worker_main(kind: str, spec_json: str, out_path: str) -> int:
     spec = json.loads(spec_json)
     spec["kind"] = kind
-    result = _relay_worker(spec) if kind == "relay" else _simple_worker(spec)
+    workers = {"relay": _relay_worker, "posts": _posts_worker}
+    result = workers.get(kind, _simple_worker)(spec)
     result["maxrss_mb"] = peak_rss_mb()
     Path(out_path).write_text(json.dumps(result), encoding="utf-8")
     return 0
@@ -683,6 +722,9 @@ class Bench:
                     n = self.worker("naive", naive_spec, AWS_ENDPOINT_URL_DYNAMODB=ddb)["phases"]["run"]
                     after = {**proxy_counts(fwd), **{f"ddb:{k}": v for k, v in proxy_counts(ddb).items()}}
                     runs.setdefault(f"naive_{where}", []).append(n["events"] / n["walls"][0])
+                    if where == "stub":  # the harness's ceiling, next to the relay's stub run
+                        p = self.worker("posts", {"warm": 1, "batches": tp_batches})["phases"]["run"]
+                        runs.setdefault("tp_posts", []).append(p["events"] / sum(p["walls"]))
                     # Its calls, counted by the proxies (warm-up events included), not assumed.
                     calls, sent = diff(after, before), naive_spec["events"] + naive_spec["warm"]
                     runs.setdefault("naive_secrets", []).append(calls.get("secretsmanager.GetSecretValue", 0) / sent)
@@ -813,6 +855,16 @@ class Bench:
                 ">= 10",
                 tp / r[f"naive_{where}"] >= 10,
             )
+        if "tp_posts" in r:  # runs before this line was added have no ceiling
+            row(
+                f"  context: a client that only POSTs ({r['conc']} threads, batches of 100) vs ideal",
+                r["tp_posts"],
+                r["ideal"],
+                ".0f",
+                "-",
+                None,
+            )
+            row("  context: relay (stub) vs that client", r["tp_stub"], r["tp_posts"], ".0f", "-", None)
         row("  context: DynamoDB requests/s moto sustained (relay run)", r["ddb_rps_moto"], None, ".0f", "-", None)
         row(
             "CPU ms/event, Edge at once, pool 16 vs floor (1 POST + 1 put_item)",
@@ -924,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches and repetitions (about a minute)")
     parser.add_argument("--report", action="store_true", help="print the table of the last run again")
-    parser.add_argument("--worker", choices=("relay", "naive", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("relay", "naive", "floor", "posts"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--proxy", help=argparse.SUPPRESS)

@@ -523,18 +523,18 @@ def peak_rss_mb() -> float:
 
 def _posts_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """``posts``: the harness's own ceiling. BATCH_CONCURRENCY threads that only POST each batch's 100 events to Edge
-    over one pooled session (no claim, no state, no result): what any relay could reach on this machine and
-    simulator."""
+    over the relay's own session settings (no claim, no state, no result): what any relay could reach on this machine
+    and simulator."""
     from concurrent.futures import ThreadPoolExecutor
 
     import boto3
-    import requests
 
     conc = int(os.environ.get("BATCH_CONCURRENCY", "16"))
     sm = boto3.client("secretsmanager")
     secret = json.loads(sm.get_secret_value(SecretId=os.environ["ADOBE_SECRET_ID"])["SecretString"])
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=conc))
+    from relay.runtime import new_http_session
+
+    session = new_http_session(conc)  # the relay's own session: pool, no environment scan, no retries
     headers = _edge_headers(_ims_token(session.post, secret), secret)
     url, tag = os.environ["EDGE_BASE_URL"] + "/ee/v2/interact", uuid.uuid4().hex[:8]
 

@@ -1273,3 +1273,20 @@ def test_claims_stay_a_few_groups_ahead_of_the_workers() -> None:
     assert claimed_when[0] == 0
     for n in (1, 2, 3):
         assert 25 * n - CLAIM_AHEAD - 1 <= claimed_when[n] <= 25 * n
+
+
+def test_a_webhook_400_never_repeats_an_identity_used_as_a_namespace() -> None:
+    # GIVEN a signed event whose identityMap is keyed by an email address, with a broken entry
+    h = harness()
+    body = json.dumps({"event": {"xdm": {"identityMap": {"alice@example.com": [{"id": ""}]}}}}).encode()
+
+    # WHEN it is posted
+    answer = h.app.handle(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg-ns")), None)
+
+    # THEN a 400 with the field's position, and the address nowhere in the answer
+    doc = check_answer(answer)
+    assert answer["statusCode"] == 400
+    assert doc["errors"] == [
+        {"path": "event.xdm.identityMap[<namespace 1>][0].id", "message": "is required and must be a non-empty string"}
+    ]
+    assert "alice@example.com" not in answer["body"]

@@ -520,10 +520,25 @@ def test_identity_namespace_that_is_empty_or_has_control_characters_is_refused(n
     # THEN
     assert errors == [
         {
-            "path": f"event.xdm.identityMap[{json.dumps(namespace)}]",
+            "path": "event.xdm.identityMap[<namespace 1>]",
             "message": "must be a non-empty namespace code without control characters",
         }
     ]
+
+
+@pytest.mark.parametrize("namespace", ["alice@example.com", "+15551234567", "5551234567", "Alice Smith", "é" * 3])
+def test_an_identity_put_where_its_namespace_belongs_is_never_repeated_in_a_field_path(namespace: str) -> None:
+    # GIVEN a sender that keyed the identityMap by the identity itself, and a second, broken entry under it
+    doc = {"event": {"xdm": {"identityMap": {"ECID": [{"id": "x"}], namespace: [{"id": 3}]}}}}
+
+    # WHEN
+    errors = validate_request(doc)
+
+    # THEN the error names the namespace's position, not the namespace
+    assert errors == [
+        {"path": "event.xdm.identityMap[<namespace 2>][0].id", "message": "is required and must be a non-empty string"}
+    ]
+    assert namespace not in json.dumps(errors, ensure_ascii=False)
 
 
 @pytest.mark.parametrize("event_id", ["ord-1\u0001", "ord-1\n", "ord-1\uffff", "ord-1\ufffe"])

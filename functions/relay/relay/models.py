@@ -121,15 +121,26 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
 _ID_REFUSED = re.compile(r"[\x00-\x1f\ufffe\uffff]")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # written as `.name` in a field path; anything else as `["..."]`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What a namespace code looks like ("ECID", "Email", "loyalty_id", "my-ns.v2"). A key that does not (an email address,
+# a phone number, a name: an identity put where its namespace belongs) is never repeated in an answer, which would
+# echo a person's identity: its field path names its position instead.
+_NAMESPACE_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def _namespace_path(namespace: str, position: int) -> str:
+    if _PLAIN_KEY.fullmatch(namespace):
+        return f"event.xdm.identityMap.{namespace}"
+    if _NAMESPACE_CODE.fullmatch(namespace):
+        return f"event.xdm.identityMap[{json.dumps(namespace)}]"
+    return f"event.xdm.identityMap[<namespace {position}>]"
 
 
 def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> None:
     if not isinstance(identity_map, dict):
         errors.append({"path": "event.xdm.identityMap", "message": "must be an object"})
         return
-    for namespace, items in identity_map.items():
-        plain = _PLAIN_KEY.fullmatch(namespace) is not None
-        path = f"event.xdm.identityMap.{namespace}" if plain else f"event.xdm.identityMap[{json.dumps(namespace)}]"
+    for position, (namespace, items) in enumerate(identity_map.items(), start=1):
+        path = _namespace_path(namespace, position)
         if not namespace or _CONTROL.search(namespace):
             # Namespaces are codes ("ECID", "Email"); a control character could also make two identities one key.
             errors.append({"path": path, "message": "must be a non-empty namespace code without control characters"})

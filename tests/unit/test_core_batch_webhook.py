@@ -1290,3 +1290,27 @@ def test_a_webhook_400_never_repeats_an_identity_used_as_a_namespace() -> None:
         {"path": "event.xdm.identityMap[<namespace 1>][0].id", "message": "is required and must be a non-empty string"}
     ]
     assert "alice@example.com" not in answer["body"]
+
+
+def test_an_environments_first_event_is_counted_as_a_cold_start(capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN a new execution environment
+    from relay.runtime import Runtime
+    from relay.settings import load_settings
+
+    settings = load_settings({"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"})
+    runtime = Runtime(settings, clock=FakeClock())
+
+    def cold_starts_flushed() -> list[float]:
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
+        return [v for doc in lines for v in doc.get("ColdStarts", [])]
+
+    # WHEN it handles two invocations (that do nothing, start to end)
+    with pytest.raises(ValueError):
+        runtime.handle({"unsupported": True}, None)
+    first = cold_starts_flushed()
+    with pytest.raises(ValueError):
+        runtime.handle({"unsupported": True}, None)
+
+    # THEN only the first is a cold start, flushed with that invocation's metrics
+    assert first == [1.0]
+    assert cold_starts_flushed() == []

@@ -21,7 +21,7 @@ from relay.integrations.edge import EdgeClient
 from relay.integrations.ims import ImsTokenProvider
 from relay.integrations.queue import RetryQueue
 from relay.integrations.store import HandlesStore
-from relay.observability import logger, metrics
+from relay.observability import count, logger, metrics
 from relay.process_event import Relay
 from relay.settings import Settings
 
@@ -164,6 +164,9 @@ class Runtime:
                 adapter.close()  # empties the pools; the next request opens a new connection
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        if self._last_done is None:
+            # This environment's first event: its clients, secrets, identity key and token are built or read now.
+            count("ColdStarts")
         self._drop_idle_connections()
         remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0
         if remaining - self.settings.safety_margin_s < MIN_WORKING_TIME_S:

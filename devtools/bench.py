@@ -317,17 +317,17 @@ class CountingProxy(LoopbackService):
                 left = sum(len(v) for v in unprocessed.values())
             except (ValueError, KeyError, TypeError, AttributeError):
                 touched, left = 1, 0
-            written = touched - left if status == 200 else 0
-            if op == "BatchExecuteStatement":
-                written = touched if status == 200 else 0  # each statement billed, DuplicateItem or not; a refused
-                # request (throttled) bills nothing
+            # Items billed. A batch: none for a refused request (throttled), each INSERT of a BatchExecuteStatement
+            # (DuplicateItem or not), a BatchWriteItem's items but its unprocessed ones. A single write: 1, even when
+            # it failed (a failed conditional write is billed, and the proxy cannot tell it from a throttled one).
+            batch = op in ("BatchWriteItem", "BatchExecuteStatement")
+            if status != 200:
+                written = 0
+            else:
+                written = touched if op == "BatchExecuteStatement" else touched - left
             sizes = [max(b, a) for b, a in zip(before or [0] * touched, after or [0] * touched, strict=False)]
             units["ddb.write_requests"] = 1
-            # A failed conditional write (an INSERT of an existing key too) bills 1, like a successful one.
-            units["ddb.item_writes"] = written if op in ("BatchWriteItem", "BatchExecuteStatement") else 1
-            batch = op in ("BatchWriteItem", "BatchExecuteStatement")
-            # A refused batch request (throttled) bills nothing; a failed single write is counted as billed (a failed
-            # conditional write is, and the proxy cannot tell it from a throttled one).
+            units["ddb.item_writes"] = written if batch else 1
             billed = sizes[:written] if batch else sizes[: max(written, 1)]
             units["ddb.wcu"] = sum(max(1, math.ceil(size / 1024)) for size in billed)
             units["ddb.max_item_bytes"] = 0

@@ -176,7 +176,8 @@ class BatchRunner:
             sent_ms = 0
         received_at = sent_ms or self._relay.clock.now()  # stable across redeliveries: same default timestamp
         # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
-        fallback_id = _attr(record, "eventId") or message_id
+        named_id = _attr(record, "eventId")
+        fallback_id = named_id or message_id
         event_id = fallback_id
         named = _attr(record, "datastreamId")
         try:
@@ -229,7 +230,7 @@ class BatchRunner:
         same_event = (event_id, inbound.datastream_id, inbound.stored_identity_id)
         # A first receive of an event from the sender is most likely new: claimed with the batch (`_claim_firsts`).
         # A redelivery, a replay or an event the webhook queued (their items exist) would only fail the INSERT.
-        fresh = receive_count <= 1 and source == "sqs" and _attr(record, "eventId") is None
+        fresh = receive_count <= 1 and source == "sqs" and named_id is None
         claim_key = (event_id, inbound.datastream_id, source) if fresh else None
         return _Item(
             message_id, event_id, group, process, receive_count, state_key, same_event=same_event, claim_key=claim_key
@@ -368,21 +369,21 @@ class BatchRunner:
         is claimed by its worker, as are these when this fails, or when there is only one). An eventId twice in the
         batch (another identity's event reusing it) is claimed once here: DynamoDB refuses two statements on one item
         in a batch."""
-        firsts = []
+        firsts: list[tuple[_Item, tuple[str, str, str]]] = []
         for items in groups:
             item = items[0]
             if item.claim_key is not None and item.event_id not in claimed:
                 claimed.add(item.event_id)
-                firsts.append(item)
+                firsts.append((item, item.claim_key))
         if len(firsts) < 2:
             return  # one claim is one request either way, and UpdateItem's answers a repeat with the stored result
         try:
-            claims = self._relay.store.claim_new([i.claim_key for i in firsts if i.claim_key], lease_s=lease_s)
+            claims = self._relay.store.claim_new([key for _, key in firsts], lease_s=lease_s)
         except Exception:
             logger.exception("unexpected error claiming a batch's events; they are claimed one by one")
             count("UnexpectedErrors")
             return
-        for item in firsts:
+        for item, _ in firsts:
             item.claim = claims.get(item.event_id)
 
     def _postpone(self, records: list[dict[str, Any]], delays: dict[str, float | None], deadline: Deadline) -> None:

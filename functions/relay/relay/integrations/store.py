@@ -115,12 +115,12 @@ class HandlesStore:
         or request that failed), with the token tried, to be claimed with `claim(..., token=...)`, which decides
         (and, should an INSERT have been written though its answer was lost, recognises its own token)."""
         now = self._clock.now()
+        stamp = {"S": iso_millis(now)}
         claims: dict[str, Claim] = {}
         statement = f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in _CLAIM_FIELDS) + "}"
         for start in range(0, len(events), CLAIM_INSERT_SIZE):
             chunk = events[start : start + CLAIM_INSERT_SIZE]
             tokens = [uuid.uuid4().hex for _ in chunk]
-            stamp = {"S": iso_millis(now)}
             statements = [
                 {
                     "Statement": statement,
@@ -208,14 +208,8 @@ class HandlesStore:
             # put the count back (rare: a lost answer), so that a release keeps the right count too.
             attempts -= 1
             try:
-                self._call(
-                    "update_item",
-                    Key=self.result_key(event_id),
-                    UpdateExpression="SET attempts = :n",
-                    ConditionExpression="claimToken = :tok",
-                    ExpressionAttributeValues={":n": {"N": str(attempts)}, ":tok": {"S": token}},
-                )
-            except (ClientError, StoreUnavailable):
+                self._update_own_claim(event_id, token, "SET attempts = :n", {":n": {"N": str(attempts)}})
+            except StoreUnavailable:
                 pass  # only a count: the result written over the claim sets it anyway
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
         item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
@@ -339,7 +333,6 @@ class HandlesStore:
         values = {
             ":queued": {"S": "queued"},
             ":r": {"S": reason[:500]},
-            ":tok": {"S": token},
             ":now": {"S": iso_millis(self._clock.now())},
         }
         set_part, remove_part = "SET #s = :queued, lastError = :r, updatedAt = :now", "REMOVE leaseUntil, claimToken"
@@ -348,17 +341,30 @@ class HandlesStore:
         else:
             set_part += ", retryAfterSeconds = :ra"
             values[":ra"] = {"N": str(math.ceil(retry_after))}  # parse_retry_after never gives a negative wait
+        self._update_own_claim(event_id, token, f"{set_part} {remove_part}", values, names={"#s": "status"})
+
+    def _update_own_claim(
+        self,
+        event_id: str,
+        token: str,
+        expression: str,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+    ) -> None:
+        """Update the event's item only while it holds our claim (`token`); if someone else holds it now, their
+        outcome stands and nothing is written. Raises StoreUnavailable when DynamoDB cannot be reached."""
+        extra = {"ExpressionAttributeNames": names} if names else {}
         try:
             self._call(
                 "update_item",
                 Key=self.result_key(event_id),
-                UpdateExpression=f"{set_part} {remove_part}",
+                UpdateExpression=expression,
                 ConditionExpression="claimToken = :tok",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues=values,
+                ExpressionAttributeValues={**values, ":tok": {"S": token}},
+                **extra,
             )
         except ClientError:
-            pass  # someone else holds it now; their outcome stands
+            pass  # not ours any more
 
     def note_not_queued(self, event_id: str, reason: str) -> None:
         """Say on a `queued` item that nothing is queued for it (the retry queue refused the webhook's fallback): the

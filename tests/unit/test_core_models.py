@@ -202,6 +202,33 @@ def test_validate_request_checks_identity_map_shapes():
     ]
 
 
+@pytest.mark.parametrize("state", ["ambiguous", "authenticated", "loggedOut"])
+def test_validate_request_accepts_each_authenticated_state(state: str) -> None:
+    # GIVEN an identity with one of XDM's authenticated states
+    doc = {"event": {"xdm": {"identityMap": {"Email": [{"id": "a@example.com", "authenticatedState": state}]}}}}
+
+    # WHEN / THEN
+    assert validate_request(doc) == []
+
+
+@pytest.mark.parametrize("state", ["Authenticated", "logged_out", "", None, 1, True, ["authenticated"]])
+def test_validate_request_refuses_an_authenticated_state_xdm_does_not_have(state: Any) -> None:
+    # GIVEN an identity whose authenticatedState is not one of XDM's three (Adobe's Web SDK refuses it too)
+    doc = {"event": {"xdm": {"identityMap": {"Email": [{"id": "a@example.com", "authenticatedState": state}]}}}}
+
+    # WHEN
+    errors = validate_request(doc)
+
+    # THEN one error at its path, naming the three, and the identity is not repeated
+    assert errors == [
+        {
+            "path": "event.xdm.identityMap.Email[0].authenticatedState",
+            "message": 'must be one of "ambiguous", "authenticated", "loggedOut"',
+        }
+    ]
+    assert "a@example.com" not in json.dumps(errors)
+
+
 def test_validate_request_identity_map_must_be_an_object():
     # GIVEN
     doc = {"event": {"xdm": {"identityMap": [{"id": "x"}]}}}

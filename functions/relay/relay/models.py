@@ -118,6 +118,8 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
     return errors
 
 
+# XDM's AuthenticatedState, as Adobe's Web SDK checks it before sending (alloy `validateIdentityMap.js`: `enumOf`).
+AUTHENTICATED_STATES = ("ambiguous", "authenticated", "loggedOut")
 _ID_REFUSED = re.compile(r"[\x00-\x1f\ufffe\uffff]")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # written as `.name` in a field path; anything else as `["..."]`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -156,6 +158,9 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
                 errors.append({"path": f"{path}[{i}].id", "message": "is required and must be a non-empty string"})
             if "primary" in item and not isinstance(item["primary"], bool):
                 errors.append({"path": f"{path}[{i}].primary", "message": "must be a boolean"})
+            if "authenticatedState" in item and item["authenticatedState"] not in AUTHENTICATED_STATES:
+                message = "must be one of " + ", ".join(f'"{state}"' for state in AUTHENTICATED_STATES)
+                errors.append({"path": f"{path}[{i}].authenticatedState", "message": message})
 
 
 def primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:

@@ -563,6 +563,19 @@ def test_a_hand_built_event_missing_what_api_gateway_sends_gets_400_not_a_crash(
     assert (answer["statusCode"], json.loads(answer["body"])["detail"]) == (400, "not an HTTP API 2.0 event")
 
 
+@pytest.mark.parametrize("body", [{"event": {"xdm": {}}}, 7, ["event"]])
+def test_a_hand_built_event_whose_body_is_not_a_string_gets_400_not_a_retry(body: Any) -> None:
+    # GIVEN an HTTP API event whose body is JSON rather than the string API Gateway sends (a hand-built event's usual
+    # mistake)
+    h = harness()
+    event = {**http_event(b"{}", {}), "body": body}
+
+    # WHEN / THEN a final 400 saying so, not a 503 asking to retry what can never succeed
+    answer = h.app.handle(event, None)
+    assert (answer["statusCode"], json.loads(answer["body"])["detail"]) == (400, "not an HTTP API 2.0 event")
+    assert "Retry-After" not in (answer.get("headers") or {})
+
+
 def test_two_long_webhook_ids_that_share_their_first_256_characters_stay_two_events() -> None:
     # GIVEN two signed events without xdm._id whose webhook-ids differ only after 260 characters
     h = harness()

@@ -312,10 +312,11 @@ def test_resolve_datastream_default_and_override():
     assert resolve_datastream("ds:other.1", "ds-default") == "ds:other.1"
 
 
-def test_resolve_datastream_refuses_a_malformed_id():
-    # WHEN
+@pytest.mark.parametrize("candidate", ["../etc", "abc\n", " abc", "abc ", "ds\u00e9", "x" * 129])
+def test_resolve_datastream_refuses_a_malformed_id(candidate: str) -> None:
+    # WHEN (a final newline too: `$` alone would let it through)
     with pytest.raises(InvalidEvent) as info:
-        resolve_datastream("../etc", "ds-default")
+        resolve_datastream(candidate, "ds-default")
 
     # THEN
     assert info.value.errors == [{"path": "datastreamId", "message": "must be a datastream id (letters, digits, -_:.)"}]

@@ -148,9 +148,10 @@ def test_load_settings_edge_auth_none_needs_no_adobe_secret():
     assert s.adobe_secret_id is None
 
 
-def test_load_settings_rejects_a_malformed_datastream_id():
+@pytest.mark.parametrize("datastream", ["ds/../x", "ds-1\nx"])
+def test_load_settings_rejects_a_malformed_datastream_id(datastream: str) -> None:
     # GIVEN
-    env = {**MINIMAL, "DATASTREAM_ID": "ds/../x"}
+    env = {**MINIMAL, "DATASTREAM_ID": datastream}
 
     # WHEN / THEN
     assert problems_of(env) == {"DATASTREAM_ID": "must be a datastream id (letters, digits, '-', '_', ':', '.')"}

@@ -14,11 +14,11 @@ from typing import Any, Literal
 from relay import codec
 from relay.errors import InvalidEvent, PayloadTooLarge
 from relay.identity_state import opaque_identity_id
+from relay.settings import DATASTREAM_ID_RE
 
 MAX_BODY_BYTES = 64 * 1024  # Edge's own limit (EXEG-0112-413)
 MAX_EVENT_ID_LENGTH = 256
 MAX_DEPTH = 64  # levels of nested objects/arrays: far beyond any XDM schema, far below what json.dumps can recurse
-_DATASTREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 Source = Literal["webhook", "sqs"]
@@ -247,7 +247,7 @@ def _deeper_than(doc: Any, limit: int) -> bool:
 def resolve_datastream(candidate: str | None, default: str) -> str:
     if candidate is None or candidate == "":
         return default
-    if not _DATASTREAM_RE.match(candidate):
+    if not DATASTREAM_ID_RE.fullmatch(candidate):
         raise InvalidEvent([{"path": "datastreamId", "message": "must be a datastream id (letters, digits, -_:.)"}])
     return candidate
 

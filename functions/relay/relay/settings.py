@@ -12,7 +12,9 @@ from urllib.parse import urlsplit
 from relay.errors import ConfigurationError
 
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-_DATASTREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$")
+# A datastream id, as a query parameter, an SQS attribute or DATASTREAM_ID. Used with fullmatch (`^...$` would let a
+# final "\n" through).
+DATASTREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -99,7 +101,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
 
     table = required("HANDLES_TABLE")
     datastream = required("DATASTREAM_ID")
-    if datastream and not _DATASTREAM_RE.match(datastream):
+    if datastream and not DATASTREAM_ID_RE.fullmatch(datastream):
         problems["DATASTREAM_ID"] = "must be a datastream id (letters, digits, '-', '_', ':', '.')"
     edge_auth = choice("EDGE_AUTH", "ims", ("ims", "none"))
     webhook_auth = choice("WEBHOOK_AUTH", "standard-webhooks", ("standard-webhooks", "none"))

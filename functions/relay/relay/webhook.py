@@ -31,6 +31,7 @@ from relay.process_event import Outcome, Relay, Result, edge_status_of
 from relay.settings import Settings
 
 PROBLEM = "application/problem+json"
+NOT_HTTP_API = "not an HTTP API 2.0 event"
 _ENQUEUE_RESERVE_S = 0.75  # time kept back from Edge retries to enqueue the event if Edge stays down
 
 
@@ -116,7 +117,7 @@ class WebhookApp:
             # Fields API Gateway always sends are missing (a hand-built event, e.g. `sam local invoke -e`): say so
             # rather than crash (which API Gateway would answer with a bare 500).
             logger.warning("not an HTTP API 2.0 event: a field API Gateway always sends is missing")
-            body = {"type": "about:blank", "title": "Bad request", "status": 400, "detail": "not an HTTP API 2.0 event"}
+            body = {"type": "about:blank", "title": "Bad request", "status": 400, "detail": NOT_HTTP_API}
             return {"statusCode": 400, "headers": {"Content-Type": PROBLEM}, "body": json.dumps(body)}
 
     @staticmethod
@@ -160,6 +161,11 @@ class WebhookApp:
         event = self.app.current_event
         headers = {k.lower(): v for k, v in (event.headers or {}).items()}
         body = event.get("body") or ""
+        if not isinstance(body, str):
+            # API Gateway always sends the body as a string; a hand-built event with a JSON object there is a mistake
+            # that no retry can mend (told to retry, a sender would only resend it).
+            logger.warning("not an HTTP API 2.0 event: the body is not a string", bodyType=type(body).__name__)
+            return problem(400, "Bad request", NOT_HTTP_API)
         try:
             raw = base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode("utf-8")
         except (binascii.Error, ValueError):

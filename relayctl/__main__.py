@@ -18,7 +18,7 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 from relay.integrations.queue import message_body
 from relay.integrations.store import HandlesStore, decode_item
-from relay.models import as_dict, iso_millis
+from relay.models import as_dict, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
 
 
@@ -123,7 +123,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     t = _targets(args)
     ddb = boto3.client("dynamodb")
     found = 0
-    for event_id in args.event_ids:
+    # As the relay keys them: a webhook-id or messageId over 256 characters is shortened (`bounded_id`).
+    for event_id in map(bounded_id, args.event_ids):
         doc = _get(ddb, t.table, event_id)
         if doc is not None:
             if not args.full:
@@ -131,6 +132,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             detail = _explain(doc, time.time())
             if detail:
                 doc["detail"] = detail
+            # Events sent under the same eventId for another identity or datastream, or with an invalid body, are
+            # kept beside this one: say where to look (finding them takes a scan).
+            doc["otherFilings"] = f"relayctl rejected --event-id {event_id} lists any <eventId>#reused-/#invalid- items"
             if doc.get("status") in ("queued", "pending") and t.dlq_url:
                 where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id)
                 if where:
@@ -155,7 +159,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0 if found == len(args.event_ids) else 1
 
 
-def _scan_rejected(ddb: Any, table: str) -> list[dict[str, Any]]:
+def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[dict[str, Any]]:
+    """Rejected results; with `event_id`, only that eventId's and those filed beside it (`<eventId>#reused-...`,
+    `<eventId>#invalid-...`: other events sent under it)."""
     items: list[dict[str, Any]] = []
     kwargs: dict[str, Any] = {
         "TableName": table,
@@ -163,6 +169,11 @@ def _scan_rejected(ddb: Any, table: str) -> list[dict[str, Any]]:
         "ExpressionAttributeNames": {"#s": "status"},
         "ExpressionAttributeValues": {":p": {"S": "EVENT#"}, ":r": {"S": "rejected"}},
     }
+    if event_id is not None:
+        kwargs["FilterExpression"] = "(pk = :id OR begins_with(pk, :p)) AND #s = :r"
+        kwargs["ExpressionAttributeValues"].update(
+            {":id": {"S": f"EVENT#{event_id}"}, ":p": {"S": f"EVENT#{event_id}#"}}
+        )
     while True:
         page = ddb.scan(**kwargs)
         items.extend(decode_item(i) for i in page.get("Items", []))
@@ -178,7 +189,8 @@ def _reason(doc: dict[str, Any]) -> str:
 
 
 def cmd_rejected(args: argparse.Namespace) -> int:
-    rows = _scan_rejected(boto3.client("dynamodb"), _targets(args).table)
+    event_id = bounded_id(args.event_id) if args.event_id else None
+    rows = _scan_rejected(boto3.client("dynamodb"), _targets(args).table, event_id)
     if args.json:
         _print([{k: v for k, v in r.items() if k != "request"} for r in rows])
         return 0
@@ -341,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     rej = sub.add_parser("rejected", help="list rejected events with their reasons")
     rej.add_argument("--limit", type=int, default=100)
     rej.add_argument("--json", action="store_true")
+    rej.add_argument(
+        "--event-id", help="only this eventId's rejection and the events filed beside it (#reused-, #invalid-)"
+    )
     rej.set_defaults(func=cmd_rejected)
     rep = sub.add_parser("replay", help="send rejected events through the relay again (after a fix)")
     rep.add_argument("event_ids", nargs="*")

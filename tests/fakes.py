@@ -285,7 +285,9 @@ class FakeStore:
                 self.put_result(write)
         return {w.event_id: "scripted write failure" for w in writes if w.event_id in self.failing_writes}
 
-    def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def reject_unclaimed(
+        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None
+    ) -> dict[str, Any]:
         self.rejected_unclaimed.append((event_id, fields))
         return {**fields, "eventId": event_id, "status": "rejected", "storedAt": self.stored_at}
 

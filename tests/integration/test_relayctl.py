@@ -117,7 +117,8 @@ def test_rejected_event_is_listed_shown_replayed_and_then_delivered(ctl_env: Loc
     # WHEN the operator shows it
     shown = show(capsys, event_id)
 
-    # THEN the reason is Edge's problem
+    # THEN the reason is Edge's problem, and where other events sent under its eventId would be is said
+    assert shown.pop("otherFilings").startswith(f"relayctl rejected --event-id {event_id} ")
     assert {k: v for k, v in shown.items() if k not in ("pk", "sk")} == without_request
     assert shown["error"]["type"] == ERROR_TYPE_BASE + "EXEG-0104-422"
     assert shown["error"]["title"] == "Unprocessable entity"

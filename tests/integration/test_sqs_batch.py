@@ -3,6 +3,7 @@ the Edge simulator. Nothing patches `requests` or boto3; Edge faults come from t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -80,6 +81,11 @@ def sqs_record(stack: LocalStack, body: str, *, message_id: str | None = None, s
 
 def edge_requests(stack: LocalStack, event_id: str) -> list[dict[str, Any]]:
     return [r for r in stack.sim.requests_log() if r["path"].endswith("/interact") and r["xdm_id"] == event_id]
+
+
+def body_digest(body: str) -> str:
+    """Where the relay would file this invalid body were its eventId taken (`<eventId>#invalid-<digest>`)."""
+    return hashlib.sha256(f"{DATASTREAM_ID}\x1f{body}".encode()).hexdigest()[:16]
 
 
 def timeless(item: dict[str, Any] | None) -> dict[str, Any]:
@@ -246,6 +252,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
             "errors": [{"path": "$", "message": "body is not JSON: Expecting value at line 1 column 1"}],
         },
         "request": "this is {not json",
+        "bodyDigest": body_digest("this is {not json"),
     }
     assert timeless(stack.result_item(not_event_mid)) == {
         "pk": f"EVENT#{not_event_mid}",
@@ -265,6 +272,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
             ],
         },
         "request": json.dumps({"event": {"xdm": []}, "query": "x"}),
+        "bodyDigest": body_digest(json.dumps({"event": {"xdm": []}, "query": "x"})),
     }
     # AND the 503 event is released for redelivery (no outcome stored yet), with the reason and Edge's Retry-After
     queued = stack.result_item(unavailable_mid)

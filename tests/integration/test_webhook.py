@@ -19,6 +19,7 @@ from devtools.edge_sim import ERROR_TYPE_BASE, new_ecid
 from devtools.gateway import LocalGateway
 from devtools.signing import sign_webhook
 from devtools.stack import DATASTREAM_ID, LocalStack
+from relayctl.__main__ import _replay_plan
 
 pytestmark = pytest.mark.integration
 
@@ -249,16 +250,20 @@ def test_unauthenticated_request_is_answered_401_and_not_relayed(
 # ---------------------------------------------------------------------------------------------------------- 400 / 413
 
 
-def test_body_over_64_kib_is_answered_413_and_stored_rejected(clean_stack: LocalStack, gateway: LocalGateway) -> None:
+@pytest.mark.parametrize("with_id", [False, True], ids=["without-xdm-id", "with-xdm-id"])
+def test_body_over_64_kib_is_answered_413_and_stored_rejected(
+    clean_stack: LocalStack, gateway: LocalGateway, with_id: bool
+) -> None:
     stack = clean_stack
-    # GIVEN a signed event of 64 KiB + 1 byte
-    doc = interact_event()
+    # GIVEN a signed event of 64 KiB + 1 byte, with or without its own xdm._id
+    doc = interact_event(f"big-{uuid.uuid4()}" if with_id else None)
     doc["event"]["data"] = {"pad": ""}
     doc["event"]["data"]["pad"] = "x" * (65537 - len(json.dumps(doc)))
     body = json.dumps(doc)
     assert len(body.encode()) == 65537
     headers = stack.sign(body)
-    event_id = headers["webhook-id"]
+    # (its eventId is its xdm._id, as for any event, even though the body is refused before it is read as an event)
+    event_id = doc["event"]["xdm"]["_id"] if with_id else headers["webhook-id"]
 
     # WHEN it is posted
     resp = post(gateway, body, headers)
@@ -433,6 +438,34 @@ def test_edge_rejection_is_answered_with_edges_problem_and_not_retried(
         "error": problem,
         "request": doc,
     }
+
+
+def test_an_invalid_resend_never_replaces_edges_rejection_and_is_kept_beside_it(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN an event Edge answered 500 (stored rejected, to be replayed once Edge is fixed)
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=500)
+    body = json.dumps(interact_event(event_id))
+    assert post(gateway, body, stack.sign(body)).status_code == 502
+    before = stack.result_item(event_id)
+
+    # WHEN an invalid body is sent under the same eventId
+    bad = json.dumps({"event": {"xdm": {"_id": event_id, "timestamp": 5}}})
+    resp = post(gateway, bad, stack.sign(bad))
+
+    # THEN it gets its 400, naming where its rejection is kept: beside Edge's, which is unchanged and still replayable
+    assert resp.status_code == 400
+    filed_as = resp.json()["eventId"]
+    assert filed_as.startswith(f"{event_id}#invalid-")
+    assert stack.result_item(event_id) == before
+    assert _replay_plan(before) is None
+    kept = stack.result_item(filed_as)
+    assert kept is not None
+    assert (kept["status"], kept["rejectedBy"], kept["request"]) == ("rejected", "relay", bad)
+    # AND sent again, it lands on the same item
+    assert post(gateway, bad, stack.sign(bad)).json()["eventId"] == filed_as
 
 
 def test_edge_500_with_a_problem_body_that_gives_no_status_is_answered_502(

@@ -442,6 +442,24 @@ def test_a_bad_datastream_attribute_is_rejected_under_the_events_own_id() -> Non
     assert fields["error"]["errors"][0]["path"] == "datastreamId"
 
 
+@pytest.mark.parametrize(("xdm", "filed_as"), [({"_id": "order-big"}, "order-big"), ({}, "m-big")])
+def test_a_record_over_64_kib_is_rejected_under_its_xdm_id_when_it_has_one(xdm: dict[str, Any], filed_as: str) -> None:
+    # GIVEN a record whose body is over Edge's 64 KiB limit, with or without its own xdm._id
+    store = FakeStore()
+    relay, edge = real_relay(store, 0)
+    body = json.dumps({"event": {"xdm": {**xdm, "pad": "x" * 66_000}}})
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [{**sqs("x", "m-big", "p"), "body": body}])
+
+    # THEN it is acknowledged and stored rejected (413) under its xdm._id, the id its producer knows (the messageId
+    # only when it has none), and never sent
+    assert answer == {"batchItemFailures": []}
+    [(event_id, fields)] = store.rejected_unclaimed
+    assert (event_id, fields["error"]["status"]) == (filed_as, 413)
+    assert edge.calls == []
+
+
 @pytest.mark.parametrize("body", ["{not json", '{"event": []}'])
 def test_a_body_that_cannot_be_read_is_filed_under_the_datastream_its_record_named(body: str) -> None:
     # GIVEN a record naming its datastream, whose body is not JSON (or is JSON but not an event)
@@ -660,7 +678,7 @@ def test_a_webhook_event_back_from_the_queue_is_not_refused_for_its_size() -> No
     assert len(webhook["body"].encode()) > 65536
     assert answer["batchItemFailures"] == []
     assert relay.processed == ["w1"]
-    assert rejected == ["m-p1"]
+    assert rejected == ["p1"]  # under its xdm._id, though refused before it was read as an event
 
 
 def test_a_defect_prefetching_states_does_not_fail_the_batch() -> None:

@@ -378,3 +378,71 @@ def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto:
     store_on_moto.store.release("e1", claim.token, "edge unavailable")
     again = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
     assert again.item is not None and again.item["attempts"] == {"N": "2"}
+
+
+def _raw(stack: StoreOnMoto, event_id: str) -> dict[str, Any] | None:
+    item = stack.ddb.get_item(TableName="t", Key={"pk": {"S": f"EVENT#{event_id}"}, "sk": {"S": "RESULT"}}).get("Item")
+    return decode_item(item) if item else None
+
+
+INVALID = {"datastreamId": "ds-1", "source": "sqs", "error": {"status": 400}, "request": '{"event": 7}'}
+
+
+def _existing(stack: StoreOnMoto, event_id: str, kind: str) -> None:
+    """An item for `event_id` in each state an invalid body must leave as it is."""
+    store = stack.store
+    if kind == "delivered":
+        store.put_result(store.compose_result(event_id, {"status": "delivered", "handle": []}, None))
+    elif kind == "edge-rejected":  # Edge's 500, replayable
+        fields = {"status": "rejected", "error": {"status": 500}, "request": '{"event": {"xdm": {}}}'}
+        store.put_result(store.compose_result(event_id, fields, None))
+    elif kind in ("pending", "queued"):
+        claim = store.claim(event_id, datastream_id="ds-1", source="webhook", lease_s=30)
+        if kind == "queued":
+            store.release(event_id, claim.token, "edge unavailable")
+    elif kind == "another-invalid-body":
+        store.reject_unclaimed(event_id, {**INVALID, "request": '{"event": 8}'}, body_digest="0" * 16)
+
+
+@pytest.mark.parametrize("kind", ["delivered", "edge-rejected", "pending", "queued", "another-invalid-body"])
+def test_an_invalid_body_never_replaces_another_outcome_and_is_kept_beside_it(
+    store_on_moto: StoreOnMoto, kind: str
+) -> None:
+    # GIVEN an eventId that already holds an outcome
+    _existing(store_on_moto, "order-7", kind)
+    before = _raw(store_on_moto, "order-7")
+
+    # WHEN an invalid body under the same eventId is rejected
+    stored = store_on_moto.store.reject_unclaimed("order-7", INVALID, body_digest="a" * 16)
+
+    # THEN the outcome there is untouched (Edge's rejection stays replayable), and the rejection is kept under an id of
+    # its own, which the answer names
+    assert _raw(store_on_moto, "order-7") == before
+    assert stored["eventId"] == "order-7#invalid-" + "a" * 16
+    kept = _raw(store_on_moto, stored["eventId"])
+    assert kept is not None
+    assert (kept["status"], kept["rejectedBy"], kept["request"]) == ("rejected", "relay", '{"event": 7}')
+
+
+def test_an_invalid_body_sent_again_lands_on_its_own_rejection(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an invalid body rejected under its eventId
+    first = store_on_moto.store.reject_unclaimed("order-8", INVALID, body_digest="b" * 16)
+
+    # WHEN the same body comes again (a resend, a redelivery)
+    again = store_on_moto.store.reject_unclaimed("order-8", INVALID, body_digest="b" * 16)
+
+    # THEN it is the same item, under the eventId itself: no second filing
+    assert first["eventId"] == again["eventId"] == "order-8"
+    items = store_on_moto.ddb.scan(TableName="t")["Items"]
+    assert [i["pk"]["S"] for i in items] == ["EVENT#order-8"]
+
+
+def test_a_corrected_event_still_takes_over_the_relays_rejection(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an invalid body rejected under its eventId
+    store_on_moto.store.reject_unclaimed("order-9", INVALID, body_digest="c" * 16)
+
+    # WHEN the corrected event is claimed under the same eventId
+    claim = store_on_moto.store.claim("order-9", datastream_id="ds-1", source="sqs", lease_s=30)
+
+    # THEN it is taken (and will be delivered there)
+    assert claim.acquired

@@ -286,3 +286,46 @@ def test_a_stranded_replay_whose_send_fails_again_stays_replayable(aws: None) ->
     assert first.startswith("failed: not sent to the queue (") and first.endswith("; still queued")
     assert (item["status"], item["replayedAt"]) == ({"S": "queued"}, {"S": "2026-01-01T00:00:00.000Z"})
     assert second == "queued"
+
+
+def test_show_finds_an_event_by_the_long_id_its_sender_used(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN an event stored under the shortened form of a 300-character webhook-id (as the relay keys it)
+    from relay.models import bounded_id
+
+    ddb = boto3.client("dynamodb")
+    make_table(ddb)
+    long_id = "msg_" + "x" * 300
+    ddb.put_item(TableName="t", Item={**rejected_item(bounded_id(long_id)), "status": {"S": "delivered"}})
+
+    # WHEN it is looked up by the id the sender sent
+    assert relayctl_main.main(["--table", "t", "show", long_id]) == 0
+
+    # THEN it is found
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["eventId"], shown["status"]) == (bounded_id(long_id), "delivered")
+
+
+def test_rejected_for_one_event_id_lists_the_events_filed_beside_it(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN order-1 delivered for one person, another person's event reusing order-1, an invalid body sent under it,
+    # and unrelated rejections (one whose id merely starts the same way)
+    ddb = boto3.client("dynamodb")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item={**rejected_item("order-1"), "status": {"S": "delivered"}})
+    for event_id in ("order-1#reused-0123456789abcdef", "order-1#invalid-fedcba9876543210", "order-10", "order-2"):
+        ddb.put_item(TableName="t", Item=rejected_item(event_id))
+
+    # WHEN the rejections of order-1 are listed, and order-1 is shown
+    assert relayctl_main.main(["--table", "t", "rejected", "--json", "--event-id", "order-1"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert relayctl_main.main(["--table", "t", "show", "order-1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+
+    # THEN exactly the two filed beside it are listed, and `show` says where to look for them
+    assert sorted(r["eventId"] for r in listed) == [
+        "order-1#invalid-fedcba9876543210",
+        "order-1#reused-0123456789abcdef",
+    ]
+    assert shown["status"] == "delivered"
+    assert "relayctl rejected --event-id order-1" in shown["otherFilings"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.clock import Deadline
-from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
+from relay.errors import CredentialsError, InvalidEvent, PayloadTooLarge, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import MIN_ATTEMPT_S
@@ -39,6 +39,7 @@ from relay.models import (
     datastream_for_rejection,
     decode_body,
     event_id_for,
+    event_id_of_oversized,
     resolve_datastream,
 )
 from relay.observability import count, logger
@@ -183,7 +184,11 @@ class BatchRunner:
         try:
             # A webhook event the relay queued itself passed the size check on arrival, measured as it would be sent
             # (`_id` and timestamp included); its raw body is not checked again (it was answered 202).
-            text, doc = decode_body(raw, limit=None if source == "webhook" else MAX_BODY_BYTES)
+            try:
+                text, doc = decode_body(raw, limit=None if source == "webhook" else MAX_BODY_BYTES)
+            except PayloadTooLarge:
+                event_id = event_id_of_oversized(raw, fallback_id)
+                raise
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
             datastream = resolve_datastream(named, self._settings.datastream_id)
             inbound = build_inbound(

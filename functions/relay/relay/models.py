@@ -272,6 +272,16 @@ def event_id_for(doc: Any, fallback_id: str) -> str:
     return bounded_id(fallback_id)
 
 
+def event_id_of_oversized(raw: bytes | str, fallback_id: str) -> str:
+    """The eventId of a body refused as too large (before it was parsed): its `xdm._id` when it is JSON with one, so
+    the rejection is kept under the id the sender knows (contract §2); else the transport's id."""
+    try:
+        _, doc = decode_body(raw, limit=None)
+    except InvalidEvent:
+        return bounded_id(fallback_id)
+    return event_id_for(doc, fallback_id)
+
+
 def bounded_id(value: str) -> str:
     """`value` as an eventId of at most MAX_EVENT_ID_LENGTH characters: itself when short enough, else its start and a
     SHA-256 of the whole, so two long ids that share their first 256 characters stay two events (the same id always

@@ -109,8 +109,11 @@ class Relay:
     def reject_invalid(
         self, event_id: str, *, datastream_id: str, source: str, error: InvalidEvent, raw: str | None
     ) -> dict[str, Any]:
-        """Store a body that is not a valid event as `rejected`, with its field errors and the body as received.
-        Counted once stored: a rejection that could not be written is retried, and would be counted again."""
+        """Store a body that is not a valid event as `rejected`, with its field errors and the body as received, and
+        return it as stored. Under its eventId, unless that holds another outcome: then under
+        `<eventId>#invalid-<digest>` (the stored `eventId` says which). Counted once stored: a rejection that could not
+        be written is retried, and would be counted again."""
+        digest = hashlib.sha256(f"{datastream_id}\x1f{raw or ''}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
         stored = self.store.reject_unclaimed(
             event_id,
             {
@@ -119,9 +122,21 @@ class Relay:
                 "error": invalid_problem(error),
                 "request": raw,
             },
+            body_digest=digest,
         )
         count("Rejected")
-        logger.warning("event rejected as invalid", eventId=event_id, errors=len(error.errors))
+        filed_as = stored.get("eventId", event_id)
+        if filed_as == event_id:
+            logger.warning("event rejected as invalid", eventId=event_id, errors=len(error.errors))
+        else:
+            # The eventId already holds another outcome (a delivered, in-flight or queued event, Edge's rejection, or
+            # another invalid body): this one is kept beside it.
+            logger.warning(
+                "event rejected as invalid; its eventId holds another outcome, so it is filed under an id of its own",
+                eventId=event_id,
+                filedAs=filed_as,
+                errors=len(error.errors),
+            )
         return stored
 
     def process(

@@ -12,7 +12,7 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from standardwebhooks.webhooks import Webhook
 
 from relay.clock import Clock, Deadline
-from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable, Unauthorized
+from relay.errors import CredentialsError, InvalidEvent, PayloadTooLarge, StoreUnavailable, Unauthorized
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
 from relay.models import (
@@ -24,6 +24,7 @@ from relay.models import (
     datastream_for_rejection,
     decode_body,
     event_id_for,
+    event_id_of_oversized,
     resolve_datastream,
 )
 from relay.observability import count, logger
@@ -198,7 +199,11 @@ class WebhookApp:
         except CredentialsError as exc:
             key, key_error = None, exc
         try:
-            _, doc = decode_body(raw)
+            try:
+                _, doc = decode_body(raw)
+            except PayloadTooLarge:
+                event_id = event_id_of_oversized(raw, fallback_id)
+                raise
             event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
             datastream = resolve_datastream(named, self._settings.datastream_id)
             inbound = build_inbound(
@@ -213,7 +218,7 @@ class WebhookApp:
         except InvalidEvent as error:
             datastream = datastream_for_rejection(named, self._settings.datastream_id)
             try:
-                self._relay.reject_invalid(
+                stored = self._relay.reject_invalid(
                     event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text
                 )
             except StoreUnavailable:
@@ -226,7 +231,10 @@ class WebhookApp:
                     eventId=event_id,
                     retryAfter=5,
                 )
-            return problem(error.status, error.title, error.detail, eventId=event_id, errors=error.errors)
+            # Its eventId names where the rejection is kept: under an id of its own when the eventId holds another
+            # outcome (a delivered event, Edge's rejection, ...), which stays as it was.
+            filed_as = stored.get("eventId", event_id)
+            return problem(error.status, error.title, error.detail, eventId=filed_as, errors=error.errors)
         if key_error is not None and inbound.primary_identity:
             # Its identity cannot be keyed, so its state can be neither found nor kept: queued as when Edge is down
             # (202), for a batch to deliver once the key can be read (or the dead-letter queue, whose alarm pages).

@@ -385,19 +385,39 @@ class HandlesStore:
         except (ClientError, StoreUnavailable):
             pass  # taken again meanwhile (its outcome stands), or the store is down too: the 503 still tells
 
-    def reject_unclaimed(self, event_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """Store a `rejected` outcome for a body that never became an event (never over a delivered result)."""
-        write = self.compose_result(event_id, {**fields, "status": "rejected", "rejectedBy": RELAY}, None)
+    def reject_unclaimed(
+        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None
+    ) -> dict[str, Any]:
+        """Store a `rejected` outcome for a body that never became an event, and return it as stored (its `eventId`
+        says where).
+
+        With `body_digest` (a body the relay found invalid) it never replaces another outcome: a delivered, in-flight
+        or queued event, Edge's own rejection (which can be replayed once Edge is fixed), or the relay's rejection of
+        another body. It is then filed under `<eventId>#invalid-<digest>` instead, where a resend of the same body
+        lands on the same item. Without it (an eventId reuse, already filed under an id of its own) only a delivered
+        or in-flight outcome stands."""
+        extra = {"bodyDigest": body_digest} if body_digest else {}
+        write = self.compose_result(event_id, {**fields, **extra, "status": "rejected", "rejectedBy": RELAY}, None)
+        if body_digest:
+            condition = "attribute_not_exists(pk) OR (#s = :rejected AND rejectedBy = :relay AND bodyDigest = :digest)"
+            values = {":rejected": {"S": "rejected"}, ":relay": {"S": RELAY}, ":digest": {"S": body_digest}}
+        else:
+            condition = "attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)"
+            values = {":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}}
         try:
             self._call(
                 "put_item",
                 Item=write.item,
-                ConditionExpression="attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)",
+                ConditionExpression=condition,
                 ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}},
+                ExpressionAttributeValues=values,
             )
         except ClientError:
-            pass  # an event with this id was delivered (or is in flight): that outcome stands
+            if not body_digest:
+                return write.doc  # an event with this id was delivered (or is in flight): that outcome stands
+            filed_as = f"{event_id}#invalid-{body_digest}"
+            write = self.compose_result(filed_as, {**write.doc, "eventId": filed_as}, None)
+            self._call("put_item", Item=write.item)
         return write.doc
 
     # -- identity state -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 from relay.integrations.queue import message_body
-from relay.integrations.store import HandlesStore, decode_item
+from relay.integrations.store import RELAY, HandlesStore, decode_item
 from relay.models import as_dict, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
 
@@ -123,9 +123,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     t = _targets(args)
     ddb = boto3.client("dynamodb")
     found = 0
-    # As the relay keys them: a webhook-id or messageId over 256 characters is shortened (`bounded_id`).
-    for event_id in map(bounded_id, args.event_ids):
-        doc = _get(ddb, t.table, event_id)
+    for given in args.event_ids:
+        # As given (an id an answer named, a filing beside a long eventId), else as the relay keys a webhook-id or
+        # messageId over 256 characters (`bounded_id`).
+        event_id, doc = given, _get(ddb, t.table, given)
+        if doc is None and bounded_id(given) != given:
+            event_id = bounded_id(given)
+            doc = _get(ddb, t.table, event_id)
         if doc is not None:
             if not args.full:
                 doc.pop("request", None)
@@ -135,7 +139,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             # Events sent under the same eventId for another identity or datastream, or with an invalid body, are
             # kept beside this one: say where to look (finding them takes a scan).
             doc["otherFilings"] = f"relayctl rejected --event-id {event_id} lists any <eventId>#reused-/#invalid- items"
-            if doc.get("status") in ("queued", "pending") and t.dlq_url:
+            # The relay's own rejection can stand over an event whose message is still around (a queued event's
+            # message, refused under the same eventId by an invalid body sent later): look for it too.
+            waiting = doc.get("status") in ("queued", "pending") or doc.get("rejectedBy") == RELAY
+            if waiting and t.dlq_url:
                 where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id)
                 if where:
                     doc.update(status="dead-lettered", detail="failed 5 receives: redrive it once the cause is fixed")
@@ -170,10 +177,13 @@ def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[di
         "ExpressionAttributeValues": {":p": {"S": "EVENT#"}, ":r": {"S": "rejected"}},
     }
     if event_id is not None:
-        kwargs["FilterExpression"] = "(pk = :id OR begins_with(pk, :p)) AND #s = :r"
-        kwargs["ExpressionAttributeValues"].update(
-            {":id": {"S": f"EVENT#{event_id}"}, ":p": {"S": f"EVENT#{event_id}#"}}
-        )
+        kwargs["FilterExpression"] = "(pk = :id OR begins_with(pk, :reused) OR begins_with(pk, :invalid)) AND #s = :r"
+        kwargs["ExpressionAttributeValues"] = {
+            ":id": {"S": f"EVENT#{event_id}"},
+            ":reused": {"S": f"EVENT#{event_id}#reused-"},
+            ":invalid": {"S": f"EVENT#{event_id}#invalid-"},
+            ":r": {"S": "rejected"},
+        }
     while True:
         page = ddb.scan(**kwargs)
         items.extend(decode_item(i) for i in page.get("Items", []))

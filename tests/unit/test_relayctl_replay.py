@@ -313,7 +313,8 @@ def test_rejected_for_one_event_id_lists_the_events_filed_beside_it(
     ddb = boto3.client("dynamodb")
     make_table(ddb)
     ddb.put_item(TableName="t", Item={**rejected_item("order-1"), "status": {"S": "delivered"}})
-    for event_id in ("order-1#reused-0123456789abcdef", "order-1#invalid-fedcba9876543210", "order-10", "order-2"):
+    others = ("order-10", "order-2", "order-1#2")  # "order-1#2" is an event of its own, not a filing beside order-1
+    for event_id in ("order-1#reused-0123456789abcdef", "order-1#invalid-fedcba9876543210", *others):
         ddb.put_item(TableName="t", Item=rejected_item(event_id))
 
     # WHEN the rejections of order-1 are listed, and order-1 is shown
@@ -329,3 +330,41 @@ def test_rejected_for_one_event_id_lists_the_events_filed_beside_it(
     ]
     assert shown["status"] == "delivered"
     assert "relayctl rejected --event-id order-1" in shown["otherFilings"]
+
+
+def test_show_finds_a_filing_beside_a_long_eventid_by_the_id_the_answer_named(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a rejection filed beside a 256-character eventId (its id is longer than 256 characters)
+    ddb = boto3.client("dynamodb")
+    make_table(ddb)
+    filed = "e" * 256 + "#invalid-0123456789abcdef"
+    ddb.put_item(TableName="t", Item=rejected_item(filed))
+
+    # WHEN it is shown by that id
+    assert relayctl_main.main(["--table", "t", "show", filed]) == 0
+
+    # THEN it is found as given (not looked up shortened, as a long webhook-id would be)
+    assert json.loads(capsys.readouterr().out)["eventId"] == filed
+
+
+def test_show_finds_in_the_dead_letter_queue_an_event_a_later_invalid_body_was_stored_over(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an event whose message is in the dead-letter queue, and over whose queued item the relay later stored its
+    # rejection of an invalid body sent under the same eventId
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-9"), "rejectedBy": {"S": "relay"}})
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    sqs.send_message(
+        QueueUrl=dlq,
+        MessageBody=json.dumps({"event": {"xdm": {"_id": "ev-9"}}}),
+        MessageAttributes={"eventId": {"DataType": "String", "StringValue": "ev-9"}},
+    )
+
+    # WHEN it is shown
+    relayctl_main.main(["--table", "t", "--dlq-url", dlq, "show", "ev-9"])
+
+    # THEN it is reported dead-lettered (redrive delivers it: its claim takes over the relay's rejection)
+    assert json.loads(capsys.readouterr().out)["status"] == "dead-lettered"

@@ -158,7 +158,8 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
                 errors.append({"path": f"{path}[{i}].id", "message": "is required and must be a non-empty string"})
             if "primary" in item and not isinstance(item["primary"], bool):
                 errors.append({"path": f"{path}[{i}].primary", "message": "must be a boolean"})
-            if "authenticatedState" in item and item["authenticatedState"] not in AUTHENTICATED_STATES:
+            # null passes, as in the Web SDK (its `enumOf` runs behind a null-safe chain)
+            if item.get("authenticatedState") is not None and item["authenticatedState"] not in AUTHENTICATED_STATES:
                 message = "must be one of " + ", ".join(f'"{state}"' for state in AUTHENTICATED_STATES)
                 errors.append({"path": f"{path}[{i}].authenticatedState", "message": message})
 

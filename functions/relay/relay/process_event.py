@@ -129,8 +129,8 @@ class Relay:
         if filed_as == event_id:
             logger.warning("event rejected as invalid", eventId=event_id, errors=len(error.errors))
         else:
-            # The eventId already holds another outcome (a delivered, in-flight or queued event, Edge's rejection, or
-            # another invalid body): this one is kept beside it.
+            # The eventId already holds another outcome (a delivered or in-flight event, Edge's rejection, or another
+            # invalid body): this one is kept beside it.
             logger.warning(
                 "event rejected as invalid; its eventId holds another outcome, so it is filed under an id of its own",
                 eventId=event_id,

@@ -404,7 +404,7 @@ def _existing(stack: StoreOnMoto, event_id: str, kind: str) -> None:
         store.reject_unclaimed(event_id, {**INVALID, "request": '{"event": 8}'}, body_digest="0" * 16)
 
 
-@pytest.mark.parametrize("kind", ["delivered", "edge-rejected", "pending", "another-invalid-body"])
+@pytest.mark.parametrize("kind", ["delivered", "edge-rejected", "pending", "queued", "another-invalid-body"])
 def test_an_invalid_body_never_replaces_another_outcome_and_is_kept_beside_it(
     store_on_moto: StoreOnMoto, kind: str
 ) -> None:
@@ -452,8 +452,8 @@ def test_an_invalid_body_ends_a_queued_event_which_its_own_message_may_still_cla
     # GIVEN an event marked queued (a replay, a webhook's fallback, a released record: its message is on the queue)
     _existing(store_on_moto, "order-5", "queued")
 
-    # WHEN a message under its eventId is refused as invalid (that very message, say, under a stricter rule)
-    stored = store_on_moto.store.reject_unclaimed("order-5", INVALID, body_digest="d" * 16)
+    # WHEN a message that may be its own (a replay, a redelivery...) is refused as invalid under its eventId
+    stored = store_on_moto.store.reject_unclaimed("order-5", INVALID, body_digest="d" * 16, ends_queued=True)
 
     # THEN the event ends rejected there, not waiting for a message that is gone
     assert stored["eventId"] == "order-5"

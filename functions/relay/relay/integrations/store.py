@@ -386,7 +386,7 @@ class HandlesStore:
             pass  # taken again meanwhile (its outcome stands), or the store is down too: the 503 still tells
 
     def reject_unclaimed(
-        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None
+        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None, ends_queued: bool = False
     ) -> dict[str, Any]:
         """Store a `rejected` outcome for a body that never became an event, and return it as stored (its `eventId`
         says where).
@@ -394,24 +394,19 @@ class HandlesStore:
         With `body_digest` (a body the relay found invalid) it never replaces an outcome: a delivered or in-flight
         event, Edge's own rejection (which can be replayed once Edge is fixed), or the relay's rejection of another
         body. It is then filed under `<eventId>#invalid-<digest>` instead, where a resend of the same body lands on
-        the same item. It does replace a `queued` item: that may be this very message's event (a replay, a webhook's
-        fallback, a released record, now refused), which must end rejected, not wait for a message that is gone; if
-        it is another message's, that one still claims the event over the relay's rejection when it comes. Without a
-        digest (an eventId reuse, already filed under an id of its own) only a delivered or in-flight outcome
-        stands."""
+        the same item. With `ends_queued` (a message that may be the queued event's own: a replay, a webhook's
+        fallback, a redelivery, refused now) it replaces a `queued` item: that event must end rejected, not wait for a
+        message that is gone (if the queued message is another one, it still claims the event over the relay's
+        rejection when it comes). Without a digest (an eventId reuse, already filed under an id of its own) only a
+        delivered or in-flight outcome stands."""
         extra = {"bodyDigest": body_digest} if body_digest else {}
         write = self.compose_result(event_id, {**fields, **extra, "status": "rejected", "rejectedBy": RELAY}, None)
         if body_digest:
-            condition = (
-                "attribute_not_exists(pk) OR #s = :queued"
-                " OR (#s = :rejected AND rejectedBy = :relay AND bodyDigest = :digest)"
-            )
-            values = {
-                ":queued": {"S": "queued"},
-                ":rejected": {"S": "rejected"},
-                ":relay": {"S": RELAY},
-                ":digest": {"S": body_digest},
-            }
+            condition = "attribute_not_exists(pk) OR (#s = :rejected AND rejectedBy = :relay AND bodyDigest = :digest)"
+            values = {":rejected": {"S": "rejected"}, ":relay": {"S": RELAY}, ":digest": {"S": body_digest}}
+            if ends_queued:
+                condition += " OR #s = :queued"
+                values[":queued"] = {"S": "queued"}
         else:
             condition = "attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)"
             values = {":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}}

@@ -103,6 +103,18 @@ def _aws_code(exc: ClientError | BotoCoreError) -> str:
 
 def _explain(doc: dict[str, Any], now: float) -> str | None:
     """What a `pending` or `queued` item means for the operator (the raw fields do not say it)."""
+    detail = _explain_waiting(doc, now)
+    filing = doc.get("invalidFiling")
+    if detail and filing and doc.get("status") in ("queued", "pending"):
+        detail += (
+            f"; but a message under this eventId was refused as invalid and kept as {filing}: if that was this "
+            "event's own message (a replay or a redelivery refused under a newer rule), nothing more is coming for "
+            "it, so send a corrected event under this eventId"
+        )
+    return detail
+
+
+def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
     status, lease = doc.get("status"), doc.get("leaseUntil")
     if status == "pending" and isinstance(lease, int | float):
         until = iso_millis(float(lease))

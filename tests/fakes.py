@@ -286,7 +286,7 @@ class FakeStore:
         return {w.event_id: "scripted write failure" for w in writes if w.event_id in self.failing_writes}
 
     def reject_unclaimed(
-        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None, ends_queued: bool = False
+        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None
     ) -> dict[str, Any]:
         self.rejected_unclaimed.append((event_id, fields))
         return {**fields, "eventId": event_id, "status": "rejected", "storedAt": self.stored_at}

@@ -1347,33 +1347,22 @@ def test_an_environments_first_event_is_counted_as_a_cold_start(capsys: pytest.C
     assert cold_starts_flushed() == []
 
 
-@pytest.mark.parametrize(
-    ("replayed", "ends_it"), [(True, True), (False, False)], ids=["its-own-replay", "a-producers-first-receive"]
-)
-def test_an_invalid_record_ends_a_queued_event_only_when_it_may_be_that_events_own_message(
-    store_on_moto: StoreOnMoto, replayed: bool, ends_it: bool
+def test_a_queued_events_own_replay_refused_as_invalid_is_kept_beside_it_and_the_event_told(
+    store_on_moto: StoreOnMoto,
 ) -> None:
-    # GIVEN an event marked queued (its message is on the queue), and an invalid record under its eventId: its own
-    # replay (the relay's message, naming its eventId), or a producer's first receive of another message
+    # GIVEN an event marked queued (a replay's mark: its message is on the queue), and that message refused as invalid
     store, clock = store_on_moto.store, store_on_moto.clock
     claim = store.claim("order-3", datastream_id="ds-1", source="sqs", lease_s=30)
     store.release("order-3", claim.token, "edge unavailable")
     bad = {**sqs("order-3", "m-bad", "p"), "body": json.dumps({"event": {"xdm": {"_id": "order-3", "timestamp": 5}}})}
-    if replayed:
-        bad["messageAttributes"] = {"eventId": {"stringValue": "order-3", "dataType": "String"}}
+    bad["messageAttributes"] = {"eventId": {"stringValue": "order-3", "dataType": "String"}}
 
     # WHEN the batch runs
     assert run_batch(Relay(store, FakeEdge(), clock), [bad]) == {"batchItemFailures": []}  # type: ignore[arg-type]
 
-    # THEN its own message ends the event rejected; another one is kept beside the queued event, which stays queued
-    items = store_on_moto.ddb.scan(TableName="t")["Items"]
-    found = {i["pk"]["S"].split("#invalid-")[0] + ("#invalid" if "#invalid-" in i["pk"]["S"] else ""): i for i in items}
-    if ends_it:
-        assert set(found) == {"EVENT#order-3"}
-        assert (found["EVENT#order-3"]["status"]["S"], found["EVENT#order-3"]["rejectedBy"]["S"]) == (
-            "rejected",
-            "relay",
-        )
-    else:
-        assert set(found) == {"EVENT#order-3", "EVENT#order-3#invalid"}
-        assert found["EVENT#order-3"]["status"]["S"] == "queued"
+    # THEN the rejection is kept beside the queued event, which is told where (relayctl show explains it)
+    items = {i["pk"]["S"]: i for i in store_on_moto.ddb.scan(TableName="t")["Items"]}
+    [filed] = [pk.removeprefix("EVENT#") for pk in items if "#invalid-" in pk]
+    assert items[f"EVENT#{filed}"]["status"]["S"] == "rejected"
+    queued = items["EVENT#order-3"]
+    assert (queued["status"]["S"], queued["invalidFiling"]["S"]) == ("queued", filed)

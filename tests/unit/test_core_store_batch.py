@@ -416,8 +416,12 @@ def test_an_invalid_body_never_replaces_another_outcome_and_is_kept_beside_it(
     stored = store_on_moto.store.reject_unclaimed("order-7", INVALID, body_digest="a" * 16)
 
     # THEN the outcome there is untouched (Edge's rejection stays replayable), and the rejection is kept under an id of
-    # its own, which the answer names
-    assert _raw(store_on_moto, "order-7") == before
+    # its own, which the answer names; a queued event is only told where (its own message may be the one refused)
+    after = _raw(store_on_moto, "order-7")
+    assert after is not None
+    note = after.pop("invalidFiling", None)
+    assert after == before
+    assert note == (stored["eventId"] if kind == "queued" else None)
     assert stored["eventId"] == "order-7#invalid-" + "a" * 16
     kept = _raw(store_on_moto, stored["eventId"])
     assert kept is not None
@@ -448,16 +452,28 @@ def test_a_corrected_event_still_takes_over_the_relays_rejection(store_on_moto: 
     assert claim.acquired
 
 
-def test_an_invalid_body_ends_a_queued_event_which_its_own_message_may_still_claim(store_on_moto: StoreOnMoto) -> None:
-    # GIVEN an event marked queued (a replay, a webhook's fallback, a released record: its message is on the queue)
-    _existing(store_on_moto, "order-5", "queued")
+@pytest.mark.parametrize("kind", ["queued", "lapsed-claim"])
+def test_an_event_still_waiting_is_told_where_a_refused_message_under_its_eventid_was_kept(
+    store_on_moto: StoreOnMoto, kind: str
+) -> None:
+    # GIVEN an event waiting under its eventId: queued, or claimed by an attempt that died (lease lapsed)
+    store = store_on_moto.store
+    claim = store.claim("order-5", datastream_id="ds-1", source="sqs", lease_s=30)
+    if kind == "queued":
+        store.release("order-5", claim.token, "edge unavailable")
+    else:
+        store_on_moto.clock.advance(60)
 
-    # WHEN a message that may be its own (a replay, a redelivery...) is refused as invalid under its eventId
-    stored = store_on_moto.store.reject_unclaimed("order-5", INVALID, body_digest="d" * 16, ends_queued=True)
+    # WHEN a message under its eventId is refused as invalid (its own, say, under a newer rule; or another one)
+    stored = store.reject_unclaimed("order-5", INVALID, body_digest="d" * 16)
 
-    # THEN the event ends rejected there, not waiting for a message that is gone
-    assert stored["eventId"] == "order-5"
-    kept = _raw(store_on_moto, "order-5")
-    assert kept is not None and (kept["status"], kept["rejectedBy"]) == ("rejected", "relay")
-    # AND if the queued message was another one, it still claims the event when it comes
-    assert store_on_moto.store.claim("order-5", datastream_id="ds-1", source="sqs", lease_s=30).acquired
+    # THEN the rejection is kept beside it, and the event is told where (nothing is lost whichever message it was)
+    assert stored["eventId"] == "order-5#invalid-" + "d" * 16
+    waiting = _raw(store_on_moto, "order-5")
+    assert waiting is not None
+    assert (waiting["status"], waiting["invalidFiling"]) == (
+        "queued" if kind == "queued" else "pending",
+        stored["eventId"],
+    )
+    # AND the event's own message, if it comes, still claims it
+    assert store.claim("order-5", datastream_id="ds-1", source="sqs", lease_s=30).acquired

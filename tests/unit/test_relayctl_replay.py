@@ -368,3 +368,14 @@ def test_show_finds_in_the_dead_letter_queue_an_event_a_later_invalid_body_was_s
 
     # THEN it is reported dead-lettered (redrive delivers it: its claim takes over the relay's rejection)
     assert json.loads(capsys.readouterr().out)["status"] == "dead-lettered"
+
+
+def test_show_says_a_waiting_event_may_have_lost_its_message_to_an_invalid_refusal() -> None:
+    # GIVEN a queued event told that a message under its eventId was refused as invalid and kept beside it
+    doc = {"status": "queued", "invalidFiling": "ev-1#invalid-0123456789abcdef"}
+
+    # WHEN / THEN the explanation says where it was kept and what to do if it was the event's own message
+    detail = relayctl_main._explain(doc, now=1_000)
+    assert detail is not None
+    assert detail.startswith("waiting in the queue for its next attempt; but a message under this eventId")
+    assert "ev-1#invalid-0123456789abcdef" in detail and "send a corrected event" in detail

@@ -201,15 +201,10 @@ class BatchRunner:
             )
         except InvalidEvent as exc:
             ds = datastream_for_rejection(named, self._settings.datastream_id)
-            # A message that may be the queued event's own: the relay's (a replay, a redrive, a webhook's fallback) or
-            # a redelivery. A producer's first receive is another message: it never ends a queued event.
-            own_message = named_id is not None or source == "webhook" or receive_count > 1
             eid, error = event_id, exc  # `exc` is unbound after the except block
 
             def reject(carry: Carry, _: StateSource | None, __: Claim | None) -> Done:
-                self._relay.reject_invalid(
-                    eid, datastream_id=ds, source=source, error=error, raw=raw, ends_queued=own_message
-                )
+                self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
                 return Done(True, carry)
 
             return _Item(message_id, eid, f"invalid:{message_id}", reject, receive_count, invalid=True)

@@ -114,12 +114,10 @@ class Relay:
         source: str,
         error: InvalidEvent,
         raw: str | None,
-        ends_queued: bool = False,
     ) -> dict[str, Any]:
         """Store a body that is not a valid event as `rejected`, with its field errors and the body as received, and
         return it as stored. Under its eventId, unless that holds another outcome: then under
-        `<eventId>#invalid-<digest>` (the stored `eventId` says which). `ends_queued`: the message may be the queued
-        event's own (see `HandlesStore.reject_unclaimed`). Counted once stored: a rejection that could not
+        `<eventId>#invalid-<digest>` (the stored `eventId` says which). Counted once stored: a rejection that could not
         be written is retried, and would be counted again."""
         digest = hashlib.sha256(f"{datastream_id}\x1f{raw or ''}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
         stored = self.store.reject_unclaimed(
@@ -131,7 +129,6 @@ class Relay:
                 "request": raw,
             },
             body_digest=digest,
-            ends_queued=ends_queued,
         )
         count("Rejected")
         filed_as = stored.get("eventId", event_id)

@@ -386,27 +386,24 @@ class HandlesStore:
             pass  # taken again meanwhile (its outcome stands), or the store is down too: the 503 still tells
 
     def reject_unclaimed(
-        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None, ends_queued: bool = False
+        self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None
     ) -> dict[str, Any]:
         """Store a `rejected` outcome for a body that never became an event, and return it as stored (its `eventId`
         says where).
 
-        With `body_digest` (a body the relay found invalid) it never replaces an outcome: a delivered or in-flight
-        event, Edge's own rejection (which can be replayed once Edge is fixed), or the relay's rejection of another
-        body. It is then filed under `<eventId>#invalid-<digest>` instead, where a resend of the same body lands on
-        the same item. With `ends_queued` (a message that may be the queued event's own: a replay, a webhook's
-        fallback, a redelivery, refused now) it replaces a `queued` item: that event must end rejected, not wait for a
-        message that is gone (if the queued message is another one, it still claims the event over the relay's
-        rejection when it comes). Without a digest (an eventId reuse, already filed under an id of its own) only a
-        delivered or in-flight outcome stands."""
+        With `body_digest` (a body the relay found invalid) it never replaces another item: a delivered, in-flight or
+        queued event, Edge's own rejection (which can be replayed once Edge is fixed), or the relay's rejection of
+        another body. It is then filed under `<eventId>#invalid-<digest>` instead, where a resend of the same body
+        lands on the same item. An event still waiting there (`queued`, or `pending` with a lapsed lease) is told so
+        (`invalidFiling`): the refused message may have been its own (a replay or a redelivery refused under a newer
+        rule), and then nothing more is coming for it; if it was another one, the event is delivered when its own
+        message comes. Without a digest (an eventId reuse, already filed under an id of its own) only a delivered
+        or in-flight outcome stands."""
         extra = {"bodyDigest": body_digest} if body_digest else {}
         write = self.compose_result(event_id, {**fields, **extra, "status": "rejected", "rejectedBy": RELAY}, None)
         if body_digest:
             condition = "attribute_not_exists(pk) OR (#s = :rejected AND rejectedBy = :relay AND bodyDigest = :digest)"
             values = {":rejected": {"S": "rejected"}, ":relay": {"S": RELAY}, ":digest": {"S": body_digest}}
-            if ends_queued:
-                condition += " OR #s = :queued"
-                values[":queued"] = {"S": "queued"}
         else:
             condition = "attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)"
             values = {":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}}
@@ -424,7 +421,29 @@ class HandlesStore:
             filed_as = f"{event_id}#invalid-{body_digest}"
             write = self.compose_result(filed_as, {**write.doc, "eventId": filed_as}, None)
             self._call("put_item", Item=write.item)
+            self._note_invalid_filing(event_id, filed_as)
         return write.doc
+
+    def _note_invalid_filing(self, event_id: str, filed_as: str) -> None:
+        """Tell an event still waiting under `event_id` (queued, or a lapsed claim) that a message under its eventId
+        was refused and kept as `filed_as`. Best effort: the rejection itself is stored either way."""
+        now = self._clock.now()
+        try:
+            self._call(
+                "update_item",
+                Key=self.result_key(event_id),
+                UpdateExpression="SET invalidFiling = :f",
+                ConditionExpression="#s = :queued OR (#s = :pending AND leaseUntil < :t)",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":f": {"S": filed_as},
+                    ":queued": {"S": "queued"},
+                    ":pending": {"S": "pending"},
+                    ":t": {"N": str(int(now))},
+                },
+            )
+        except (ClientError, StoreUnavailable):
+            pass  # not waiting (delivered, in flight, rejected), or the store failed: the filing is kept regardless
 
     # -- identity state -----------------------------------------------------------------------------------------
 

@@ -151,8 +151,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             # Events sent under the same eventId for another identity or datastream, or with an invalid body, are
             # kept beside this one: say where to look (finding them takes a scan).
             doc["otherFilings"] = f"relayctl rejected --event-id {event_id} lists any <eventId>#reused-/#invalid- items"
-            # The relay's own rejection can stand over an event whose message is still around (a queued event's
-            # message, refused under the same eventId by an invalid body sent later): look for it too.
+            # The relay's own rejection can stand over an event whose message is still around: relays before the
+            # tenth landing stored an invalid body's rejection over a queued event. Look for it too.
             waiting = doc.get("status") in ("queued", "pending") or doc.get("rejectedBy") == RELAY
             if waiting and t.dlq_url:
                 where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id)

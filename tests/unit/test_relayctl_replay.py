@@ -351,8 +351,8 @@ def test_show_finds_a_filing_beside_a_long_eventid_by_the_id_the_answer_named(
 def test_show_finds_in_the_dead_letter_queue_an_event_a_later_invalid_body_was_stored_over(
     aws: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # GIVEN an event whose message is in the dead-letter queue, and over whose queued item the relay later stored its
-    # rejection of an invalid body sent under the same eventId
+    # GIVEN an event whose message is in the dead-letter queue, and over whose queued item an earlier relay stored its
+    # rejection of an invalid body sent under the same eventId (this one keeps such a rejection beside it)
     ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
     make_table(ddb)
     ddb.put_item(TableName="t", Item={**rejected_item("ev-9"), "rejectedBy": {"S": "relay"}})

@@ -475,5 +475,7 @@ def test_an_event_still_waiting_is_told_where_a_refused_message_under_its_eventi
         "queued" if kind == "queued" else "pending",
         stored["eventId"],
     )
-    # AND the event's own message, if it comes, still claims it
+    # AND the event's own message, if it comes, still claims it, and the note goes (the refused one was not its own)
     assert store.claim("order-5", datastream_id="ds-1", source="sqs", lease_s=30).acquired
+    claimed = _raw(store_on_moto, "order-5")
+    assert claimed is not None and "invalidFiling" not in claimed

@@ -167,7 +167,7 @@ class HandlesStore:
                 UpdateExpression=(
                     "SET #s = :pending, leaseUntil = :lease, claimToken = :tok, eventId = :id, datastreamId = :ds, "
                     "#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now ADD attempts :one "
-                    "REMOVE rejectedBy"
+                    "REMOVE rejectedBy, invalidFiling"
                 ),
                 # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
                 # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".

@@ -139,9 +139,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         # As given (an id an answer named, a filing beside a long eventId), else as the relay keys a webhook-id or
         # messageId over 256 characters (`bounded_id`).
         event_id, doc = given, _get(ddb, t.table, given)
-        if doc is None and bounded_id(given) != given:
-            event_id = bounded_id(given)
-            doc = _get(ddb, t.table, event_id)
+        if doc is None and (bounded := bounded_id(given)) != given:
+            event_id, doc = bounded, _get(ddb, t.table, bounded)
         if doc is not None:
             if not args.full:
                 doc.pop("request", None)

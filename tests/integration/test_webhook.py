@@ -60,6 +60,14 @@ def post(gw: LocalGateway, body: str, headers: dict[str, str], query: str = "") 
     )
 
 
+def post_rejected_by_edge(stack: LocalStack, gw: LocalGateway, status: int) -> tuple[str, str, requests.Response]:
+    """Post a signed event that Edge answers with `status`: its eventId, its body and the relay's answer."""
+    event_id = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=event_id, status=status)
+    body = json.dumps(interact_event(event_id))
+    return event_id, body, post(gw, body, stack.sign(body))
+
+
 def edge_requests(stack: LocalStack, event_id: str | None = None) -> list[dict[str, Any]]:
     return [
         r
@@ -445,10 +453,8 @@ def test_an_invalid_resend_never_replaces_edges_rejection_and_is_kept_beside_it(
 ) -> None:
     stack = clean_stack
     # GIVEN an event Edge answered 500 (stored rejected, to be replayed once Edge is fixed)
-    event_id = f"evt-{uuid.uuid4()}"
-    stack.sim.add_fault(match_id=event_id, status=500)
-    body = json.dumps(interact_event(event_id))
-    assert post(gateway, body, stack.sign(body)).status_code == 502
+    event_id, _, first = post_rejected_by_edge(stack, gateway, 500)
+    assert first.status_code == 502
     before = stack.result_item(event_id)
 
     # WHEN an invalid body is sent under the same eventId
@@ -519,10 +525,7 @@ def test_repeat_of_a_rejected_event_answers_the_same_problem_without_calling_edg
 ) -> None:
     stack = clean_stack
     # GIVEN an event Edge rejected with 422
-    event_id = f"evt-{uuid.uuid4()}"
-    stack.sim.add_fault(match_id=event_id, status=422)
-    body = json.dumps(interact_event(event_id))
-    first = post(gateway, body, stack.sign(body))
+    event_id, body, first = post_rejected_by_edge(stack, gateway, 422)
     assert first.status_code == 422
 
     # WHEN the sender retries it after Edge stopped rejecting

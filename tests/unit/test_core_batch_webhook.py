@@ -509,14 +509,14 @@ def test_a_defect_reading_one_record_redelivers_only_that_record(monkeypatch: py
     # GIVEN a defect in reading one particular record
     import relay.batch as batch_module
 
-    real = batch_module.decode_body
+    real = batch_module.read_event
 
-    def flaky(raw: Any, **kwargs: Any) -> Any:
+    def flaky(raw: Any, *args: Any, **kwargs: Any) -> Any:
         if "boom" in raw:
             raise RuntimeError("a defect")
-        return real(raw, **kwargs)
+        return real(raw, *args, **kwargs)
 
-    monkeypatch.setattr(batch_module, "decode_body", flaky)
+    monkeypatch.setattr(batch_module, "read_event", flaky)
     relay = ScriptedRelay(failing=set())
     runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))  # type: ignore[arg-type]
     records = [record("a1", 1, "p1"), record("boom", 1, "p2"), record("a3", 1, "p3")]
@@ -536,7 +536,7 @@ def test_a_webhook_defect_before_the_claim_answers_503_not_500(monkeypatch: pyte
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a defect")
 
-    monkeypatch.setattr(webhook_module, "build_inbound", broken)
+    monkeypatch.setattr(webhook_module, "read_event", broken)
     h = harness()
     body = b'{"event": {"xdm": {}}}'
 

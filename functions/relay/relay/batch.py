@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.clock import Deadline
-from relay.errors import CredentialsError, InvalidEvent, PayloadTooLarge, StoreUnavailable
+from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import MIN_ATTEMPT_S
@@ -35,12 +35,8 @@ from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, Claim
 from relay.models import (
     MAX_BODY_BYTES,
     Source,
-    build_inbound,
     datastream_for_rejection,
-    decode_body,
-    event_id_for,
-    event_id_of_oversized,
-    resolve_datastream,
+    read_event,
 )
 from relay.observability import count, logger
 from relay.process_event import Outcome, Relay, Result
@@ -179,35 +175,30 @@ class BatchRunner:
         # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
         named_id = _attr(record, "eventId")
         fallback_id = named_id or message_id
-        event_id = fallback_id
         named = _attr(record, "datastreamId")
         try:
-            # A webhook event the relay queued itself passed the size check on arrival, measured as it would be sent
-            # (`_id` and timestamp included); its raw body is not checked again (it was answered 202).
-            try:
-                text, doc = decode_body(raw, limit=None if source == "webhook" else MAX_BODY_BYTES)
-            except PayloadTooLarge:
-                event_id = event_id_of_oversized(raw, fallback_id)
-                raise
-            event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
-            datastream = resolve_datastream(named, self._settings.datastream_id)
-            inbound = build_inbound(
-                doc,
-                event_id=event_id,
-                datastream_id=datastream,
+            inbound = read_event(
+                raw,
+                fallback_id,
+                datastream=named,
+                default_datastream=self._settings.datastream_id,
                 source=source,
                 received_at=received_at,
                 identity_key=key,
+                # A webhook event the relay queued itself passed the size check on arrival, measured as it would be
+                # sent (`_id` and timestamp included); its raw body is not checked again (it was answered 202).
+                limit=None if source == "webhook" else MAX_BODY_BYTES,
             )
         except InvalidEvent as exc:
             ds = datastream_for_rejection(named, self._settings.datastream_id)
-            eid, error = event_id, exc  # `exc` is unbound after the except block
+            eid, error = exc.event_id or fallback_id, exc  # `exc` is unbound after the except block
 
             def reject(carry: Carry, _: StateSource | None, __: Claim | None) -> Done:
                 self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
                 return Done(True, carry)
 
             return _Item(message_id, eid, f"invalid:{message_id}", reject, receive_count, invalid=True)
+        event_id = inbound.event_id
         if key_error is not None and inbound.primary_identity:
             # Its identity cannot be keyed, so its state can be neither found nor kept: untouched, it comes back (and,
             # if this lasts, reaches the dead-letter queue, whose alarm pages someone). Others go on as usual.

@@ -24,6 +24,7 @@ class InvalidEvent(Exception):
 
     status = 400
     detail = "the body is not a valid interact event"
+    event_id: str | None = None  # the eventId its rejection is kept under, when `read_event` raised it
 
     def __init__(self, errors: list[dict[str, str]], *, title: str = "Invalid event") -> None:
         kept = [{k: str(v)[:MAX_ERROR_TEXT] for k, v in e.items()} for e in errors[:MAX_ERRORS]]

@@ -273,9 +273,45 @@ def event_id_for(doc: Any, fallback_id: str) -> str:
     return bounded_id(fallback_id)
 
 
-def event_id_of_oversized(raw: bytes | str, fallback_id: str) -> str:
-    """The eventId of a body refused as too large (before it was parsed): its `xdm._id` when it is JSON with one, so
-    the rejection is kept under the id the sender knows (contract §2); else the transport's id."""
+def read_event(
+    raw: bytes | str,
+    fallback_id: str,
+    *,
+    datastream: str | None,
+    default_datastream: str,
+    source: Source,
+    received_at: float,
+    identity_key: bytes | None,
+    limit: int | None = MAX_BODY_BYTES,
+) -> InboundEvent:
+    """A body as an event, for either trigger: size limit and JSON (`decode_body`), its eventId (contract §2), its
+    datastream (`datastream`, as the request named it), validation (`build_inbound`). Raises InvalidEvent carrying in
+    `event_id` the id its rejection is kept under: the body's `xdm._id` whenever it can be read (a body over the limit
+    too, so its sender finds it by the id it knows), else `fallback_id`."""
+    event_id = fallback_id
+    try:
+        try:
+            _, doc = decode_body(raw, limit=limit)
+        except PayloadTooLarge:
+            event_id = _event_id_of_oversized(raw, fallback_id)
+            raise
+        event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
+        return build_inbound(
+            doc,
+            event_id=event_id,
+            datastream_id=resolve_datastream(datastream, default_datastream),
+            source=source,
+            received_at=received_at,
+            identity_key=identity_key,
+        )
+    except InvalidEvent as exc:
+        exc.event_id = event_id
+        raise
+
+
+def _event_id_of_oversized(raw: bytes | str, fallback_id: str) -> str:
+    """The eventId of a body refused as too large (before it was parsed): its `xdm._id` when it is JSON with one;
+    else the transport's id."""
     try:
         _, doc = decode_body(raw, limit=None)
     except InvalidEvent:

@@ -12,20 +12,16 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from standardwebhooks.webhooks import Webhook
 
 from relay.clock import Clock, Deadline
-from relay.errors import CredentialsError, InvalidEvent, PayloadTooLarge, StoreUnavailable, Unauthorized
+from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable, Unauthorized
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
 from relay.models import (
     InboundEvent,
     as_dict,
     bounded_id,
-    build_inbound,
     check_size_as_sent,
     datastream_for_rejection,
-    decode_body,
-    event_id_for,
-    event_id_of_oversized,
-    resolve_datastream,
+    read_event,
 )
 from relay.observability import count, logger
 from relay.process_event import Outcome, Relay, Result, edge_status_of
@@ -199,23 +195,19 @@ class WebhookApp:
         except CredentialsError as exc:
             key, key_error = None, exc
         try:
-            try:
-                _, doc = decode_body(raw)
-            except PayloadTooLarge:
-                event_id = event_id_of_oversized(raw, fallback_id)
-                raise
-            event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
-            datastream = resolve_datastream(named, self._settings.datastream_id)
-            inbound = build_inbound(
-                doc,
-                event_id=event_id,
-                datastream_id=datastream,
+            inbound = read_event(
+                raw,
+                fallback_id,
+                datastream=named,
+                default_datastream=self._settings.datastream_id,
                 source="webhook",
                 received_at=received_at,
                 identity_key=key,
             )
+            event_id = inbound.event_id
             check_size_as_sent(inbound)
         except InvalidEvent as error:
+            event_id = error.event_id or event_id
             datastream = datastream_for_rejection(named, self._settings.datastream_id)
             try:
                 stored = self._relay.reject_invalid(

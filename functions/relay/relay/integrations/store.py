@@ -351,39 +351,46 @@ class HandlesStore:
         values: dict[str, Any],
         names: dict[str, str] | None = None,
     ) -> None:
-        """Update the event's item only while it holds our claim (`token`); if someone else holds it now, their
-        outcome stands and nothing is written. Raises StoreUnavailable when DynamoDB cannot be reached."""
+        """Update the event's item only while it holds our claim (`token`). Raises StoreUnavailable when DynamoDB
+        cannot be reached."""
+        self._update_if(event_id, expression, "claimToken = :tok", {**values, ":tok": {"S": token}}, names)
+
+    def _update_if(
+        self,
+        event_id: str,
+        expression: str,
+        condition: str,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+    ) -> None:
+        """Update the event's item only while `condition` holds; otherwise someone else's outcome stands and nothing
+        is written. Raises StoreUnavailable when DynamoDB cannot be reached."""
         extra = {"ExpressionAttributeNames": names} if names else {}
         try:
             self._call(
                 "update_item",
                 Key=self.result_key(event_id),
                 UpdateExpression=expression,
-                ConditionExpression="claimToken = :tok",
-                ExpressionAttributeValues={**values, ":tok": {"S": token}},
+                ConditionExpression=condition,
+                ExpressionAttributeValues=values,
                 **extra,
             )
         except ClientError:
-            pass  # not ours any more
+            pass  # the condition no longer holds
 
     def note_not_queued(self, event_id: str, reason: str) -> None:
         """Say on a `queued` item that nothing is queued for it (the retry queue refused the webhook's fallback): the
         next attempt is the sender's resend, not a queue message, so no `retryAfterSeconds` promise is left."""
         try:
-            self._call(
-                "update_item",
-                Key=self.result_key(event_id),
-                UpdateExpression="SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
-                ConditionExpression="#s = :queued",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":queued": {"S": "queued"},
-                    ":r": {"S": reason[:500]},
-                    ":now": {"S": iso_millis(self._clock.now())},
-                },
+            self._update_if(
+                event_id,
+                "SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
+                "#s = :queued",
+                {":queued": {"S": "queued"}, ":r": {"S": reason[:500]}, ":now": {"S": iso_millis(self._clock.now())}},
+                {"#s": "status"},
             )
-        except (ClientError, StoreUnavailable):
-            pass  # taken again meanwhile (its outcome stands), or the store is down too: the 503 still tells
+        except StoreUnavailable:
+            pass  # the store is down too: the 503 still tells (taken again meanwhile: its outcome stands)
 
     def reject_unclaimed(
         self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None
@@ -419,7 +426,7 @@ class HandlesStore:
             if not body_digest:
                 return write.doc  # an event with this id was delivered (or is in flight): that outcome stands
             filed_as = f"{event_id}#invalid-{body_digest}"
-            write = self.compose_result(filed_as, {**write.doc, "eventId": filed_as}, None)
+            write = self.compose_result(filed_as, write.doc, None)
             self._call("put_item", Item=write.item)
             self._note_invalid_filing(event_id, filed_as)
         return write.doc
@@ -427,23 +434,22 @@ class HandlesStore:
     def _note_invalid_filing(self, event_id: str, filed_as: str) -> None:
         """Tell an event still waiting under `event_id` (queued, or a lapsed claim) that a message under its eventId
         was refused and kept as `filed_as`. Best effort: the rejection itself is stored either way."""
-        now = self._clock.now()
+        values = {
+            ":f": {"S": filed_as},
+            ":queued": {"S": "queued"},
+            ":pending": {"S": "pending"},
+            ":t": {"N": str(int(self._clock.now()))},
+        }
         try:
-            self._call(
-                "update_item",
-                Key=self.result_key(event_id),
-                UpdateExpression="SET invalidFiling = :f",
-                ConditionExpression="#s = :queued OR (#s = :pending AND leaseUntil < :t)",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":f": {"S": filed_as},
-                    ":queued": {"S": "queued"},
-                    ":pending": {"S": "pending"},
-                    ":t": {"N": str(int(now))},
-                },
+            self._update_if(
+                event_id,
+                "SET invalidFiling = :f",
+                "#s = :queued OR (#s = :pending AND leaseUntil < :t)",
+                values,
+                {"#s": "status"},
             )
-        except (ClientError, StoreUnavailable):
-            pass  # not waiting (delivered, in flight, rejected), or the store failed: the filing is kept regardless
+        except StoreUnavailable:
+            pass  # the filing is kept regardless (not waiting any more: nothing to tell)
 
     # -- identity state -----------------------------------------------------------------------------------------
 

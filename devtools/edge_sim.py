@@ -1159,6 +1159,8 @@ class _Server(ThreadingHTTPServer):
 class _Handler(LoopbackHandler):
     server_version = "EdgeSimulator/1.0"
     timeout = 300  # idle keep-alive connections are closed after this many seconds
+    _arrived = 0.0  # when the request line was read (`parse_request`)
+    _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's: where send_header puts the lines end_headers writes
 
     @property
     def sim(self) -> EdgeSimulator:
@@ -1202,9 +1204,15 @@ class _Handler(LoopbackHandler):
             return None
         return self.rfile.read(length) if length else b""
 
+    def parse_request(self) -> bool:
+        # Called as soon as the request line is read: the request has arrived, and the simulator's own work from here
+        # on (headers, body, the answer) is part of its latency.
+        self._arrived = time.monotonic()
+        return super().parse_request()
+
     def _dispatch(self, method: str) -> None:
         sim = self.sim
-        arrived = time.monotonic()  # latency counts from here: the answer leaves `latency` s after the request came
+        arrived = self._arrived  # latency counts from here: the answer leaves `latency` s after the request came
         split = urlsplit(self.path)
         path = split.path
         try:
@@ -1234,13 +1242,15 @@ class _Handler(LoopbackHandler):
                 assert match is not None
                 ctx = _Ctx(path=path, hint=match["hint"], query=query, headers=headers, raw=raw)
                 reply = sim._handle_edge(path, match["hint"], match["action"], ctx)
-            pause = latency + reply.delay - (time.monotonic() - arrived)  # the simulator's own work is part of it
-            if pause > 0:
-                time.sleep(pause)
-            if reply.drop:
-                self._drop()
+            if reply.drop or reply.truncate:
+                self._pause(arrived, latency + reply.delay)
+                self._drop() if reply.drop else self._send(reply)
                 return
-            self._send(reply)
+            # The answer is rendered before the pause and leaves in one write when it ends, so that it leaves
+            # `latency` s after the request came, not that plus the time to format it.
+            answer = self._render(reply)
+            self._pause(arrived, latency + reply.delay)
+            self._write(answer)
             return
         self._send(self._not_found(404, "Not found", f"No route for {method} {path}."))
 
@@ -1249,26 +1259,43 @@ class _Handler(LoopbackHandler):
         body = {"type": "about:blank", "status": status, "title": title, "detail": detail}
         return _Reply(status, _json_bytes(body), "application/problem+json")
 
-    def _send(self, reply: _Reply) -> None:
+    @staticmethod
+    def _pause(arrived: float, seconds: float) -> None:
+        pause = seconds - (time.monotonic() - arrived)  # the simulator's own work is part of it
+        if pause > 0:
+            time.sleep(pause)
+
+    def _render(self, reply: _Reply) -> bytes:
+        """The whole answer, status line to body, as `_send` would write it."""
+        self.send_response(reply.status)
+        if reply.content_type:
+            self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        head = b"".join(self._headers_buffer) + b"\r\n"
+        self._headers_buffer = []
+        return head + reply.body
+
+    def _write(self, answer: bytes) -> None:
         try:
-            self.send_response(reply.status)
-            if reply.content_type:
-                self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if reply.truncate:
-                self.wfile.write(reply.body[: len(reply.body) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            if reply.body:
-                self.wfile.write(reply.body)
+            self.wfile.write(answer)
             self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    def _send(self, reply: _Reply) -> None:
+        answer = self._render(reply)
+        if not reply.truncate:
+            self._write(answer)
+            return
+        try:  # the headers and half the body, then the connection closes
+            self.wfile.write(answer[: len(answer) - len(reply.body) + len(reply.body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             self.close_connection = True
 

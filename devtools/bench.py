@@ -986,6 +986,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy:
         return proxy_main(args.proxy, args.images, args.stub_dynamodb)
     if args.report:
+        if not RESULTS.exists():
+            print(f"no previous run to report ({RESULTS.relative_to(ROOT)} is kept by `make bench`)", file=sys.stderr)
+            return 1
         bench = Bench(quick=False)
         raw = json.loads(RESULTS.read_text(encoding="utf-8"))
         bench.quick = bool(raw.get("quick"))

@@ -347,6 +347,12 @@ def serve(stack: LocalStack) -> None:
     for key, value in sorted(env.items()):
         print(f"export {key}={shlex.quote(value)}")
     print()
+    print()
+    print("# relayctl against this stack (in another shell, after the exports above; no --stack):")
+    print(f"export QUEUE_URL={shlex.quote(stack.resources.queue_url)}")
+    print(f"export DLQ_URL={shlex.quote(stack.resources.dlq_url)}")
+    print(".venv/bin/relayctl show <eventId>    # the event's xdm._id; rejected, replay, redrive likewise")
+    print()
     print(f"gateway:   {gateway.url}/events")
     print(f"queue:     {stack.resources.queue_url}")
     print(f"simulator: {stack.sim.url}")

@@ -47,6 +47,7 @@ def _targets(args: argparse.Namespace) -> Targets:
     )
 
 
+_NO_DLQ = "give --dlq-url or --stack, or set DLQ_URL"
 _PEEK_HIDE_S = 30  # how long `show` hides the dead-letter messages it has read (it shows them again when done)
 
 
@@ -158,6 +159,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 if where:
                     doc.update(status="dead-lettered", detail="failed 5 receives: redrive it once the cause is fixed")
                     doc.update(where)
+            elif waiting:
+                doc["deadLetterQueue"] = f"not searched ({_NO_DLQ}): it may be there"
             _print(doc)
             found += 1
             continue
@@ -166,12 +169,14 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print({"eventId": event_id, "status": "dead-lettered", **where})
             found += 1
         else:
+            looked = "not in the dead-letter queue" if t.dlq_url else f"the dead-letter queue not searched ({_NO_DLQ})"
             _print(
                 {
                     "eventId": event_id,
                     "status": "unknown",
-                    "detail": "no result stored and not in the dead-letter queue: not received yet, or waiting in "
-                    "the queue for its first attempt",
+                    "detail": f"no result stored under this id, and {looked}: not received yet, or waiting in the "
+                    "queue for its first attempt. An event is kept under its xdm._id; only one without an xdm._id "
+                    "is kept under its webhook-id or SQS messageId",
                 }
             )
     return 0 if found == len(args.event_ids) else 1
@@ -232,10 +237,13 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     stranded = status == "queued" and doc.get("replayedAt") and not doc.get("leaseUntil")
     if status != "rejected" and not stranded:
         return f"skipped: status is {status}"
-    if as_dict(doc.get("error")).get("type") == INVALID_EVENT_TYPE:
-        # The relay refused the body (or its datastreamId) itself: the same message would be refused again, or sent
-        # to the default datastream in place of the one it named. The sender must send a corrected event.
-        return "skipped: the relay found the event itself invalid; send a corrected one"
+    error = as_dict(doc.get("error"))
+    if error.get("type") == INVALID_EVENT_TYPE:
+        # The relay refused the event itself (its body, its datastreamId, its size, or an eventId already used for
+        # another event): the same message would be refused again, or sent to the default datastream in place of
+        # the one it named. The sender must send a corrected event; the stored problem says what to correct.
+        why = error.get("detail") or "send a corrected one"
+        return f"skipped: the relay refused it itself ({error.get('title') or 'invalid event'}): {why}"
     if doc.get("request") is None:
         return "skipped: the original request was too large to keep"
     return None

@@ -9,7 +9,8 @@ from typing import Any
 import boto3
 import pytest
 from relay import codec
-from relay.process_event import INVALID_EVENT_TYPE
+from relay.errors import EventIdReused, PayloadTooLarge
+from relay.process_event import INVALID_EVENT_TYPE, invalid_problem
 
 import relayctl.__main__ as relayctl_main
 from devtools.resources import create_handles_table
@@ -34,14 +35,34 @@ class Recorder:
         return call
 
 
-def test_replay_refuses_an_event_the_relay_itself_found_invalid() -> None:
-    # GIVEN an event the relay rejected itself (a bad body or datastreamId), not Edge
+@pytest.mark.parametrize(
+    ("problem", "why"),
+    [
+        (
+            {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400},
+            "skipped: the relay refused it itself (Invalid event): send a corrected one",
+        ),
+        (
+            invalid_problem(EventIdReused()),
+            "skipped: the relay refused it itself (Event id already used): this eventId was already used for a "
+            "different event; give every event its own xdm._id",
+        ),
+        (
+            invalid_problem(PayloadTooLarge(70000, 65536, as_sent=True)),
+            "skipped: the relay refused it itself (Payload too large): the request is too large for Edge as the "
+            "relay sends it; make the event smaller",
+        ),
+    ],
+)
+def test_replay_refuses_an_event_the_relay_itself_refused(problem: dict[str, Any], why: str) -> None:
+    # GIVEN an event the relay rejected itself (a bad body or datastreamId, too large, an eventId already used for
+    # another event), not Edge
     item = {
         "pk": {"S": "EVENT#order-42"},
         "sk": {"S": "RESULT"},
         "status": {"S": "rejected"},
         "eventId": {"S": "order-42"},
-        "error": codec.encode_json({"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400}),
+        "error": codec.encode_json(problem),
         "request": codec.encode_json('{"event": {}}'),
     }
     ddb, sqs = Recorder(item), Recorder()
@@ -50,8 +71,8 @@ def test_replay_refuses_an_event_the_relay_itself_found_invalid() -> None:
     outcome = replay_event(ddb, sqs, "t", "https://sqs.example/q", "order-42")
 
     # THEN nothing changes and nothing is sent: the same message would be refused again (or go to the wrong
-    # datastream); the sender has to send a corrected event
-    assert outcome == "skipped: the relay found the event itself invalid; send a corrected one"
+    # datastream); the answer says what the sender has to correct
+    assert outcome == why
     assert (ddb.calls, sqs.calls) == ([], [])
 
 
@@ -210,7 +231,7 @@ def test_replay_dry_run_and_all_rejected_say_what_a_replay_would_do(
     assert code == 1
     assert capsys.readouterr().out.splitlines() == [
         "edge-1: would replay",
-        "relay-1: skipped: the relay found the event itself invalid; send a corrected one",
+        "relay-1: skipped: the relay refused it itself (Invalid event): send a corrected one",
         "done-1: skipped: status is delivered",
         "nope: not found",
     ]
@@ -379,3 +400,27 @@ def test_show_says_a_waiting_event_may_have_lost_its_message_to_an_invalid_refus
     assert detail is not None
     assert detail.startswith("waiting in the queue for its next attempt; but a message under this eventId")
     assert "ev-1#invalid-0123456789abcdef" in detail and "send a corrected event" in detail
+
+
+def test_show_says_when_it_did_not_search_the_dead_letter_queue(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN no dead-letter queue named (no --dlq-url, no --stack, no DLQ_URL), a queued event and an unknown id
+    monkeypatch.delenv("DLQ_URL", raising=False)
+    ddb = boto3.client("dynamodb")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-1"), "status": {"S": "queued"}})
+
+    # WHEN both are shown
+    relayctl_main.main(["--table", "t", "show", "ev-1"])
+    queued = json.loads(capsys.readouterr().out)
+    relayctl_main.main(["--table", "t", "show", "msg-1"])
+    unknown = json.loads(capsys.readouterr().out)
+
+    # THEN neither claims the event is not in the dead-letter queue: each says it was not searched, and how to
+    # search it; the unknown one says which id an event is kept under
+    assert queued["deadLetterQueue"] == "not searched (give --dlq-url or --stack, or set DLQ_URL): it may be there"
+    assert unknown["status"] == "unknown"
+    assert "not in the dead-letter queue" not in unknown["detail"]
+    assert "the dead-letter queue not searched (give --dlq-url or --stack, or set DLQ_URL)" in unknown["detail"]
+    assert "An event is kept under its xdm._id" in unknown["detail"]

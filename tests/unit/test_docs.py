@@ -1,0 +1,78 @@
+"""README's configuration table against what the code reads and what template.yaml sets: every variable the settings
+read is documented, each row's "in template.yaml" column says what the template does, and each numeric default is
+the one the settings apply."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devtools.cfn_yaml import load_template
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = ROOT / "functions" / "relay" / "relay" / "settings.py"
+
+
+def config_rows() -> dict[str, tuple[str, str]]:
+    """variable -> (the "in template.yaml" cell, its default cell); a row naming two variables gives each its part of
+    a default written as `a` / `b`."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, tuple[str, str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
+        where, default = cells[-2], cells[-1]
+        parts = default.split(" / ") if len(names) > 1 else [default]
+        assert len(parts) == len(names), line
+        rows.update({name: (where, part) for name, part in zip(names, parts, strict=True)})
+    return rows
+
+
+def settings_variables() -> dict[str, int | None]:
+    """Every variable `load_settings` reads -> its integer default (None when it is not an `_int`)."""
+    source = SETTINGS.read_text(encoding="utf-8")
+    read = set(re.findall(r'(?:env\.get|required|choice)\(\s*"([A-Z][A-Z0-9_]+)"', source))
+    ints = {name: int(default) for name, default in re.findall(r'_int\(problems, env, "([A-Z0-9_]+)", (\d+),', source)}
+    defaults: dict[str, int | None] = dict.fromkeys(read)
+    return defaults | ints
+
+
+def template_environment() -> dict[str, Any]:
+    template = load_template(ROOT / "template.yaml")
+    env = dict(template["Globals"]["Function"]["Environment"]["Variables"])
+    env.update(template["Resources"]["RelayFunction"]["Properties"]["Environment"]["Variables"])
+    return env
+
+
+def test_every_variable_the_settings_read_is_in_the_readme_table() -> None:
+    assert set(settings_variables()) - set(config_rows()) == set()
+    assert set(config_rows()) - set(settings_variables()) == set()
+
+
+@pytest.mark.parametrize("name", sorted(config_rows()))
+def test_the_readme_says_what_the_template_sets(name: str) -> None:
+    where, _ = config_rows()[name]
+    env = template_environment()
+    if where == "not set":
+        assert name not in env
+        return
+    assert name in env, where
+    value = env[name]
+    if (ref := re.fullmatch(r"(?:parameter|the stack's) `(\w+)`", where)) is not None:
+        assert f"{{'Ref': '{ref[1]}'}}" in repr(value), (where, value)
+    else:
+        fixed = re.match(r"fixed: `([^`]+)`", where)
+        assert fixed is not None, where
+        assert value == fixed[1]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, d in settings_variables().items() if d is not None))
+def test_the_readme_gives_the_default_the_settings_apply(name: str) -> None:
+    _, default = config_rows()[name]
+    assert default == f"`{settings_variables()[name]}`"

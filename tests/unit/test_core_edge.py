@@ -644,7 +644,7 @@ def test_no_slot_before_the_deadline_is_a_retry_without_a_call():
 
 
 @pytest.mark.parametrize("status", [200, 207])
-@pytest.mark.parametrize("text", ["", "not json", "<html>ok</html>", "[]", "null", '"ok"'])
+@pytest.mark.parametrize("text", ["not json", "<html>ok</html>", "[]", "null", '"ok"', "[" * 100_000 + "]" * 100_000])
 def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_once(status, text):
     # GIVEN Edge accepted the event but its body cannot be read as an answer
     clock = FakeClock()
@@ -656,6 +656,40 @@ def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_onc
     # THEN it is delivered (contract §6), without handles, and not sent again
     assert (answer.status, answer.body, answer.attempts, answer.unreadable) == (status, {}, 1, True)
     assert len(session.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "body"),
+    [
+        (204, "", {}),
+        (200, "", {}),
+        (202, '{"requestId": "r-202"}', {"requestId": "r-202"}),
+        (201, '{"requestId": "r-201", "handle": []}', {"requestId": "r-201", "handle": []}),
+    ],
+)
+def test_deliver_takes_any_2xx_as_delivered_once(status: int, text: str, body: dict[str, Any]) -> None:
+    # GIVEN Edge accepts the event with a 2xx other than 200/207, or with no content (Adobe's SDKs take every 2xx as
+    # success, a 204 as success without content)
+    clock = FakeClock()
+    session = FakeSession([make_response(status, text=text)])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it is delivered, once; an empty body is not an unreadable one
+    assert (answer.status, answer.body, answer.attempts, answer.unreadable) == (status, body, 1, False)
+    assert len(session.calls) == 1
+
+
+def test_a_problem_nested_deeper_than_python_parses_is_still_a_rejection() -> None:
+    # GIVEN Edge refuses the event with a body nested too deep to parse
+    clock = FakeClock()
+    session = FakeSession([make_response(400, text="[" * 100_000 + "]" * 100_000, reason="Bad Request")])
+
+    # WHEN / THEN it is rejected with a generic problem (not an unexpected error, which would retry it)
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+    assert (info.value.status, info.value.problem["title"]) == (400, "Bad Request")
 
 
 def test_deliver_never_follows_a_redirect():

@@ -591,6 +591,58 @@ def test_process_stores_an_unreadable_answer_as_delivered_and_says_so():
     assert store.state_writes == []
 
 
+def test_an_answer_holding_a_lone_surrogate_is_stored_as_delivered_and_equal(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN Edge accepts the event with an answer holding a lone UTF-16 surrogate (JSON "\\ud83d": an offer cut in the
+    # middle of an emoji), in a handle and in a state:store entry (the real store, on in-process moto)
+    store, clock = store_on_moto.store, store_on_moto.clock
+    body = json.loads(
+        '{"requestId": "r-1", "handle": [{"type": "personalization:decisions", "payload": [{"content": "hi \\ud83d"}]},'
+        ' {"type": "state:store", "payload": [{"key": "k", "value": "v\\udc00", "maxAge": 3600}]}]}'
+    )
+    edge = FakeEdge(EdgeAnswer(200, body, 1), EdgeAnswer(200, body, 1))
+
+    # WHEN it is processed, and the identity's next event too
+    first = Relay(store, edge, clock).process(inbound(), Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]
+    if first.pending is not None:
+        store.put_results([first.pending])
+    second_event = build_inbound(
+        {"event": {"xdm": {"identityMap": {"FPID": [{"id": "fp-1", "primary": True}]}}}},
+        event_id="evt-2",
+        datastream_id=DS,
+        source="sqs",
+        received_at=NOW,
+    )
+    second = Relay(store, edge, clock).process(second_event, Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]
+
+    # THEN it is delivered once (never handed back, which would send it to Edge again), what is stored equals the
+    # answer, and the entry is sent back with the next event as Edge gave it
+    assert (first.outcome, second.outcome) == (Outcome.DELIVERED, Outcome.DELIVERED)
+    stored = store.get_result("evt-1") or {}
+    assert (stored["status"], stored["handle"]) == ("delivered", body["handle"])
+    assert edge.calls[1].request["meta"]["state"]["entries"] == [{"key": "k", "value": "v\udc00", "maxAge": 3600}]
+
+
+def test_an_answer_that_cannot_be_kept_is_stored_as_delivered_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN an answer the store cannot compose a result of (a defect)
+    class Broken(FakeStore):
+        def compose_result(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None) -> ResultWrite:
+            if fields.get("handle"):
+                raise TypeError("cannot keep this")
+            return super().compose_result(event_id, fields, claimed)
+
+    store = Broken()
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    result = process(store, edge, FakeClock())
+
+    # THEN Edge has the event: it is delivered, not handed back, and the result says its answer was not kept
+    assert result.outcome is Outcome.DELIVERED
+    ((_, fields),) = store.finished
+    assert (fields["status"], fields["handle"], fields["answerNotKept"]) == ("delivered", [], True)
+    assert store.releases == [] and len(edge.calls) == 1
+
+
 def test_process_without_time_left_leaves_the_event_untouched():
     # GIVEN a batch whose time has run out
     clock = FakeClock()

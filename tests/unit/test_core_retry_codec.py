@@ -170,6 +170,25 @@ def test_codec_big_document_stays_a_string_when_zlib_does_not_shrink_it(monkeypa
     assert codec.decode_json(attr) == doc
 
 
+@pytest.mark.parametrize("size", [10, 3000])
+def test_codec_keeps_a_lone_surrogate_as_its_json_escape(size: int) -> None:
+    # GIVEN a document holding a lone UTF-16 surrogate (JSON's "\\ud83d" parses to one: an Edge answer may carry it),
+    # small or big enough to be compressed
+    doc = {"content": "hi \ud83d", "text": "caf\u00e9 \U0001f600", "pad": "x" * size}
+
+    # WHEN it is stored and read back
+    attr = codec.encode_json(doc)
+
+    # THEN it is the same value (it could not be written as UTF-8: every non-ASCII character is escaped instead)
+    assert codec.decode_json(attr) == doc
+    text = attr["S"] if "S" in attr else zlib.decompress(attr["B"]).decode("utf-8")
+    assert "\\ud83d" in text and "\\u00e9" in text
+
+
+def test_codec_writes_non_ascii_text_as_is_when_it_can() -> None:
+    assert codec.dumps({"t": "caf\u00e9 \U0001f600"}) == '{"t":"caf\u00e9 \U0001f600"}'
+
+
 def test_codec_attribute_size_of_a_number_counts_a_byte_per_two_digits_plus_one():
     # WHEN / THEN: DynamoDB's rule, without trimming zeroes (an upper bound)
     assert codec.attribute_size({"N": "1700000000"}) == 6

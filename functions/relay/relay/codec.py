@@ -9,6 +9,7 @@ invisible: see `decode_json` and the README's boto3 snippet.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from typing import Any
 
@@ -16,8 +17,17 @@ COMPRESS_OVER_BYTES = 1024
 WRITE_UNIT_BYTES = 1024  # DynamoDB bills a write one unit per started KB of the item
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON, non-ASCII text as is. A string holding a lone UTF-16 surrogate (JSON's `"\\ud83d"` parses to
+    one: an Edge answer may carry one, such as an offer cut in the middle of an emoji) cannot be encoded as UTF-8;
+    such a document is written with every non-ASCII character escaped, which is the same JSON value."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii() and _SURROGATE.search(text):
+        return json.dumps(value, separators=(",", ":"))
+    return text
 
 
 def encode_json(value: Any) -> dict[str, Any]:

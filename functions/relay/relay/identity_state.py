@@ -36,8 +36,9 @@ def _lifetime(value: Any) -> float | None:
 
 
 def _entry_bytes(key: str, entry: StoredEntry) -> int:
+    """Its size in UTF-8 (a lone surrogate, which Edge's JSON can carry, counted as the 3 bytes it would take)."""
     attrs = json.dumps(entry.attrs, separators=(",", ":")) if entry.attrs else ""
-    return len(key.encode("utf-8")) + len(entry.value.encode("utf-8")) + len(attrs.encode("utf-8"))
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text in (key, entry.value, attrs))
 
 
 def opaque_identity_id(namespace: str, identity: str, key: bytes | None = None) -> str:

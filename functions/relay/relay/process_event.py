@@ -361,7 +361,15 @@ class Relay:
                 fields[key] = answer.body[key]
         if answer.unreadable:
             fields["answerUnreadable"] = True
-        write = self.store.compose_result(inbound.event_id, fields, claimed)
+        try:
+            write = self.store.compose_result(inbound.event_id, fields, claimed)
+        except Exception:
+            # A defect, or an answer this code cannot keep: Edge has the event, and asking it again would only
+            # duplicate it. Kept as delivered without the answer's content, and said so.
+            count("UnexpectedErrors")
+            logger.exception("edge answer not kept; stored as delivered without it", eventId=inbound.event_id)
+            kept = {k: v for k, v in fields.items() if k not in ("handle", "errors", "warnings")}
+            write = self.store.compose_result(inbound.event_id, {**kept, "handle": [], "answerNotKept": True}, claimed)
         return Result(
             Outcome.DELIVERED,
             inbound.event_id,

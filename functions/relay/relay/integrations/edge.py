@@ -59,7 +59,7 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     secrets = tuple(s for s in redact if s)
     try:
         doc = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
         doc = None
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
         found = {k: doc[k] for k in ("type", "title", "detail", "report") if k in doc}
@@ -181,15 +181,17 @@ class EdgeClient:
                     raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
                 status = resp.status_code
-                if status in (200, 207):
+                if 200 <= status < 300:
+                    if not resp.content:  # a 204, as Adobe's SDKs take it: success without content
+                        return EdgeAnswer(status, {}, attempt)
                     try:
                         doc = resp.json()
-                    except ValueError:
+                    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
                         doc = None
                     if isinstance(doc, dict):
                         return EdgeAnswer(status, doc, attempt)
-                    # 200 and 207 mean delivered (contract §6), whatever the body: sending it again would only
-                    # duplicate the event. Kept as delivered without handles, and said so.
+                    # 200 and 207 mean delivered (contract §6), as does any 2xx for Adobe's SDKs, whatever the body:
+                    # sending it again would only duplicate the event. Kept as delivered without handles, and said so.
                     count("EdgeAnswerUnreadable")
                     logger.warning("edge accepted the event but its answer is not a JSON object", status=status)
                     return EdgeAnswer(status, {}, attempt, unreadable=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
-from relay.integrations.queue import message_body
+from relay.integrations.queue import RELAY_SENT_TIMESTAMP, message_body
 from relay.integrations.store import RELAY, HandlesStore, decode_item
 from relay.models import as_dict, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
@@ -127,6 +127,11 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
         )
     if status == "queued" and str(doc.get("lastError", "")).startswith("not queued"):
         return "nothing is queued for it: the webhook sender was answered 503 and must resend"
+    if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc:
+        return (
+            f"replayed at {doc['replayedAt']}: waiting in the queue for its attempt, unless that replay said it "
+            "failed (then nothing was sent: replay it again; a second copy on the queue would do no harm)"
+        )
     if status == "queued":
         return "waiting in the queue for its next attempt"
     return None
@@ -277,7 +282,11 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     try:
         mark("SET #s = :q, replayedAt = :now", "#s = :was AND attribute_not_exists(leaseUntil)")
     except ddb.exceptions.ConditionalCheckFailedException:
-        return "skipped: changed meanwhile"
+        # Our own mark, whose answer was lost and the request retried by boto3 (it then finds `queued`), goes on;
+        # anything else changed it meanwhile.
+        now = _get(ddb, table, event_id) or {}
+        if (now.get("status"), now.get("replayedAt"), "leaseUntil" in now) != ("queued", stamp["S"], False):
+            return "skipped: changed meanwhile"
     # The relay's own queue encoding: compact JSON with the characters SQS refuses (U+FFFE, U+FFFF) escaped.
     body = request if isinstance(request, str) else message_body(request)
     attrs = {
@@ -327,6 +336,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _moved(message: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of a dead-letter message's copy on the queue (a new message: a new messageId and SentTimestamp).
+    It is marked as the relay's own (`relaySource`), so that the relay reads the eventId and the send time it keeps:
+    a producer's message was keyed by its messageId, and its default `xdm.timestamp` was its SentTimestamp."""
+    # As SendMessage takes them: a received attribute may also hold the (reserved, empty) list values.
+    attrs = {
+        name: {k: v for k, v in value.items() if k in ("DataType", "StringValue", "BinaryValue")}
+        for name, value in (message.get("MessageAttributes") or {}).items()
+    }
+    if "relaySource" not in attrs:  # a producer's message: whatever `eventId` attribute it had was not its key
+        attrs["relaySource"] = {"DataType": "String", "StringValue": "sqs"}
+        attrs["eventId"] = {"DataType": "String", "StringValue": message["MessageId"]}
+    sent = (message.get("Attributes") or {}).get("SentTimestamp")
+    if RELAY_SENT_TIMESTAMP not in attrs and sent:
+        attrs[RELAY_SENT_TIMESTAMP] = {"DataType": "Number", "StringValue": str(sent)}
+    return attrs
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     t = _targets(args)
     if not (t.queue_url and t.dlq_url):
@@ -338,22 +365,12 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             QueueUrl=t.dlq_url,
             MaxNumberOfMessages=min(10, args.max - moved),
             MessageAttributeNames=["All"],
+            AttributeNames=["SentTimestamp"],
             VisibilityTimeout=60,
         ).get("Messages", [])
         if not msgs:
             break
-        # A message without an eventId attribute was keyed by its messageId: keep that key across the move.
-        entries = [
-            {
-                "Id": str(i),
-                "MessageBody": m["Body"],
-                "MessageAttributes": {
-                    "eventId": {"DataType": "String", "StringValue": m["MessageId"]},
-                    **m.get("MessageAttributes", {}),
-                },
-            }
-            for i, m in enumerate(msgs)
-        ]
+        entries = [{"Id": str(i), "MessageBody": m["Body"], "MessageAttributes": _moved(m)} for i, m in enumerate(msgs)]
         sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=entries)
         ok = {s["Id"] for s in sent.get("Successful", [])}
         done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]

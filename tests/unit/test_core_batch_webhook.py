@@ -1176,7 +1176,10 @@ def test_only_first_receives_from_the_sender_are_claimed_with_the_batch() -> Non
     relay, _ = real_relay(store, 6)
     redelivered = {**record("e-again", 2, "p2"), "messageId": "m2"}
     replayed = sqs("e-replay", "m3", "p3")
-    replayed["messageAttributes"] = {"eventId": {"stringValue": "e-replay", "dataType": "String"}}
+    replayed["messageAttributes"] = {
+        "eventId": {"stringValue": "e-replay", "dataType": "String"},
+        "relaySource": {"stringValue": "sqs", "dataType": "String"},
+    }
     queued = sqs("e-queued", "m4", "p4")
     queued["messageAttributes"] = {"relaySource": {"stringValue": "webhook", "dataType": "String"}}
     records = [sqs("e-new", "m1", "p1"), redelivered, replayed, queued, sqs("e-second", "m5", "p1")]
@@ -1355,7 +1358,10 @@ def test_a_queued_events_own_replay_refused_as_invalid_is_kept_beside_it_and_the
     claim = store.claim("order-3", datastream_id="ds-1", source="sqs", lease_s=30)
     store.release("order-3", claim.token, "edge unavailable")
     bad = {**sqs("order-3", "m-bad", "p"), "body": json.dumps({"event": {"xdm": {"_id": "order-3", "timestamp": 5}}})}
-    bad["messageAttributes"] = {"eventId": {"stringValue": "order-3", "dataType": "String"}}
+    bad["messageAttributes"] = {
+        "eventId": {"stringValue": "order-3", "dataType": "String"},
+        "relaySource": {"stringValue": "sqs", "dataType": "String"},
+    }
 
     # WHEN the batch runs
     assert run_batch(Relay(store, FakeEdge(), clock), [bad]) == {"batchItemFailures": []}  # type: ignore[arg-type]
@@ -1366,3 +1372,49 @@ def test_a_queued_events_own_replay_refused_as_invalid_is_kept_beside_it_and_the
     assert items[f"EVENT#{filed}"]["status"]["S"] == "rejected"
     queued = items["EVENT#order-3"]
     assert (queued["status"]["S"], queued["invalidFiling"]["S"]) == ("queued", filed)
+
+
+def test_a_producers_own_eventid_attribute_does_not_key_its_events() -> None:
+    # GIVEN two different orders from a producer, without xdm._id, each with a message attribute `eventId` that the
+    # producer uses for its own purpose (the same on both)
+    store = FakeStore(insert_claims=True)
+    relay, edge = real_relay(store, 2)
+    orders = []
+    for n in (1, 2):
+        body = {"event": {"xdm": {"eventType": "order", "identityMap": {"CRMID": [{"id": f"p{n}", "primary": True}]}}}}
+        message = {**sqs("unused", f"m-{n}", f"p{n}"), "body": json.dumps(body)}
+        message["messageAttributes"] = {"eventId": {"stringValue": "order.created", "dataType": "String"}}
+        orders.append(message)
+
+    # WHEN the batch runs
+    answer = run_batch(relay, orders)
+
+    # THEN each is its own event, keyed by its messageId (contract §2), and both reach Edge
+    assert answer == {"batchItemFailures": []}
+    assert sorted(c.request["event"]["xdm"]["_id"] for c in edge.calls) == ["m-1", "m-2"]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        ({}, "2023-11-14T22:13:20.000Z"),  # the message's own SentTimestamp
+        ({"relaySentTimestamp": "1600000000000"}, "2023-11-14T22:13:20.000Z"),  # not the relay's message: ignored
+        ({"relaySource": "sqs", "relaySentTimestamp": "1600000000000"}, "2020-09-13T12:26:40.000Z"),  # a redrive's
+        ({"relaySource": "sqs", "relaySentTimestamp": "1e300"}, "2023-11-14T22:13:20.000Z"),  # not a time: ignored
+    ],
+)
+def test_the_default_timestamp_is_the_send_time_of_the_message_the_event_first_came_in(
+    attributes: dict[str, str], expected: str
+) -> None:
+    # GIVEN an event without xdm.timestamp, in a message sent at 1700000000000 ms, with these attributes
+    store = FakeStore()
+    relay, edge = real_relay(store, 1)
+    message = {**sqs("e-1", "m-1", "p1"), "body": json.dumps({"event": {"xdm": {"_id": "e-1"}}})}
+    message["attributes"] = {**message["attributes"], "SentTimestamp": "1700000000000"}
+    message["messageAttributes"] = {k: {"stringValue": v, "dataType": "String"} for k, v in attributes.items()}
+
+    # WHEN the batch runs
+    run_batch(relay, [message])
+
+    # THEN the timestamp Edge gets is that of the first message (a redriven copy, a new message, names it)
+    assert [c.request["event"]["xdm"]["timestamp"] for c in edge.calls] == [expected]

@@ -4,15 +4,18 @@ dead-letter queue, a partial redrive (the happy paths run against moto over HTTP
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import boto3
 import pytest
 from relay import codec
 from relay.errors import EventIdReused, PayloadTooLarge
+from relay.models import iso_millis
 from relay.process_event import INVALID_EVENT_TYPE, invalid_problem
 
 import relayctl.__main__ as relayctl_main
+from devtools.poller import record_from_message
 from devtools.resources import create_handles_table
 from relayctl.__main__ import _peek_dlq, replay_event
 
@@ -268,6 +271,11 @@ def test_an_aws_error_is_one_line_and_exit_2(aws: None, capsys: pytest.CaptureFi
             "nothing is queued for it: the webhook sender was answered 503 and must resend",
         ),
         ({"status": "queued", "lastError": "edge answered 503"}, "waiting in the queue for its next attempt"),
+        (
+            {"status": "queued", "replayedAt": "2026-01-01T00:00:00.000Z"},
+            "replayed at 2026-01-01T00:00:00.000Z: waiting in the queue for its attempt, unless that replay said it "
+            "failed (then nothing was sent: replay it again; a second copy on the queue would do no harm)",
+        ),
         ({"status": "delivered"}, None),
     ],
 )
@@ -424,3 +432,129 @@ def test_show_says_when_it_did_not_search_the_dead_letter_queue(
     assert "not in the dead-letter queue" not in unknown["detail"]
     assert "the dead-letter queue not searched (give --dlq-url or --stack, or set DLQ_URL)" in unknown["detail"]
     assert "An event is kept under its xdm._id" in unknown["detail"]
+
+
+class LostAnswer:
+    """A DynamoDB client whose first `update_item` is applied but its answer lost: boto3 sends the same request
+    again, and that one's answer (here, a refused condition) is what the caller gets."""
+
+    def __init__(self, ddb: Any) -> None:
+        self._ddb, self._lost = ddb, False
+
+    def update_item(self, **kwargs: Any) -> Any:
+        if not self._lost:
+            self._lost = True
+            self._ddb.update_item(**kwargs)
+        return self._ddb.update_item(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ddb, name)
+
+
+def test_a_replay_whose_mark_was_applied_but_its_answer_lost_still_sends_the_event(aws: None) -> None:
+    # GIVEN an Edge rejection, and a DynamoDB whose answer to the replay's mark is lost (the retry finds it `queued`)
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN it is replayed
+    outcome = replay_event(LostAnswer(ddb), sqs, "t", queue, "ev-1")
+
+    # THEN its own mark is recognised: the event is sent, not left marked queued with nothing on the queue
+    assert outcome == "queued"
+    assert len(sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])) == 1
+
+
+def test_a_replay_that_finds_the_event_changed_by_someone_else_sends_nothing(aws: None) -> None:
+    # GIVEN an Edge rejection that another replay marks queued between our read and our mark
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    class Raced(LostAnswer):
+        def update_item(self, **kwargs: Any) -> Any:
+            other = {":q": {"S": "queued"}, ":at": {"S": "2000-01-01T00:00:00.000Z"}}
+            self._ddb.update_item(
+                TableName="t",
+                Key=kwargs["Key"],
+                UpdateExpression="SET #s = :q, replayedAt = :at",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues=other,
+            )
+            return self._ddb.update_item(**kwargs)
+
+    # WHEN it is replayed
+    outcome = replay_event(Raced(ddb), sqs, "t", queue, "ev-1")
+
+    # THEN the other replay's mark is not taken for ours: nothing is sent
+    assert outcome == "skipped: changed meanwhile"
+    assert sqs.receive_message(QueueUrl=queue).get("Messages", []) == []
+
+
+def test_redrive_keeps_the_eventid_and_send_time_of_a_producers_message(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a producer's message in the dead-letter queue: no xdm._id, no xdm.timestamp, an `eventId` attribute of
+    # the producer's own
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    body = json.dumps({"event": {"xdm": {"eventType": "order"}}})
+    attrs = {"eventId": {"DataType": "String", "StringValue": "order.created"}}
+    sqs.send_message(QueueUrl=dlq, MessageBody=body, MessageAttributes=attrs)
+    [original] = sqs.receive_message(
+        QueueUrl=dlq, AttributeNames=["SentTimestamp"], MessageAttributeNames=["All"], VisibilityTimeout=0
+    )["Messages"]
+    time.sleep(0.01)  # the copy is sent later: its own SentTimestamp differs
+
+    # WHEN it is redriven
+    assert relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"]) == 0
+
+    # THEN the copy (a new message) is read by the relay as the same event: keyed by the original messageId, with
+    # the original's send time as its default timestamp
+    [copy] = sqs.receive_message(
+        QueueUrl=queue, AttributeNames=["All"], MessageAttributeNames=["All"], MaxNumberOfMessages=10
+    )["Messages"]
+    assert copy["MessageId"] != original["MessageId"]
+    assert copy["Attributes"]["SentTimestamp"] != original["Attributes"]["SentTimestamp"]
+    record = record_from_message(copy, "arn:aws:sqs:us-east-1:123456789012:q", "us-east-1")
+    twin = record_from_message(original, "arn:aws:sqs:us-east-1:123456789012:dlq", "us-east-1")
+    seen = [prepared(monkeypatch, r) for r in (twin, record)]
+    assert (
+        seen[0] == seen[1] == (original["MessageId"], iso_millis(int(original["Attributes"]["SentTimestamp"]) / 1000))
+    )
+
+
+def prepared(monkeypatch: pytest.MonkeyPatch, record: dict[str, Any]) -> tuple[str, str]:
+    """The eventId and the xdm.timestamp the relay's batch gives the event in `record`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relay.batch import BatchRunner
+    from relay.clock import Deadline
+    from relay.settings import load_settings
+
+    from tests.fakes import FakeClock
+
+    seen: list[tuple[str, str]] = []
+
+    class Relay:
+        clock = FakeClock()
+
+        def process(self, inbound: Any, *args: Any, **kwargs: Any) -> Any:
+            from relay.process_event import Outcome, Result
+
+            seen.append((inbound.event_id, inbound.request["event"]["xdm"]["timestamp"]))
+            return Result(Outcome.DELIVERED, inbound.event_id)
+
+        def prefetch_states(self, keys: Any) -> dict[Any, Any]:
+            return {}
+
+    settings = load_settings(
+        {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
+    )
+    runner = BatchRunner(settings, Relay(), ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    runner.run({"Records": [record]}, Deadline(Relay.clock, 20), lease_s=25)
+    [result] = seen
+    return result

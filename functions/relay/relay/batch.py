@@ -30,7 +30,7 @@ from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import MIN_ATTEMPT_S
-from relay.integrations.queue import MAX_RETRY_DELAY_S, RetryQueue
+from relay.integrations.queue import MAX_RETRY_DELAY_S, RELAY_SENT_TIMESTAMP, RetryQueue
 from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, Claim
 from relay.models import (
     MAX_BODY_BYTES,
@@ -166,14 +166,24 @@ class BatchRunner:
             receive_count = int((record.get("attributes") or {}).get("ApproximateReceiveCount", 1))
         except (TypeError, ValueError):
             receive_count = 1
-        source: Source = "webhook" if _attr(record, "relaySource") == "webhook" else "sqs"
+        # The relay's own messages (a webhook event it queued, a replay, a redrive by relayctl) say so in `relaySource`,
+        # and name the eventId and the send time of the event they carry. A producer's message is keyed by its
+        # messageId (contract §2) whatever attributes it has: an `eventId` attribute of its own (say "order.created")
+        # must not make distinct events repeats of one another.
+        relays = _attr(record, "relaySource")
+        source: Source = "webhook" if relays == "webhook" else "sqs"
+        sent = (_attr(record, RELAY_SENT_TIMESTAMP) if relays else None) or (record.get("attributes") or {}).get(
+            "SentTimestamp", 0
+        )
         try:
-            sent_ms = float((record.get("attributes") or {}).get("SentTimestamp", 0)) / 1000
+            sent_ms = float(sent) / 1000
         except (TypeError, ValueError):
             sent_ms = 0
-        received_at = sent_ms or self._relay.clock.now()  # stable across redeliveries: same default timestamp
+        if not 0 < sent_ms < 1e11:  # not a plausible time (NaN is not either)
+            sent_ms = 0
+        received_at = sent_ms or self._relay.clock.now()  # stable across redeliveries and redrives: same timestamp
         # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
-        named_id = _attr(record, "eventId")
+        named_id = _attr(record, "eventId") if relays else None
         fallback_id = named_id or message_id
         named = _attr(record, "datastreamId")
         try:

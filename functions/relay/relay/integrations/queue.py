@@ -15,6 +15,10 @@ from relay.observability import logger
 # Edge's Retry-After is honoured up to 15 minutes on both paths: SQS's longest DelaySeconds for a webhook event that
 # falls back to the queue, and the same bound for the visibility of an SQS record sent back.
 MAX_RETRY_DELAY_S = 900
+# The message attributes of the relay's own messages (and relayctl's): `relaySource` marks one, and only then are its
+# `eventId` and this one read. This one keeps the `SentTimestamp` of the message an event first came in, which a
+# redriven copy (a new message) would otherwise lose: its default `xdm.timestamp` must not change.
+RELAY_SENT_TIMESTAMP = "relaySentTimestamp"
 _VISIBILITY_BATCH = 10  # ChangeMessageVisibilityBatch takes at most 10 entries
 
 

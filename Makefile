@@ -66,6 +66,7 @@ validate: setup sam-setup
 	$(OFFLINE_AWS) $(SAM) validate --lint --template template.yaml
 
 build: sam-setup
+	@$(SAM_PY_ENV) python3.13 --version >/dev/null 2>&1 || { echo "make build: sam build needs python3.13 (the Lambda runtime) on PATH, or in pyenv (pyenv install 3.13); in make test, every check before it has passed" >&2; exit 1; }
 	$(OFFLINE_AWS) $(SAM_PY_ENV) $(SAM) build --template template.yaml
 
 test: lint types validate audit unit integration build

@@ -1275,6 +1275,8 @@ class _Handler(LoopbackHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
+        if self.request_version == "HTTP/0.9":  # no status line, no headers (send_response wrote none)
+            return reply.body
         head = b"".join(self._headers_buffer) + b"\r\n"
         self._headers_buffer = []
         return head + reply.body

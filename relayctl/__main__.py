@@ -73,7 +73,9 @@ def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 1000) -> dict[
                 return None
             handles += [msg["ReceiptHandle"] for msg in msgs]  # all of them: the loop below may return early
             for msg in msgs:
-                attr = (msg.get("MessageAttributes") or {}).get("eventId", {}).get("StringValue")
+                attrs = msg.get("MessageAttributes") or {}
+                # The relay reads an `eventId` attribute only on its own messages (`relaySource`), as here.
+                attr = attrs.get("eventId", {}).get("StringValue") if "relaySource" in attrs else None
                 try:
                     xdm_id = json.loads(msg["Body"])["event"]["xdm"]["_id"]
                 except (ValueError, KeyError, TypeError):
@@ -127,7 +129,9 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
         )
     if status == "queued" and str(doc.get("lastError", "")).startswith("not queued"):
         return "nothing is queued for it: the webhook sender was answered 503 and must resend"
-    if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc:
+    replayed = str(doc.get("replayedAt") or "")
+    if status == "queued" and replayed and "leaseUntil" not in doc and str(doc.get("updatedAt") or "") <= replayed:
+        # Marked by a replay and not tried since (an attempt given back sets `updatedAt`).
         return (
             f"replayed at {doc['replayedAt']}: waiting in the queue for its attempt, unless that replay said it "
             "failed (then nothing was sent: replay it again; a second copy on the queue would do no harm)"
@@ -336,7 +340,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _moved(message: dict[str, Any]) -> dict[str, Any]:
+_SQS_MAX_ATTRIBUTES = 10  # message attributes SQS takes on one message
+
+
+def _moved(message: dict[str, Any]) -> dict[str, Any] | None:
     """The attributes of a dead-letter message's copy on the queue (a new message: a new messageId and SentTimestamp).
     It is marked as the relay's own (`relaySource`), so that the relay reads the eventId and the send time it keeps:
     a producer's message was keyed by its messageId, and its default `xdm.timestamp` was its SentTimestamp."""
@@ -349,9 +356,19 @@ def _moved(message: dict[str, Any]) -> dict[str, Any]:
         attrs["relaySource"] = {"DataType": "String", "StringValue": "sqs"}
         attrs["eventId"] = {"DataType": "String", "StringValue": message["MessageId"]}
     sent = (message.get("Attributes") or {}).get("SentTimestamp")
-    if RELAY_SENT_TIMESTAMP not in attrs and sent:
+    if RELAY_SENT_TIMESTAMP not in attrs and sent and len(attrs) < _SQS_MAX_ATTRIBUTES:
+        # Without it (no room left), only a body without xdm.timestamp gets the copy's send time as its default.
         attrs[RELAY_SENT_TIMESTAMP] = {"DataType": "Number", "StringValue": str(sent)}
-    return attrs
+    if len(attrs) <= _SQS_MAX_ATTRIBUTES:
+        return attrs
+    # A producer's message with 9 or 10 attributes has no room for the two that keep its eventId. One whose body
+    # names its xdm._id needs neither; any other, moved anyway, would be another event (keyed by its new messageId),
+    # sent to Edge under another xdm._id.
+    try:
+        named = isinstance(json.loads(message["Body"])["event"]["xdm"]["_id"], str)
+    except (ValueError, KeyError, TypeError):
+        named = False
+    return {name: attrs[name] for name in (message.get("MessageAttributes") or {})} if named else None
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
@@ -359,7 +376,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     if not (t.queue_url and t.dlq_url):
         raise SystemExit("relayctl: redrive needs --queue-url and --dlq-url (or --stack)")
     sqs = boto3.client("sqs")
-    moved, failed = 0, False
+    moved, kept_back, failed = 0, 0, False
     while moved < args.max:
         msgs = sqs.receive_message(
             QueueUrl=t.dlq_url,
@@ -370,19 +387,30 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         ).get("Messages", [])
         if not msgs:
             break
-        entries = [{"Id": str(i), "MessageBody": m["Body"], "MessageAttributes": _moved(m)} for i, m in enumerate(msgs)]
+        copies = [(str(i), m, _moved(m)) for i, m in enumerate(msgs)]
+        for _, m, attrs in copies:
+            if attrs is None:
+                print(
+                    f"{m['MessageId']}: left in the dead-letter queue: it has too many message attributes for the two "
+                    f"that keep its eventId (SQS takes {_SQS_MAX_ATTRIBUTES}); send it again with fewer, or with an "
+                    "xdm._id"
+                )
+                kept_back += 1
+        entries = [{"Id": i, "MessageBody": m["Body"], "MessageAttributes": a} for i, m, a in copies if a is not None]
+        if not entries:
+            continue  # those read are hidden for a minute: the next receive reads others
         sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=entries)
         ok = {s["Id"] for s in sent.get("Successful", [])}
         done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]
         if done:  # delete only what reached the queue: a failed send stays in the DLQ
             sqs.delete_message_batch(QueueUrl=t.dlq_url, Entries=done)
         moved += len(done)
-        if len(done) < len(msgs):
-            print(f"{len(msgs) - len(done)} message(s) could not be sent; left in the dead-letter queue")
+        if len(done) < len(entries):
+            print(f"{len(entries) - len(done)} message(s) could not be sent; left in the dead-letter queue")
             failed = True
             break
     print(f"moved {moved} message(s) from the dead-letter queue to the queue")
-    return 1 if failed else 0
+    return 1 if failed or kept_back else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

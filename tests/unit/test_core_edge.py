@@ -692,6 +692,22 @@ def test_a_problem_nested_deeper_than_python_parses_is_still_a_rejection() -> No
     assert (info.value.status, info.value.problem["title"]) == (400, "Bad Request")
 
 
+def test_a_problem_too_deep_to_redact_is_still_a_rejection_without_credentials() -> None:
+    # GIVEN IMS auth (the token and API key are cut out of problems) and a 4xx problem whose report parses but is
+    # nested deeper than redaction goes
+    clock = FakeClock()
+    report: Any = "Bearer token-1 for " + CREDS.client_id
+    for _ in range(900):
+        report = {"r": report}
+    session = FakeSession([make_response(400, {"type": "t", "title": "Bad", "report": report}, reason="Bad Request")])
+
+    # WHEN / THEN it is rejected (not an unexpected error, which would retry it), with no credential in its problem
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock, tokens=FakeTokenProvider()).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+    assert info.value.status == 400
+    assert "token-1" not in json.dumps(info.value.problem) and CREDS.client_id not in json.dumps(info.value.problem)
+
+
 def test_deliver_never_follows_a_redirect():
     # GIVEN
     clock = FakeClock()

@@ -622,6 +622,42 @@ def test_an_answer_holding_a_lone_surrogate_is_stored_as_delivered_and_equal(sto
     assert edge.calls[1].request["meta"]["state"]["entries"] == [{"key": "k", "value": "v\udc00", "maxAge": 3600}]
 
 
+def test_a_request_id_holding_a_lone_surrogate_is_stored_delivered_or_rejected(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN Edge's requestId (a plain string attribute, not a JSON document) holding a lone surrogate: in a 200, and
+    # in a 4xx problem's report (the real store, on in-process moto)
+    store, clock = store_on_moto.store, store_on_moto.clock
+    problem = {
+        "type": "https://ns.adobe.com/aep/errors/EXEG-0104-422",
+        "status": 422,
+        "report": {"requestId": "q\udc00"},
+    }
+    edge = FakeEdge(EdgeAnswer(200, {"requestId": "r-\ud83d", "handle": []}, 1), EdgeRejected(422, problem))
+    other = build_inbound({"event": {"xdm": {}}}, event_id="evt-2", datastream_id=DS, source="sqs", received_at=NOW)
+
+    # WHEN both are processed
+    delivered = Relay(store, edge, clock).process(inbound(), Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]
+    rejected = Relay(store, edge, clock).process(other, Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]
+
+    # THEN each keeps its outcome (never handed back to be sent again), the surrogate written as its escape
+    assert (delivered.outcome, rejected.outcome) == (Outcome.DELIVERED, Outcome.REJECTED)
+    assert (store.get_result("evt-1") or {})["requestId"] == "r-\\ud83d"
+    assert (store.get_result("evt-2") or {})["status"] == "rejected"
+    assert len(edge.calls) == 2
+
+
+def test_a_release_whose_reason_holds_a_lone_surrogate_gives_the_event_back(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a claimed event, and a reason built from Edge's problem type holding a lone surrogate
+    store = store_on_moto.store
+    claim = store.claim("evt-1", datastream_id=DS, source="sqs", lease_s=30)
+
+    # WHEN it is given back
+    store.release("evt-1", claim.token, "edge answered 503 EXEG-\ud83d")
+
+    # THEN it is queued, and the reason readable
+    item = store.get_result("evt-1") or {}
+    assert (item["status"], item["lastError"]) == ("queued", "edge answered 503 EXEG-\\ud83d")
+
+
 def test_an_answer_that_cannot_be_kept_is_stored_as_delivered_without_it(caplog: pytest.LogCaptureFixture) -> None:
     # GIVEN an answer the store cannot compose a result of (a defect)
     class Broken(FakeStore):

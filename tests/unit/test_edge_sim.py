@@ -590,3 +590,18 @@ def test_cli_runs_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_http_0_9_request_gets_its_answer_without_headers(sim: EdgeSimulator) -> None:
+    # GIVEN a bare HTTP/0.9 request line (no version: no status line or headers in the answer)
+    import socket
+
+    host, port = sim.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(b"GET /_sim/health\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+
+    # THEN the body alone comes back (the simulator renders answers before its latency pause)
+    assert json.loads(answer)["ok"] is True

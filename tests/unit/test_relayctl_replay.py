@@ -86,17 +86,23 @@ def test_show_finds_a_dead_lettered_event_beyond_the_first_ten_and_hides_none(aw
     # GIVEN 15 messages in the dead-letter queue, the event is the 13th
     sqs = boto3.client("sqs")
     dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    relays = {"relaySource": {"DataType": "String", "StringValue": "sqs"}}
     for n in range(15):
-        attrs = {"eventId": {"DataType": "String", "StringValue": f"ev-{n}"}}
+        attrs = {"eventId": {"DataType": "String", "StringValue": f"ev-{n}"}, **relays}
         sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=attrs)
+    # AND a producer's message with an `eventId` attribute of its own (not the relay's key for it)
+    producers = {"eventId": {"DataType": "String", "StringValue": "order.created"}}
+    sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=producers)
 
-    # WHEN / THEN it is found (receives with a visibility of 0 kept returning the first ten)
+    # WHEN / THEN it is found (receives with a visibility of 0 kept returning the first ten), and the producer's
+    # attribute is not taken for an eventId
     assert _peek_dlq(sqs, dlq, "ev-12") is not None
     assert _peek_dlq(sqs, dlq, "ev-99") is None
+    assert _peek_dlq(sqs, dlq, "order.created") is None
     # AND every message is visible again afterwards (nothing consumed, nothing left hidden)
     assert (
         sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]["ApproximateNumberOfMessages"]
-        == "15"
+        == "16"
     )
 
 
@@ -271,8 +277,12 @@ def test_an_aws_error_is_one_line_and_exit_2(aws: None, capsys: pytest.CaptureFi
             "nothing is queued for it: the webhook sender was answered 503 and must resend",
         ),
         ({"status": "queued", "lastError": "edge answered 503"}, "waiting in the queue for its next attempt"),
+        (  # replayed, then tried and given back: `updatedAt` is later
+            {"status": "queued", "replayedAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2026-01-01T00:00:05.000Z"},
+            "waiting in the queue for its next attempt",
+        ),
         (
-            {"status": "queued", "replayedAt": "2026-01-01T00:00:00.000Z"},
+            {"status": "queued", "replayedAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2025-12-31T00:00:00.000Z"},
             "replayed at 2026-01-01T00:00:00.000Z: waiting in the queue for its attempt, unless that replay said it "
             "failed (then nothing was sent: replay it again; a second copy on the queue would do no harm)",
         ),
@@ -558,3 +568,54 @@ def prepared(monkeypatch: pytest.MonkeyPatch, record: dict[str, Any]) -> tuple[s
     runner.run({"Records": [record]}, Deadline(Relay.clock, 20), lease_s=25)
     [result] = seen
     return result
+
+
+def producer_message(n_attributes: int, body: str) -> dict[str, Any]:
+    attrs = {f"a{n}": {"DataType": "String", "StringValue": str(n)} for n in range(n_attributes)}
+    return {
+        "MessageId": "m-1",
+        "Body": body,
+        "MessageAttributes": attrs,
+        "Attributes": {"SentTimestamp": "1700000000000"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("n_attributes", "body", "added"),
+    [
+        (7, "{}", ["eventId", "relaySentTimestamp", "relaySource"]),
+        (8, "{}", ["eventId", "relaySource"]),  # no room for the send time
+        (9, "{}", None),  # no room for its eventId: not moved
+        (9, json.dumps({"event": {"xdm": {"_id": "order-1"}}}), []),  # keyed by its xdm._id: moved as it was
+    ],
+)
+def test_a_redriven_copy_stays_within_sqs_attribute_limit(
+    n_attributes: int, body: str, added: list[str] | None
+) -> None:
+    moved = relayctl_main._moved(producer_message(n_attributes, body))
+    if added is None:
+        assert moved is None
+        return
+    assert moved is not None and len(moved) <= 10
+    assert sorted(set(moved) - {f"a{n}" for n in range(n_attributes)}) == added
+
+
+def test_redrive_leaves_a_message_it_cannot_move_as_the_same_event_and_says_so(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a producer's message without xdm._id and with 9 attributes, and one it can move
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    crowded = {f"a{n}": {"DataType": "String", "StringValue": str(n)} for n in range(9)}
+    sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=crowded)
+    sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "order-2"}}}))
+
+    # WHEN redriven
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN the movable one is moved, the other stays in the dead-letter queue, said so, and the exit code is 1
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "left in the dead-letter queue: it has too many message attributes" in out
+    assert out.splitlines()[-1] == "moved 1 message(s) from the dead-letter queue to the queue"

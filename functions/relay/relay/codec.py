@@ -20,14 +20,22 @@ WRITE_UNIT_BYTES = 1024  # DynamoDB bills a write one unit per started KB of the
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def text(value: str) -> str:
+    """`value`, with any lone UTF-16 surrogate written as its `\\uXXXX` escape, so that it can be encoded as UTF-8.
+    JSON's `"\\ud83d"` parses to one, and an Edge answer may carry one (an offer cut in the middle of an emoji)."""
+    if value.isascii() or not _SURROGATE.search(value):
+        return value
+    return _SURROGATE.sub(_escape, value)
+
+
 def dumps(value: Any) -> str:
-    """Compact JSON, non-ASCII text as is. A string holding a lone UTF-16 surrogate (JSON's `"\\ud83d"` parses to
-    one: an Edge answer may carry one, such as an offer cut in the middle of an emoji) cannot be encoded as UTF-8;
-    such a document is written with every non-ASCII character escaped, which is the same JSON value."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    if not text.isascii() and _SURROGATE.search(text):
-        return json.dumps(value, separators=(",", ":"))
-    return text
+    """Compact JSON, non-ASCII text as is. A lone surrogate can only be inside a string, so writing it as its JSON
+    escape (`text`) gives the same JSON value, in text that UTF-8 can carry."""
+    return text(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
 def encode_json(value: Any) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from relay import codec
+
 # What is kept of an answer, so that no answer can break the identity's next events (reference §4-§5):
 HINT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}")  # Edge's hints ("or2", "va6", "irl1"): a URL path part
 MAX_LIFETIME_S = 5 * 365 * 86400  # above any Edge lifetime (the identity entry: 395 days); keeps expiries finite
@@ -36,9 +38,9 @@ def _lifetime(value: Any) -> float | None:
 
 
 def _entry_bytes(key: str, entry: StoredEntry) -> int:
-    """Its size in UTF-8 (a lone surrogate, which Edge's JSON can carry, counted as the 3 bytes it would take)."""
+    """Its size in UTF-8, as sent (a lone surrogate, which Edge's JSON can carry, as its 6-byte escape)."""
     attrs = json.dumps(entry.attrs, separators=(",", ":")) if entry.attrs else ""
-    return sum(len(text.encode("utf-8", "surrogatepass")) for text in (key, entry.value, attrs))
+    return sum(len(codec.text(text).encode("utf-8")) for text in (key, entry.value, attrs))
 
 
 def opaque_identity_id(namespace: str, identity: str, key: bytes | None = None) -> str:

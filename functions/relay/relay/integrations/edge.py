@@ -66,7 +66,10 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
         # The HTTP status is what the relay acted on (retry, 422 or 502), so it is the one stored and answered: a body
         # that says otherwise (a gateway's, a proxy's) must not turn Edge's 500 into "your event is invalid".
         found["status"] = resp.status_code
-        return _redact(found, secrets) if secrets else found
+        try:
+            return _redact(found, secrets) if secrets else found
+        except RecursionError:  # a `report` nested deeper than redaction goes: kept as text, below
+            pass
     # Cut the credentials out of the whole text before shortening it: shortened first, a token running past the cut
     # would no longer match, and its first part would be kept.
     text, reason = _redact(resp.text, secrets), _redact(resp.reason or "", secrets)

@@ -306,7 +306,7 @@ class HandlesStore:
             elif isinstance(value, int | float):
                 values[name] = {"N": str(value)}
             else:
-                values[name] = {"S": str(value)}
+                values[name] = {"S": codec.text(str(value))}  # Edge's requestId, say, may hold a lone surrogate
         size = codec.item_size(values)
         if size <= MAX_ITEM_BYTES:
             return values
@@ -332,7 +332,7 @@ class HandlesStore:
         `Retry-After` Edge gave (seconds), so a user can tell when the next attempt comes."""
         values = {
             ":queued": {"S": "queued"},
-            ":r": {"S": reason[:500]},
+            ":r": {"S": codec.text(reason[:500])},
             ":now": {"S": iso_millis(self._clock.now())},
         }
         set_part, remove_part = "SET #s = :queued, lastError = :r, updatedAt = :now", "REMOVE leaseUntil, claimToken"
@@ -386,7 +386,11 @@ class HandlesStore:
                 event_id,
                 "SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
                 "#s = :queued",
-                {":queued": {"S": "queued"}, ":r": {"S": reason[:500]}, ":now": {"S": iso_millis(self._clock.now())}},
+                {
+                    ":queued": {"S": "queued"},
+                    ":r": {"S": codec.text(reason[:500])},
+                    ":now": {"S": iso_millis(self._clock.now())},
+                },
                 {"#s": "status"},
             )
         except StoreUnavailable:

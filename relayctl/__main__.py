@@ -129,12 +129,12 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
         )
     if status == "queued" and str(doc.get("lastError", "")).startswith("not queued"):
         return "nothing is queued for it: the webhook sender was answered 503 and must resend"
-    replayed = str(doc.get("replayedAt") or "")
-    if status == "queued" and replayed and "leaseUntil" not in doc and str(doc.get("updatedAt") or "") <= replayed:
-        # Marked by a replay and not tried since (an attempt given back sets `updatedAt`).
+    if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc:
+        # Marked by a replay, perhaps tried since (the replay's stamp is the operator's clock, `updatedAt` the
+        # function's: not compared).
         return (
-            f"replayed at {doc['replayedAt']}: waiting in the queue for its attempt, unless that replay said it "
-            "failed (then nothing was sent: replay it again; a second copy on the queue would do no harm)"
+            f"waiting in the queue for its next attempt (replayed at {doc['replayedAt']}; if that replay said it "
+            "failed, nothing was sent: replay it again, a second copy on the queue would do no harm)"
         )
     if status == "queued":
         return "waiting in the queue for its next attempt"
@@ -376,41 +376,63 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     if not (t.queue_url and t.dlq_url):
         raise SystemExit("relayctl: redrive needs --queue-url and --dlq-url (or --stack)")
     sqs = boto3.client("sqs")
-    moved, kept_back, failed = 0, 0, False
-    while moved < args.max:
-        msgs = sqs.receive_message(
-            QueueUrl=t.dlq_url,
-            MaxNumberOfMessages=min(10, args.max - moved),
-            MessageAttributeNames=["All"],
-            AttributeNames=["SentTimestamp"],
-            VisibilityTimeout=60,
-        ).get("Messages", [])
-        if not msgs:
-            break
-        copies = [(str(i), m, _moved(m)) for i, m in enumerate(msgs)]
-        for _, m, attrs in copies:
-            if attrs is None:
+    moved, failed = 0, False
+    kept: dict[str, str] = {}  # messageId -> receipt handle of a message left in the dead-letter queue
+    try:
+        while moved < args.max:
+            msgs = sqs.receive_message(
+                QueueUrl=t.dlq_url,
+                MaxNumberOfMessages=min(10, args.max - moved),
+                MessageAttributeNames=["All"],
+                AttributeNames=["SentTimestamp"],
+                VisibilityTimeout=60,
+            ).get("Messages", [])
+            if not msgs or all(m["MessageId"] in kept for m in msgs):
+                break  # empty, or back to the messages it leaves behind: one pass is done
+            copies = [(str(i), m, _moved(m)) for i, m in enumerate(msgs)]
+            for _, m, attrs in copies:
+                if attrs is None and m["MessageId"] not in kept:
+                    print(
+                        f"{m['MessageId']}: left in the dead-letter queue: it has too many message attributes for "
+                        f"the two that keep its eventId (SQS takes {_SQS_MAX_ATTRIBUTES}); send it again with fewer, "
+                        "or with an xdm._id"
+                    )
+                if attrs is None:
+                    kept[m["MessageId"]] = m["ReceiptHandle"]
+            entries = [
+                {"Id": i, "MessageBody": m["Body"], "MessageAttributes": a} for i, m, a in copies if a is not None
+            ]
+            if not entries:
+                continue  # those read are hidden for a minute: the next receive reads others
+            sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=entries)
+            ok = {s["Id"] for s in sent.get("Successful", [])}
+            done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]
+            deleted = 0
+            if done:  # delete only what reached the queue: a failed send stays in the DLQ
+                answer = sqs.delete_message_batch(QueueUrl=t.dlq_url, Entries=done)
+                deleted = len(answer.get("Successful", []))
+            moved += deleted
+            if deleted < len(done):
                 print(
-                    f"{m['MessageId']}: left in the dead-letter queue: it has too many message attributes for the two "
-                    f"that keep its eventId (SQS takes {_SQS_MAX_ATTRIBUTES}); send it again with fewer, or with an "
-                    "xdm._id"
+                    f"{len(done) - deleted} message(s) sent to the queue but not deleted from the dead-letter queue: "
+                    "they are on both (the relay takes the second copy for a repeat)"
                 )
-                kept_back += 1
-        entries = [{"Id": i, "MessageBody": m["Body"], "MessageAttributes": a} for i, m, a in copies if a is not None]
-        if not entries:
-            continue  # those read are hidden for a minute: the next receive reads others
-        sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=entries)
-        ok = {s["Id"] for s in sent.get("Successful", [])}
-        done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]
-        if done:  # delete only what reached the queue: a failed send stays in the DLQ
-            sqs.delete_message_batch(QueueUrl=t.dlq_url, Entries=done)
-        moved += len(done)
-        if len(done) < len(entries):
-            print(f"{len(entries) - len(done)} message(s) could not be sent; left in the dead-letter queue")
-            failed = True
-            break
+                failed = True
+                break
+            if len(done) < len(entries):
+                print(f"{len(entries) - len(done)} message(s) could not be sent; left in the dead-letter queue")
+                failed = True
+                break
+    finally:
+        handles = list(kept.values())  # visible again at once: `show` and the next redrive find them
+        for start in range(0, len(handles), 10):
+            entries = [
+                {"Id": str(n), "ReceiptHandle": h, "VisibilityTimeout": 0}
+                for n, h in enumerate(handles[start : start + 10])
+            ]
+            sqs.change_message_visibility_batch(QueueUrl=t.dlq_url, Entries=entries)
     print(f"moved {moved} message(s) from the dead-letter queue to the queue")
-    return 1 if failed or kept_back else 0
+    return 1 if failed or kept else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

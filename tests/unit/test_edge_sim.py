@@ -593,7 +593,8 @@ def test_cli_runs_and_stops_on_sigterm() -> None:
 
 
 def test_an_http_0_9_request_gets_its_answer_without_headers(sim: EdgeSimulator) -> None:
-    # GIVEN a bare HTTP/0.9 request line (no version: no status line or headers in the answer)
+    # GIVEN a request line without a version, HTTP/0.9 style (the answer has no status line or headers; Python's
+    # http.server still reads a header block, hence the blank line)
     import socket
 
     host, port = sim.url.removeprefix("http://").split(":")

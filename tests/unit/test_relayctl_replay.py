@@ -277,14 +277,10 @@ def test_an_aws_error_is_one_line_and_exit_2(aws: None, capsys: pytest.CaptureFi
             "nothing is queued for it: the webhook sender was answered 503 and must resend",
         ),
         ({"status": "queued", "lastError": "edge answered 503"}, "waiting in the queue for its next attempt"),
-        (  # replayed, then tried and given back: `updatedAt` is later
-            {"status": "queued", "replayedAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2026-01-01T00:00:05.000Z"},
-            "waiting in the queue for its next attempt",
-        ),
         (
-            {"status": "queued", "replayedAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2025-12-31T00:00:00.000Z"},
-            "replayed at 2026-01-01T00:00:00.000Z: waiting in the queue for its attempt, unless that replay said it "
-            "failed (then nothing was sent: replay it again; a second copy on the queue would do no harm)",
+            {"status": "queued", "replayedAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2026-01-01T00:00:05.000Z"},
+            "waiting in the queue for its next attempt (replayed at 2026-01-01T00:00:00.000Z; if that replay said it "
+            "failed, nothing was sent: replay it again, a second copy on the queue would do no harm)",
         ),
         ({"status": "delivered"}, None),
     ],
@@ -619,3 +615,54 @@ def test_redrive_leaves_a_message_it_cannot_move_as_the_same_event_and_says_so(
     assert code == 1
     assert "left in the dead-letter queue: it has too many message attributes" in out
     assert out.splitlines()[-1] == "moved 1 message(s) from the dead-letter queue to the queue"
+
+
+def test_redrive_shows_again_what_it_leaves_behind_and_reports_each_once(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 12 producer messages it cannot move as the same event (no xdm._id, 9 attributes of their own)
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    crowded = {f"a{n}": {"DataType": "String", "StringValue": str(n)} for n in range(9)}
+    for _ in range(12):
+        sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=crowded)
+
+    # WHEN redriven
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN each is named once, none is moved, and all are visible again at once (show and the next redrive see them)
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert len([line for line in lines if "left in the dead-letter queue" in line]) == 12
+    assert len(set(lines[:-1])) == 12
+    visible = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+    assert visible["ApproximateNumberOfMessages"] == "12"
+
+
+def test_redrive_does_not_count_a_message_it_could_not_delete_as_moved(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a message in the dead-letter queue, and a delete that fails
+    real = boto3.client("sqs")
+    queue = real.create_queue(QueueName="q")["QueueUrl"]
+    dlq = real.create_queue(QueueName="dlq")["QueueUrl"]
+    real.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "order-1"}}}))
+
+    class FailingDelete:
+        def delete_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+            return {"Successful": [], "Failed": [{"Id": e["Id"], "Code": "InternalError"} for e in kwargs["Entries"]]}
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: FailingDelete())
+
+    # WHEN redriven
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN it is not reported moved: it is on both queues, and the exit code says so
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert lines[-1] == "moved 0 message(s) from the dead-letter queue to the queue"
+    assert "not deleted from the dead-letter queue" in lines[0]

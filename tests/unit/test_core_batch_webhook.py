@@ -1397,20 +1397,22 @@ def test_a_producers_own_eventid_attribute_does_not_key_its_events() -> None:
 @pytest.mark.parametrize(
     ("attributes", "expected"),
     [
-        ({}, "2023-11-14T22:13:20.000Z"),  # the message's own SentTimestamp
-        ({"relaySentTimestamp": "1600000000000"}, "2023-11-14T22:13:20.000Z"),  # not the relay's message: ignored
+        ({}, "2023-07-22T04:26:40.000Z"),  # the message's own SentTimestamp
+        ({"relaySentTimestamp": "1600000000000"}, "2023-07-22T04:26:40.000Z"),  # not the relay's message: ignored
         ({"relaySource": "sqs", "relaySentTimestamp": "1600000000000"}, "2020-09-13T12:26:40.000Z"),  # a redrive's
-        ({"relaySource": "sqs", "relaySentTimestamp": "1e300"}, "2023-11-14T22:13:20.000Z"),  # not a time: ignored
+        ({"relaySource": "sqs", "relaySentTimestamp": "1e300"}, "2023-07-22T04:26:40.000Z"),  # not a time: ignored
+        ({"relaySource": "sqs", "relaySentTimestamp": "soon"}, "2023-07-22T04:26:40.000Z"),
     ],
 )
 def test_the_default_timestamp_is_the_send_time_of_the_message_the_event_first_came_in(
     attributes: dict[str, str], expected: str
 ) -> None:
-    # GIVEN an event without xdm.timestamp, in a message sent at 1700000000000 ms, with these attributes
+    # GIVEN an event without xdm.timestamp, in a message sent at 1690000000000 ms (not the clock's now), with these
+    # attributes
     store = FakeStore()
     relay, edge = real_relay(store, 1)
     message = {**sqs("e-1", "m-1", "p1"), "body": json.dumps({"event": {"xdm": {"_id": "e-1"}}})}
-    message["attributes"] = {**message["attributes"], "SentTimestamp": "1700000000000"}
+    message["attributes"] = {**message["attributes"], "SentTimestamp": "1690000000000"}
     message["messageAttributes"] = {k: {"stringValue": v, "dataType": "String"} for k, v in attributes.items()}
 
     # WHEN the batch runs

@@ -131,6 +131,15 @@ def _message_id(record: dict[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _epoch_ms(value: Any) -> float | None:
+    """Seconds since the epoch from a millisecond timestamp attribute, or None when it is not a plausible one."""
+    try:
+        seconds = float(value) / 1000
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 < seconds < 1e11 else None  # (NaN is not either)
+
+
 def _attr(record: dict[str, Any], name: str) -> str | None:
     attr = (record.get("messageAttributes") or {}).get(name) or {}
     value = attr.get("stringValue")
@@ -172,16 +181,9 @@ class BatchRunner:
         # must not make distinct events repeats of one another.
         relays = _attr(record, "relaySource")
         source: Source = "webhook" if relays == "webhook" else "sqs"
-        sent = (_attr(record, RELAY_SENT_TIMESTAMP) if relays else None) or (record.get("attributes") or {}).get(
-            "SentTimestamp", 0
-        )
-        try:
-            sent_ms = float(sent) / 1000
-        except (TypeError, ValueError):
-            sent_ms = 0
-        if not 0 < sent_ms < 1e11:  # not a plausible time (NaN is not either)
-            sent_ms = 0
-        received_at = sent_ms or self._relay.clock.now()  # stable across redeliveries and redrives: same timestamp
+        first_sent = _epoch_ms(_attr(record, RELAY_SENT_TIMESTAMP)) if relays else None
+        sent_s = first_sent or _epoch_ms((record.get("attributes") or {}).get("SentTimestamp"))
+        received_at = sent_s or self._relay.clock.now()  # stable across redeliveries and redrives: same timestamp
         # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
         named_id = _attr(record, "eventId") if relays else None
         fallback_id = named_id or message_id

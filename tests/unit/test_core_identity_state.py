@@ -560,6 +560,23 @@ def test_apply_handles_ignores_an_entry_over_the_size_of_a_cookie():
     assert new.entries == {}
 
 
+def test_an_entrys_attrs_are_sized_as_sent_not_as_escaped_json():
+    # GIVEN an entry just within the size of a cookie, whose attrs hold non-ASCII text (3 bytes per character in the
+    # request, 6 as an ASCII JSON escape)
+    attrs = {"note": "\u00e9" * 600}
+    value = "v" * (
+        MAX_ENTRY_BYTES - len("a") - len(json.dumps(attrs, separators=(",", ":"), ensure_ascii=False).encode())
+    )
+
+    # WHEN
+    new = apply_handles(
+        IdentityState(), [store_handle({"key": "a", "value": value, "maxAge": 60, "attrs": attrs})], NOW
+    )
+
+    # THEN it is kept
+    assert set(new.entries) == {"a"}
+
+
 def test_apply_handles_keeps_the_longest_lived_entries_within_the_state_limit():
     # GIVEN the identity entry, and an answer with 40 entries of 1 KB that lapse sooner
     old = IdentityState(entries={IDENTITY_KEY: StoredEntry(IDENTITY_VALUE, NOW + 34_128_000, 34_128_000)})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -39,7 +38,7 @@ def _lifetime(value: Any) -> float | None:
 
 def _entry_bytes(key: str, entry: StoredEntry) -> int:
     """Its size in UTF-8, as sent (a lone surrogate, which Edge's JSON can carry, as its 6-byte escape)."""
-    attrs = json.dumps(entry.attrs, separators=(",", ":")) if entry.attrs else ""
+    attrs = codec.dumps(entry.attrs) if entry.attrs else ""  # as the request carries it
     return sum(len(codec.text(text).encode("utf-8")) for text in (key, entry.value, attrs))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
-from relay.integrations.queue import RELAY_SENT_TIMESTAMP, message_body
+from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body
 from relay.integrations.store import RELAY, HandlesStore, decode_item
 from relay.models import as_dict, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
@@ -75,24 +75,33 @@ def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 1000) -> dict[
             for msg in msgs:
                 attrs = msg.get("MessageAttributes") or {}
                 # The relay reads an `eventId` attribute only on its own messages (`relaySource`), as here.
-                attr = attrs.get("eventId", {}).get("StringValue") if "relaySource" in attrs else None
-                try:
-                    xdm_id = json.loads(msg["Body"])["event"]["xdm"]["_id"]
-                except (ValueError, KeyError, TypeError):
-                    xdm_id = None
-                if event_id in (msg["MessageId"], attr, xdm_id):
+                attr = attrs.get("eventId", {}).get("StringValue") if RELAY_SOURCE in attrs else None
+                if event_id in (msg["MessageId"], attr, _xdm_id(msg["Body"])):
                     return {
                         "messageId": msg["MessageId"],
                         "receiveCount": msg.get("Attributes", {}).get("ApproximateReceiveCount"),
                     }
         return None
     finally:
-        for start in range(0, len(handles), 10):
-            entries = [
-                {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
-                for i, h in enumerate(handles[start : start + 10])
-            ]
-            sqs.change_message_visibility_batch(QueueUrl=dlq_url, Entries=entries)
+        _show_again(sqs, dlq_url, handles)
+
+
+def _show_again(sqs: Any, queue_url: str, handles: list[str]) -> None:
+    """Make received messages visible again at once."""
+    for start in range(0, len(handles), 10):
+        entries = [
+            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
+            for i, h in enumerate(handles[start : start + 10])
+        ]
+        sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+
+
+def _xdm_id(body: str) -> Any:
+    """The `event.xdm._id` of a message body, or None."""
+    try:
+        return json.loads(body)["event"]["xdm"]["_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _get(ddb: Any, table: str, event_id: str) -> dict[str, Any] | None:
@@ -295,7 +304,7 @@ def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) 
     body = request if isinstance(request, str) else message_body(request)
     attrs = {
         "eventId": {"DataType": "String", "StringValue": event_id},
-        "relaySource": {"DataType": "String", "StringValue": str(doc.get("source") or "sqs")},
+        RELAY_SOURCE: {"DataType": "String", "StringValue": str(doc.get("source") or "sqs")},
     }
     if doc.get("datastreamId"):
         attrs["datastreamId"] = {"DataType": "String", "StringValue": str(doc["datastreamId"])}
@@ -352,8 +361,8 @@ def _moved(message: dict[str, Any]) -> dict[str, Any] | None:
         name: {k: v for k, v in value.items() if k in ("DataType", "StringValue", "BinaryValue")}
         for name, value in (message.get("MessageAttributes") or {}).items()
     }
-    if "relaySource" not in attrs:  # a producer's message: whatever `eventId` attribute it had was not its key
-        attrs["relaySource"] = {"DataType": "String", "StringValue": "sqs"}
+    if RELAY_SOURCE not in attrs:  # a producer's message: whatever `eventId` attribute it had was not its key
+        attrs[RELAY_SOURCE] = {"DataType": "String", "StringValue": "sqs"}
         attrs["eventId"] = {"DataType": "String", "StringValue": message["MessageId"]}
     sent = (message.get("Attributes") or {}).get("SentTimestamp")
     if RELAY_SENT_TIMESTAMP not in attrs and sent and len(attrs) < _SQS_MAX_ATTRIBUTES:
@@ -364,10 +373,7 @@ def _moved(message: dict[str, Any]) -> dict[str, Any] | None:
     # A producer's message with 9 or 10 attributes has no room for the two that keep its eventId. One whose body
     # names its xdm._id needs neither; any other, moved anyway, would be another event (keyed by its new messageId),
     # sent to Edge under another xdm._id.
-    try:
-        named = isinstance(json.loads(message["Body"])["event"]["xdm"]["_id"], str)
-    except (ValueError, KeyError, TypeError):
-        named = False
+    named = isinstance(_xdm_id(message["Body"]), str)
     return {name: attrs[name] for name in (message.get("MessageAttributes") or {})} if named else None
 
 
@@ -424,13 +430,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                 failed = True
                 break
     finally:
-        handles = list(kept.values())  # visible again at once: `show` and the next redrive find them
-        for start in range(0, len(handles), 10):
-            entries = [
-                {"Id": str(n), "ReceiptHandle": h, "VisibilityTimeout": 0}
-                for n, h in enumerate(handles[start : start + 10])
-            ]
-            sqs.change_message_visibility_batch(QueueUrl=t.dlq_url, Entries=entries)
+        _show_again(sqs, t.dlq_url, list(kept.values()))  # `show` and the next redrive find them at once
     print(f"moved {moved} message(s) from the dead-letter queue to the queue")
     return 1 if failed or kept else 0
 

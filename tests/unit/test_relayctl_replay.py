@@ -504,9 +504,7 @@ def test_redrive_keeps_the_eventid_and_send_time_of_a_producers_message(
 ) -> None:
     # GIVEN a producer's message in the dead-letter queue: no xdm._id, no xdm.timestamp, an `eventId` attribute of
     # the producer's own
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
-    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    sqs, queue, dlq = queues()
     body = json.dumps({"event": {"xdm": {"eventType": "order"}}})
     attrs = {"eventId": {"DataType": "String", "StringValue": "order.created"}}
     sqs.send_message(QueueUrl=dlq, MessageBody=body, MessageAttributes=attrs)
@@ -566,6 +564,15 @@ def prepared(monkeypatch: pytest.MonkeyPatch, record: dict[str, Any]) -> tuple[s
     return result
 
 
+CROWDED = {f"a{n}": {"DataType": "String", "StringValue": str(n)} for n in range(9)}  # no room for the key's two
+
+
+def queues() -> tuple[Any, str, str]:
+    """The SQS client, a queue and its dead-letter queue (in-process moto)."""
+    sqs = boto3.client("sqs")
+    return sqs, sqs.create_queue(QueueName="q")["QueueUrl"], sqs.create_queue(QueueName="dlq")["QueueUrl"]
+
+
 def producer_message(n_attributes: int, body: str) -> dict[str, Any]:
     attrs = {f"a{n}": {"DataType": "String", "StringValue": str(n)} for n in range(n_attributes)}
     return {
@@ -600,11 +607,8 @@ def test_redrive_leaves_a_message_it_cannot_move_as_the_same_event_and_says_so(
     aws: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a producer's message without xdm._id and with 9 attributes, and one it can move
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
-    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
-    crowded = {f"a{n}": {"DataType": "String", "StringValue": str(n)} for n in range(9)}
-    sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=crowded)
+    sqs, queue, dlq = queues()
+    sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=CROWDED)
     sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "order-2"}}}))
 
     # WHEN redriven
@@ -621,12 +625,9 @@ def test_redrive_shows_again_what_it_leaves_behind_and_reports_each_once(
     aws: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN 12 producer messages it cannot move as the same event (no xdm._id, 9 attributes of their own)
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
-    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
-    crowded = {f"a{n}": {"DataType": "String", "StringValue": str(n)} for n in range(9)}
+    sqs, queue, dlq = queues()
     for _ in range(12):
-        sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=crowded)
+        sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=CROWDED)
 
     # WHEN redriven
     code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
@@ -644,9 +645,7 @@ def test_redrive_does_not_count_a_message_it_could_not_delete_as_moved(
     aws: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # GIVEN a message in the dead-letter queue, and a delete that fails
-    real = boto3.client("sqs")
-    queue = real.create_queue(QueueName="q")["QueueUrl"]
-    dlq = real.create_queue(QueueName="dlq")["QueueUrl"]
+    real, queue, dlq = queues()
     real.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "order-1"}}}))
 
     class FailingDelete:

@@ -30,7 +30,7 @@ from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import MIN_ATTEMPT_S
-from relay.integrations.queue import MAX_RETRY_DELAY_S, RELAY_SENT_TIMESTAMP, RetryQueue
+from relay.integrations.queue import MAX_RETRY_DELAY_S, RELAY_SENT_TIMESTAMP, RELAY_SOURCE, RetryQueue
 from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, Claim
 from relay.models import (
     MAX_BODY_BYTES,
@@ -179,7 +179,7 @@ class BatchRunner:
         # and name the eventId and the send time of the event they carry. A producer's message is keyed by its
         # messageId (contract §2) whatever attributes it has: an `eventId` attribute of its own (say "order.created")
         # must not make distinct events repeats of one another.
-        relays = _attr(record, "relaySource")
+        relays = _attr(record, RELAY_SOURCE)
         source: Source = "webhook" if relays == "webhook" else "sqs"
         first_sent = _epoch_ms(_attr(record, RELAY_SENT_TIMESTAMP)) if relays else None
         sent_s = first_sent or _epoch_ms((record.get("attributes") or {}).get("SentTimestamp"))

@@ -38,8 +38,8 @@ def _lifetime(value: Any) -> float | None:
 
 def _entry_bytes(key: str, entry: StoredEntry) -> int:
     """Its size in UTF-8, as sent (a lone surrogate, which Edge's JSON can carry, as its 6-byte escape)."""
-    attrs = codec.dumps(entry.attrs) if entry.attrs else ""  # as the request carries it
-    return sum(len(codec.text(text).encode("utf-8")) for text in (key, entry.value, attrs))
+    attrs = codec.dumps(entry.attrs) if entry.attrs else ""  # as the request carries it (surrogates escaped)
+    return sum(len(codec.text(text).encode("utf-8")) for text in (key, entry.value)) + len(attrs.encode("utf-8"))
 
 
 def opaque_identity_id(namespace: str, identity: str, key: bytes | None = None) -> str:

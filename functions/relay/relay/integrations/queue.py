@@ -19,6 +19,7 @@ MAX_RETRY_DELAY_S = 900
 # `eventId` and this one read. This one keeps the `SentTimestamp` of the message an event first came in, which a
 # redriven copy (a new message) would otherwise lose: its default `xdm.timestamp` must not change.
 RELAY_SENT_TIMESTAMP = "relaySentTimestamp"
+RELAY_SOURCE = "relaySource"
 _VISIBILITY_BATCH = 10  # ChangeMessageVisibilityBatch takes at most 10 entries
 
 
@@ -65,7 +66,7 @@ class RetryQueue:
                 DelaySeconds=int(min(max(delay_s or 0, 0), MAX_RETRY_DELAY_S)),
                 MessageAttributes={
                     "datastreamId": {"DataType": "String", "StringValue": inbound.datastream_id},
-                    "relaySource": {"DataType": "String", "StringValue": inbound.source},
+                    RELAY_SOURCE: {"DataType": "String", "StringValue": inbound.source},
                     "eventId": {"DataType": "String", "StringValue": inbound.event_id},
                 },
             )

@@ -75,6 +75,11 @@ def decode_item(item: dict[str, Any]) -> dict[str, Any]:
 UNREADABLE_VERSION = -1  # a state item with no readable `version`: written over on the condition that it has none
 
 
+def _last_error(reason: str) -> dict[str, str]:
+    """`lastError` as stored: its first 500 characters, writable as UTF-8 (Edge's text can hold a lone surrogate)."""
+    return {"S": codec.text(reason[:500])}
+
+
 class HandlesStore:
     def __init__(self, client: Any, table: str, *, ttl_days: int, clock: Clock) -> None:
         self._ddb = client
@@ -332,7 +337,7 @@ class HandlesStore:
         `Retry-After` Edge gave (seconds), so a user can tell when the next attempt comes."""
         values = {
             ":queued": {"S": "queued"},
-            ":r": {"S": codec.text(reason[:500])},
+            ":r": _last_error(reason),
             ":now": {"S": iso_millis(self._clock.now())},
         }
         set_part, remove_part = "SET #s = :queued, lastError = :r, updatedAt = :now", "REMOVE leaseUntil, claimToken"
@@ -388,7 +393,7 @@ class HandlesStore:
                 "#s = :queued",
                 {
                     ":queued": {"S": "queued"},
-                    ":r": {"S": codec.text(reason[:500])},
+                    ":r": _last_error(reason),
                     ":now": {"S": iso_millis(self._clock.now())},
                 },
                 {"#s": "status"},

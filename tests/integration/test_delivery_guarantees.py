@@ -447,6 +447,40 @@ def test_webhook_falls_back_to_the_queue_with_202_and_the_poller_delivers_it_lat
     assert (again.status_code, again.json()["requestId"]) == (200, item["requestId"])
 
 
+def test_a_queued_webhook_event_replayed_to_another_datastream_is_refused_and_still_delivered(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    # GIVEN a signed webhook event that Edge could not take (queued, 202), and a second datastream Edge knows
+    runtime = new_runtime()
+    gw = stack.gateway(runtime.handle)
+    doc = interact_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+    assert post(gw, stack, doc, msg_id).status_code == 202
+    stack.sim.remove_fault(rule)
+    stack.sim.datastreams.add("ds-other")
+    try:
+        # WHEN someone who captured the signed request sends it again, unchanged but for `?datastreamId=` (the query
+        # string is not covered by the signature)
+        body = json.dumps(doc)
+        headers = {**stack.sign(body, msg_id=msg_id), "content-type": "application/json"}
+        replay = requests.post(f"{gw.url}/events?datastreamId=ds-other", data=body, headers=headers, timeout=30)
+
+        # THEN it is refused as busy (409): the waiting event is not taken over, nothing goes to the other datastream
+        assert replay.status_code == 409
+        assert all(c["query"]["datastreamId"] == DATASTREAM_ID for c in edge_requests(stack, msg_id))
+        assert stack.result(msg_id)["datastreamId"] == DATASTREAM_ID
+
+        # AND the queued event is delivered to its own datastream when its message comes
+        stack.poller(runtime.handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
+    finally:
+        stack.sim.datastreams.discard("ds-other")
+    item = stack.result(msg_id)
+    assert (item["status"], item["datastreamId"]) == ("delivered", DATASTREAM_ID)
+    assert [c["status"] for c in edge_requests(stack, msg_id)] == [503] * 5 + [200]
+
+
 def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN Edge takes 8 s to answer this event; the webhook deadline is the default 5 s; a warm environment

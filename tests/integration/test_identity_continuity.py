@@ -409,6 +409,50 @@ def test_caller_entries_win_over_stored_entries_with_the_same_key(
     assert stored_ecid(stack, e3) == ecid
 
 
+def test_a_cluster_entry_from_the_caller_routes_the_call_where_it_says(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN a known visitor whose stored hint is or2
+    stack = clean_stack
+    crm, (e1, e2) = new_ids("caller-cluster", 2)
+    runtime = new_runtime(FakeClock(wall=T0))
+    via_sqs(stack, runtime, crm_event(crm, e1))
+
+    # WHEN the caller forwards a browser's cluster entry for va6 with the next event
+    via_sqs(stack, runtime, crm_event(crm, e2, entries=[{"key": CLUSTER_KEY, "value": "va6", "maxAge": 1800}]))
+
+    # THEN the call goes to va6, where the cluster entry Edge receives says the session is (as the Web SDK routes)
+    r2 = request_of(stack, e2)
+    assert r2["path"] == VA6
+    assert sent_values(r2)[CLUSTER_KEY] == "va6"
+
+
+def test_a_host_that_refuses_hinted_paths_gets_every_event_on_the_plain_path(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN a host that answers 404 on hinted paths (Adobe's server-API code says server.adobedc.net does)
+    stack = clean_stack
+    stack.sim.add_fault(status=404, match_path="/ee/or2/")
+    crm, (e1, e2, e3) = new_ids("hint-404", 3)
+    runtime = new_runtime(FakeClock(wall=T0))
+
+    # WHEN three events of one visitor come, one after another
+    for event_id in (e1, e2, e3):
+        via_sqs(stack, runtime, crm_event(crm, event_id))
+
+    # THEN all are delivered: the second tried its hint once and went on to the plain path at once, the third went
+    # there directly (hinted routes paused); the hint and state are still kept and sent back
+    assert [(r["xdm_id"], r["path"], r["status"]) for r in edge_requests(stack, e1, e2, e3)] == [
+        (e1, UNHINTED, 200),
+        (e2, OR2, 404),
+        (e2, UNHINTED, 200),
+        (e3, UNHINTED, 200),
+    ]
+    assert [result(stack, e)["status"] for e in (e1, e2, e3)] == ["delivered"] * 3
+    assert sent_values(edge_requests(stack, e3)[0])[CLUSTER_KEY] == "or2"
+    assert state_item(stack, crm)["state"]["hint"] == "or2"
+
+
 # ---------------------------------------------------------------------------------------------------- 3. batches
 
 

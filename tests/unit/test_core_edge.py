@@ -128,6 +128,64 @@ def test_deliver_uses_the_subdomain_hint_template():
     assert session.calls[0].url == "https://va6.server.adobedc.net/ee/v2/interact"
 
 
+def test_a_404_on_the_hinted_url_sends_the_event_at_once_to_the_plain_url_and_pauses_hints() -> None:
+    # GIVEN a host that answers 404 on hinted paths (as Adobe's server-API code says server.adobedc.net does)
+    clock = FakeClock()
+    not_found = make_response(404, {"type": "https://ns.adobe.com/aep/errors/EXEG-0404-404", "status": 404})
+    session = FakeSession([not_found, ok(), ok(), ok(), not_found, ok()])
+    edge = client(session, clock)
+
+    # WHEN an event with a live hint is sent
+    answer = edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+
+    # THEN it is delivered from the plain URL, the same body, without a wait
+    assert answer.status == 200
+    assert [c.url for c in session.calls] == [
+        "https://edge.adobedc.net/ee/or2/v2/interact",
+        "https://edge.adobedc.net/ee/v2/interact",
+    ]
+    assert session.calls[0].data == session.calls[1].data
+    assert clock.sleeps == []
+
+    # AND for the next ten minutes no hint routes a call
+    edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+    clock.advance(599)
+    edge.deliver(DATASTREAM, REQUEST, "va6", Deadline(clock, 10))
+    assert [c.url for c in session.calls[2:]] == ["https://edge.adobedc.net/ee/v2/interact"] * 2
+
+    # AND after them a hint is tried again (and paused again if refused again)
+    clock.advance(2)
+    edge.deliver(DATASTREAM, REQUEST, "va6", Deadline(clock, 10))
+    assert [c.url for c in session.calls[4:]] == [
+        "https://edge.adobedc.net/ee/va6/v2/interact",
+        "https://edge.adobedc.net/ee/v2/interact",
+    ]
+
+
+def test_a_404_on_the_plain_url_is_a_rejection() -> None:
+    # GIVEN a 404 where no hint was used
+    clock = FakeClock()
+    session = FakeSession([make_response(404, {"type": "x", "status": 404}), ok()])
+
+    # WHEN / THEN it is Edge's answer about this event: refused, one call
+    with pytest.raises(EdgeRejected) as exc:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))
+    assert exc.value.status == 404
+    assert len(session.calls) == 1
+
+
+def test_hint_routing_turned_off_sends_every_call_to_the_plain_url() -> None:
+    # GIVEN EDGE_HINT_URL_TEMPLATE=none
+    clock = FakeClock()
+    session = FakeSession([ok()])
+
+    # WHEN an event with a live hint is sent
+    client(session, clock, EDGE_HINT_URL_TEMPLATE="none").deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+
+    # THEN
+    assert session.calls[0].url == "https://edge.adobedc.net/ee/v2/interact"
+
+
 def test_deliver_sends_ims_headers_when_tokens_are_set():
     # GIVEN
     clock = FakeClock()

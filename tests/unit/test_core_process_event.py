@@ -301,6 +301,46 @@ def test_process_delivered_stores_result_and_writes_new_state():
     assert state.version == 1
 
 
+def test_a_cluster_entry_from_the_caller_routes_the_call_over_the_stored_hint() -> None:
+    # GIVEN an identity whose stored hint is or2, and an event forwarding a browser's cluster entry for va6
+    clock = FakeClock()
+    store = FakeStore()
+    process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+    forwarded = {"state": {"entries": [{"key": CLUSTER_KEY, "value": "va6"}]}}
+
+    # WHEN
+    process(store, edge, clock, inbound(meta=forwarded))
+
+    # THEN the call goes where the entry Edge receives says (as Adobe's Web SDK routes), not to the stored hint
+    call = edge.calls[0]
+    assert call.hint == "va6"
+    assert {"key": CLUSTER_KEY, "value": "va6"} in call.request["meta"]["state"]["entries"]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"key": CLUSTER_KEY, "value": "../evil.example"},  # not a plain name: never a URL part
+        {"key": CLUSTER_KEY, "value": 7},
+        {"key": "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_identity", "value": "va6"},
+        {"key": "cluster", "value": "va6"},
+    ],
+)
+def test_other_caller_entries_leave_the_route_to_the_stored_hint(entry: dict[str, Any]) -> None:
+    # GIVEN an identity whose stored hint is or2, and an event with an entry that is not a usable cluster entry
+    clock = FakeClock()
+    store = FakeStore()
+    process(store, FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1)), clock)
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    process(store, edge, clock, inbound(meta={"state": {"entries": [entry]}}))
+
+    # THEN
+    assert edge.calls[0].hint == "or2"
+
+
 def test_process_second_event_sends_stored_state_and_hint_and_skips_an_unneeded_write():
     # GIVEN the state from a first event, and the same answer 60 s later
     clock = FakeClock()

@@ -209,10 +209,22 @@ def test_load_settings_default_hint_template_follows_the_base_url():
     assert s.hinted_url("irl1") == "https://edge.adobedc.net/ee/irl1/v2/interact"
 
 
+def test_load_settings_hint_routing_can_be_turned_off():
+    # GIVEN hint routing turned off (a host that refuses hinted paths)
+    env = {**MINIMAL, "EDGE_HINT_URL_TEMPLATE": "none"}
+
+    # WHEN
+    s = load_settings(env)
+
+    # THEN every call goes to the plain URL, whatever the hint
+    assert s.edge_hint_url_template is None
+    assert s.hinted_url("or2") == s.interact_url == "https://server.adobedc.net/ee/v2/interact"
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [
-        ("{base}/ee/v2/interact", "must contain {hint}"),
+        ("{base}/ee/v2/interact", "must contain {hint}, or be none"),
         ("{base}/ee/{hint}/{region}/v2/interact", "may only use {base} and {hint}"),
         ("http://{hint}.server.adobedc.net/ee/v2/interact", "must be an https URL (http only for loopback)"),
     ],

@@ -453,6 +453,26 @@ def test_a_corrected_event_still_takes_over_the_relays_rejection(store_on_moto: 
 
 
 @pytest.mark.parametrize("kind", ["queued", "lapsed-claim"])
+def test_a_waiting_event_is_taken_over_only_for_its_own_datastream(store_on_moto: StoreOnMoto, kind: str) -> None:
+    # GIVEN an event waiting under its eventId for datastream ds-1: queued, or claimed by an attempt that died
+    store = store_on_moto.store
+    claim = store.claim("order-6", datastream_id="ds-1", source="webhook", lease_s=30)
+    if kind == "queued":
+        store.release("order-6", claim.token, "edge unavailable")
+    else:
+        store_on_moto.clock.advance(60)
+
+    # WHEN the same eventId is claimed for another datastream (a captured webhook request replayed with another
+    # `?datastreamId=`, which the signature does not cover)
+    other = store.claim("order-6", datastream_id="attacker-ds", source="webhook", lease_s=30)
+
+    # THEN it is not taken, and the waiting event still is, by its own datastream's attempt
+    assert not other.acquired
+    assert other.existing is not None and other.existing["datastreamId"] == "ds-1"
+    assert store.claim("order-6", datastream_id="ds-1", source="sqs", lease_s=30).acquired
+
+
+@pytest.mark.parametrize("kind", ["queued", "lapsed-claim"])
 def test_an_event_still_waiting_is_told_where_a_refused_message_under_its_eventid_was_kept(
     store_on_moto: StoreOnMoto, kind: str
 ) -> None:

@@ -22,6 +22,8 @@ MAX_LIFETIME_S = 5 * 365 * 86400  # above any Edge lifetime (the identity entry:
 MAX_HINT_TTL_S = 2 * 3600  # four times Edge's 30 minutes: a wrong hint cannot stick for long
 MAX_ENTRY_BYTES = 4096  # key, value and attrs of one entry: what a browser keeps of one cookie (Web SDK state)
 MAX_STATE_BYTES = 16 * 1024  # all entries: sent back inside Edge's 64 KB request, stored inside one small item
+# The Web SDK's routing cookie, `kndctr_<org id, "@" as "_">_cluster`, which Edge also sets as a `state:store` entry.
+CLUSTER_KEY = re.compile(r"kndctr_[A-Za-z0-9_]+_AdobeOrg_cluster")
 
 
 def valid_hint(hint: Any) -> bool:
@@ -76,6 +78,17 @@ class IdentityState:
     def expires_at(self) -> float:
         """When the last entry or the hint lapses: the item's TTL."""
         return max([e.expires_at for e in self.entries.values()] + [self.hint_expires_at, 0.0])
+
+
+def caller_hint(caller_entries: list[dict[str, Any]]) -> str | None:
+    """The location hint in a cluster entry the caller sent (a browser's cookie forwarded with the event), or None.
+
+    Adobe's Web SDK routes by that entry alone; the caller's entries win over stored ones, so its cluster wins over the
+    stored hint too: the call goes where the visitor's session is, not elsewhere with the visitor's cluster entry."""
+    for entry in caller_entries:
+        if CLUSTER_KEY.fullmatch(str(entry.get("key"))) and valid_hint(entry.get("value")):
+            return str(entry["value"])
+    return None
 
 
 def outgoing_entries(state: IdentityState, caller_entries: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from relay.errors import (
 from relay.identity_state import (
     IdentityState,
     apply_handles,
+    caller_hint,
     needs_write,
     outgoing_entries,
 )
@@ -55,12 +56,17 @@ class Result:
     note: dict[str, Any] = field(default_factory=dict, compare=False)  # what the "stored" log line adds
 
 
+def caller_entries(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `meta.state.entries` the caller sent with the event."""
+    meta_state = as_dict(as_dict(request.get("meta")).get("state"))
+    return [e for e in as_list(meta_state.get("entries")) if isinstance(e, dict)]
+
+
 def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dict[str, Any]:
     """The request with live stored entries in `meta.state.entries` (the caller's own entries win by key)."""
     meta = as_dict(request.get("meta"))
     meta_state = as_dict(meta.get("state"))
-    caller = [e for e in as_list(meta_state.get("entries")) if isinstance(e, dict)]
-    entries = outgoing_entries(state, caller, now)
+    entries = outgoing_entries(state, caller_entries(request), now)
     if not entries:
         return request
     return {**request, "meta": {**meta, "state": {**meta_state, "entries": entries}}}
@@ -301,7 +307,8 @@ class Relay:
                 # The body fitted, but not with the `_id` and timestamp the relay added (or once re-encoded): Edge
                 # would refuse it with a 413, and so would every replay. Refused here, without the call, saying why.
                 raise EdgeRejected(413, invalid_problem(PayloadTooLarge(len(body), MAX_BODY_BYTES, as_sent=True)))
-            answer = self.edge.deliver(inbound.datastream_id, body, state.live_hint(now), deadline)
+            hint = caller_hint(caller_entries(inbound.request)) or state.live_hint(now)
+            answer = self.edge.deliver(inbound.datastream_id, body, hint, deadline)
         except EdgeRejected as exc:
             rejected: dict[str, Any] = {
                 "status": "rejected",

@@ -31,7 +31,7 @@ class Settings:
     webhook_secret_id: str | None
     edge_base_url: str
     edge_auth: str  # "ims" | "none"
-    edge_hint_url_template: str
+    edge_hint_url_template: str | None  # None (EDGE_HINT_URL_TEMPLATE=none): hints are kept but never route a call
     ims_token_url: str
     webhook_auth: str  # "standard-webhooks" | "none"
     retry_queue_url: str | None
@@ -51,6 +51,8 @@ class Settings:
         return f"{self.edge_base_url}/ee/v2/interact"
 
     def hinted_url(self, hint: str) -> str:
+        if self.edge_hint_url_template is None:
+            return self.interact_url
         return self.edge_hint_url_template.format(base=self.edge_base_url, hint=hint)
 
 
@@ -125,10 +127,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         "IMS_TOKEN_URL",
         env.get("IMS_TOKEN_URL", "").strip() or "https://ims-na1.adobelogin.com/ims/token/v3",
     )
-    template = env.get("EDGE_HINT_URL_TEMPLATE", "").strip() or "{base}/ee/{hint}/v2/interact"
-    if "{hint}" not in template:
-        problems["EDGE_HINT_URL_TEMPLATE"] = "must contain {hint}"
-    elif "EDGE_BASE_URL" not in problems or "{base}" not in template:
+    given = env.get("EDGE_HINT_URL_TEMPLATE", "").strip() or "{base}/ee/{hint}/v2/interact"
+    # "none": every call goes to {base}/ee/v2/interact; hints are still kept and sent back as state entries.
+    template = None if given == "none" else given
+    if template is not None and "{hint}" not in template:
+        problems["EDGE_HINT_URL_TEMPLATE"] = "must contain {hint}, or be none"
+    elif template is not None and ("EDGE_BASE_URL" not in problems or "{base}" not in template):
         try:
             _url(problems, "EDGE_HINT_URL_TEMPLATE", template.format(base=base, hint="or2"))
         except (KeyError, IndexError, ValueError):

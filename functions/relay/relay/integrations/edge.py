@@ -20,6 +20,10 @@ from relay.settings import Settings
 
 MIN_ATTEMPT_S = 0.05  # don't start an attempt with less time than this left
 REFUSED_TOKEN_MIN_AGE_S = 60.0  # a token Edge refuses is replaced only if older than this (at most one IMS call/min)
+# After a hinted URL answers 404, calls go to the plain URL for this long before a hint routes one again. Adobe's own
+# server-API code leaves the hint out because "the Server API domain 404s if it's included" (alloy,
+# `injectSendEdgeNetworkRequest.js`), while the docs and the contract route by it: the relay tries, and falls back.
+HINT_ROUTE_PAUSE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class EdgeClient:
         self._clock = clock
         # backoff jitter only, not security
         self._rng = rng or random.Random()  # nosec B311
+        self._hints_refused_until = float("-inf")  # monotonic time until which no hint routes a call (a 404 said so)
 
     def _headers(self, deadline: Deadline) -> tuple[dict[str, str], Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -156,7 +161,10 @@ class EdgeClient:
         Raises EdgeRejected (not to be retried), EdgeUnavailable (retry later) or CredentialsError (retry later).
         """
         s = self._settings
-        url = s.hinted_url(hint) if hint else s.interact_url
+        hinted = bool(hint) and s.edge_hint_url_template is not None
+        if hinted and self._clock.monotonic() < self._hints_refused_until:
+            hinted = False  # a hinted URL answered 404 a short while ago
+        url = s.hinted_url(hint) if hint and hinted else s.interact_url
         body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
         attempt, refreshed = 0, False
         reason, retry_after = "no time left for an attempt", None
@@ -219,6 +227,17 @@ class EdgeClient:
                             continue
                     if status == 401:
                         raise CredentialsError(f"edge refused the credentials: {code or status}")
+                    if status == 404 and hinted:
+                        # The hinted route does not exist on this host (not the event's fault): the same event at
+                        # once on the plain URL, and no hint routes a call for a while. The hint is still kept.
+                        hinted, url = False, s.interact_url
+                        self._hints_refused_until = self._clock.monotonic() + HINT_ROUTE_PAUSE_S
+                        count("EdgeHintRouteRefused")
+                        logger.warning(
+                            "edge answered 404 on the hinted URL; calls go to the plain URL for a while",
+                            pauseSeconds=HINT_ROUTE_PAUSE_S,
+                        )
+                        continue
                     if status not in RECOVERABLE_STATUSES:
                         raise EdgeRejected(status, problem)
                     count("EdgeThrottled" if status == 429 else "EdgeUnavailable")

@@ -176,8 +176,13 @@ class HandlesStore:
                 ),
                 # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
                 # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".
+                # A waiting event is taken over only for its own datastream: the webhook's `?datastreamId=` is not
+                # covered by the signature, and a captured request replayed to another datastream must neither
+                # reach it nor leave the genuine event to be filed as a reuse. It waits (busy) instead.
                 ConditionExpression=(
-                    "attribute_not_exists(pk) OR #s = :queued OR (#s = :pending AND leaseUntil < :t) "
+                    "attribute_not_exists(pk) "
+                    "OR (#s = :queued AND (datastreamId = :ds OR attribute_not_exists(datastreamId))) "
+                    "OR (#s = :pending AND leaseUntil < :t AND datastreamId = :ds) "
                     "OR (#s = :rejected AND rejectedBy = :relay) OR (#s = :pending AND claimToken = :tok)"
                 ),
                 ExpressionAttributeNames={"#s": "status", "#src": "source"},

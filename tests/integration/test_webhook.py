@@ -379,6 +379,30 @@ def test_body_that_is_not_an_event_is_answered_400_with_field_paths(
     )
 
 
+def test_a_body_with_a_key_twice_is_answered_400_naming_it_and_kept_under_its_id(
+    clean_stack: LocalStack, gateway: LocalGateway
+) -> None:
+    stack = clean_stack
+    # GIVEN a signed event with two identityMaps: a sender-side check that kept the first saw one person, Python's
+    # parser would keep the other
+    event_id = f"evt-{uuid.uuid4()}"
+    alice = '"identityMap": {"Email": [{"id": "alice@example.com", "primary": true}]}'
+    mallory = '"identityMap": {"Email": [{"id": "mallory@example.com", "primary": true}]}'
+    body = '{"event": {"xdm": {"_id": "' + event_id + '", ' + alice + ", " + mallory + "}}}"
+
+    # WHEN it is posted
+    resp = post(gateway, body, stack.sign(body))
+
+    # THEN 400 naming the repeated key (never an identity), no Edge call, stored rejected under its xdm._id
+    errors = [{"path": "event.xdm.identityMap", "message": "appears more than once in its object"}]
+    assert resp.status_code == 400
+    assert (resp.json()["eventId"], resp.json()["errors"]) == (event_id, errors)
+    assert "example.com" not in resp.text
+    assert edge_requests(stack) == []
+    item = stack.result_item(event_id)
+    assert item is not None and (item["status"], item["error"]["errors"], item["request"]) == ("rejected", errors, body)
+
+
 # ---------------------------------------------------------------------------------------------------------- Edge errors
 
 

@@ -108,6 +108,40 @@ def test_decode_body_reports_where_the_json_breaks():
     assert info.value.errors == [{"path": "$", "message": "body is not JSON: Expecting value at line 2 column 11"}]
 
 
+@pytest.mark.parametrize(
+    ("raw", "paths"),
+    [
+        # two identityMaps: a validator keeping the first saw alice, Python keeps the last (mallory)
+        (
+            '{"event":{"xdm":{"identityMap":{"Email":[{"id":"alice@example.com","primary":true}]},'
+            '"identityMap":{"Email":[{"id":"mallory@example.com","primary":true}]}}}}',
+            ["event.xdm.identityMap"],
+        ),
+        ('{"event":{"xdm":{}},"event":{"xdm":{}}}', ["event"]),
+        ('{"event":{"xdm":{"a":[{"id":1,"id":2}],"b":1,"b":1}}}', ["event.xdm.b", "event.xdm.a[0].id"]),
+        ('{"x":{"my-ns.v2":1,"my-ns.v2":2}}', ['x["my-ns.v2"]']),
+    ],
+)
+def test_decode_body_refuses_a_key_repeated_in_an_object_naming_where(raw: str, paths: list[str]) -> None:
+    with pytest.raises(InvalidEvent) as exc:
+        decode_body(raw)
+    assert sorted(e["path"] for e in exc.value.errors) == sorted(paths)
+    assert {e["message"] for e in exc.value.errors} == {"appears more than once in its object"}
+
+
+def test_a_repeated_key_that_is_not_a_name_is_named_by_its_position_never_echoed() -> None:
+    # GIVEN an identity put where its namespace belongs, twice
+    raw = '{"event":{"xdm":{"identityMap":{"ECID":[],"alice@example.com":[],"alice@example.com":[]}}}}'
+
+    # WHEN / THEN the error names its position in the object, not the person
+    with pytest.raises(InvalidEvent) as exc:
+        decode_body(raw)
+    assert exc.value.errors == [
+        {"path": "event.xdm.identityMap[<key 2>]", "message": "appears more than once in its object"}
+    ]
+    assert "alice" not in json.dumps(exc.value.errors)
+
+
 def test_decode_body_returns_text_and_document():
     # GIVEN
     raw = b'{"event":{"xdm":{"_id":"e-1"}}}'

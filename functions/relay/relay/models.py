@@ -206,8 +206,24 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
         raise InvalidEvent([{"path": "$", "message": f"body is not UTF-8 (byte {exc.start})"}]) from None
     if not text.strip():
         raise InvalidEvent([{"path": "$", "message": "body is empty"}])
+    repeated: list[_Repeated] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) == len(items):
+            return obj
+        found = _Repeated(obj)
+        seen: set[str] = set()
+        found.keys_twice = []
+        for key, _ in items:
+            if key in seen:
+                found.keys_twice.append(key)
+            seen.add(key)
+        repeated.append(found)
+        return found
+
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=pairs)
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, _NotAJsonNumber):
             message = str(exc)
@@ -218,6 +234,12 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
         else:  # Python refuses integers of more than 4,300 digits (a guard against quadratic parsing)
             message = "body has a number with too many digits to read"
         raise InvalidEvent([{"path": "$", "message": message}]) from None
+    if repeated:
+        # JSON leaves a repeated key's meaning open (RFC 8259 §4): Python keeps the last value, a sender's validator
+        # may have checked the first. Refused, naming where, so that what was checked is what Edge would get.
+        raise RepeatedKeys(
+            doc, [{"path": path, "message": "appears more than once in its object"} for path in _repeated_paths(doc)]
+        )
     if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(doc, MAX_DEPTH):
         # It parsed, but sending it on (json.dumps recurses) could fail: refuse it now, with a reason.
         raise InvalidEvent([{"path": "$", "message": f"body is nested more than {MAX_DEPTH} levels deep"}])
@@ -229,6 +251,47 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
                 [{"path": "$", "message": "body contains an unpaired UTF-16 surrogate escape"}]
             ) from None
     return text, doc
+
+
+class RepeatedKeys(InvalidEvent):
+    """A body that parsed, but with a key twice in one object: refused; `doc` (the last values) still names its
+    `xdm._id`, under which the refusal is kept."""
+
+    def __init__(self, doc: Any, errors: list[dict[str, str]]) -> None:
+        super().__init__(errors)
+        self.doc = doc
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object in which a key appeared more than once (the last value kept, as `json` does)."""
+
+    keys_twice: list[str]
+
+
+def _key_path(parent: str, key: str, position: int) -> str:
+    """A field path to `key` that never repeats a key that is not a plain name or code (an email address put where a
+    namespace belongs, say): its position stands in for it."""
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    if _NAMESPACE_CODE.fullmatch(key):
+        return f"{parent or '$'}[{json.dumps(key)}]"
+    return f"{parent or '$'}[<key {position}>]"
+
+
+def _repeated_paths(doc: Any) -> list[str]:
+    """The field paths of the repeated keys in `doc`, in document order (iteratively: no recursion)."""
+    paths: list[str] = []
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            keys = list(node)
+            if isinstance(node, _Repeated):
+                paths.extend(_key_path(path, k, keys.index(k) + 1) for k in dict.fromkeys(node.keys_twice))
+            stack.extend((node[k], _key_path(path, k, n)) for n, k in reversed(list(enumerate(keys, start=1))))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path or '$'}[{i}]") for i, child in reversed(list(enumerate(node))))
+    return paths
 
 
 def _deeper_than(doc: Any, limit: int) -> bool:
@@ -294,6 +357,9 @@ def read_event(
             _, doc = decode_body(raw, limit=limit)
         except PayloadTooLarge:
             event_id = _event_id_of_oversized(raw, fallback_id)
+            raise
+        except RepeatedKeys as exc:
+            event_id = event_id_for(exc.doc, fallback_id)  # kept where its sender looks for it, as any other refusal
             raise
         event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
         return build_inbound(

@@ -379,6 +379,7 @@ def test_signer_matches_the_standard_webhooks_reference_vector() -> None:
 
 
 BODY = '{"event": {"xdm": {"_id": "vector-1", "eventType": "commerce.purchases"}}}'
+ARABIC_INDIC = str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
 MSG_ID = "msg_vector"
 
 
@@ -424,6 +425,11 @@ def vector_headers(name: str, now: int) -> tuple[str, dict[str, str]]:
             },
         ),
         "timestamp-not-a-number": (BODY, {**base, "webhook-timestamp": "yesterday"}),
+        # signed at `now`, which the library (float(), then whole seconds) would take each of these for
+        "timestamp-with-a-fraction": (BODY, {**base, "webhook-timestamp": f"{now}.999"}),
+        "timestamp-with-an-exponent": (BODY, {**base, "webhook-timestamp": f"{now / 1e9!r}e9"}),
+        "timestamp-padded": (BODY, {**base, "webhook-timestamp": f" {now}\t"}),
+        "timestamp-in-other-digits": (BODY, {**base, "webhook-timestamp": str(now).translate(ARABIC_INDIC)}),
         "missing-id": (BODY, {k: v for k, v in base.items() if k != "webhook-id"}),
         "missing-timestamp": (BODY, {k: v for k, v in base.items() if k != "webhook-timestamp"}),
         "missing-signature": (BODY, {k: v for k, v in base.items() if k != "webhook-signature"}),
@@ -446,6 +452,10 @@ REFUSED = [
     "timestamp-6-min-old",
     "timestamp-6-min-future",
     "timestamp-not-a-number",
+    "timestamp-with-a-fraction",
+    "timestamp-with-an-exponent",
+    "timestamp-padded",
+    "timestamp-in-other-digits",
     "missing-id",
     "missing-timestamp",
     "missing-signature",

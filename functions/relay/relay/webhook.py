@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,9 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     body = {"type": extra.pop("type", "about:blank"), "title": title, "status": status, "detail": detail, **extra}
     headers = {"Retry-After": str(extra.get("retryAfter"))} if "retryAfter" in extra else None
     return Response(status_code=status, content_type=PROBLEM, body=json.dumps(body), headers=headers)
+
+
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")  # ASCII digits only (`\d` would take other scripts' digits too)
 
 
 def _well_formed_signature(entry: str) -> bool:
@@ -141,6 +145,10 @@ class WebhookApp:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise Unauthorized("body is not UTF-8; signature cannot match") from None
+        if not _TIMESTAMP.fullmatch(headers.get("webhook-timestamp", "")):
+            # The library reads it with float(): "1795842876.999", "1.795842876e9", " 1795842876" or other scripts'
+            # digits would pass, signed as their whole seconds. The standard (and openapi.yaml) say integer seconds.
+            raise Unauthorized("webhook-timestamp is not whole seconds since the epoch")
         secrets = self._credentials().webhook_secrets()
         # The library stops at the first entry it cannot parse: keep only well-formed ones, so that a malformed entry
         # cannot hide a valid signature after it (several space-separated signatures are allowed).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,13 +216,14 @@ def test_contract_environment_variables_are_set(template: dict[str, Any]) -> Non
     variables = function_properties(template, FUNCTION)["Environment"]["Variables"]
     for name, binding in CONTRACT_ENV.items():
         assert variables.get(name) == binding, name
-    assert variables["POWERTOOLS_SERVICE_NAME"] == "interact-relay"
+    assert variables["POWERTOOLS_SERVICE_NAME"] == {"Ref": "AWS::StackName"}  # one metrics dimension per stack
     assert variables["POWERTOOLS_LOG_LEVEL"] == {"Ref": "LogLevel"}
     # Every Ref'd parameter exists.
     parameters = template["Parameters"]
     for binding in variables.values():
         if isinstance(binding, dict) and "Ref" in binding:
-            assert binding["Ref"] in parameters or binding["Ref"] in template["Resources"], binding
+            ref = binding["Ref"]
+            assert ref in parameters or ref in template["Resources"] or ref.startswith("AWS::"), binding
 
 
 def test_parameter_defaults_match_the_contract(template: dict[str, Any]) -> None:
@@ -382,7 +385,7 @@ def test_outputs_exist(template: dict[str, Any]) -> None:
 # --- alarms and dashboard (operations; docs/operations.md) ----------------------------------------------
 
 APP_NAMESPACE = "InteractRelay"
-APP_DIMENSIONS = [{"Name": "service", "Value": "interact-relay"}]
+APP_DIMENSIONS = [{"Name": "service", "Value": {"Ref": "AWS::StackName"}}]  # the function's POWERTOOLS_SERVICE_NAME
 ALARM_TOPIC_ACTIONS = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
 
 # alarm -> (namespace, metric names the alarm reads, dimensions)
@@ -390,6 +393,11 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
     "DeadLetterQueueAlarm": (
         "AWS/SQS",
         {"ApproximateNumberOfMessagesVisible"},
+        [{"Name": "QueueName", "Value": {"Fn::GetAtt": [DLQ, "QueueName"]}}],
+    ),
+    "DeadLetterQueueOldestMessageAlarm": (
+        "AWS/SQS",
+        {"ApproximateAgeOfOldestMessage"},
         [{"Name": "QueueName", "Value": {"Fn::GetAtt": [DLQ, "QueueName"]}}],
     ),
     "QueueOldestMessageAlarm": (
@@ -523,7 +531,7 @@ def test_dashboard_shows_every_metric_an_operator_needs(template: dict[str, Any]
         assert (APP_NAMESPACE, name) in shown, name
     for m in metrics:
         if m[0] == APP_NAMESPACE:
-            assert m[2:4] == ["service", "interact-relay"], m
+            assert m[2:4] == ["service", "SUB_AWS::StackName"], m
     # Edge latency percentiles.
     stats = {m[4]["stat"] for m in metrics if m[1] == "EdgeLatency" and len(m) > 4 and isinstance(m[4], dict)}
     assert stats >= {"p50", "p90", "p99"}
@@ -637,3 +645,33 @@ def test_the_identity_key_is_generated_kept_with_the_table_and_given_to_the_func
     assert (secret["DeletionPolicy"], secret["UpdateReplacePolicy"]) == (table["DeletionPolicy"], "Retain")
     variables = function_properties(template, FUNCTION)["Environment"]["Variables"]
     assert variables["IDENTITY_KEY_SECRET_ID"] == {"Ref": "IdentityKeySecret"}
+
+
+def test_the_metrics_carry_the_service_the_template_sets_which_its_alarms_read(template: dict[str, Any]) -> None:
+    # GIVEN the function's environment as a stack named "staging-relay" would set it
+    function_dir = Path(__file__).resolve().parents[2] / "functions" / "relay"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(function_dir), "POWERTOOLS_SERVICE_NAME": "staging-relay"}
+    probe = (
+        "import json\n"
+        "from relay.observability import count, metrics\n"
+        "count('Delivered')\n"
+        "print(json.dumps(metrics.serialize_metric_set()))\n"
+    )
+
+    # WHEN the function counts a metric
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    # THEN it is in the alarms' namespace under that stack's service, not one shared by every stack
+    assert done.returncode == 0, done.stderr
+    emf = json.loads(done.stdout)
+    [directive] = emf["_aws"]["CloudWatchMetrics"]
+    assert (directive["Namespace"], directive["Dimensions"], emf["service"]) == (
+        APP_NAMESPACE,
+        [["service"]],
+        "staging-relay",
+    )
+    assert template["Globals"]["Function"]["Environment"]["Variables"]["POWERTOOLS_SERVICE_NAME"] == {
+        "Ref": "AWS::StackName"
+    }

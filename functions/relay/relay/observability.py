@@ -13,8 +13,11 @@ from relay.settings import valid_log_level
 # A level Powertools would refuse must not fail the import: the logger starts at INFO and `load_settings` names the
 # variable in the invocation's configuration error, with every other bad one.
 _level = os.environ.get("POWERTOOLS_LOG_LEVEL", "")
-logger = Logger(service="interact-relay", use_rfc3339=True, level=None if valid_log_level(_level or "INFO") else "INFO")
-metrics = Metrics(namespace="InteractRelay", service="interact-relay")
+# The service names the deployment (the template sets the stack name): the metrics' `service` dimension, which its
+# alarms and dashboard read, so that two stacks in one account and region never mix their metrics.
+SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME") or "interact-relay"
+logger = Logger(service=SERVICE, use_rfc3339=True, level=None if valid_log_level(_level or "INFO") else "INFO")
+metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "InteractRelay", service=SERVICE)
 
 _metrics_lock = threading.Lock()
 

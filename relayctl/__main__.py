@@ -1,4 +1,5 @@
-"""relayctl: find out what happened to an event, list rejections, replay them, and redrive the dead-letter queue.
+"""relayctl: find out what happened to an event, list rejections, replay them, redrive the dead-letter queue, and
+forget a person (erase what the table keeps about one identity).
 
 Resources come from flags, from the environment (HANDLES_TABLE, QUEUE_URL, DLQ_URL) or from a deployed stack's
 outputs (`--stack interact-relay`). AWS endpoints and credentials are boto3's own (AWS_PROFILE, AWS_ENDPOINT_URL...).
@@ -16,6 +17,7 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
+from relay.identity_state import opaque_identity_id
 from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body
 from relay.integrations.store import RELAY, HandlesStore, decode_item
 from relay.models import as_dict, bounded_id, iso_millis
@@ -27,16 +29,19 @@ class Targets:
     table: str
     queue_url: str | None
     dlq_url: str | None
+    identity_key_secret: str | None = None
 
 
 def _targets(args: argparse.Namespace) -> Targets:
     table, queue, dlq = args.table, args.queue_url, args.dlq_url
+    key_secret = getattr(args, "identity_key_secret", None)
     if args.stack:
         outputs = boto3.client("cloudformation").describe_stacks(StackName=args.stack)["Stacks"][0].get("Outputs", [])
         found = {o["OutputKey"]: o["OutputValue"] for o in outputs}
         table = table or found.get("TableName")
         queue = queue or found.get("QueueUrl")
         dlq = dlq or found.get("DeadLetterQueueUrl")
+        key_secret = key_secret or found.get("IdentityKeySecretArn")
     table = table or os.environ.get("HANDLES_TABLE")
     if not table:
         raise SystemExit("relayctl: no table: pass --table, --stack or set HANDLES_TABLE")
@@ -44,6 +49,7 @@ def _targets(args: argparse.Namespace) -> Targets:
         table,
         queue or os.environ.get("QUEUE_URL") or os.environ.get("RETRY_QUEUE_URL"),
         dlq or os.environ.get("DLQ_URL"),
+        key_secret or os.environ.get("IDENTITY_KEY_SECRET_ID"),
     )
 
 
@@ -435,6 +441,87 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     return 1 if failed or kept else 0
 
 
+def _scan(ddb: Any, table: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Every item a scan with `kwargs` finds, raw (all pages)."""
+    items: list[dict[str, Any]] = []
+    kwargs = {"TableName": table, **kwargs}
+    while True:
+        page = ddb.scan(**kwargs)
+        items.extend(page.get("Items", []))
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def _mentions(request: Any, identity: str) -> bool:
+    """Whether a stored request (its raw text, or the parsed event) holds `identity` as a JSON string value."""
+    text = request if isinstance(request, str) else json.dumps(request, ensure_ascii=False)
+    return json.dumps(identity, ensure_ascii=False) in text or json.dumps(identity) in text
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Delete what the table keeps about one identity: its state items (every datastream), the results of its events
+    (found by their keyed `identityId`), and refused bodies that name it (scanned). Waiting events are listed, not
+    deleted: their messages would deliver and store them again."""
+    t = _targets(args)
+    key: bytes | None = None
+    if t.identity_key_secret:
+        doc = json.loads(
+            boto3.client("secretsmanager").get_secret_value(SecretId=t.identity_key_secret)["SecretString"]
+        )
+        key = str(doc["key"]).encode("utf-8")
+    elif not args.no_identity_key:
+        raise SystemExit(
+            "relayctl: no identity key: pass --identity-key-secret or --stack, or set IDENTITY_KEY_SECRET_ID "
+            "(--no-identity-key for a deployment without one, whose ids are plain SHA-256)"
+        )
+    opaque = opaque_identity_id(args.namespace, args.id, key=key)
+    ddb = boto3.client("dynamodb")
+    states: list[dict[str, Any]] = []  # one per datastream
+    query: dict[str, Any] = {
+        "TableName": t.table,
+        "KeyConditionExpression": "pk = :pk",
+        "ExpressionAttributeValues": {":pk": {"S": f"IDENTITY#{opaque}"}},
+    }
+    while True:
+        page = ddb.query(**query)
+        states.extend(page.get("Items", []))
+        if "LastEvaluatedKey" not in page:
+            break
+        query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    results = _scan(ddb, t.table, FilterExpression="identityId = :id", ExpressionAttributeValues={":id": {"S": opaque}})
+    # A body refused before its identity was read (not JSON, invalid) keeps no identityId, only its text.
+    refused = [
+        item
+        for item in _scan(
+            ddb,
+            t.table,
+            FilterExpression=(
+                "begins_with(pk, :e) AND #s = :r AND (attribute_not_exists(identityId) OR identityId = :no)"
+            ),
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":r": {"S": "rejected"}, ":no": {"S": ""}},
+        )
+        if _mentions(decode_item(item).get("request", ""), args.id)
+    ]
+    waiting = [i for i in results if i.get("status", {}).get("S") in ("pending", "queued")]
+    doomed = states + [i for i in results if i not in waiting] + refused
+    verb = "would delete" if args.dry_run else "deleted"
+    for item in doomed:
+        if not args.dry_run:
+            ddb.delete_item(TableName=t.table, Key={"pk": item["pk"], "sk": item["sk"]})
+        print(f"{verb} {item['pk']['S']} {item['sk']['S']}")
+    for item in waiting:
+        status = item["status"]["S"]
+        print(f"kept {item['pk']['S']}: still {status} (stored again once delivered: run forget after that)")
+    print(
+        f"{verb} {len(states)} state item(s), {len(doomed) - len(states) - len(refused)} result(s), "
+        f"{len(refused)} refused body(ies); {len(waiting)} waiting. Not reached: messages still in the queues, and "
+        "the table's point-in-time recovery (35 days)."
+    )
+    return 1 if waiting else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relayctl", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--stack", help="read TableName/QueueUrl/DeadLetterQueueUrl from this stack's outputs")
@@ -461,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     red = sub.add_parser("redrive", help="move dead-letter messages back to the queue")
     red.add_argument("--max", type=int, default=1000)
     red.set_defaults(func=cmd_redrive)
+    fgt = sub.add_parser("forget", help="erase what the table keeps about one identity (a person's erasure request)")
+    fgt.add_argument("--namespace", required=True, help='its identityMap namespace as sent, e.g. "Email", "CRMID"')
+    fgt.add_argument("--id", required=True, help="the identity value")
+    fgt.add_argument("--identity-key-secret", help="the identity key secret (default: $IDENTITY_KEY_SECRET_ID)")
+    fgt.add_argument("--no-identity-key", action="store_true", help="the deployment has no identity key")
+    fgt.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    fgt.set_defaults(func=cmd_forget)
     return parser
 
 

@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
+from relay.integrations.store import decode_item
 from relay.models import iso_millis
 from relay.runtime import Runtime
 from relay.settings import load_settings
@@ -223,3 +224,56 @@ def test_show_says_dead_lettered_for_an_event_in_the_dead_letter_queue(ctl_env: 
 
     # THEN it says where the event is
     assert (shown["status"], shown.get("messageId")) == ("dead-lettered", message_id)
+
+
+def test_forget_erases_one_persons_state_results_and_refused_bodies_and_nothing_else(
+    ctl_env: LocalStack, capsys
+) -> None:
+    stack = ctl_env
+    table = stack.resources.table_name
+    # GIVEN alice and bob with two delivered events each (so a state item each), one more of alice's events that
+    # Edge rejected, and a body refused before any identity was read (not JSON) that names alice
+    tag = uuid.uuid4().hex[:8]
+    alice, bob = f"alice-{tag}@example.com", f"bob-{tag}@example.com"
+
+    def of(person: str, event_id: str) -> dict[str, Any]:
+        return {"event": {"xdm": {"_id": event_id, "identityMap": {"Email": [{"id": person, "primary": True}]}}}}
+
+    events = {f"{who}-{tag}-{n}": person for who, person in (("a", alice), ("b", bob)) for n in (1, 2)}
+    events[f"a-{tag}-3"] = alice
+    stack.sim.add_fault(match_id=f"a-{tag}-3", status=422)
+    for event_id, person in events.items():
+        send(stack, of(person, event_id))
+    cut_off = json.dumps(of(alice, f"a-{tag}-4"))[:-3]
+    refused = stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=cut_off)["MessageId"]
+    poller(stack).drain(timeout=30, raise_on_timeout=True)
+    assert [stack.result(e)["status"] for e in events] == ["delivered"] * 4 + ["rejected"]
+    assert stack.result(refused)["status"] == "rejected"
+    before = stack.dynamodb.scan(TableName=table)["Items"]
+
+    # WHEN the operator forgets alice, after a dry run
+    code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice, "--dry-run")
+    assert code == 0 and "would delete 1 state item(s), 3 result(s), 1 refused body(ies); 0 waiting" in out, out
+    assert len(stack.dynamodb.scan(TableName=table)["Items"]) == len(before)
+    code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
+
+    # THEN her state, results and refused body are gone and nothing left names her; bob's are untouched
+    assert code == 0, out
+    after = stack.dynamodb.scan(TableName=table)["Items"]
+    assert len(before) - len(after) == 5
+    assert alice not in json.dumps([decode_item(i) for i in after], ensure_ascii=False)
+    assert all(stack.result_item(e) is None for e in events if e.startswith("a-"))
+    assert stack.result_item(refused) is None
+    assert [stack.result(e)["status"] for e in events if e.startswith("b-")] == ["delivered"] * 2
+    assert sum(1 for i in after if i["pk"]["S"].startswith("IDENTITY#")) == 1  # bob's
+
+
+def test_forget_without_the_identity_key_refuses_rather_than_find_nothing(
+    ctl_env: LocalStack, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN no identity key given (its ids would not match the relay's keyed ones)
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    # WHEN / THEN forget says what it needs instead of reporting nothing found
+    with pytest.raises(SystemExit, match="no identity key"):
+        main(["forget", "--namespace", "Email", "--id", "alice@example.com"])

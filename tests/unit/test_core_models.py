@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from relay.models import (
     event_id_for,
     iso_millis,
     primary_identity,
+    read_event,
     resolve_datastream,
     validate_request,
 )
@@ -127,6 +129,39 @@ def test_decode_body_refuses_a_key_repeated_in_an_object_naming_where(raw: str, 
         decode_body(raw)
     assert sorted(e["path"] for e in exc.value.errors) == sorted(paths)
     assert {e["message"] for e in exc.value.errors} == {"appears more than once in its object"}
+
+
+def test_naming_a_repeated_key_costs_little_memory_whatever_the_body_nests_under_long_keys() -> None:
+    # GIVEN a 64 KiB body with a repeated key and, under a 32,000-character key, thousands of containers (a path per
+    # container would copy that key thousands of times: half a gigabyte)
+    long_key = "a" * 32_000
+    body = '{"x":1,"x":1,"' + long_key + '":[' + ",".join(["[]"] * 7_000) + "]}"
+    assert len(body) < MAX_BODY_BYTES
+
+    # WHEN it is read (peak memory traced, not timed)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidEvent) as exc:
+            decode_body(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # THEN the repeated key is named, and the reading stayed within a few megabytes
+    assert exc.value.errors == [{"path": "x", "message": "appears more than once in its object"}]
+    assert peak < 20 * 1024 * 1024, peak
+
+
+def test_an_oversized_body_with_a_repeated_key_is_still_kept_under_its_xdm_id() -> None:
+    # GIVEN a body over the limit that also repeats a key
+    body = '{"event":{"xdm":{"_id":"order-42","a":1,"a":2}},"pad":"' + "p" * MAX_BODY_BYTES + '"}'
+
+    # WHEN / THEN it is refused for its size, and kept where its sender looks for it
+    with pytest.raises(PayloadTooLarge) as exc:
+        read_event(
+            body, "msg-1", datastream=None, default_datastream="ds", source="sqs", received_at=0, identity_key=None
+        )
+    assert exc.value.event_id == "order-42"
 
 
 def test_a_repeated_key_that_is_not_a_name_is_named_by_its_position_never_echoed() -> None:

@@ -323,6 +323,8 @@ def test_a_cluster_entry_from_the_caller_routes_the_call_over_the_stored_hint() 
     [
         {"key": CLUSTER_KEY, "value": "../evil.example"},  # not a plain name: never a URL part
         {"key": CLUSTER_KEY, "value": 7},
+        {"key": CLUSTER_KEY, "value": "OR2"},  # Edge's hints are lower case: not one it issued
+        {"key": CLUSTER_KEY, "value": "va6", "maxAge": 0},  # the caller deletes it
         {"key": "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_identity", "value": "va6"},
         {"key": "cluster", "value": "va6"},
     ],

@@ -469,7 +469,26 @@ def test_a_waiting_event_is_taken_over_only_for_its_own_datastream(store_on_moto
     # THEN it is not taken, and the waiting event still is, by its own datastream's attempt
     assert not other.acquired
     assert other.existing is not None and other.existing["datastreamId"] == "ds-1"
-    assert store.claim("order-6", datastream_id="ds-1", source="sqs", lease_s=30).acquired
+    assert store.claim("order-6", datastream_id="ds-1", source="webhook", lease_s=30).acquired
+
+
+@pytest.mark.parametrize("kind", ["queued", "lapsed-claim"])
+def test_a_queue_message_takes_its_waiting_event_over_whatever_datastream_it_now_resolves_to(
+    store_on_moto: StoreOnMoto, kind: str
+) -> None:
+    # GIVEN a producer's event waiting under the default datastream ds-1 (its message names none)
+    store = store_on_moto.store
+    claim = store.claim("order-7", datastream_id="ds-1", source="sqs", lease_s=30)
+    if kind == "queued":
+        store.release("order-7", claim.token, "edge unavailable")
+    else:
+        store_on_moto.clock.advance(60)
+
+    # WHEN its message comes again after the default datastream was changed to ds-2 (a redeploy)
+    again = store.claim("order-7", datastream_id="ds-2", source="sqs", lease_s=30)
+
+    # THEN it is taken (and delivered to ds-2), not stranded as busy until it reaches the dead-letter queue
+    assert again.acquired
 
 
 @pytest.mark.parametrize("kind", ["queued", "lapsed-claim"])

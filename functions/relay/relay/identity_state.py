@@ -24,6 +24,8 @@ MAX_ENTRY_BYTES = 4096  # key, value and attrs of one entry: what a browser keep
 MAX_STATE_BYTES = 16 * 1024  # all entries: sent back inside Edge's 64 KB request, stored inside one small item
 # The Web SDK's routing cookie, `kndctr_<org id, "@" as "_">_cluster`, which Edge also sets as a `state:store` entry.
 CLUSTER_KEY = re.compile(r"kndctr_[A-Za-z0-9_]+_AdobeOrg_cluster")
+# What Edge issues ("or2", "va6", "irl1"): a caller's cluster value must look like one to route a call.
+EDGE_HINT = re.compile(r"[a-z0-9]{1,16}")
 
 
 def valid_hint(hint: Any) -> bool:
@@ -86,8 +88,11 @@ def caller_hint(caller_entries: list[dict[str, Any]]) -> str | None:
     Adobe's Web SDK routes by that entry alone; the caller's entries win over stored ones, so its cluster wins over the
     stored hint too: the call goes where the visitor's session is, not elsewhere with the visitor's cluster entry."""
     for entry in caller_entries:
-        if CLUSTER_KEY.fullmatch(str(entry.get("key"))) and valid_hint(entry.get("value")):
-            return str(entry["value"])
+        value, max_age = entry.get("value"), entry.get("maxAge")
+        if isinstance(max_age, int | float) and max_age <= 0:
+            continue  # the caller deletes it (`maxAge <= 0`): nothing to route by
+        if CLUSTER_KEY.fullmatch(str(entry.get("key"))) and isinstance(value, str) and EDGE_HINT.fullmatch(value):
+            return value
     return None
 
 

@@ -278,19 +278,42 @@ def _key_path(parent: str, key: str, position: int) -> str:
     return f"{parent or '$'}[<key {position}>]"
 
 
+_Link = tuple[Any, Any, int] | None  # (parent link, key or index, 1-based position among the keys; 0 for an index)
+
+
+def _path_of(link: _Link) -> str:
+    """The field path a chain of links names (built only for the paths reported)."""
+    steps: list[tuple[Any, int]] = []
+    while link is not None:
+        link, step, position = link
+        steps.append((step, position))
+    path = ""
+    for step, position in reversed(steps):
+        path = _key_path(path, step, position) if position else f"{path or '$'}[{step}]"
+    return path
+
+
 def _repeated_paths(doc: Any) -> list[str]:
-    """The field paths of the repeated keys in `doc`, in document order (iteratively: no recursion)."""
+    """The field paths of the repeated keys in `doc`, in document order. Iterative (no recursion), and only containers
+    are visited, each with a link to its parent: a path is spelled out only for a repeated key (a hostile body's
+    thousands of leaves under a long key would otherwise each get a copy of it)."""
     paths: list[str] = []
-    stack: list[tuple[Any, str]] = [(doc, "")]
+    stack: list[tuple[Any, _Link]] = [(doc, None)]
     while stack:
-        node, path = stack.pop()
+        node, link = stack.pop()
         if isinstance(node, dict):
-            keys = list(node)
             if isinstance(node, _Repeated):
-                paths.extend(_key_path(path, k, keys.index(k) + 1) for k in dict.fromkeys(node.keys_twice))
-            stack.extend((node[k], _key_path(path, k, n)) for n, k in reversed(list(enumerate(keys, start=1))))
+                positions = {k: n for n, k in enumerate(node, start=1)}
+                base = _path_of(link)
+                paths.extend(_key_path(base, k, positions[k]) for k in dict.fromkeys(node.keys_twice))
+            children = [
+                (v, (link, k, n)) for n, (k, v) in enumerate(node.items(), start=1) if isinstance(v, dict | list)
+            ]
         elif isinstance(node, list):
-            stack.extend((child, f"{path or '$'}[{i}]") for i, child in reversed(list(enumerate(node))))
+            children = [(v, (link, i, 0)) for i, v in enumerate(node) if isinstance(v, dict | list)]
+        else:
+            continue
+        stack.extend(reversed(children))
     return paths
 
 
@@ -380,6 +403,8 @@ def _event_id_of_oversized(raw: bytes | str, fallback_id: str) -> str:
     else the transport's id."""
     try:
         _, doc = decode_body(raw, limit=None)
+    except RepeatedKeys as exc:
+        doc = exc.doc  # JSON all the same: it names its xdm._id
     except InvalidEvent:
         return bounded_id(fallback_id)
     return event_id_for(doc, fallback_id)

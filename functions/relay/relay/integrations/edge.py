@@ -20,8 +20,8 @@ from relay.settings import Settings
 
 MIN_ATTEMPT_S = 0.05  # don't start an attempt with less time than this left
 REFUSED_TOKEN_MIN_AGE_S = 60.0  # a token Edge refuses is replaced only if older than this (at most one IMS call/min)
-# After a hinted URL answers 404, calls go to the plain URL for this long before a hint routes one again. Adobe's own
-# server-API code leaves the hint out because "the Server API domain 404s if it's included" (alloy,
+# After a hinted URL answers 404, calls with that hint go to the plain URL for this long before it routes one again.
+# Adobe's own server-API code leaves the hint out because "the Server API domain 404s if it's included" (alloy,
 # `injectSendEdgeNetworkRequest.js`), while the docs and the contract route by it: the relay tries, and falls back.
 HINT_ROUTE_PAUSE_S = 600.0
 
@@ -103,7 +103,9 @@ class EdgeClient:
         self._clock = clock
         # backoff jitter only, not security
         self._rng = rng or random.Random()  # nosec B311
-        self._hints_refused_until = float("-inf")  # monotonic time until which no hint routes a call (a 404 said so)
+        # hint -> monotonic time until which it routes no call (its URL answered 404). Per hint, so that one caller's
+        # odd cluster entry cannot turn routing off for every visitor.
+        self._hints_refused: dict[str, float] = {}
 
     def _headers(self, deadline: Deadline) -> tuple[dict[str, str], Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -162,8 +164,8 @@ class EdgeClient:
         """
         s = self._settings
         hinted = bool(hint) and s.edge_hint_url_template is not None
-        if hinted and self._clock.monotonic() < self._hints_refused_until:
-            hinted = False  # a hinted URL answered 404 a short while ago
+        if hint and hinted and self._clock.monotonic() < self._hints_refused.get(hint, float("-inf")):
+            hinted = False  # this hint's URL answered 404 a short while ago
         url = s.hinted_url(hint) if hint and hinted else s.interact_url
         body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
         attempt, refreshed = 0, False
@@ -231,10 +233,10 @@ class EdgeClient:
                         # The hinted route does not exist on this host (not the event's fault): the same event at
                         # once on the plain URL, and no hint routes a call for a while. The hint is still kept.
                         hinted, url = False, s.interact_url
-                        self._hints_refused_until = self._clock.monotonic() + HINT_ROUTE_PAUSE_S
+                        self._hints_refused[str(hint)] = self._clock.monotonic() + HINT_ROUTE_PAUSE_S
                         count("EdgeHintRouteRefused")
                         logger.warning(
-                            "edge answered 404 on the hinted URL; calls go to the plain URL for a while",
+                            "edge answered 404 on the hinted URL; calls with this hint go to the plain URL for a while",
                             pauseSeconds=HINT_ROUTE_PAUSE_S,
                         )
                         continue

@@ -165,6 +165,12 @@ class HandlesStore:
         own_token = token
         token = token or uuid.uuid4().hex
         stamp = {"S": iso_millis(now)}
+        # A waiting event (queued, or under a lapsed claim) is taken over by a webhook attempt only for its own
+        # datastream: the webhook's `?datastreamId=` is not covered by the signature, and a captured request replayed
+        # to another datastream must neither reach it nor leave the genuine event to be filed as a reuse (it is busy
+        # instead). Not for the queue's messages (IAM-trusted): one without a datastreamId attribute resolves to the
+        # default datastream on each receive, and must not be stranded when that default changes.
+        own = " AND (datastreamId = :ds OR attribute_not_exists(datastreamId))" if source == "webhook" else ""
         try:
             resp = self._call(
                 "update_item",
@@ -176,13 +182,8 @@ class HandlesStore:
                 ),
                 # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
                 # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".
-                # A waiting event is taken over only for its own datastream: the webhook's `?datastreamId=` is not
-                # covered by the signature, and a captured request replayed to another datastream must neither
-                # reach it nor leave the genuine event to be filed as a reuse. It waits (busy) instead.
                 ConditionExpression=(
-                    "attribute_not_exists(pk) "
-                    "OR (#s = :queued AND (datastreamId = :ds OR attribute_not_exists(datastreamId))) "
-                    "OR (#s = :pending AND leaseUntil < :t AND datastreamId = :ds) "
+                    f"attribute_not_exists(pk) OR (#s = :queued{own}) OR (#s = :pending AND leaseUntil < :t{own}) "
                     "OR (#s = :rejected AND rejectedBy = :relay) OR (#s = :pending AND claimToken = :tok)"
                 ),
                 ExpressionAttributeNames={"#s": "status", "#src": "source"},

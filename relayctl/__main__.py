@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -453,10 +454,16 @@ def _scan(ddb: Any, table: str, **kwargs: Any) -> list[dict[str, Any]]:
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
 def _mentions(request: Any, identity: str) -> bool:
-    """Whether a stored request (its raw text, or the parsed event) holds `identity` as a JSON string value."""
+    """Whether a stored request (its raw text, or the parsed event) holds `identity` as a JSON string value, however
+    the sender escaped it (`alice\\u0040example.com` is alice@example.com too)."""
     text = request if isinstance(request, str) else json.dumps(request, ensure_ascii=False)
-    return json.dumps(identity, ensure_ascii=False) in text or json.dumps(identity) in text
+    unescaped = _JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    needles = (json.dumps(identity, ensure_ascii=False), json.dumps(identity))
+    return any(n in t for n in needles for t in (text, unescaped))
 
 
 def cmd_forget(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from relay.process_event import INVALID_EVENT_TYPE, invalid_problem
 import relayctl.__main__ as relayctl_main
 from devtools.poller import record_from_message
 from devtools.resources import create_handles_table
-from relayctl.__main__ import _peek_dlq, replay_event
+from relayctl.__main__ import _mentions, _peek_dlq, replay_event
 
 
 class Recorder:
@@ -665,3 +665,17 @@ def test_redrive_does_not_count_a_message_it_could_not_delete_as_moved(
     assert code == 1
     assert lines[-1] == "moved 0 message(s) from the dead-letter queue to the queue"
     assert "not deleted from the dead-letter queue" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("request_text", "found"),
+    [
+        ('{"event":{"xdm":{"identityMap":{"Email":[{"id":"alice@example.com"}]}}', True),  # a cut-off body
+        ('{"id": "alice\\u0040example.com"}', True),  # escaped as a sender's encoder may
+        ('{"id": "ALICE\\u0040EXAMPLE.COM"}', False),  # another value
+        ('{"id": "xalice@example.com"}', False),  # only a whole string value counts
+        ({"event": {"xdm": {"note": "alice@example.com"}}}, True),  # a stored parsed request
+    ],
+)
+def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(request_text: Any, found: bool) -> None:
+    assert _mentions(request_text, "alice@example.com") is found

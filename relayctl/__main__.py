@@ -18,7 +18,9 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
+from relay.errors import CredentialsError
 from relay.identity_state import opaque_identity_id
+from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body
 from relay.integrations.store import RELAY, HandlesStore, decode_item
 from relay.models import as_dict, bounded_id, iso_millis
@@ -207,12 +209,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0 if found == len(args.event_ids) else 1
 
 
+def _all_items(call: Any, table: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Every item a `scan` or `query` (`call`) with `kwargs` finds, raw, all pages."""
+    items: list[dict[str, Any]] = []
+    kwargs = {"TableName": table, **kwargs}
+    while True:
+        page = call(**kwargs)
+        items.extend(page.get("Items", []))
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
 def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[dict[str, Any]]:
     """Rejected results; with `event_id`, only that eventId's and those filed beside it (`<eventId>#reused-...`,
     `<eventId>#invalid-...`: other events sent under it)."""
-    items: list[dict[str, Any]] = []
     kwargs: dict[str, Any] = {
-        "TableName": table,
         "FilterExpression": "begins_with(pk, :p) AND #s = :r",
         "ExpressionAttributeNames": {"#s": "status"},
         "ExpressionAttributeValues": {":p": {"S": "EVENT#"}, ":r": {"S": "rejected"}},
@@ -225,12 +237,8 @@ def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[di
             ":invalid": {"S": f"EVENT#{event_id}#invalid-"},
             ":r": {"S": "rejected"},
         }
-    while True:
-        page = ddb.scan(**kwargs)
-        items.extend(decode_item(i) for i in page.get("Items", []))
-        if "LastEvaluatedKey" not in page:
-            return sorted(items, key=lambda d: str(d.get("storedAt", "")))
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    items = [decode_item(i) for i in _all_items(ddb.scan, table, **kwargs)]
+    return sorted(items, key=lambda d: str(d.get("storedAt", "")))
 
 
 def _reason(doc: dict[str, Any]) -> str:
@@ -442,18 +450,6 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     return 1 if failed or kept else 0
 
 
-def _scan(ddb: Any, table: str, **kwargs: Any) -> list[dict[str, Any]]:
-    """Every item a scan with `kwargs` finds, raw (all pages)."""
-    items: list[dict[str, Any]] = []
-    kwargs = {"TableName": table, **kwargs}
-    while True:
-        page = ddb.scan(**kwargs)
-        items.extend(page.get("Items", []))
-        if "LastEvaluatedKey" not in page:
-            return items
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-
-
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 
@@ -473,10 +469,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
     t = _targets(args)
     key: bytes | None = None
     if t.identity_key_secret:
-        doc = json.loads(
-            boto3.client("secretsmanager").get_secret_value(SecretId=t.identity_key_secret)["SecretString"]
+        # The function's own reader of the key, with its checks: the same bytes, or a clear refusal.
+        credentials = CredentialsStore(
+            boto3.client("secretsmanager"),
+            adobe_secret_id=None,
+            webhook_secret_id=None,
+            max_age=0,
+            identity_key_secret_id=t.identity_key_secret,
         )
-        key = str(doc["key"]).encode("utf-8")
+        try:
+            key = credentials.identity_key()
+        except CredentialsError as exc:
+            raise SystemExit(f"relayctl: {exc}") from None
     elif not args.no_identity_key:
         raise SystemExit(
             "relayctl: no identity key: pass --identity-key-secret or --stack, or set IDENTITY_KEY_SECRET_ID "
@@ -484,24 +488,20 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     opaque = opaque_identity_id(args.namespace, args.id, key=key)
     ddb = boto3.client("dynamodb")
-    states: list[dict[str, Any]] = []  # one per datastream
-    query: dict[str, Any] = {
-        "TableName": t.table,
-        "KeyConditionExpression": "pk = :pk",
-        "ExpressionAttributeValues": {":pk": {"S": f"IDENTITY#{opaque}"}},
-    }
-    while True:
-        page = ddb.query(**query)
-        states.extend(page.get("Items", []))
-        if "LastEvaluatedKey" not in page:
-            break
-        query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    results = _scan(ddb, t.table, FilterExpression="identityId = :id", ExpressionAttributeValues={":id": {"S": opaque}})
+    states = _all_items(  # one per datastream
+        ddb.query,
+        t.table,
+        KeyConditionExpression="pk = :pk",
+        ExpressionAttributeValues={":pk": {"S": f"IDENTITY#{opaque}"}},
+    )
+    results = _all_items(
+        ddb.scan, t.table, FilterExpression="identityId = :id", ExpressionAttributeValues={":id": {"S": opaque}}
+    )
     # A body refused before its identity was read (not JSON, invalid) keeps no identityId, only its text.
     refused = [
         item
-        for item in _scan(
-            ddb,
+        for item in _all_items(
+            ddb.scan,
             t.table,
             FilterExpression=(
                 "begins_with(pk, :e) AND #s = :r AND (attribute_not_exists(identityId) OR identityId = :no)"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,3 +61,19 @@ def store_on_moto(aws: None) -> StoreOnMoto:
     create_handles_table(ddb, "t")
     clock = FakeClock()
     return StoreOnMoto(ddb, HandlesStore(ddb, "t", ttl_days=30, clock=clock), clock)
+
+
+FUNCTION_DIR = Path(__file__).resolve().parents[2] / "functions" / "relay"
+
+
+def fresh_interpreter(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a new Python with only the function's code on its path and `env` as its whole environment (what
+    a cold start sees: nothing imported, no variable set but these)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(FUNCTION_DIR), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -4,11 +4,8 @@ does not load the webhook stack (Event Handler, Standard Webhooks), which an SQS
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-FUNCTION_DIR = Path(__file__).resolve().parents[2] / "functions" / "relay"
+from tests.unit.conftest import fresh_interpreter
 
 PROBE = """
 import json, sys
@@ -23,12 +20,8 @@ print(json.dumps({
 
 def test_importing_the_handler_builds_nothing_and_needs_no_configuration():
     # GIVEN an environment with none of the function's variables (any configuration work at import would fail)
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(FUNCTION_DIR)}
-
     # WHEN the handler module is imported in a fresh interpreter
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    done = fresh_interpreter(PROBE)
 
     # THEN it imported cleanly, built no runtime (no clients, secrets or settings), and left the webhook stack out
     assert done.returncode == 0, done.stderr
@@ -37,7 +30,6 @@ def test_importing_the_handler_builds_nothing_and_needs_no_configuration():
 
 def test_a_log_level_powertools_refuses_does_not_break_the_import_and_is_reported_as_configuration():
     # GIVEN a POWERTOOLS_LOG_LEVEL that Powertools' Logger would refuse (it raises at construction)
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(FUNCTION_DIR), "POWERTOOLS_LOG_LEVEL": "LOUD"}
     probe = (
         "import relay.handler as h\n"
         "from relay.errors import ConfigurationError\n"
@@ -48,9 +40,7 @@ def test_a_log_level_powertools_refuses_does_not_break_the_import_and_is_reporte
     )
 
     # WHEN the handler is imported and invoked in a fresh interpreter
-    done = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    done = fresh_interpreter(probe, POWERTOOLS_LOG_LEVEL="LOUD")
 
     # THEN the import worked and the invocation's configuration error names the variable
     assert done.returncode == 0, done.stderr

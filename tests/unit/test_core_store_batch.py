@@ -452,15 +452,21 @@ def test_a_corrected_event_still_takes_over_the_relays_rejection(store_on_moto: 
     assert claim.acquired
 
 
+def wait_under(store_on_moto: StoreOnMoto, event_id: str, kind: str, *, source: str) -> None:
+    """Leave `event_id` waiting under datastream ds-1: `queued` (given back for a retry), or under a claim whose
+    holder died (`lapsed-claim`: its lease ran out)."""
+    claim = store_on_moto.store.claim(event_id, datastream_id="ds-1", source=source, lease_s=30)
+    if kind == "queued":
+        store_on_moto.store.release(event_id, claim.token, "edge unavailable")
+    else:
+        store_on_moto.clock.advance(60)
+
+
 @pytest.mark.parametrize("kind", ["queued", "lapsed-claim"])
 def test_a_waiting_event_is_taken_over_only_for_its_own_datastream(store_on_moto: StoreOnMoto, kind: str) -> None:
     # GIVEN an event waiting under its eventId for datastream ds-1: queued, or claimed by an attempt that died
     store = store_on_moto.store
-    claim = store.claim("order-6", datastream_id="ds-1", source="webhook", lease_s=30)
-    if kind == "queued":
-        store.release("order-6", claim.token, "edge unavailable")
-    else:
-        store_on_moto.clock.advance(60)
+    wait_under(store_on_moto, "order-6", kind, source="webhook")
 
     # WHEN the same eventId is claimed for another datastream (a captured webhook request replayed with another
     # `?datastreamId=`, which the signature does not cover)
@@ -478,11 +484,7 @@ def test_a_queue_message_takes_its_waiting_event_over_whatever_datastream_it_now
 ) -> None:
     # GIVEN a producer's event waiting under the default datastream ds-1 (its message names none)
     store = store_on_moto.store
-    claim = store.claim("order-7", datastream_id="ds-1", source="sqs", lease_s=30)
-    if kind == "queued":
-        store.release("order-7", claim.token, "edge unavailable")
-    else:
-        store_on_moto.clock.advance(60)
+    wait_under(store_on_moto, "order-7", kind, source="sqs")
 
     # WHEN its message comes again after the default datastream was changed to ds-2 (a redeploy)
     again = store.claim("order-7", datastream_id="ds-2", source="sqs", lease_s=30)
@@ -497,11 +499,7 @@ def test_an_event_still_waiting_is_told_where_a_refused_message_under_its_eventi
 ) -> None:
     # GIVEN an event waiting under its eventId: queued, or claimed by an attempt that died (lease lapsed)
     store = store_on_moto.store
-    claim = store.claim("order-5", datastream_id="ds-1", source="sqs", lease_s=30)
-    if kind == "queued":
-        store.release("order-5", claim.token, "edge unavailable")
-    else:
-        store_on_moto.clock.advance(60)
+    wait_under(store_on_moto, "order-5", kind, source="sqs")
 
     # WHEN a message under its eventId is refused as invalid (its own, say, under a newer rule; or another one)
     stored = store.reject_unclaimed("order-5", INVALID, body_digest="d" * 16)

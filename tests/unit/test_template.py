@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from relay.errors import ConfigurationError
 from relay.settings import load_settings
 
 from devtools.cfn_yaml import load_template
+from tests.unit.conftest import fresh_interpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -649,8 +648,6 @@ def test_the_identity_key_is_generated_kept_with_the_table_and_given_to_the_func
 
 def test_the_metrics_carry_the_service_the_template_sets_which_its_alarms_read(template: dict[str, Any]) -> None:
     # GIVEN the function's environment as a stack named "staging-relay" would set it
-    function_dir = Path(__file__).resolve().parents[2] / "functions" / "relay"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(function_dir), "POWERTOOLS_SERVICE_NAME": "staging-relay"}
     probe = (
         "import json\n"
         "from relay.observability import count, metrics\n"
@@ -659,9 +656,7 @@ def test_the_metrics_carry_the_service_the_template_sets_which_its_alarms_read(t
     )
 
     # WHEN the function counts a metric
-    done = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    done = fresh_interpreter(probe, POWERTOOLS_SERVICE_NAME="staging-relay")
 
     # THEN it is in the alarms' namespace under that stack's service, not one shared by every stack
     assert done.returncode == 0, done.stderr

@@ -163,9 +163,12 @@ class EdgeClient:
         Raises EdgeRejected (not to be retried), EdgeUnavailable (retry later) or CredentialsError (retry later).
         """
         s = self._settings
-        hinted = bool(hint) and s.edge_hint_url_template is not None
-        if hint and hinted and self._clock.monotonic() < self._hints_refused.get(hint, float("-inf")):
-            hinted = False  # this hint's URL answered 404 a short while ago
+        # A hint routes the call unless routing is off or its URL answered 404 a short while ago.
+        hinted = bool(
+            hint
+            and s.edge_hint_url_template is not None
+            and self._clock.monotonic() >= self._hints_refused.get(hint, float("-inf"))
+        )
         url = s.hinted_url(hint) if hint and hinted else s.interact_url
         body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
         attempt, refreshed = 0, False

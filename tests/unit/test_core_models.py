@@ -152,6 +152,35 @@ def test_naming_a_repeated_key_costs_little_memory_whatever_the_body_nests_under
     assert peak < 20 * 1024 * 1024, peak
 
 
+@pytest.mark.parametrize("objects", [2_300, 9_000], ids=["64-KiB", "oversized"])
+def test_many_repeated_keys_under_a_long_key_are_counted_and_only_the_first_named(objects: int) -> None:
+    # GIVEN thousands of objects that each repeat a key, under a 32,000-character key (each path would copy it): a
+    # body within the limit, and one over it (parsed whole, to find the xdm._id its refusal is kept under)
+    body = '{"event":{"xdm":{"_id":"e1"}},"' + "a" * 32_000 + '":[' + ",".join(['{"x":0,"x":0}'] * objects) + "]}"
+
+    # WHEN it is read (peak memory traced, not timed)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidEvent) as exc:
+            read_event(
+                body, "m", datastream=None, default_datastream="ds", source="sqs", received_at=0, identity_key=None
+            )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # THEN it is kept under its xdm._id; within the limit, the first 50 are named (cut) and the rest counted; and the
+    # reading stayed within a few tens of megabytes (paths for all of them: hundreds, up to gigabytes)
+    assert exc.value.event_id == "e1"
+    if len(body) <= MAX_BODY_BYTES:
+        assert len(exc.value.errors) == 51
+        assert exc.value.errors[-1] == {"path": "$", "message": f"and {objects - 50} more errors"}
+        assert all(len(e["path"]) <= 300 for e in exc.value.errors)
+    else:
+        assert isinstance(exc.value, PayloadTooLarge)
+    assert peak < 40 * 1024 * 1024, peak
+
+
 def test_an_oversized_body_with_a_repeated_key_is_still_kept_under_its_xdm_id() -> None:
     # GIVEN a body over the limit that also repeats a key
     body = '{"event":{"xdm":{"_id":"order-42","a":1,"a":2}},"pad":"' + "p" * MAX_BODY_BYTES + '"}'

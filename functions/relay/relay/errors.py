@@ -26,10 +26,12 @@ class InvalidEvent(Exception):
     detail = "the body is not a valid interact event"
     event_id: str | None = None  # the eventId its rejection is kept under, when `read_event` raised it
 
-    def __init__(self, errors: list[dict[str, str]], *, title: str = "Invalid event") -> None:
+    def __init__(self, errors: list[dict[str, str]], *, title: str = "Invalid event", total: int | None = None) -> None:
+        # `total`: how many there are when `errors` holds only the first ones (the rest never built)
+        total = max(total or 0, len(errors))
         kept = [{k: str(v)[:MAX_ERROR_TEXT] for k, v in e.items()} for e in errors[:MAX_ERRORS]]
-        if len(errors) > MAX_ERRORS:
-            kept.append({"path": "$", "message": f"and {len(errors) - MAX_ERRORS} more errors"})
+        if total > MAX_ERRORS:
+            kept.append({"path": "$", "message": f"and {total - MAX_ERRORS} more errors"})
         self.errors = kept
         self.title = title
         super().__init__(title)

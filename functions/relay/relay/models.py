@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Literal
 
 from relay import codec
-from relay.errors import InvalidEvent, PayloadTooLarge
+from relay.errors import MAX_ERROR_TEXT, MAX_ERRORS, InvalidEvent, PayloadTooLarge
 from relay.identity_state import opaque_identity_id
 from relay.settings import DATASTREAM_ID_RE
 
@@ -237,9 +239,11 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
     if repeated:
         # JSON leaves a repeated key's meaning open (RFC 8259 §4): Python keeps the last value, a sender's validator
         # may have checked the first. Refused, naming where, so that what was checked is what Edge would get.
-        raise RepeatedKeys(
-            doc, [{"path": path, "message": "appears more than once in its object"} for path in _repeated_paths(doc)]
-        )
+        # Only the paths an answer keeps are spelled out (each can repeat a long ancestor key): the rest are counted.
+        total = sum(len(set(found.keys_twice)) for found in repeated)
+        paths = itertools.islice(_repeated_paths(doc), MAX_ERRORS)
+        errors = [{"path": path[:MAX_ERROR_TEXT], "message": "appears more than once in its object"} for path in paths]
+        raise RepeatedKeys(doc, errors, total=total)
     if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(doc, MAX_DEPTH):
         # It parsed, but sending it on (json.dumps recurses) could fail: refuse it now, with a reason.
         raise InvalidEvent([{"path": "$", "message": f"body is nested more than {MAX_DEPTH} levels deep"}])
@@ -257,8 +261,8 @@ class RepeatedKeys(InvalidEvent):
     """A body that parsed, but with a key twice in one object: refused; `doc` (the last values) still names its
     `xdm._id`, under which the refusal is kept."""
 
-    def __init__(self, doc: Any, errors: list[dict[str, str]]) -> None:
-        super().__init__(errors)
+    def __init__(self, doc: Any, errors: list[dict[str, str]], *, total: int) -> None:
+        super().__init__(errors, total=total)
         self.doc = doc
 
 
@@ -293,11 +297,10 @@ def _path_of(link: _Link) -> str:
     return path
 
 
-def _repeated_paths(doc: Any) -> list[str]:
-    """The field paths of the repeated keys in `doc`, in document order. Iterative (no recursion), and only containers
-    are visited, each with a link to its parent: a path is spelled out only for a repeated key (a hostile body's
-    thousands of leaves under a long key would otherwise each get a copy of it)."""
-    paths: list[str] = []
+def _repeated_paths(doc: Any) -> Iterator[str]:
+    """The field paths of the repeated keys in `doc`, in document order, as they are asked for. Iterative (no
+    recursion), and only containers are visited, each with a link to its parent: a path is spelled out only for a
+    repeated key (a hostile body's thousands of leaves under a long key would otherwise each get a copy of it)."""
     stack: list[tuple[Any, _Link]] = [(doc, None)]
     while stack:
         node, link = stack.pop()
@@ -305,7 +308,7 @@ def _repeated_paths(doc: Any) -> list[str]:
             if isinstance(node, _Repeated):
                 positions = {k: n for n, k in enumerate(node, start=1)}
                 base = _path_of(link)
-                paths.extend(_key_path(base, k, positions[k]) for k in dict.fromkeys(node.keys_twice))
+                yield from (_key_path(base, k, positions[k]) for k in dict.fromkeys(node.keys_twice))
             children = [
                 (v, (link, k, n)) for n, (k, v) in enumerate(node.items(), start=1) if isinstance(v, dict | list)
             ]
@@ -314,7 +317,6 @@ def _repeated_paths(doc: Any) -> list[str]:
         else:
             continue
         stack.extend(reversed(children))
-    return paths
 
 
 def _deeper_than(doc: Any, limit: int) -> bool:

@@ -462,10 +462,46 @@ def _mentions(request: Any, identity: str) -> bool:
     return any(n in t for n in needles for t in (text, unescaped))
 
 
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object read as its list of pairs (a key written twice kept twice)."""
+
+
+def _pairs(value: Any) -> list[tuple[Any, Any]]:
+    """An object's (key, value) pairs, every one of them (a refused body may repeat a key), else none."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, _Pairs):
+        return list(value)
+    return []
+
+
+def _names(request: Any, namespace: str, identity: str) -> bool:
+    """Whether a stored request carries `identity` under `namespace` in an identity map (`{namespace: [{"id": ...}]}`
+    anywhere in it, a repeated key included). A stored text that is not JSON (a cut-off body) counts when it holds
+    both as JSON strings."""
+    doc = request
+    if isinstance(request, str):
+        try:
+            doc = json.loads(request, object_pairs_hook=_Pairs)
+        except (ValueError, RecursionError):
+            return _mentions(request, namespace) and _mentions(request, identity)
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        for key, value in _pairs(node):
+            if key == namespace and isinstance(value, list):
+                if any(("id", identity) in _pairs(item) for item in value):
+                    return True
+            stack.append(value)
+        if isinstance(node, list) and not isinstance(node, _Pairs):
+            stack.extend(node)
+    return False
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     """Delete what the table keeps about one identity: its state items (every datastream), the results of its events
-    (found by their keyed `identityId`), and refused bodies that name it (scanned). Waiting events are listed, not
-    deleted: their messages would deliver and store them again."""
+    (found by their keyed `identityId`), and rejected requests that carry it under its namespace (scanned). Exits 1
+    when events are still waiting (any of them may store it again) or when nothing was found."""
     t = _targets(args)
     key: bytes | None = None
     if t.identity_key_secret:
@@ -497,36 +533,51 @@ def cmd_forget(args: argparse.Namespace) -> int:
     results = _all_items(
         ddb.scan, t.table, FilterExpression="identityId = :id", ExpressionAttributeValues={":id": {"S": opaque}}
     )
-    # A body refused before its identity was read (not JSON, invalid) keeps no identityId, only its text.
+    # Rejected requests kept under another identity (the person as a secondary identity, or a body refused before
+    # any identity was read) are read, and deleted when they carry this one under this namespace.
     refused = [
         item
         for item in _all_items(
             ddb.scan,
             t.table,
-            FilterExpression=(
-                "begins_with(pk, :e) AND #s = :r AND (attribute_not_exists(identityId) OR identityId = :no)"
-            ),
-            ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":r": {"S": "rejected"}, ":no": {"S": ""}},
+            FilterExpression="begins_with(pk, :e) AND #s = :r AND attribute_exists(#req) AND NOT identityId = :id",
+            ExpressionAttributeNames={"#s": "status", "#req": "request"},
+            ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":r": {"S": "rejected"}, ":id": {"S": opaque}},
         )
-        if _mentions(decode_item(item).get("request", ""), args.id)
+        if _names(decode_item(item).get("request"), args.namespace, args.id)
     ]
-    waiting = [i for i in results if i.get("status", {}).get("S") in ("pending", "queued")]
-    doomed = states + [i for i in results if i not in waiting] + refused
+    # A waiting event's item does not say whose it is (a claim keeps no identity): any of them may be this person's,
+    # stored again once delivered.
+    waiting = _all_items(
+        ddb.scan,
+        t.table,
+        FilterExpression="begins_with(pk, :e) AND (#s = :q OR #s = :p)",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":q": {"S": "queued"}, ":p": {"S": "pending"}},
+    )
+    waiting_ids = {i["pk"]["S"] for i in waiting}
+    doomed = states + [i for i in results if i["pk"]["S"] not in waiting_ids] + refused
     verb = "would delete" if args.dry_run else "deleted"
     for item in doomed:
         if not args.dry_run:
             ddb.delete_item(TableName=t.table, Key={"pk": item["pk"], "sk": item["sk"]})
         print(f"{verb} {item['pk']['S']} {item['sk']['S']}")
-    for item in waiting:
-        status = item["status"]["S"]
-        print(f"kept {item['pk']['S']}: still {status} (stored again once delivered: run forget after that)")
     print(
         f"{verb} {len(states)} state item(s), {len(doomed) - len(states) - len(refused)} result(s), "
-        f"{len(refused)} refused body(ies); {len(waiting)} waiting. Not reached: messages still in the queues, and "
-        "the table's point-in-time recovery (35 days)."
+        f"{len(refused)} refused body(ies); {len(waiting)} event(s) waiting, any identity's. Not reached: messages "
+        "still in the queues, and the table's point-in-time recovery (35 days)."
     )
-    return 1 if waiting else 0
+    if waiting:
+        print(
+            f"{len(waiting)} event(s) are still queued or in flight, and their items do not say whose they are: any of "
+            "them may store this identity again once delivered. Run forget again once the queues are empty."
+        )
+    if not doomed:
+        print(
+            f"nothing found for {args.namespace} {args.id!r}: the namespace and the value must be spelled exactly as "
+            "the events carried them (letter case included)"
+        )
+    return 1 if waiting or not doomed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,11 @@ def poller(stack: LocalStack) -> QueuePoller:
 
 
 def send(stack: LocalStack, doc: dict[str, Any]) -> str:
-    return stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=json.dumps(doc))["MessageId"]
+    return send_raw(stack, json.dumps(doc))
+
+
+def send_raw(stack: LocalStack, body: str) -> str:
+    return stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=body)["MessageId"]
 
 
 def edge_requests(stack: LocalStack, event_id: str) -> list[dict[str, Any]]:
@@ -245,7 +249,7 @@ def test_forget_erases_one_persons_state_results_and_refused_bodies_and_nothing_
     for event_id, person in events.items():
         send(stack, of(person, event_id))
     cut_off = json.dumps(of(alice, f"a-{tag}-4"))[:-3]
-    refused = stack.sqs.send_message(QueueUrl=stack.resources.queue_url, MessageBody=cut_off)["MessageId"]
+    refused = send_raw(stack, cut_off)
     poller(stack).drain(timeout=30, raise_on_timeout=True)
     assert [stack.result(e)["status"] for e in events] == ["delivered"] * 4 + ["rejected"]
     assert stack.result(refused)["status"] == "rejected"
@@ -253,7 +257,8 @@ def test_forget_erases_one_persons_state_results_and_refused_bodies_and_nothing_
 
     # WHEN the operator forgets alice, after a dry run
     code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice, "--dry-run")
-    assert code == 0 and "would delete 1 state item(s), 3 result(s), 1 refused body(ies); 0 waiting" in out, out
+    assert code == 0, out
+    assert "would delete 1 state item(s), 3 result(s), 1 refused body(ies); 0 event(s) waiting" in out, out
     assert len(stack.dynamodb.scan(TableName=table)["Items"]) == len(before)
     code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
 
@@ -277,3 +282,56 @@ def test_forget_without_the_identity_key_refuses_rather_than_find_nothing(
     # WHEN / THEN forget says what it needs instead of reporting nothing found
     with pytest.raises(SystemExit, match="no identity key"):
         main(["forget", "--namespace", "Email", "--id", "alice@example.com"])
+
+
+def test_forget_finds_a_secondary_identity_and_never_another_persons_body(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN an event Edge rejected whose primary identity is an ECID and which carries alice as a secondary identity,
+    # and bob's refused event (not JSON) with a purchase id "42" in it
+    tag = uuid.uuid4().hex[:8]
+    alice = f"alice-{tag}@example.com"
+    secondary = f"np-{tag}"
+    doc = interact_event(secondary)
+    doc["event"]["xdm"]["identityMap"]["Email"] = [{"id": alice}]
+    stack.sim.add_fault(match_id=secondary, status=422)
+    send(stack, doc)
+    bobs = json.dumps({"event": {"xdm": {"_id": f"bob-{tag}", "commerce": {"order": {"purchaseID": "42"}}}}})[:-2]
+    bob_message = send_raw(stack, bobs)
+    poller(stack).drain(timeout=30, raise_on_timeout=True)
+    assert stack.result(secondary)["status"] == "rejected"
+    assert stack.result(bob_message)["status"] == "rejected"
+
+    # WHEN the operator forgets alice, and then a CRMID "42" nobody has
+    code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
+    assert code == 0, out
+    code_42, out_42 = run(capsys, "forget", "--namespace", "CRMID", "--id", "42")
+
+    # THEN the request that carried alice is gone; bob's body, where "42" is no CRMID, is kept, and the operator is
+    # told nothing was found (exit 1)
+    assert stack.result_item(secondary) is None
+    assert stack.result_item(bob_message) is not None
+    assert code_42 == 1 and "nothing found for CRMID '42'" in out_42
+
+
+def test_forget_says_when_events_are_still_waiting_and_exits_1(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN alice delivered once, and another event waiting in the queue (Edge unavailable): its item does not say
+    # whose it is
+    tag = uuid.uuid4().hex[:8]
+    alice = f"alice-{tag}@example.com"
+    first = {"event": {"xdm": {"_id": f"w1-{tag}", "identityMap": {"Email": [{"id": alice, "primary": True}]}}}}
+    send(stack, first)
+    poller(stack).drain(timeout=30, raise_on_timeout=True)
+    waiting = {"event": {"xdm": {"_id": f"w2-{tag}", "identityMap": {"Email": [{"id": alice, "primary": True}]}}}}
+    stack.sim.add_fault(match_id=f"w2-{tag}", status=503, retry_after=0)
+    send(stack, waiting)
+    poller(stack).poll_once(wait_time_seconds=0)
+    assert stack.result(f"w2-{tag}")["status"] == "queued"
+
+    # WHEN the operator forgets alice
+    code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
+
+    # THEN what is hers is deleted, and the waiting event is reported with exit 1 (run forget again later)
+    assert code == 1, out
+    assert stack.result_item(f"w1-{tag}") is None
+    assert "1 event(s) are still queued or in flight" in out

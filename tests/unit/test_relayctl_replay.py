@@ -17,7 +17,7 @@ from relay.process_event import INVALID_EVENT_TYPE, invalid_problem
 import relayctl.__main__ as relayctl_main
 from devtools.poller import record_from_message
 from devtools.resources import create_handles_table
-from relayctl.__main__ import _mentions, _peek_dlq, replay_event
+from relayctl.__main__ import _mentions, _names, _peek_dlq, replay_event
 
 
 class Recorder:
@@ -679,3 +679,24 @@ def test_redrive_does_not_count_a_message_it_could_not_delete_as_moved(
 )
 def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(request_text: Any, found: bool) -> None:
     assert _mentions(request_text, "alice@example.com") is found
+
+
+@pytest.mark.parametrize(
+    ("request_doc", "found"),
+    [
+        ({"event": {"xdm": {"identityMap": {"Email": [{"id": "alice@example.com"}]}}}}, True),
+        ({"event": {"xdm": {"identityMap": {"email": [{"id": "alice@example.com"}]}}}}, False),  # another namespace
+        ({"event": {"xdm": {"note": "alice@example.com"}}}, False),  # not as an identity
+        ('{"event":{"xdm":{"identityMap":{"Email":[{"id":"alice\\u0040example.com"}]}}}}', True),  # escaped
+        # a refused body repeating identityMap: alice in the first, which a plain parse would drop
+        (
+            '{"event":{"xdm":{"identityMap":{"Email":[{"id":"alice@example.com"}]},'
+            '"identityMap":{"Email":[{"id":"mallory@example.com"}]}}}}',
+            True,
+        ),
+        ('{"event":{"xdm":{"identityMap":{"Email":[{"id":"alice@example.com"}', True),  # cut off: both strings in it
+        ('{"event":{"xdm":{"order":"alice@example.com"', False),  # cut off, no namespace
+    ],
+)
+def test_forget_matches_the_identity_under_its_namespace_only(request_doc: Any, found: bool) -> None:
+    assert _names(request_doc, "Email", "alice@example.com") is found

@@ -169,6 +169,30 @@ def test_a_404_on_the_hinted_url_sends_the_event_at_once_to_the_plain_url_and_pa
     ]
 
 
+def test_three_different_hints_refused_pause_every_hint_and_keep_no_table() -> None:
+    # GIVEN a host that answers 404 on every hinted path
+    clock = FakeClock()
+    not_found = make_response(404, {"type": "https://ns.adobe.com/aep/errors/EXEG-0404-404", "status": 404})
+    session = FakeSession([not_found, ok(), not_found, ok(), not_found, ok()] + [ok()] * 51)
+    edge = client(session, clock)
+
+    # WHEN three different hints are refused, then fifty more events come with made-up hints
+    for hint in ("or2", "va6", "irl1"):
+        edge.deliver(DATASTREAM, REQUEST, hint, Deadline(clock, 10))
+    for n in range(50):
+        edge.deliver(DATASTREAM, REQUEST, f"zz{n}", Deadline(clock, 10))
+
+    # THEN each of those goes to the plain URL in one call, and the client remembers one pause, not fifty
+    assert len(session.calls) == 6 + 50
+    assert {c.url for c in session.calls[6:]} == {"https://edge.adobedc.net/ee/v2/interact"}
+    assert len(edge._hints_refused) == 1
+
+    # AND after the pause, hints route again
+    clock.advance(601)
+    edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+    assert session.calls[-1].url == "https://edge.adobedc.net/ee/or2/v2/interact"
+
+
 def test_a_404_on_the_plain_url_is_a_rejection() -> None:
     # GIVEN a 404 where no hint was used
     clock = FakeClock()

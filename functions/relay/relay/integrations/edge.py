@@ -24,6 +24,9 @@ REFUSED_TOKEN_MIN_AGE_S = 60.0  # a token Edge refuses is replaced only if older
 # Adobe's own server-API code leaves the hint out because "the Server API domain 404s if it's included" (alloy,
 # `injectSendEdgeNetworkRequest.js`), while the docs and the contract route by it: the relay tries, and falls back.
 HINT_ROUTE_PAUSE_S = 600.0
+# This many different hints refused within a pause pause them all: the host has no hinted routes, and a caller's
+# made-up cluster values must not each cost an Edge call (nor grow the table of paused hints).
+HINTS_REFUSED_FOR_ALL = 3
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,17 @@ class EdgeClient:
         # backoff jitter only, not security
         self._rng = rng or random.Random()  # nosec B311
         # hint -> monotonic time until which it routes no call (its URL answered 404). Per hint, so that one caller's
-        # odd cluster entry cannot turn routing off for every visitor.
+        # odd cluster entry cannot turn routing off for every visitor; "" pauses them all (HINTS_REFUSED_FOR_ALL).
         self._hints_refused: dict[str, float] = {}
+
+    def _refuse_hint(self, hint: str) -> None:
+        """Pause `hint` (its URL answered 404); pause every hint once several different ones were refused."""
+        now = self._clock.monotonic()
+        live = {k: until for k, until in self._hints_refused.items() if until > now and k}
+        live[hint] = now + HINT_ROUTE_PAUSE_S
+        if len(live) >= HINTS_REFUSED_FOR_ALL:
+            live = {"": now + HINT_ROUTE_PAUSE_S}
+        self._hints_refused = live
 
     def _headers(self, deadline: Deadline) -> tuple[dict[str, str], Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -167,7 +179,7 @@ class EdgeClient:
         hinted = bool(
             hint
             and s.edge_hint_url_template is not None
-            and self._clock.monotonic() >= self._hints_refused.get(hint, float("-inf"))
+            and self._clock.monotonic() >= max(self._hints_refused.get(k, float("-inf")) for k in (hint, ""))
         )
         url = s.hinted_url(hint) if hint and hinted else s.interact_url
         body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
@@ -236,7 +248,7 @@ class EdgeClient:
                         # The hinted route does not exist on this host (not the event's fault): the same event at
                         # once on the plain URL, and no hint routes a call for a while. The hint is still kept.
                         hinted, url = False, s.interact_url
-                        self._hints_refused[str(hint)] = self._clock.monotonic() + HINT_ROUTE_PAUSE_S
+                        self._refuse_hint(str(hint))
                         count("EdgeHintRouteRefused")
                         logger.warning(
                             "edge answered 404 on the hinted URL; calls with this hint go to the plain URL for a while",

@@ -15,18 +15,23 @@ Workers:
   ``put_item``; sequential.
 * ``floor``: the least any relay must do per event: one POST on a reused session and one ``put_item``.
 * cold start: ``python -c`` children (relay: import the handler and handle one SQS record; floor: import boto3 and
-  requests, create the dynamodb and secretsmanager clients, read the secret, get a token, POST, put_item).
+  requests, create the dynamodb and secretsmanager clients, read the secret, get a token, POST, put_item). Both run
+  from bytecode, as deployed: the relay from a copy of its code compiled the way ``make build`` compiles it, the
+  floor's packages as pip installed them.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import compileall
 import http.client
 import json
 import math
 import os
+import py_compile
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -617,6 +622,18 @@ def cold_start(env: Mapping[str, str], code: str, space: int, *, importtime: boo
     return float(match.group(1)) - t0, proc.stderr
 
 
+def compiled_function(dest: Path) -> Path:
+    """A copy of the relay's code with its bytecode, as `make build` ships it (sam build alone ships sources, and
+    Lambda's /var/task is read-only, so the runtime could not cache what it compiles). Without it, the relay's cold
+    start here would compile its own modules whenever the machine sets PYTHONDONTWRITEBYTECODE, and reuse a cache
+    its earlier runs wrote when it does not, while the floor's packages always come with pip's bytecode."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(FUNCTION_DIR / "relay", dest / "relay", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if not compileall.compile_dir(dest, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH):
+        raise RuntimeError(f"could not compile {dest}")
+    return dest
+
+
 def import_offenders(relay_err: str, floor_err: str, top: int = 8) -> tuple[list[tuple[str, float]], float]:
     """What the relay's cold start imports that the floor's does not: self time (ms) summed per package
     (first two dotted components), biggest first, and the total. Self times add up; cumulative ones overlap."""
@@ -752,6 +769,7 @@ class Bench:
             # 3. cold start, interleaved, median of >= 5 each (Edge answers at once).
             cold_n = 3 if self.quick else 7
             env = self.env()
+            env["PYTHONPATH"] = os.pathsep.join([str(compiled_function(self.tmp / "bench-function")), str(ROOT)])
             cold_start(env, COLD_FLOOR, self.space)  # warm the page cache for both
             cold_start(env, COLD_RELAY, self.space)
             relay_cold, floor_cold = [], []

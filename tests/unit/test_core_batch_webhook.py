@@ -1420,3 +1420,82 @@ def test_the_default_timestamp_is_the_send_time_of_the_message_the_event_first_c
 
     # THEN the timestamp Edge gets is that of the first message (a redriven copy, a new message, names it)
     assert [c.request["event"]["xdm"]["timestamp"] for c in edge.calls] == [expected]
+
+
+# -- what the Edge calls need, fetched while the batch reads and claims ---------------------------------------------
+
+
+def test_a_batch_fetches_its_token_while_it_reads_states_and_answers_only_once_that_is_done() -> None:
+    # GIVEN a token fetch that takes a while, and a state read that notes whether the fetch had started by then
+    relay = ScriptedRelay(failing=set())
+    fetch_started, fetch_done = threading.Event(), threading.Event()
+    seen_by_the_read: list[bool] = []
+    deadlines: list[Deadline] = []
+
+    def warm(deadline: Deadline) -> None:
+        deadlines.append(deadline)
+        fetch_started.set()
+        time.sleep(0.3)
+        fetch_done.set()
+
+    def read(keys: Any) -> dict[Any, Any]:
+        seen_by_the_read.append(fetch_started.wait(5))
+        return {}
+
+    relay.prefetch_states = read  # type: ignore[method-assign]
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(4), warm=warm)  # type: ignore[arg-type]
+    deadline = Deadline(relay.clock, 20)
+
+    # WHEN a batch of two identities runs
+    answer = runner.run({"Records": [record("a1", 1, "crm-a"), record("b1", 1, "crm-b")]}, deadline, lease_s=25)
+
+    # THEN the fetch ran alongside the state read (not after it), within the batch's deadline, and the batch answered
+    # only once it was over (left running, Lambda would freeze it into the next invocation)
+    assert seen_by_the_read == [True]
+    assert deadlines == [deadline]
+    assert fetch_done.is_set()
+    assert answer == {"batchItemFailures": []}
+    assert relay.processed == ["a1", "b1"]
+
+
+class _Tokens:
+    def __init__(self, live: bool, error: str | None = None) -> None:
+        self.live, self.error = live, error
+        self.fetched: list[Deadline | None] = []
+
+    def has_live_token(self) -> bool:
+        return self.live
+
+    def get(self, *, deadline: Deadline | None = None) -> Any:
+        self.fetched.append(deadline)
+        if self.error:
+            raise CredentialsError(self.error)
+        return object()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "fetched"),
+    [(_Tokens(live=False), 1), (_Tokens(live=True), 0), (_Tokens(live=False, error="IMS refused (HTTP 401)"), 1)],
+)
+def test_the_runtime_fetches_a_token_ahead_only_when_none_is_cached_and_leaves_a_failure_to_the_edge_calls(
+    tokens: _Tokens, fetched: int
+) -> None:
+    from relay.runtime import Runtime
+
+    runtime = Runtime(load_settings(ENV), clock=FakeClock())
+    runtime.__dict__["tokens"] = tokens  # what `tokens` would have built (EDGE_AUTH=ims)
+    deadline = Deadline(runtime.clock, 20)
+
+    runtime._warm_token(deadline)  # a refusal is not raised: the Edge calls ask again and report it per event
+
+    assert tokens.fetched == [deadline] * fetched
+
+
+def test_without_ims_there_is_no_token_to_fetch_ahead() -> None:
+    from relay.runtime import Runtime
+
+    runtime = Runtime(load_settings(ENV), clock=FakeClock())  # EDGE_AUTH=none
+
+    runtime._warm_token(Deadline(runtime.clock, 20))
+
+    assert runtime.tokens is None

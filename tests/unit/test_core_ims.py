@@ -454,3 +454,19 @@ def test_an_ims_connection_that_fails_after_a_long_wait_is_not_tried_again():
     with pytest.raises(CredentialsError):
         provider(session, clock).get(deadline=Deadline(clock, 3))
     assert len(session.calls) == 1
+
+
+def test_has_live_token_says_whether_get_would_answer_from_its_cache() -> None:
+    # GIVEN a provider with no token yet
+    clock = FakeClock()
+    tokens = provider(FakeSession([token_response("tok-A", expires_in=1000)]), clock)
+    assert not tokens.has_live_token()
+
+    # WHEN it has fetched one, and later when that one has expired
+    token = tokens.get()
+    live = tokens.has_live_token()
+    clock.advance(token.expires_at - clock.now())
+
+    # THEN it is live until its refresh point (`expires_at`, a margin before IMS's expiry), and not from then on
+    assert live
+    assert not tokens.has_live_token()

@@ -154,12 +154,16 @@ class BatchRunner:
         executor: ThreadPoolExecutor,
         queue: Callable[[], RetryQueue] | None = None,
         identity_key: Callable[[], bytes | None] = lambda: None,
+        warm: Callable[[Deadline], None] | None = None,
     ) -> None:
         self._settings = settings
         self._relay = relay
         self._executor = executor
         self._queue = queue  # built only when a record has to be postponed (no SQS client on the common path)
         self._identity_key = identity_key  # the HMAC key of identity ids (None: plain SHA-256)
+        # What the Edge calls will need and may not have yet (the IMS token), fetched on a worker from the batch's
+        # start: its round trips then overlap the identity key's read, the claims and the state read.
+        self._warm = warm
 
     def _prepare(
         self,
@@ -246,6 +250,7 @@ class BatchRunner:
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
+        warming = self._executor.submit(self._warm, deadline) if self._warm is not None and records else None
         try:
             key, key_error = self._identity_key(), None
         except CredentialsError as exc:
@@ -352,7 +357,10 @@ class BatchRunner:
                 self._claim_firsts(chunk, lease_s, claimed)
             futures.extend(self._executor.submit(run_group, items) for items in chunk)
         delays = dict(pair for future in futures for pair in future.result())
-        wait([states])  # no read left running into the next invocation (it is done unless no group needed it)
+        # No read left running into the next invocation (each is done unless no group needed it): Lambda would freeze
+        # it, and it would resume, or fail, in another invocation.
+        pending: list[Future[Any]] = [states] if warming is None else [states, warming]
+        wait(pending)
         writes.flush()
         for mid in writes.failed:
             delays.setdefault(mid, None)

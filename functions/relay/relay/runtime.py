@@ -15,6 +15,7 @@ from requests.adapters import HTTPAdapter
 
 from relay.batch import BatchRunner
 from relay.clock import Clock, Deadline, SystemClock
+from relay.errors import CredentialsError
 from relay.integrations.aws_clients import build_clients
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.edge import EdgeClient
@@ -154,7 +155,22 @@ class Runtime:
 
     @cached_property
     def batch(self) -> BatchRunner:
-        return BatchRunner(self.settings, self.relay, self.executor, lambda: self.queue, self.identity_key)
+        return BatchRunner(
+            self.settings, self.relay, self.executor, lambda: self.queue, self.identity_key, warm=self._warm_token
+        )
+
+    def _warm_token(self, deadline: Deadline) -> None:
+        """Fetch the IMS token (and read the Adobe secret) at a batch's start when none is cached: on a cold start or
+        a renewal, its round trips then overlap the batch's own (identity key, claims, state read) instead of
+        following them, and the batch's first Edge calls find it ready. A failure is left to those calls, which ask
+        the provider again (it holds a failure back for a few seconds) and report it for their events."""
+        tokens = self.tokens  # built with `relay`, before the batch runs
+        if tokens is None or tokens.has_live_token():
+            return
+        try:
+            tokens.get(deadline=deadline)
+        except CredentialsError as exc:
+            logger.debug("IMS token not fetched ahead of the batch's Edge calls", reason=str(exc))
 
     def _drop_idle_connections(self) -> None:
         if self._last_done is None or "session" not in self.__dict__:

@@ -67,6 +67,11 @@ class ImsTokenProvider:
         # IMS (and Secrets Manager) 32 requests one after another, each waiting its turn, when IMS refuses or is down.
         self._failure: tuple[float, str] | None = None
 
+    def has_live_token(self) -> bool:
+        """Whether `get()` would answer from its cache (no lock: a hint, for deciding whether to fetch ahead)."""
+        token = self._token
+        return token is not None and token.expires_at > self._clock.now()
+
     def get(
         self,
         *,

@@ -524,14 +524,21 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     opaque = opaque_identity_id(args.namespace, args.id, key=key)
     ddb = boto3.client("dynamodb")
+    # Strongly consistent reads (twice the read units of a scan): an erasure must find every item written before it
+    # started, not miss one that an eventually consistent read had not caught up with yet.
     states = _all_items(  # one per datastream
         ddb.query,
         t.table,
         KeyConditionExpression="pk = :pk",
         ExpressionAttributeValues={":pk": {"S": f"IDENTITY#{opaque}"}},
+        ConsistentRead=True,
     )
     results = _all_items(
-        ddb.scan, t.table, FilterExpression="identityId = :id", ExpressionAttributeValues={":id": {"S": opaque}}
+        ddb.scan,
+        t.table,
+        FilterExpression="identityId = :id",
+        ExpressionAttributeValues={":id": {"S": opaque}},
+        ConsistentRead=True,
     )
     # Rejected requests kept under another identity (the person as a secondary identity, or a body refused before
     # any identity was read) are read, and deleted when they carry this one under this namespace.
@@ -543,6 +550,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             FilterExpression="begins_with(pk, :e) AND #s = :r AND attribute_exists(#req) AND NOT identityId = :id",
             ExpressionAttributeNames={"#s": "status", "#req": "request"},
             ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":r": {"S": "rejected"}, ":id": {"S": opaque}},
+            ConsistentRead=True,
         )
         if _names(decode_item(item).get("request"), args.namespace, args.id)
     ]
@@ -554,6 +562,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         FilterExpression="begins_with(pk, :e) AND (#s = :q OR #s = :p)",
         ExpressionAttributeNames={"#s": "status"},
         ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":q": {"S": "queued"}, ":p": {"S": "pending"}},
+        ConsistentRead=True,
     )
     waiting_ids = {i["pk"]["S"] for i in waiting}
     doomed = states + [i for i in results if i["pk"]["S"] not in waiting_ids] + refused

@@ -700,3 +700,31 @@ def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(reque
 )
 def test_forget_matches_the_identity_under_its_namespace_only(request_doc: Any, found: bool) -> None:
     assert _names(request_doc, "Email", "alice@example.com") is found
+
+
+def test_forget_reads_the_table_with_strongly_consistent_reads(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    # GIVEN a table client that records every read (and finds nothing)
+    reads: list[tuple[str, dict[str, Any]]] = []
+
+    class Table:
+        def query(self, **kwargs: Any) -> dict[str, Any]:
+            reads.append(("query", kwargs))
+            return {"Items": []}
+
+        def scan(self, **kwargs: Any) -> dict[str, Any]:
+            reads.append(("scan", kwargs))
+            return {"Items": []}
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **_: Table())
+
+    # WHEN the operator forgets an identity
+    code = relayctl_main.main(
+        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
+    )
+
+    # THEN each of its reads (the state query, the results, refused bodies and waiting events) is strongly
+    # consistent: an eventually consistent one could miss an item written just before the erasure started
+    assert [op for op, _ in reads] == ["query", "scan", "scan", "scan"]
+    assert all(kwargs.get("ConsistentRead") is True for _, kwargs in reads)
+    assert code == 1  # nothing found
+    assert "nothing found" in capsys.readouterr().out

@@ -1458,6 +1458,22 @@ def test_a_batch_fetches_its_token_while_it_reads_states_and_answers_only_once_t
     assert relay.processed == ["a1", "b1"]
 
 
+def test_a_batch_that_will_not_call_edge_does_not_fetch_a_token() -> None:
+    # GIVEN a batch of bodies the relay refuses itself (not JSON)
+    relay = ScriptedRelay(failing=set())
+    warmed: list[Deadline] = []
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2), warm=warmed.append)  # type: ignore[arg-type]
+    records = [{**record(f"x{n}", 1), "body": "not json"} for n in range(3)]
+
+    # WHEN it runs
+    answer = runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN no token is fetched for it (nor waited for): each body is rejected, nothing is sent
+    assert warmed == []
+    assert answer == {"batchItemFailures": []}
+    assert relay.processed == []
+
+
 class _Tokens:
     def __init__(self, live: bool, error: str | None = None) -> None:
         self.live, self.error = live, error
@@ -1489,6 +1505,34 @@ def test_the_runtime_fetches_a_token_ahead_only_when_none_is_cached_and_leaves_a
     runtime._warm_token(deadline)  # a refusal is not raised: the Edge calls ask again and report it per event
 
     assert tokens.fetched == [deadline] * fetched
+
+
+def test_no_token_is_fetched_ahead_when_the_batch_has_no_time_left() -> None:
+    from relay.runtime import Runtime
+
+    runtime = Runtime(load_settings(ENV), clock=FakeClock())
+    tokens = _Tokens(live=False)
+    runtime.__dict__["tokens"] = tokens
+
+    runtime._warm_token(Deadline(runtime.clock, 0.01))
+
+    assert tokens.fetched == []
+
+
+def test_a_defect_fetching_a_token_ahead_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    from relay.runtime import Runtime
+
+    class Broken(_Tokens):
+        def get(self, *, deadline: Deadline | None = None) -> Any:
+            raise OverflowError("a defect")
+
+    runtime = Runtime(load_settings(ENV), clock=FakeClock())
+    runtime.__dict__["tokens"] = Broken(live=False)
+
+    with caplog.at_level(logging.ERROR):
+        runtime._warm_token(Deadline(runtime.clock, 20))  # not raised: nothing reads the task's result
+
+    assert any("unexpected error fetching the IMS token" in r.getMessage() for r in caplog.records)
 
 
 def test_without_ims_there_is_no_token_to_fetch_ahead() -> None:

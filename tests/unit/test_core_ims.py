@@ -470,3 +470,24 @@ def test_has_live_token_says_whether_get_would_answer_from_its_cache() -> None:
     # THEN it is live until its refresh point (`expires_at`, a margin before IMS's expiry), and not from then on
     assert live
     assert not tokens.has_live_token()
+
+
+def test_an_expiry_too_large_for_a_float_is_a_credentials_error_not_a_crash() -> None:
+    tokens = provider(FakeSession([make_response(200, {"access_token": "t", "expires_in": 10**400})]), FakeClock())
+
+    with pytest.raises(CredentialsError, match="without access_token/expires_in"):
+        tokens.get()
+
+
+def test_no_secret_is_read_for_a_token_once_the_time_is_up() -> None:
+    # GIVEN a provider with no token, and a caller whose time is up
+    clock = FakeClock()
+    creds = FakeCredentialsStore()
+    tokens = provider(FakeSession([token_response("tok-A")]), clock, creds)
+
+    # WHEN it asks for a token
+    with pytest.raises(CredentialsError, match="no time left"):
+        tokens.get(deadline=Deadline(clock, 0.01))
+
+    # THEN not even the Adobe secret was read (a read may take seconds the invocation does not have)
+    assert creds.calls == []

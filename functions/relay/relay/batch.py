@@ -161,8 +161,8 @@ class BatchRunner:
         self._executor = executor
         self._queue = queue  # built only when a record has to be postponed (no SQS client on the common path)
         self._identity_key = identity_key  # the HMAC key of identity ids (None: plain SHA-256)
-        # What the Edge calls will need and may not have yet (the IMS token), fetched on a worker from the batch's
-        # start: its round trips then overlap the identity key's read, the claims and the state read.
+        # What the Edge calls will need and may not have yet (the IMS token), fetched on a worker once the records
+        # are read: its round trips then overlap the claims and the state read.
         self._warm = warm
 
     def _prepare(
@@ -250,7 +250,6 @@ class BatchRunner:
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
         records = event.get("Records") or []
-        warming = self._executor.submit(self._warm, deadline) if self._warm is not None and records else None
         try:
             key, key_error = self._identity_key(), None
         except CredentialsError as exc:
@@ -280,6 +279,11 @@ class BatchRunner:
                 continue
             groups.setdefault(item.group, []).append(item)
         writes = _ResultWrites(self._relay)
+        # Only for a batch with a record that may call Edge: invalid bodies, repeats and records sent back unread
+        # (no identity key) must not wait for a token they will not use.
+        may_call_edge = any(not i.invalid and i.run is not _redeliver for items in groups.values() for i in items)
+        warm = self._warm if may_call_edge else None
+        warming = self._executor.submit(warm, deadline) if warm is not None else None
 
         # One BatchGetItem for every identity of the batch instead of one GetItem per event; each identity's state is
         # then carried through its records in memory (they run in order on one worker). The read runs on a worker

@@ -18,7 +18,7 @@ from relay.clock import Clock, Deadline, SystemClock
 from relay.errors import CredentialsError
 from relay.integrations.aws_clients import build_clients
 from relay.integrations.credentials import CredentialsStore
-from relay.integrations.edge import EdgeClient
+from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient
 from relay.integrations.ims import ImsTokenProvider
 from relay.integrations.queue import RetryQueue
 from relay.integrations.store import HandlesStore
@@ -165,12 +165,16 @@ class Runtime:
         following them, and the batch's first Edge calls find it ready. A failure is left to those calls, which ask
         the provider again (it holds a failure back for a few seconds) and report it for their events."""
         tokens = self.tokens  # built with `relay`, before the batch runs
-        if tokens is None or tokens.has_live_token():
+        if tokens is None or tokens.has_live_token() or deadline.remaining() < MIN_ATTEMPT_S:
             return
         try:
             tokens.get(deadline=deadline)
         except CredentialsError as exc:
             logger.debug("IMS token not fetched ahead of the batch's Edge calls", reason=str(exc))
+        except Exception:
+            # A defect: the Edge calls will meet it too, but nothing reads this task's result, so say it here.
+            logger.exception("unexpected error fetching the IMS token ahead of the batch's Edge calls")
+            count("UnexpectedErrors")
 
     def _drop_idle_connections(self) -> None:
         if self._last_done is None or "session" not in self.__dict__:

@@ -111,6 +111,8 @@ class ImsTokenProvider:
             return self._token
 
     def _fetch(self, deadline: Deadline | None) -> AccessToken:
+        if deadline is not None and deadline.remaining() < 0.05:  # not even the secret read (it may take seconds)
+            raise NoTimeLeft("no time left to request an IMS token")
         creds = self._credentials.adobe()
         refused = self._request(creds, deadline)
         if isinstance(refused, AccessToken):
@@ -170,7 +172,7 @@ class ImsTokenProvider:
             value, expires_in = str(doc["access_token"]), float(doc["expires_in"])
             if not (math.isfinite(expires_in) and expires_in > 0):
                 raise ValueError("expires_in")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: an integer too large for a float
             raise CredentialsError("IMS answered without access_token/expires_in") from None
         expires_in = min(expires_in, MAX_TOKEN_LIFETIME_S)
         # Refresh 5 minutes (or 10% of a short lifetime) before IMS says the token expires.

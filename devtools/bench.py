@@ -623,13 +623,13 @@ def cold_start(env: Mapping[str, str], code: str, space: int, *, importtime: boo
 
 
 def compiled_function(dest: Path) -> Path:
-    """A copy of the relay's code with its bytecode, as `make build` ships it (sam build alone ships sources, and
-    Lambda's /var/task is read-only, so the runtime could not cache what it compiles). Without it, the relay's cold
-    start here would compile its own modules whenever the machine sets PYTHONDONTWRITEBYTECODE, and reuse a cache
-    its earlier runs wrote when it does not, while the floor's packages always come with pip's bytecode."""
+    """A copy of the relay's code with its bytecode, as `make build` ships it (checked-hash: sam build alone ships
+    sources, and Lambda's /var/task is read-only, so the runtime could not cache what it compiles). Without it, the
+    relay's cold start here would compile its own modules whenever the machine sets PYTHONDONTWRITEBYTECODE, and
+    reuse a cache its earlier runs wrote when it does not, while the floor's packages always come with pip's."""
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(FUNCTION_DIR / "relay", dest / "relay", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    if not compileall.compile_dir(dest, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH):
+    if not compileall.compile_dir(dest, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH):
         raise RuntimeError(f"could not compile {dest}")
     return dest
 
@@ -770,6 +770,7 @@ class Bench:
             cold_n = 3 if self.quick else 7
             env = self.env()
             env["PYTHONPATH"] = os.pathsep.join([str(compiled_function(self.tmp / "bench-function")), str(ROOT)])
+            env.pop("PYTHONPYCACHEPREFIX", None)  # it would send both children to a cache of their own, empty
             cold_start(env, COLD_FLOOR, self.space)  # warm the page cache for both
             cold_start(env, COLD_RELAY, self.space)
             relay_cold, floor_cold = [], []

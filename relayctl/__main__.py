@@ -526,6 +526,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
     ddb = boto3.client("dynamodb")
     # Strongly consistent reads (twice the read units of a scan): an erasure must find every item written before it
     # started, not miss one that an eventually consistent read had not caught up with yet.
+    #
+    # A waiting event's item does not say whose it is (a claim keeps no identity): any of them may be this person's,
+    # stored again once delivered. Read first: one delivered while the reads below run is then either reported here
+    # or found by them (its state and result are read after it was seen waiting), never neither.
+    waiting = _all_items(
+        ddb.scan,
+        t.table,
+        FilterExpression="begins_with(pk, :e) AND (#s = :q OR #s = :p)",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":q": {"S": "queued"}, ":p": {"S": "pending"}},
+        ConsistentRead=True,
+    )
     states = _all_items(  # one per datastream
         ddb.query,
         t.table,
@@ -554,18 +566,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
         if _names(decode_item(item).get("request"), args.namespace, args.id)
     ]
-    # A waiting event's item does not say whose it is (a claim keeps no identity): any of them may be this person's,
-    # stored again once delivered.
-    waiting = _all_items(
-        ddb.scan,
-        t.table,
-        FilterExpression="begins_with(pk, :e) AND (#s = :q OR #s = :p)",
-        ExpressionAttributeNames={"#s": "status"},
-        ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":q": {"S": "queued"}, ":p": {"S": "pending"}},
-        ConsistentRead=True,
-    )
-    waiting_ids = {i["pk"]["S"] for i in waiting}
-    doomed = states + [i for i in results if i["pk"]["S"] not in waiting_ids] + refused
+    # A result still waiting when read (its claim held by a delivery in flight) is left to that delivery.
+    doomed = states + [i for i in results if i.get("status", {}).get("S") not in ("queued", "pending")] + refused
     verb = "would delete" if args.dry_run else "deleted"
     for item in doomed:
         if not args.dry_run:

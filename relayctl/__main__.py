@@ -209,16 +209,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0 if found == len(args.event_ids) else 1
 
 
-def _all_items(call: Any, table: str, **kwargs: Any) -> list[dict[str, Any]]:
-    """Every item a `scan` or `query` (`call`) with `kwargs` finds, raw, all pages."""
-    items: list[dict[str, Any]] = []
-    kwargs = {"TableName": table, **kwargs}
-    while True:
-        page = call(**kwargs)
-        items.extend(page.get("Items", []))
-        if "LastEvaluatedKey" not in page:
-            return items
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+def _all_items(ddb: Any, operation: str, table: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Every item a `scan` or `query` (`operation`) with `kwargs` finds, raw, all pages (boto3's paginator)."""
+    pages = ddb.get_paginator(operation).paginate(TableName=table, **kwargs)
+    return [item for page in pages for item in page.get("Items", [])]
 
 
 def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[dict[str, Any]]:
@@ -237,7 +231,7 @@ def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[di
             ":invalid": {"S": f"EVENT#{event_id}#invalid-"},
             ":r": {"S": "rejected"},
         }
-    items = [decode_item(i) for i in _all_items(ddb.scan, table, **kwargs)]
+    items = [decode_item(i) for i in _all_items(ddb, "scan", table, **kwargs)]
     return sorted(items, key=lambda d: str(d.get("storedAt", "")))
 
 
@@ -531,7 +525,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # stored again once delivered. Read first: one delivered while the reads below run is then either reported here
     # or found by them (its state and result are read after it was seen waiting), never neither.
     waiting = _all_items(
-        ddb.scan,
+        ddb,
+        "scan",
         t.table,
         FilterExpression="begins_with(pk, :e) AND (#s = :q OR #s = :p)",
         ExpressionAttributeNames={"#s": "status"},
@@ -539,14 +534,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
         ConsistentRead=True,
     )
     states = _all_items(  # one per datastream
-        ddb.query,
+        ddb,
+        "query",
         t.table,
         KeyConditionExpression="pk = :pk",
         ExpressionAttributeValues={":pk": {"S": f"IDENTITY#{opaque}"}},
         ConsistentRead=True,
     )
     results = _all_items(
-        ddb.scan,
+        ddb,
+        "scan",
         t.table,
         FilterExpression="identityId = :id",
         ExpressionAttributeValues={":id": {"S": opaque}},
@@ -557,7 +554,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     refused = [
         item
         for item in _all_items(
-            ddb.scan,
+            ddb,
+            "scan",
             t.table,
             FilterExpression="begins_with(pk, :e) AND #s = :r AND attribute_exists(#req) AND NOT identityId = :id",
             ExpressionAttributeNames={"#s": "status", "#req": "request"},

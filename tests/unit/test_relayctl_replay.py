@@ -707,13 +707,13 @@ def test_forget_reads_the_table_with_strongly_consistent_reads(monkeypatch: pyte
     reads: list[tuple[str, dict[str, Any]]] = []
 
     class Table:
-        def query(self, **kwargs: Any) -> dict[str, Any]:
-            reads.append(("query", kwargs))
-            return {"Items": []}
+        def get_paginator(self, operation: str) -> Any:
+            class Paginator:
+                def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
+                    reads.append((operation, kwargs))
+                    return [{"Items": []}]
 
-        def scan(self, **kwargs: Any) -> dict[str, Any]:
-            reads.append(("scan", kwargs))
-            return {"Items": []}
+            return Paginator()
 
     monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **_: Table())
 

@@ -282,8 +282,7 @@ class BatchRunner:
         # Only for a batch with a record that may call Edge: invalid bodies, repeats and records sent back unread
         # (no identity key) must not wait for a token they will not use.
         may_call_edge = any(not i.invalid and i.run is not _redeliver for items in groups.values() for i in items)
-        warm = self._warm if may_call_edge else None
-        warming = self._executor.submit(warm, deadline) if warm is not None else None
+        warming = self._executor.submit(self._warm, deadline) if self._warm is not None and may_call_edge else None
 
         # One BatchGetItem for every identity of the batch instead of one GetItem per event; each identity's state is
         # then carried through its records in memory (they run in order on one worker). The read runs on a worker

@@ -160,9 +160,9 @@ class Runtime:
         )
 
     def _warm_token(self, deadline: Deadline) -> None:
-        """Fetch the IMS token (and read the Adobe secret) at a batch's start when none is cached: on a cold start or
-        a renewal, its round trips then overlap the batch's own (identity key, claims, state read) instead of
-        following them, and the batch's first Edge calls find it ready. A failure is left to those calls, which ask
+        """Fetch the IMS token (and read the Adobe secret) once a batch's records are read, when none is cached: on a
+        cold start or a renewal, its round trips then overlap the batch's claims and state read instead of following
+        them, and the batch's first Edge calls find it ready. A failure is left to those calls, which ask
         the provider again (it holds a failure back for a few seconds) and report it for their events."""
         tokens = self.tokens  # built with `relay`, before the batch runs
         if tokens is None or tokens.has_live_token() or deadline.remaining() < MIN_ATTEMPT_S:

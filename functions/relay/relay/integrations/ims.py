@@ -40,6 +40,11 @@ def _oauth_error(resp: requests.Response) -> str:
     return code if isinstance(code, str) and _OAUTH_ERROR.fullmatch(code) else ""
 
 
+def _require_time(deadline: Deadline | None) -> None:
+    if deadline is not None and deadline.remaining() < 0.05:
+        raise NoTimeLeft("no time left to request an IMS token")
+
+
 class ImsTokenProvider:
     """`get()` returns a live token. A refused credential makes it re-read the secret once (rotation)."""
 
@@ -111,8 +116,7 @@ class ImsTokenProvider:
             return self._token
 
     def _fetch(self, deadline: Deadline | None) -> AccessToken:
-        if deadline is not None and deadline.remaining() < 0.05:  # not even the secret read (it may take seconds)
-            raise NoTimeLeft("no time left to request an IMS token")
+        _require_time(deadline)  # not even the secret read (it may take seconds)
         creds = self._credentials.adobe()
         refused = self._request(creds, deadline)
         if isinstance(refused, AccessToken):
@@ -128,9 +132,8 @@ class ImsTokenProvider:
     def _request(self, creds: AdobeCredentials, deadline: Deadline | None) -> AccessToken | tuple[int, str]:
         """The token, or IMS's refusal: its status and OAuth error code (`invalid_client`, `invalid_scope`, ...)."""
         timeout = self._timeout
-        if deadline is not None:  # the token request counts against the invocation's budget too
-            if deadline.remaining() < 0.05:
-                raise NoTimeLeft("no time left to request an IMS token")
+        _require_time(deadline)  # the token request counts against the invocation's budget too
+        if deadline is not None:
             timeout = deadline.http_timeouts(*self._timeout)
         for attempt in (1, 2):
             if attempt == 2 and deadline is not None:

@@ -590,32 +590,47 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relayctl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="relayctl", description=" ".join(__doc__.split("\n\n")[0].split()) if __doc__ else None
+    )
     parser.add_argument("--stack", help="read TableName/QueueUrl/DeadLetterQueueUrl from this stack's outputs")
     parser.add_argument("--table", help="results table (default: $HANDLES_TABLE)")
     parser.add_argument("--queue-url", help="the relay's queue (default: $QUEUE_URL or $RETRY_QUEUE_URL)")
     parser.add_argument("--dlq-url", help="the dead-letter queue (default: $DLQ_URL)")
     sub = parser.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="an event's outcome: delivered, rejected (with reason), queued, dead-lettered")
-    show.add_argument("event_ids", nargs="+")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text)  # in the list, and atop `relayctl <name> --help`
+
+    show = command("show", "an event's outcome: delivered, rejected (with reason), queued, dead-lettered")
+    show.add_argument(
+        "event_ids",
+        nargs="+",
+        metavar="EVENT_ID",
+        help="an eventId: xdm._id, else the webhook-id header, else the SQS messageId",
+    )
     show.add_argument("--full", action="store_true", help="include the stored request")
     show.set_defaults(func=cmd_show)
-    rej = sub.add_parser("rejected", help="list rejected events with their reasons")
-    rej.add_argument("--limit", type=int, default=100)
-    rej.add_argument("--json", action="store_true")
+    rej = command("rejected", "list rejected events with their reasons")
+    rej.add_argument(
+        "--limit", type=int, default=100, help="list at most this many, oldest first (default: 100; --json lists all)"
+    )
+    rej.add_argument("--json", action="store_true", help="every one as JSON, without the stored requests")
     rej.add_argument(
         "--event-id", help="only this eventId's rejection and the events filed beside it (#reused-, #invalid-)"
     )
     rej.set_defaults(func=cmd_rejected)
-    rep = sub.add_parser("replay", help="send rejected events through the relay again (after a fix)")
-    rep.add_argument("event_ids", nargs="*")
-    rep.add_argument("--all-rejected", action="store_true")
-    rep.add_argument("--dry-run", action="store_true")
+    rep = command("replay", "send rejected events through the relay again (after a fix)")
+    rep.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="the rejected events to send again")
+    rep.add_argument(
+        "--all-rejected", action="store_true", help="every event Edge rejected (not those the relay refused itself)"
+    )
+    rep.add_argument("--dry-run", action="store_true", help="say what a replay would do, send nothing")
     rep.set_defaults(func=cmd_replay)
-    red = sub.add_parser("redrive", help="move dead-letter messages back to the queue")
-    red.add_argument("--max", type=int, default=1000)
+    red = command("redrive", "move dead-letter messages back to the queue")
+    red.add_argument("--max", type=int, default=1000, help="move at most this many (default: 1000)")
     red.set_defaults(func=cmd_redrive)
-    fgt = sub.add_parser("forget", help="erase what the table keeps about one identity (a person's erasure request)")
+    fgt = command("forget", "erase what the table keeps about one identity (a person's erasure request)")
     fgt.add_argument("--namespace", required=True, help='its identityMap namespace as sent, e.g. "Email", "CRMID"')
     fgt.add_argument("--id", required=True, help="the identity value")
     fgt.add_argument("--identity-key-secret", help="the identity key secret (default: $IDENTITY_KEY_SECRET_ID)")

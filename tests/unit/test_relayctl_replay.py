@@ -730,3 +730,35 @@ def test_forget_reads_the_table_with_strongly_consistent_reads(monkeypatch: pyte
     assert all(kwargs.get("ConsistentRead") is True for _, kwargs in reads)
     assert code == 1  # nothing found
     assert "nothing found" in capsys.readouterr().out
+
+
+def test_help_says_every_command_in_whole_sentences(capsys: pytest.CaptureFixture[str]) -> None:
+    # WHEN a user asks what the tool does
+    with pytest.raises(SystemExit) as done:
+        relayctl_main.main(["--help"])
+
+    # THEN the description is the module's whole first paragraph, not its first line cut mid-sentence
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "redrive the dead-letter queue, and forget a person (erase what the table keeps about one identity)." in text
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ("show", "an event's outcome"),
+        ("rejected", "list rejected events"),
+        ("replay", "send rejected events through the relay again"),
+        ("redrive", "move dead-letter messages back to the queue"),
+        ("forget", "erase what the table keeps about one identity"),
+    ],
+)
+def test_each_command_says_what_it_does_atop_its_own_help(
+    command: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # WHEN a user asks one command for help
+    with pytest.raises(SystemExit):
+        relayctl_main.main([command, "--help"])
+
+    # THEN its purpose is said there too, not only in the list of commands
+    assert says in " ".join(capsys.readouterr().out.split())

@@ -648,6 +648,19 @@ def test_the_identity_key_is_generated_kept_with_the_table_and_given_to_the_func
     assert variables["IDENTITY_KEY_SECRET_ID"] == {"Ref": "IdentityKeySecret"}
 
 
+def test_the_identity_keys_generation_settings_are_as_first_shipped(template: dict[str, Any]) -> None:
+    # CloudFormation generates a new secret value whenever `GenerateSecretString` changes: an edit here would give every
+    # deployment that updates to it a new identity key, orphaning each stored identity state (and leaving `relayctl
+    # forget` unable to find them). This test fails on any edit so that whoever makes one reads why first.
+    generate = template["Resources"]["IdentityKeySecret"]["Properties"]["GenerateSecretString"]
+    assert generate == {
+        "SecretStringTemplate": "{}",
+        "GenerateStringKey": "key",
+        "PasswordLength": 64,
+        "ExcludePunctuation": True,
+    }, "never edit IdentityKeySecret's GenerateSecretString: the change regenerates the identity key"
+
+
 def test_the_metrics_carry_the_service_the_template_sets_which_its_alarms_read(template: dict[str, Any]) -> None:
     # GIVEN the function's environment as a stack named "staging-relay" would set it
     probe = (

@@ -57,6 +57,7 @@ def _targets(args: argparse.Namespace) -> Targets:
 
 
 _NO_DLQ = "give --dlq-url or --stack, or set DLQ_URL"
+_DEAD_LETTERED = "failed 5 receives: redrive it once the cause is fixed"
 _PEEK_HIDE_S = 30  # how long `show` hides the dead-letter messages it has read (it shows them again when done)
 
 
@@ -184,7 +185,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             if waiting and t.dlq_url:
                 where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id)
                 if where:
-                    doc.update(status="dead-lettered", detail="failed 5 receives: redrive it once the cause is fixed")
+                    doc.update(status="dead-lettered", detail=_DEAD_LETTERED)
                     doc.update(where)
             elif waiting:
                 doc["deadLetterQueue"] = f"not searched ({_NO_DLQ}): it may be there"
@@ -193,19 +194,20 @@ def cmd_show(args: argparse.Namespace) -> int:
             continue
         where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id) if t.dlq_url else None
         if where:
-            _print({"eventId": event_id, "status": "dead-lettered", **where})
+            _print({"eventId": event_id, "status": "dead-lettered", "detail": _DEAD_LETTERED, **where})
             found += 1
         else:
             looked = "not in the dead-letter queue" if t.dlq_url else f"the dead-letter queue not searched ({_NO_DLQ})"
-            _print(
-                {
-                    "eventId": event_id,
-                    "status": "unknown",
-                    "detail": f"no result stored under this id, and {looked}: not received yet, or waiting in the "
-                    "queue for its first attempt. An event is kept under its xdm._id; only one without an xdm._id "
-                    "is kept under its webhook-id or SQS messageId",
-                }
-            )
+            unknown = {
+                "eventId": event_id,
+                "status": "unknown",
+                "detail": f"no result stored under this id, and {looked}: not received yet, or waiting in the "
+                "queue for its first attempt. An event is kept under its xdm._id; only one without an xdm._id "
+                "is kept under its webhook-id or SQS messageId",
+            }
+            if not t.dlq_url:
+                unknown["deadLetterQueue"] = f"not searched ({_NO_DLQ}): it may be there"
+            _print(unknown)
     return 0 if found == len(args.event_ids) else 1
 
 

@@ -501,6 +501,24 @@ def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: 
     assert [m["MessageAttributes"]["eventId"]["StringValue"] for m in queue_messages(stack)] == [msg_id]
 
 
+def test_a_webhook_event_not_queued_for_want_of_a_queue_says_so(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN an execution environment with no retry queue configured (RETRY_QUEUE_URL unset), and Edge answering 503
+    runtime = new_runtime(RETRY_QUEUE_URL="")
+    gw = stack.gateway(runtime.handle)
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+
+    # WHEN an event is posted
+    resp = post(gw, stack, interact_event(), msg_id)
+
+    # THEN the sender must retry, and the stored item says why nothing was queued: no queue, not a refusal
+    assert resp.status_code == 503
+    assert stack.result(msg_id)["lastError"].startswith(
+        "not queued (no retry queue is configured; the sender was answered 503)"
+    )
+
+
 def test_webhook_answers_503_when_edge_is_down_and_the_queue_too(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN an execution environment whose retry queue does not exist, and Edge answering 503

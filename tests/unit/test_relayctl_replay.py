@@ -438,6 +438,8 @@ def test_show_says_when_it_did_not_search_the_dead_letter_queue(
     assert "not in the dead-letter queue" not in unknown["detail"]
     assert "the dead-letter queue not searched (give --dlq-url or --stack, or set DLQ_URL)" in unknown["detail"]
     assert "An event is kept under its xdm._id" in unknown["detail"]
+    # AND both say it in the same field, which the README names
+    assert unknown["deadLetterQueue"] == queued["deadLetterQueue"]
 
 
 class LostAnswer:
@@ -762,3 +764,28 @@ def test_each_command_says_what_it_does_atop_its_own_help(
 
     # THEN its purpose is said there too, not only in the list of commands
     assert says in " ".join(capsys.readouterr().out.split())
+
+
+def test_show_explains_a_dead_lettered_event_that_has_no_stored_result(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an event whose message reached the dead-letter queue before any result was stored for it
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    attrs = {
+        "eventId": {"DataType": "String", "StringValue": "ev-dead"},
+        "relaySource": {"DataType": "String", "StringValue": "sqs"},
+    }
+    sqs.send_message(QueueUrl=dlq, MessageBody="{}", MessageAttributes=attrs)
+    make_table(boto3.client("dynamodb"))
+
+    # WHEN it is shown
+    code = relayctl_main.main(["--table", "t", "--dlq-url", dlq, "show", "ev-dead"])
+
+    # THEN it is reported dead-lettered with what to do, as one with a stored result is
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (shown["status"], shown["detail"]) == (
+        "dead-lettered",
+        "failed 5 receives: redrive it once the cause is fixed",
+    )

@@ -270,8 +270,9 @@ class WebhookApp:
             return ok(202, {"eventId": result.event_id, "status": "queued"})
         count("QueueFallbackFailed")
         logger.error("event could not be queued; sender must retry", eventId=result.event_id)
+        why = "the retry queue refused it" if self._settings.retry_queue_url else "no retry queue is configured"
         self._relay.store.note_not_queued(
-            result.event_id, f"not queued (the retry queue refused it; the sender was answered 503): {result.reason}"
+            result.event_id, f"not queued ({why}; the sender was answered 503): {result.reason}"
         )
         return problem(
             503,

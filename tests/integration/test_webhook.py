@@ -286,7 +286,7 @@ def test_body_over_64_kib_is_answered_413_and_stored_rejected(
             "type": "about:blank",
             "title": "Payload too large",
             "status": 413,
-            "detail": "the body is not a valid interact event",
+            "detail": "the body is over Edge's 65536-byte limit; make the event smaller",
             "eventId": event_id,
             "errors": errors,
         },
@@ -299,7 +299,13 @@ def test_body_over_64_kib_is_answered_413_and_stored_rejected(
         "status": "rejected",
         "source": "webhook",
         "datastreamId": DATASTREAM_ID,
-        "error": {"type": INVALID_EVENT_TYPE, "title": "Payload too large", "status": 413, "errors": errors},
+        "error": {
+            "type": INVALID_EVENT_TYPE,
+            "title": "Payload too large",
+            "status": 413,
+            "detail": "the body is over Edge's 65536-byte limit; make the event smaller",
+            "errors": errors,
+        },
         "request": body,
     }
 

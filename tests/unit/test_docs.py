@@ -1,16 +1,21 @@
 """README's configuration table against what the code reads and what template.yaml sets: every variable the settings
 read is documented, each row's "in template.yaml" column says what the template does, and each numeric default is
-the one the settings apply."""
+the one the settings apply; and README's snippet that reads a stored result back does what it says."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from relay import codec
+from relay.integrations.store import decode_item
 
 from devtools.cfn_yaml import load_template
+from devtools.resources import create_handles_table
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = ROOT / "functions" / "relay" / "relay" / "settings.py"
@@ -76,3 +81,38 @@ def test_the_readme_says_what_the_template_sets(name: str) -> None:
 def test_the_readme_gives_the_default_the_settings_apply(name: str) -> None:
     _, default = config_rows()[name]
     assert default == f"`{settings_variables()[name]}`"
+
+
+def test_the_readme_snippet_reads_a_stored_result_back_as_plain_json(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a delivered result stored as the relay stores it (a compressed handle, numbers), and README's snippet
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = next(
+        block
+        for block in re.findall(r"```python\n(.*?)```", text, re.S)
+        if "def doc(attr)" in block and "get_item(" in block
+    )
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "results")
+    handle = [{"type": "identity:result", "payload": [{"id": "x" * 2000}]}]  # over 1 KiB: stored compressed
+    item = {
+        "pk": {"S": "EVENT#ev-1"},
+        "sk": {"S": "RESULT"},
+        "eventId": {"S": "ev-1"},
+        "status": {"S": "delivered"},
+        "handle": codec.encode_json(handle),
+        "attempts": {"N": "1"},
+        "expiresAt": {"N": "1798458239"},
+    }
+    assert "B" in item["handle"]
+    ddb.put_item(TableName="results", Item=item)
+
+    # WHEN the snippet runs, with its placeholders filled in
+    code = snippet.replace("<TableName output>", "results").replace("<eventId>", "ev-1")
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own snippet, on an in-process moto
+
+    # THEN it prints the result as plain JSON: documents decoded, numbers as numbers (what relayctl shows)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(decode_item(item)))
+    assert (printed["attempts"], printed["handle"]) == (1, handle)

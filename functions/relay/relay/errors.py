@@ -52,8 +52,11 @@ class PayloadTooLarge(InvalidEvent):
         else:
             message = f"body is {size} bytes; the limit is {limit} bytes (Edge's own limit)"
         super().__init__([{"path": "$", "message": message}], title="Payload too large")
-        if as_sent:
-            self.detail = "the request is too large for Edge as the relay sends it; make the event smaller"
+        self.detail = (
+            "the request is too large for Edge as the relay sends it; make the event smaller"
+            if as_sent
+            else f"the body is over Edge's {limit}-byte limit; make the event smaller"
+        )
 
 
 class EventIdReused(InvalidEvent):

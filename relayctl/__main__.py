@@ -58,6 +58,7 @@ def _targets(args: argparse.Namespace) -> Targets:
 
 _NO_DLQ = "give --dlq-url or --stack, or set DLQ_URL"
 _DEAD_LETTERED = "failed 5 receives: redrive it once the cause is fixed"
+_NOT_SEARCHED = f"not searched ({_NO_DLQ}): it may be there"  # `deadLetterQueue` when show could not look
 _PEEK_HIDE_S = 30  # how long `show` hides the dead-letter messages it has read (it shows them again when done)
 
 
@@ -188,7 +189,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                     doc.update(status="dead-lettered", detail=_DEAD_LETTERED)
                     doc.update(where)
             elif waiting:
-                doc["deadLetterQueue"] = f"not searched ({_NO_DLQ}): it may be there"
+                doc["deadLetterQueue"] = _NOT_SEARCHED
             _print(doc)
             found += 1
             continue
@@ -206,7 +207,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "is kept under its webhook-id or SQS messageId",
             }
             if not t.dlq_url:
-                unknown["deadLetterQueue"] = f"not searched ({_NO_DLQ}): it may be there"
+                unknown["deadLetterQueue"] = _NOT_SEARCHED
             _print(unknown)
     return 0 if found == len(args.event_ids) else 1
 

@@ -12,7 +12,7 @@ from typing import Any
 import boto3
 import pytest
 from relay import codec
-from relay.integrations.store import decode_item
+from relay.integrations.store import HandlesStore, decode_item
 
 from devtools.cfn_yaml import load_template
 from devtools.resources import create_handles_table
@@ -97,8 +97,7 @@ def test_the_readme_snippet_reads_a_stored_result_back_as_plain_json(
     create_handles_table(ddb, "results")
     handle = [{"type": "identity:result", "payload": [{"id": "x" * 2000}]}]  # over 1 KiB: stored compressed
     item = {
-        "pk": {"S": "EVENT#ev-1"},
-        "sk": {"S": "RESULT"},
+        **HandlesStore.result_key("ev-1"),
         "eventId": {"S": "ev-1"},
         "status": {"S": "delivered"},
         "handle": codec.encode_json(handle),

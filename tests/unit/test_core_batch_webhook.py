@@ -1543,3 +1543,116 @@ def test_without_ims_there_is_no_token_to_fetch_ahead() -> None:
     runtime._warm_token(Deadline(runtime.clock, 20))
 
     assert runtime.tokens is None
+
+
+# -- a webhook's state read and token fetch overlap its claim ---------------------------------------------------------
+
+
+class _ClaimWatchingStore(FakeStore):
+    """Its claim waits (10 s at most) for `started`, set by whatever the webhook started beside the claim, and records
+    whether it came; a state read can wait for the claim to have answered (`read_after_claim`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.started = threading.Event()
+        self.claimed = threading.Event()
+        self.overlapped: list[bool] = []
+        self.reads_done: list[tuple[str, str]] = []
+        self.read_after_claim = False
+
+    def claim(self, event_id: str, **kwargs: Any) -> Claim:
+        self.overlapped.append(self.started.wait(timeout=10))
+        try:
+            return super().claim(event_id, **kwargs)
+        finally:
+            self.claimed.set()
+
+    def get_state(self, opaque_id: str, datastream_id: str) -> Any:
+        self.started.set()
+        if self.read_after_claim:
+            self.claimed.wait(timeout=10)
+            time.sleep(0.05)  # still reading when the webhook has its answer (not a timing assertion)
+        state = super().get_state(opaque_id, datastream_id)
+        self.reads_done.append((opaque_id, datastream_id))
+        return state
+
+
+def _webhook_runtime(store: FakeStore, **env: str) -> Any:
+    from relay.runtime import Runtime
+
+    from tests.unit.test_security_properties import OkSession
+
+    runtime = Runtime(load_settings({**ENV, **env}))
+    runtime.__dict__["store"] = store
+    runtime.__dict__["session"] = OkSession()
+    return runtime
+
+
+def _webhook(doc: dict[str, Any]) -> dict[str, Any]:
+    return http_event(json.dumps(doc).encode(), {"webhook-id": "msg_ahead"})
+
+
+ANN = {"CRMID": [{"id": "ann", "primary": True}]}
+
+
+def test_a_webhook_reads_its_identitys_state_while_its_claim_is_taken() -> None:
+    # GIVEN a store whose claim answers only once the identity's state is being read (or after 10 s)
+    store = _ClaimWatchingStore()
+    runtime = _webhook_runtime(store)
+
+    # WHEN a webhook event of CRMID "ann" arrives
+    answer = runtime.handle(_webhook({"event": {"xdm": {"_id": "ev-ahead", "identityMap": ANN}}}), None)
+
+    # THEN the state read was under way while the claim was taken, it was read once, and the event was delivered
+    assert answer["statusCode"] == 200, answer
+    assert store.overlapped == [True]
+    assert store.state_reads == [(opaque_identity_id("CRMID", "ann"), "ds-1")]
+    assert len(runtime.session.calls) == 1
+
+
+def test_a_webhook_fetches_a_missing_ims_token_while_its_claim_is_taken() -> None:
+    from tests.fakes import FakeTokenProvider
+
+    # GIVEN IMS auth with no token cached, and a claim that answers only once the token is being fetched
+    store = _ClaimWatchingStore()
+    runtime = _webhook_runtime(store, EDGE_AUTH="ims", ADOBE_SECRET_ID="adobe", IMS_TOKEN_URL="https://ims.test/t")
+
+    class NoTokenYet(FakeTokenProvider):
+        fetched = False
+
+        def has_live_token(self) -> bool:
+            return self.fetched
+
+        def get(self, **kwargs: Any) -> Any:
+            store.started.set()
+            self.fetched = True
+            return super().get(**kwargs)
+
+    runtime.__dict__["tokens"] = NoTokenYet()
+
+    # WHEN a webhook event without a primary identity arrives (no state to read)
+    answer = runtime.handle(_webhook({"event": {"xdm": {"_id": "ev-token"}}}), None)
+
+    # THEN the token was being fetched while the claim was taken, and the Edge call carried it
+    assert answer["statusCode"] == 200, answer
+    assert store.overlapped == [True]
+    assert store.state_reads == []
+    [call] = runtime.session.calls
+    assert call["headers"]["Authorization"] == "Bearer token-1"
+
+
+def test_a_repeat_webhook_answers_only_once_the_state_read_started_for_it_has_ended() -> None:
+    # GIVEN the event was delivered before, and a state read that ends only after the claim has answered
+    delivered = {"status": "delivered", "eventId": "ev-again", "handle": [], "requestId": "r-1"}
+    store = _ClaimWatchingStore(claim_result=Claim(False, existing=delivered))
+    store.read_after_claim = True
+    runtime = _webhook_runtime(store)
+
+    # WHEN the event is sent again
+    answer = runtime.handle(_webhook({"event": {"xdm": {"_id": "ev-again", "identityMap": ANN}}}), None)
+
+    # THEN it is answered with the stored result, and nothing the webhook started is left running when it returns
+    # (Lambda would freeze it halfway)
+    assert (answer["statusCode"], json.loads(answer["body"])["eventId"]) == (200, "ev-again")
+    assert store.reads_done == [(opaque_identity_id("CRMID", "ann"), "ds-1")]
+    assert runtime.session.calls == []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import cached_property
 from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any
@@ -16,12 +17,14 @@ from requests.adapters import HTTPAdapter
 from relay.batch import BatchRunner
 from relay.clock import Clock, Deadline, SystemClock
 from relay.errors import CredentialsError
+from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import build_clients
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient
 from relay.integrations.ims import ImsTokenProvider
 from relay.integrations.queue import RetryQueue
 from relay.integrations.store import HandlesStore
+from relay.models import InboundEvent
 from relay.observability import count, logger, metrics
 from relay.process_event import Relay
 from relay.settings import Settings
@@ -78,6 +81,7 @@ class Runtime:
         # Wall-clock time the last invocation ended: the wall clock surely moves on while Lambda freezes the environment
         # (whether the monotonic clock does is not documented); a clock step only adds or saves one reconnect.
         self._last_done: float | None = None
+        self._ahead: list[Future[Any]] = []  # a webhook's tasks started beside its claim (`_start_ahead`)
 
     @property
     def workers(self) -> int:
@@ -151,6 +155,7 @@ class Runtime:
             lambda: self.queue,
             self.clock,
             identity_key=self.identity_key,
+            ahead=self._start_ahead,
         )
 
     @cached_property
@@ -175,6 +180,30 @@ class Runtime:
             # A defect: the Edge calls will meet it too, but nothing reads this task's result, so say it here.
             logger.exception("unexpected error fetching the IMS token ahead of the batch's Edge calls")
             count("UnexpectedErrors")
+
+    def _start_ahead(self, inbound: InboundEvent, deadline: Deadline) -> Callable[[], IdentityState] | None:
+        """A webhook's round trips that need not wait for its claim, started beside it: the IMS token when none is
+        cached, and the identity's state (read before the claim, as a batch reads its states; its write is checked
+        against the version read, so an earlier read is as safe). Returns what gives the state once the claim is taken.
+        A repeat whose claim is refused has read its state for nothing: one strongly consistent read. The invocation
+        ends only once they have (`_settle_ahead`): none is left to be frozen halfway, holding the token lock."""
+        if deadline.remaining() < MIN_ATTEMPT_S:
+            return None  # `Relay.process` leaves such an event untouched
+        tokens = self.tokens
+        if tokens is not None and not tokens.has_live_token():
+            self._ahead.append(self.executor.submit(self._warm_token, deadline))
+        if not inbound.identity_id:
+            return None
+        state = self.executor.submit(self.store.get_state, inbound.identity_id, inbound.datastream_id)
+        self._ahead.append(state)
+        return state.result
+
+    def _settle_ahead(self) -> None:
+        """Wait for a webhook's tasks that are still running (only when the event did not need them: a repeat, or
+        one busy elsewhere). Each is bounded: a DynamoDB read by its client's timeouts, the token by the deadline."""
+        if self._ahead:
+            wait(self._ahead)
+            self._ahead.clear()
 
     def _drop_idle_connections(self) -> None:
         if self._last_done is None or "session" not in self.__dict__:
@@ -204,7 +233,10 @@ class Runtime:
                 return self.batch.run(event, deadline, lease_s=remaining + 5)
             if isinstance(event, dict) and isinstance(event.get("requestContext", {}).get("http"), dict):
                 with self._webhook_lock:
-                    return self.webhook.handle(event, context)
+                    try:
+                        return self.webhook.handle(event, context)
+                    finally:
+                        self._settle_ahead()
             logger.error("unsupported event shape", keys=sorted(event)[:10] if isinstance(event, dict) else None)
             raise ValueError("unsupported event: expected an HTTP API 2.0 or SQS event")
         finally:

@@ -14,6 +14,7 @@ from standardwebhooks.webhooks import Webhook
 
 from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable, Unauthorized
+from relay.identity_state import IdentityState
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
 from relay.models import (
@@ -94,8 +95,12 @@ class WebhookApp:
         clock: Clock,
         *,
         identity_key: Callable[[], bytes | None] = lambda: None,
+        ahead: Callable[[InboundEvent, Deadline], Callable[[], IdentityState] | None] = lambda inbound, deadline: None,
     ) -> None:
         self._identity_key = identity_key  # the HMAC key of identity ids (None: plain SHA-256)
+        # Starts what the event's Edge call needs besides its claim (token, identity state) so that it overlaps the
+        # claim; gives what returns the state once the claim is taken (None: `Relay` reads it then).
+        self._ahead = ahead
         self._settings = settings
         self._relay = relay
         self._credentials = credentials
@@ -244,7 +249,8 @@ class WebhookApp:
         remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0
         budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)
         deadline = Deadline(self._clock, budget - _ENQUEUE_RESERVE_S)
-        result = self._relay.process(inbound, deadline, lease_s=max(remaining, budget) + 5)
+        state_source = self._ahead(inbound, deadline)
+        result = self._relay.process(inbound, deadline, lease_s=max(remaining, budget) + 5, state_source=state_source)
         return self._answer(result, inbound)
 
     def _answer(self, result: Result, inbound: InboundEvent) -> Response:

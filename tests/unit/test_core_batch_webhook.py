@@ -442,6 +442,47 @@ def test_a_bad_datastream_attribute_is_rejected_under_the_events_own_id() -> Non
     assert fields["error"]["errors"][0]["path"] == "datastreamId"
 
 
+@pytest.mark.parametrize(
+    ("attribute", "wrong"),
+    [
+        ({"binaryValue": "ZHMtb3RoZXI=", "dataType": "Binary"}, "Binary"),
+        ({"stringValue": "123", "dataType": "Number"}, "Number"),
+        ({"stringValue": "7", "dataType": "Number.int"}, "Number"),
+    ],
+)
+def test_a_datastream_attribute_that_is_not_a_string_is_rejected_not_taken_for_absent(
+    attribute: dict[str, str], wrong: str
+) -> None:
+    # GIVEN a record whose datastreamId attribute is not a String attribute (contract: "datastreamId (String)")
+    store = FakeStore()
+    relay, edge = real_relay(store, 0)
+    bad = sqs("order-43", "m-124", "p")
+    bad["messageAttributes"] = {"datastreamId": attribute}
+
+    # WHEN the batch runs
+    answer = run_batch(relay, [bad])
+
+    # THEN it is stored rejected under its eventId, saying which attribute and why, and not sent to the default
+    # datastream
+    assert answer == {"batchItemFailures": []}
+    [(event_id, fields)] = store.rejected_unclaimed
+    assert event_id == "order-43"
+    assert fields["error"]["errors"] == [
+        {"path": "datastreamId", "message": f"must be a String message attribute, not {wrong}"}
+    ]
+    assert edge.calls == []
+
+
+def test_a_datastream_attribute_of_a_string_subtype_names_the_datastream() -> None:
+    store = FakeStore(insert_claims=True)
+    relay, edge = real_relay(store, 1)
+    record = sqs("order-44", "m-125", "p")
+    record["messageAttributes"] = {"datastreamId": {"stringValue": "ds-named", "dataType": "String.datastream"}}
+
+    assert run_batch(relay, [record]) == {"batchItemFailures": []}
+    assert [call.datastream_id for call in edge.calls] == ["ds-named"]
+
+
 @pytest.mark.parametrize(("xdm", "filed_as"), [({"_id": "order-big"}, "order-big"), ({}, "m-big")])
 def test_a_record_over_64_kib_is_rejected_under_its_xdm_id_when_it_has_one(xdm: dict[str, Any], filed_as: str) -> None:
     # GIVEN a record whose body is over Edge's 64 KiB limit, with or without its own xdm._id

@@ -146,6 +146,20 @@ def _attr(record: dict[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _datastream_attr(record: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The `datastreamId` attribute's value, and what is wrong with it when it is not a String attribute (contract
+    §2). A Binary or Number one is refused, not taken for absent: that would send the event to the default
+    datastream, which may be another sandbox. (A hand-built record without `dataType` counts as String.)"""
+    attr = (record.get("messageAttributes") or {}).get("datastreamId")
+    if not isinstance(attr, dict):
+        return None, None
+    data_type = attr.get("dataType", "String")
+    if not isinstance(data_type, str) or data_type.partition(".")[0] != "String":
+        shown = data_type.partition(".")[0][:20] if isinstance(data_type, str) else type(data_type).__name__
+        return None, f"must be a String message attribute, not {shown}"
+    return _attr(record, "datastreamId"), None
+
+
 class BatchRunner:
     def __init__(
         self,
@@ -191,12 +205,13 @@ class BatchRunner:
         # A replayed or re-queued event names its original eventId; otherwise the messageId is the fallback.
         named_id = _attr(record, "eventId") if relays else None
         fallback_id = named_id or message_id
-        named = _attr(record, "datastreamId")
+        named, named_wrong = _datastream_attr(record)
         try:
             inbound = read_event(
                 raw,
                 fallback_id,
                 datastream=named,
+                datastream_error=named_wrong,
                 default_datastream=self._settings.datastream_id,
                 source=source,
                 received_at=received_at,

@@ -371,11 +371,13 @@ def read_event(
     received_at: float,
     identity_key: bytes | None,
     limit: int | None = MAX_BODY_BYTES,
+    datastream_error: str | None = None,
 ) -> InboundEvent:
     """A body as an event, for either trigger: size limit and JSON (`decode_body`), its eventId (contract §2), its
     datastream (`datastream`, as the request named it), validation (`build_inbound`). Raises InvalidEvent carrying in
     `event_id` the id its rejection is kept under: the body's `xdm._id` whenever it can be read (a body over the limit
-    too, so its sender finds it by the id it knows), else `fallback_id`."""
+    too, so its sender finds it by the id it knows), else `fallback_id`. `datastream_error`: why the datastream the
+    request named cannot be read (an SQS attribute of the wrong type), refused as such."""
     event_id = fallback_id
     try:
         try:
@@ -387,6 +389,8 @@ def read_event(
             event_id = event_id_for(exc.doc, fallback_id)  # kept where its sender looks for it, as any other refusal
             raise
         event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
+        if datastream_error is not None:
+            raise InvalidEvent([{"path": "datastreamId", "message": datastream_error}])
         return build_inbound(
             doc,
             event_id=event_id,

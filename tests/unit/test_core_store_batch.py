@@ -452,6 +452,22 @@ def test_a_corrected_event_still_takes_over_the_relays_rejection(store_on_moto: 
     assert claim.acquired
 
 
+def test_a_corrected_event_that_ends_queued_keeps_nothing_of_the_refused_body(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an invalid body rejected under its eventId (the body, with any identities in it, kept in `request`)
+    store_on_moto.store.reject_unclaimed("order-10", INVALID, body_digest="d" * 16)
+
+    # WHEN its corrected resend takes the eventId, and its attempt is given back (Edge unavailable)
+    claim = store_on_moto.store.claim("order-10", datastream_id="ds-1", source="webhook", lease_s=30)
+    assert claim.acquired and claim.token
+    store_on_moto.store.release("order-10", claim.token, "edge unavailable")
+
+    # THEN the waiting item holds the retry, not the old refusal: no refused body (which `relayctl forget` does not
+    # reach on a waiting item), no old error, digest or storage time
+    item = _raw(store_on_moto, "order-10")
+    assert item is not None and item["status"] == "queued"
+    assert not {"request", "error", "bodyDigest", "storedAt", "rejectedBy"} & set(item)
+
+
 def wait_under(store_on_moto: StoreOnMoto, event_id: str, kind: str, *, source: str) -> None:
     """Leave `event_id` waiting under datastream ds-1: `queued` (given back for a retry), or under a claim whose
     holder died (`lapsed-claim`: its lease ran out)."""

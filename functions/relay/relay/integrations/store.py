@@ -222,6 +222,20 @@ class HandlesStore:
                 self._update_own_claim(event_id, token, "SET attempts = :n", {":n": {"N": str(attempts)}})
             except StoreUnavailable:
                 pass  # only a count: the result written over the claim sets it anyway
+        if before.get("status", {}).get("S") == "rejected":
+            # A body the relay refused, taken over by its corrected resend: its refusal goes now, not with the result
+            # (this attempt may end queued). The refused body (identities included) would otherwise stay on a waiting
+            # item, where `relayctl forget` does not delete and `show` would present the old refusal as current.
+            try:
+                self._update_own_claim(
+                    event_id,
+                    token,
+                    "REMOVE #req, #err, bodyDigest, storedAt",
+                    {},
+                    {"#req": "request", "#err": "error"},
+                )
+            except StoreUnavailable:
+                pass  # left until the result replaces the item (or its TTL): only a waiting item keeps them
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
         item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
         return Claim(True, token=token, item=item)

@@ -347,6 +347,17 @@ def test_a_long_token_echoed_across_the_detail_cut_leaves_no_part_of_itself() ->
     assert "QQQQ" not in json.dumps(problem_from(keyed, (token, "client-1")))
 
 
+def test_a_problem_that_is_not_strict_json_is_kept_as_text_that_stays_valid_json():
+    # GIVEN an error answer that Python's parser would read, with a NaN in it
+    answer = make_response(400, text='{"type": "t", "title": "T", "report": {"score": NaN}}')
+
+    # WHEN / THEN: kept as a problem around its text, which writes out as strict JSON
+    problem = problem_from(answer)
+    assert (problem["type"], problem["status"]) == ("about:blank", 400)
+    assert "NaN" in problem["detail"]
+    json.dumps(problem, allow_nan=False)  # raises on a NaN value
+
+
 def test_problem_from_truncates_detail_and_drops_unknown_fields():
     # GIVEN
     long_text = make_response(502, text="x" * 1000, reason="")
@@ -733,7 +744,22 @@ def test_no_slot_before_the_deadline_is_a_retry_without_a_call():
 
 
 @pytest.mark.parametrize("status", [200, 207])
-@pytest.mark.parametrize("text", ["not json", "<html>ok</html>", "[]", "null", '"ok"', "[" * 100_000 + "]" * 100_000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "<html>ok</html>",
+        "[]",
+        "null",
+        '"ok"',
+        "[" * 100_000 + "]" * 100_000,
+        # Not JSON either, though Python's parser takes them: kept, they would be written out as `NaN`/`Infinity`
+        # in the webhook's answer and the stored handle, which strict parsers (JavaScript's, jq) refuse
+        '{"handle": [{"type": "personalization:decisions", "payload": [{"score": NaN}]}]}',
+        '{"handle": [], "x": -Infinity}',
+        '{"handle": [], "x": 1e999}',
+    ],
+)
 def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_once(status, text):
     # GIVEN Edge accepted the event but its body cannot be read as an answer
     clock = FakeClock()

@@ -9,6 +9,7 @@ invisible: see `decode_json` and the README's boto3 snippet.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from typing import Any
@@ -36,6 +37,24 @@ def dumps(value: Any) -> str:
     """Compact JSON, non-ASCII text as is. A lone surrogate can only be inside a string, so writing it as its JSON
     escape (`text`) gives the same JSON value, in text that UTF-8 can carry."""
     return text(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(number: str) -> float:
+    value = float(number)
+    if not math.isfinite(value):
+        raise ValueError(f"{number[:40]} is too large for a float")
+    return value
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: Python's parser also takes `NaN` and `Infinity`, and reads `1e999` as infinity, none of
+    which `dumps` could write back as JSON (it would write `NaN`, which strict parsers, such as JavaScript's, refuse).
+    Raises ValueError."""
+    return json.loads(data, parse_constant=_not_json, parse_float=_finite)
 
 
 def encode_json(value: Any) -> dict[str, Any]:

@@ -65,8 +65,8 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     headers back."""
     secrets = tuple(s for s in redact if s)
     try:
-        doc = resp.json()
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
+        doc = codec.loads_strict(resp.content)
+    except (ValueError, RecursionError):  # not JSON (NaN too), or nested deeper than Python parses
         doc = None
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
         found = {k: doc[k] for k in ("type", "title", "detail", "report") if k in doc}
@@ -213,8 +213,8 @@ class EdgeClient:
                     if not resp.content:  # a 204, as Adobe's SDKs take it: success without content
                         return EdgeAnswer(status, {}, attempt)
                     try:
-                        doc = resp.json()
-                    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
+                        doc = codec.loads_strict(resp.content)
+                    except (ValueError, RecursionError):  # not JSON (NaN too), or nested deeper than Python parses
                         doc = None
                     if isinstance(doc, dict):
                         return EdgeAnswer(status, doc, attempt)

@@ -246,7 +246,7 @@ def test_validate_request_accepts_a_full_request():
         ([], [{"path": "$", "message": "must be a JSON object, not array"}]),
         ("x", [{"path": "$", "message": "must be a JSON object, not string"}]),
         ({}, [{"path": "event", "message": "is required"}]),
-        ({"event": None}, [{"path": "event", "message": "is required"}]),
+        ({"event": None}, [{"path": "event", "message": "must be an object, not null"}]),
         ({"event": 3}, [{"path": "event", "message": "must be an object, not number"}]),
         ({"event": {}}, [{"path": "event.xdm", "message": "is required"}]),
         ({"event": {"xdm": []}}, [{"path": "event.xdm", "message": "must be an object, not array"}]),
@@ -266,7 +266,14 @@ def test_validate_request_accepts_a_full_request():
         ),
         ({"event": {"xdm": {}, "data": []}}, [{"path": "event.data", "message": "must be an object, not array"}]),
         ({"event": {"xdm": {}}, "query": "x"}, [{"path": "query", "message": "must be an object, not string"}]),
-        ({"event": {"xdm": {}}, "meta": None}, [{"path": "meta", "message": "is required"}]),
+        # Present but null: an optional member is not "required", and a null is not a missing member
+        ({"event": {"xdm": {}}, "meta": None}, [{"path": "meta", "message": "must be an object, not null"}]),
+        (
+            {"event": {"xdm": {}}, "meta": {"state": None}},
+            [{"path": "meta.state", "message": "must be an object, not null"}],
+        ),
+        ({"event": {"xdm": {}, "data": None}}, [{"path": "event.data", "message": "must be an object, not null"}]),
+        ({"event": {"xdm": None}}, [{"path": "event.xdm", "message": "must be an object, not null"}]),
     ],
 )
 def test_validate_request_names_the_bad_field(doc, errors):

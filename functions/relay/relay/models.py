@@ -70,10 +70,11 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _expect_object(errors: list[dict[str, str]], value: Any, path: str, *, required: bool) -> bool:
-    if value is None and not required:
-        return False
-    if value is None:
+_ABSENT = object()  # a member the body does not have (`null` is a value: "must be an object, not null")
+
+
+def _expect_object(errors: list[dict[str, str]], value: Any, path: str) -> bool:
+    if value is _ABSENT:
         errors.append({"path": path, "message": "is required"})
         return False
     if not isinstance(value, dict):
@@ -87,9 +88,9 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
     errors: list[dict[str, str]] = []
     if not isinstance(doc, dict):
         return [{"path": "$", "message": f"must be a JSON object, not {_type_name(doc)}"}]
-    if _expect_object(errors, doc.get("event"), "event", required=True):
+    if _expect_object(errors, doc.get("event", _ABSENT), "event"):
         event = doc["event"]
-        if _expect_object(errors, event.get("xdm"), "event.xdm", required=True):
+        if _expect_object(errors, event.get("xdm", _ABSENT), "event.xdm"):
             xdm = event["xdm"]
             if "_id" in xdm and not (isinstance(xdm["_id"], str) and 0 < len(xdm["_id"]) <= MAX_EVENT_ID_LENGTH):
                 message = f"must be a string of 1-{MAX_EVENT_ID_LENGTH} characters"
@@ -103,12 +104,12 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
             if "identityMap" in xdm:
                 _validate_identity_map(errors, xdm["identityMap"])
         if "data" in event:
-            _expect_object(errors, event["data"], "event.data", required=True)
+            _expect_object(errors, event["data"], "event.data")
     for key in ("query", "meta"):
         if key in doc:
-            _expect_object(errors, doc[key], key, required=True)
+            _expect_object(errors, doc[key], key)
     meta = as_dict(doc.get("meta"))
-    if "state" in meta and _expect_object(errors, meta["state"], "meta.state", required=True):
+    if "state" in meta and _expect_object(errors, meta["state"], "meta.state"):
         entries = meta["state"].get("entries")
         if entries is not None:
             if not isinstance(entries, list):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,13 +106,29 @@ def print_table(outcomes: list[Outcome], out: Callable[[str], None] = print) -> 
             out("  ".join("-" * w for w in widths))
 
 
+@contextmanager
+def _function_logs_from(level: str | None) -> Iterator[None]:
+    """The function's logs from `level` up, for the run. The relay's logger is made when `devtools.stack` first imports
+    the relay, before `apply_env` sets POWERTOOLS_LOG_LEVEL, so the variable alone comes too late; the level it had
+    comes back after the run."""
+    from relay.observability import logger
+
+    before = logger.log_level
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def run(handler_factory: Callable[[], Any] | None = None, *, quiet: bool = False, verbose: bool = False) -> int:
     """Run the demo; ``handler_factory`` (called after the env is applied) defaults to the real handler.
 
     Unless ``verbose``, the function's INFO logs and metrics are silenced so the table stays readable.
     """
     log: Callable[[str], None] = (lambda _msg: None) if quiet else print
-    with LocalStack() as stack:
+    with LocalStack() as stack, _function_logs_from(None if verbose else "WARNING"):
         quiet_function = {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"}
         stack.apply_env(overrides=None if verbose else quiet_function)
         if handler_factory is None:

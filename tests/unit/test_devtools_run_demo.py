@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from collections.abc import Callable
@@ -47,11 +48,28 @@ def stub_factory(status: str = "delivered") -> Callable[[], Any]:
 
 
 def test_run_demo_exits_0_when_every_sample_is_delivered(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_demo.run(stub_factory()) == 0
+    from relay.observability import logger
+
+    # (and without --verbose, the function's INFO logs are off while it runs, then back as they were)
+    info_on: list[bool] = []
+
+    def factory() -> Any:
+        inner = stub_factory()()
+
+        def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            info_on.append(logger.log_level <= logging.INFO)
+            return inner(event, context)
+
+        return handler
+
+    level = logger.log_level
+    assert run_demo.run(factory) == 0
     out = capsys.readouterr().out
     assert "all 5 sample events delivered" in out
     assert out.count("identity:result") == 5
     assert "sqs-order-ORD-2026-0002" in out
+    assert info_on and not any(info_on)
+    assert logger.log_level == level
 
 
 def test_run_demo_exits_1_and_says_why_when_a_sample_fails(capsys: pytest.CaptureFixture[str]) -> None:

@@ -481,6 +481,45 @@ def test_a_queued_webhook_event_replayed_to_another_datastream_is_refused_and_st
     assert [c["status"] for c in edge_requests(stack, msg_id)] == [503] * 5 + [200]
 
 
+def test_a_request_replayed_first_to_an_unlisted_datastream_is_refused_and_the_genuine_one_delivered(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    # GIVEN a deployment that lists the datastreams its events may name (ALLOWED_DATASTREAM_IDS), and a signed request
+    # for one of them that someone captured before it reached the relay (the sender's first try was lost)
+    stack.sim.datastreams.update({"ds-listed", "ds-unlisted"})
+    runtime = new_runtime(ALLOWED_DATASTREAM_IDS="ds-listed")
+    gw = stack.gateway(runtime.handle)
+    doc = interact_event(f"order-{uuid.uuid4().hex[:8]}")
+    event_id = doc["event"]["xdm"]["_id"]
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    body = json.dumps(doc)
+    headers = {**stack.sign(body, msg_id=msg_id), "content-type": "application/json"}
+    try:
+        # WHEN it is replayed first, to another datastream Edge knows (the query string is not signed)
+        replay = requests.post(f"{gw.url}/events?datastreamId=ds-unlisted", data=body, headers=headers, timeout=30)
+
+        # THEN it is refused, saying why, and nothing is sent to Edge
+        assert replay.status_code == 400
+        assert replay.json()["errors"] == [
+            {
+                "path": "datastreamId",
+                "message": "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)",
+            }
+        ]
+        assert edge_requests(stack, event_id) == []
+
+        # AND the genuine request, coming after it, is delivered to its datastream (the relay's own refusal does not
+        # hold the eventId)
+        genuine = requests.post(f"{gw.url}/events?datastreamId=ds-listed", data=body, headers=headers, timeout=30)
+        assert genuine.status_code == 200, genuine.text
+    finally:
+        stack.sim.datastreams.difference_update({"ds-listed", "ds-unlisted"})
+    assert [c["query"]["datastreamId"] for c in edge_requests(stack, event_id)] == ["ds-listed"]
+    item = stack.result(event_id)
+    assert (item["status"], item["datastreamId"]) == ("delivered", "ds-listed")
+
+
 def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN Edge takes 8 s to answer this event; the webhook deadline is the default 5 s; a warm environment

@@ -473,6 +473,32 @@ def test_a_datastream_attribute_that_is_not_a_string_is_rejected_not_taken_for_a
     assert edge.calls == []
 
 
+def test_a_record_naming_a_datastream_not_listed_is_rejected_and_its_batch_mates_delivered() -> None:
+    # GIVEN a deployment that lists its datastreams, and a record naming another one
+    store = FakeStore(insert_claims=True)
+    relay, edge = real_relay(store, 1)
+    settings = load_settings({**ENV, "ALLOWED_DATASTREAM_IDS": "ds-listed"})
+    runner = BatchRunner(settings, relay, ThreadPoolExecutor(1))
+    unlisted = sqs("order-45", "m-126", "p")
+    unlisted["messageAttributes"] = {"datastreamId": {"stringValue": "ds-other", "dataType": "String"}}
+    listed = sqs("order-46", "m-127", "q")
+    listed["messageAttributes"] = {"datastreamId": {"stringValue": "ds-listed", "dataType": "String"}}
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": [unlisted, listed]}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN the unlisted one is stored rejected (filed under the default datastream) and acknowledged, the listed one
+    # delivered
+    assert answer == {"batchItemFailures": []}
+    [(event_id, fields)] = store.rejected_unclaimed
+    assert (event_id, fields["datastreamId"], fields["error"]["errors"][0]["path"]) == (
+        "order-45",
+        "ds-1",
+        "datastreamId",
+    )
+    assert [call.datastream_id for call in edge.calls] == ["ds-listed"]
+
+
 def test_a_datastream_attribute_of_a_string_subtype_names_the_datastream() -> None:
     store = FakeStore(insert_claims=True)
     relay, edge = real_relay(store, 1)

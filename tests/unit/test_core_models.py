@@ -12,6 +12,7 @@ from relay.errors import InvalidEvent, PayloadTooLarge
 from relay.models import (
     MAX_BODY_BYTES,
     build_inbound,
+    datastream_for_rejection,
     decode_body,
     event_id_for,
     iso_millis,
@@ -415,6 +416,22 @@ def test_resolve_datastream_default_and_override():
     assert resolve_datastream(None, "ds-default") == "ds-default"
     assert resolve_datastream("", "ds-default") == "ds-default"
     assert resolve_datastream("ds:other.1", "ds-default") == "ds:other.1"
+
+
+def test_resolve_datastream_keeps_to_the_allowed_ones_when_they_are_listed() -> None:
+    allowed = frozenset({"ds-a"})
+    assert resolve_datastream("ds-a", "ds-default", allowed) == "ds-a"
+    assert resolve_datastream("ds-default", "ds-default", allowed) == "ds-default"  # the default always is
+    assert resolve_datastream(None, "ds-default", allowed) == "ds-default"
+    with pytest.raises(InvalidEvent) as info:
+        resolve_datastream("ds-b", "ds-default", allowed)
+    assert info.value.errors == [
+        {
+            "path": "datastreamId",
+            "message": "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)",
+        }
+    ]
+    assert datastream_for_rejection("ds-b", "ds-default", allowed) == "ds-default"
 
 
 @pytest.mark.parametrize("candidate", ["../etc", "abc\n", " abc", "abc ", "ds\u00e9", "x" * 129])

@@ -157,6 +157,17 @@ def test_load_settings_rejects_a_malformed_datastream_id(datastream: str) -> Non
     assert problems_of(env) == {"DATASTREAM_ID": "must be a datastream id (letters, digits, '-', '_', ':', '.')"}
 
 
+def test_allowed_datastream_ids_are_read_as_a_set_and_empty_means_any() -> None:
+    assert load_settings(MINIMAL).allowed_datastream_ids == frozenset()
+    listed = load_settings({**MINIMAL, "ALLOWED_DATASTREAM_IDS": " ds-a, ds:b.1 ,,ds-a"})
+    assert listed.allowed_datastream_ids == frozenset({"ds-a", "ds:b.1"})
+
+
+def test_a_malformed_allowed_datastream_id_is_a_configuration_error() -> None:
+    env = {**MINIMAL, "ALLOWED_DATASTREAM_IDS": "ds-a,ds/../x"}
+    assert problems_of(env) == {"ALLOWED_DATASTREAM_IDS": "must be datastream ids separated by commas"}
+
+
 @pytest.mark.parametrize(
     "base",
     ["http://127.0.0.1:4566", "http://localhost:8080/", "http://[::1]:9000"],

@@ -212,6 +212,7 @@ class BatchRunner:
                 fallback_id,
                 datastream=named,
                 datastream_error=named_wrong,
+                allowed_datastreams=self._settings.allowed_datastream_ids,
                 default_datastream=self._settings.datastream_id,
                 source=source,
                 received_at=received_at,
@@ -221,7 +222,7 @@ class BatchRunner:
                 limit=None if source == "webhook" else MAX_BODY_BYTES,
             )
         except InvalidEvent as exc:
-            ds = datastream_for_rejection(named, self._settings.datastream_id)
+            ds = datastream_for_rejection(named, self._settings.datastream_id, self._settings.allowed_datastream_ids)
             eid, error = exc.event_id or fallback_id, exc  # `exc` is unbound after the except block
 
             def reject(carry: Carry, _: StateSource | None, __: Claim | None) -> Done:

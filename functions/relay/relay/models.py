@@ -334,19 +334,26 @@ def _deeper_than(doc: Any, limit: int) -> bool:
     return False
 
 
-def resolve_datastream(candidate: str | None, default: str) -> str:
+NOT_ALLOWED_DATASTREAM = "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)"
+
+
+def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[str] = frozenset()) -> str:
+    """The datastream an event goes to: the one its request named, else `default`. `allowed` (ALLOWED_DATASTREAM_IDS),
+    when not empty, lists those a request may name besides `default`."""
     if candidate is None or candidate == "":
         return default
     if not DATASTREAM_ID_RE.fullmatch(candidate):
         raise InvalidEvent([{"path": "datastreamId", "message": "must be a datastream id (letters, digits, -_:.)"}])
+    if allowed and candidate != default and candidate not in allowed:
+        raise InvalidEvent([{"path": "datastreamId", "message": NOT_ALLOWED_DATASTREAM}])
     return candidate
 
 
-def datastream_for_rejection(candidate: str | None, default: str) -> str:
+def datastream_for_rejection(candidate: str | None, default: str, allowed: frozenset[str] = frozenset()) -> str:
     """The datastream a rejected body is filed under: the one the request named, even when the body could not be read
-    (the datastream does not come from the body); the default when it named none, or none valid."""
+    (the datastream does not come from the body); the default when it named none, or none valid or allowed."""
     try:
-        return resolve_datastream(candidate, default)
+        return resolve_datastream(candidate, default, allowed)
     except InvalidEvent:
         return default
 
@@ -373,6 +380,7 @@ def read_event(
     identity_key: bytes | None,
     limit: int | None = MAX_BODY_BYTES,
     datastream_error: str | None = None,
+    allowed_datastreams: frozenset[str] = frozenset(),
 ) -> InboundEvent:
     """A body as an event, for either trigger: size limit and JSON (`decode_body`), its eventId (contract §2), its
     datastream (`datastream`, as the request named it), validation (`build_inbound`). Raises InvalidEvent carrying in
@@ -395,7 +403,7 @@ def read_event(
         return build_inbound(
             doc,
             event_id=event_id,
-            datastream_id=resolve_datastream(datastream, default_datastream),
+            datastream_id=resolve_datastream(datastream, default_datastream, allowed_datastreams),
             source=source,
             received_at=received_at,
             identity_key=identity_key,

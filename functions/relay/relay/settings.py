@@ -45,6 +45,8 @@ class Settings:
     secrets_max_age_s: int
     queue_visibility_timeout_s: int  # the trigger queue's VisibilityTimeout: when a record sent back returns
     identity_key_secret_id: str | None = None  # the HMAC key of identity ids; unset: plain SHA-256 (README)
+    # ALLOWED_DATASTREAM_IDS: the datastreams an event may name besides `datastream_id`; empty: any (contract §2)
+    allowed_datastream_ids: frozenset[str] = frozenset()
 
     @property
     def interact_url(self) -> str:
@@ -137,6 +139,15 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             _url(problems, "EDGE_HINT_URL_TEMPLATE", template.format(base=base, hint="or2"))
         except (KeyError, IndexError, ValueError):
             problems["EDGE_HINT_URL_TEMPLATE"] = "may only use {base} and {hint}"
+    # The webhook's `?datastreamId=` is not covered by its signature: a listed set keeps a replayed request from
+    # choosing any other datastream (README, "Security").
+    allowed: set[str] = set()
+    for entry in env.get("ALLOWED_DATASTREAM_IDS", "").split(","):
+        entry = entry.strip()
+        if entry and not DATASTREAM_ID_RE.fullmatch(entry):
+            problems["ALLOWED_DATASTREAM_IDS"] = "must be datastream ids separated by commas"
+        elif entry:
+            allowed.add(entry)
     # Not checked as a URL: `sam local invoke` passes the queue's logical id for `!Ref EventsQueue`, and emulators'
     # queue URLs name all sorts of hosts; an SQS batch never uses it. A send that fails logs SQS's own error code.
     queue = env.get("RETRY_QUEUE_URL", "").strip() or None
@@ -176,6 +187,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         secrets_max_age_s=secrets_age,
         queue_visibility_timeout_s=visibility,
         identity_key_secret_id=identity_key_secret,
+        allowed_datastream_ids=frozenset(allowed),
     )
 
 

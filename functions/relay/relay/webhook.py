@@ -216,12 +216,15 @@ class WebhookApp:
                 source="webhook",
                 received_at=received_at,
                 identity_key=key,
+                allowed_datastreams=self._settings.allowed_datastream_ids,
             )
             event_id = inbound.event_id
             check_size_as_sent(inbound)
         except InvalidEvent as error:
             event_id = error.event_id or event_id
-            datastream = datastream_for_rejection(named, self._settings.datastream_id)
+            datastream = datastream_for_rejection(
+                named, self._settings.datastream_id, self._settings.allowed_datastream_ids
+            )
             try:
                 stored = self._relay.reject_invalid(
                     event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text

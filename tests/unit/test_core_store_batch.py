@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 from relay.codec import item_size
+from relay.errors import StoreUnavailable
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
 
@@ -465,6 +466,36 @@ def test_a_corrected_event_that_ends_queued_keeps_nothing_of_the_refused_body(st
     # reach on a waiting item), no old error, digest or storage time
     item = _raw(store_on_moto, "order-10")
     assert item is not None and item["status"] == "queued"
+    assert not {"request", "error", "bodyDigest", "storedAt", "rejectedBy"} & set(item)
+
+
+def test_a_refused_body_whose_clearing_failed_is_cleared_by_the_events_next_claim(
+    store_on_moto: StoreOnMoto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_on_moto.store
+    # GIVEN an invalid body rejected under its eventId, taken over by its corrected resend whose clearing write failed
+    # (DynamoDB throttled it), and whose attempt was then given back
+    store.reject_unclaimed("order-11", INVALID, body_digest="e" * 16)
+    real = store._update_own_claim
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("throttled")
+
+    monkeypatch.setattr(store, "_update_own_claim", refused)
+    first = store.claim("order-11", datastream_id="ds-1", source="sqs", lease_s=30)
+    monkeypatch.setattr(store, "_update_own_claim", real)
+    assert first.acquired and first.token
+    store.release("order-11", first.token, "edge unavailable")
+    kept = _raw(store_on_moto, "order-11")
+    assert kept is not None and kept["status"] == "queued" and "request" in kept  # (what the next claim must clear)
+
+    # WHEN the event is claimed again (its redelivery)
+    again = store.claim("order-11", datastream_id="ds-1", source="sqs", lease_s=30)
+
+    # THEN the refusal is cleared then
+    assert again.acquired
+    item = _raw(store_on_moto, "order-11")
+    assert item is not None and item["status"] == "pending"
     assert not {"request", "error", "bodyDigest", "storedAt", "rejectedBy"} & set(item)
 
 

@@ -178,7 +178,7 @@ class HandlesStore:
                 UpdateExpression=(
                     "SET #s = :pending, leaseUntil = :lease, claimToken = :tok, eventId = :id, datastreamId = :ds, "
                     "#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now ADD attempts :one "
-                    "REMOVE rejectedBy, invalidFiling"
+                    "REMOVE invalidFiling"
                 ),
                 # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
                 # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".
@@ -202,11 +202,10 @@ class HandlesStore:
                     ":now": stamp,
                     ":one": {"N": "1"},
                 },
-                # The old values of what the claim changed: nothing at all for a new event (the usual case, and the
-                # cheapest answer to parse), else the previous attempt count. After an INSERT (`token` given), the
-                # whole old item, to tell our own lost INSERT (its token) from another claim (UPDATED_OLD leaves out
-                # an attribute set to the value it had).
-                ReturnValues="ALL_OLD" if own_token else "UPDATED_OLD",
+                # The whole old item (nothing for a new event, a webhook's usual case): its attempt count; after an
+                # INSERT (`token` given), its token, to tell our own lost INSERT from another claim; and whether it
+                # still holds a refusal of the relay's own to clear (`rejectedBy`).
+                ReturnValues="ALL_OLD",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
@@ -222,20 +221,22 @@ class HandlesStore:
                 self._update_own_claim(event_id, token, "SET attempts = :n", {":n": {"N": str(attempts)}})
             except StoreUnavailable:
                 pass  # only a count: the result written over the claim sets it anyway
-        if before.get("status", {}).get("S") == "rejected":
-            # A body the relay refused, taken over by its corrected resend: its refusal goes now, not with the result
-            # (this attempt may end queued). The refused body (identities included) would otherwise stay on a waiting
-            # item, where `relayctl forget` does not delete and `show` would present the old refusal as current.
+        if "rejectedBy" in before:
+            # A refusal of the relay's own, taken over by a corrected resend: it goes now, not with the result (this
+            # attempt may end queued). The refused body (identities included) would otherwise stay on a waiting item,
+            # where `relayctl forget` does not delete and `show` would present the old refusal as current.
+            # `rejectedBy` goes last, with them: should this write fail (or the invocation end first), the next claim
+            # of the event finds it still there and clears them then.
             try:
                 self._update_own_claim(
                     event_id,
                     token,
-                    "REMOVE #req, #err, bodyDigest, storedAt",
+                    "REMOVE rejectedBy, #req, #err, bodyDigest, storedAt",
                     {},
                     {"#req": "request", "#err": "error"},
                 )
             except StoreUnavailable:
-                pass  # left until the result replaces the item (or its TTL): only a waiting item keeps them
+                pass  # the next claim clears them, or the result replaces the item
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
         item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
         return Claim(True, token=token, item=item)

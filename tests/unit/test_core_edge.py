@@ -773,6 +773,24 @@ def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_onc
     assert len(session.calls) == 1
 
 
+def test_an_answer_with_a_byte_that_is_not_utf8_keeps_its_handles():
+    # GIVEN Edge's answer has one byte that is not UTF-8 (Latin-1 "é"): requests then reads it in the encoding it
+    # detects (or with U+FFFD), rather than refuse it
+    clock = FakeClock()
+    answer = make_response(200, text="")
+    answer.encoding = None
+    answer._content = b'{"requestId": "r-1", "handle": [{"type": "identity:result", "payload": [{"id": "caf\xe9"}]}]}'
+    session = FakeSession([answer])
+
+    # WHEN
+    got = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN its handles are kept, not the whole answer taken as unreadable
+    assert not got.unreadable
+    [handle] = got.body["handle"]
+    assert handle["type"] == "identity:result" and handle["payload"][0]["id"].startswith("caf")
+
+
 @pytest.mark.parametrize(
     ("status", "text", "body"),
     [

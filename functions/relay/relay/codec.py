@@ -50,11 +50,10 @@ def _finite(number: str) -> float:
     return value
 
 
-def loads_strict(data: bytes | str) -> Any:
-    """JSON as RFC 8259 has it: Python's parser also takes `NaN` and `Infinity`, and reads `1e999` as infinity, none of
-    which `dumps` could write back as JSON (it would write `NaN`, which strict parsers, such as JavaScript's, refuse).
-    Raises ValueError."""
-    return json.loads(data, parse_constant=_not_json, parse_float=_finite)
+# `json.loads` arguments for JSON as RFC 8259 has it: Python's parser also takes `NaN` and `Infinity`, and reads `1e999`
+# as infinity, none of which `dumps` could write back as JSON (it would write `NaN`, which strict parsers, such as
+# JavaScript's, refuse). Parsing with them raises ValueError on those.
+STRICT_JSON: dict[str, Any] = {"parse_constant": _not_json, "parse_float": _finite}
 
 
 def encode_json(value: Any) -> dict[str, Any]:

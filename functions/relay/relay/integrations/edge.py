@@ -65,7 +65,7 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     headers back."""
     secrets = tuple(s for s in redact if s)
     try:
-        doc = codec.loads_strict(resp.content)
+        doc = resp.json(**codec.STRICT_JSON)
     except (ValueError, RecursionError):  # not JSON (NaN too), or nested deeper than Python parses
         doc = None
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
@@ -213,7 +213,7 @@ class EdgeClient:
                     if not resp.content:  # a 204, as Adobe's SDKs take it: success without content
                         return EdgeAnswer(status, {}, attempt)
                     try:
-                        doc = codec.loads_strict(resp.content)
+                        doc = resp.json(**codec.STRICT_JSON)
                     except (ValueError, RecursionError):  # not JSON (NaN too), or nested deeper than Python parses
                         doc = None
                     if isinstance(doc, dict):

@@ -507,6 +507,9 @@ def test_a_request_replayed_first_to_an_unlisted_datastream_is_refused_and_the_g
                 "message": "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)",
             }
         ]
+        # AND so is one without the query string: the default datastream is not listed
+        bare = requests.post(f"{gw.url}/events", data=body, headers=headers, timeout=30)
+        assert (bare.status_code, bare.json()["errors"][0]["path"]) == (400, "datastreamId")
         assert edge_requests(stack, event_id) == []
 
         # AND the genuine request, coming after it, is delivered to its datastream (the relay's own refusal does not

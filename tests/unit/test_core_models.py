@@ -419,10 +419,15 @@ def test_resolve_datastream_default_and_override():
 
 
 def test_resolve_datastream_keeps_to_the_allowed_ones_when_they_are_listed() -> None:
-    allowed = frozenset({"ds-a"})
+    allowed = frozenset({"ds-a", "ds-default"})
     assert resolve_datastream("ds-a", "ds-default", allowed) == "ds-a"
-    assert resolve_datastream("ds-default", "ds-default", allowed) == "ds-default"  # the default always is
+    assert resolve_datastream("ds-default", "ds-default", allowed) == "ds-default"
     assert resolve_datastream(None, "ds-default", allowed) == "ds-default"
+    # The default only if listed: a replay could otherwise reach it by leaving out the signed request's datastream
+    for named in (None, "", "ds-default"):
+        with pytest.raises(InvalidEvent) as refused:
+            resolve_datastream(named, "ds-default", frozenset({"ds-a"}))
+        assert refused.value.errors[0]["path"] == "datastreamId"
     with pytest.raises(InvalidEvent) as info:
         resolve_datastream("ds-b", "ds-default", allowed)
     assert info.value.errors == [

@@ -587,6 +587,21 @@ def test_the_datastream_parameter_allows_only_ids_the_function_accepts(template:
                 load_settings({**ENV, "DATASTREAM_ID": candidate})
 
 
+def test_the_allowed_datastreams_parameter_allows_only_lists_the_function_accepts(template: dict[str, Any]) -> None:
+    # GIVEN the parameter's pattern and length (CloudFormation checks the pattern against the whole value)
+    spec = template["Parameters"]["AllowedDatastreamIds"]
+    allowed = re.compile(spec["AllowedPattern"])
+    candidates = ["", "a", "ds-1,ds-2", "0" * 128, "a," + "0" * 129, "ds-1, ds-2", "ds-1,", ",ds-1", "a/b", "é"]
+
+    # THEN each value the template lets through is one the function starts with
+    for candidate in candidates:
+        if allowed.fullmatch(candidate) and len(candidate) <= spec["MaxLength"]:
+            load_settings({**ENV, "ALLOWED_DATASTREAM_IDS": candidate})
+        else:
+            assert candidate not in ("", "a", "ds-1,ds-2"), candidate
+    assert not allowed.fullmatch("a," + "0" * 129)  # an entry the function would refuse at every invocation
+
+
 def conditional_policy(template: dict[str, Any], condition: str) -> list[dict[str, Any]]:
     """The statements of the role's policy that exists only under `condition`."""
     policies = template["Resources"]["RelayFunctionRole"]["Properties"]["Policies"]

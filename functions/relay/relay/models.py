@@ -335,23 +335,30 @@ def _deeper_than(doc: Any, limit: int) -> bool:
 
 
 NOT_ALLOWED_DATASTREAM = "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)"
+DEFAULT_NOT_ALLOWED = (
+    "is required: the default datastream is not one of those this relay sends to (ALLOWED_DATASTREAM_IDS)"
+)
 
 
 def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[str] = frozenset()) -> str:
     """The datastream an event goes to: the one its request named, else `default`. `allowed` (ALLOWED_DATASTREAM_IDS),
-    when not empty, lists those a request may name besides `default`."""
+    when not empty, is every datastream an event may go to, the default included only if listed: otherwise a replayed
+    webhook could reach the default by leaving out the `?datastreamId=` its sender signed the body for."""
     if candidate is None or candidate == "":
+        if allowed and default not in allowed:
+            raise InvalidEvent([{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}])
         return default
     if not DATASTREAM_ID_RE.fullmatch(candidate):
         raise InvalidEvent([{"path": "datastreamId", "message": "must be a datastream id (letters, digits, -_:.)"}])
-    if allowed and candidate != default and candidate not in allowed:
+    if allowed and candidate not in allowed:
         raise InvalidEvent([{"path": "datastreamId", "message": NOT_ALLOWED_DATASTREAM}])
     return candidate
 
 
 def datastream_for_rejection(candidate: str | None, default: str, allowed: frozenset[str] = frozenset()) -> str:
     """The datastream a rejected body is filed under: the one the request named, even when the body could not be read
-    (the datastream does not come from the body); the default when it named none, or none valid or allowed."""
+    (the datastream does not come from the body); the default when it named none, or none valid or allowed (a field of
+    the rejection only: nothing is sent there)."""
     try:
         return resolve_datastream(candidate, default, allowed)
     except InvalidEvent:

@@ -504,7 +504,7 @@ def test_a_request_replayed_first_to_an_unlisted_datastream_is_refused_and_the_g
         assert replay.json()["errors"] == [
             {
                 "path": "datastreamId",
-                "message": "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)",
+                "message": '"ds-unlisted" is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)',
             }
         ]
         # AND so is one without the query string: the default datastream is not listed

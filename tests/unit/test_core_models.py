@@ -433,7 +433,7 @@ def test_resolve_datastream_keeps_to_the_allowed_ones_when_they_are_listed() -> 
     assert info.value.errors == [
         {
             "path": "datastreamId",
-            "message": "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)",
+            "message": '"ds-b" is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)',
         }
     ]
     assert datastream_for_rejection("ds-b", "ds-default", allowed) == "ds-default"

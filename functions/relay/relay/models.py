@@ -334,7 +334,9 @@ def _deeper_than(doc: Any, limit: int) -> bool:
     return False
 
 
-NOT_ALLOWED_DATASTREAM = "is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)"
+# Names the refused datastream (a well-formed id by then, not personal data): the stored rejection is filed under the
+# default datastream, so this is where an operator reads which one a request named.
+NOT_ALLOWED_DATASTREAM = '"{}" is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)'
 DEFAULT_NOT_ALLOWED = (
     "is required: the default datastream is not one of those this relay sends to (ALLOWED_DATASTREAM_IDS)"
 )
@@ -351,7 +353,7 @@ def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[s
     if not DATASTREAM_ID_RE.fullmatch(candidate):
         raise InvalidEvent([{"path": "datastreamId", "message": "must be a datastream id (letters, digits, -_:.)"}])
     if allowed and candidate not in allowed:
-        raise InvalidEvent([{"path": "datastreamId", "message": NOT_ALLOWED_DATASTREAM}])
+        raise InvalidEvent([{"path": "datastreamId", "message": NOT_ALLOWED_DATASTREAM.format(candidate)}])
     return candidate
 
 

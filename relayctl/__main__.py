@@ -60,6 +60,10 @@ _NO_DLQ = "give --dlq-url or --stack, or set DLQ_URL"
 _DEAD_LETTERED = "failed 5 receives: redrive it once the cause is fixed"
 _NOT_SEARCHED = f"not searched ({_NO_DLQ}): it may be there"  # `deadLetterQueue` when show could not look
 _PEEK_HIDE_S = 30  # how long `show` hides the dead-letter messages it has read (it shows them again when done)
+# Long polling: a short-poll receive asks only some of SQS's servers and may answer empty while messages wait (AWS
+# documents these "false empty responses", more likely on a small queue such as a dead-letter queue), which `show`
+# and `redrive` would take for the end of the queue.
+_LONG_POLL_S = 1
 
 
 def _print(doc: Any) -> None:
@@ -79,6 +83,7 @@ def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 1000) -> dict[
                 VisibilityTimeout=_PEEK_HIDE_S,
                 MessageAttributeNames=["All"],
                 AttributeNames=["All"],
+                WaitTimeSeconds=_LONG_POLL_S,
             ).get("Messages", [])
             if not msgs:
                 return None
@@ -343,12 +348,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise SystemExit("relayctl: no queue: pass --queue-url, --stack or set QUEUE_URL")
     ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
     ids = list(args.event_ids)
+    if not ids and not args.all_rejected:
+        raise SystemExit("relayctl: name event ids or pass --all-rejected")
     if args.all_rejected:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender.
         rows = _scan_rejected(ddb, t.table)
         ids += [str(r["eventId"]) for r in rows if as_dict(r.get("error")).get("type") != INVALID_EVENT_TYPE]
     if not ids:
-        raise SystemExit("relayctl: name event ids or pass --all-rejected")
+        # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.
+        print("no Edge-rejected events to replay")
+        return 0
     failures = 0
     for event_id in dict.fromkeys(ids):
         if args.dry_run:
@@ -396,6 +405,9 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     sqs = boto3.client("sqs")
     moved, failed = 0, False
     kept: dict[str, str] = {}  # messageId -> receipt handle of a message left in the dead-letter queue
+    # Every message read and not moved (left behind, not sent, or in hand when a call failed): shown again at the end,
+    # so that `show` and a second redrive find them at once rather than a minute later.
+    held: dict[str, str] = {}
     try:
         while moved < args.max:
             msgs = sqs.receive_message(
@@ -404,9 +416,12 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                 MessageAttributeNames=["All"],
                 AttributeNames=["SentTimestamp"],
                 VisibilityTimeout=60,
+                WaitTimeSeconds=_LONG_POLL_S,
             ).get("Messages", [])
             if not msgs or all(m["MessageId"] in kept for m in msgs):
+                held.update((m["MessageId"], m["ReceiptHandle"]) for m in msgs)
                 break  # empty, or back to the messages it leaves behind: one pass is done
+            held.update((m["MessageId"], m["ReceiptHandle"]) for m in msgs)
             copies = [(str(i), m, _moved(m)) for i, m in enumerate(msgs)]
             for _, m, attrs in copies:
                 if attrs is None and m["MessageId"] not in kept:
@@ -428,7 +443,11 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             deleted = 0
             if done:  # delete only what reached the queue: a failed send stays in the DLQ
                 answer = sqs.delete_message_batch(QueueUrl=t.dlq_url, Entries=done)
-                deleted = len(answer.get("Successful", []))
+                gone = {d["Id"] for d in answer.get("Successful", [])}
+                deleted = len(gone)
+                for i, m in enumerate(msgs):
+                    if str(i) in gone:
+                        held.pop(m["MessageId"], None)
             moved += deleted
             if deleted < len(done):
                 print(
@@ -442,7 +461,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                 failed = True
                 break
     finally:
-        _show_again(sqs, t.dlq_url, list(kept.values()))  # `show` and the next redrive find them at once
+        _show_again(sqs, t.dlq_url, list(held.values()))
     print(f"moved {moved} message(s) from the dead-letter queue to the queue")
     return 1 if failed or kept else 0
 
@@ -473,8 +492,9 @@ def _pairs(value: Any) -> list[tuple[Any, Any]]:
 
 
 def _names(request: Any, namespace: str, identity: str) -> bool:
-    """Whether a stored request carries `identity` under `namespace` in an identity map (`{namespace: [{"id": ...}]}`
-    anywhere in it, a repeated key included). A stored text that is not JSON (a cut-off body) counts when it holds
+    """Whether a stored request carries `identity` under `namespace` in an identity map (`{namespace: [{"id": ...}]}`,
+    or a malformed `{namespace: {"id": ...}}` or `{namespace: [...]}` of bare values, anywhere in it, a repeated key
+    included). A stored text that is not JSON (a cut-off body) counts when it holds
     both as JSON strings."""
     doc = request
     if isinstance(request, str):
@@ -486,8 +506,11 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     while stack:
         node = stack.pop()
         for key, value in _pairs(node):
-            if key == namespace and isinstance(value, list):
-                if any(("id", identity) in _pairs(item) for item in value):
+            if key == namespace:
+                # The usual `[{"id": ...}]`, and the shapes a body refused for its identity map may have instead:
+                # `{"id": ...}` or `[...]` of bare values. The namespace key anchors each.
+                items = [value] if isinstance(value, _Pairs | dict) else value if isinstance(value, list) else []
+                if any(item == identity or ("id", identity) in _pairs(item) for item in items):
                     return True
             stack.append(value)
         if isinstance(node, list) and not isinstance(node, _Pairs):

@@ -9,6 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from relay import codec
 from relay.errors import EventIdReused, PayloadTooLarge
 from relay.models import iso_millis
@@ -789,3 +790,119 @@ def test_show_explains_a_dead_lettered_event_that_has_no_stored_result(
         "dead-lettered",
         "failed 5 receives: redrive it once the cause is fixed",
     )
+
+
+# -- review of the operator tooling (fifteenth landing) ---------------------------------------------------------------
+
+
+def dead_letters(n: int) -> tuple[Any, str, str]:
+    real = boto3.client("sqs")
+    dlq = real.create_queue(QueueName="dlq")["QueueUrl"]
+    queue = real.create_queue(QueueName="q")["QueueUrl"]
+    for k in range(n):
+        real.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": f"e{k}"}}}))
+    return real, dlq, queue
+
+
+def dlq_counts(real: Any, dlq: str) -> tuple[int, int]:
+    attrs = real.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+@pytest.mark.parametrize("failure", ["one entry refused", "call refused"])
+def test_redrive_shows_again_at_once_what_it_could_not_move(
+    aws: None, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    # GIVEN 3 dead letters, and a queue that refuses one entry of a batch, or (throttled) the whole call
+    real, dlq, queue = dead_letters(3)
+
+    class Refusing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+            entries = kwargs["Entries"]
+            if failure == "call refused":
+                raise ClientError({"Error": {"Code": "RequestThrottled", "Message": "slow down"}}, "SendMessageBatch")
+            answer: dict[str, Any] = real.send_message_batch(**{**kwargs, "Entries": entries[1:]})
+            answer["Failed"] = [{"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}]
+            return answer
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: Refusing())
+    args = ["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"]
+
+    # WHEN redrive runs and fails
+    assert relayctl_main.main(args) == (1 if failure == "one entry refused" else 2)
+
+    # THEN what it did not move is visible in the dead-letter queue at once, not a minute later, so that a second run
+    # (the runbook's retry) moves it rather than report "moved 0"
+    left = 1 if failure == "one entry refused" else 3
+    assert dlq_counts(real, dlq) == (left, 0)
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: real)
+    assert relayctl_main.main(args) == 0
+    assert dlq_counts(real, dlq) == (0, 0)
+
+
+class ShortPollingSqs:
+    """SQS as a short-poll receive may answer on a small queue: empty the first time (AWS's "false empty response"),
+    unless the receive long-polls (WaitTimeSeconds > 0), which asks every server."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.short_polls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def receive_message(self, **kwargs: Any) -> dict[str, Any]:
+        if not kwargs.get("WaitTimeSeconds") and self.short_polls == 0:
+            self.short_polls += 1
+            return {}
+        return dict(self.real.receive_message(**kwargs))
+
+
+def test_show_and_redrive_long_poll_rather_than_take_a_false_empty_answer_for_the_end(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN one dead letter, on an SQS that answers a first short poll empty
+    real, dlq, queue = dead_letters(1)
+
+    # WHEN show looks for it, THEN it finds it
+    assert _peek_dlq(ShortPollingSqs(real), dlq, "e0") is not None
+
+    # WHEN redrive runs, THEN it moves it
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: ShortPollingSqs(real))
+    assert relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"]) == 0
+    assert dlq_counts(real, dlq) == (0, 0)
+
+
+def test_replay_all_rejected_with_nothing_to_replay_says_so_and_succeeds(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a table with only the relay's own refusal (nothing Edge rejected)
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    relay_own = codec.encode_json({"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400})
+    ddb.put_item(TableName="t", Item={**rejected_item("relay-1"), "error": relay_own})
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN every rejected event is to be replayed (a second run of the runbook step finds the same)
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "replay", "--all-rejected"])
+
+    # THEN nothing is sent, it says so, and that is not a usage error
+    assert (code, capsys.readouterr().out.strip()) == (0, "no Edge-rejected events to replay")
+    with pytest.raises(SystemExit, match="name event ids or pass --all-rejected"):
+        relayctl_main.main(["--table", "t", "--queue-url", queue, "replay"])
+
+
+@pytest.mark.parametrize(
+    ("request_doc", "found"),
+    [
+        ({"event": {"xdm": {"identityMap": {"Email": {"id": "alice@example.com"}}}}}, True),  # not an array
+        ({"event": {"xdm": {"identityMap": {"Email": ["alice@example.com"]}}}}, True),  # bare values
+        ({"event": {"xdm": {"identityMap": {"Email": ["mallory@example.com"]}}}}, False),
+        ({"event": {"xdm": {"identityMap": {"Phone": {"id": "alice@example.com"}}}}}, False),  # another namespace
+    ],
+)
+def test_forget_finds_the_identity_in_a_body_refused_for_its_identity_maps_shape(request_doc: Any, found: bool) -> None:
+    assert _names(request_doc, "Email", "alice@example.com") is found

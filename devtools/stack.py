@@ -7,6 +7,7 @@ and a background SQS poller until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -131,20 +132,23 @@ class LocalStack:
             raise errors[0]
 
     def stop(self) -> None:
-        """Stop every gateway, poller and server this stack started, and restore the environment."""
-        errors: list[BaseException] = []
-        try:
-            self.stop_triggers()
-        except Exception as err:
-            errors.append(err)
-        if self.sim_client is not None:
-            self.sim_client.close()
-            self.sim_client = None
-        self.moto.stop()
-        self.sim.stop()
-        self.restore_env()
-        if errors:
-            raise errors[0]
+        """Stop every gateway, poller and server this stack started, and restore the environment.
+
+        Every step runs even when one before it fails or is interrupted (a test's timeout arrives as an exception in
+        whatever step is running): the environment first, since a stack stopped halfway must never leave later tests
+        talking to its dead servers. Once all have run, the last error is raised, with any earlier one as its context.
+        """
+        with contextlib.ExitStack() as steps:  # callbacks run last-in first-out, each whatever the others raise
+            steps.callback(self.sim.stop)
+            steps.callback(self.moto.stop)
+            steps.callback(self._close_sim_client)
+            steps.callback(self.stop_triggers)
+            steps.callback(self.restore_env)
+
+    def _close_sim_client(self) -> None:
+        client, self.sim_client = self.sim_client, None
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> LocalStack:
         return self.start()

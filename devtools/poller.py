@@ -175,6 +175,11 @@ class QueuePoller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = threading.Lock()
+        # pending() callers waiting for `_busy`: the polling thread lets them in before its next poll. A Lock is not
+        # fair, and a thread that releases it and takes it again at once nearly always wins; the soak's progress
+        # loop once waited 94 s for one count while this poller long-polled an empty queue over and over.
+        self._counting = 0
+        self._counted = threading.Condition()
 
     # ------------------------------------------------------------------------------------ polling
 
@@ -265,9 +270,16 @@ class QueuePoller:
         runs. One request for all three can miss a message: moto computes them one after another, and a message
         whose visibility timeout ends in between counts as neither "visible" (read first) nor "not visible".
         """
-        with self._busy:
-            hidden = self._counts("ApproximateNumberOfMessagesDelayed", "ApproximateNumberOfMessagesNotVisible")
-            return hidden + self._counts("ApproximateNumberOfMessages")
+        with self._counted:
+            self._counting += 1
+        try:
+            with self._busy:
+                hidden = self._counts("ApproximateNumberOfMessagesDelayed", "ApproximateNumberOfMessagesNotVisible")
+                return hidden + self._counts("ApproximateNumberOfMessages")
+        finally:
+            with self._counted:
+                self._counting -= 1
+                self._counted.notify_all()
 
     def _counts(self, *names: str) -> int:
         attrs = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=list(names))["Attributes"]
@@ -302,6 +314,8 @@ class QueuePoller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            with self._counted:  # a count asked for meanwhile goes first (bounded: a count is two requests)
+                self._counted.wait_for(lambda: self._counting == 0, timeout=5.0)
             try:
                 self.poll_once()
             except Exception:

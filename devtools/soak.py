@@ -16,13 +16,15 @@ What runs (all on loopback, in this process except moto):
 After the queue drains, every generated eventId is looked up (its ``EVENT#<id>``/``RESULT`` item, the
 dead-letter queue, the queue) and classified. The table printed at the end is what ``docs/soak.md``
 records. Exit status 1 when an event is missing or Edge answered 200 twice for one event for a reason
-other than a lost answer (timeout) or a DynamoDB failure after the answer (both expected: at-least-once,
-and Edge dedupes by ``xdm._id``).
+other than a lost answer (timeout), a DynamoDB failure after the answer, or an invocation that outlived the function
+timeout (a stalled machine: Lambda would have ended it). All three are expected: at-least-once, and Edge dedupes by
+``xdm._id``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import heapq
 import json
@@ -192,6 +194,25 @@ def _xdm_id(data: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _invocation_event_ids(event: dict[str, Any]) -> set[str]:
+    """Every id an invocation's events may go to Edge under: ``xdm._id``, else the webhook-id or SQS messageId."""
+    ids: set[str] = set()
+    records = event.get("Records")
+    if isinstance(records, list):  # SQS
+        for record in records:
+            attr = ((record.get("messageAttributes") or {}).get("eventId") or {}).get("stringValue")
+            found = (attr, _xdm_id(record.get("body") or ""), record.get("messageId"))
+            ids.update(c for c in found if isinstance(c, str) and c)
+        return ids
+    body = event.get("body") or ""
+    if event.get("isBase64Encoded"):
+        body = base64.b64decode(body)
+    headers = {str(k).lower(): v for k, v in (event.get("headers") or {}).items()}
+    candidates = (_xdm_id(body), headers.get("webhook-id"))
+    ids.update(c for c in candidates if isinstance(c, str) and c)
+    return ids
+
+
 class Tracer:
     """What the relay itself saw: Edge answers per xdm._id, and DynamoDB writes that failed after an Edge 200.
 
@@ -206,6 +227,31 @@ class Tracer:
         self.client_errors: Counter[str] = Counter()  # timeouts and connection failures, by exception type
         self.ddb_failed_after_ok: Counter[str] = Counter()  # per xdm._id: a result/state write failed after a 200
         self.ddb_failed_writes: Counter[str] = Counter()  # writes that failed after botocore's retries, by operation
+        self.overran: Counter[str] = Counter()  # per event id: invocations with it that outlived the function timeout
+        self.overran_invocations = 0
+        self.longest_invocation = 0.0
+
+    def timed(self, handler: Callable[[dict[str, Any], Any], Any], timeout_s: float) -> Callable[[Any, Any], Any]:
+        """``handler``, noting every invocation that ran longer than the function timeout, and the ids it carried.
+
+        Lambda ends such an invocation, and its records come back: an Edge call made again for one of them is the
+        at-least-once redelivery the contract allows. Here nothing ends it (threads cannot be stopped), so a stalled
+        machine lets its lease lapse while it still works, and the event's next attempt calls Edge again.
+        """
+
+        def invoke(event: dict[str, Any], context: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return handler(event, context)
+            finally:
+                took = time.monotonic() - started
+                with self._lock:
+                    self.longest_invocation = max(self.longest_invocation, took)
+                    if took > timeout_s:
+                        self.overran_invocations += 1
+                        self.overran.update(_invocation_event_ids(event))
+
+        return invoke
 
     def edge_call(self, xdm_id: str | None) -> None:
         self._local.last_ok = None
@@ -278,18 +324,18 @@ class TracingSession(requests.Session):
 class RuntimePool:
     """Gateway handler: each request takes a free execution environment (a Runtime), like Lambda concurrency."""
 
-    def __init__(self, runtimes: list[Any], function_timeout: float) -> None:
-        self._free: queue.Queue[Any] = queue.Queue()
-        for runtime in runtimes:
-            self._free.put(runtime)
+    def __init__(self, handlers: list[Callable[[dict[str, Any], Any], Any]], function_timeout: float) -> None:
+        self._free: queue.Queue[Callable[[dict[str, Any], Any], Any]] = queue.Queue()
+        for handler in handlers:
+            self._free.put(handler)
         self._timeout = function_timeout
 
     def __call__(self, event: dict[str, Any], context: Any) -> Any:
-        runtime = self._free.get()
+        handler = self._free.get()
         try:
-            return runtime.handle(event, new_context(self._timeout))  # the clock starts when an environment runs it
+            return handler(event, new_context(self._timeout))  # the clock starts when an environment runs it
         finally:
-            self._free.put(runtime)
+            self._free.put(handler)
 
 
 # --------------------------------------------------------------------------------------------------- producers
@@ -529,6 +575,7 @@ def account(
     unsent: list[Send],
     duration: float,
     drained: bool,
+    function_timeout: float,
 ) -> SoakReport:
     expected: dict[str, str] = {}  # eventId -> kind of its first generated send
     by_trigger: Counter[str] = Counter()
@@ -586,7 +633,7 @@ def account(
     interact = [e for e in edge_log if "/interact" in str(e.get("path"))]
     ok_by_id: Counter[str] = Counter(str(e["xdm_id"]) for e in interact if e.get("status") in (200, 207))
     faults: Counter[str] = Counter(str(e.get("fault")).removeprefix("chaos:") for e in interact if e.get("fault"))
-    dup_timeout = dup_ddb = 0
+    dup_timeout = dup_ddb = dup_overran = 0
     other: dict[str, int] = {}
     for xdm_id, oks in ok_by_id.items():
         extra = oks - 1
@@ -596,10 +643,12 @@ def account(
         by_timeout = min(extra, unseen)
         rest = extra - by_timeout
         by_ddb = min(rest, tracer.ddb_failed_after_ok.get(xdm_id, 0))
+        by_overran = min(rest - by_ddb, tracer.overran.get(xdm_id, 0))
         dup_timeout += by_timeout
         dup_ddb += by_ddb
-        if rest - by_ddb > 0:
-            other[xdm_id] = rest - by_ddb
+        dup_overran += by_overran
+        if rest - by_ddb - by_overran > 0:
+            other[xdm_id] = rest - by_ddb - by_overran
     delivered = outcome["delivered"]
 
     def per_delivered(n: float) -> str:
@@ -633,9 +682,16 @@ def account(
         ("stray result items (eventId not generated)", str(len(stray))),
         ("Edge calls total", str(len(interact))),
         ("Edge calls per delivered event", per_delivered(len(interact))),
-        ("duplicate Edge calls (same _id answered 200 twice)", str(dup_timeout + dup_ddb + sum(other.values()))),
+        (
+            "duplicate Edge calls (same _id answered 200 twice)",
+            str(dup_timeout + dup_ddb + dup_overran + sum(other.values())),
+        ),
         ("  after a timeout/dropped answer (expected: at-least-once; Adobe dedupes by _id)", str(dup_timeout)),
         ("  after a DynamoDB write failed past botocore's retries (expected: record redelivered)", str(dup_ddb)),
+        (
+            "  after an invocation outlived the function timeout (Lambda would have ended it; redelivered)",
+            str(dup_overran),
+        ),
         ("  other (must be 0)", str(sum(other.values()))),
         ("DynamoDB write requests per delivered event", per_delivered(writes)),
         (
@@ -659,6 +715,10 @@ def account(
         ),
         ("IMS token requests", str(sim_stats.get("ims_requests", 0))),
         ("webhooks given up by the sender / SQS sends failed", f"{len(gave_up)} / {len(unsent)}"),
+        (
+            "invocations longer than the function timeout (longest)",
+            f"{tracer.overran_invocations}  ({tracer.longest_invocation:.1f} s; timeout {function_timeout:.0f} s)",
+        ),
         ("duration", f"{duration:.0f} s ({generated / duration:.1f} events/s)" if duration else "-"),
     ]
     counts = {
@@ -673,6 +733,7 @@ def account(
         "edge_calls": len(interact),
         "dup_timeout": dup_timeout,
         "dup_ddb": dup_ddb,
+        "dup_overran": dup_overran,
         "dup_other": sum(other.values()),
         "ddb_writes": writes,
         "duplicate_ids": len(duplicate_ids),
@@ -764,9 +825,10 @@ def _run(
         return Runtime(settings, clients=clients, session=TracingSession(tracer, settings.batch_concurrency))
 
     res = stack.resources
-    pool = RuntimePool([new_runtime() for _ in range(cfg.gateway_runtimes)], res.function_timeout)
+    timeout = res.function_timeout
+    pool = RuntimePool([tracer.timed(new_runtime().handle, timeout) for _ in range(cfg.gateway_runtimes)], timeout)
     gateway = stack.gateway(pool)
-    pollers = [stack.poller(new_runtime().handle) for _ in range(cfg.pollers)]
+    pollers = [stack.poller(tracer.timed(new_runtime().handle, timeout)) for _ in range(cfg.pollers)]
     stack.sim.set_chaos(cfg.fault_rate, seed=cfg.seed, slow_delay=cfg.slow_delay, retry_after_max=cfg.retry_after_max)
     for send in sends:
         if send.kind == "poison" and not send.duplicate and send.event_id:
@@ -835,6 +897,7 @@ def _run(
         unsent=[*producer.failed, *(s for s in sqs_sends if s.message_id is None and s not in producer.failed)],
         duration=duration,
         drained=drained,
+        function_timeout=res.function_timeout,
     )
     return report
 

@@ -1,11 +1,15 @@
 """The soak test (devtools/soak.py) at a few hundred events: same code as ``make soak``.
 
-Its time is not asserted: it took 67 to 130 s on one shared 2-core machine within an hour (the poison events' five
-receives set the pace), and a timed assertion on such machines fails for the machine, not the relay. What bounds
-it is the soak's own deadline (sending 60 s + draining 60 s) and the pytest timeout; every event must still be
-accounted for, whether the queue drained early or the deadline came first."""
+Its time is not asserted. It took 67 to 150 s on one shared 2-core machine, 235 s once under load, and about 290 s
+on a CI machine: most of that was its progress loop waiting for a queue count while a poller took its lock back over
+and over (devtools/poller.py now lets the count in first; since then, about 30 s here). A timed assertion on such
+machines fails for the machine, not the relay. What bounds it is the soak's own deadline (sending 240 s + draining
+240 s; it stops as soon as the queue has drained) and the pytest timeout above both; every event must still be
+accounted for. Its progress lines go to stderr, which pytest shows when the test fails, timeouts included."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 
@@ -14,7 +18,7 @@ from devtools.soak import SoakConfig, run_soak
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_small_soak_accounts_for_every_event() -> None:
     cfg = SoakConfig(
         events=300,
@@ -26,12 +30,15 @@ def test_small_soak_accounts_for_every_event() -> None:
         webhook_senders=8,
         gateway_runtimes=4,
         pollers=2,
-        send_timeout=60,
-        drain_timeout=60,
+        send_timeout=240,
+        drain_timeout=240,
         progress=False,
     )
-    lines: list[str] = []
-    report = run_soak(cfg, out=lines.append)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.__stderr__, flush=True)  # the soak swaps sys.stdout for its log file while it runs
+
+    report = run_soak(cfg, out=progress)
     table = report.table()
     print(table)
 

@@ -242,3 +242,38 @@ def test_pending_counts_a_message_whose_visibility_timeout_ends_while_counting(t
     poller = QueuePoller(Recorder(), sqs, "q", arn, batch_size=10, batching_window=0, function_timeout=30)
     # THEN pending() still counts it, so drain() cannot stop while it is about to come back
     assert poller.pending() >= 1
+
+
+class EmptyQueueLongPolling:
+    """An SQS stand-in for an empty queue whose receives each wait a little, like a long poll; counts are 0."""
+
+    def __init__(self) -> None:
+        self.receives = 0
+        self.receives_at_count: list[int] = []
+
+    def receive_message(self, **_: Any) -> dict[str, Any]:
+        self.receives += 1
+        time.sleep(0.02)
+        return {}
+
+    def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:  # noqa: N803
+        self.receives_at_count.append(self.receives)
+        return {"Attributes": dict.fromkeys(AttributeNames, "0")}
+
+
+def test_a_count_asked_for_while_the_poller_polls_waits_for_at_most_the_poll_under_way() -> None:
+    # GIVEN a background poller receiving from an empty queue without pause (a Lock is not fair: the polling thread
+    # took it back at once, and a count once waited 94 s in the soak)
+    sqs = EmptyQueueLongPolling()
+    arn = "arn:aws:sqs:us-east-1:123456789012:q"
+    poller = QueuePoller(Recorder(), sqs, "q", arn, batch_size=10, batching_window=0, function_timeout=30)
+    with poller:
+        while sqs.receives < 3:  # polling under way
+            time.sleep(0.01)
+        for _ in range(5):
+            asked_at = sqs.receives
+            # WHEN a count is asked for
+            assert poller.pending() == 0
+            # THEN it ran right after the receive under way when it was asked (one more if the poller began one
+            # between reading `asked_at` and asking)
+            assert sqs.receives_at_count[-1] - asked_at <= 2

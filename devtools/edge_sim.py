@@ -311,6 +311,7 @@ class _Ctx:
     query: dict[str, str]
     headers: dict[str, str]
     raw: bytes
+    arrived_at: float = 0.0  # wall-clock time the request line was read (the log's "time")
     body: Any = None
     xdm_id: str | None = None
     datastream: str | None = None
@@ -628,7 +629,7 @@ class EdgeSimulator(LoopbackService):
 
     # ---- IMS ---------------------------------------------------------------------------------------------------
 
-    def _handle_ims(self, query: dict[str, str], headers: dict[str, str], raw: bytes) -> _Reply:
+    def _handle_ims(self, query: dict[str, str], headers: dict[str, str], raw: bytes, arrived_at: float) -> _Reply:
         form = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True).items()}
         params = {**query, **form}
         logged = dict(params)
@@ -646,7 +647,7 @@ class EdgeSimulator(LoopbackService):
             "request_id": None,
             "fault": None,
             "hint_mismatch": False,
-            "time": time.time(),
+            "time": arrived_at,
         }
         with self._lock:
             self._counters["ims_requests"] += 1
@@ -701,7 +702,7 @@ class EdgeSimulator(LoopbackService):
             "request_id": ctx.request_id,
             "fault": None,
             "hint_mismatch": False,
-            "time": time.time(),
+            "time": ctx.arrived_at,
         }
         with self._lock:
             self._counters[f"{action}_requests"] += 1
@@ -1160,6 +1161,7 @@ class _Handler(LoopbackHandler):
     server_version = "EdgeSimulator/1.0"
     timeout = 300  # idle keep-alive connections are closed after this many seconds
     _arrived = 0.0  # when the request line was read (`parse_request`)
+    _arrived_at = 0.0  # the same, wall-clock
     _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's: where send_header puts the lines end_headers writes
 
     @property
@@ -1208,6 +1210,9 @@ class _Handler(LoopbackHandler):
         # Called as soon as the request line is read: the request has arrived, and the simulator's own work from here
         # on (headers, body, the answer) is part of its latency.
         self._arrived = time.monotonic()
+        # The log's "time": when the request came, not when its body had been read. A stall of this thread while
+        # reading would otherwise put a call later than it came, and two calls closer than the latency between them.
+        self._arrived_at = time.time()
         return super().parse_request()
 
     def _dispatch(self, method: str) -> None:
@@ -1237,10 +1242,12 @@ class _Handler(LoopbackHandler):
                 return
             latency = sim._latency_now()
             if path == _IMS_PATH:
-                reply = sim._handle_ims(query, headers, raw)
+                reply = sim._handle_ims(query, headers, raw, self._arrived_at)
             else:
                 assert match is not None
-                ctx = _Ctx(path=path, hint=match["hint"], query=query, headers=headers, raw=raw)
+                ctx = _Ctx(
+                    path=path, hint=match["hint"], query=query, headers=headers, raw=raw, arrived_at=self._arrived_at
+                )
                 reply = sim._handle_edge(path, match["hint"], match["action"], ctx)
             if reply.drop or reply.truncate:
                 self._pause(arrived, latency + reply.delay)

@@ -7,6 +7,7 @@ import email.utils
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -606,3 +607,20 @@ def test_an_http_0_9_request_gets_its_answer_without_headers(sim: EdgeSimulator)
 
     # THEN the body alone comes back (the simulator renders answers before its latency pause)
     assert json.loads(answer)["ok"] is True
+
+
+def test_the_log_time_is_when_the_request_came_not_when_its_body_was_read(sim: EdgeSimulator, token: str) -> None:
+    # GIVEN a call whose body comes 1 s after its request line and headers (as if the simulator's thread stalled
+    # between them: the log's times are what tests compare with Edge's latency)
+    body = json.dumps(make_event("evt-slow-body")).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in edge_headers(token).items())
+    request = f"POST /ee/v2/interact?datastreamId=ds-local HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n"
+    with socket.create_connection((sim.host, sim.port), timeout=10) as conn:
+        conn.sendall(request.encode() + b"\r\n")
+        time.sleep(1.0)
+        body_sent_at = time.time()
+        conn.sendall(body)
+        assert conn.recv(12).startswith(b"HTTP/1.")
+    # THEN the call is logged at its arrival, before the body was sent
+    (entry,) = [e for e in sim.requests_log() if e["xdm_id"] == "evt-slow-body"]
+    assert entry["time"] < body_sent_at

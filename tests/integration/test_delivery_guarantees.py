@@ -285,10 +285,12 @@ def test_429_with_retry_after_as_http_date_waits_until_that_date(clean_stack: Lo
     event_id = f"evt-{uuid.uuid4()}"
     stack.sim.add_fault(match_id=event_id, status=429, retry_after=3, retry_after_http_date=True, times=1)
     clock = SkipClock()  # follows real time, so the date compares with the real now; sleeps are skipped
+    runtime = new_runtime(clock)
+    warm_up(stack, runtime)  # secrets and token held: the time below is the two calls', not a cold start's
 
     # WHEN the function gets it
     started = time.monotonic()
-    answer = new_runtime(clock).handle(batch(record(stack, interact_event(event_id))), new_context(30))
+    answer = runtime.handle(batch(record(stack, interact_event(event_id))), new_context(30))
 
     # THEN it waited until the date (2-3 s after the answer), on the injected clock, then delivered
     assert answer == failures()
@@ -299,26 +301,27 @@ def test_429_with_retry_after_as_http_date_waits_until_that_date(clean_stack: Lo
 
 def test_retry_budget_fits_the_lambdas_remaining_time_with_retry_after(clean_stack: LocalStack) -> None:
     stack = clean_stack
-    # GIVEN Edge answers 503 with `Retry-After: 1` forever, 3 s left in the invocation, a 0.5 s safety margin
+    # GIVEN Edge answers 503 with `Retry-After: 1` forever, 4 s left in the invocation, a 1.5 s safety margin (2.5 s
+    # for Edge; the margin, 0.5 s before, was a loaded machine's whole slack for storing the outcome and returning)
     event_id = f"evt-{uuid.uuid4()}"
     stack.sim.add_fault(match_id=event_id, status=503, retry_after=1)
     msg = record(stack, interact_event(event_id))
 
-    runtime = new_runtime(SAFETY_MARGIN_MS="500")
+    runtime = new_runtime(SAFETY_MARGIN_MS="1500")
     warm_up(stack, runtime)
 
     # WHEN the function gets the event
     started = time.time()
-    answer = runtime.handle(batch(msg), new_context(3))
+    answer = runtime.handle(batch(msg), new_context(4))
     elapsed = time.time() - started
 
-    # THEN it tried about every second (t=0, 1, 2 s), stopped when the next wait would not fit in 3 - 0.5 s,
+    # THEN it tried about every second (t=0, 1, 2 s), stopped when the next wait would not fit in 4 - 1.5 s,
     # and returned before the Lambda's deadline
     calls = edge_requests(stack, event_id)
     assert [c["status"] for c in calls] in ([503, 503], [503, 503, 503])
     assert all(c["time"] - started < 2.5 for c in calls)
     assert all(b["time"] - a["time"] >= 1.0 for a, b in zip(calls, calls[1:], strict=False))
-    assert elapsed < 3.0
+    assert elapsed < 4.0
     assert answer == failures(msg["messageId"])
     item = stack.result(event_id)
     assert (item["status"], item["lastError"]) == ("queued", "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503")
@@ -352,21 +355,21 @@ def test_a_queued_result_holds_the_latest_attempts_retry_after_only(clean_stack:
 
 def test_retry_budget_caps_a_slow_answer_by_the_lambdas_remaining_time(clean_stack: LocalStack) -> None:
     stack = clean_stack
-    # GIVEN Edge takes 4 s to answer, while the invocation has 3 s left (0.5 s safety margin)
+    # GIVEN Edge takes 5 s to answer, while the invocation has 4 s left (1.5 s safety margin: 2.5 s for Edge)
     event_id = f"evt-{uuid.uuid4()}"
-    stack.sim.add_fault(match_id=event_id, delay=4)
+    stack.sim.add_fault(match_id=event_id, delay=5)
     msg = record(stack, interact_event(event_id))
 
-    runtime = new_runtime(SAFETY_MARGIN_MS="500")
+    runtime = new_runtime(SAFETY_MARGIN_MS="1500")
     warm_up(stack, runtime)
 
     # WHEN the function gets the event
     started = time.time()
-    answer = runtime.handle(batch(msg), new_context(3))
+    answer = runtime.handle(batch(msg), new_context(4))
     elapsed = time.time() - started
 
     # THEN each attempt's timeouts were cut to what was left: the handler returns before the Lambda's deadline
-    assert elapsed < 3.0
+    assert elapsed < 4.0
     assert answer == failures(msg["messageId"])
     calls = edge_requests(stack, event_id)
     assert calls and all(c["time"] - started < 2.5 for c in calls)
@@ -376,19 +379,19 @@ def test_retry_budget_caps_a_slow_answer_by_the_lambdas_remaining_time(clean_sta
 
 def test_retry_budget_includes_the_ims_token_request(clean_stack: LocalStack) -> None:
     stack = clean_stack
-    # GIVEN a cold execution environment (no token yet), IMS taking 6 s to answer, 3 s left in the invocation
+    # GIVEN a cold execution environment (no token yet), IMS taking 6 s to answer, 4 s left in the invocation
     stack.sim.add_fault(match_path="/ims/token/v3", delay=6)
     event_id = f"evt-{uuid.uuid4()}"
     msg = record(stack, interact_event(event_id))
-    runtime = new_runtime(SAFETY_MARGIN_MS="500")
+    runtime = new_runtime(SAFETY_MARGIN_MS="1500")
 
     # WHEN the function gets an event
     started = time.time()
-    answer = runtime.handle(batch(msg), new_context(3))
+    answer = runtime.handle(batch(msg), new_context(4))
     elapsed = time.time() - started
 
     # THEN it gives up on the token in time and hands the record back, before the Lambda's deadline
-    assert elapsed < 3.0, f"the invocation ran {elapsed:.1f} s with 3 s left: Lambda would have killed it"
+    assert elapsed < 4.0, f"the invocation ran {elapsed:.1f} s with 4 s left: Lambda would have killed it"
     assert answer == failures(msg["messageId"])
 
 
@@ -526,8 +529,10 @@ def test_a_request_replayed_first_to_an_unlisted_datastream_is_refused_and_the_g
 def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN Edge takes 8 s to answer this event; the webhook deadline is the default 5 s; a warm environment
-    gw = stack.gateway(new_runtime().handle)
+    runtime = new_runtime()
+    gw = stack.gateway(runtime.handle)
     assert post(gw, stack, interact_event()).status_code == 200
+    runtime.clients["sqs"]  # built on first use, here inside the 0.75 s enqueue reserve the bound below includes
     msg_id = f"msg_{uuid.uuid4().hex}"
     stack.sim.add_fault(match_id=msg_id, delay=8)
 

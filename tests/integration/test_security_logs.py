@@ -75,8 +75,9 @@ def test_logs_and_answers_never_carry_secrets_tokens_bodies_identities_or_state(
     stack = clean_stack
     sim = stack.sim
     env = dict(os.environ)
-    # A short webhook deadline so the Edge-unavailable path (retries, then 202) is quick.
-    runtime = Runtime(load_settings({**env, "WEBHOOK_DEADLINE_MS": "1500"}))
+    # A short webhook deadline so the Edge-unavailable path (retries, then 202) is quick, yet long enough (2.25 s for
+    # Edge) that a delivered event's call, on a cold or loaded runtime, is not queued instead (it was 1500: 0.75 s).
+    runtime = Runtime(load_settings({**env, "WEBHOOK_DEADLINE_MS": "3000"}))
     # A retry queue that does not exist: the fallback enqueue fails (503).
     broken_queue = Runtime(
         load_settings({**env, "WEBHOOK_DEADLINE_MS": "1000", "RETRY_QUEUE_URL": "http://127.0.0.1:9/q"})

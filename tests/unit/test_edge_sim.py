@@ -178,9 +178,9 @@ def test_expired_token_then_fresh_token(sim: EdgeSimulator, client: SimulatorCli
     assert_problem(interact(sim, old), 401, "EXEG-0503-401")
     new = requests.post(sim.ims_url, data=ims_form(), timeout=5).json()["access_token"]
     assert interact(sim, new).status_code == 200
-    short = sim.issue_token(ttl=0.2)
+    short = sim.issue_token(ttl=2.0)  # long enough to be used at once on a loaded machine
     assert interact(sim, short).status_code == 200
-    time.sleep(0.25)
+    time.sleep(2.1)
     assert_problem(interact(sim, short), 401, "EXEG-0503-401")
 
 
@@ -544,7 +544,7 @@ def test_concurrent_requests_with_latency(sim: EdgeSimulator, token: str) -> Non
         codes = list(pool.map(lambda i: interact(sim, token, make_event(f"e{i}")).status_code, range(40)))
     elapsed = time.monotonic() - start
     assert codes == [200] * 40
-    assert elapsed < 2.5, elapsed  # 40 x 0.3 s would take 12 s if answers were serialised
+    assert elapsed < 6.0, elapsed  # 40 x 0.3 s would take 12 s if answers were serialised
     assert sim.stats()["interact_requests"] == 40
 
 

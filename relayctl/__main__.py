@@ -524,6 +524,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
     when events are still waiting (any of them may store it again) or when nothing was found."""
     t = _targets(args)
     key: bytes | None = None
+    if t.identity_key_secret and args.no_identity_key:
+        # An erasure under the wrong ids finds nothing and says "nothing found": refuse to guess which one is wrong.
+        raise SystemExit(
+            "relayctl: --no-identity-key, but an identity key secret is named (--identity-key-secret, the stack's "
+            "IdentityKeySecretArn or IDENTITY_KEY_SECRET_ID): drop one, or the ids searched for may not be the "
+            "table's"
+        )
     if t.identity_key_secret:
         # The function's own reader of the key, with its checks: the same bytes, or a clear refusal.
         credentials = CredentialsStore(

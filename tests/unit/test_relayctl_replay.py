@@ -719,6 +719,7 @@ def test_forget_reads_the_table_with_strongly_consistent_reads(monkeypatch: pyte
             return Paginator()
 
     monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **_: Table())
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)  # a deployment without an identity key
 
     # WHEN the operator forgets an identity
     code = relayctl_main.main(
@@ -733,6 +734,30 @@ def test_forget_reads_the_table_with_strongly_consistent_reads(monkeypatch: pyte
     assert all(kwargs.get("ConsistentRead") is True for _, kwargs in reads)
     assert code == 1  # nothing found
     assert "nothing found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("named", ["flag", "environment"])
+def test_forget_refuses_no_identity_key_when_an_identity_key_secret_is_named(
+    named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN an identity key secret named by the flag or by IDENTITY_KEY_SECRET_ID, and a client that must not be used
+    def no_client(service: str, **_: Any) -> Any:
+        raise AssertionError(f"{service} was called")
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+    argv = ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
+    if named == "flag":
+        monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+        argv += ["--identity-key-secret", "arn:aws:secretsmanager:us-east-1:123456789012:secret:key"]
+    else:
+        monkeypatch.setenv("IDENTITY_KEY_SECRET_ID", "arn:aws:secretsmanager:us-east-1:123456789012:secret:key")
+
+    # WHEN the operator also says the deployment has none
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(argv)
+
+    # THEN nothing is read or deleted, and the conflict is named: an erasure under unkeyed ids would find nothing
+    assert "--no-identity-key, but an identity key secret is named" in str(refused.value.code)
 
 
 def test_help_says_every_command_in_whole_sentences(capsys: pytest.CaptureFixture[str]) -> None:

@@ -418,10 +418,9 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                 VisibilityTimeout=60,
                 WaitTimeSeconds=_LONG_POLL_S,
             ).get("Messages", [])
-            if not msgs or all(m["MessageId"] in kept for m in msgs):
-                held.update((m["MessageId"], m["ReceiptHandle"]) for m in msgs)
-                break  # empty, or back to the messages it leaves behind: one pass is done
             held.update((m["MessageId"], m["ReceiptHandle"]) for m in msgs)
+            if not msgs or all(m["MessageId"] in kept for m in msgs):
+                break  # empty, or back to the messages it leaves behind: one pass is done
             copies = [(str(i), m, _moved(m)) for i, m in enumerate(msgs)]
             for _, m, attrs in copies:
                 if attrs is None and m["MessageId"] not in kept:

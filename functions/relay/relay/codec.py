@@ -39,20 +39,26 @@ def dumps(value: Any) -> str:
     return text(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
+class NotAJsonNumber(ValueError):
+    """`NaN`, `Infinity` (which Python's parser accepts but JSON does not) or a number too large for a float. Its text
+    is what a sender of such a body is answered (400)."""
+
+
 def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
+    raise NotAJsonNumber(f"body is not JSON: {name} is not a JSON value")
 
 
 def _finite(number: str) -> float:
     value = float(number)
-    if not math.isfinite(value):
-        raise ValueError(f"{number[:40]} is too large for a float")
+    if not math.isfinite(value):  # 1e400 is JSON, but reads as infinity, which could only be sent on as `Infinity`
+        raise NotAJsonNumber(f"body has a number too large to read: {number[:40]}")
     return value
 
 
 # `json.loads` arguments for JSON as RFC 8259 has it: Python's parser also takes `NaN` and `Infinity`, and reads `1e999`
 # as infinity, none of which `dumps` could write back as JSON (it would write `NaN`, which strict parsers, such as
-# JavaScript's, refuse). Parsing with them raises ValueError on those.
+# JavaScript's, refuse). Parsing with them raises NotAJsonNumber (a ValueError) on those. Inbound bodies and Edge's
+# answers are both read with them.
 STRICT_JSON: dict[str, Any] = {"parse_constant": _not_json, "parse_float": _finite}
 
 

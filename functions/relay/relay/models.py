@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -180,21 +179,6 @@ def primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-class _NotAJsonNumber(ValueError):
-    """`NaN`, `Infinity` (which Python's parser accepts but JSON does not) or a number too large for a float."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _NotAJsonNumber(f"body is not JSON: {name} is not a JSON value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 is JSON, but reads as infinity, which could only be sent on as `Infinity`
-        raise _NotAJsonNumber(f"body has a number too large to read: {text[:40]}")
-    return value
-
-
 def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tuple[str, Any]:
     """Enforce the size limit (None: none; an event the relay accepted and queued itself) and parse JSON. Returns
     (text, document)."""
@@ -226,9 +210,9 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
         return found
 
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=pairs)
+        doc = json.loads(text, **codec.STRICT_JSON, object_pairs_hook=pairs)
     except (ValueError, RecursionError) as exc:
-        if isinstance(exc, _NotAJsonNumber):
+        if isinstance(exc, codec.NotAJsonNumber):
             message = str(exc)
         elif isinstance(exc, json.JSONDecodeError):
             message = f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"

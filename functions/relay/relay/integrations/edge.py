@@ -57,6 +57,15 @@ def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
     return value
 
 
+def _json_document(resp: requests.Response) -> Any:
+    """An answer's JSON, read strictly (`requests` picks its text encoding); None when it is not JSON (`NaN` too) or is
+    nested deeper than Python parses."""
+    try:
+        return resp.json(**codec.STRICT_JSON)
+    except (ValueError, RecursionError):
+        return None
+
+
 def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[str, Any]:
     """Edge's RFC 7807 problem, or a generic one for a gateway's non-JSON answer.
 
@@ -64,10 +73,7 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     access token, the API key) are cut out of it: a wrong host or a proxy error page may echo the request's
     headers back."""
     secrets = tuple(s for s in redact if s)
-    try:
-        doc = resp.json(**codec.STRICT_JSON)
-    except (ValueError, RecursionError):  # not JSON (NaN too), or nested deeper than Python parses
-        doc = None
+    doc = _json_document(resp)
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
         found = {k: doc[k] for k in ("type", "title", "detail", "report") if k in doc}
         # The HTTP status is what the relay acted on (retry, 422 or 502), so it is the one stored and answered: a body
@@ -212,10 +218,7 @@ class EdgeClient:
                 if 200 <= status < 300:
                     if not resp.content:  # a 204, as Adobe's SDKs take it: success without content
                         return EdgeAnswer(status, {}, attempt)
-                    try:
-                        doc = resp.json(**codec.STRICT_JSON)
-                    except (ValueError, RecursionError):  # not JSON (NaN too), or nested deeper than Python parses
-                        doc = None
+                    doc = _json_document(resp)
                     if isinstance(doc, dict):
                         return EdgeAnswer(status, doc, attempt)
                     # 200 and 207 mean delivered (contract §6), as does any 2xx for Adobe's SDKs, whatever the body:

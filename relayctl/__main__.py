@@ -57,7 +57,7 @@ def _targets(args: argparse.Namespace) -> Targets:
 
 
 _NO_DLQ = "give --dlq-url or --stack, or set DLQ_URL"
-_DEAD_LETTERED = "failed 5 receives: redrive it once the cause is fixed"
+_DEAD_LETTERED = "failed every receive its queue allows (maxReceiveCount): redrive it once the cause is fixed"
 _NOT_SEARCHED = f"not searched ({_NO_DLQ}): it may be there"  # `deadLetterQueue` when show could not look
 _PEEK_HIDE_S = 30  # how long `show` hides the dead-letter messages it has read (it shows them again when done)
 # Long polling: a short-poll receive asks only some of SQS's servers and may answer empty while messages wait (AWS

@@ -813,7 +813,7 @@ def test_show_explains_a_dead_lettered_event_that_has_no_stored_result(
     assert code == 0
     assert (shown["status"], shown["detail"]) == (
         "dead-lettered",
-        "failed 5 receives: redrive it once the cause is fixed",
+        "failed every receive its queue allows (maxReceiveCount): redrive it once the cause is fixed",
     )
 
 

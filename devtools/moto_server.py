@@ -68,7 +68,8 @@ class MotoServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"moto-{self.port}.log"
         self._log = open(self.log_path, "ab")  # closed in stop()
-        # moto's server with DynamoDB's PartiQL INSERT semantics (devtools/moto_fidelity.py says why).
+        # moto's server with DynamoDB's PartiQL INSERT semantics and SQS queues safe for concurrent pollers
+        # (devtools/moto_fidelity.py says why).
         cmd = [sys.executable, "-m", "devtools.moto_fidelity", "-H", self.host, "-p", str(self.port)]
         self._proc = subprocess.Popen(
             cmd,

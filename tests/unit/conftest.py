@@ -26,7 +26,7 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.delenv(name, raising=False)
     from devtools import moto_fidelity
 
-    moto_fidelity.install()  # DynamoDB's PartiQL INSERT semantics (the module says why)
+    moto_fidelity.install()  # DynamoDB's PartiQL INSERT semantics, SQS safe for concurrent receives (module says why)
     with mock_aws():
         yield
 

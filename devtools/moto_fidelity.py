@@ -65,13 +65,15 @@ def install() -> None:
 
 
 def _locked(original: Callable[..., Any]) -> Callable[..., Any]:
+    from moto.sqs.exceptions import QueueDoesNotExist
+
     @functools.wraps(original)
     def operation(self: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            lock = self.get_queue(queue_name)._messages_lock
-        except Exception:
-            return original(self, queue_name, *args, **kwargs)  # no such queue: moto's own answer
-        with lock:
+            queue = self.get_queue(queue_name)
+        except QueueDoesNotExist:
+            return original(self, queue_name, *args, **kwargs)  # moto's own answer for a missing queue
+        with queue._messages_lock:  # an AttributeError here (moto renamed it) must show, not skip the lock
             return original(self, queue_name, *args, **kwargs)
 
     return operation

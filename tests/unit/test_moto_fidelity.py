@@ -15,7 +15,7 @@ import boto3
 import pytest
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.dynamodb.models import dynamodb_backends
-from moto.sqs.models import sqs_backends
+from moto.sqs.models import SQSBackend, sqs_backends
 
 from devtools import moto_fidelity
 from devtools.moto_server import MotoServer
@@ -138,8 +138,6 @@ def two_receives_of_a_dead_letter(receive: Callable[..., Any]) -> tuple[list[Bas
 
 
 def test_concurrent_receives_move_a_dead_letter_once(aws: None) -> None:
-    from moto.sqs.models import SQSBackend
-
     errors, left, dead = two_receives_of_a_dead_letter(SQSBackend.receive_message)
 
     assert errors == []

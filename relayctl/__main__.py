@@ -125,6 +125,15 @@ def _get(ddb: Any, table: str, event_id: str) -> dict[str, Any] | None:
     return decode_item(item) if item else None
 
 
+def _find(ddb: Any, table: str, given: str) -> tuple[str, dict[str, Any] | None]:
+    """The eventId an event is kept under, and its result: `given` as it is (an id an answer named, a filing beside a
+    long eventId), else as the relay keys a webhook-id or messageId over 256 characters (`bounded_id`)."""
+    doc = _get(ddb, table, given)
+    if doc is None and (bounded := bounded_id(given)) != given:
+        return bounded, _get(ddb, table, bounded)
+    return given, doc
+
+
 def _aws_code(exc: ClientError | BotoCoreError) -> str:
     return str(exc.response.get("Error", {}).get("Code")) if isinstance(exc, ClientError) else type(exc).__name__
 
@@ -171,11 +180,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     ddb = boto3.client("dynamodb")
     found = 0
     for given in args.event_ids:
-        # As given (an id an answer named, a filing beside a long eventId), else as the relay keys a webhook-id or
-        # messageId over 256 characters (`bounded_id`).
-        event_id, doc = given, _get(ddb, t.table, given)
-        if doc is None and (bounded := bounded_id(given)) != given:
-            event_id, doc = bounded, _get(ddb, t.table, bounded)
+        event_id, doc = _find(ddb, t.table, given)
         if doc is not None:
             if not args.full:
                 doc.pop("request", None)
@@ -359,9 +364,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("no Edge-rejected events to replay")
         return 0
     failures = 0
-    for event_id in dict.fromkeys(ids):
+    for given in dict.fromkeys(ids):
+        # Found as `show` finds it: an event without an xdm._id is kept under its webhook-id or messageId, shortened
+        # when over 256 characters.
+        event_id, doc = _find(ddb, t.table, given)
         if args.dry_run:
-            outcome = _replay_plan(_get(ddb, t.table, event_id)) or "would replay"
+            outcome = _replay_plan(doc) or "would replay"
         else:
             outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id)
         # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
@@ -490,15 +498,23 @@ def _pairs(value: Any) -> list[tuple[Any, Any]]:
     return []
 
 
+def _is(value: Any, identity: str) -> bool:
+    """Whether a value read from a request is `identity`: the same string, or a whole number written as its digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) == identity
+    return value == identity
+
+
 def _names(request: Any, namespace: str, identity: str) -> bool:
     """Whether a stored request carries `identity` under `namespace` in an identity map (`{namespace: [{"id": ...}]}`,
-    or a malformed `{namespace: {"id": ...}}` or `{namespace: [...]}` of bare values, anywhere in it, a repeated key
-    included). A stored text that is not JSON (a cut-off body) counts when it holds
-    both as JSON strings."""
+    or a malformed `{namespace: {"id": ...}}`, `{namespace: "..."}` or `{namespace: [...]}` of bare values, anywhere
+    in it, a repeated key included; an id sent as a JSON number counts as its digits). A stored text that is not JSON
+    (a cut-off body) counts when it holds both as JSON strings."""
     doc = request
     if isinstance(request, str):
         try:
-            doc = json.loads(request, object_pairs_hook=_Pairs)
+            # Numbers kept as the text they were sent as: an id sent as a JSON number matches its digits.
+            doc = json.loads(request, object_pairs_hook=_Pairs, parse_int=str, parse_float=str)
         except (ValueError, RecursionError):
             return _mentions(request, namespace) and _mentions(request, identity)
     stack = [doc]
@@ -507,9 +523,12 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
         for key, value in _pairs(node):
             if key == namespace:
                 # The usual `[{"id": ...}]`, and the shapes a body refused for its identity map may have instead:
-                # `{"id": ...}` or `[...]` of bare values. The namespace key anchors each.
-                items = [value] if isinstance(value, _Pairs | dict) else value if isinstance(value, list) else []
-                if any(item == identity or ("id", identity) in _pairs(item) for item in items):
+                # `{"id": ...}`, a bare value, or `[...]` of bare values. The namespace key anchors each.
+                items = value if isinstance(value, list) and not isinstance(value, _Pairs) else [value]
+                if any(
+                    _is(item, identity) or any(k == "id" and _is(v, identity) for k, v in _pairs(item))
+                    for item in items
+                ):
                     return True
             stack.append(value)
         if isinstance(node, list) and not isinstance(node, _Pairs):
@@ -615,8 +634,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     if not doomed:
         print(
-            f"nothing found for {args.namespace} {args.id!r}: the namespace and the value must be spelled exactly as "
-            "the events carried them (letter case included)"
+            f"nothing found for that value under {args.namespace}: the namespace and the value must be spelled "
+            "exactly as the events carried them (letter case included)"
         )
     return 1 if waiting or not doomed else 0
 

@@ -927,7 +927,49 @@ def test_replay_all_rejected_with_nothing_to_replay_says_so_and_succeeds(
         ({"event": {"xdm": {"identityMap": {"Email": ["alice@example.com"]}}}}, True),  # bare values
         ({"event": {"xdm": {"identityMap": {"Email": ["mallory@example.com"]}}}}, False),
         ({"event": {"xdm": {"identityMap": {"Phone": {"id": "alice@example.com"}}}}}, False),  # another namespace
+        ({"event": {"xdm": {"identityMap": {"Email": "alice@example.com"}}}}, True),  # a bare value
+        ('{"event":{"xdm":{"identityMap":{"Email":"alice@example.com"}}}}', True),  # the same, as stored text
+        ({"event": {"xdm": {"identityMap": {"Email": "mallory@example.com"}}}}, False),
+        ({"event": {"xdm": {"identityMap": {"Phone": "alice@example.com"}}}}, False),  # another namespace
     ],
 )
 def test_forget_finds_the_identity_in_a_body_refused_for_its_identity_maps_shape(request_doc: Any, found: bool) -> None:
     assert _names(request_doc, "Email", "alice@example.com") is found
+
+
+@pytest.mark.parametrize(
+    ("request_doc", "found"),
+    [
+        ('{"event":{"xdm":{"identityMap":{"Phone":[{"id":5551234}]}}}}', True),  # refused: an id must be a string
+        ({"event": {"xdm": {"identityMap": {"Phone": [{"id": 5551234}]}}}}, True),  # a stored parsed request
+        ('{"event":{"xdm":{"identityMap":{"Phone":5551234}}}}', True),
+        ('{"event":{"xdm":{"identityMap":{"Phone":[5551234]}}}}', True),
+        ('{"event":{"xdm":{"identityMap":{"Phone":[{"id":5551235}]}}}}', False),
+        ('{"event":{"xdm":{"identityMap":{"Phone":[{"id":true}]}}}}', False),
+        ('{"event":{"xdm":{"identityMap":{"CRMID":[{"id":5551234}]}}}}', False),  # another namespace
+    ],
+)
+def test_forget_finds_an_id_sent_as_a_number_by_its_digits(request_doc: Any, found: bool) -> None:
+    assert _names(request_doc, "Phone", "5551234") is found
+
+
+def test_replay_finds_an_event_by_the_long_id_its_sender_used(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN an event without an xdm._id, rejected by Edge and stored under the shortened form of a 300-character
+    # webhook-id (as the relay keys it)
+    from relay.models import bounded_id
+
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    long_id = "msg_" + "x" * 300
+    ddb.put_item(TableName="t", Item=rejected_item(bounded_id(long_id)))
+
+    # WHEN it is replayed by the id the sender sent, first as a dry run
+    dry = relayctl_main.main(["--table", "t", "--queue-url", queue, "replay", "--dry-run", long_id])
+    dry_out = capsys.readouterr().out
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "replay", long_id])
+
+    # THEN both find it, and it is sent once
+    assert (dry, dry_out) == (0, f"{bounded_id(long_id)}: would replay\n")
+    assert (code, capsys.readouterr().out) == (0, f"{bounded_id(long_id)}: queued\n")
+    assert len(sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])) == 1

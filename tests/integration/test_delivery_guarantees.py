@@ -450,6 +450,37 @@ def test_webhook_falls_back_to_the_queue_with_202_and_the_poller_delivers_it_lat
     assert (again.status_code, again.json()["requestId"]) == (200, item["requestId"])
 
 
+def test_a_character_cut_in_half_and_an_id_with_a_tab_go_through_the_queue_fallback_unchanged(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    # GIVEN an event whose xdm._id holds a tab (SQS takes one in an attribute) and whose data holds a lone surrogate
+    # (an emoji cut in half, which JavaScript's JSON.stringify writes as "\ud83d"), and Edge answering 503 to it
+    runtime = new_runtime()
+    gw = stack.gateway(runtime.handle)
+    event_id = f"ord\t{uuid.uuid4().hex}"
+    doc = interact_event(event_id)
+    doc["event"]["data"] = {"productName": "Sunglasses \ud83d"}
+    rule = stack.sim.add_fault(match_id=event_id, status=503, retry_after=0)
+
+    # WHEN it is posted, and queued
+    resp = post(gw, stack, doc)
+    assert (resp.status_code, resp.json()) == (202, {"eventId": event_id, "status": "queued"})
+    [message] = queue_messages(stack)
+    assert message["MessageAttributes"]["eventId"]["StringValue"] == event_id
+    assert "\\ud83d" in message["Body"]  # the escape, as received
+
+    # AND Edge recovers and the poller runs
+    stack.sim.remove_fault(rule)
+    stack.poller(runtime.handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
+
+    # THEN it is delivered, and every call carried the body as sent, the surrogate included
+    assert stack.result(event_id)["status"] == "delivered"
+    calls = edge_requests(stack, event_id)
+    assert [c["status"] for c in calls] == [503] * 5 + [200]
+    assert all(c["body"] == doc for c in calls)
+
+
 def test_a_queued_webhook_event_replayed_to_another_datastream_is_refused_and_still_delivered(
     clean_stack: LocalStack,
 ) -> None:

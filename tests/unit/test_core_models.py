@@ -8,6 +8,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from relay import codec
 from relay.errors import InvalidEvent, PayloadTooLarge
 from relay.models import (
     MAX_BODY_BYTES,
@@ -696,14 +697,49 @@ def test_an_identity_put_where_its_namespace_belongs_is_never_repeated_in_a_fiel
     assert namespace not in json.dumps(errors, ensure_ascii=False)
 
 
-@pytest.mark.parametrize("event_id", ["ord-1\u0001", "ord-1\n", "ord-1\uffff", "ord-1\ufffe"])
+@pytest.mark.parametrize(
+    "event_id",
+    ["ord-1\u0001", "ord-1\u001f", "ord-1\u000b", "ord-1\ud83d", "ord-1\udc00", "ord-1\uffff", "ord-1\ufffe"],
+)
 def test_an_xdm_id_sqs_could_not_carry_is_refused(event_id):
     # WHEN (the id becomes the queue message's eventId attribute, which SQS refuses with these characters)
     errors = validate_request({"event": {"xdm": {"_id": event_id}}})
 
     # THEN
-    assert errors == [{"path": "event.xdm._id", "message": "must not contain control characters, U+FFFE or U+FFFF"}]
+    message = (
+        "must not contain control characters other than tab, line feed and carriage return, an unpaired UTF-16 "
+        "surrogate, U+FFFE or U+FFFF"
+    )
+    assert errors == [{"path": "event.xdm._id", "message": message}]
 
 
-def test_an_ordinary_xdm_id_passes():
-    assert validate_request({"event": {"xdm": {"_id": "order-42 \u00e9 \U0001f600"}}}) == []
+@pytest.mark.parametrize("event_id", ["order-42 \u00e9 \U0001f600", "ord-1\t2", "ord-1\n", "ord-1\r\n"])
+def test_an_xdm_id_sqs_can_carry_passes(event_id):
+    # (an SQS attribute takes what a message body takes: #x9, #xA, #xD and #x20 up, but for surrogates, U+FFFE, U+FFFF)
+    assert validate_request({"event": {"xdm": {"_id": event_id}}}) == []
+
+
+def test_a_lone_surrogate_outside_the_identities_passes_and_is_sent_as_its_escape():
+    # GIVEN a body whose free-form data holds a character cut in half (JSON.stringify writes one as "\ud83d")
+    text, doc = decode_body(b'{"event":{"xdm":{"_id":"e-1","name":"abc\\ud83d"},"data":{"t":"\\udc00x"}}}')
+
+    # THEN it is read, and what the relay sends (codec.dumps) carries it as the same escape
+    assert validate_request(doc) == []
+    assert doc["event"]["xdm"]["name"] == "abc\ud83d"
+    assert codec.dumps(doc) == text
+
+
+@pytest.mark.parametrize(
+    ("identity_map", "path"),
+    [
+        ({"Email": [{"id": "ab\ud83d", "primary": True}]}, "event.xdm.identityMap.Email[0].id"),
+        ({"Email": [{"id": "x"}, {"id": "\udc00"}]}, "event.xdm.identityMap.Email[1].id"),
+        ({"ECID": [{"id": "1"}], "Em\ud83d": [{"id": "x"}]}, "event.xdm.identityMap[<namespace 2>]"),
+    ],
+)
+def test_an_identity_holding_a_lone_surrogate_is_refused_at_its_path(identity_map, path):
+    # (a namespace and an id key the person's state: a character cut in half would make another person of them)
+    errors = validate_request({"event": {"xdm": {"identityMap": identity_map}}})
+    assert errors == [
+        {"path": path, "message": "must not contain an unpaired UTF-16 surrogate (a character cut in half)"}
+    ]

@@ -219,14 +219,21 @@ valid_events = st.fixed_dictionaries(
                 "xdm": st.fixed_dictionaries(
                     {},
                     optional={
-                        # any text SQS can carry as the eventId attribute (ids with control characters, U+FFFE or
-                        # U+FFFF are refused: test_core_models), and UTF-8 can (a lone surrogate is refused with a 400;
-                        # characters() without a codec includes surrogates once min_codepoint is given)
+                        # any text SQS can carry as the eventId attribute (ids with other control characters, a
+                        # lone surrogate, U+FFFE or U+FFFF are refused: test_core_models; the utf-8 codec leaves
+                        # surrogates out)
                         "_id": st.text(
-                            st.characters(codec="utf-8", min_codepoint=0x20, exclude_characters="\ufffe\uffff"),
+                            st.characters(
+                                codec="utf-8",
+                                min_codepoint=0x20,
+                                exclude_characters="\ufffe\uffff",
+                                include_characters="\t\n\r",
+                            ),
                             min_size=1,
                             max_size=64,
                         ),
+                        # free-form text may hold a lone surrogate (a character cut in half): sent on as its escape
+                        "name": st.text(st.sampled_from(["a", "\u00e9", "\ud83d", "\ude00", "\U0001f600"]), max_size=6),
                         "timestamp": st.just("2024-01-01T00:00:00.000Z"),
                         "identityMap": identity_maps,
                         "eventType": st.text(max_size=20),
@@ -520,11 +527,20 @@ def test_signature_is_checked_on_the_raw_bytes_not_a_reparsed_body() -> None:
 # ------------------------------------------------------------ regressions (bugs found here, since fixed)
 
 
-def test_lone_surrogate_escape_is_refused_as_invalid() -> None:
+def test_lone_surrogate_escape_is_sent_on_as_its_escape_but_refused_in_an_identity() -> None:
+    # A character cut in half in free-form XDM (as JavaScript's JSON.stringify writes one) is delivered, the escape
+    # unchanged in what Edge gets (once refused as "cannot be sent on as UTF-8": codec.dumps writes it as its escape)
     h = harness()
     body = '{"event": {"xdm": {"_id": "surrogate-1", "name": "\\ud800"}}}'
     answer = h.app.handle(http_event(body.encode(), sign_webhook(body, SECRET_CURRENT)), None)
+    assert answer["statusCode"] == 200
+    assert [b'"name":"\\ud800"' in call["data"] for call in h.session.calls] == [True]
+    # In an identity it is a 400 naming the id, and nothing is sent
+    h = harness()
+    body = '{"event": {"xdm": {"_id": "surrogate-2", "identityMap": {"Email": [{"id": "a\\ud800", "primary": true}]}}}}'
+    answer = h.app.handle(http_event(body.encode(), sign_webhook(body, SECRET_CURRENT)), None)
     assert answer["statusCode"] == 400
+    assert json.loads(answer["body"])["errors"][0]["path"] == "event.xdm.identityMap.Email[0].id"
     assert h.session.calls == []
 
 

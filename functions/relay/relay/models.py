@@ -20,7 +20,6 @@ from relay.settings import DATASTREAM_ID_RE
 MAX_BODY_BYTES = 64 * 1024  # Edge's own limit (EXEG-0112-413)
 MAX_EVENT_ID_LENGTH = 256
 MAX_DEPTH = 64  # levels of nested objects/arrays: far beyond any XDM schema, far below what json.dumps can recurse
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 Source = Literal["webhook", "sqs"]
 
@@ -96,7 +95,7 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
                 errors.append({"path": "event.xdm._id", "message": message})
             elif "_id" in xdm and _ID_REFUSED.search(xdm["_id"]):
                 # It becomes the queue message's `eventId` attribute, which SQS refuses with these characters.
-                message = "must not contain control characters, U+FFFE or U+FFFF"
+                message = _ID_REFUSED_MESSAGE
                 errors.append({"path": "event.xdm._id", "message": message})
             if "timestamp" in xdm and not isinstance(xdm["timestamp"], str):
                 errors.append({"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"})
@@ -122,7 +121,17 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
 
 # XDM's AuthenticatedState, as Adobe's Web SDK checks it before sending (alloy `validateIdentityMap.js`: `enumOf`).
 AUTHENTICATED_STATES = ("ambiguous", "authenticated", "loggedOut")
-_ID_REFUSED = re.compile(r"[\x00-\x1f\ufffe\uffff]")
+# What SQS refuses in a message attribute (the same characters as in a body: it takes #x9, #xA, #xD, #x20-#xD7FF,
+# #xE000-#xFFFD and #x10000-#x10FFFF), and so in the eventId attribute a queued event carries.
+_ID_REFUSED = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_ID_REFUSED_MESSAGE = (
+    "must not contain control characters other than tab, line feed and carriage return, an unpaired UTF-16 surrogate, "
+    "U+FFFE or U+FFFF"
+)
+# A lone UTF-16 surrogate (JSON's "\ud83d" with no pair: a character cut in half). JSON allows it, and the relay sends
+# it on as that escape; only an identity refuses it, whose namespace and id key the person's state.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CUT_CHARACTER = "must not contain an unpaired UTF-16 surrogate (a character cut in half)"
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # written as `.name` in a field path; anything else as `["..."]`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # What a namespace code looks like ("ECID", "Email", "loyalty_id", "my-ns.v2"). A key that does not (an email address,
@@ -149,6 +158,9 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
             # Namespaces are codes ("ECID", "Email"); a control character could also make two identities one key.
             errors.append({"path": path, "message": "must be a non-empty namespace code without control characters"})
             continue
+        if _SURROGATE.search(namespace):
+            errors.append({"path": path, "message": _CUT_CHARACTER})
+            continue
         if not isinstance(items, list):
             errors.append({"path": path, "message": "must be an array of identities"})
             continue
@@ -158,6 +170,8 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
                 continue
             if not (isinstance(item.get("id"), str) and item["id"]):
                 errors.append({"path": f"{path}[{i}].id", "message": "is required and must be a non-empty string"})
+            elif _SURROGATE.search(item["id"]):
+                errors.append({"path": f"{path}[{i}].id", "message": _CUT_CHARACTER})
             if "primary" in item and not isinstance(item["primary"], bool):
                 errors.append({"path": f"{path}[{i}].primary", "message": "must be a boolean"})
             # null passes, as in the Web SDK (its `enumOf` runs behind a null-safe chain)
@@ -232,13 +246,6 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
     if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(doc, MAX_DEPTH):
         # It parsed, but sending it on (json.dumps recurses) could fail: refuse it now, with a reason.
         raise InvalidEvent([{"path": "$", "message": f"body is nested more than {MAX_DEPTH} levels deep"}])
-    if _SURROGATE_ESCAPE.search(text):  # "\ud800" parses, but a lone surrogate cannot be sent on as UTF-8
-        try:
-            json.dumps(doc, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidEvent(
-                [{"path": "$", "message": "body contains an unpaired UTF-16 surrogate escape"}]
-            ) from None
     return text, doc
 
 

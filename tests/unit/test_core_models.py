@@ -309,6 +309,18 @@ def test_validate_request_checks_identity_map_shapes():
     ]
 
 
+def test_a_null_primary_passes_and_is_not_primary() -> None:
+    # GIVEN an identity with `primary: null` (the Web SDK lets it through, as a null authenticatedState) beside the
+    # primary one
+    xdm = {
+        "identityMap": {"Email": [{"id": "a@example.com", "primary": None}], "CRMID": [{"id": "c-1", "primary": True}]}
+    }
+
+    # THEN it is valid, and the primary identity is the one marked true
+    assert validate_request({"event": {"xdm": xdm}}) == []
+    assert primary_identity(xdm) == ("CRMID", "c-1")
+
+
 @pytest.mark.parametrize("state", ["ambiguous", "authenticated", "loggedOut", None])
 def test_validate_request_accepts_each_authenticated_state(state: str | None) -> None:
     # GIVEN an identity with one of XDM's authenticated states (or null, which the Web SDK lets through too)

@@ -172,9 +172,10 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
                 errors.append({"path": f"{path}[{i}].id", "message": "is required and must be a non-empty string"})
             elif _SURROGATE.search(item["id"]):
                 errors.append({"path": f"{path}[{i}].id", "message": _CUT_CHARACTER})
-            if "primary" in item and not isinstance(item["primary"], bool):
+            # null passes for both, as in the Web SDK (alloy `validateIdentityMap.js`: its `boolean()` and `enumOf` run
+            # behind a null-safe chain); a null `primary` is not primary
+            if item.get("primary") is not None and not isinstance(item["primary"], bool):
                 errors.append({"path": f"{path}[{i}].primary", "message": "must be a boolean"})
-            # null passes, as in the Web SDK (its `enumOf` runs behind a null-safe chain)
             if item.get("authenticatedState") is not None and item["authenticatedState"] not in AUTHENTICATED_STATES:
                 message = "must be one of " + ", ".join(f'"{state}"' for state in AUTHENTICATED_STATES)
                 errors.append({"path": f"{path}[{i}].authenticatedState", "message": message})

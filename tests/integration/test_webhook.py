@@ -128,6 +128,21 @@ def test_signed_event_is_delivered_and_answered_200(clean_stack: LocalStack, gat
     assert (item["datastreamId"], item["eventId"], item["attempts"]) == (DATASTREAM_ID, event_id, 1)
 
 
+def test_a_body_starting_with_a_byte_order_mark_is_delivered(clean_stack: LocalStack, gateway: LocalGateway) -> None:
+    stack = clean_stack
+    # GIVEN a signed event whose body starts with a UTF-8 byte-order mark (as some senders' writers add)
+    doc = interact_event(f"evt-{uuid.uuid4()}")
+    body = "\ufeff" + json.dumps(doc)
+
+    # WHEN it is posted
+    resp = post(gateway, body, stack.sign(body))
+
+    # THEN it is delivered, and Edge got the event itself
+    delivered(stack, resp, doc["event"]["xdm"]["_id"])
+    [call] = edge_requests(stack, doc["event"]["xdm"]["_id"])
+    assert call["body"] == doc
+
+
 def test_repeat_of_a_delivered_webhook_id_answers_the_same_body_without_calling_edge(
     clean_stack: LocalStack, gateway: LocalGateway
 ) -> None:

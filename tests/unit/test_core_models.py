@@ -309,6 +309,21 @@ def test_validate_request_checks_identity_map_shapes():
     ]
 
 
+@pytest.mark.parametrize(
+    "raw", [b'\xef\xbb\xbf{"event":{"xdm":{"_id":"e-1"}}}', '\ufeff{"event":{"xdm":{"_id":"e-1"}}}']
+)
+def test_a_byte_order_mark_before_the_json_is_ignored(raw: bytes | str) -> None:
+    # (RFC 8259 §8.1: a parser may ignore one; a webhook body is bytes, an SQS body a string)
+    _, doc = decode_body(raw)
+    assert doc == {"event": {"xdm": {"_id": "e-1"}}}
+
+
+@pytest.mark.parametrize("raw", [b'{"event":{"xdm":{}}}\xef\xbb\xbf', b"\xef\xbb\xbf\xef\xbb\xbf{}", b"\xef\xbb\xbf"])
+def test_a_byte_order_mark_anywhere_else_or_alone_is_still_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidEvent):
+        decode_body(raw)
+
+
 def test_a_null_primary_passes_and_is_not_primary() -> None:
     # GIVEN an identity with `primary: null` (the Web SDK lets it through, as a null authenticatedState) beside the
     # primary one

@@ -203,7 +203,9 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
     if limit is not None and len(data) > limit:
         raise PayloadTooLarge(len(data), limit)
     try:
-        text = data.decode("utf-8")
+        # A UTF-8 byte-order mark before the JSON is ignored, as RFC 8259 §8.1 lets a parser do (some senders' writers
+        # add one; Python's parser alone would refuse it). What is sent on is the parsed document, without it.
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise InvalidEvent([{"path": "$", "message": f"body is not UTF-8 (byte {exc.start})"}]) from None
     if not text.strip():

@@ -25,10 +25,15 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
+def has_lone_surrogate(value: str) -> bool:
+    """Whether `value` holds a lone UTF-16 surrogate: a character cut in half, which JSON's `"\\ud83d"` parses to."""
+    return not value.isascii() and _SURROGATE.search(value) is not None
+
+
 def text(value: str) -> str:
     """`value`, with any lone UTF-16 surrogate written as its `\\uXXXX` escape, so that it can be encoded as UTF-8.
     JSON's `"\\ud83d"` parses to one, and an Edge answer may carry one (an offer cut in the middle of an emoji)."""
-    if value.isascii() or not _SURROGATE.search(value):
+    if not has_lone_surrogate(value):
         return value
     return _SURROGATE.sub(_escape, value)
 

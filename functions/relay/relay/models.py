@@ -128,9 +128,8 @@ _ID_REFUSED_MESSAGE = (
     "must not contain control characters other than tab, line feed and carriage return, an unpaired UTF-16 surrogate, "
     "U+FFFE or U+FFFF"
 )
-# A lone UTF-16 surrogate (JSON's "\ud83d" with no pair: a character cut in half). JSON allows it, and the relay sends
-# it on as that escape; only an identity refuses it, whose namespace and id key the person's state.
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# A lone UTF-16 surrogate (`codec.has_lone_surrogate`) is sent on as its escape; only an identity refuses one, whose
+# namespace and id key the person's state.
 _CUT_CHARACTER = "must not contain an unpaired UTF-16 surrogate (a character cut in half)"
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # written as `.name` in a field path; anything else as `["..."]`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -158,7 +157,7 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
             # Namespaces are codes ("ECID", "Email"); a control character could also make two identities one key.
             errors.append({"path": path, "message": "must be a non-empty namespace code without control characters"})
             continue
-        if _SURROGATE.search(namespace):
+        if codec.has_lone_surrogate(namespace):
             errors.append({"path": path, "message": _CUT_CHARACTER})
             continue
         if not isinstance(items, list):
@@ -170,7 +169,7 @@ def _validate_identity_map(errors: list[dict[str, str]], identity_map: Any) -> N
                 continue
             if not (isinstance(item.get("id"), str) and item["id"]):
                 errors.append({"path": f"{path}[{i}].id", "message": "is required and must be a non-empty string"})
-            elif _SURROGATE.search(item["id"]):
+            elif codec.has_lone_surrogate(item["id"]):
                 errors.append({"path": f"{path}[{i}].id", "message": _CUT_CHARACTER})
             # null passes for both, as in the Web SDK (alloy `validateIdentityMap.js`: its `boolean()` and `enumOf` run
             # behind a null-safe chain); a null `primary` is not primary

@@ -288,7 +288,6 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         "source": "sqs",
         "attempts": 1,
         "lastError": "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503",
-        "retryAfterSeconds": 0,
     }
 
 

@@ -545,11 +545,11 @@ def test_deliver_connect_plus_read_timeout_fits_in_the_remaining_time():
 
 
 def test_deliver_later_attempts_get_shorter_timeouts():
-    # GIVEN 20 s at first, then 4 s left after a slow first failure
+    # GIVEN 20 s at first, then 4 s left after a slow first failure and its 1 s Retry-After
     clock = FakeClock()
     deadline = Deadline(clock, 20.0)
     session = FakeSession(
-        [Scripted(retryable(503, "0"), elapsed=16.0), Scripted(ok(), elapsed=0.1)], clock=clock, deadline=deadline
+        [Scripted(retryable(503, "1"), elapsed=15.0), Scripted(ok(), elapsed=0.1)], clock=clock, deadline=deadline
     )
 
     # WHEN
@@ -561,7 +561,7 @@ def test_deliver_later_attempts_get_shorter_timeouts():
     connect, read = session.calls[1].timeout
     assert connect <= 3.05
     assert read <= 4.0
-    assert clock.sleeps == [0.0]
+    assert clock.sleeps == [1.0]
 
 
 # -- credentials ---------------------------------------------------------------------------------------------------
@@ -668,10 +668,20 @@ def test_deliver_token_refresh_then_recoverable_failures_still_capped():
     assert len(tokens.refreshes) == 1
 
 
-def test_deliver_non_ascii_retry_after_falls_back_to_backoff():
-    # GIVEN a 503 whose Retry-After is one latin-1 byte that str.isdigit() accepts
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\xb2".decode("latin-1"),  # one latin-1 byte that str.isdigit() accepts
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",  # a date the parser overflows on
+        "0",  # nothing to wait for: backed off, not retried back to back (reference §3.4)
+        "Tue, 14 Nov 2023 22:00:00 GMT",  # a date already past
+    ],
+    ids=["non-ascii-digit", "overflowing-date", "zero", "past-date"],
+)
+def test_deliver_unusable_retry_after_falls_back_to_backoff(header):
+    # GIVEN a 503 whose Retry-After gives no wait the relay can use
     clock = FakeClock()
-    session = FakeSession([retryable(503, b"\xb2".decode("latin-1")), ok()])
+    session = FakeSession([retryable(503, header), ok()])
 
     # WHEN
     answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10))

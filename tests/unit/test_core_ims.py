@@ -269,6 +269,10 @@ def test_an_ims_lifetime_beyond_a_day_is_not_believed():
         make_response(200, text='{"access_token": "t", "expires_in": NaN}'),
         make_response(200, {"access_token": "t", "expires_in": 0}),
         make_response(200, {"access_token": "t", "expires_in": -5}),
+        # a token that is not a non-empty string (a null would otherwise be cached as the text "None" for a day)
+        make_response(200, {"access_token": None, "token_type": "bearer", "expires_in": 86399}),
+        make_response(200, {"access_token": 12345, "token_type": "bearer", "expires_in": 86399}),
+        make_response(200, {"access_token": "", "token_type": "bearer", "expires_in": 86399}),
     ],
 )
 def test_ims_answer_without_a_usable_token_is_a_credentials_error(answer):

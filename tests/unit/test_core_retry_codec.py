@@ -20,7 +20,7 @@ def test_recoverable_statuses_are_adobes():
     assert RECOVERABLE_STATUSES == frozenset({408, 429, 502, 503, 504})
 
 
-@pytest.mark.parametrize(("header", "seconds"), [("2", 2.0), ("0", 0.0), (" 120 ", 120.0), ("3600", 3600.0)])
+@pytest.mark.parametrize(("header", "seconds"), [("2", 2.0), ("1", 1.0), (" 120 ", 120.0), ("3600", 3600.0)])
 def test_parse_retry_after_seconds(header, seconds):
     # WHEN / THEN
     assert parse_retry_after(header, NOW) == seconds
@@ -42,12 +42,12 @@ def test_parse_retry_after_http_date_is_relative_to_now():
     assert parse_retry_after(header, NOW + 5) == 2.0
 
 
-def test_parse_retry_after_http_date_in_the_past_is_zero():
-    # GIVEN
-    header = formatdate(NOW - 30, usegmt=True)
-
+@pytest.mark.parametrize("header", ["0", "000", formatdate(NOW - 30, usegmt=True), formatdate(NOW, usegmt=True)])
+def test_parse_retry_after_zero_or_a_past_date_is_none(header):
+    # A 0 or a date not in the future says nothing to wait for: like Adobe's mobile SDKs (a Retry-After above 0, else
+    # their default interval), the caller then backs off rather than retrying back to back (reference §3.4).
     # WHEN / THEN
-    assert parse_retry_after(header, NOW) == 0.0
+    assert parse_retry_after(header, NOW) is None
 
 
 def test_parse_retry_after_http_date_far_ahead_is_capped():
@@ -66,7 +66,22 @@ def test_parse_retry_after_http_date_without_zone_is_utc():
     assert parse_retry_after(header, NOW) == 10.0
 
 
-@pytest.mark.parametrize("header", [None, "", "   ", "soon", "-5", "1.5", "2 seconds", "Tue, 99 Foo 2023"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "   ",
+        "soon",
+        "-5",
+        "1.5",
+        "2 seconds",
+        "Tue, 99 Foo 2023",
+        # numbers past any datetime: the date parser raises OverflowError, not ValueError
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+        "01 Jan 2024 99999999999999999999:00:00 GMT",
+    ],
+)
 def test_parse_retry_after_garbage_is_none(header):
     # WHEN / THEN
     assert parse_retry_after(header, NOW) is None

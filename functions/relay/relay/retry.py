@@ -12,19 +12,23 @@ MAX_RETRY_AFTER_S = 3600.0
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """`Retry-After` as seconds: an integer number of seconds or an HTTP-date. None when absent or unreadable."""
+    """`Retry-After` as seconds: an integer number of seconds or an HTTP-date. None when absent, unreadable, or not
+    in the future: Adobe's mobile SDKs use it only when it is above 0 (reference §3.4), so a 0 or a past date gets the
+    backoff, not retries back to back."""
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER_S)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(max((when - datetime.fromtimestamp(now, tz=UTC)).total_seconds(), 0.0), MAX_RETRY_AFTER_S)
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: a year or hour past any datetime
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.fromtimestamp(now, tz=UTC)).total_seconds()
+    return min(seconds, MAX_RETRY_AFTER_S) if seconds > 0 else None
 
 
 def backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0, rng: random.Random | None = None) -> float:

@@ -172,7 +172,9 @@ class ImsTokenProvider:
             return resp.status_code, _oauth_error(resp)
         try:
             doc = resp.json()
-            value, expires_in = str(doc["access_token"]), float(doc["expires_in"])
+            value, expires_in = doc["access_token"], float(doc["expires_in"])
+            if not (isinstance(value, str) and value):  # a null would be cached as the token "None" for a day
+                raise ValueError("access_token")
             if not (math.isfinite(expires_in) and expires_in > 0):
                 raise ValueError("expires_in")
         except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: an integer too large for a float

@@ -197,6 +197,20 @@ def test_load_settings_refuses_non_loopback_http_and_hostless_urls(base):
     assert problems["EDGE_BASE_URL"] == "must be an https URL (http only for loopback)"
 
 
+@pytest.mark.parametrize("name", ["EDGE_BASE_URL", "IMS_TOKEN_URL"])
+@pytest.mark.parametrize("url", ["https://[edge", "https://edge.adobedc.net:443x", "https://edge.adobedc.net:99999"])
+def test_a_url_the_parser_refuses_is_named_with_every_other_bad_variable(name: str, url: str) -> None:
+    # GIVEN a URL urlsplit cannot read (it raises ValueError), and a required variable missing
+    env = {k: v for k, v in {**MINIMAL, name: url}.items() if k != "HANDLES_TABLE"}
+
+    # WHEN
+    problems = problems_of(env)
+
+    # THEN the one configuration error names both, rather than a bare ValueError naming neither
+    assert problems[name] == "must be an https URL (http only for loopback)"
+    assert "HANDLES_TABLE" in problems
+
+
 def test_load_settings_subdomain_hint_template():
     # GIVEN Adobe's Node-sample form for the authenticated host
     env = {**MINIMAL, "EDGE_HINT_URL_TEMPLATE": "https://{hint}.server.adobedc.net/ee/v2/interact"}

@@ -59,15 +59,20 @@ class Settings:
 
 
 def _url(problems: dict[str, str], name: str, value: str, *, host_only: bool = False) -> str:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        hostname, _ = parts.hostname, parts.port  # each raises ValueError for what no request could use
+    except ValueError:  # e.g. "https://[edge" (an unclosed IPv6 bracket) or "https://edge:443x" (not a port)
+        problems[name] = "must be an https URL (http only for loopback)"
+        return value
     if host_only and (parts.path.strip("/") or parts.query or parts.fragment):
         # The relay adds /ee/v2/interact itself: a base with a path would make every call a 404, every event a
         # stored rejection, rather than one clear configuration error.
         problems[name] = "must be the host only, e.g. https://server.adobedc.net (no path: /ee/v2/interact is added)"
         return value
-    if parts.scheme == "https" and parts.hostname:
+    if parts.scheme == "https" and hostname:
         return value.rstrip("/")
-    if parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS:
+    if parts.scheme == "http" and hostname in _LOOPBACK_HOSTS:
         return value.rstrip("/")  # a local simulator on loopback
     problems[name] = "must be an https URL (http only for loopback)"
     return value

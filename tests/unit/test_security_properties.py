@@ -18,6 +18,7 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -30,7 +31,8 @@ from relay.integrations.credentials import check_webhook_secrets
 from relay.integrations.edge import EdgeClient
 from relay.process_event import Relay
 from relay.settings import load_settings
-from relay.webhook import WebhookApp
+from relay.webhook import WebhookApp, _SignedBytes
+from standardwebhooks.webhooks import Webhook
 
 from devtools.gateway import build_event
 from devtools.signing import sign_webhook
@@ -370,9 +372,11 @@ def test_signed_valid_events_are_delivered_once_with_a_stable_id(doc: dict[str, 
 # ----------------------------------------------------------------------------- Standard Webhooks vectors
 
 
-def v1(secret: str, msg_id: str, timestamp: int, body: str) -> str:
+def v1(secret: str, msg_id: str, timestamp: int, body: str | bytes) -> str:
+    """The standard's signature, computed here apart from the library: HMAC-SHA256 over `id.timestamp.body`."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
-    digest = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    raw = body.encode() if isinstance(body, str) else body
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + raw, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 
@@ -525,6 +529,59 @@ def test_signature_is_checked_on_the_raw_bytes_not_a_reparsed_body() -> None:
 
 
 # ------------------------------------------------------------ regressions (bugs found here, since fixed)
+
+
+LATIN_1_BODY = '{"event": {"xdm": {"_id": "latin-1", "note": "caf\u00e9"}}}'.encode("latin-1")  # é as one byte
+# API Gateway hands a body of a type it does not take for text (no Content-Type, application/octet-stream, a form) to
+# the function as base64, its bytes intact; the local gateway does the same (`devtools.gateway.is_text_content`).
+BINARY = "application/octet-stream"
+
+
+def test_a_correctly_signed_body_that_is_not_utf8_is_a_400_kept_as_a_rejection() -> None:
+    # GIVEN a body in Latin-1, signed over its bytes as the standard defines (once answered 401: the library signs
+    # text, so no signature over such a body could match, and the sender was sent to check a secret that was right)
+    h = harness()
+    now = int(time.time())
+    headers = {"webhook-id": MSG_ID, "webhook-timestamp": str(now)}
+    signature = v1(SECRET_CURRENT, MSG_ID, now, LATIN_1_BODY)
+
+    # WHEN it is posted
+    answer = check_answer(
+        h.call(http_event(LATIN_1_BODY, {**headers, "webhook-signature": signature}, content_type=BINARY))
+    )
+
+    # THEN it is the 400 any invalid body gets, naming the first byte that is not UTF-8 (the é), kept as a rejection
+    assert LATIN_1_BODY[49:50] == b"\xe9"
+    assert h.answers[-1]["statusCode"] == 400, answer
+    assert answer["errors"] == [{"path": "$", "message": "body is not UTF-8 (byte 49)"}]
+    assert h.relay.rejected == [MSG_ID] and h.session.calls == []
+
+
+@pytest.mark.parametrize("signed_with", ["wrong-secret", "text-replacing-the-byte", "another-timestamp"])
+def test_a_body_that_is_not_utf8_still_needs_its_signature(signed_with: str) -> None:
+    # GIVEN the same Latin-1 body, its signature wrong in three ways
+    h = harness()
+    now = int(time.time())
+    signature = {
+        "wrong-secret": v1(SECRET_WRONG, MSG_ID, now, LATIN_1_BODY),
+        "text-replacing-the-byte": v1(SECRET_CURRENT, MSG_ID, now, LATIN_1_BODY.decode("utf-8", "replace")),
+        "another-timestamp": v1(SECRET_CURRENT, MSG_ID, now - 1, LATIN_1_BODY),
+    }[signed_with]
+    headers = {"webhook-id": MSG_ID, "webhook-timestamp": str(now), "webhook-signature": signature}
+
+    # WHEN it is posted
+    check_answer(h.call(http_event(LATIN_1_BODY, headers, content_type=BINARY)))
+
+    # THEN 401, and nothing reached the relay
+    assert h.answers[-1]["statusCode"] == 401 and not h.reached_relay
+
+
+@pytest.mark.parametrize("body", [BODY, '{"name": "café ☕ 𝄞", "id": "\\ud800"}', ""])
+def test_the_byte_signer_signs_any_utf8_body_as_the_library_does(body: str) -> None:
+    # The signer used for bodies that are not UTF-8 must be the library's own on every body the library can sign
+    when = datetime.fromtimestamp(1_700_000_000, tz=UTC)
+    for msg_id in (MSG_ID, "msg_ünïcode"):
+        assert _SignedBytes(SECRET_CURRENT).sign(msg_id, when, body) == Webhook(SECRET_CURRENT).sign(msg_id, when, body)
 
 
 def test_lone_surrogate_escape_is_sent_on_as_its_escape_but_refused_in_an_identity() -> None:

@@ -652,7 +652,7 @@ class EdgeSimulator(LoopbackService):
         with self._lock:
             self._counters["ims_requests"] += 1
             rule = self._take_rule(_IMS_PATH, None, None, before=True)
-            reply = self._rule_reply(rule, "") if rule is not None else None
+            reply = self._ims_rule_reply(rule) if rule is not None else None
             if reply is None:
                 reply = self._ims_answer(params)
             if rule is not None:
@@ -660,6 +660,22 @@ class EdgeSimulator(LoopbackService):
                 reply.delay += rule.delay
             self._record(entry, 0 if reply.drop else reply.status)
             return reply
+
+    def _ims_rule_reply(self, rule: _FaultRule) -> _Reply | None:
+        """An injected IMS failure in IMS's own shape, an OAuth 2.0 error (RFC 6749 §5.2; reference §7), never Edge's
+        problem document. A rule with its own body or fixture, a drop or a cut-off answer is served as it says."""
+        if rule.status is None or rule.status < 400 or rule.body is not None or rule.fixture is not None:
+            return self._rule_reply(rule, "")
+        if rule.drop or rule.truncate:
+            return self._rule_reply(rule, "")
+        error = rule.error_code or (
+            "invalid_client" if rule.status == 401 else "invalid_request" if rule.status < 500 else "server_error"
+        )
+        headers: list[tuple[str, str]] = []
+        if rule.retry_after is not None:
+            headers.append(("Retry-After", _retry_after_value(rule.retry_after, rule.retry_after_http_date)))
+        body = _json_bytes({"error": error, "error_description": "Injected fault."})
+        return _Reply(rule.status, body, "application/json", headers)
 
     def _ims_answer(self, params: dict[str, str]) -> _Reply:
         def oauth_error(status: int, error: str, description: str) -> _Reply:

@@ -489,6 +489,18 @@ def test_ims_fault_by_path(sim: EdgeSimulator, token: str) -> None:
     assert requests.post(sim.ims_url, data=ims_form(), timeout=5).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(400, "invalid_request"), (401, "invalid_client"), (403, "invalid_request"), (503, "server_error")],
+)
+def test_an_ims_fault_answers_in_ims_shape_not_edges(sim: EdgeSimulator, status: int, error: str) -> None:
+    # IMS errors are OAuth 2.0's (RFC 6749 §5.2, reference §7), as the simulator's own refusals: not a problem document
+    sim.add_fault(status=status, match_path="/ims/token/v3", times=1)
+    resp = requests.post(sim.ims_url, data=ims_form(), timeout=5)
+    assert (resp.status_code, resp.headers["Content-Type"]) == (status, "application/json")
+    assert resp.json() == {"error": error, "error_description": "Injected fault."}
+
+
 def test_fixture_answer_is_verbatim(sim: EdgeSimulator, token: str) -> None:
     sim.add_fault(fixture="send-event.json", times=1)
     resp = interact(sim, token)

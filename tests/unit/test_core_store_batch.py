@@ -179,6 +179,11 @@ def test_an_unreadable_state_item_reads_as_empty_at_its_version(state: dict[str,
         {"state": {"S": "{truncated"}, "version": {"N": "3"}},  # state unreadable
         {"state": {"S": "{truncated"}},  # written by hand: no version
         {"state": {"S": "{}"}, "version": {"S": "three"}},  # version not a number
+        # a number the relay never writes (an operator "resetting" an item by hand): once matched by no write
+        {"state": {"S": "{}"}, "version": {"N": "0"}},
+        {"state": {"S": "{}"}, "version": {"N": "-1"}},
+        {"state": {"S": "{}"}, "version": {"N": "3.5"}},
+        {"state": {"S": "{truncated"}, "version": {"N": "0"}},
     ],
 )
 def test_the_next_write_replaces_a_damaged_state_item(damage: dict[str, Any], store_on_moto: StoreOnMoto) -> None:

@@ -70,6 +70,9 @@ class IdentityState:
     hint: str | None = None
     hint_expires_at: float = 0.0
     version: int = 0  # optimistic-concurrency version of the stored item; 0 = not stored yet
+    # A stored `version` that is a number but not one the relay writes (0, -1, 3.5: an item edited by hand), as read:
+    # with `version` unreadable, the next write is conditioned on finding exactly this.
+    stored_version: str | None = None
 
     def live_entries(self, now: float) -> dict[str, StoredEntry]:
         return {k: e for k, e in self.entries.items() if e.expires_at > now}

@@ -345,7 +345,9 @@ class Relay:
                 wrote = self.store.update_state(opaque, inbound.datastream_id, state, change)
                 current, new = seen[-1]
                 # What is stored now: our write (one version up), or what we read if nothing needed writing.
-                after = replace(new, version=max(current.version, 0) + 1) if wrote and new else current
+                after = (
+                    replace(new, version=max(current.version, 0) + 1, stored_version=None) if wrote and new else current
+                )
             except StoreUnavailable as exc:
                 # Edge has the event: never send it again for the sake of its state (contract §1).
                 count("StateWriteFailed")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -493,19 +493,25 @@ class HandlesStore:
         """The state an item holds. One that cannot be read (damaged, or written by hand) counts as empty, at its
         version, so the identity's next write replaces it: it must not fail every event of that identity, nor
         every batch it is in."""
+        stored = item.get("version", {}).get("N") if isinstance(item.get("version"), dict) else None
         try:
-            version = int(item["version"]["N"])
-        except (KeyError, TypeError, ValueError):
-            version = UNREADABLE_VERSION  # the item is there: its next write must match it as it is
+            version = int(stored or "")
+        except ValueError:
+            version = UNREADABLE_VERSION
+        if version < 1:
+            # The item is there, its version one the relay never writes: the next write must match it as it is.
+            version = UNREADABLE_VERSION
+        else:
+            stored = None
         try:
             doc = codec.decode_json(item["state"]) if "state" in item else {}
-            return state_from_item(doc, version)
+            return replace(state_from_item(doc, version), stored_version=stored)
         except Exception as exc:
             logger.error(
                 "unexpected error: identity state unreadable; the next write replaces it", reason=type(exc).__name__
             )
             count("UnexpectedErrors")
-            return IdentityState(version=version)
+            return IdentityState(version=version, stored_version=stored)
 
     def get_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], IdentityState]:
         """Many identities' states in `BatchGetItem`s of 100 (strongly consistent): one call for a whole SQS batch
@@ -560,6 +566,8 @@ class HandlesStore:
             extra: dict[str, Any]
             if state.version == 0:
                 condition, extra = "attribute_not_exists(pk)", {}
+            elif state.version == UNREADABLE_VERSION and state.stored_version is not None:  # a number, not ours
+                condition, extra = "version = :v", {"ExpressionAttributeValues": {":v": {"N": state.stored_version}}}
             elif state.version == UNREADABLE_VERSION:  # an item whose version is missing or not a number
                 condition = (
                     "attribute_exists(pk) AND (attribute_not_exists(version) OR NOT attribute_type(version, :n))"

@@ -664,9 +664,8 @@ class EdgeSimulator(LoopbackService):
     def _ims_rule_reply(self, rule: _FaultRule) -> _Reply | None:
         """An injected IMS failure in IMS's own shape, an OAuth 2.0 error (RFC 6749 §5.2; reference §7), never Edge's
         problem document. A rule with its own body or fixture, a drop or a cut-off answer is served as it says."""
-        if rule.status is None or rule.status < 400 or rule.body is not None or rule.fixture is not None:
-            return self._rule_reply(rule, "")
-        if rule.drop or rule.truncate:
+        served_as_set = rule.body is not None or rule.fixture is not None or rule.drop or rule.truncate
+        if rule.status is None or rule.status < 400 or served_as_set:
             return self._rule_reply(rule, "")
         error = rule.error_code or (
             "invalid_client" if rule.status == 401 else "invalid_request" if rule.status < 500 else "server_error"

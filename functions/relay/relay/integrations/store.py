@@ -493,7 +493,8 @@ class HandlesStore:
         """The state an item holds. One that cannot be read (damaged, or written by hand) counts as empty, at its
         version, so the identity's next write replaces it: it must not fail every event of that identity, nor
         every batch it is in."""
-        stored = item.get("version", {}).get("N") if isinstance(item.get("version"), dict) else None
+        attribute = item.get("version")
+        stored = attribute.get("N") if isinstance(attribute, dict) else None  # None: missing, or not a number
         try:
             version = int(stored or "")
         except ValueError:

@@ -122,7 +122,9 @@ def test_an_identity_with_many_records_in_a_batch_starts_first() -> None:
     assert relay.processed == ["c1", "c2", "c3", "a1", "b1"]
 
 
-def test_webhook_invalid_body_whose_rejection_cannot_be_stored_answers_503() -> None:
+def test_webhook_invalid_body_whose_rejection_cannot_be_stored_answers_503(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
     # GIVEN a signed body that is not an event, and a store that is down
     h = harness()
 
@@ -141,6 +143,8 @@ def test_webhook_invalid_body_whose_rejection_cannot_be_stored_answers_503() -> 
     assert answer["headers"]["Retry-After"] == "5"
     doc = json.loads(answer["body"])
     assert (doc["status"], doc["eventId"], doc["title"]) == (503, "msg-store-down", "Service unavailable")
+    # AND it is counted as any event handed back for a retry (the runbook's webhook-server-errors points there)
+    assert emitted() == {"RetriesScheduled": [1.0]}
 
 
 # -- result writes ---------------------------------------------------------------------------------------------------

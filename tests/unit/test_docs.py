@@ -4,6 +4,7 @@ the one the settings apply; and README's snippet that reads a stored result back
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -115,3 +116,45 @@ def test_the_readme_snippet_reads_a_stored_result_back_as_plain_json(
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(decode_item(item)))
     assert (printed["attempts"], printed["handle"]) == (1, handle)
+
+
+def unexpected_error_counts() -> list[tuple[str, int, list[str]]]:
+    """Each `count("UnexpectedErrors")` in the function: (file, line, the messages logged in the same block)."""
+    found: list[tuple[str, int, list[str]]] = []
+    for path in sorted((ROOT / "functions" / "relay" / "relay").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            for field in ("body", "handlers", "orelse", "finalbody"):
+                block = getattr(node, field, None)
+                if not isinstance(block, list) or not all(isinstance(s, ast.stmt) for s in block):
+                    continue
+                calls = [c for s in block if isinstance(s, ast.Expr) and isinstance(c := s.value, ast.Call)]
+                counted = [
+                    c
+                    for c in calls
+                    if getattr(c.func, "id", None) == "count"
+                    and c.args
+                    and isinstance(c.args[0], ast.Constant)
+                    and c.args[0].value == "UnexpectedErrors"
+                ]
+                messages = [
+                    str(c.args[0].value)
+                    for c in calls
+                    if isinstance(c.func, ast.Attribute)
+                    and getattr(c.func.value, "id", None) == "logger"
+                    and c.args
+                    and isinstance(c.args[0], ast.Constant)
+                ]
+                found += [(path.name, c.lineno, messages) for c in counted]
+    return found
+
+
+def test_every_unexpected_error_counted_is_logged_where_the_runbook_looks() -> None:
+    # docs/operations.md (unexpected-errors) sends the operator to `filter message like /unexpected error/`: every
+    # count of the alarm's metric must log a line that filter finds, beside it (one was once logged without it)
+    runbook = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert "filter message like /unexpected error/" in runbook
+    counts = unexpected_error_counts()
+    assert len(counts) >= 10  # the walk finds them (11 when written)
+    for name, line, messages in counts:
+        assert any("unexpected error" in m for m in messages), f"{name}:{line} logs {messages}"

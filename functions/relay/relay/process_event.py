@@ -376,7 +376,9 @@ class Relay:
             # A defect, or an answer this code cannot keep: Edge has the event, and asking it again would only
             # duplicate it. Kept as delivered without the answer's content, and said so.
             count("UnexpectedErrors")
-            logger.exception("edge answer not kept; stored as delivered without it", eventId=inbound.event_id)
+            logger.exception(
+                "unexpected error: edge answer not kept; stored as delivered without it", eventId=inbound.event_id
+            )
             kept = {k: v for k, v in fields.items() if k not in ("handle", "errors", "warnings")}
             write = self.store.compose_result(inbound.event_id, {**kept, "handle": [], "answerNotKept": True}, claimed)
         return Result(

@@ -247,7 +247,8 @@ class WebhookApp:
                 )
             except StoreUnavailable:
                 # A 400 would be final for the sender and nothing would be kept: make it retry instead.
-                logger.error("could not store a rejected body", eventId=event_id)
+                logger.error("could not store a rejected body; the sender is asked to retry", eventId=event_id)
+                count("RetriesScheduled")  # as any event handed back for a retry
                 return problem(
                     503,
                     "Service unavailable",

@@ -8,7 +8,6 @@ import json
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,13 +15,13 @@ from relay.models import iso_millis
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
-from devtools.edge_sim import ERROR_TYPE_BASE, encode_identity_state, new_ecid, org_cookie_prefix
+from devtools.edge_sim import ERROR_TYPE_BASE, FIXTURE_DIR, encode_identity_state, new_ecid, org_cookie_prefix
 from devtools.lambda_context import new_context
 from devtools.stack import DATASTREAM_ID, LocalStack
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path("/work/shared/fixtures/edge-responses")
+FIXTURES = FIXTURE_DIR  # Adobe's answers, kept in the repo (test_edge_sim checks them against ../shared when there)
 INVALID_EVENT_TYPE = "https://github.com/interact-relay/errors/invalid-event"
 THIRTY_DAYS = 30 * 86400
 

@@ -1177,20 +1177,24 @@ def test_kept_alive_connections_are_dropped_after_an_idle_minute_and_kept_under_
             runtime.handle({"unsupported": True}, None)  # an invocation that does nothing, start to end
         assert runtime.session.get(url, timeout=5).status_code == 204
 
+    opened: list[int] = []  # connections the server had accepted after each invocation
     try:
         # WHEN invocations follow each other, then one comes after more than a minute idle
         invocation()
+        opened.append(len(connections))
         clock.advance(5)
         invocation()
+        opened.append(len(connections))
         clock.advance(IDLE_RECONNECT_S + 1)
         invocation()
+        opened.append(len(connections))
     finally:
         runtime.session.close()
         server.shutdown()
         server.server_close()
 
     # THEN the second reused the first one's connection, and the one after the idle minute opened a new one
-    assert len(connections) == 2
+    assert opened == [1, 1, 2]
 
 
 # -- claims of new events, 25 to a request ---------------------------------------------------------------------------
@@ -1590,7 +1594,9 @@ def test_no_token_is_fetched_ahead_when_the_batch_has_no_time_left() -> None:
     assert tokens.fetched == []
 
 
-def test_a_defect_fetching_a_token_ahead_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_defect_fetching_a_token_ahead_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
     from relay.runtime import Runtime
 
     class Broken(_Tokens):
@@ -1604,6 +1610,7 @@ def test_a_defect_fetching_a_token_ahead_is_logged_and_counted(caplog: pytest.Lo
         runtime._warm_token(Deadline(runtime.clock, 20))  # not raised: nothing reads the task's result
 
     assert any("unexpected error fetching the IMS token" in r.getMessage() for r in caplog.records)
+    assert emitted() == {"UnexpectedErrors": [1.0]}
 
 
 def test_without_ims_there_is_no_token_to_fetch_ahead() -> None:

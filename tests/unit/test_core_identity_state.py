@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +22,9 @@ from relay.identity_state import (
     state_to_item,
 )
 
-FIXTURE = Path("/work/shared/fixtures/edge-responses/send-event-with-identity.json")
+from devtools.edge_sim import FIXTURE_DIR
+
+FIXTURE = FIXTURE_DIR / "send-event-with-identity.json"  # Adobe's answer, kept in the repo
 NOW = 1_700_000_000.0
 IDENTITY_KEY = "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_identity"
 CLUSTER_KEY = "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_cluster"

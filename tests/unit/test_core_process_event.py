@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +16,11 @@ from relay.integrations.store import Claim, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, build_inbound
 from relay.process_event import INVALID_EVENT_TYPE, Outcome, Relay, Result, edge_status_of, with_state
 
+from devtools.edge_sim import FIXTURE_DIR
 from tests.fakes import WALL_START, FakeClock, FakeEdge, FakeStore
 from tests.unit.conftest import StoreOnMoto
 
-FIXTURE_BODY = json.loads(Path("/work/shared/fixtures/edge-responses/send-event-with-identity.json").read_text())
+FIXTURE_BODY = json.loads((FIXTURE_DIR / "send-event-with-identity.json").read_text())  # Adobe's, kept in the repo
 NOW = WALL_START
 DS = "ds-1"
 OPAQUE = opaque_identity_id("FPID", "fp-1")

@@ -19,6 +19,8 @@ from relay.settings import load_settings
 
 from devtools.loopback import LoopbackHandler, LoopbackService
 
+EDGE_HOST = "https://edge.adobedc.net"  # EDGE_AUTH=none takes the unauthenticated host (never called here)
+
 
 class CookieServer(LoopbackService):
     """Answers every request with a Set-Cookie (as an identity service might) and records the Cookie it received."""
@@ -100,7 +102,13 @@ class RecordingServer(LoopbackService):
 
 
 def edge_client(base_url: str) -> EdgeClient:
-    env = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
+    env = {
+        "HANDLES_TABLE": "t",
+        "DATASTREAM_ID": "ds-1",
+        "EDGE_AUTH": "none",
+        "EDGE_BASE_URL": EDGE_HOST,
+        "WEBHOOK_AUTH": "none",
+    }
     return EdgeClient(new_http_session(4), load_settings({**env, "EDGE_BASE_URL": base_url}), None, SystemClock())
 
 

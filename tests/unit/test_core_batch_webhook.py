@@ -32,7 +32,14 @@ from tests.fakes import FakeClock, FakeEdge, FakeStore
 from tests.unit.conftest import StoreOnMoto
 from tests.unit.test_security_properties import SECRETS, check_answer, harness, http_event
 
-ENV = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
+EDGE_HOST = "https://edge.adobedc.net"  # EDGE_AUTH=none takes the unauthenticated host (never called here)
+ENV = {
+    "HANDLES_TABLE": "t",
+    "DATASTREAM_ID": "ds-1",
+    "EDGE_AUTH": "none",
+    "EDGE_BASE_URL": EDGE_HOST,
+    "WEBHOOK_AUTH": "none",
+}
 SETTINGS = load_settings(ENV)
 
 
@@ -1169,7 +1176,15 @@ def test_kept_alive_connections_are_dropped_after_an_idle_minute_and_kept_under_
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     clock = FakeClock()
-    settings = load_settings({"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"})
+    settings = load_settings(
+        {
+            "HANDLES_TABLE": "t",
+            "DATASTREAM_ID": "ds",
+            "EDGE_AUTH": "none",
+            "EDGE_BASE_URL": EDGE_HOST,
+            "WEBHOOK_AUTH": "none",
+        }
+    )
     runtime = Runtime(settings, clock=clock, session=new_http_session(4))
 
     def invocation() -> None:
@@ -1406,7 +1421,15 @@ def test_an_environments_first_event_is_counted_as_a_cold_start(capsys: pytest.C
     from relay.runtime import Runtime
     from relay.settings import load_settings
 
-    settings = load_settings({"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"})
+    settings = load_settings(
+        {
+            "HANDLES_TABLE": "t",
+            "DATASTREAM_ID": "ds",
+            "EDGE_AUTH": "none",
+            "EDGE_BASE_URL": EDGE_HOST,
+            "WEBHOOK_AUTH": "none",
+        }
+    )
     runtime = Runtime(settings, clock=FakeClock())
 
     def cold_starts_flushed() -> list[float]:

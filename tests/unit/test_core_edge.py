@@ -117,6 +117,8 @@ def test_deliver_uses_the_subdomain_hint_template():
     edge = client(
         session,
         clock,
+        EDGE_AUTH="ims",  # the authenticated host takes only calls with a token (none are checked here)
+        ADOBE_SECRET_ID="adobe-secret",
         EDGE_BASE_URL="https://server.adobedc.net",
         EDGE_HINT_URL_TEMPLATE="https://{hint}.server.adobedc.net/ee/v2/interact",
     )

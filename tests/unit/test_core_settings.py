@@ -139,6 +139,7 @@ def test_load_settings_requires_webhook_secret_only_with_standard_webhooks():
 def test_load_settings_edge_auth_none_needs_no_adobe_secret():
     # GIVEN EDGE_AUTH=none and no Adobe secret
     env = {k: v for k, v in MINIMAL.items() if k != "ADOBE_SECRET_ID"} | {"EDGE_AUTH": "none"}
+    env["EDGE_BASE_URL"] = "https://edge.adobedc.net"  # the host that takes calls without a token
 
     # WHEN
     s = load_settings(env)
@@ -209,6 +210,18 @@ def test_a_url_the_parser_refuses_is_named_with_every_other_bad_variable(name: s
     # THEN the one configuration error names both, rather than a bare ValueError naming neither
     assert problems[name] == "must be an https URL (http only for loopback)"
     assert "HANDLES_TABLE" in problems
+
+
+@pytest.mark.parametrize("base", [None, "https://server.adobedc.net", "https://SERVER.adobedc.net/"])
+def test_no_edge_auth_with_the_authenticated_host_is_a_configuration_error(base: str | None) -> None:
+    # GIVEN EDGE_AUTH=none and Adobe's authenticated host, by default or given (the template's Rules refuse the same)
+    env = {**MINIMAL, "EDGE_AUTH": "none"} | ({"EDGE_BASE_URL": base} if base else {})
+
+    # WHEN / THEN it is refused, naming the host to use, rather than every call refused for want of a token
+    assert "use https://edge.adobedc.net" in problems_of(env)["EDGE_BASE_URL"]
+    # AND the unauthenticated host, or a simulator on loopback, is taken
+    assert load_settings({**env, "EDGE_BASE_URL": "https://edge.adobedc.net"}).edge_auth == "none"
+    assert load_settings({**env, "EDGE_BASE_URL": "http://127.0.0.1:8080"}).edge_auth == "none"
 
 
 def test_load_settings_subdomain_hint_template():
@@ -318,7 +331,8 @@ def test_a_log_level_powertools_accepts_is_valid(level: str) -> None:
 
 def test_a_log_level_powertools_would_refuse_is_named_with_the_other_problems() -> None:
     # WHEN / THEN
-    assert problems_of({"POWERTOOLS_LOG_LEVEL": "LOUD", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none"}) == {
+    env = {"POWERTOOLS_LOG_LEVEL": "LOUD", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none"}
+    assert problems_of({**env, "EDGE_BASE_URL": "https://edge.adobedc.net"}) == {
         "HANDLES_TABLE": "is required",
         "WEBHOOK_SECRET_ID": "is required when WEBHOOK_AUTH=standard-webhooks",
         "POWERTOOLS_LOG_LEVEL": "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",

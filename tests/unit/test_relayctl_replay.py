@@ -20,6 +20,8 @@ from devtools.poller import record_from_message
 from devtools.resources import create_handles_table
 from relayctl.__main__ import _mentions, _names, _peek_dlq, replay_event
 
+EDGE_HOST = "https://edge.adobedc.net"  # EDGE_AUTH=none takes the unauthenticated host (never called here)
+
 
 class Recorder:
     """A DynamoDB or SQS client that serves one item and records every other call."""
@@ -559,7 +561,13 @@ def prepared(monkeypatch: pytest.MonkeyPatch, record: dict[str, Any]) -> tuple[s
             return {}
 
     settings = load_settings(
-        {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "EDGE_AUTH": "none", "WEBHOOK_AUTH": "none"}
+        {
+            "HANDLES_TABLE": "t",
+            "DATASTREAM_ID": "ds-1",
+            "EDGE_AUTH": "none",
+            "EDGE_BASE_URL": EDGE_HOST,
+            "WEBHOOK_AUTH": "none",
+        }
     )
     runner = BatchRunner(settings, Relay(), ThreadPoolExecutor(1))  # type: ignore[arg-type]
     runner.run({"Records": [record]}, Deadline(Relay.clock, 20), lease_s=25)

@@ -129,6 +129,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         env.get("EDGE_BASE_URL", "").strip() or "https://server.adobedc.net",
         host_only=True,
     )
+    if edge_auth == "none" and "EDGE_BASE_URL" not in problems and urlsplit(base).hostname == "server.adobedc.net":
+        # As the template's rule: every call would be refused for want of a token, every event end in the DLQ.
+        problems["EDGE_BASE_URL"] = (
+            "must not be https://server.adobedc.net (the default) with EDGE_AUTH=none: that host refuses every call "
+            "without an IMS token; use https://edge.adobedc.net"
+        )
     ims = _url(
         problems,
         "IMS_TOKEN_URL",

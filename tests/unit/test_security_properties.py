@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -497,6 +498,21 @@ def test_signature_vectors_refused(case: str) -> None:
     assert h.answers[-1]["statusCode"] == 401, answer
     assert answer["title"] == "Unauthorized" and answer["detail"] == "missing or invalid webhook signature"
     assert not h.reached_relay and h.session.calls == []
+
+
+@pytest.mark.parametrize("case", ["v2-signature-only", "signature-without-comma", "signature-empty"])
+def test_a_signature_header_with_nothing_readable_is_logged_as_such(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sample events' placeholder signature, for one: the log once said "Missing required headers" (the library's
+    # words once the unreadable entries were dropped), which sent the reader to look for a header that was there
+    h = harness()
+    body, headers = vector_headers(case, int(time.time()))
+    with caplog.at_level(logging.WARNING):
+        h.call(http_event(body.encode(), headers))
+    assert h.answers[-1]["statusCode"] == 401
+    [line] = [r for r in caplog.records if r.getMessage() == "webhook signature rejected"]
+    assert line.reason == "webhook-signature holds no well-formed v1,<base64> signature"  # type: ignore[attr-defined]
 
 
 def test_signature_with_a_secret_that_was_rotated_out_is_refused() -> None:

@@ -174,7 +174,11 @@ class WebhookApp:
         # The library stops at the first entry it cannot parse: keep only well-formed ones, so that a malformed entry
         # cannot hide a valid signature after it (several space-separated signatures are allowed).
         entries = headers.get("webhook-signature", "").split(" ")
-        headers = {**headers, "webhook-signature": " ".join(e for e in entries if _well_formed_signature(e))}
+        well_formed = " ".join(e for e in entries if _well_formed_signature(e))
+        if not well_formed:
+            # Said as it is: the library would say "Missing required headers" for a header that is there.
+            raise Unauthorized("webhook-signature holds no well-formed v1,<base64> signature")
+        headers = {**headers, "webhook-signature": well_formed}
         for secret in secrets:
             try:
                 webhook(secret).verify(text, headers, json_parse=False)

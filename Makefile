@@ -11,7 +11,7 @@ SAM_PY_ENV := PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.
 # Offline AWS settings so sam/cfn-lint never look for an account.
 OFFLINE_AWS := AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing SAM_CLI_TELEMETRY=0
 
-.PHONY: setup sam-setup audit-setup lint types unit integration validate audit build test run serve soak bench clean
+.PHONY: setup sam-setup audit-setup lint types unit integration validate audit build test run serve invoke soak bench clean
 
 setup: $(VENV)/.stamp
 $(VENV)/.stamp: requirements-dev.txt layers/deps/requirements.txt
@@ -83,6 +83,9 @@ run: setup
 
 serve: setup
 	$(BIN)/python -m devtools.stack --serve
+
+invoke: setup  # `sam local invoke -e` without Docker, against `make serve`'s stack: make invoke EVENT=events/<file>
+	$(BIN)/python -m devtools.invoke $(EVENT)
 
 soak: setup
 	$(BIN)/python -m devtools.soak

@@ -364,6 +364,9 @@ def serve(stack: LocalStack) -> None:
     print("# a signed request (signatures expire after 5 minutes):")
     print(curl_command(gateway.url, body, stack.sign(body)))
     print()
+    print("# an event file through the handler, as `sam local invoke -e` would (in a shell with the exports above):")
+    print("make invoke EVENT=events/webhook-order.json")
+    print()
     print("# re-sign later with:")
     resign = (
         "from devtools.signing import sign_webhook; import json, sys; "

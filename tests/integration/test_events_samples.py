@@ -85,3 +85,33 @@ def test_sample_event_is_delivered_by_the_real_handler(clean_stack: LocalStack, 
             "requestId": item["requestId"],
             "handle": item["handle"],
         }
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])
+def test_devtools_invoke_runs_a_sample_as_sam_local_invoke_would(
+    clean_stack: LocalStack, path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the function's environment (what `make serve` prints), and a sample as shipped (placeholder signature)
+    from devtools.invoke import main
+
+    # WHEN it is invoked the way the README says, without Docker
+    assert main([str(path)]) == 0
+
+    # THEN the function's answer is printed: every record acknowledged, or the webhook's 200 (re-signed with the
+    # stack's secret, read from its Secrets Manager), and Edge got each event
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    event = json.loads(path.read_text())
+    if "Records" in event:
+        assert answer == {"batchItemFailures": []}
+        ids = [json.loads(r["body"])["event"]["xdm"].get("_id") or r["messageId"] for r in event["Records"]]
+    else:
+        assert answer["statusCode"] == 200, answer
+        ids = [event["headers"]["webhook-id"]]
+        assert json.loads(answer["body"])["eventId"] == ids[0]
+    for event_id in ids:
+        assert stack_status(clean_stack, event_id) == "delivered"
+
+
+def stack_status(stack: LocalStack, event_id: str) -> str | None:
+    item = stack.result_item(event_id)
+    return None if item is None else str(item["status"])

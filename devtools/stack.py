@@ -19,8 +19,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from relay.integrations.store import decode_item  # the relay's own reader: one decoder for stored items
-
 from devtools.cfn_yaml import load_template
 from devtools.edge_sim import EdgeSimulator, SimulatorClient
 from devtools.gateway import Handler, LocalGateway
@@ -49,6 +47,15 @@ ADOBE_SCOPES = "openid,AdobeID,additional_info.projectedProductContext"
 
 # Variables that would point boto3 somewhere else than the emulator.
 _AWS_OVERRIDES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def decode_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A stored item as plain Python values, by the relay's own reader (one decoder for stored items). Imported when
+    called: at this module's import it would load the relay's logger before `apply_env` gave it the stack's service
+    name (`POWERTOOLS_SERVICE_NAME`), and the local stack's log lines would carry the default one."""
+    from relay.integrations.store import decode_item as relay_decode_item
+
+    return relay_decode_item(item)
 
 
 class LocalStack:

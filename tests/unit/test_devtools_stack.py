@@ -45,3 +45,17 @@ def test_a_stop_interrupted_halfway_still_restores_the_environment_and_stops_the
     assert "AWS_ENDPOINT_URL_DYNAMODB" not in os.environ
     with pytest.raises(requests.ConnectionError):  # the simulator, stopped after moto's stop was interrupted
         requests.get(sim_url, timeout=2)
+
+
+def test_importing_the_stack_loads_none_of_the_relay_before_its_environment_is_applied() -> None:
+    # The relay's logger takes its service name at import: loaded before `apply_env`, the local stack's log lines
+    # said "interact-relay" while `make serve` printed POWERTOOLS_SERVICE_NAME=interact-relay-local
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = "import sys, devtools.stack; print(sorted(m for m in sys.modules if m.split('.')[0] == 'relay'))"
+    env = {"PYTHONPATH": f"{root / 'functions' / 'relay'}:{root}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True)
+    assert out.stdout.strip() == "[]"

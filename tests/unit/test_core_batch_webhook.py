@@ -1757,3 +1757,76 @@ def test_a_repeat_webhook_answers_only_once_the_state_read_started_for_it_has_en
     assert (answer["statusCode"], json.loads(answer["body"])["eventId"]) == (200, "ev-again")
     assert store.reads_done == [(opaque_identity_id("CRMID", "ann"), "ds-1")]
     assert runtime.session.calls == []
+
+
+def test_every_log_line_of_an_invocation_names_its_lambda_request_id() -> None:
+    # GIVEN a runtime, and two invocations with their own request ids (the runbook's log lines must join Lambda's
+    # START/REPORT lines, which carry only the request id); the lines as the function's formatter writes them
+    import io
+
+    from relay.observability import logger
+    from relay.runtime import Runtime
+
+    from devtools.lambda_context import new_context
+
+    runtime = Runtime(load_settings(ENV), clock=FakeClock())
+    first, second = new_context(30), new_context(30)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logger.registered_formatter)
+    logger._logger.addHandler(handler)
+    try:
+        # WHEN each logs a line (an event the function cannot take)
+        for context in (first, second):
+            with pytest.raises(ValueError):
+                runtime.handle({"unsupported": True}, context)
+    finally:
+        logger._logger.removeHandler(handler)
+
+    # THEN each line names its own invocation
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == ["unsupported event shape"] * 2
+    assert [line.get("function_request_id") for line in lines] == [first.aws_request_id, second.aws_request_id]
+
+
+def test_connections_stay_pooled_for_more_hosts_than_a_few() -> None:
+    # GIVEN six keep-alive hosts on loopback (Edge's base host, IMS, and regions under a sub-domain hint template)
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from relay.runtime import new_http_session
+
+    from devtools.loopback import LoopbackHandler
+
+    connections: list[str] = []
+
+    class Handler(LoopbackHandler):
+        def setup(self) -> None:
+            super().setup()
+            connections.append(self.server.server_address[0])  # type: ignore[index]
+
+        def do_GET(self) -> None:
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers = [ThreadingHTTPServer((f"127.0.0.{n}", 0), Handler) for n in range(1, 7)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    session = new_http_session(16)
+    try:
+        # WHEN calls go to each host in turn, ten rounds
+        for _ in range(10):
+            for server in servers:
+                host, port = server.server_address[:2]
+                assert session.get(f"http://{host!s}:{port}/", timeout=5).status_code == 204
+    finally:
+        session.close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+    # THEN each host was connected to once (with 4 host pools, every call evicted one and reconnected: 60)
+    assert sorted(connections) == [f"127.0.0.{n}" for n in range(1, 7)]

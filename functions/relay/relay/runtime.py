@@ -39,6 +39,7 @@ MIN_WORKING_TIME_S = 1.0  # less than this left after SAFETY_MARGIN_MS at the st
 # or a NAT that forgot them while the environment was frozen would make the first call fail (a reset, counted as Edge
 # being unavailable, or a token request failed for a whole batch). Under load they are kept, as they should be.
 IDLE_RECONNECT_S = 60.0
+HOST_POOLS = 32  # hosts whose connections are kept (Edge regions have far fewer); a pool costs nothing until used
 
 
 def new_http_session(pool_size: int) -> requests.Session:
@@ -54,7 +55,10 @@ def configure_http_session(session: requests.Session, pool_size: int) -> request
     # One session serves every identity: a cookie set in an answer about one person must never ride along with the
     # next person's event (Edge reads identities such as FPID from cookies). State travels in `meta.state` only.
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0, pool_block=True)
+    # `pool_connections` is how many hosts keep their pool: Edge's base host, IMS, and with a sub-domain hint template
+    # (`https://{hint}.server.adobedc.net/...`) one host per region. At 4, a batch reaching 5 hosts evicted a pool on
+    # nearly every call, and each call then paid a new TLS handshake.
+    adapter = HTTPAdapter(pool_connections=HOST_POOLS, pool_maxsize=pool_size, max_retries=0, pool_block=True)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -217,6 +221,8 @@ class Runtime:
             # This environment's first event: its clients, secrets, identity key and token are built or read now.
             count("ColdStarts")
         self._drop_idle_connections()
+        # Every line of this invocation names it, so the runbook's log lines join Lambda's START/REPORT lines.
+        logger.append_keys(function_request_id=getattr(context, "aws_request_id", None))
         remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0
         if remaining - self.settings.safety_margin_s < MIN_WORKING_TIME_S:
             # Only a misconfiguration does this on a fresh invocation (a margin as long as the function's timeout):

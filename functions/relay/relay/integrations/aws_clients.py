@@ -13,7 +13,7 @@ def client_config(pool_size: int) -> Config:
     return Config(
         connect_timeout=2,
         read_timeout=5,
-        retries={"mode": "standard", "max_attempts": 5},
+        retries={"mode": "standard", "max_attempts": 5},  # retries: 6 attempts in all (README, "Time budget")
         max_pool_connections=max(pool_size, 10),
         tcp_keepalive=True,
         # Requests are built by this code, not by users: skip botocore's per-call parameter validation (CPU).

@@ -289,9 +289,13 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     return None
 
 
-def replay_event(ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str) -> str:
-    """Mark a rejected event `queued` and send its original request to the queue. Returns what happened."""
-    doc = _get(ddb, table, event_id)
+def replay_event(
+    ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str, doc: dict[str, Any] | None = None
+) -> str:
+    """Mark a rejected event `queued` and send its original request to the queue. Returns what happened. `doc` is its
+    result when the caller has just read it (the marks below are conditioned on what it holds)."""
+    if doc is None:
+        doc = _get(ddb, table, event_id)
     skip = _replay_plan(doc)
     if skip is not None or doc is None:  # (_replay_plan says "not found" for None)
         return skip or "not found"
@@ -371,7 +375,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.dry_run:
             outcome = _replay_plan(doc) or "would replay"
         else:
-            outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id)
+            outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id, doc)
         # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
         failures += outcome not in ("queued", "would replay")
         print(f"{event_id}: {outcome}")

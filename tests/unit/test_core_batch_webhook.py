@@ -1176,15 +1176,7 @@ def test_kept_alive_connections_are_dropped_after_an_idle_minute_and_kept_under_
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     clock = FakeClock()
-    settings = load_settings(
-        {
-            "HANDLES_TABLE": "t",
-            "DATASTREAM_ID": "ds",
-            "EDGE_AUTH": "none",
-            "EDGE_BASE_URL": EDGE_HOST,
-            "WEBHOOK_AUTH": "none",
-        }
-    )
+    settings = load_settings(ENV)
     runtime = Runtime(settings, clock=clock, session=new_http_session(4))
 
     def invocation() -> None:
@@ -1421,15 +1413,7 @@ def test_an_environments_first_event_is_counted_as_a_cold_start(capsys: pytest.C
     from relay.runtime import Runtime
     from relay.settings import load_settings
 
-    settings = load_settings(
-        {
-            "HANDLES_TABLE": "t",
-            "DATASTREAM_ID": "ds",
-            "EDGE_AUTH": "none",
-            "EDGE_BASE_URL": EDGE_HOST,
-            "WEBHOOK_AUTH": "none",
-        }
-    )
+    settings = load_settings(ENV)
     runtime = Runtime(settings, clock=FakeClock())
 
     def cold_starts_flushed() -> list[float]:

@@ -65,7 +65,7 @@ validate: setup sam-setup
 	$(OFFLINE_AWS) $(BIN)/cfn-lint template.yaml
 	$(OFFLINE_AWS) $(SAM) validate --lint --template template.yaml
 
-build: sam-setup
+build: setup sam-setup
 	@$(SAM_PY_ENV) python3.13 --version >/dev/null 2>&1 || { echo "make build: sam build needs python3.13 (the Lambda runtime) on PATH, or in pyenv (pyenv install 3.13); in make test, every check before it has passed" >&2; exit 1; }
 	$(OFFLINE_AWS) $(SAM_PY_ENV) $(SAM) build --template template.yaml
 	@# sam build ships sources only (it leaves out every *.pyc), and /var/task and /opt are read-only, so each cold
@@ -75,6 +75,8 @@ build: sam-setup
 	$(SAM_PY_ENV) python3.13 -m compileall -q -j 0 --invalidation-mode checked-hash .aws-sam/build/RelayFunction
 	$(SAM_PY_ENV) python3.13 -m compileall -q -j 0 --invalidation-mode unchecked-hash .aws-sam/build/DepsLayer
 	$(SAM_PY_ENV) python3.13 devtools/check_bytecode.py .aws-sam/build/RelayFunction/relay .aws-sam/build/DepsLayer
+	@# Then run what was built as Lambda would: the function and its layer alone, in python3.13 (devtools/smoke_build.py).
+	$(BIN)/python -m devtools.smoke_build --python "$$($(SAM_PY_ENV) python3.13 -c 'import sys; print(sys.executable)')" .aws-sam/build
 
 test: lint types validate audit unit integration build
 

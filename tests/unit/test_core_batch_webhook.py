@@ -875,6 +875,50 @@ def test_a_queue_that_cannot_take_an_event_says_why(
         assert reason in str(records[0].__dict__.get("reason"))
 
 
+class ExplodingSqs:
+    """An SQS client whose send fails with neither a ClientError nor a BotoCoreError (a defect)."""
+
+    def send_message(self, **kwargs: Any) -> Any:
+        raise RuntimeError("defect in sending")
+
+
+@pytest.mark.parametrize("where", ["send", "client"])
+def test_a_webhook_event_that_could_not_be_queued_for_a_defect_is_not_left_saying_queued(
+    where: str, store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    from relay.errors import EdgeUnavailable
+    from relay.webhook import WebhookApp
+
+    # GIVEN Edge unavailable, and a retry queue whose send (or whose client's creation) fails with a defect
+    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+    store, clock = store_on_moto.store, store_on_moto.clock
+    relay = Relay(store, FakeEdge(EdgeUnavailable("edge answered 503")), clock)  # type: ignore[arg-type]
+
+    def queue() -> RetryQueue:
+        if where == "client":
+            raise RuntimeError("defect building the SQS client")
+        return RetryQueue(ExplodingSqs(), QUEUE_URL)
+
+    app = WebhookApp(settings, relay, lambda: None, queue, clock)  # type: ignore[arg-type,return-value]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-q"}}}).encode()
+
+    # WHEN a webhook event arrives
+    answer = app.handle(http_event(body, {"webhook-id": "msg_q"}), None)
+
+    # THEN the sender is told to retry, and the stored item says nothing waits in the queue for it
+    assert answer["statusCode"] == 503
+    assert json.loads(answer["body"])["detail"] == "Edge is unavailable and the event could not be queued; retry"
+    item = store.get_result("ev-q")
+    assert item["status"] == "queued"  # released: the sender's retry may claim it
+    assert item["lastError"] == (
+        "not queued (it could not be sent to the retry queue; the sender was answered 503): edge answered 503"
+    )
+    assert "retryAfterSeconds" not in item
+    # and the defect is counted for the alarm, as well as the failed fallback
+    assert emitted()["UnexpectedErrors"] == [1.0]
+    assert emitted()["QueueFallbackFailed"] == [1.0]
+
+
 @pytest.mark.usefixtures("aws")
 def test_a_safety_margin_as_long_as_the_invocation_is_logged_as_the_error_it_is(
     caplog: pytest.LogCaptureFixture,

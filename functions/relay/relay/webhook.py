@@ -294,13 +294,23 @@ class WebhookApp:
                 retryAfter=2,
             )
         # RETRY: Edge (or the store) stayed unavailable; hand the event to the queue.
-        if self._queue().send(inbound, delay_s=result.retry_after):
+        try:
+            sent, why = self._queue().send(inbound, delay_s=result.retry_after), "the retry queue refused it"
+        except Exception:
+            # A defect in sending (or in building the client): the item was released as `queued`, so it must still
+            # be told that nothing waits in the queue for it, as when the queue refuses.
+            logger.exception(
+                "unexpected error queueing the event; the sender is asked to retry", eventId=result.event_id
+            )
+            count("UnexpectedErrors")
+            sent, why = False, "it could not be sent to the retry queue"
+        if sent:
             count("Queued")
             logger.info("event queued for later delivery", eventId=result.event_id, reason=result.reason)
             return ok(202, {"eventId": result.event_id, "status": "queued"})
         count("QueueFallbackFailed")
         logger.error("event could not be queued; sender must retry", eventId=result.event_id)
-        why = "the retry queue refused it" if self._settings.retry_queue_url else "no retry queue is configured"
+        why = why if self._settings.retry_queue_url else "no retry queue is configured"
         self._relay.store.note_not_queued(
             result.event_id, f"not queued ({why}; the sender was answered 503): {result.reason}"
         )

@@ -11,7 +11,8 @@ without reaching the emulator, with an error shaped like DynamoDB's own:
 * HTTP 500 ``InternalServerError`` (botocore: a transient error, retried).
 
 A fault starts a **burst** with probability ``burst_share``: the next ``burst_length`` writes to the same
-item (``pk``/``sk``) fail too, so the error outlasts botocore's 5 standard-mode attempts and the relay's
+item (``pk``/``sk``) fail too. At the default 6 (the fault and 5 more) that is every one of botocore's 6
+standard-mode attempts (the relay's ``max_attempts`` of 5 counts retries), so the write fails and the relay's
 own handling (release the claim, fail the record so it is redelivered) is exercised. Bursts are keyed by
 item rather than global because concurrent writers would otherwise share, and dilute, one burst.
 

@@ -5,7 +5,7 @@ What runs (all on loopback, in this process except moto):
 * the Edge/IMS simulator with chaos (429/503 with a small ``Retry-After``, 502, 504, answers slower than the
   relay's read timeout, dropped connections) on about ``--fault-rate`` of the Edge calls;
 * moto, behind :mod:`devtools.fault_proxy` which refuses ``--ddb-fault-rate`` of the DynamoDB writes
-  (throughput exceeded / internal error, some in bursts that outlast botocore's 5 attempts);
+  (throughput exceeded / internal error, some in bursts as long as botocore's 6 attempts);
 * the real handler code: a few :class:`relay.runtime.Runtime` objects, one per simulated execution
   environment: a small pool behind the local HTTP API gateway and one per SQS poller;
 * webhook senders (threads, signed requests, retrying 409/503/5xx with the same ``webhook-id`` like a
@@ -15,10 +15,12 @@ What runs (all on loopback, in this process except moto):
 
 After the queue drains, every generated eventId is looked up (its ``EVENT#<id>``/``RESULT`` item, the
 dead-letter queue, the queue) and classified. The table printed at the end is what ``docs/soak.md``
-records. Exit status 1 when an event is missing or Edge answered 200 twice for one event for a reason
-other than a lost answer (timeout), a DynamoDB failure after the answer, or an invocation that outlived the function
-timeout (a stalled machine: Lambda would have ended it). All three are expected: at-least-once, and Edge dedupes by
-``xdm._id``.
+records. Exit status 1 when any expectation fails (:attr:`SoakReport.failures`): an event missing, in another state
+than its kind's (a valid one not delivered, an invalid one not rejected, a poison one not dead-lettered), with a final
+item and a message still in a queue, a rejection without a reason, a duplicated eventId without one final item, a
+stray result item, the queue not drained, or Edge answering 200 twice for one event for a reason other than a lost
+answer (timeout), a DynamoDB failure after the answer, or an invocation that outlived the function timeout (a stalled
+machine: Lambda would have ended it). Those three are expected: at-least-once, and Edge dedupes by ``xdm._id``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class SoakConfig:
     fault_rate: float = 0.2  # Edge calls answered with a fault by the simulator
     ddb_fault_rate: float = 0.02  # DynamoDB writes refused by the fault proxy
     ddb_burst_share: float = 0.1  # of those, the share that starts a burst on the same item
-    ddb_burst_length: int = 6  # > botocore's 5 standard-mode attempts
+    ddb_burst_length: int = 6  # the fault and 5 more: botocore's 6 attempts (max_attempts 5 counts retries)
     webhook_share: float = 0.5
     duplicates: float = 0.05  # extra sends of an already generated eventId, as a share of `events`
     invalid: float = 0.01  # bodies that are not JSON or have no event.xdm
@@ -487,10 +489,26 @@ class SoakReport:
     unexpected: list[str]
     stray_results: list[str]
     counts: dict[str, Any]
+    in_two_places: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        """What fails the run: every expectation the table states, not only a missing event."""
+        checks = [
+            (self.missing, "events missing"),
+            (self.other_duplicates, "unexplained duplicate Edge calls"),
+            (self.unexpected, "events in another state than their kind's"),
+            (self.in_two_places, "events with a final item and a message still in a queue"),
+            (self.rejected_without_reason, "rejections without a stored reason"),
+            (self.duplicate_ids_without_one_result, "duplicated eventIds without one final item"),
+            (self.stray_results, "stray result items"),
+            (self.counts.get("queue"), "events still in the queue (not drained)"),
+        ]
+        return [what for found, what in checks if found]
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.other_duplicates
+        return not self.failures
 
     def table(self) -> str:
         width = max(len(label) for label, _ in self.rows)
@@ -627,6 +645,12 @@ def account(
         for e in sorted(duplicate_ids)
         if results.get(e, {}).get("status") not in ("delivered", "rejected") and e not in dlq_ids and e not in left_ids
     ]
+    # An event ends in one state: one with a final item must not also have a message waiting or dead-lettered.
+    in_two_places = [
+        f"{e}: {results[e]['status']}, and a message in the " + ("dead-letter queue" if e in dlq_ids else "queue")
+        for e in expected
+        if results.get(e, {}).get("status") in ("delivered", "rejected") and (e in dlq_ids or e in left_ids)
+    ]
     stray = sorted(set(results) - set(expected))
 
     # Edge calls, from the simulator's log; the relay's view from the tracer.
@@ -679,6 +703,7 @@ def account(
         ("still in the queue", f"{outcome['queue']}" + ("" if drained else "  (drain timed out)")),
         ("missing (must be 0)", str(outcome["missing"])),
         ("unexpected outcomes (valid not delivered, invalid not rejected, ...)", str(len(unexpected))),
+        ("in two places (a final item and a message in a queue; must be 0)", str(len(in_two_places))),
         ("stray result items (eventId not generated)", str(len(stray))),
         ("Edge calls total", str(len(interact))),
         ("Edge calls per delivered event", per_delivered(len(interact))),
@@ -739,7 +764,7 @@ def account(
         "duplicate_ids": len(duplicate_ids),
         "gave_up": len(gave_up),
     }
-    return SoakReport(rows, missing, other, no_reason, dup_without_one, unexpected, stray, counts)
+    return SoakReport(rows, missing, other, no_reason, dup_without_one, unexpected, stray, counts, in_two_places)
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -955,6 +980,7 @@ def main(argv: list[str] | None = None) -> int:
     for title, items in (
         ("missing", report.missing),
         ("unexpected outcomes", report.unexpected),
+        ("in two places", report.in_two_places),
         ("other duplicate Edge calls", [f"{k} x{v}" for k, v in report.other_duplicates.items()]),
         ("rejected without a reason", report.rejected_without_reason),
         ("duplicate eventIds without one final result", report.duplicate_ids_without_one_result),
@@ -964,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{title} ({len(items)}):")
             for line in list(items)[: args.show]:
                 print(f"  {line}")
-    print("\nPASS" if report.ok else "\nFAIL: missing events or unexplained duplicate Edge calls")
+    print("\nPASS" if report.ok else "\nFAIL: " + "; ".join(report.failures))
     return 0 if report.ok else 1
 
 

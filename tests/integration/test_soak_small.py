@@ -47,6 +47,7 @@ def test_small_soak_accounts_for_every_event() -> None:
     assert report.rejected_without_reason == [], table
     assert report.duplicate_ids_without_one_result == [], table
     assert report.stray_results == [], table
+    assert report.in_two_places == [], table
     counts = report.counts
     assert counts["generated"] == 300
     assert counts["duplicate_ids"] > 0
@@ -56,6 +57,7 @@ def test_small_soak_accounts_for_every_event() -> None:
     assert counts["dlq"] == 3, table  # the poison events, and only they (Edge always fails them)
     assert report.unexpected == [], table
     assert counts["queue"] == 0, table  # drained
+    assert report.failures == [], table  # the verdict `make soak` exits on
     # Faults were really injected and the invalid / no-identity events were rejected with their reason.
     assert counts["edge_calls"] > counts["delivered"]
     assert any(r.startswith("validation") for r in counts["reasons"]), table

@@ -7,6 +7,8 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from devtools.soak import Tracer
 
 
@@ -66,3 +68,89 @@ def test_an_invocation_within_the_timeout_notes_nothing_but_its_length() -> None
     assert tracer.overran_invocations == 0
     assert not tracer.overran
     assert tracer.longest_invocation > 0.0
+
+
+# ------------------------------------------------------------------------------------------------------ the verdict
+
+
+def accounted(
+    results: dict[str, dict[str, Any]],
+    *,
+    dlq: tuple[str, ...] = (),
+    left: tuple[str, ...] = (),
+    kinds: dict[str, str] | None = None,
+) -> Any:
+    """`account()` over three generated events (e1-e3, valid unless `kinds` says otherwise), with the stored items,
+    dead-letter messages and messages left in the queue given, and nothing else (no Edge calls, no faults)."""
+    from collections import Counter
+
+    from devtools.soak import Send, SoakConfig, account
+
+    kinds = {"e1": "valid", "e2": "valid", "e3": "valid", **(kinds or {})}
+    sends = [Send(i, kind, "sqs", b"{}", event_id) for i, (event_id, kind) in enumerate(kinds.items())]
+
+    def message(event_id: str) -> dict[str, Any]:
+        return {"MessageId": f"m-{event_id}", "Body": "{}", "MessageAttributes": {"eventId": {"StringValue": event_id}}}
+
+    return account(
+        SoakConfig(events=3),
+        sends,
+        results=results,
+        dlq=[message(e) for e in dlq],
+        left=[message(e) for e in left],
+        edge_log=[],
+        sim_stats={},
+        tracer=Tracer(),
+        proxy_stats={},
+        webhook_answers=Counter(),
+        gave_up=[],
+        unsent=[],
+        duration=1.0,
+        drained=True,
+        function_timeout=30.0,
+    )
+
+
+DELIVERED = {"status": "delivered"}
+ALL_DELIVERED = {"e1": DELIVERED, "e2": DELIVERED, "e3": DELIVERED}
+
+
+def test_a_soak_whose_every_event_is_delivered_passes() -> None:
+    report = accounted(ALL_DELIVERED)
+    assert (report.ok, report.failures) == (True, [])
+
+
+@pytest.mark.parametrize(
+    ("case", "failure"),
+    [
+        ({"results": {"e1": DELIVERED, "e2": DELIVERED}}, "events missing"),
+        ({"results": {"e1": DELIVERED, "e2": DELIVERED}, "dlq": ("e3",)}, "events in another state than their kind's"),
+        ({"results": {**ALL_DELIVERED, "e3": {"status": "rejected"}}}, "events in another state than their kind's"),
+        ({"results": {**ALL_DELIVERED, "x9": DELIVERED}}, "stray result items"),
+        ({"results": {"e1": DELIVERED, "e2": DELIVERED}, "left": ("e3",)}, "events still in the queue (not drained)"),
+        ({"results": ALL_DELIVERED, "dlq": ("e2",)}, "events with a final item and a message still in a queue"),
+        ({"results": ALL_DELIVERED, "left": ("e2",)}, "events with a final item and a message still in a queue"),
+        (
+            {"results": {**ALL_DELIVERED, "e3": {"status": "rejected"}}, "kinds": {"e3": "invalid_json"}},
+            "rejections without a stored reason",
+        ),
+    ],
+    ids=[
+        "missing",
+        "valid-in-dlq",
+        "valid-rejected",
+        "stray",
+        "not-drained",
+        "delivered-and-dlq",
+        "delivered-and-queued",
+        "no-reason",
+    ],
+)
+def test_every_expectation_the_soak_counts_fails_it(case: dict[str, Any], failure: str) -> None:
+    # GIVEN a soak's final state with one thing wrong
+    # WHEN it is accounted for
+    report = accounted(**case)
+
+    # THEN the run fails, naming it (before, only a missing event or an unexplained duplicate failed it)
+    assert not report.ok
+    assert failure in report.failures, report.failures

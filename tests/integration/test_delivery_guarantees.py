@@ -533,8 +533,9 @@ def test_a_request_replayed_first_to_an_unlisted_datastream_is_refused_and_the_g
         # WHEN it is replayed first, to another datastream Edge knows (the query string is not signed)
         replay = requests.post(f"{gw.url}/events?datastreamId=ds-unlisted", data=body, headers=headers, timeout=30)
 
-        # THEN it is refused, saying why, and nothing is sent to Edge
+        # THEN it is refused, saying why (the datastream, not the body), and nothing is sent to Edge
         assert replay.status_code == 400
+        assert replay.json()["detail"] == "the event's datastream is malformed or not one this relay sends to"
         assert replay.json()["errors"] == [
             {
                 "path": "datastreamId",

@@ -41,9 +41,12 @@ def config_rows() -> dict[str, tuple[str, str]]:
 
 
 def settings_variables() -> dict[str, int | None]:
-    """Every variable `load_settings` reads -> its integer default (None when it is not an `_int`)."""
+    """Every variable the function reads -> its integer default (None when it is not an `_int`): those
+    `load_settings` reads, and those any module reads from `os.environ` itself (the logger's and metrics')."""
     source = SETTINGS.read_text(encoding="utf-8")
     read = set(re.findall(r'(?:env\.get|required|choice)\(\s*"([A-Z][A-Z0-9_]+)"', source))
+    for module in SETTINGS.parent.rglob("*.py"):
+        read |= set(re.findall(r'os\.environ(?:\.get\(|\[)\s*"([A-Z][A-Z0-9_]+)"', module.read_text(encoding="utf-8")))
     ints = {name: int(default) for name, default in re.findall(r'_int\(problems, env, "([A-Z0-9_]+)", (\d+),', source)}
     defaults: dict[str, int | None] = dict.fromkeys(read)
     return defaults | ints
@@ -70,7 +73,7 @@ def test_the_readme_says_what_the_template_sets(name: str) -> None:
         return
     assert name in env, where
     value = env[name]
-    if (ref := re.fullmatch(r"(?:parameter|the stack's) `(\w+)`", where)) is not None:
+    if (ref := re.fullmatch(r"(?:parameter|the stack's) `([\w:]+)`", where)) is not None:
         assert f"{{'Ref': '{ref[1]}'}}" in repr(value), (where, value)
     else:
         fixed = re.match(r"fixed: `([^`]+)`", where)

@@ -26,8 +26,17 @@ class InvalidEvent(Exception):
     detail = "the body is not a valid interact event"
     event_id: str | None = None  # the eventId its rejection is kept under, when `read_event` raised it
 
-    def __init__(self, errors: list[dict[str, str]], *, title: str = "Invalid event", total: int | None = None) -> None:
+    def __init__(
+        self,
+        errors: list[dict[str, str]],
+        *,
+        title: str = "Invalid event",
+        total: int | None = None,
+        detail: str | None = None,
+    ) -> None:
         # `total`: how many there are when `errors` holds only the first ones (the rest never built)
+        if detail:
+            self.detail = detail
         total = max(total or 0, len(errors))
         kept = [{k: str(v)[:MAX_ERROR_TEXT] for k, v in e.items()} for e in errors[:MAX_ERRORS]]
         if total > MAX_ERRORS:

@@ -333,6 +333,8 @@ NOT_ALLOWED_DATASTREAM = '"{}" is not one of the datastreams this relay sends to
 DEFAULT_NOT_ALLOWED = (
     "is required: the default datastream is not one of those this relay sends to (ALLOWED_DATASTREAM_IDS)"
 )
+# The answer's detail when the datastream, not the body, is what is wrong (`errors` says how).
+DATASTREAM_DETAIL = "the event's datastream is malformed or not one this relay sends to"
 
 
 def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[str] = frozenset()) -> str:
@@ -341,12 +343,14 @@ def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[s
     webhook could reach the default by leaving out the `?datastreamId=` its sender signed the body for."""
     if candidate is None or candidate == "":
         if allowed and default not in allowed:
-            raise InvalidEvent([{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}])
+            raise InvalidEvent([{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}], detail=DATASTREAM_DETAIL)
         return default
     if not DATASTREAM_ID_RE.fullmatch(candidate):
-        raise InvalidEvent([{"path": "datastreamId", "message": "must be a datastream id (letters, digits, -_:.)"}])
+        message = "must be a datastream id (letters, digits, -_:.)"
+        raise InvalidEvent([{"path": "datastreamId", "message": message}], detail=DATASTREAM_DETAIL)
     if allowed and candidate not in allowed:
-        raise InvalidEvent([{"path": "datastreamId", "message": NOT_ALLOWED_DATASTREAM.format(candidate)}])
+        message = NOT_ALLOWED_DATASTREAM.format(candidate)
+        raise InvalidEvent([{"path": "datastreamId", "message": message}], detail=DATASTREAM_DETAIL)
     return candidate
 
 

@@ -86,18 +86,27 @@ def rejected_response(item: dict[str, Any]) -> Response:
     """A stored rejection as the webhook answer: Edge's own problem fields, mapped per contract §7."""
     error = as_dict(item.get("error"))
     status = edge_status_of(item)
-    extra = {"eventId": item.get("eventId"), "type": error.get("type", "about:blank")}
+    # Edge's (or a proxy's) problem is kept as it came: a field that is not text is not answered as one.
+    extra = {"eventId": item.get("eventId"), "type": _text(error.get("type")) or "about:blank"}
     if error.get("errors"):  # our own validation of a body
         return problem(
             status if status in (400, 413, 422) else 400,
-            str(error.get("title", "Invalid event")),
-            str(error.get("detail") or InvalidEvent.detail),
+            _text(error.get("title")) or "Invalid event",
+            _text(error.get("detail")) or InvalidEvent.detail,
             errors=error["errors"],
             **extra,
         )
     answer = 502 if status >= 500 else 422
-    title = str(error.get("title", "Edge rejected the event"))
-    return problem(answer, title, str(error.get("detail", ""))[:1000], edgeStatus=status, **extra)
+    title = _text(error.get("title")) or "Edge rejected the event"
+    return problem(answer, title, _text(error.get("detail"))[:1000], edgeStatus=status, **extra)
+
+
+def _text(value: Any) -> str:
+    """A problem field as the answer's text: a string as it is, nothing (`null`, absent) as empty, anything else (a
+    number, an object: not what RFC 9457 allows) as its JSON."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 class WebhookApp:
@@ -138,7 +147,13 @@ class WebhookApp:
             # Fields API Gateway always sends are missing (a hand-built event, e.g. `sam local invoke -e`): say so
             # rather than crash (which API Gateway would answer with a bare 500).
             logger.warning("not an HTTP API 2.0 event: a field API Gateway always sends is missing")
-            body = {"type": "about:blank", "title": "Bad request", "status": 400, "detail": NOT_HTTP_API}
+            body = {
+                "type": "about:blank",
+                "title": "Bad request",
+                "status": 400,
+                "detail": NOT_HTTP_API,
+                "errors": [{"path": "$", "message": "a field API Gateway always sends is missing"}],
+            }
             return {"statusCode": 400, "headers": {"Content-Type": PROBLEM}, "body": json.dumps(body)}
 
     @staticmethod
@@ -195,7 +210,8 @@ class WebhookApp:
             # API Gateway always sends the body as a string; a hand-built event with a JSON object there is a mistake
             # that no retry can mend (told to retry, a sender would only resend it).
             logger.warning("not an HTTP API 2.0 event: the body is not a string", bodyType=type(body).__name__)
-            return problem(400, "Bad request", NOT_HTTP_API)
+            errors = [{"path": "body", "message": "must be a string, as API Gateway sends it"}]
+            return problem(400, "Bad request", NOT_HTTP_API, errors=errors)
         try:
             raw = base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode("utf-8")
         except (binascii.Error, ValueError):

@@ -561,6 +561,18 @@ def test_apply_handles_ignores_an_entry_over_the_size_of_a_cookie():
     assert new.entries == {}
 
 
+def test_an_entry_over_the_size_of_a_cookie_drops_the_one_it_would_replace():
+    # GIVEN a stored entry, and an answer replacing it with one too large to keep
+    old = IdentityState(entries={"a": StoredEntry("old", NOW + 3600, 3600), "b": StoredEntry("kept", NOW + 60, 60)})
+    answer = [store_handle({"key": "a", "value": "v" * MAX_ENTRY_BYTES, "maxAge": 60})]
+
+    # WHEN
+    new = apply_handles(old, answer, NOW)
+
+    # THEN neither is kept: the old value is not sent back once Edge has replaced it; the others stay
+    assert set(new.entries) == {"b"}
+
+
 def test_an_entrys_attrs_are_sized_as_sent_not_as_escaped_json():
     # GIVEN an entry just within the size of a cookie, whose attrs hold non-ASCII text (3 bytes per character in the
     # request, 6 as an ASCII JSON escape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -13,7 +14,7 @@ from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable, Invali
 from relay.identity_state import IdentityState, StoredEntry, opaque_identity_id
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.store import Claim, ResultWrite
-from relay.models import MAX_BODY_BYTES, InboundEvent, build_inbound
+from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list, build_inbound
 from relay.process_event import INVALID_EVENT_TYPE, Outcome, Relay, Result, edge_status_of, with_state
 
 from devtools.edge_sim import FIXTURE_DIR
@@ -560,6 +561,62 @@ def test_process_leaves_stored_entries_out_when_they_would_take_the_event_over_e
     assert sent == event.request
     assert len(json.dumps(sent, separators=(",", ":")).encode()) <= MAX_BODY_BYTES
     assert set(store.states[(OPAQUE, DS)].entries) == {CLUSTER_KEY, IDENTITY_KEY}
+
+
+def test_process_leaves_out_the_entries_that_lapse_first_and_keeps_the_identity_entry_when_it_fits(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
+    # GIVEN a stored identity entry (long-lived), a cluster entry and a large entry that lapse sooner, and an event
+    # that fits Edge's 64 KiB with the identity entry but not with the others too
+    clock = FakeClock()
+    store = FakeStore()
+    identity = StoredEntry("CiY" + "i" * 60, NOW + 34_128_000, 34_128_000)
+    store.states[(OPAQUE, DS)] = IdentityState(
+        entries={
+            IDENTITY_KEY: identity,
+            CLUSTER_KEY: StoredEntry("va6", NOW + 1800, 1800),
+            "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_consent": StoredEntry("c" * 3000, NOW + 7200, 7200),
+        }
+    )
+    event = inbound()
+    pad = MAX_BODY_BYTES - len(json.dumps(event.request, separators=(",", ":"))) - 400
+    event = replace(event, request={**event.request, "event": {**event.request["event"], "data": {"p": "x" * pad}}})
+    edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
+
+    # WHEN
+    result = process(store, edge, clock, event)
+
+    # THEN it went with the identity entry only (Edge answers under the same identity), within the limit
+    assert result.outcome is Outcome.DELIVERED
+    sent = edge.calls[0].request
+    assert sent["meta"]["state"]["entries"] == [{"key": IDENTITY_KEY, "value": identity.value, "maxAge": 34_128_000}]
+    assert len(json.dumps(sent, separators=(",", ":")).encode()) <= MAX_BODY_BYTES
+    assert {k: v for k, v in sent.items() if k != "meta"} == event.request
+    # and the entries left out were counted
+    assert emitted()["StateNotSent"] == [1.0]
+
+
+@pytest.mark.parametrize("fitting", [0, 1, 3, 7, 9, 10])
+def test_the_fewest_entries_are_left_out_and_the_longest_lived_are_kept(fitting: int) -> None:
+    from relay.process_event import with_state_within_limit
+
+    # GIVEN ten stored entries of about 1 KB, each lapsing later than the last, and an event with room for `fitting`
+    entries = {f"k{i}": StoredEntry(f"{i}" * 1000, NOW + 100 * (i + 1), 100 * (i + 1)) for i in range(10)}
+    state = IdentityState(entries=entries)
+    event = inbound().request
+    one = len(json.dumps({"key": "k0", "value": "0" * 1000, "maxAge": 100}, separators=(",", ":"))) + 1
+    room = 40 + fitting * one  # the `meta.state.entries` wrapper, and `fitting` entries with their commas
+    pad = MAX_BODY_BYTES - len(json.dumps(event, separators=(",", ":"))) - room - 8  # `,"data":{"p":""}` is 16
+    event = {**event, "event": {**event["event"], "data": {"p": "x" * (pad - 8)}}}
+
+    # WHEN the request is made to fit
+    sent, body, left_out = with_state_within_limit(event, state, NOW)
+
+    # THEN the fewest were left out, those that lapse first, and it fits
+    assert len(body) <= MAX_BODY_BYTES
+    assert left_out == 10 - fitting
+    kept = [e["key"] for e in as_list(as_dict(as_dict(sent.get("meta")).get("state")).get("entries"))]
+    assert kept == [f"k{i}" for i in range(10 - fitting, 10)]
 
 
 def test_an_event_the_relays_additions_take_over_edges_limit_is_refused_without_a_call() -> None:

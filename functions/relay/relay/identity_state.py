@@ -114,7 +114,8 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
     """Fold one Edge response's `state:store` and `locationHint:result` handles into the state.
 
     What cannot be kept safely is left out: an entry whose value is not a string or whose lifetime is not a number,
-    an entry over MAX_ENTRY_BYTES, a hint that is not a plain name. If the entries together pass MAX_STATE_BYTES,
+    an entry over MAX_ENTRY_BYTES (the older entry under its key goes too: Edge replaced it), a hint that is not a
+    plain name. If the entries together pass MAX_STATE_BYTES,
     those that lapse first are dropped (the long-lived identity entry stays)."""
     entries = state.live_entries(now)
     hint, hint_expires_at = state.hint, state.hint_expires_at
@@ -139,6 +140,8 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 entry = StoredEntry(item["value"], now + max_age, int(max_age), attrs or None)
                 if _entry_bytes(item["key"], entry) <= MAX_ENTRY_BYTES:
                     entries[item["key"]] = entry
+                else:  # not kept; nor the value it replaces, which Edge no longer wants sent
+                    entries.pop(item["key"], None)
         elif handle.get("type") == "locationHint:result" and not hint_seen:
             for item in payload:
                 if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":

@@ -65,12 +65,16 @@ def main(argv: list[str]) -> int:
             answers.append(lambda_handler(event, Context(float(request["timeout"]))))
     except BaseException:  # reported, not raised: the parent names what failed
         error = traceback.format_exc(limit=-3)
+    paths = sysconfig.get_paths()
     roots = {
         "function": function_dir,
         "layer": layer_dir,
         "runtime": runtime_dir,
-        "stdlib": Path(sysconfig.get_paths()["stdlib"]),
-        "platstdlib": Path(sysconfig.get_paths()["platstdlib"]),
+        # under the standard library's directory, but not of it: `-S` keeps them off sys.path, and this says so if not
+        "interpreter site-packages": Path(paths["purelib"]),
+        "interpreter site-packages (platform)": Path(paths["platlib"]),
+        "stdlib": Path(paths["stdlib"]),
+        "platstdlib": Path(paths["platstdlib"]),
     }
     report = {
         "python": ".".join(map(str, sys.version_info[:2])),

@@ -10,11 +10,12 @@ without reaching the emulator, with an error shaped like DynamoDB's own:
 * HTTP 400 ``ProvisionedThroughputExceededException`` (botocore: a throttling error, retried);
 * HTTP 500 ``InternalServerError`` (botocore: a transient error, retried).
 
-A fault starts a **burst** with probability ``burst_share``: the next ``burst_length`` writes to the same
-item (``pk``/``sk``) fail too. At the default 6 (the fault and 5 more) that is every one of botocore's 6
-standard-mode attempts (the relay's ``max_attempts`` of 5 counts retries), so the write fails and the relay's
-own handling (release the claim, fail the record so it is redelivered) is exercised. Bursts are keyed by
-item rather than global because concurrent writers would otherwise share, and dilute, one burst.
+A fault starts a **burst** with probability ``burst_share``: the next ``burst_length - 1`` writes to the same
+item (``pk``/``sk``) fail too, ``burst_length`` in a row. At the default 6 (the fault and 5 more) that is every
+one of botocore's 6 standard-mode attempts (the relay's ``max_attempts`` of 5 counts retries), so the write
+fails and the relay's own handling (release the claim, fail the record so it is redelivered) is exercised.
+Bursts are keyed by item rather than global because concurrent writers would otherwise share, and dilute, one
+burst.
 
 The proxy counts requests by operation, faults by kind, and remembers which items had a write refused,
 so a soak can report DynamoDB writes per delivered event. Thread-safe; loopback only.

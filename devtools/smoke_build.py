@@ -1,16 +1,18 @@
 """`make build`'s last check: what `sam build` made, run as Lambda would run it, before anyone deploys it.
 
-Every other test runs the relay from the source tree on this machine's python (3.11) with the development
+Every other test runs the relay from the source tree on this machine's default python3 with the development
 packages installed. This runs the built function (`.aws-sam/build/RelayFunction`) with its built layer
 (`.aws-sam/build/DepsLayer/python`) in the Lambda runtime's python (the template's `Runtime`, python3.13), isolated
 (`-I -S -B`: no site packages, no PYTHON* variables), with only the packages the Lambda runtime adds itself (boto3,
-botocore, s3transfer, dateutil, six: this machine's copies, linked into a temporary directory). So a module the
+botocore, s3transfer, dateutil, six, jmespath, urllib3: this machine's copies, linked into a temporary directory;
+the layer's own copies come first, as in Lambda). So a module the
 function imports that the layer does not ship, or code that only the newer python rejects, fails here instead of
 on the first event in AWS.
 
 It starts the local stack (Edge simulator, moto), hands every sample in `events/` to the built handler in one child
 process (webhook samples re-signed with the stack's secret), and checks: the child's python is the template's
-runtime; every module imported came from the function, the layer, the runtime's packages or the standard library;
+runtime; every module imported came from the function, the layer, the runtime's packages or the standard library
+(not the interpreter's own site-packages);
 every webhook sample was answered 200 and every SQS record acknowledged; every sample's event is stored `delivered`.
 
     .venv/bin/python -m devtools.smoke_build --python "$(command -v python3.13)" .aws-sam/build
@@ -28,13 +30,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from devtools.invoke import signed
 from devtools.stack import DATASTREAM_ID, EVENTS_DIR, ROOT, LocalStack
 
 CHILD = Path(__file__).with_name("built_function_child.py")
-# What the Lambda runtime puts on sys.path itself (boto3 and what it needs that no layer here ships).
-RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "dateutil", "six")
+# What the Lambda runtime puts on sys.path itself: boto3 and what it imports.
+RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "dateutil", "six", "jmespath", "urllib3")
 ALLOWED_ORIGINS = {"function", "layer", "runtime", "stdlib", "platstdlib"}
-TIMEOUT_S = 30.0
+CHILD_TIMEOUT_S = 300
 
 
 def template_runtime(template: Path = ROOT / "template.yaml") -> str:
@@ -71,11 +74,9 @@ def sample_events(stack: LocalStack) -> tuple[list[dict[str, Any]], list[str]]:
                 xdm = json.loads(record["body"])["event"]["xdm"]
                 event_ids.append(xdm.get("_id") or record["messageId"])
         else:
-            headers = dict(event["headers"])
-            headers.update(stack.sign(event["body"], msg_id=headers["webhook-id"]))
-            event = {**event, "headers": headers}
+            event = signed(event, stack.webhook_secret)
             xdm = json.loads(event["body"])["event"]["xdm"]
-            event_ids.append(xdm.get("_id") or headers["webhook-id"])
+            event_ids.append(xdm.get("_id") or event["headers"]["webhook-id"])
         events.append(event)
     return events, event_ids
 
@@ -114,15 +115,19 @@ def smoke(python: str, function_dir: Path, layer_dir: Path, *, runtime: str | No
         link_runtime_packages(runtime_dir)
         stack.apply_env()
         events, event_ids = sample_events(stack)
-        child = subprocess.run(
-            [python, "-I", "-S", "-B", str(CHILD), str(function_dir), str(layer_dir), str(runtime_dir)],
-            input=json.dumps({"timeout": TIMEOUT_S, "events": events}),
-            capture_output=True,
-            text=True,
-            env=dict(os.environ),
-            timeout=300,
-            check=False,
-        )
+        request = {"timeout": stack.resources.function_timeout, "events": events}
+        try:
+            child = subprocess.run(
+                [python, "-I", "-S", "-B", str(CHILD), str(function_dir), str(layer_dir), str(runtime_dir)],
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+                env=dict(os.environ),
+                timeout=CHILD_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return [f"the built function did not finish the samples in {CHILD_TIMEOUT_S} s"]
         lines = child.stdout.strip().splitlines()
         try:
             report = json.loads(lines[-1]) if lines else None
@@ -132,10 +137,12 @@ def smoke(python: str, function_dir: Path, layer_dir: Path, *, runtime: str | No
             return [f"the child exited {child.returncode} without a report:\n{child.stderr[-2000:]}"]
         found = problems_in(report, events, runtime)
         for event_id in event_ids:
-            item = stack.result_item(event_id)
-            status = (item or {}).get("status")
-            if status != "delivered" or (item or {}).get("datastreamId") != DATASTREAM_ID:
+            item = stack.result_item(event_id) or {}
+            status, datastream = item.get("status"), item.get("datastreamId")
+            if status != "delivered":
                 found.append(f"event {event_id} is stored {status or 'nowhere'}, not delivered")
+            elif datastream != DATASTREAM_ID:
+                found.append(f"event {event_id} was delivered to datastream {datastream}, not {DATASTREAM_ID}")
         return found
 
 

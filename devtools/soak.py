@@ -18,9 +18,10 @@ dead-letter queue, the queue) and classified. The table printed at the end is wh
 records. Exit status 1 when any expectation fails (:attr:`SoakReport.failures`): an event missing, in another state
 than its kind's (a valid one not delivered, an invalid one not rejected, a poison one not dead-lettered), with a final
 item and a message still in a queue, a rejection without a reason, a duplicated eventId without one final item, a
-stray result item, the queue not drained, or Edge answering 200 twice for one event for a reason other than a lost
-answer (timeout), a DynamoDB failure after the answer, or an invocation that outlived the function timeout (a stalled
-machine: Lambda would have ended it). Those three are expected: at-least-once, and Edge dedupes by ``xdm._id``.
+stray result item, an event still in the queue, a drain that timed out, or Edge answering 200 twice for one event
+for a reason other than a lost answer (timeout), a DynamoDB failure after the answer, or an invocation that outlived
+the function timeout (a stalled machine: Lambda would have ended it). Those three are expected: at-least-once, and
+Edge dedupes by ``xdm._id``.
 """
 
 from __future__ import annotations
@@ -502,7 +503,8 @@ class SoakReport:
             (self.rejected_without_reason, "rejections without a stored reason"),
             (self.duplicate_ids_without_one_result, "duplicated eventIds without one final item"),
             (self.stray_results, "stray result items"),
-            (self.counts.get("queue"), "events still in the queue (not drained)"),
+            (self.counts.get("queue"), "events still in the queue"),
+            (not self.counts.get("drained", True), "the queue was not drained in time"),
         ]
         return [what for found, what in checks if found]
 
@@ -763,6 +765,7 @@ def account(
         "ddb_writes": writes,
         "duplicate_ids": len(duplicate_ids),
         "gave_up": len(gave_up),
+        "drained": drained,
     }
     return SoakReport(rows, missing, other, no_reason, dup_without_one, unexpected, stray, counts, in_two_places)
 

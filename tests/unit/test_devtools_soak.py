@@ -79,6 +79,8 @@ def accounted(
     dlq: tuple[str, ...] = (),
     left: tuple[str, ...] = (),
     kinds: dict[str, str] | None = None,
+    duplicated: tuple[str, ...] = (),
+    drained: bool = True,
 ) -> Any:
     """`account()` over three generated events (e1-e3, valid unless `kinds` says otherwise), with the stored items,
     dead-letter messages and messages left in the queue given, and nothing else (no Edge calls, no faults)."""
@@ -88,6 +90,7 @@ def accounted(
 
     kinds = {"e1": "valid", "e2": "valid", "e3": "valid", **(kinds or {})}
     sends = [Send(i, kind, "sqs", b"{}", event_id) for i, (event_id, kind) in enumerate(kinds.items())]
+    sends += [Send(len(sends) + i, "valid", "sqs", b"{}", e, duplicate=True) for i, e in enumerate(duplicated)]
 
     def message(event_id: str) -> dict[str, Any]:
         return {"MessageId": f"m-{event_id}", "Body": "{}", "MessageAttributes": {"eventId": {"StringValue": event_id}}}
@@ -106,7 +109,7 @@ def accounted(
         gave_up=[],
         unsent=[],
         duration=1.0,
-        drained=True,
+        drained=drained,
         function_timeout=30.0,
     )
 
@@ -127,7 +130,12 @@ def test_a_soak_whose_every_event_is_delivered_passes() -> None:
         ({"results": {"e1": DELIVERED, "e2": DELIVERED}, "dlq": ("e3",)}, "events in another state than their kind's"),
         ({"results": {**ALL_DELIVERED, "e3": {"status": "rejected"}}}, "events in another state than their kind's"),
         ({"results": {**ALL_DELIVERED, "x9": DELIVERED}}, "stray result items"),
-        ({"results": {"e1": DELIVERED, "e2": DELIVERED}, "left": ("e3",)}, "events still in the queue (not drained)"),
+        ({"results": {"e1": DELIVERED, "e2": DELIVERED}, "left": ("e3",)}, "events still in the queue"),
+        ({"results": ALL_DELIVERED, "drained": False}, "the queue was not drained in time"),
+        (
+            {"results": ALL_DELIVERED, "kinds": {"e4": "valid"}, "duplicated": ("e4",)},
+            "duplicated eventIds without one final item",
+        ),
         ({"results": ALL_DELIVERED, "dlq": ("e2",)}, "events with a final item and a message still in a queue"),
         ({"results": ALL_DELIVERED, "left": ("e2",)}, "events with a final item and a message still in a queue"),
         (
@@ -140,7 +148,9 @@ def test_a_soak_whose_every_event_is_delivered_passes() -> None:
         "valid-in-dlq",
         "valid-rejected",
         "stray",
-        "not-drained",
+        "left-in-the-queue",
+        "drain-timed-out",
+        "duplicated-without-a-final-item",
         "delivered-and-dlq",
         "delivered-and-queued",
         "no-reason",

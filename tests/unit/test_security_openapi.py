@@ -244,6 +244,26 @@ def test_every_answer_is_the_one_openapi_describes(name: str, spec: dict[str, An
     assert problems == [], answer["body"]
 
 
+@pytest.mark.parametrize(
+    ("problem", "answered"),
+    [
+        ({"type": None, "title": None, "detail": None}, ("about:blank", "Edge rejected the event", "")),
+        ({"type": 7, "title": {"x": 1}, "detail": ["a", 2]}, ("7", '{"x": 1}', '["a", 2]')),
+        ({"type": "https://ns.adobe.com/x", "title": "T", "detail": "d"}, ("https://ns.adobe.com/x", "T", "d")),
+    ],
+    ids=["null", "not-text", "text"],
+)
+def test_an_edge_problem_s_fields_are_answered_as_text(problem: dict[str, Any], answered: tuple[str, ...]) -> None:
+    # GIVEN a stored Edge rejection whose problem fields are null, or not text (a proxy's answer, an odd Edge one)
+    item = {"eventId": "e1", "status": "rejected", "error": {**problem, "status": 400}}
+
+    # WHEN it is answered
+    body = json.loads(str(webhook.rejected_response(item).body))
+
+    # THEN each is text: nothing for null, JSON for anything else
+    assert (body["type"], body["title"], body["detail"]) == answered
+
+
 def test_every_documented_status_has_a_scenario(operation: dict[str, Any]) -> None:
     assert {s for *_, s in SCENARIOS.values()} == {int(code) for code in operation["responses"]} - {401}
 

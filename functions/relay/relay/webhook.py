@@ -310,8 +310,9 @@ class WebhookApp:
                 retryAfter=2,
             )
         # RETRY: Edge (or the store) stayed unavailable; hand the event to the queue.
+        why = "the retry queue refused it"
         try:
-            sent, why = self._queue().send(inbound, delay_s=result.retry_after), "the retry queue refused it"
+            sent = self._queue().send(inbound, delay_s=result.retry_after)
         except Exception:
             # A defect in sending (or in building the client): the item was released as `queued`, so it must still
             # be told that nothing waits in the queue for it, as when the queue refuses.

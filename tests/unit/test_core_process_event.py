@@ -47,6 +47,13 @@ def process(store: FakeStore, edge: FakeEdge, clock: FakeClock, event: InboundEv
     return relay(store, edge, clock).process(event or inbound(), Deadline(clock, 10), lease_s=30)
 
 
+def sized(event: InboundEvent, slack: int) -> InboundEvent:
+    """`event` with `event.data` padded so that its request, encoded compactly, is `slack` bytes under Edge's limit
+    (over it when `slack` is negative)."""
+    pad = MAX_BODY_BYTES - len(json.dumps(event.request, separators=(",", ":"))) - slack
+    return replace(event, request={**event.request, "event": {**event.request["event"], "data": {"p": "x" * pad}}})
+
+
 # -- with_state ----------------------------------------------------------------------------------------------------
 
 
@@ -547,9 +554,7 @@ def test_process_leaves_stored_entries_out_when_they_would_take_the_event_over_e
     clock = FakeClock()
     store = FakeStore()
     store.states[(OPAQUE, DS)] = IdentityState(entries={IDENTITY_KEY: StoredEntry("v" * 200, NOW + 3600, 3600)})
-    event = inbound()
-    pad = MAX_BODY_BYTES - len(json.dumps(event.request, separators=(",", ":"))) - 100
-    event = replace(event, request={**event.request, "event": {**event.request["event"], "data": {"p": "x" * pad}}})
+    event = sized(inbound(), 100)
     edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
 
     # WHEN
@@ -578,9 +583,7 @@ def test_process_leaves_out_the_entries_that_lapse_first_and_keeps_the_identity_
             "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_consent": StoredEntry("c" * 3000, NOW + 7200, 7200),
         }
     )
-    event = inbound()
-    pad = MAX_BODY_BYTES - len(json.dumps(event.request, separators=(",", ":"))) - 400
-    event = replace(event, request={**event.request, "event": {**event.request["event"], "data": {"p": "x" * pad}}})
+    event = sized(inbound(), 400)
     edge = FakeEdge(EdgeAnswer(200, FIXTURE_BODY, 1))
 
     # WHEN
@@ -622,9 +625,7 @@ def test_the_fewest_entries_are_left_out_and_the_longest_lived_are_kept(fitting:
 def test_an_event_the_relays_additions_take_over_edges_limit_is_refused_without_a_call() -> None:
     # GIVEN an event that is over Edge's 64 KiB once the relay's `_id` and timestamp are in it
     store = FakeStore()
-    event = inbound()
-    pad = MAX_BODY_BYTES - len(json.dumps(event.request, separators=(",", ":"))) + 10
-    event = replace(event, request={**event.request, "event": {**event.request["event"], "data": {"p": "x" * pad}}})
+    event = sized(inbound(), -10)
     edge = FakeEdge()
 
     # WHEN
@@ -645,9 +646,7 @@ def test_an_event_the_relays_additions_take_over_edges_limit_is_refused_without_
 def test_a_corrected_resend_of_an_event_refused_as_too_large_is_delivered(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an event refused by the relay as too large as sent (the real store, on in-process moto)
     store, clock = store_on_moto.store, store_on_moto.clock
-    big = inbound()
-    pad = MAX_BODY_BYTES - len(json.dumps(big.request, separators=(",", ":"))) + 10
-    big = replace(big, request={**big.request, "event": {**big.request["event"], "data": {"p": "x" * pad}}})
+    big = sized(inbound(), -10)
     edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": []}, 1))
     assert Relay(store, edge, clock).process(big, Deadline(clock, 10), lease_s=30).outcome is Outcome.REJECTED  # type: ignore[arg-type]
 

@@ -648,7 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayctl", description=" ".join(__doc__.split("\n\n")[0].split()) if __doc__ else None
     )
-    parser.add_argument("--stack", help="read TableName/QueueUrl/DeadLetterQueueUrl from this stack's outputs")
+    parser.add_argument(
+        "--stack", help="read TableName/QueueUrl/DeadLetterQueueUrl/IdentityKeySecretArn from this stack's outputs"
+    )
     parser.add_argument("--table", help="results table (default: $HANDLES_TABLE)")
     parser.add_argument("--queue-url", help="the relay's queue (default: $QUEUE_URL or $RETRY_QUEUE_URL)")
     parser.add_argument("--dlq-url", help="the dead-letter queue (default: $DLQ_URL)")

@@ -622,12 +622,20 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # A result still waiting when read (its claim held by a delivery in flight) is left to that delivery.
     doomed = states + [i for i in results if i.get("status", {}).get("S") not in ("queued", "pending")] + refused
     verb = "would delete" if args.dry_run else "deleted"
+    left: list[dict[str, Any]] = []
     for item in doomed:
-        if not args.dry_run:
-            ddb.delete_item(TableName=t.table, Key={"pk": item["pk"], "sk": item["sk"]})
+        if not args.dry_run and not _delete_as_read(ddb, t.table, item):
+            # Taken since it was read (a corrected resend's claim, a replay): deleting it now could delete a live
+            # claim, and another delivery of the event would then claim it too. Left to that attempt.
+            left.append(item)
+            print(f"left {item['pk']['S']} {item['sk']['S']}: taken by a new attempt since it was read")
+            continue
         print(f"{verb} {item['pk']['S']} {item['sk']['S']}")
+    waiting += left
+    refused = [i for i in refused if i not in left]
+    deleted_results = len(doomed) - len(left) - len(states) - len(refused)
     print(
-        f"{verb} {len(states)} state item(s), {len(doomed) - len(states) - len(refused)} result(s), "
+        f"{verb} {len(states)} state item(s), {deleted_results} result(s), "
         f"{len(refused)} refused body(ies); {len(waiting)} event(s) waiting, any identity's. Not reached: messages "
         "still in the queues, and the table's point-in-time recovery (35 days)."
     )
@@ -642,6 +650,29 @@ def cmd_forget(args: argparse.Namespace) -> int:
             "exactly as the events carried them (letter case included)"
         )
     return 1 if waiting or not doomed else 0
+
+
+def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:
+    """Delete `item` if it still holds the outcome read (its `status`); False when it changed meanwhile. A state
+    item (no `status`) is deleted whatever changed: whoever wrote it, it is this identity's."""
+    key = {"pk": item["pk"], "sk": item["sk"]}
+    status = item.get("status")
+    if status is None:
+        ddb.delete_item(TableName=table, Key=key)
+        return True
+    try:
+        ddb.delete_item(
+            TableName=table,
+            Key=key,
+            ConditionExpression="#s = :s",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":s": status},
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

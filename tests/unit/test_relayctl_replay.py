@@ -981,3 +981,47 @@ def test_replay_finds_an_event_by_the_long_id_its_sender_used(aws: None, capsys:
     assert (dry, dry_out) == (0, f"{bounded_id(long_id)}: would replay\n")
     assert (code, capsys.readouterr().out) == (0, f"{bounded_id(long_id)}: queued\n")
     assert len(sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])) == 1
+
+
+def test_forget_leaves_an_item_a_new_attempt_took_since_it_was_read(
+    store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN a body the relay refused, naming the person, and a corrected resend that claims its eventId after
+    # `forget` read the table and before it deletes
+    store = store_on_moto.store
+    body = json.dumps({"event": {"xdm": {"_id": "ev-1", "identityMap": {"Email": [{"id": "a@example.com"}]}}}})
+    problem = {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400}
+    fields = {"datastreamId": "ds", "source": "webhook", "error": problem, "request": body}
+    store.reject_unclaimed("ev-1", fields, body_digest="d1")
+    real_client = boto3.client
+    claims: list[Any] = []
+
+    class ClaimBeforeDelete:
+        def __init__(self, client: Any) -> None:
+            self._client = client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._client, name)
+
+        def delete_item(self, **kwargs: Any) -> Any:
+            if kwargs["Key"]["pk"]["S"] == "EVENT#ev-1" and not claims:
+                claims.append(store.claim("ev-1", datastream_id="ds", source="webhook", lease_s=30))
+            return self._client.delete_item(**kwargs)
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda name, **kw: ClaimBeforeDelete(real_client(name, **kw)))
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    # WHEN the operator forgets the person
+    code = relayctl_main.main(
+        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
+    )
+
+    # THEN the live claim is left to its attempt (deleted, another delivery could claim the event too), and the
+    # operator is told to run forget again
+    assert claims[0].acquired
+    assert store.get_result("ev-1")["status"] == "pending"
+    assert store.claim("ev-1", datastream_id="ds", source="webhook", lease_s=30).acquired is False
+    out = capsys.readouterr().out
+    assert "left EVENT#ev-1 RESULT: taken by a new attempt since it was read" in out
+    assert "0 refused body(ies); 1 event(s) waiting" in out
+    assert code == 1

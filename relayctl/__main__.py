@@ -453,7 +453,16 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]
             deleted = 0
             if done:  # delete only what reached the queue: a failed send stays in the DLQ
-                answer = sqs.delete_message_batch(QueueUrl=t.dlq_url, Entries=done)
+                try:
+                    answer = sqs.delete_message_batch(QueueUrl=t.dlq_url, Entries=done)
+                except (ClientError, BotoCoreError):
+                    # Sent, then not deleted: say so before the error ends the command (a rerun makes more copies).
+                    print(
+                        f"{len(done)} message(s) sent to the queue but not deleted from the dead-letter queue: "
+                        "they are on both (the relay takes the second copy for a repeat); moved before them: "
+                        f"{moved}"
+                    )
+                    raise
                 gone = {d["Id"] for d in answer.get("Successful", [])}
                 deleted = len(gone)
                 for i, m in enumerate(msgs):

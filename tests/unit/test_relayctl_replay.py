@@ -170,6 +170,35 @@ def test_redrive_that_leaves_messages_behind_exits_1(aws: None, monkeypatch: pyt
     assert int(left["ApproximateNumberOfMessages"]) + int(left["ApproximateNumberOfMessagesNotVisible"]) == 3
 
 
+def test_redrive_says_what_is_on_both_queues_when_the_delete_fails_after_the_send(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN 3 dead-letter messages, and a dead-letter queue whose delete is throttled after the send succeeded
+    real = boto3.client("sqs")
+    dlq = real.create_queue(QueueName="dlq")["QueueUrl"]
+    queue = real.create_queue(QueueName="q")["QueueUrl"]
+    for n in range(3):
+        real.send_message(QueueUrl=dlq, MessageBody=f'{{"n": {n}}}')
+
+    class DeleteThrottled:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def delete_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+            raise ClientError({"Error": {"Code": "RequestThrottled", "Message": "slow down"}}, "DeleteMessageBatch")
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: DeleteThrottled())
+
+    # WHEN redrive runs
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN it fails as an AWS error, having said first that the 3 are now on both queues
+    assert code == 2
+    out = capsys.readouterr()
+    assert "3 message(s) sent to the queue but not deleted from the dead-letter queue: they are on both" in out.out
+    assert "RequestThrottled" in out.err
+
+
 def make_table(ddb: Any) -> None:
     create_handles_table(ddb, "t")
 

@@ -163,9 +163,9 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
         )
     if status == "queued" and str(doc.get("lastError", "")).startswith("not queued"):
         return "nothing is queued for it: the webhook sender was answered 503 and must resend"
-    if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc:
-        # Marked by a replay, perhaps tried since (the replay's stamp is the operator's clock, `updatedAt` the
-        # function's: not compared).
+    if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc:
+        # Marked by a replay and not tried since: an attempt that gives the event back writes `lastError`, which the
+        # mark removes.
         return (
             f"waiting in the queue for its next attempt (replayed at {doc['replayedAt']}; if that replay said it "
             "failed, nothing was sent: replay it again, a second copy on the queue would do no harm)"
@@ -274,7 +274,8 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     status = doc.get("status")
     # A replay whose send failed and whose mark could not be put back is left `queued` with nothing queued (no lease:
     # never claimed since): it may be sent again. Sending one that is also in the queue is harmless (one claim wins).
-    stranded = status == "queued" and doc.get("replayedAt") and not doc.get("leaseUntil")
+    # Tried since (the relay gave it back: `lastError`, which the mark removes), it is waiting for its message.
+    stranded = status == "queued" and doc.get("replayedAt") and not doc.get("leaseUntil") and "lastError" not in doc
     if status != "rejected" and not stranded:
         return f"skipped: status is {status}"
     error = as_dict(doc.get("error"))
@@ -319,7 +320,7 @@ def replay_event(
         )
 
     try:
-        mark("SET #s = :q, replayedAt = :now", "#s = :was AND attribute_not_exists(leaseUntil)")
+        mark("SET #s = :q, replayedAt = :now REMOVE lastError", "#s = :was AND attribute_not_exists(leaseUntil)")
     except ddb.exceptions.ConditionalCheckFailedException:
         # Our own mark, whose answer was lost and the request retried by boto3 (it then finds `queued`), goes on;
         # anything else changed it meanwhile.

@@ -235,6 +235,33 @@ def test_a_queued_event_in_flight_or_from_the_relay_is_not_replayed(aws: None) -
     assert sqs.receive_message(QueueUrl=queue).get("Messages", []) == []
 
 
+def test_a_replayed_event_the_relay_tried_and_gave_back_is_not_replayed_again(aws: None, capsys: Any) -> None:
+    # GIVEN a rejected event replayed, whose message the relay took, and gave back (Edge 503: it waits, postponed)
+    from relay.clock import SystemClock
+    from relay.integrations.store import HandlesStore
+
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    assert replay_event(ddb, sqs, "t", queue, "ev-1") == "queued"
+    store = HandlesStore(ddb, "t", ttl_days=30, clock=SystemClock())
+    claim = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30)
+    assert claim.acquired and claim.token is not None
+    store.release("ev-1", claim.token, "edge answered 503", retry_after=600)
+
+    # WHEN the operator looks at it, and replays it again
+    assert relayctl_main.main(["--table", "t", "show", "ev-1"]) == 0
+    shown = capsys.readouterr().out
+    again = replay_event(ddb, sqs, "t", queue, "ev-1")
+
+    # THEN it is waiting for its message, not a replay that sent nothing, and no second copy is sent
+    assert '"detail": "waiting in the queue for its next attempt"' in shown
+    assert again == "skipped: status is queued"
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]) == 1
+
+
 def test_a_replay_escapes_the_characters_sqs_refuses(aws: None) -> None:
     # GIVEN a rejected event whose request holds U+FFFF (JSON allows it, SQS refuses it)
     ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")

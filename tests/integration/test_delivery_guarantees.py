@@ -30,6 +30,8 @@ from tests.fakes import FakeClock
 pytestmark = pytest.mark.integration
 
 PROBLEM = "application/problem+json"
+# Between the relay sending a call and the simulator logging its arrival, on a loaded 2-core machine.
+ARRIVAL_SLACK_S = 0.25
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -319,7 +321,9 @@ def test_retry_budget_fits_the_lambdas_remaining_time_with_retry_after(clean_sta
     # and returned before the Lambda's deadline
     calls = edge_requests(stack, event_id)
     assert [c["status"] for c in calls] in ([503, 503], [503, 503, 503])
-    assert all(c["time"] - started < 2.5 for c in calls)
+    # (the simulator logs a call when it reads it: the relay starts its last by 2.45 s, and a loaded machine may take
+    # a moment to carry it over; a call past the budget would come at about 3 s)
+    assert all(c["time"] - started < 2.5 + ARRIVAL_SLACK_S for c in calls)
     assert all(b["time"] - a["time"] >= 1.0 for a, b in zip(calls, calls[1:], strict=False))
     assert elapsed < 4.0
     assert answer == failures(msg["messageId"])
@@ -372,7 +376,7 @@ def test_retry_budget_caps_a_slow_answer_by_the_lambdas_remaining_time(clean_sta
     assert elapsed < 4.0
     assert answer == failures(msg["messageId"])
     calls = edge_requests(stack, event_id)
-    assert calls and all(c["time"] - started < 2.5 for c in calls)
+    assert calls and all(c["time"] - started < 2.5 + ARRIVAL_SLACK_S for c in calls)  # logged on arrival, as above
     item = stack.result(event_id)
     assert (item["status"], item["lastError"]) == ("queued", "edge call failed: ReadTimeout")
 

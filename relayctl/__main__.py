@@ -70,7 +70,10 @@ def _print(doc: Any) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
-def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = 1000) -> dict[str, Any] | None:
+_PEEK_LIMIT = 1000  # dead-letter messages `show` reads looking for an event
+
+
+def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = _PEEK_LIMIT) -> dict[str, Any] | None:
     """Look for an event among the first `limit` dead-letter messages without consuming any. Each receive hides what
     it read for a while (with 0, the same first messages would come back on every receive), and everything read is
     made visible again before returning."""
@@ -208,7 +211,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print({"eventId": event_id, "status": "dead-lettered", "detail": _DEAD_LETTERED, **where})
             found += 1
         else:
-            looked = "not in the dead-letter queue" if t.dlq_url else f"the dead-letter queue not searched ({_NO_DLQ})"
+            looked = (
+                f"not among the first {_PEEK_LIMIT:,} messages of the dead-letter queue"
+                if t.dlq_url
+                else f"the dead-letter queue not searched ({_NO_DLQ})"
+            )
             unknown = {
                 "eventId": event_id,
                 "status": "unknown",

@@ -171,7 +171,10 @@ def test_show_unknown_event_says_unknown(ctl_env: LocalStack, capsys) -> None:
     # GIVEN nothing about this event  WHEN shown  THEN unknown, exit 1
     code, out = run(capsys, "show", "evt-never-seen")
     assert code == 1
-    assert json.loads(out)["status"] == "unknown"
+    shown = json.loads(out)
+    assert shown["status"] == "unknown"
+    # it says how far it looked in the dead-letter queue, not that the event is nowhere in it
+    assert "not among the first 1,000 messages of the dead-letter queue" in shown["detail"]
 
 
 # ---------------------------------------------------------------------------------------------------------- redrive

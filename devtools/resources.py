@@ -210,11 +210,15 @@ def http_routes(template: Mapping[str, Any], function: str = FUNCTION_RESOURCE) 
     return routes
 
 
+def function_property(template: Mapping[str, Any], name: str, function: str = FUNCTION_RESOURCE) -> Any:
+    """A property of the function as SAM deploys it: its own, else the template's `Globals.Function` one (resolved)."""
+    own = (resource(template, function).get("Properties") or {}).get(name)
+    glob = ((template.get("Globals") or {}).get("Function") or {}).get(name)
+    return TemplateResolver(template).resolve(own if own is not None else glob)
+
+
 def function_timeout(template: Mapping[str, Any], function: str = FUNCTION_RESOURCE) -> int:
-    resolver = TemplateResolver(template)
-    own = (resource(template, function).get("Properties") or {}).get("Timeout")
-    glob = ((template.get("Globals") or {}).get("Function") or {}).get("Timeout")
-    value = resolver.resolve(own if own is not None else glob)
+    value = function_property(template, "Timeout", function)
     return int(value) if value is not None else SAM_DEFAULT_FUNCTION_TIMEOUT
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.invoke import signed
+from devtools.run_demo import event_id_of
 from devtools.stack import DATASTREAM_ID, EVENTS_DIR, ROOT, LocalStack
 
 CHILD = Path(__file__).with_name("built_function_child.py")
@@ -43,12 +44,9 @@ CHILD_TIMEOUT_S = 300
 def template_runtime(template: Path = ROOT / "template.yaml") -> str:
     """The function's `Runtime` in the template (`python3.13`), as the version the child must report (`3.13`)."""
     from devtools.cfn_yaml import load_template
-    from devtools.resources import FUNCTION_RESOURCE, resource
+    from devtools.resources import function_property
 
-    loaded = load_template(template)
-    props = resource(loaded, FUNCTION_RESOURCE).get("Properties") or {}
-    runtime = props.get("Runtime") or ((loaded.get("Globals") or {}).get("Function") or {}).get("Runtime")
-    return str(runtime).removeprefix("python")
+    return str(function_property(load_template(template), "Runtime")).removeprefix("python")
 
 
 def link_runtime_packages(target: Path, names: Iterable[str] = RUNTIME_PACKAGES) -> None:
@@ -70,13 +68,10 @@ def sample_events(stack: LocalStack) -> tuple[list[dict[str, Any]], list[str]]:
     for path in sorted(EVENTS_DIR.glob("*.json")):
         event = json.loads(path.read_text(encoding="utf-8"))
         if "Records" in event:
-            for record in event["Records"]:
-                xdm = json.loads(record["body"])["event"]["xdm"]
-                event_ids.append(xdm.get("_id") or record["messageId"])
+            event_ids += [event_id_of(record["body"], record["messageId"]) for record in event["Records"]]
         else:
             event = signed(event, stack.webhook_secret)
-            xdm = json.loads(event["body"])["event"]["xdm"]
-            event_ids.append(xdm.get("_id") or event["headers"]["webhook-id"])
+            event_ids.append(event_id_of(event["body"], event["headers"]["webhook-id"]))
         events.append(event)
     return events, event_ids
 
@@ -156,11 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not path.is_dir():
             print(f"smoke_build: {path} is missing: run sam build first (make build)", file=sys.stderr)
             return 2
-    found = smoke(args.python, function_dir, layer_dir)
+    runtime = template_runtime()
+    found = smoke(args.python, function_dir, layer_dir, runtime=runtime)
     for line in found:
         print(f"make build: {line}", file=sys.stderr)
     if not found:
-        runtime = template_runtime()
         print(f"built function on python{runtime}: every sample in events/ delivered (function + layer only)")
     return 1 if found else 0
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from devtools.lambda_context import new_context
+from devtools.run_demo import event_id_of
 from devtools.stack import DATASTREAM_ID, EVENTS_DIR, LocalStack
 
 pytestmark = pytest.mark.integration
@@ -66,7 +67,7 @@ def test_sample_event_is_delivered_by_the_real_handler(clean_stack: LocalStack, 
         assert answer == {"batchItemFailures": []}
         for record in records:
             body = json.loads(record["body"])
-            event_id = body["event"]["xdm"].get("_id") or record["messageId"]
+            event_id = event_id_of(record["body"], record["messageId"])
             assert_delivered(stack, event_id, "sqs", body)
     else:
         # GIVEN a webhook sample re-signed with the stack's secret (same body, same webhook-id)
@@ -103,7 +104,7 @@ def test_devtools_invoke_runs_a_sample_as_sam_local_invoke_would(
     event = json.loads(path.read_text())
     if "Records" in event:
         assert answer == {"batchItemFailures": []}
-        ids = [json.loads(r["body"])["event"]["xdm"].get("_id") or r["messageId"] for r in event["Records"]]
+        ids = [event_id_of(r["body"], r["messageId"]) for r in event["Records"]]
     else:
         assert answer["statusCode"] == 200, answer
         ids = [event["headers"]["webhook-id"]]

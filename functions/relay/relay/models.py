@@ -343,15 +343,17 @@ def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[s
     webhook could reach the default by leaving out the `?datastreamId=` its sender signed the body for."""
     if candidate is None or candidate == "":
         if allowed and default not in allowed:
-            raise InvalidEvent([{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}], detail=DATASTREAM_DETAIL)
+            raise _bad_datastream(DEFAULT_NOT_ALLOWED)
         return default
     if not DATASTREAM_ID_RE.fullmatch(candidate):
-        message = "must be a datastream id (letters, digits, -_:.)"
-        raise InvalidEvent([{"path": "datastreamId", "message": message}], detail=DATASTREAM_DETAIL)
+        raise _bad_datastream("must be a datastream id (letters, digits, -_:.)")
     if allowed and candidate not in allowed:
-        message = NOT_ALLOWED_DATASTREAM.format(candidate)
-        raise InvalidEvent([{"path": "datastreamId", "message": message}], detail=DATASTREAM_DETAIL)
+        raise _bad_datastream(NOT_ALLOWED_DATASTREAM.format(candidate))
     return candidate
+
+
+def _bad_datastream(message: str) -> InvalidEvent:
+    return InvalidEvent([{"path": "datastreamId", "message": message}], detail=DATASTREAM_DETAIL)
 
 
 def datastream_for_rejection(candidate: str | None, default: str, allowed: frozenset[str] = frozenset()) -> str:

@@ -72,33 +72,30 @@ def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dic
     return {**request, "meta": {**meta, "state": {**meta_state, "entries": entries}}}
 
 
-def with_state_within_limit(
-    request: dict[str, Any], state: IdentityState, now: float
-) -> tuple[dict[str, Any], bytes, int]:
-    """The request with as many of the identity's live stored entries as keep it within Edge's limit, encoded, and how
+def with_state_within_limit(request: dict[str, Any], state: IdentityState, now: float) -> tuple[bytes, int]:
+    """The request encoded with as many of the identity's live stored entries as keep it within Edge's limit, and how
     many were left out. Those that lapse first are left out first, as when the entries pass MAX_STATE_BYTES: the
     long-lived identity entry is the last to go, so the identity Edge answers under stays the same. None is left out
     when all fit; all are when even the longest-lived alone does not (the request then goes as received)."""
     full = with_state(request, state, now)
     body = codec.dumps(full).encode("utf-8")
     if len(body) <= MAX_BODY_BYTES or full is request:
-        return full, body, 0
+        return body, 0
     live = state.live_entries(now)
     order = sorted(live, key=lambda key: live[key].expires_at)  # those that lapse first, first
 
-    def without(left_out: int) -> tuple[dict[str, Any], bytes]:
-        sent = with_state(request, replace(state, entries={key: live[key] for key in order[left_out:]}), now)
-        return sent, codec.dumps(sent).encode("utf-8")
+    def without(left_out: int) -> bytes:
+        kept = replace(state, entries={key: live[key] for key in order[left_out:]})
+        return codec.dumps(with_state(request, kept, now)).encode("utf-8")
 
     low, high = 1, len(order)  # the fewest left out that fits (leaving all out fits whenever anything can)
     while low < high:
         middle = (low + high) // 2
-        if len(without(middle)[1]) <= MAX_BODY_BYTES:
+        if len(without(middle)) <= MAX_BODY_BYTES:
             high = middle
         else:
             low = middle + 1
-    sent, body = without(low)
-    return sent, body, low
+    return without(low), low
 
 
 def invalid_problem(error: InvalidEvent) -> dict[str, Any]:
@@ -323,7 +320,7 @@ class Relay:
             state = known
         else:
             state = self.store.get_state(opaque, inbound.datastream_id)
-        _, body, left_out = with_state_within_limit(inbound.request, state, now)
+        body, left_out = with_state_within_limit(inbound.request, state, now)
         if left_out:
             # The event fits Edge's limit, but not with all the identity's stored entries: deliver it with those that
             # fit rather than have Edge refuse it (413). Edge's answer still updates the stored state.

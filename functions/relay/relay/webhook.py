@@ -310,7 +310,7 @@ class WebhookApp:
                 retryAfter=2,
             )
         # RETRY: Edge (or the store) stayed unavailable; hand the event to the queue.
-        why = "the retry queue refused it"
+        why = "the retry queue refused it" if self._settings.retry_queue_url else "no retry queue is configured"
         try:
             sent = self._queue().send(inbound, delay_s=result.retry_after)
         except Exception:
@@ -327,7 +327,6 @@ class WebhookApp:
             return ok(202, {"eventId": result.event_id, "status": "queued"})
         count("QueueFallbackFailed")
         logger.error("event could not be queued; sender must retry", eventId=result.event_id)
-        why = why if self._settings.retry_queue_url else "no retry queue is configured"
         self._relay.store.note_not_queued(
             result.event_id, f"not queued ({why}; the sender was answered 503): {result.reason}"
         )

@@ -141,19 +141,9 @@ def test_a_replay_whose_message_cannot_be_sent_leaves_the_event_rejected_and_rep
     assert replay_event(ddb, sqs, "t", queue, "ev-1") == "queued"
 
 
-def queues_with_dead_letters(count: int) -> tuple[Any, str, str]:
-    """An SQS client, and the URLs of a queue and of a dead-letter queue holding `count` messages."""
-    sqs = boto3.client("sqs")
-    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
-    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
-    for n in range(count):
-        sqs.send_message(QueueUrl=dlq, MessageBody=f'{{"n": {n}}}')
-    return sqs, queue, dlq
-
-
 def test_redrive_that_leaves_messages_behind_exits_1(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN 12 dead-letter messages and a queue that refuses one entry of the first batch
-    real, queue, dlq = queues_with_dead_letters(12)
+    real, dlq, queue = dead_letters(12)
 
     class OneRefused:
         def __getattr__(self, name: str) -> Any:
@@ -180,7 +170,7 @@ def test_redrive_says_what_is_on_both_queues_when_the_delete_fails_after_the_sen
     aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     # GIVEN 3 dead-letter messages, and a dead-letter queue whose delete is throttled after the send succeeded
-    real, queue, dlq = queues_with_dead_letters(3)
+    real, dlq, queue = dead_letters(3)
 
     class DeleteThrottled:
         def __getattr__(self, name: str) -> Any:

@@ -817,6 +817,29 @@ def test_postponing_many_records_stops_while_the_invocation_can_still_answer() -
     assert [len(call["Entries"]) for call in sqs.calls] == [10, 10]
 
 
+def test_the_batch_summary_says_why_records_were_redelivered(caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN one identity's two events and another identity's event, in a batch whose time has run out
+    store = FakeStore()
+    relay, edge = real_relay(store, 3)
+    records = [sqs("e1", "m1", "p1"), sqs("e2", "m2", "p1"), sqs("e3", "m3", "p2")]
+
+    # WHEN the batch runs at the deployed log level
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1)).run(
+            {"Records": records}, Deadline(relay.clock, 0.05), lease_s=25
+        )
+
+    # THEN all three come back, none was sent, and the summary says why: these reasons have no line of their own,
+    # and the runbook's dead-letter procedure reads them there
+    assert answer == {"batchItemFailures": [{"itemIdentifier": m} for m in ("m1", "m2", "m3")]}
+    assert edge.calls == []
+    (summary,) = [r for r in caplog.records if r.getMessage() == "batch done"]
+    assert summary.__dict__["redeliveredBecause"] == {
+        "no time left to relay the event": 2,
+        "held back behind an earlier record of its identity": 1,
+    }
+
+
 def test_the_batch_summary_counts_an_invalid_record_whose_rejection_was_not_stored_as_failed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1104,7 +1127,9 @@ def key_unavailable() -> bytes:
     raise CredentialsError("identity key secret (IDENTITY_KEY_SECRET_ID) could not be read (AccessDeniedException)")
 
 
-def test_a_batch_whose_identity_key_cannot_be_read_sends_back_the_events_with_an_identity_untouched() -> None:
+def test_a_batch_whose_identity_key_cannot_be_read_sends_back_the_events_with_an_identity_untouched(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
     # GIVEN the identity key cannot be read
     store = FakeStore()
     relay, edge = real_relay(store, 2)
@@ -1121,6 +1146,8 @@ def test_a_batch_whose_identity_key_cannot_be_read_sends_back_the_events_with_an
     assert answer == {"batchItemFailures": [{"itemIdentifier": "m-1"}, {"itemIdentifier": "m-2"}]}
     assert [c["event_id"] for c in store.claims] == ["e-3"]
     assert [c.request["event"]["xdm"]["_id"] for c in edge.calls] == ["e-3"]
+    # AND each is counted for CredentialsUnavailableAlarm (it would otherwise page only from the dead-letter queue)
+    assert emitted()["CredentialsUnavailable"] == [1.0, 1.0]
 
 
 def test_a_batch_keys_identities_with_the_deployments_key() -> None:
@@ -1138,7 +1165,9 @@ def test_a_batch_keys_identities_with_the_deployments_key() -> None:
     assert opaque == opaque_identity_id("CRMID", "ann", key=b"k" * 64) != opaque_identity_id("CRMID", "ann")
 
 
-def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused() -> None:
+def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
     # GIVEN the identity key cannot be read
     h = harness()
     h.app._identity_key = key_unavailable
@@ -1152,6 +1181,7 @@ def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused() -> 
     assert (answer["statusCode"], json.loads(answer["body"])) == (202, {"eventId": "ev-key", "status": "queued"})
     assert [e.event_id for e in h.queue.sent] == ["ev-key"]
     assert h.store.claims == [] and h.session.calls == []
+    assert emitted()["CredentialsUnavailable"] == [1.0]  # CredentialsUnavailableAlarm
 
 
 def test_a_record_reusing_an_eventid_in_the_same_batch_is_not_taken_for_a_repeat(store_on_moto: StoreOnMoto) -> None:

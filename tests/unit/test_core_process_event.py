@@ -206,6 +206,44 @@ def test_process_credentials_error_releases_the_claim_and_retries():
     assert store.retry_after == {"evt-1": None}
 
 
+@pytest.mark.parametrize(
+    ("failure", "counted"),
+    [
+        (CredentialsError("IMS refused the token request (HTTP 400 invalid_client)"), ["CredentialsUnavailable"]),
+        (EdgeUnavailable("edge answered 503"), []),
+        (EdgeRejected(400, {"type": "https://ns.adobe.com/aep/errors/EXEG-0003-400", "status": 400}), ["EdgeRejected"]),
+        (EdgeRejected(500, {"status": 500}), ["EdgeRejected"]),
+    ],
+)
+def test_credential_failures_and_edges_refusals_are_counted_for_their_alarms(
+    failure: Exception, counted: list[str], emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    # GIVEN an Edge call that fails for want of credentials, or that Edge refuses for good
+    store = FakeStore()
+
+    # WHEN the event is processed
+    process(store, FakeEdge(failure), FakeClock())
+
+    # THEN each is counted on its own (CredentialsUnavailableAlarm, EdgeRejectedRateAlarm): a bad client secret or a
+    # deleted datastream fails every event, and would otherwise page only once the events reached the dead-letter
+    # queue (the first) or never (the second: they are stored `rejected`, counted with the senders' bad bodies)
+    seen = emitted()
+    assert [name for name in ("CredentialsUnavailable", "EdgeRejected") if name in seen] == counted
+    assert all(seen[name] == [1.0] for name in counted)
+
+
+def test_the_relays_own_refusal_of_a_too_large_event_is_not_counted_as_edges(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
+    # GIVEN an event over Edge's limit once the relay's additions are in it (refused without a call)
+    # WHEN it is processed
+    result = process(FakeStore(), FakeEdge(), FakeClock(), sized(inbound(), -10))
+
+    # THEN it is a rejection, but not Edge's: the alarm on Edge's refusals does not see it
+    assert result.outcome is Outcome.REJECTED
+    assert "EdgeRejected" not in emitted() and emitted()["Rejected"] == [1.0]
+
+
 def test_process_unexpected_error_after_the_claim_releases_it_and_retries():
     # GIVEN a defect somewhere after the claim (here: in the Edge client)
     store = FakeStore()

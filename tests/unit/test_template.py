@@ -415,8 +415,21 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
     "QueueFallbackFailedAlarm": (APP_NAMESPACE, {"QueueFallbackFailed"}, APP_DIMENSIONS),
     "UnexpectedErrorsAlarm": (APP_NAMESPACE, {"UnexpectedErrors"}, APP_DIMENSIONS),
     "WebhookAuthUnavailableAlarm": (APP_NAMESPACE, {"WebhookAuthUnavailable"}, APP_DIMENSIONS),
+    "EdgeRejectedRateAlarm": (APP_NAMESPACE, {"EdgeRejected", "EdgeLatency"}, APP_DIMENSIONS),
+    "CredentialsUnavailableAlarm": (APP_NAMESPACE, {"CredentialsUnavailable"}, APP_DIMENSIONS),
+    "StateWriteFailedAlarm": (APP_NAMESPACE, {"StateWriteFailed"}, APP_DIMENSIONS),
     # API Gateway's own count: also the 5xx it gives when it cannot invoke the function at all
     "WebhookServerErrorsAlarm": ("AWS/ApiGateway", {"5xx"}, [{"Name": "ApiId", "Value": {"Ref": "RelayHttpApi"}}]),
+}
+
+HTTP_API_DIMENSIONS = [{"Name": "ApiId", "Value": {"Ref": "RelayHttpApi"}}]
+# alarm -> (namespace, metric, dimensions) of each metric it reads, for an alarm reading more than one namespace
+EXPECTED_MIXED_ALARMS: dict[str, list[tuple[str, str, list[dict[str, Any]]]]] = {
+    # the relay's count of refused signatures against every request the HTTP API received
+    "WebhookUnauthorizedRateAlarm": [
+        (APP_NAMESPACE, "Unauthorized", APP_DIMENSIONS),
+        ("AWS/ApiGateway", "Count", HTTP_API_DIMENSIONS),
+    ],
 }
 
 
@@ -450,18 +463,21 @@ def alarm_metrics(props: dict[str, Any]) -> list[tuple[str, str, list[dict[str, 
     return found
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_ALARMS))
+@pytest.mark.parametrize("name", sorted([*EXPECTED_ALARMS, *EXPECTED_MIXED_ALARMS]))
 def test_alarm_watches_the_right_metric(template: dict[str, Any], name: str) -> None:
     alarm = template["Resources"].get(name)
     assert alarm is not None, f"missing alarm {name}"
     assert alarm["Type"] == "AWS::CloudWatch::Alarm"
     props = alarm["Properties"]
-    namespace, metric_names, dimensions = EXPECTED_ALARMS[name]
     read = alarm_metrics(props)
-    assert {m for _, m, _ in read} == metric_names
-    for ns, _, dims in read:
-        assert ns == namespace
-        assert dims == dimensions
+    if name in EXPECTED_MIXED_ALARMS:
+        assert sorted(read, key=lambda m: m[1]) == sorted(EXPECTED_MIXED_ALARMS[name], key=lambda m: m[1])
+    else:
+        namespace, metric_names, dimensions = EXPECTED_ALARMS[name]
+        assert {m for _, m, _ in read} == metric_names
+        for ns, _, dims in read:
+            assert ns == namespace
+            assert dims == dimensions
     assert props["ComparisonOperator"].startswith("GreaterThan")
     assert props["TreatMissingData"] == "notBreaching"
     # Notifications go to the optional topic, for both ALARM and OK.
@@ -479,13 +495,20 @@ def test_rate_alarms_divide_by_the_right_denominator(template: dict[str, Any]) -
     assert ids["errors"]["MetricStat"]["Metric"]["MetricName"] == "Errors"
     assert ids["invocations"]["MetricStat"]["Metric"]["MetricName"] == "Invocations"
     assert "errors" in ids["errorRate"]["Expression"] and "/ invocations" in ids["errorRate"]["Expression"]
-    for name, numerator in (("EdgeUnavailableRateAlarm", "unavailable"), ("EdgeThrottledRateAlarm", "throttled")):
+    for name, numerator in (
+        ("EdgeUnavailableRateAlarm", "unavailable"),
+        ("EdgeThrottledRateAlarm", "throttled"),
+        ("EdgeRejectedRateAlarm", "rejected"),
+    ):
         ids = {q["Id"]: q for q in res[name]["Properties"]["Metrics"]}
         calls = ids["calls"]["MetricStat"]
         assert calls["Metric"]["MetricName"] == "EdgeLatency" and calls["Stat"] == "SampleCount"
         assert ids[numerator]["MetricStat"]["Stat"] == "Sum"
         returned = next(q for q in ids.values() if q.get("ReturnData", True))
         assert numerator in returned["Expression"] and "/ calls" in returned["Expression"]
+    ids = {q["Id"]: q for q in res["WebhookUnauthorizedRateAlarm"]["Properties"]["Metrics"]}
+    assert ids["requests"]["MetricStat"]["Stat"] == ids["unauthorized"]["MetricStat"]["Stat"] == "Sum"
+    assert "FILL(unauthorized, 0) / requests" in ids["unauthorizedRate"]["Expression"]
 
 
 def test_dead_letter_and_fallback_alarms_fire_on_the_first_message(template: dict[str, Any]) -> None:

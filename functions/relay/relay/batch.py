@@ -57,6 +57,12 @@ class Done:
     ok: bool  # acknowledged (once `result.pending`, if any, is written); False = redeliver
     carry: Carry = None  # the identity's state after the record
     result: Result | None = None
+    reason: str = "sent back unread (its own log line says why)"  # why it is redelivered, when `result` does not say
+
+    def why(self) -> str:
+        if self.result is not None:
+            return self.result.reason or self.result.outcome.value
+        return self.reason
 
 
 # What a record does: from its identity's state (carried, or where to get it) and the batch's claim attempt, if any.
@@ -238,6 +244,7 @@ class BatchRunner:
                 "identity key unavailable; record will be redelivered", eventId=event_id, reason=str(key_error)
             )
             count("RetriesScheduled")
+            count("CredentialsUnavailable")
             return _Item(message_id, event_id, f"nokey:{message_id}", _redeliver, receive_count)
         state_key = (inbound.identity_id, inbound.datastream_id) if inbound.identity_id else None
         group = f"identity:{state_key[1]}:{state_key[0]}" if state_key else f"event:{event_id}"
@@ -329,6 +336,7 @@ class BatchRunner:
                 n_started += 1
                 started.notify()
             failed: list[tuple[str, float | None]] = []
+            why = "held back behind an earlier record of its identity"
             carry: Carry = None
             key = items[0].state_key
             source: StateSource | None = (lambda: states.result().get(key)) if key else None
@@ -337,28 +345,33 @@ class BatchRunner:
                 # first receives: a record that keeps failing must not drag healthy ones into the dead-letter queue.
                 if failed and item.receive_count < HOLD_BACK_RECEIVES:
                     failed.append((item.message_id, failed[0][1]))  # it comes back with the record it waits for
+                    redelivered_because.append(why)
                     continue
                 try:
                     done = item.run(carry, source, item.claim)
                 except StoreUnavailable as exc:
                     logger.warning("record will be redelivered", messageId=item.message_id, reason=str(exc))
                     count("RetriesScheduled")
-                    done = Done(False)
+                    done = Done(False, reason=str(exc))
                 except Exception:
                     logger.exception("unexpected error; record will be redelivered", messageId=item.message_id)
                     count("UnexpectedErrors")
-                    done = Done(False)
+                    done = Done(False, reason="unexpected error")
                 label = ("rejected" if item.invalid else "ok") if done.ok else "failed"
                 outcomes.append(done.result.outcome.value if done.result else label)
                 carry = done.carry if done.ok else None
                 source = None  # from here on the carry is the state (None after a failure: read it afresh)
                 if not done.ok:
                     failed.append((item.message_id, done.result.retry_after if done.result else None))
+                    redelivered_because.append(done.why())
                 elif done.result is not None and done.result.pending is not None:
                     writes.add(item.message_id, done.result)
             return failed
 
         outcomes: list[str] = []  # list.append is atomic: the workers share it
+        # Why each record was sent back, counted in the batch's summary line: some reasons (no time left, a claim
+        # another invocation holds, a record waiting for an earlier one of its identity) have no line of their own.
+        redelivered_because: list[str] = []
         # Longest groups first: a group's records run one after another, so a long one started late would keep the
         # whole batch waiting on it while the other workers sit idle. The sort is stable: batch order otherwise.
         ordered_groups = sorted(groups.values(), key=len, reverse=True)
@@ -396,6 +409,7 @@ class BatchRunner:
             redelivered=len(set(ordered)),
             writesFailed=len(writes.failed),
             outcomes=dict(Counter(outcomes)),
+            redeliveredBecause=dict(Counter(redelivered_because)),
         )
         return {"batchItemFailures": [{"itemIdentifier": mid} for mid in dict.fromkeys(ordered)]}
 

@@ -248,6 +248,10 @@ class Relay:
             return replace(result, pending=None)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
             retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
+            if isinstance(exc, CredentialsError):
+                # Wrong or unreadable Adobe credentials fail every event until fixed: alarmed on their own
+                # (CredentialsUnavailableAlarm) rather than only once the events reach the dead-letter queue.
+                count("CredentialsUnavailable")
             self._give_back(event_id, claim.token, str(exc), retry_after)
             return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after)
         except Exception as exc:
@@ -292,6 +296,10 @@ class Relay:
         else:
             count("Rejected")
             refused_here = result.note.get("type") == INVALID_EVENT_TYPE  # the relay's own 413: Edge was not called
+            if not refused_here:
+                # Edge refused the event (a 4xx it must not be retried with, or a 500): a datastream deleted or
+                # misconfigured turns every event into one, which EdgeRejectedRateAlarm watches.
+                count("EdgeRejected")
             message = "event refused: too large for Edge" if refused_here else "edge rejected the event"
             logger.warning(message, eventId=result.event_id, **result.note)
 

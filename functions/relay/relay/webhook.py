@@ -285,6 +285,7 @@ class WebhookApp:
             # (202), for a batch to deliver once the key can be read (or the dead-letter queue, whose alarm pages).
             # An event without a primary identity needs no key: it goes on as usual.
             logger.warning("identity key unavailable; event will be queued", eventId=event_id, reason=str(key_error))
+            count("CredentialsUnavailable")
             return self._answer(Result(Outcome.RETRY, event_id, reason=str(key_error)), inbound)
         remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0
         budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)

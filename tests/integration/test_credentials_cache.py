@@ -112,24 +112,25 @@ def test_ims_token_is_requested_once_over_50_invocations(clean_stack: LocalStack
 def test_ims_token_is_requested_again_only_when_its_lifetime_ends(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN one execution environment on a clock the test moves, and IMS tokens living 86399 s
-    # (the relay refreshes 5 minutes before expiry: after 86099 s)
+    # (the relay refreshes 5 minutes before expiry: after 86099 s; a batch renews ahead a token whose refresh point
+    # falls within its own time, here 30 s less the 2 s safety margin)
     clock = real_time_clock()
     runtime = new_runtime(clock)
     assert stack.sim.token_ttl == 86399
 
-    # WHEN it handles events at t=0, t=86098 s and t=86100 s, then once more
+    # WHEN it handles events at t=0, t=86069 s (the refresh point 30 s away) and t=86072 s (27 s away), then once more
     def deliver() -> None:
         assert runtime.handle(sqs_event(stack, f"evt-{uuid.uuid4()}"), new_context(30)) == {"batchItemFailures": []}
 
     deliver()
-    clock.advance(86098)
+    clock.advance(86069)
     deliver()
     ims_before_expiry = stack.sim.stats()["ims_requests"]
-    clock.advance(2)
+    clock.advance(3)
     deliver()
     deliver()
 
-    # THEN a second token was requested only once the first one's lifetime was over, and then reused
+    # THEN a second token was requested only once the first one's lifetime would end within a batch, and reused
     assert ims_before_expiry == 1
     assert stack.sim.stats()["ims_requests"] == 2
     used = tokens_used(stack)

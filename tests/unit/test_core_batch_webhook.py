@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from unittest.mock import patch
 
 import pytest
+import relay.batch as batch_module
 from botocore.exceptions import ClientError
 from relay.batch import CLAIM_AHEAD, HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
@@ -840,6 +842,64 @@ def test_the_batch_summary_says_why_records_were_redelivered(caplog: pytest.LogC
     }
 
 
+def test_a_defect_settling_a_written_result_leaves_the_others_settled_and_the_batch_answered(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
+    # GIVEN 60 people's events, and a defect counting the third stored result
+    store = FakeStore()
+    relay, edge = real_relay(store, 60)
+    stored, calls = relay.stored, []
+
+    def faulty(result: Result, *, in_batch: bool = False) -> None:
+        calls.append(result.event_id)
+        if len(calls) == 3:
+            raise RuntimeError("defect")
+        stored(result, in_batch=in_batch)
+
+    relay.stored = faulty  # type: ignore[method-assign]
+
+    # WHEN the batch runs on four workers (chunks of 25 results are written by the workers)
+    answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(4)).run(
+        {"Records": [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(60)]}, Deadline(relay.clock, 20), lease_s=25
+    )
+
+    # THEN the batch is answered: every result was written, so every record is acknowledged, the defect counted
+    assert answer == {"batchItemFailures": []}
+    assert len(store.finished) == 60 and len(calls) == 60
+    assert emitted()["UnexpectedErrors"] == [1.0]
+
+
+def test_a_defect_in_one_identitys_run_sends_its_records_back_after_every_group_has_finished(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # GIVEN three people's events, and a defect outside a record's own run for one of them (here: buffering its result)
+    store = FakeStore()
+    relay, _ = real_relay(store, 4)
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))
+    add = batch_module._ResultWrites.add
+
+    def faulty(self: Any, message_id: str, result: Result) -> None:
+        if message_id == "m-b1":
+            raise RuntimeError("defect")
+        add(self, message_id, result)
+
+    records = [sqs("a1", "m-a1", "ann"), sqs("b1", "m-b1", "bob"), sqs("b2", "m-b2", "bob"), sqs("c1", "m-c1", "cy")]
+
+    # WHEN the batch runs
+    with (
+        caplog.at_level(logging.INFO, logger="interact-relay"),
+        patch.object(batch_module._ResultWrites, "add", faulty),
+    ):
+        answer = runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN the batch is answered (not failed whole), only that person's records come back, in their order, and the
+    # other groups had finished, their results written, before it returned: none runs on into the next invocation
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-b1"}, {"itemIdentifier": "m-b2"}]}
+    assert sorted(e for e, _ in store.finished) == ["a1", "c1"]
+    (summary,) = [r for r in caplog.records if r.getMessage() == "batch done"]
+    assert summary.__dict__["redeliveredBecause"] == {"unexpected error": 2}
+
+
 def test_the_batch_summary_counts_an_invalid_record_whose_rejection_was_not_stored_as_failed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1631,15 +1691,17 @@ def test_a_batch_that_will_not_call_edge_does_not_fetch_a_token() -> None:
 
 
 class _Tokens:
-    def __init__(self, live: bool, error: str | None = None) -> None:
-        self.live, self.error = live, error
+    def __init__(self, live: bool, error: str | None = None, lapses_in: float = 3600.0) -> None:
+        self.live, self.error, self.lapses_in = live, error, lapses_in
         self.fetched: list[Deadline | None] = []
+        self.live_for: list[float] = []
 
-    def has_live_token(self) -> bool:
-        return self.live
+    def has_live_token(self, *, for_s: float = 0.0) -> bool:
+        return self.live and self.lapses_in > for_s
 
-    def get(self, *, deadline: Deadline | None = None) -> Any:
+    def get(self, *, deadline: Deadline | None = None, live_for_s: float = 0.0) -> Any:
         self.fetched.append(deadline)
+        self.live_for.append(live_for_s)
         if self.error:
             raise CredentialsError(self.error)
         return object()
@@ -1663,6 +1725,23 @@ def test_the_runtime_fetches_a_token_ahead_only_when_none_is_cached_and_leaves_a
     assert tokens.fetched == [deadline] * fetched
 
 
+def test_a_token_that_would_lapse_during_the_batch_is_renewed_ahead_of_it() -> None:
+    from relay.runtime import Runtime
+
+    # GIVEN a cached token that reaches its refresh point in 5 s, and a batch with 20 s left
+    runtime = Runtime(load_settings(ENV), clock=FakeClock())
+    tokens = _Tokens(live=True, lapses_in=5)
+    runtime.__dict__["tokens"] = tokens
+    deadline = Deadline(runtime.clock, 20)
+
+    # WHEN the batch warms its token
+    runtime._warm_token(deadline)
+
+    # THEN it is renewed now, for the batch's whole time: not by the Edge call that would find it lapsed near the
+    # batch's end, holding the token lock through a secret read and a token request the time left may not cover
+    assert tokens.fetched == [deadline] and tokens.live_for == [20]
+
+
 def test_no_token_is_fetched_ahead_when_the_batch_has_no_time_left() -> None:
     from relay.runtime import Runtime
 
@@ -1681,7 +1760,7 @@ def test_a_defect_fetching_a_token_ahead_is_logged_and_counted(
     from relay.runtime import Runtime
 
     class Broken(_Tokens):
-        def get(self, *, deadline: Deadline | None = None) -> Any:
+        def get(self, *, deadline: Deadline | None = None, live_for_s: float = 0.0) -> Any:
             raise OverflowError("a defect")
 
     runtime = Runtime(load_settings(ENV), clock=FakeClock())
@@ -1779,7 +1858,7 @@ def test_a_webhook_fetches_a_missing_ims_token_while_its_claim_is_taken() -> Non
     class NoTokenYet(FakeTokenProvider):
         fetched = False
 
-        def has_live_token(self) -> bool:
+        def has_live_token(self, *, for_s: float = 0.0) -> bool:
             return self.fetched
 
         def get(self, **kwargs: Any) -> Any:

@@ -476,6 +476,57 @@ def test_has_live_token_says_whether_get_would_answer_from_its_cache() -> None:
     assert not tokens.has_live_token()
 
 
+def test_a_token_that_would_lapse_within_the_time_asked_for_is_renewed_now() -> None:
+    # GIVEN a cached token 20 s before its refresh point
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A", expires_in=1000), token_response("tok-B", expires_in=1000)])
+    tokens = provider(session, clock)
+    first = tokens.get()
+    clock.advance(first.expires_at - clock.now() - 20)
+
+    # WHEN a batch with 30 s left asks for one live that long (its warm-up), and a call asks for one live now
+    short = tokens.get(live_for_s=10)
+    renewed = tokens.get(live_for_s=30)
+
+    # THEN a token live for 10 s more is kept, one that lapses within 30 s is renewed at once, rather than by an Edge
+    # call near the batch's end, whose secret read and token request might not fit in the time left
+    assert (short.value, renewed.value) == ("tok-A", "tok-B")
+    assert tokens.has_live_token(for_s=30) and len(session.calls) == 2
+
+
+def test_a_failure_held_before_the_environment_was_frozen_is_not_held_after_it() -> None:
+    # GIVEN a token fetch that failed at the end of an invocation (held back for FAILURE_HOLD_S)
+    clock = FakeClock()
+    session = FakeSession([requests.ConnectionError("down"), requests.ConnectionError("down")])
+    tokens = provider(session, clock)
+    with pytest.raises(CredentialsError):
+        tokens.get()
+
+    # WHEN the environment is frozen for a minute: the wall clock moves on, the monotonic clock may not
+    clock._wall += 60
+    session.script = [Scripted(token_response("tok-A"))]
+
+    # THEN the next invocation's first caller asks IMS again, instead of getting the old failure for its first seconds
+    assert tokens.get().value == "tok-A"
+
+
+def test_a_failure_is_not_held_longer_when_the_wall_clock_steps_back() -> None:
+    # GIVEN a failed fetch, held back
+    clock = FakeClock()
+    session = FakeSession([requests.ConnectionError("down"), requests.ConnectionError("down")])
+    tokens = provider(session, clock)
+    with pytest.raises(CredentialsError):
+        tokens.get()
+
+    # WHEN the wall clock steps back an hour (a time sync) and the hold's time passes
+    clock._wall -= 3600
+    clock.advance(FAILURE_HOLD_S + 0.01)
+    session.script = [Scripted(token_response("tok-A"))]
+
+    # THEN IMS is asked again
+    assert tokens.get().value == "tok-A"
+
+
 def test_an_expiry_too_large_for_a_float_is_a_credentials_error_not_a_crash() -> None:
     tokens = provider(FakeSession([make_response(200, {"access_token": "t", "expires_in": 10**400})]), FakeClock())
 

@@ -119,12 +119,19 @@ class _ResultWrites:
             failed = {r.event_id: "results not written" for _, r in chunk}
         for message_id, result in chunk:
             reason = failed.get(result.event_id)
-            if reason is None:
-                self._relay.stored(result, in_batch=True)
-                continue
-            self._relay.not_stored(result, reason)
-            with self._lock:
-                self.failed.add(message_id)
+            try:
+                if reason is None:
+                    self._relay.stored(result, in_batch=True)
+                else:
+                    self._relay.not_stored(result, reason)
+            except Exception:
+                # A defect counting, logging or giving back one result must not leave the chunk's others unsettled:
+                # each is acknowledged or redelivered as its write went (a claim not given back lapses by itself).
+                logger.exception("unexpected error settling a written result", eventId=result.event_id)
+                count("UnexpectedErrors")
+            if reason is not None:
+                with self._lock:
+                    self.failed.add(message_id)
 
 
 def _redeliver(carry: Carry, _: StateSource | None, __: Claim | None) -> Done:
@@ -388,7 +395,19 @@ class BatchRunner:
             if deadline.remaining() >= MIN_ATTEMPT_S:
                 self._claim_firsts(chunk, lease_s, claimed)
             futures.extend(self._executor.submit(run_group, items) for items in chunk)
-        delays = dict(pair for future in futures for pair in future.result())
+        # Every group is waited for, even after one has failed: none may run on into the next invocation.
+        wait(futures)
+        delays: dict[str, float | None] = {}
+        for future, items in zip(futures, (items for chunk in chunks for items in chunk), strict=True):
+            try:
+                delays.update(future.result())
+            except Exception:
+                # A defect outside a record's own run (which is guarded): the whole group comes back, in its order.
+                # A result of it already written makes its redelivery a repeat, answered from the stored result.
+                logger.exception("unexpected error running an identity's records; they will be redelivered")
+                count("UnexpectedErrors")
+                redelivered_because.extend("unexpected error" for _ in items)
+                delays.update((item.message_id, None) for item in items)
         # No read left running into the next invocation (each is done unless no group needed it): Lambda would freeze
         # it, and it would resume, or fail, in another invocation.
         pending: list[Future[Any]] = [states] if warming is None else [states, warming]

@@ -174,10 +174,13 @@ class Runtime:
         them, and the batch's first Edge calls find it ready. A failure is left to those calls, which ask
         the provider again (it holds a failure back for a few seconds) and report it for their events."""
         tokens = self.tokens  # built with `relay`, before the batch runs
-        if tokens is None or tokens.has_live_token() or deadline.remaining() < MIN_ATTEMPT_S:
+        # A token that would lapse before the invocation's deadline is renewed now, not by whichever Edge call finds it
+        # lapsed near the end, when the secret read and the token request (seconds, at worst) may not fit.
+        live_for = deadline.remaining()
+        if tokens is None or tokens.has_live_token(for_s=live_for) or live_for < MIN_ATTEMPT_S:
             return
         try:
-            tokens.get(deadline=deadline)
+            tokens.get(deadline=deadline, live_for_s=live_for)
         except CredentialsError as exc:
             logger.debug("IMS token not fetched ahead of the batch's Edge calls", reason=str(exc))
         except Exception:
@@ -194,7 +197,7 @@ class Runtime:
         if deadline.remaining() < MIN_ATTEMPT_S:
             return None  # `Relay.process` leaves such an event untouched
         tokens = self.tokens
-        if tokens is not None and not tokens.has_live_token():
+        if tokens is not None and not tokens.has_live_token(for_s=deadline.remaining()):
             self._ahead.append(self.executor.submit(self._warm_token, deadline))
         if not inbound.identity_id:
             return None

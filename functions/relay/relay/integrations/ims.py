@@ -68,14 +68,17 @@ class ImsTokenProvider:
         self._last_refusal_refresh: float | None = None
         self._token_mono = 0.0  # monotonic time the current token was fetched (the wall clock may step)
         self._lock = threading.Lock()
-        # (until, reason) of the last failed fetch: the 32 workers of a batch that all need a token must not send
-        # IMS (and Secrets Manager) 32 requests one after another, each waiting its turn, when IMS refuses or is down.
-        self._failure: tuple[float, str] | None = None
+        # (monotonic until, wall-clock until, reason) of the last failed fetch: the 32 workers of a batch that all
+        # need a token must not send IMS (and Secrets Manager) 32 requests one after another, each waiting its turn,
+        # when IMS refuses or is down. Held until either clock passes its mark: whether the monotonic clock moves
+        # while Lambda freezes the environment is not documented, and the wall clock may step back.
+        self._failure: tuple[float, float, str] | None = None
 
-    def has_live_token(self) -> bool:
-        """Whether `get()` would answer from its cache (no lock: a hint, for deciding whether to fetch ahead)."""
+    def has_live_token(self, *, for_s: float = 0.0) -> bool:
+        """Whether `get(live_for_s=for_s)` would answer from its cache (no lock: a hint, for deciding whether to
+        fetch ahead)."""
         token = self._token
-        return token is not None and token.expires_at > self._clock.now()
+        return token is not None and token.expires_at > self._clock.now() + for_s
 
     def get(
         self,
@@ -84,10 +87,13 @@ class ImsTokenProvider:
         stale: AccessToken | None = None,
         deadline: Deadline | None = None,
         min_age_s: float = 0.0,
+        live_for_s: float = 0.0,
     ) -> AccessToken:
-        """A live token. `force_refresh` replaces `stale` (the token Edge refused), unless another caller already
-        did, or unless it is younger than `min_age_s`: a token refused as soon as it was minted would only be refused
-        again, and each event must not cost an IMS request."""
+        """A live token, one still live `live_for_s` from now (a batch's warm-up asks for one that outlives the
+        batch, so that no renewal, with its secret read, falls at the batch's end). `force_refresh` replaces `stale`
+        (the token Edge refused), unless another caller already did, or unless it is younger than `min_age_s`: a
+        token refused as soon as it was minted would only be refused again, and each event must not cost an IMS
+        request."""
         with self._lock:
             token = self._token
             now, mono = self._clock.now(), self._clock.monotonic()
@@ -100,17 +106,17 @@ class ImsTokenProvider:
                     self._last_refusal_refresh = mono
             # A refresh forced by a refused token only replaces the token that was refused.
             if token and not refused:
-                if token.expires_at > now:
+                if token.expires_at > now + live_for_s:
                     return token
-            if self._failure is not None and mono < self._failure[0]:
-                raise CredentialsError(self._failure[1])
+            if self._failure is not None and mono < self._failure[0] and now < self._failure[1]:
+                raise CredentialsError(self._failure[2])
             try:
                 self._token = self._fetch(deadline)
                 self._token_mono = self._clock.monotonic()
             except NoTimeLeft:
                 raise
             except CredentialsError as exc:
-                self._failure = (self._clock.monotonic() + FAILURE_HOLD_S, str(exc))
+                self._failure = (self._clock.monotonic() + FAILURE_HOLD_S, self._clock.now() + FAILURE_HOLD_S, str(exc))
                 raise
             self._failure = None
             return self._token

@@ -100,6 +100,23 @@ def test_batch_holds_back_later_records_of_a_failed_identity_on_early_receives(r
     assert relay.processed == ["a1"]
 
 
+def test_a_late_copy_of_a_held_back_record_is_not_kept_waiting_into_the_dead_letter_queue() -> None:
+    # GIVEN one identity's first record failing on its first receive, then its second record, and a second copy of
+    # that second record (another message of the same event) on its last receive before the dead-letter queue
+    relay = ScriptedRelay(failing={"a1"})
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2))  # type: ignore[arg-type]
+    late = {**record("a2", 5), "messageId": "m-a2-copy"}
+    event = {"Records": [record("a1", 1), record("a2", 1), late]}
+
+    # WHEN the batch runs
+    answer = runner.run(event, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN the event is sent, as any record on a late receive is, and both its copies are acknowledged: the copy is not
+    # redelivered a fifth time into the dead-letter queue, where it would page and, redriven, duplicate the event
+    assert relay.processed == ["a1", "a2"]
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-a1"}]}
+
+
 def test_batch_stops_holding_back_once_a_record_keeps_failing() -> None:
     # GIVEN the same records on their HOLD_BACK_RECEIVES-th receive (a poison record ahead of a healthy one)
     relay = ScriptedRelay(failing={"a1"})

@@ -304,6 +304,9 @@ class BatchRunner:
                 # The same event twice in one batch: the later record shares the first one's fate (its result is
                 # not written yet, so claiming it again would only find the first one's live claim).
                 first.twins.append(item.message_id)
+                # They share the hold-back too: a copy on a late receive must not be kept waiting behind an earlier
+                # record of its identity, or it reaches the dead-letter queue though its event is still in the queue.
+                first.receive_count = max(first.receive_count, item.receive_count)
                 count("Duplicates")
                 logger.info("repeat of an event in the same batch", eventId=item.event_id, messageId=item.message_id)
                 continue

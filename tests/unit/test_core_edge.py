@@ -13,7 +13,7 @@ import pytest
 import requests
 from relay.clock import Deadline
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
-from relay.integrations.edge import EdgeClient, problem_from
+from relay.integrations.edge import MAX_PROBLEM_TEXT_CHARS, EdgeClient, problem_from, request_id_of
 from relay.integrations.ims import AccessToken
 from relay.settings import Settings, load_settings
 
@@ -851,6 +851,58 @@ def test_a_problem_too_deep_to_redact_is_still_a_rejection_without_credentials()
         client(session, clock, tokens=FakeTokenProvider()).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
     assert info.value.status == 400
     assert "token-1" not in json.dumps(info.value.problem) and CREDS.client_id not in json.dumps(info.value.problem)
+
+
+def nested(depth: int) -> Any:
+    doc: Any = "x"
+    for _ in range(depth):
+        doc = {"n": doc}
+    return doc
+
+
+@pytest.mark.parametrize(("depth", "kept"), [(100, True), (500, False)])
+def test_an_answer_nested_deeper_than_it_could_be_kept_and_read_back_is_taken_as_unreadable(
+    depth: int, kept: bool
+) -> None:
+    # GIVEN Edge accepts the event with a personalization payload nested `depth` levels deep
+    clock = FakeClock()
+    body = {"requestId": "r", "handle": [{"type": "personalization:decisions", "payload": [nested(depth)]}]}
+    session = FakeSession([ok(200, body)])
+
+    # WHEN
+    answer = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN a payload of sensible depth is kept; one past MAX_ANSWER_DEPTH is delivered without handles, as any answer
+    # the relay cannot keep: stored, it would fail to be read back on a thread with less stack (a webhook's repeat)
+    assert answer.status == 200 and answer.unreadable is not kept
+    assert answer.body == (body if kept else {})
+
+
+def test_a_problems_text_and_report_are_kept_to_what_can_be_stored_and_logged() -> None:
+    # GIVEN Edge refuses the event with a problem whose type and title are 600 KB, its report nested 500 levels deep
+    clock = FakeClock()
+    problem = {"type": "t" * 600_000, "title": ["not", "text"], "detail": "d", "report": nested(500)}
+    session = FakeSession([make_response(400, problem, reason="Bad Request")])
+
+    # WHEN
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN the type is cut to MAX_PROBLEM_TEXT_CHARS, a title that is not text is null, the report is left empty
+    cut: dict[str, Any] = {
+        "type": "t" * MAX_PROBLEM_TEXT_CHARS,
+        "title": None,
+        "detail": "d",
+        "report": {},
+        "status": 400,
+    }
+    assert info.value.problem == cut
+
+
+@pytest.mark.parametrize("value", ["r" * 257, 10**200, 1e200, ["r"], None])
+def test_only_a_requestid_that_is_short_text_is_kept(value: Any) -> None:
+    assert request_id_of(value) is None
+    assert request_id_of("6b2d0a83-f0e5-4c8e-9a26-1d2f8b0c7d11") == "6b2d0a83-f0e5-4c8e-9a26-1d2f8b0c7d11"
 
 
 def test_deliver_never_follows_a_redirect():

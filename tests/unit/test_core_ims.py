@@ -527,6 +527,21 @@ def test_a_failure_is_not_held_longer_when_the_wall_clock_steps_back() -> None:
     assert tokens.get().value == "tok-A"
 
 
+@pytest.mark.parametrize("value", ["abc\r\nX-Injected: 1", "t\u0100ken", "two words", "x" * 16385])
+def test_a_token_no_http_header_can_carry_is_refused_not_cached_for_a_day(value: str) -> None:
+    # GIVEN IMS answers a token that is not a header value (it would fail every Edge call before Edge could refuse it
+    # with the 401 that renews it, for the token's whole day), then a good one
+    clock = FakeClock()
+    session = FakeSession([token_response(value), token_response("tok-A")])
+    tokens = provider(session, clock)
+
+    # WHEN / THEN the first is a credentials error, and the next fetch (once the hold is over) is used
+    with pytest.raises(CredentialsError, match="without access_token"):
+        tokens.get()
+    clock.advance(FAILURE_HOLD_S + 0.01)
+    assert tokens.get().value == "tok-A"
+
+
 def test_an_expiry_too_large_for_a_float_is_a_credentials_error_not_a_crash() -> None:
     tokens = provider(FakeSession([make_response(200, {"access_token": "t", "expires_in": 10**400})]), FakeClock())
 

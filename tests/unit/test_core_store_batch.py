@@ -263,6 +263,32 @@ def test_huge_207_errors_go_before_the_handles() -> None:
     assert doc["handle"] == handle and "errors" not in doc and doc["errorsOmitted"] is True
 
 
+def test_an_answer_too_large_in_fields_that_are_never_cut_still_fits_and_keeps_its_outcome() -> None:
+    # GIVEN a delivered result whose requestId and an unexpected field hold 450 KB each (a hostile or broken Edge, or
+    # a proxy on a misconfigured endpoint), beside a small handle
+    handle = [{"type": "identity:result", "payload": [{"id": "x"}]}]
+    fields = {"status": "delivered", "datastreamId": "ds", "requestId": noise(450_000), "handle": handle}
+    fields["title"] = noise(450_000)
+
+    # WHEN it is composed
+    write = store(ScriptedDynamo()).compose_result("e1", fields, None)
+    doc, size = decode_item(write.item), item_size(write.item)
+
+    # THEN the item fits (DynamoDB would refuse it, and the event would go to Edge again on every retry), its outcome
+    # is kept, the handle too, and what was left out is said
+    assert size <= 400_000
+    assert (doc["status"], doc["eventId"], doc["datastreamId"], doc["handle"]) == ("delivered", "e1", "ds", handle)
+    assert doc["requestIdOmitted"] is True and doc["titleOmitted"] is True
+    # AND the result the sender is answered with is what was stored, as a repeat of the event would be answered
+    assert write.doc == {k: v for k, v in doc.items() if k not in ("pk", "sk", "expiresAt")}
+
+
+def test_a_result_stored_whole_is_answered_as_composed() -> None:
+    fields: dict[str, Any] = {"status": "delivered", "datastreamId": "ds", "identityId": None, "handle": []}
+    write = store(ScriptedDynamo()).compose_result("e1", fields, None)
+    assert write.doc == {**fields, "eventId": "e1", "storedAt": write.doc["storedAt"]}
+
+
 # -- claims of new events: PartiQL INSERTs, 25 to a BatchExecuteStatement --------------------------------------------
 
 

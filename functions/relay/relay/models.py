@@ -245,7 +245,7 @@ def decode_body(raw: bytes | str, *, limit: int | None = MAX_BODY_BYTES) -> tupl
         paths = itertools.islice(_repeated_paths(doc), MAX_ERRORS)
         errors = [{"path": path[:MAX_ERROR_TEXT], "message": "appears more than once in its object"} for path in paths]
         raise RepeatedKeys(doc, errors, total=total)
-    if text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(doc, MAX_DEPTH):
+    if text.count("{") + text.count("[") > MAX_DEPTH and deeper_than(doc, MAX_DEPTH):
         # It parsed, but sending it on (json.dumps recurses) could fail: refuse it now, with a reason.
         raise InvalidEvent([{"path": "$", "message": f"body is nested more than {MAX_DEPTH} levels deep"}])
     return text, doc
@@ -313,7 +313,7 @@ def _repeated_paths(doc: Any) -> Iterator[str]:
         stack.extend(reversed(children))
 
 
-def _deeper_than(doc: Any, limit: int) -> bool:
+def deeper_than(doc: Any, limit: int) -> bool:
     """Whether objects/arrays nest more than `limit` levels (iteratively: no recursion on hostile input)."""
     stack = [(doc, 1)]
     while stack:

@@ -26,7 +26,7 @@ from relay.identity_state import (
     needs_write,
     outgoing_entries,
 )
-from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient
+from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient, request_id_of
 from relay.integrations.store import RELAY, Claim, HandlesStore, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
@@ -351,7 +351,7 @@ class Relay:
                 "datastreamId": inbound.datastream_id,
                 "source": inbound.source,
                 "identityId": inbound.stored_identity_id,
-                "requestId": as_dict(exc.problem.get("report")).get("requestId"),
+                "requestId": request_id_of(as_dict(exc.problem.get("report")).get("requestId")),
                 "error": exc.problem,
                 "request": inbound.request,
             }

@@ -14,6 +14,7 @@ from relay import codec
 from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
 from relay.integrations.ims import ImsTokenProvider
+from relay.models import MAX_DEPTH, deeper_than
 from relay.observability import count, logger, timing
 from relay.retry import RECOVERABLE_STATUSES, backoff, parse_retry_after
 from relay.settings import Settings
@@ -38,8 +39,34 @@ class EdgeAnswer:
 
     @property
     def request_id(self) -> str | None:
-        value = self.body.get("requestId")
-        return value if isinstance(value, str) else None
+        return request_id_of(self.body.get("requestId"))
+
+
+MAX_REQUEST_ID_CHARS = 256  # Edge's requestId is a UUID; anything else is kept only if this short
+MAX_PROBLEM_TEXT_CHARS = 1000  # a problem's type and title as kept, logged and answered
+# An answer nested deeper than this is not kept (far beyond any Edge handle or personalization payload): parsing,
+# storing and reading it back recurse, and a thread's stack (a webhook's is deeper than a batch worker's) may not.
+MAX_ANSWER_DEPTH = 2 * MAX_DEPTH
+
+
+def request_id_of(value: Any) -> str | None:
+    """Edge's requestId as stored: a string of sensible length, else none (a number could be one DynamoDB refuses,
+    a huge string would fill the item)."""
+    return value if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS else None
+
+
+def _too_deep(resp: requests.Response, doc: Any) -> bool:
+    """Whether the answer nests deeper than MAX_ANSWER_DEPTH (counted on the bytes first: a walk only when it might)."""
+    content = resp.content
+    return content.count(b"{") + content.count(b"[") > MAX_ANSWER_DEPTH and deeper_than(doc, MAX_ANSWER_DEPTH)
+
+
+def _problem_text(value: Any) -> Any:
+    """A problem's `type` or `title` as kept: text cut to MAX_PROBLEM_TEXT_CHARS, a number or null as it is, anything
+    else (an object, a list: never Edge's) as null. (`detail` is kept whole, and cut when the item is too large.)"""
+    if isinstance(value, str):
+        return value[:MAX_PROBLEM_TEXT_CHARS]
+    return value if value is None or isinstance(value, int | float) else None
 
 
 REDACTED = "[redacted]"
@@ -75,7 +102,10 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     secrets = tuple(s for s in redact if s)
     doc = _json_document(resp)
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
-        found = {k: doc[k] for k in ("type", "title", "detail", "report") if k in doc}
+        found = {k: _problem_text(doc[k]) for k in ("type", "title") if k in doc}
+        found.update({k: doc[k] for k in ("detail", "report") if k in doc})
+        if "report" in found and _too_deep(resp, found["report"]):
+            found["report"] = {}  # kept, it could not be stored or read back (see MAX_ANSWER_DEPTH)
         # The HTTP status is what the relay acted on (retry, 422 or 502), so it is the one stored and answered: a body
         # that says otherwise (a gateway's, a proxy's) must not turn Edge's 500 into "your event is invalid".
         found["status"] = resp.status_code
@@ -219,7 +249,7 @@ class EdgeClient:
                     if not resp.content:  # a 204, as Adobe's SDKs take it: success without content
                         return EdgeAnswer(status, {}, attempt)
                     doc = _json_document(resp)
-                    if isinstance(doc, dict):
+                    if isinstance(doc, dict) and not _too_deep(resp, doc):
                         return EdgeAnswer(status, doc, attempt)
                     # 200 and 207 mean delivered (contract §6), as does any 2xx for Adobe's SDKs, whatever the body:
                     # sending it again would only duplicate the event. Kept as delivered without handles, and said so.

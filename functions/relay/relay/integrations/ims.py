@@ -14,6 +14,7 @@ from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 
 _OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
+_BEARER_TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")  # visible ASCII, as a header value
 FAILURE_HOLD_S = 5.0  # after a failed fetch, callers get its error for this long instead of asking IMS again
 QUICK_FAILURE_S = 1.0  # a connection failure this fast is a dead pooled connection, worth one immediate retry
 MAX_TOKEN_LIFETIME_S = 86400.0  # IMS tokens live 24 h: a larger expires_in (e.g. milliseconds) is not believed
@@ -179,7 +180,9 @@ class ImsTokenProvider:
         try:
             doc = resp.json()
             value, expires_in = doc["access_token"], float(doc["expires_in"])
-            if not (isinstance(value, str) and value):  # a null would be cached as the token "None" for a day
+            # A null would be cached as the token "None" for a day; a value no HTTP header can carry would fail every
+            # Edge call for a day, and Edge, never reached, would never refuse it with the 401 that renews it.
+            if not (isinstance(value, str) and _BEARER_TOKEN.fullmatch(value)):
                 raise ValueError("access_token")
             if not (math.isfinite(expires_in) and expires_in > 0):
                 raise ValueError("expires_in")

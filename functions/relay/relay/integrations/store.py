@@ -23,6 +23,7 @@ MAX_ITEM_BYTES = 380_000  # below DynamoDB's 400 KB item limit, with room for na
 MAX_ERROR_BYTES = 16 * 1024  # an Edge problem kept whole up to this; cut to its essentials when the item is too big
 _FLAG_BYTES = 20  # an `...Omitted`/`errorTrimmed` flag's name and value
 _JSON_FIELDS = ("handle", "errors", "warnings", "error", "request")
+_ALWAYS_KEPT = frozenset({"status", "eventId", "datastreamId", "source", "storedAt"})
 STATE_WRITE_ATTEMPTS = 8
 BATCH_WRITE_SIZE = 25  # DynamoDB's BatchWriteItem limit
 BATCH_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with backoff 50, 100, 200 ms
@@ -255,10 +256,15 @@ class HandlesStore:
         `updatedAt`). The lease, the last error and a replayed rejection's `error`/`request` are left behind."""
         now = self._clock.now()
         doc = {**fields, "eventId": event_id, "storedAt": iso_millis(now)}
+        values = self._encode(doc)
+        if "errorTrimmed" in values or any(name.endswith("Omitted") for name in values):
+            # Cut to fit the item: the sender is answered what is stored, as a repeat of the event would be (the
+            # whole answer could be more than a Lambda answer may hold).
+            doc = decode_item(values)
         item = {
             **(claimed or {}),
             **self.result_key(event_id),
-            **self._encode(doc),
+            **values,
             "expiresAt": {"N": str(int(now) + self._ttl_s)},
         }
         return ResultWrite(event_id, codec.fit_write_unit(item, _JSON_FIELDS), doc)
@@ -347,8 +353,21 @@ class HandlesStore:
             values["error"] = codec.encode_json(kept)
             size += codec.attribute_size(values["error"]) + _FLAG_BYTES
             values["errorTrimmed"] = {"BOOL": True}
+        # A plain field (a requestId, say) is never this large from Edge itself: shed before what Edge meant to keep.
+        for name in [n for n in values if n not in _JSON_FIELDS and n not in _ALWAYS_KEPT]:
+            if size > MAX_ITEM_BYTES and codec.attribute_size(values[name]) > MAX_ERROR_BYTES:
+                size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
+                values[f"{name}Omitted"] = {"BOOL": True}
         for name in ("request", "errors", "warnings", "handle"):
             if size > MAX_ITEM_BYTES and name in values:
+                size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
+                values[f"{name}Omitted"] = {"BOOL": True}
+        # Still over (many large fields): shed the largest of the rest, never what says what became of the event. An
+        # item DynamoDB refuses would send the event to Edge again on every retry.
+        for name in sorted(values, key=lambda n: codec.attribute_size(values[n]), reverse=True):
+            if size <= MAX_ITEM_BYTES:
+                break
+            if name not in _ALWAYS_KEPT:
                 size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
                 values[f"{name}Omitted"] = {"BOOL": True}
         return values

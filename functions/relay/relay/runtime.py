@@ -220,6 +220,10 @@ class Runtime:
                 adapter.close()  # empties the pools; the next request opens a new connection
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        # Powertools' `inject_lambda_context` and `log_metrics(capture_cold_start_metric=True)` would do what the
+        # next lines and the `finally` do, with more: five context keys on every line (a batch's lines are few, but a
+        # webhook's are most of its log volume) and a cold-start metric in an EMF document of its own, dimensioned by
+        # function name, which the stack's alarms and dashboard (dimension `service`) would not read.
         if self._last_done is None:
             # This environment's first event: its clients, secrets, identity key and token are built or read now.
             count("ColdStarts")

@@ -22,7 +22,7 @@ from relay.errors import CredentialsError
 from relay.identity_state import opaque_identity_id
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body
-from relay.integrations.store import RELAY, HandlesStore, decode_item
+from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, HandlesStore, decode_item
 from relay.models import as_dict, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
 
@@ -166,6 +166,11 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
         )
     if status == "queued" and str(doc.get("lastError", "")).startswith("not queued"):
         return "nothing is queued for it: the webhook sender was answered 503 and must resend"
+    if status == "queued" and str(doc.get("lastError", "")).startswith(QUEUE_SEND_PENDING):
+        return (
+            "its invocation ended while sending it to the retry queue: it may be in the queue, or not, and then the "
+            "webhook sender (answered 5xx by API Gateway) must resend; either one delivers it"
+        )
     if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc:
         # Marked by a replay and not tried since: an attempt that gives the event back writes `lastError`, which the
         # mark removes.

@@ -242,6 +242,7 @@ class FakeStore:
     stored_at: str = "2023-11-14T22:13:20.000Z"
     batch_writes: list[list[str]] = field(default_factory=list)  # event ids per put_results call
     failing_writes: set[str] = field(default_factory=set)  # put_results fails these
+    queued_notes: list[tuple[str, str]] = field(default_factory=list)  # note_queued calls (a webhook's sent message)
 
     # claim_new: None = every INSERT fails as for an existing item (events are then claimed one by one with `claim`,
     # as scripted); True = every INSERT succeeds; an exception = the whole call raises it
@@ -271,6 +272,9 @@ class FakeStore:
     def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
         self.releases.append((event_id, token, reason))
         self.retry_after[event_id] = retry_after
+
+    def note_queued(self, event_id: str, reason: str) -> None:
+        self.queued_notes.append((event_id, reason))
 
     def compose_result(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None) -> ResultWrite:
         return ResultWrite(event_id, {"fields": fields}, {**fields, "eventId": event_id, "storedAt": self.stored_at})

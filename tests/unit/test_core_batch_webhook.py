@@ -19,7 +19,7 @@ import relay.batch as batch_module
 from botocore.exceptions import ClientError
 from relay.batch import CLAIM_AHEAD, HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
-from relay.errors import CredentialsError, StoreUnavailable
+from relay.errors import CredentialsError, EdgeUnavailable, StoreUnavailable
 from relay.identity_state import opaque_identity_id
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
@@ -1259,6 +1259,29 @@ def test_a_webhook_whose_identity_key_cannot_be_read_is_queued_not_refused(
     assert [e.event_id for e in h.queue.sent] == ["ev-key"]
     assert h.store.claims == [] and h.session.calls == []
     assert emitted()["CredentialsUnavailable"] == [1.0]  # CredentialsUnavailableAlarm
+
+
+@pytest.mark.parametrize("queue_takes_it", [True, False])
+def test_a_webhook_event_given_back_for_the_queue_says_so_until_its_message_is_sent(queue_takes_it: bool) -> None:
+    # GIVEN Edge unavailable for a webhook's event
+    h = harness()
+    h.relay.edge = FakeEdge(EdgeUnavailable("edge answered 503", retry_after=5))  # type: ignore[assignment]
+    if not queue_takes_it:
+        h.queue.send = lambda inbound, delay_s=None: False  # type: ignore[method-assign,misc]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-q"}}}).encode()
+
+    # WHEN it arrives
+    answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg_q")))
+
+    # THEN its claim was given back marked as on its way to the queue (what an invocation that ended before the send
+    # would leave: `relayctl show` then says it may not be queued), and the mark is cleared only once it is sent
+    assert h.store.releases == [("ev-q", "tok-1", "queue send pending: edge answered 503")]
+    if queue_takes_it:
+        assert answer["statusCode"] == 202
+        assert h.store.queued_notes == [("ev-q", "edge answered 503")]
+    else:
+        assert answer["statusCode"] == 503
+        assert h.store.queued_notes == []
 
 
 def test_a_record_reusing_an_eventid_in_the_same_batch_is_not_taken_for_a_repeat(store_on_moto: StoreOnMoto) -> None:

@@ -186,7 +186,7 @@ def test_process_edge_unavailable_releases_the_claim_and_retries():
     result = process(store, edge, FakeClock())
 
     # THEN
-    assert result == Result(Outcome.RETRY, "evt-1", reason="edge answered 503", retry_after=2.0)
+    assert result == Result(Outcome.RETRY, "evt-1", reason="edge answered 503", retry_after=2.0, given_back=True)
     assert store.releases == [("evt-1", "tok-1", "edge answered 503")]
     assert store.retry_after == {"evt-1": 2.0}  # kept on the queued item, so a user can tell when it comes back
     assert store.finished == []
@@ -201,7 +201,7 @@ def test_process_credentials_error_releases_the_claim_and_retries():
     result = process(store, edge, FakeClock())
 
     # THEN
-    assert result == Result(Outcome.RETRY, "evt-1", reason="IMS refused the token request (HTTP 401)")
+    assert result == Result(Outcome.RETRY, "evt-1", reason="IMS refused the token request (HTTP 401)", given_back=True)
     assert store.releases == [("evt-1", "tok-1", "IMS refused the token request (HTTP 401)")]
     assert store.retry_after == {"evt-1": None}
 
@@ -254,7 +254,7 @@ def test_process_unexpected_error_after_the_claim_releases_it_and_retries():
 
     # THEN the event is handed back for a retry at once, not left claimed until its lease runs out (and a webhook
     # answers 202 queued instead of a 500)
-    assert result == Result(Outcome.RETRY, "evt-1", reason="unexpected error: KeyError")
+    assert result == Result(Outcome.RETRY, "evt-1", reason="unexpected error: KeyError", given_back=True)
     assert store.releases == [("evt-1", "tok-1", "unexpected error: KeyError")]
     assert store.finished == []
 
@@ -272,7 +272,7 @@ def test_process_release_failure_still_returns_retry():
     result = process(store, edge, FakeClock())
 
     # THEN
-    assert result == Result(Outcome.RETRY, "evt-1", reason="edge call failed: Timeout")
+    assert result == Result(Outcome.RETRY, "evt-1", reason="edge call failed: Timeout", given_back=True)
 
 
 def test_process_rejected_stores_error_and_request():
@@ -480,7 +480,9 @@ def test_process_store_failure_after_delivery_is_retry_and_releases():
     result = process(store, edge, FakeClock(), inbound(identity=False))
 
     # THEN
-    assert result == Result(Outcome.RETRY, "evt-1", reason="dynamodb put_item failed: InternalServerError")
+    assert result == Result(
+        Outcome.RETRY, "evt-1", reason="dynamodb put_item failed: InternalServerError", given_back=True
+    )
     assert store.releases == [("evt-1", "tok-1", "dynamodb put_item failed: InternalServerError")]
 
 

@@ -412,6 +412,32 @@ def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto:
     assert again.item is not None and again.item["attempts"] == {"N": "2"}
 
 
+@pytest.mark.parametrize("taken_meanwhile", [False, True])
+def test_a_webhooks_queue_send_pending_mark_is_cleared_once_sent_unless_the_event_was_taken_meanwhile(
+    store_on_moto: StoreOnMoto, taken_meanwhile: bool
+) -> None:
+    from relay.integrations.store import QUEUE_SEND_PENDING
+
+    # GIVEN a webhook's claim given back for the retry queue, with the mark an ended invocation would leave
+    store = store_on_moto.store
+    claim = store.claim("e1", datastream_id="ds", source="webhook", lease_s=30)
+    assert claim.token is not None
+    store.release("e1", claim.token, f"{QUEUE_SEND_PENDING}: edge answered 503")
+    if taken_meanwhile:  # the queued message's batch took it before the webhook said it was sent
+        assert store.claim("e1", datastream_id="ds", source="webhook", lease_s=30).acquired
+
+    # WHEN the webhook has sent the message
+    store.note_queued("e1", "edge answered 503")
+
+    # THEN the item says only why it waits; an attempt that took it meanwhile keeps its own record
+    doc = _raw(store_on_moto, "e1")
+    assert doc is not None
+    if taken_meanwhile:
+        assert doc["status"] == "pending"
+    else:
+        assert (doc["status"], doc["lastError"]) == ("queued", "edge answered 503")
+
+
 def _raw(stack: StoreOnMoto, event_id: str) -> dict[str, Any] | None:
     item = stack.ddb.get_item(TableName="t", Key={"pk": {"S": f"EVENT#{event_id}"}, "sk": {"S": "RESULT"}}).get("Item")
     return decode_item(item) if item else None

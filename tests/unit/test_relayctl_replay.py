@@ -1073,3 +1073,22 @@ def test_forget_leaves_an_item_a_new_attempt_took_since_it_was_read(
     assert "left EVENT#ev-1 RESULT: taken by a new attempt since it was read" in out
     assert "0 refused body(ies); 1 event(s) waiting" in out
     assert code == 1
+
+
+@pytest.mark.parametrize(
+    ("last_error", "says"),
+    [
+        ("queue send pending: edge answered 503", "may be in the queue, or not"),
+        (
+            "not queued (the retry queue refused it; the sender was answered 503): edge answered 503",
+            "nothing is queued",
+        ),
+        ("edge answered 503", "waiting in the queue for its next attempt"),
+    ],
+)
+def test_show_says_what_a_queued_webhook_event_waits_for(last_error: str, says: str) -> None:
+    # GIVEN a webhook event given back: marked while its message was being sent, refused by the queue, or sent
+    doc = {"status": "queued", "source": "webhook", "lastError": last_error}
+
+    # THEN show tells which: an invocation that ended mid-send may have left nothing in the queue
+    assert says in (relayctl_main._explain_waiting(doc, time.time()) or "")

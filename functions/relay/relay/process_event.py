@@ -27,7 +27,7 @@ from relay.identity_state import (
     outgoing_entries,
 )
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient, request_id_of
-from relay.integrations.store import RELAY, Claim, HandlesStore, ResultWrite
+from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, Claim, HandlesStore, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
@@ -53,6 +53,7 @@ class Result:
     # With `defer_store`: the result item still to be written (DELIVERED/REJECTED), and the claim's token.
     pending: ResultWrite | None = None
     token: str | None = None
+    given_back: bool = False  # RETRY: a claim was taken and given back (the item is `queued`)
     note: dict[str, Any] = field(default_factory=dict, compare=False)  # what the "stored" log line adds
 
 
@@ -187,6 +188,7 @@ class Relay:
         state_source: Callable[[], IdentityState | None] | None = None,
         defer_store: bool = False,
         claim: Claim | None = None,
+        to_queue: bool = False,
     ) -> Result:
         """Relay one event. `state`, when given, is the identity's current state (read by the caller for a whole
         batch, or carried from the identity's previous event), which saves reading it again. `state_source`, when
@@ -196,7 +198,10 @@ class Relay:
         the caller writes it with others (`store.put_results`) and then calls `stored` or `not_stored`.
 
         `claim`, when given, is the caller's claim attempt (a batch claims its new events 25 at a time): used as is when
-        acquired, else the event is claimed here with its token."""
+        acquired, else the event is claimed here with its token.
+
+        `to_queue`: the caller (a webhook) sends a RETRY to the retry queue; an event given back says so until the
+        caller has sent it (`store.note_queued`), so that an invocation ending in between leaves no false `queued`."""
         event_id = inbound.event_id
         if deadline.remaining() < MIN_ATTEMPT_S:
             # Nothing could be sent in time (a batch whose time ran out): leave the event untouched rather than claim
@@ -252,16 +257,16 @@ class Relay:
                 # Wrong or unreadable Adobe credentials fail every event until fixed: alarmed on their own
                 # (CredentialsUnavailableAlarm) rather than only once the events reach the dead-letter queue.
                 count("CredentialsUnavailable")
-            self._give_back(event_id, claim.token, str(exc), retry_after)
-            return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after)
+            self._give_back(event_id, claim.token, str(exc), retry_after, to_queue=to_queue)
+            return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after, given_back=True)
         except Exception as exc:
             # A defect, not the event's fault: never a 500 or a claim left to time out. The event is retried (and
             # reaches the dead-letter queue if the defect stays); the log has the stack trace, never the response.
             logger.exception("unexpected error; event will be retried", eventId=event_id)
             count("UnexpectedErrors")
             reason = f"unexpected error: {type(exc).__name__}"
-            self._give_back(event_id, claim.token, reason)
-            return Result(Outcome.RETRY, event_id, reason=reason)
+            self._give_back(event_id, claim.token, reason, to_queue=to_queue)
+            return Result(Outcome.RETRY, event_id, reason=reason, given_back=True)
 
     def _reject_reused(self, inbound: InboundEvent, filed_as: str) -> Result:
         """Store an event that reuses a finished event's eventId as `rejected`, under an id of its own, and never
@@ -309,11 +314,14 @@ class Relay:
         if result.token:
             self._give_back(result.event_id, result.token, reason)
 
-    def _give_back(self, event_id: str, token: str, reason: str, retry_after: float | None = None) -> None:
+    def _give_back(
+        self, event_id: str, token: str, reason: str, retry_after: float | None = None, *, to_queue: bool = False
+    ) -> None:
         logger.warning("event will be retried", eventId=event_id, reason=reason)
         count("RetriesScheduled")
         try:
-            self.store.release(event_id, token, reason, retry_after=retry_after)
+            noted = f"{QUEUE_SEND_PENDING}: {reason}" if to_queue else reason
+            self.store.release(event_id, token, noted, retry_after=retry_after)
         except StoreUnavailable:
             pass  # the lease expires by itself
 

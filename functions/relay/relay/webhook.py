@@ -291,7 +291,9 @@ class WebhookApp:
         budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)
         deadline = Deadline(self._clock, budget - _ENQUEUE_RESERVE_S)
         state_source = self._ahead(inbound, deadline)
-        result = self._relay.process(inbound, deadline, lease_s=max(remaining, budget) + 5, state_source=state_source)
+        result = self._relay.process(
+            inbound, deadline, lease_s=max(remaining, budget) + 5, state_source=state_source, to_queue=True
+        )
         return self._answer(result, inbound)
 
     def _answer(self, result: Result, inbound: InboundEvent) -> Response:
@@ -323,6 +325,14 @@ class WebhookApp:
             count("UnexpectedErrors")
             sent, why = False, "it could not be sent to the retry queue"
         if sent:
+            if result.given_back:
+                try:
+                    self._relay.store.note_queued(result.event_id, result.reason or "")
+                except Exception:
+                    # The event is queued: a defect in saying so must not answer 503 (the mark stays; `show` says the
+                    # message may be there).
+                    logger.exception("unexpected error noting a queued event", eventId=result.event_id)
+                    count("UnexpectedErrors")
             count("Queued")
             logger.info("event queued for later delivery", eventId=result.event_id, reason=result.reason)
             return ok(202, {"eventId": result.event_id, "status": "queued"})

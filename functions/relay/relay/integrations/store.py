@@ -73,6 +73,10 @@ def decode_item(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# `lastError` of a webhook event given back to go to the retry queue, until the message is sent (`note_queued`): left
+# by an invocation that ended in between, it tells that no message may be waiting for it.
+QUEUE_SEND_PENDING = "queue send pending"
+
 UNREADABLE_VERSION = -1  # a state item with no readable `version`: written over on the condition that it has none
 
 
@@ -422,6 +426,24 @@ class HandlesStore:
             )
         except ClientError:
             pass  # the condition no longer holds
+
+    def note_queued(self, event_id: str, reason: str) -> None:
+        """Say on a webhook's `queued` item that its retry-queue message was sent: the QUEUE_SEND_PENDING mark it was
+        given back with becomes the plain reason (taken again meanwhile: that attempt's record stands)."""
+        try:
+            self._update_if(
+                event_id,
+                "SET lastError = :r",
+                "#s = :queued AND lastError = :pending",
+                {
+                    ":queued": {"S": "queued"},
+                    ":r": _last_error(reason),
+                    ":pending": _last_error(f"{QUEUE_SEND_PENDING}: {reason}"),
+                },
+                {"#s": "status"},
+            )
+        except StoreUnavailable:
+            pass  # the mark stays: `relayctl show` then says the message may or may not be queued
 
     def note_not_queued(self, event_id: str, reason: str) -> None:
         """Say on a `queued` item that nothing is queued for it (the retry queue refused the webhook's fallback): the

@@ -203,6 +203,46 @@ def test_the_next_write_replaces_a_damaged_state_item(damage: dict[str, Any], st
     assert after.version == max(current.version, 0) + 1
 
 
+def test_a_state_written_in_a_newer_format_is_neither_sent_nor_written_over(
+    store_on_moto: StoreOnMoto, emitted: Any
+) -> None:
+    # GIVEN an identity's state item as a later relay version wrote it, in a format this one does not know (a rollback
+    # after a deploy that changed it)
+    ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
+    later = {
+        **HandlesStore.state_key("id", "ds"),
+        "state": {"S": '{"entries": {"k": {"value": "v", "expiresAt": 9999999999}}, "layout": "v2"}'},
+        "version": {"N": "7"},
+        "stateFormat": {"N": "2"},
+    }
+    ddb.put_item(TableName="t", Item=later)
+
+    # WHEN this version reads it (for one event, and for a batch) and an answer of Edge's would change it
+    state = store.get_state("id", "ds")
+    in_batch = store.get_states([("id", "ds")])[("id", "ds")]
+    wrote = store.update_state(
+        "id", "ds", state, lambda s: IdentityState(entries={"k2": StoredEntry("w", clock.now() + 100, 100)})
+    )
+
+    # THEN nothing of it is sent (no entry, no hint, as it could be misread), and it is not written over (which would
+    # lose what the later version keeps: a person's ECID); the event's state not kept is counted
+    assert state.newer_format and in_batch.newer_format
+    assert (state.entries, state.hint) == ({}, None)
+    assert wrote == 0
+    assert ddb.get_item(TableName="t", Key=HandlesStore.state_key("id", "ds"))["Item"] == later
+    assert emitted()["StateNotSent"] == [1.0]
+
+
+def test_a_state_this_version_writes_says_its_format(store_on_moto: StoreOnMoto) -> None:
+    store, clock = store_on_moto.store, store_on_moto.clock
+    store.update_state(
+        "id", "ds", IdentityState(), lambda s: IdentityState(hint="or2", hint_expires_at=clock.now() + 60)
+    )
+    item = store_on_moto.ddb.get_item(TableName="t", Key=HandlesStore.state_key("id", "ds"))["Item"]
+    assert item["stateFormat"] == {"N": "1"}
+    assert not store.get_state("id", "ds").newer_format
+
+
 def noise(n: int) -> str:
     """`n` characters zlib cannot shrink (so an item's size is what the test says)."""
     import base64

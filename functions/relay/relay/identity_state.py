@@ -64,6 +64,9 @@ class StoredEntry:
     attrs: dict[str, Any] | None = None
 
 
+STATE_FORMAT = 1  # the state item's `stateFormat`: a later version that changes the item's format raises it
+
+
 @dataclass(frozen=True)
 class IdentityState:
     entries: dict[str, StoredEntry] = field(default_factory=dict)
@@ -73,6 +76,9 @@ class IdentityState:
     # A stored `version` that is a number but not one the relay writes (0, -1, 3.5: an item edited by hand), as read:
     # with `version` unreadable, the next write is conditioned on finding exactly this.
     stored_version: str | None = None
+    # Written by a later relay version in a format this one does not know (`stateFormat` above STATE_FORMAT, as after a
+    # rollback): nothing of it is sent, and it is never written over, which would lose what that version keeps.
+    newer_format: bool = False
 
     def live_entries(self, now: float) -> dict[str, StoredEntry]:
         return {k: e for k, e in self.entries.items() if e.expires_at > now}

@@ -243,6 +243,31 @@ def test_a_state_this_version_writes_says_its_format(store_on_moto: StoreOnMoto)
     assert not store.get_state("id", "ds").newer_format
 
 
+def test_a_result_field_in_an_encoding_this_version_does_not_write_is_flagged_not_fatal(
+    store_on_moto: StoreOnMoto,
+) -> None:
+    # GIVEN a delivered result whose handle is stored as a native DynamoDB list (another version's encoding, or an
+    # item edited by hand)
+    ddb, store = store_on_moto.ddb, store_on_moto.store
+    item = {
+        **HandlesStore.result_key("e1"),
+        "status": {"S": "delivered"},
+        "datastreamId": {"S": "ds"},
+        "identityId": {"S": ""},
+        "handle": {"L": [{"M": {"type": {"S": "identity:result"}}}]},
+    }
+    ddb.put_item(TableName="t", Item=item)
+
+    # WHEN a repeat of the event is claimed
+    claim = store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
+
+    # THEN it is found finished (a repeat, answered from the item), with the field it cannot read flagged, rather
+    # than an error on every attempt until the dead-letter queue
+    assert not claim.acquired and claim.existing is not None
+    assert claim.existing["status"] == "delivered" and claim.existing["handleUnreadable"] is True
+    assert "handle" not in claim.existing
+
+
 def noise(n: int) -> str:
     """`n` characters zlib cannot shrink (so an item's size is what the test says)."""
     import base64

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -62,7 +63,13 @@ def decode_item(item: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, attr in item.items():
         if name in _JSON_FIELDS:
-            out[name] = codec.decode_json(attr)
+            try:
+                out[name] = codec.decode_json(attr)
+            except (KeyError, TypeError, ValueError, RecursionError, zlib.error):
+                # Not the encoding this version writes (another version's, or an item edited by hand): what the item
+                # says of the event (its status, identity, datastream) still decides a repeat, not a failure on
+                # every attempt until the dead-letter queue.
+                out[f"{name}Unreadable"] = True
         elif "S" in attr:
             out[name] = attr["S"]
         elif "N" in attr:

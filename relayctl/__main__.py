@@ -297,6 +297,8 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
         # the one it named. The sender must send a corrected event; the stored problem says what to correct.
         why = error.get("detail") or "send a corrected one"
         return f"skipped: the relay refused it itself ({error.get('title') or 'invalid event'}): {why}"
+    if doc.get("requestUnreadable"):
+        return "skipped: its stored request cannot be read (written by another version of the relay?)"
     if doc.get("request") is None:
         return "skipped: the original request was too large to keep"
     return None
@@ -628,19 +630,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
     )
     # Rejected requests kept under another identity (the person as a secondary identity, or a body refused before
     # any identity was read) are read, and deleted when they carry this one under this namespace.
-    refused = [
-        item
-        for item in _all_items(
-            ddb,
-            "scan",
-            t.table,
-            FilterExpression="begins_with(pk, :e) AND #s = :r AND attribute_exists(#req) AND NOT identityId = :id",
-            ExpressionAttributeNames={"#s": "status", "#req": "request"},
-            ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":r": {"S": "rejected"}, ":id": {"S": opaque}},
-            ConsistentRead=True,
-        )
-        if _names(decode_item(item).get("request"), args.namespace, args.id)
-    ]
+    refused: list[dict[str, Any]] = []
+    unreadable: list[dict[str, Any]] = []  # a request this relayctl cannot decode: whose it is cannot be told
+    for item in _all_items(
+        ddb,
+        "scan",
+        t.table,
+        FilterExpression="begins_with(pk, :e) AND #s = :r AND attribute_exists(#req) AND NOT identityId = :id",
+        ExpressionAttributeNames={"#s": "status", "#req": "request"},
+        ExpressionAttributeValues={":e": {"S": "EVENT#"}, ":r": {"S": "rejected"}, ":id": {"S": opaque}},
+        ConsistentRead=True,
+    ):
+        doc = decode_item(item)
+        if doc.get("requestUnreadable"):
+            unreadable.append(item)
+        elif _names(doc.get("request"), args.namespace, args.id):
+            refused.append(item)
     # A result still waiting when read (its claim held by a delivery in flight) is left to that delivery.
     doomed = states + [i for i in results if i.get("status", {}).get("S") not in ("queued", "pending")] + refused
     verb = "would delete" if args.dry_run else "deleted"
@@ -666,12 +671,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
             f"{len(waiting)} event(s) are still queued or in flight, and their items do not say whose they are: any of "
             "them may store this identity again once delivered. Run forget again once the queues are empty."
         )
-    if not doomed:
+    for item in unreadable:
+        print(
+            f"left {item['pk']['S']} {item['sk']['S']}: its stored request cannot be read (written by another version "
+            "of the relay, or edited by hand), so whether it names this identity cannot be told: check it by hand"
+        )
+    if not doomed and not unreadable:
         print(
             f"nothing found for that value under {args.namespace}: the namespace and the value must be spelled "
             "exactly as the events carried them (letter case included)"
         )
-    return 1 if waiting or not doomed else 0
+    return 1 if waiting or unreadable or not doomed else 0
 
 
 def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:

@@ -322,6 +322,33 @@ def test_forget_finds_a_secondary_identity_and_never_another_persons_body(ctl_en
     assert "42" not in out_42  # the value is not printed back (an erasure's output may end up in a log)
 
 
+def test_forget_names_a_refused_body_it_cannot_read_and_exits_1_rather_than_skip_it(
+    ctl_env: LocalStack, capsys
+) -> None:
+    stack = ctl_env
+    # GIVEN a refused body stored in an encoding this relayctl does not read (another version's, or edited by hand)
+    tag = uuid.uuid4().hex[:8]
+    alice = f"alice-{tag}@example.com"
+    stack.dynamodb.put_item(
+        TableName=stack.resources.table_name,
+        Item={
+            "pk": {"S": f"EVENT#odd-{tag}"},
+            "sk": {"S": "RESULT"},
+            "status": {"S": "rejected"},
+            "identityId": {"S": ""},
+            "request": {"M": {"Email": {"S": alice}}},
+        },
+    )
+
+    # WHEN the operator forgets alice
+    code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
+
+    # THEN the item is named as one to check by hand, and the exit code says the erasure is not known to be complete
+    assert code == 1, out
+    assert f"left EVENT#odd-{tag} RESULT: its stored request cannot be read" in out
+    assert stack.result_item(f"odd-{tag}") is not None
+
+
 def test_forget_says_when_events_are_still_waiting_and_exits_1(ctl_env: LocalStack, capsys) -> None:
     stack = ctl_env
     # GIVEN alice delivered once, and another event waiting in the queue (Edge unavailable): its item does not say

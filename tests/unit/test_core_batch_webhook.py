@@ -1284,6 +1284,26 @@ def test_a_webhook_event_given_back_for_the_queue_says_so_until_its_message_is_s
         assert h.store.queued_notes == []
 
 
+def test_a_webhook_event_whose_give_back_failed_is_queued_without_a_second_write() -> None:
+    # GIVEN Edge unavailable, and DynamoDB refusing the give-back
+    h = harness()
+    h.relay.edge = FakeEdge(EdgeUnavailable("edge answered 503"))  # type: ignore[assignment]
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("dynamodb update_item failed: InternalServerError")
+
+    h.store.release = down  # type: ignore[method-assign]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-r"}}}).encode()
+
+    # WHEN it arrives
+    answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg_r")))
+
+    # THEN it is queued (its claim lapses by itself), and no mark is cleared that was never written: no DynamoDB call
+    # (which, with DynamoDB failing, could hold the answer past its deadline) after the message is sent
+    assert answer["statusCode"] == 202
+    assert h.store.queued_notes == []
+
+
 def test_a_record_reusing_an_eventid_in_the_same_batch_is_not_taken_for_a_repeat(store_on_moto: StoreOnMoto) -> None:
     # GIVEN one batch with two people's events under one eventId (the real store, on in-process moto)
     ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock

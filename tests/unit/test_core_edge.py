@@ -881,18 +881,19 @@ def test_an_answer_nested_deeper_than_it_could_be_kept_and_read_back_is_taken_as
 def test_a_problems_text_and_report_are_kept_to_what_can_be_stored_and_logged() -> None:
     # GIVEN Edge refuses the event with a problem whose type and title are 600 KB, its report nested 500 levels deep
     clock = FakeClock()
-    problem = {"type": "t" * 600_000, "title": ["not", "text"], "detail": "d", "report": nested(500)}
+    problem = {"type": "t" * 600_000, "title": ["not", "text"], "detail": nested(500), "report": nested(500)}
     session = FakeSession([make_response(400, problem, reason="Bad Request")])
 
     # WHEN
     with pytest.raises(EdgeRejected) as info:
         client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
 
-    # THEN the type is cut to MAX_PROBLEM_TEXT_CHARS, a title that is not text is null, the report is left empty
+    # THEN the type is cut to MAX_PROBLEM_TEXT_CHARS, a title that is not text is null, the detail and report too deep
+    # to keep are left empty
     cut: dict[str, Any] = {
         "type": "t" * MAX_PROBLEM_TEXT_CHARS,
         "title": None,
-        "detail": "d",
+        "detail": None,
         "report": {},
         "status": 400,
     }

@@ -494,6 +494,41 @@ def test_a_token_that_would_lapse_within_the_time_asked_for_is_renewed_now() -> 
     assert tokens.has_live_token(for_s=30) and len(session.calls) == 2
 
 
+def test_a_live_token_is_handed_out_while_a_renewal_ahead_holds_the_lock() -> None:
+    # GIVEN a live token, and a renewal ahead of a batch in progress (it holds the lock through its secret read)
+    clock = FakeClock()
+    tokens = provider(FakeSession([token_response("tok-A")]), clock)
+    tokens.get()
+    tokens._lock.acquire()
+    try:
+        # WHEN an Edge call asks for a token
+        got: list[str] = []
+        worker = threading.Thread(target=lambda: got.append(tokens.get().value))
+        worker.start()
+        worker.join(timeout=2)
+
+        # THEN it gets the live one at once, not after the renewal
+        assert got == ["tok-A"]
+    finally:
+        tokens._lock.release()
+
+
+def test_tokens_too_short_lived_to_outlast_a_batch_are_not_renewed_for_every_batch() -> None:
+    # GIVEN tokens that live 40 s (36 s to their refresh point: shorter than twice a batch's 28 s)
+    clock = FakeClock()
+    session = FakeSession([token_response(f"tok-{n}", expires_in=40) for n in range(4)])
+    tokens = provider(session, clock)
+    tokens.get()
+
+    # WHEN three batches, 10 s apart, each ask for one live for their 28 s
+    for _ in range(3):
+        clock.advance(10)
+        tokens.get(live_for_s=28)
+
+    # THEN the first token serves them while it is live: no IMS request per batch
+    assert len(session.calls) == 1 and tokens.has_live_token(for_s=28)
+
+
 def test_a_failure_held_before_the_environment_was_frozen_is_not_held_after_it() -> None:
     # GIVEN a token fetch that failed at the end of an invocation (held back for FAILURE_HOLD_S)
     clock = FakeClock()

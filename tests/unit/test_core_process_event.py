@@ -13,6 +13,7 @@ from relay.clock import Deadline
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState, StoredEntry, opaque_identity_id
 from relay.integrations.edge import EdgeAnswer
+from relay.integrations.ims import NoTimeLeft
 from relay.integrations.store import Claim, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list, build_inbound
 from relay.process_event import INVALID_EVENT_TYPE, Outcome, Relay, Result, edge_status_of, with_state
@@ -210,6 +211,7 @@ def test_process_credentials_error_releases_the_claim_and_retries():
     ("failure", "counted"),
     [
         (CredentialsError("IMS refused the token request (HTTP 400 invalid_client)"), ["CredentialsUnavailable"]),
+        (NoTimeLeft("no time left to request an IMS token"), []),  # about the event's deadline, not the credentials
         (EdgeUnavailable("edge answered 503"), []),
         (EdgeRejected(400, {"type": "https://ns.adobe.com/aep/errors/EXEG-0003-400", "status": 400}), ["EdgeRejected"]),
         (EdgeRejected(500, {"status": 500}), ["EdgeRejected"]),
@@ -272,7 +274,7 @@ def test_process_release_failure_still_returns_retry():
     result = process(store, edge, FakeClock())
 
     # THEN
-    assert result == Result(Outcome.RETRY, "evt-1", reason="edge call failed: Timeout", given_back=True)
+    assert result == Result(Outcome.RETRY, "evt-1", reason="edge call failed: Timeout")  # the give-back was not written
 
 
 def test_process_rejected_stores_error_and_request():

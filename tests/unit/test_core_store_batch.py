@@ -233,6 +233,42 @@ def test_a_state_written_in_a_newer_format_is_neither_sent_nor_written_over(
     assert emitted()["StateNotSent"] == [1.0]
 
 
+def test_an_event_of_an_identity_whose_state_is_in_a_newer_format_is_delivered_without_an_error(
+    store_on_moto: StoreOnMoto, emitted: Any
+) -> None:
+    from relay.clock import Deadline
+    from relay.integrations.edge import EdgeAnswer
+    from relay.models import build_inbound
+    from relay.process_event import Outcome, Relay
+
+    from tests.fakes import FakeEdge
+
+    # GIVEN the identity's state item in a format only a later version reads
+    ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
+    event = build_inbound(
+        {"event": {"xdm": {"_id": "e1", "identityMap": {"CRMID": [{"id": "ann", "primary": True}]}}}},
+        event_id="e1",
+        datastream_id="ds",
+        source="sqs",
+        received_at=clock.now(),
+    )
+    assert event.identity_id
+    later = {**HandlesStore.state_key(event.identity_id, "ds"), "version": {"N": "3"}, "stateFormat": {"N": "2"}}
+    ddb.put_item(TableName="t", Item=later)
+    handles = [{"type": "state:store", "payload": [{"key": "kndctr_X_identity", "value": "v", "maxAge": 100}]}]
+    edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": handles}, 1))
+
+    # WHEN one of its events is relayed
+    result = Relay(store, edge, clock).process(event, Deadline(clock, 10), lease_s=30)  # type: ignore[arg-type]
+
+    # THEN it is delivered, no stored entry was sent, the item is left as it is, and only StateNotSent is counted:
+    # no state-write failure or defect (they would page two alarms for every such event after a rollback)
+    assert result.outcome is Outcome.DELIVERED
+    assert "meta" not in edge.calls[0].request
+    assert ddb.get_item(TableName="t", Key=HandlesStore.state_key(event.identity_id, "ds"))["Item"] == later
+    assert set(emitted()) == {"StateNotSent", "Delivered"}
+
+
 def test_a_state_this_version_writes_says_its_format(store_on_moto: StoreOnMoto) -> None:
     store, clock = store_on_moto.store, store_on_moto.clock
     store.update_state(

@@ -27,6 +27,7 @@ from relay.identity_state import (
     outgoing_entries,
 )
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient, request_id_of
+from relay.integrations.ims import NoTimeLeft
 from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, Claim, HandlesStore, ResultWrite
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
@@ -53,7 +54,7 @@ class Result:
     # With `defer_store`: the result item still to be written (DELIVERED/REJECTED), and the claim's token.
     pending: ResultWrite | None = None
     token: str | None = None
-    given_back: bool = False  # RETRY: a claim was taken and given back (the item is `queued`)
+    given_back: bool = False  # RETRY: a claim was taken and given back, and that was written (the item is `queued`)
     note: dict[str, Any] = field(default_factory=dict, compare=False)  # what the "stored" log line adds
 
 
@@ -253,20 +254,21 @@ class Relay:
             return replace(result, pending=None)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
             retry_after = exc.retry_after if isinstance(exc, EdgeUnavailable) else None
-            if isinstance(exc, CredentialsError):
+            if isinstance(exc, CredentialsError) and not isinstance(exc, NoTimeLeft):
                 # Wrong or unreadable Adobe credentials fail every event until fixed: alarmed on their own
-                # (CredentialsUnavailableAlarm) rather than only once the events reach the dead-letter queue.
+                # (CredentialsUnavailableAlarm) rather than only once the events reach the dead-letter queue. (No time
+                # left for the token request is about this event's deadline, not the credentials.)
                 count("CredentialsUnavailable")
-            self._give_back(event_id, claim.token, str(exc), retry_after, to_queue=to_queue)
-            return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after, given_back=True)
+            given_back = self._give_back(event_id, claim.token, str(exc), retry_after, to_queue=to_queue)
+            return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after, given_back=given_back)
         except Exception as exc:
             # A defect, not the event's fault: never a 500 or a claim left to time out. The event is retried (and
             # reaches the dead-letter queue if the defect stays); the log has the stack trace, never the response.
             logger.exception("unexpected error; event will be retried", eventId=event_id)
             count("UnexpectedErrors")
             reason = f"unexpected error: {type(exc).__name__}"
-            self._give_back(event_id, claim.token, reason, to_queue=to_queue)
-            return Result(Outcome.RETRY, event_id, reason=reason, given_back=True)
+            given_back = self._give_back(event_id, claim.token, reason, to_queue=to_queue)
+            return Result(Outcome.RETRY, event_id, reason=reason, given_back=given_back)
 
     def _reject_reused(self, inbound: InboundEvent, filed_as: str) -> Result:
         """Store an event that reuses a finished event's eventId as `rejected`, under an id of its own, and never
@@ -316,14 +318,16 @@ class Relay:
 
     def _give_back(
         self, event_id: str, token: str, reason: str, retry_after: float | None = None, *, to_queue: bool = False
-    ) -> None:
+    ) -> bool:
+        """Hand the claim back (`queued`); whether that was written (else the lease lapses by itself)."""
         logger.warning("event will be retried", eventId=event_id, reason=reason)
         count("RetriesScheduled")
         try:
             noted = f"{QUEUE_SEND_PENDING}: {reason}" if to_queue else reason
             self.store.release(event_id, token, noted, retry_after=retry_after)
         except StoreUnavailable:
-            pass  # the lease expires by itself
+            return False  # the lease expires by itself
+        return True
 
     def _deliver(
         self, inbound: InboundEvent, deadline: Deadline, known: IdentityState | None, claimed: dict[str, Any] | None
@@ -387,8 +391,9 @@ class Relay:
 
             try:
                 wrote = self.store.update_state(opaque, inbound.datastream_id, state, change)
-                current, new = seen[-1]
-                # What is stored now: our write (one version up), or what we read if nothing needed writing.
+                # What is stored now: our write (one version up), or what we read if nothing needed writing (or, for a
+                # state in a newer format, left as it is without asking `change`).
+                current, new = seen[-1] if seen else (state, None)
                 after = (
                     replace(new, version=max(current.version, 0) + 1, stored_version=None) if wrote and new else current
                 )

@@ -104,8 +104,9 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
         found = {k: _problem_text(doc[k]) for k in ("type", "title") if k in doc}
         found.update({k: doc[k] for k in ("detail", "report") if k in doc})
-        if "report" in found and _too_deep(resp, found["report"]):
-            found["report"] = {}  # kept, it could not be stored or read back (see MAX_ANSWER_DEPTH)
+        for name, empty in (("detail", None), ("report", {})):
+            if name in found and _too_deep(resp, found[name]):
+                found[name] = empty  # kept, it could not be stored or read back (see MAX_ANSWER_DEPTH)
         # The HTTP status is what the relay acted on (retry, 422 or 502), so it is the one stored and answered: a body
         # that says otherwise (a gateway's, a proxy's) must not turn Edge's 500 into "your event is invalid".
         found["status"] = resp.status_code

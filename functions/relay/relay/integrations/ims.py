@@ -68,6 +68,7 @@ class ImsTokenProvider:
         # not): a refused token, or a refresh that failed, must not start another refresh within `min_age_s`.
         self._last_refusal_refresh: float | None = None
         self._token_mono = 0.0  # monotonic time the current token was fetched (the wall clock may step)
+        self._token_life = 0.0  # seconds from the current token's fetch to its refresh point
         self._lock = threading.Lock()
         # (monotonic until, wall-clock until, reason) of the last failed fetch: the 32 workers of a batch that all
         # need a token must not send IMS (and Secrets Manager) 32 requests one after another, each waiting its turn,
@@ -79,7 +80,12 @@ class ImsTokenProvider:
         """Whether `get(live_for_s=for_s)` would answer from its cache (no lock: a hint, for deciding whether to
         fetch ahead)."""
         token = self._token
-        return token is not None and token.expires_at > self._clock.now() + for_s
+        return token is not None and token.expires_at > self._clock.now() + self._ahead(for_s)
+
+    def _ahead(self, live_for_s: float) -> float:
+        """How long ahead a token must stay live: `live_for_s`, unless tokens live too briefly for that to mean
+        anything but a new token per batch (then only live now)."""
+        return live_for_s if live_for_s < self._token_life / 2 else 0.0
 
     def get(
         self,
@@ -95,6 +101,9 @@ class ImsTokenProvider:
         (the token Edge refused), unless another caller already did, or unless it is younger than `min_age_s`: a
         token refused as soon as it was minted would only be refused again, and each event must not cost an IMS
         request."""
+        token = self._token
+        if token is not None and not force_refresh and token.expires_at > self._clock.now() + self._ahead(live_for_s):
+            return token  # the common case, without the lock: a renewal in progress holds it while this one is live
         with self._lock:
             token = self._token
             now, mono = self._clock.now(), self._clock.monotonic()
@@ -107,13 +116,14 @@ class ImsTokenProvider:
                     self._last_refusal_refresh = mono
             # A refresh forced by a refused token only replaces the token that was refused.
             if token and not refused:
-                if token.expires_at > now + live_for_s:
+                if token.expires_at > now + self._ahead(live_for_s):
                     return token
             if self._failure is not None and mono < self._failure[0] and now < self._failure[1]:
                 raise CredentialsError(self._failure[2])
             try:
                 self._token = self._fetch(deadline)
                 self._token_mono = self._clock.monotonic()
+                self._token_life = self._token.expires_at - self._clock.now()
             except NoTimeLeft:
                 raise
             except CredentialsError as exc:

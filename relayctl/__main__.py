@@ -291,7 +291,7 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     if status != "rejected" and not stranded:
         return f"skipped: status is {status}"
     error = as_dict(doc.get("error"))
-    if error.get("type") == INVALID_EVENT_TYPE:
+    if error.get("type") == INVALID_EVENT_TYPE or doc.get("rejectedBy") == RELAY:
         # The relay refused the event itself (its body, its datastreamId, its size, or an eventId already used for
         # another event): the same message would be refused again, or sent to the default datastream in place of
         # the one it named. The sender must send a corrected event; the stored problem says what to correct.
@@ -377,7 +377,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.all_rejected:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender.
         rows = _scan_rejected(ddb, t.table)
-        ids += [str(r["eventId"]) for r in rows if as_dict(r.get("error")).get("type") != INVALID_EVENT_TYPE]
+        ids += [
+            str(r["eventId"])
+            for r in rows
+            if as_dict(r.get("error")).get("type") != INVALID_EVENT_TYPE and r.get("rejectedBy") != RELAY
+        ]
     if not ids:
         # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.
         print("no Edge-rejected events to replay")

@@ -134,6 +134,24 @@ def test_ims_force_refresh_from_two_threads_refreshes_once():
     assert len(session.calls) == 2
 
 
+def test_a_token_edge_refused_is_not_handed_out_while_its_replacement_is_fetched():
+    # GIVEN a token Edge refused, and a slow IMS fetching its replacement for one worker
+    clock = FakeClock()
+    session = SlowSession([token_response("tok-A"), token_response("tok-B")])
+    tokens = provider(session, clock)
+    stale = tokens.get()
+    refreshing = threading.Thread(target=lambda: tokens.get(force_refresh=True, stale=stale))
+    refreshing.start()
+    time.sleep(0.05)  # the refresh holds the lock, waiting for IMS
+
+    # WHEN another worker asks for a token meanwhile
+    got = tokens.get().value
+    refreshing.join(timeout=5)
+
+    # THEN it waits for the new one: the refused one would only be refused again, an Edge call wasted per event
+    assert got == "tok-B" and len(session.calls) == 2
+
+
 def test_ims_force_refresh_without_stale_always_refreshes():
     # GIVEN
     clock = FakeClock()

@@ -269,6 +269,61 @@ def test_an_event_of_an_identity_whose_state_is_in_a_newer_format_is_delivered_w
     assert set(emitted()) == {"StateNotSent", "Delivered"}
 
 
+def test_a_state_rewritten_in_a_newer_format_meanwhile_is_what_the_event_carries_on(store_on_moto: StoreOnMoto) -> None:
+    from relay.clock import Deadline
+    from relay.integrations.edge import EdgeAnswer
+    from relay.models import build_inbound
+    from relay.process_event import Outcome, Relay
+
+    from tests.fakes import FakeEdge
+
+    # GIVEN an identity's state as a batch read it (format 1, an entry "OLD"), then rewritten by a later version
+    # (format 2) before this event's answer is written
+    ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
+    event = build_inbound(
+        {"event": {"xdm": {"_id": "e1", "identityMap": {"CRMID": [{"id": "ann", "primary": True}]}}}},
+        event_id="e1",
+        datastream_id="ds",
+        source="sqs",
+        received_at=clock.now(),
+    )
+    assert event.identity_id
+    known = IdentityState(entries={"k": StoredEntry("OLD", clock.now() + 100, 100)}, version=1)
+    later = {**HandlesStore.state_key(event.identity_id, "ds"), "version": {"N": "9"}, "stateFormat": {"N": "2"}}
+    ddb.put_item(TableName="t", Item=later)
+    handles = [{"type": "state:store", "payload": [{"key": "k", "value": "NEW", "maxAge": 100}]}]
+    edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": handles}, 1))
+
+    # WHEN the event is relayed with the state the batch read
+    result = Relay(store, edge, clock).process(event, Deadline(clock, 10), lease_s=30, state=known)  # type: ignore[arg-type]
+
+    # THEN it is delivered, the later version's item is left as it is, and the state the batch carries to the
+    # identity's next record is that one (sending nothing), not the one read before it was rewritten
+    assert result.outcome is Outcome.DELIVERED
+    assert ddb.get_item(TableName="t", Key=HandlesStore.state_key(event.identity_id, "ds"))["Item"] == later
+    assert result.state is not None and result.state.newer_format and result.state.entries == {}
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_nothing_queued_is_written_only_over_the_attempts_own_mark(store_on_moto: StoreOnMoto, ours: bool) -> None:
+    from relay.integrations.store import QUEUE_SEND_PENDING
+
+    # GIVEN a webhook's claim given back with its mark, or an item another attempt has given back since
+    store = store_on_moto.store
+    claim = store.claim("e1", datastream_id="ds", source="webhook", lease_s=30)
+    assert claim.token is not None
+    store.release("e1", claim.token, f"{QUEUE_SEND_PENDING}: edge answered 503" if ours else "edge answered 504")
+
+    # WHEN the webhook's send to the retry queue fails
+    store.note_not_queued("e1", "not queued (the retry queue refused it; ...): edge answered 503", "edge answered 503")
+
+    # THEN the item says nothing is queued only over its own mark: another attempt's record (and what it queued)
+    # stands, so `relayctl show` does not tell the operator the event is lost
+    doc = _raw(store_on_moto, "e1")
+    assert doc is not None
+    assert doc["lastError"].startswith("not queued") is ours
+
+
 def test_a_state_this_version_writes_says_its_format(store_on_moto: StoreOnMoto) -> None:
     store, clock = store_on_moto.store, store_on_moto.clock
     store.update_state(

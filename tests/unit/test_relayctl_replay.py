@@ -1092,3 +1092,11 @@ def test_show_says_what_a_queued_webhook_event_waits_for(last_error: str, says: 
 
     # THEN show tells which: an invocation that ended mid-send may have left nothing in the queue
     assert says in (relayctl_main._explain_waiting(doc, time.time()) or "")
+
+
+def test_replay_skips_the_relays_own_refusal_even_when_its_problem_cannot_be_read() -> None:
+    # GIVEN a refusal of the relay's own whose stored problem this version cannot decode (flagged when read)
+    doc = {"status": "rejected", "rejectedBy": "relay", "errorUnreadable": True, "request": {"event": {}}}
+
+    # THEN replay skips it, as it skips any refusal of the relay's own (sent again, it would be refused again)
+    assert (relayctl_main._replay_plan(doc) or "").startswith("skipped: the relay refused it itself")

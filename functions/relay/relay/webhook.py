@@ -338,9 +338,12 @@ class WebhookApp:
             return ok(202, {"eventId": result.event_id, "status": "queued"})
         count("QueueFallbackFailed")
         logger.error("event could not be queued; sender must retry", eventId=result.event_id)
-        self._relay.store.note_not_queued(
-            result.event_id, f"not queued ({why}; the sender was answered 503): {result.reason}"
-        )
+        if result.given_back:
+            self._relay.store.note_not_queued(
+                result.event_id,
+                f"not queued ({why}; the sender was answered 503): {result.reason}",
+                result.reason or "",
+            )
         return problem(
             503,
             "Service unavailable",

@@ -69,6 +69,7 @@ class ImsTokenProvider:
         self._last_refusal_refresh: float | None = None
         self._token_mono = 0.0  # monotonic time the current token was fetched (the wall clock may step)
         self._token_life = 0.0  # seconds from the current token's fetch to its refresh point
+        self._replacing: AccessToken | None = None  # a token Edge refused, while its replacement is being fetched
         self._lock = threading.Lock()
         # (monotonic until, wall-clock until, reason) of the last failed fetch: the 32 workers of a batch that all
         # need a token must not send IMS (and Secrets Manager) 32 requests one after another, each waiting its turn,
@@ -102,8 +103,13 @@ class ImsTokenProvider:
         token refused as soon as it was minted would only be refused again, and each event must not cost an IMS
         request."""
         token = self._token
-        if token is not None and not force_refresh and token.expires_at > self._clock.now() + self._ahead(live_for_s):
-            return token  # the common case, without the lock: a renewal in progress holds it while this one is live
+        if (
+            token is not None
+            and not force_refresh
+            and token is not self._replacing
+            and token.expires_at > self._clock.now() + self._ahead(live_for_s)
+        ):
+            return token  # the common case, without the lock: a renewal ahead holds it while this one is live
         with self._lock:
             token = self._token
             now, mono = self._clock.now(), self._clock.monotonic()
@@ -120,6 +126,7 @@ class ImsTokenProvider:
                     return token
             if self._failure is not None and mono < self._failure[0] and now < self._failure[1]:
                 raise CredentialsError(self._failure[2])
+            self._replacing = token if refused else None
             try:
                 self._token = self._fetch(deadline)
                 self._token_mono = self._clock.monotonic()
@@ -129,6 +136,8 @@ class ImsTokenProvider:
             except CredentialsError as exc:
                 self._failure = (self._clock.monotonic() + FAILURE_HOLD_S, self._clock.now() + FAILURE_HOLD_S, str(exc))
                 raise
+            finally:
+                self._replacing = None
             self._failure = None
             return self._token
 

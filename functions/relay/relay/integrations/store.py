@@ -462,17 +462,20 @@ class HandlesStore:
         except StoreUnavailable:
             pass  # the mark stays: `relayctl show` then says the message may or may not be queued
 
-    def note_not_queued(self, event_id: str, reason: str) -> None:
+    def note_not_queued(self, event_id: str, reason: str, given_back_with: str) -> None:
         """Say on a `queued` item that nothing is queued for it (the retry queue refused the webhook's fallback): the
-        next attempt is the sender's resend, not a queue message, so no `retryAfterSeconds` promise is left."""
+        next attempt is the sender's resend, not a queue message, so no `retryAfterSeconds` promise is left. Only
+        over this attempt's own QUEUE_SEND_PENDING mark (`given_back_with` is its reason): an attempt that took the
+        event meanwhile, and whatever it queued, keep their record."""
         try:
             self._update_if(
                 event_id,
                 "SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
-                "#s = :queued",
+                "#s = :queued AND lastError = :pending",
                 {
                     ":queued": {"S": "queued"},
                     ":r": _last_error(reason),
+                    ":pending": _last_error(f"{QUEUE_SEND_PENDING}: {given_back_with}"),
                     ":now": {"S": iso_millis(self._clock.now())},
                 },
                 {"#s": "status"},
@@ -613,7 +616,10 @@ class HandlesStore:
         for _ in range(STATE_WRITE_ATTEMPTS):
             if state.newer_format:
                 # Left to the version that wrote it (see IdentityState.newer_format): this event's answer is not kept
-                # in it. Said once per event, counted with the states not sent.
+                # in it. Said once per event, counted with the states not sent. `change` is shown the state as read
+                # (its answer ignored), so that a caller that carries what `change` saw carries this state, not one
+                # read before another version wrote it.
+                change(state)
                 logger.warning("identity state written in a newer format; left as it is", stateFormat="newer")
                 count("StateNotSent")
                 return 0

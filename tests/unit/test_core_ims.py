@@ -142,7 +142,10 @@ def test_a_token_edge_refused_is_not_handed_out_while_its_replacement_is_fetched
     stale = tokens.get()
     refreshing = threading.Thread(target=lambda: tokens.get(force_refresh=True, stale=stale))
     refreshing.start()
-    time.sleep(0.05)  # the refresh holds the lock, waiting for IMS
+    waited = time.monotonic() + 5
+    while tokens._replacing is not stale and time.monotonic() < waited:  # the refresh holds the lock, waiting for IMS
+        time.sleep(0.001)
+    assert tokens._replacing is stale
 
     # WHEN another worker asks for a token meanwhile
     got = tokens.get().value

@@ -8,12 +8,16 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
+from relay.clock import Deadline
 from relay.codec import item_size
 from relay.errors import StoreUnavailable
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
+from relay.integrations.edge import EdgeAnswer
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
+from relay.models import InboundEvent, build_inbound
+from relay.process_event import Outcome, Relay
 
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, FakeEdge
 from tests.unit.conftest import StoreOnMoto
 
 
@@ -233,28 +237,37 @@ def test_a_state_written_in_a_newer_format_is_neither_sent_nor_written_over(
     assert emitted()["StateNotSent"] == [1.0]
 
 
-def test_an_event_of_an_identity_whose_state_is_in_a_newer_format_is_delivered_without_an_error(
-    store_on_moto: StoreOnMoto, emitted: Any
-) -> None:
-    from relay.clock import Deadline
-    from relay.integrations.edge import EdgeAnswer
-    from relay.models import build_inbound
-    from relay.process_event import Outcome, Relay
-
-    from tests.fakes import FakeEdge
-
-    # GIVEN the identity's state item in a format only a later version reads
-    ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
+def anns_event(now: float) -> InboundEvent:
+    """An event whose primary identity is CRMID "ann", on datastream "ds"."""
     event = build_inbound(
         {"event": {"xdm": {"_id": "e1", "identityMap": {"CRMID": [{"id": "ann", "primary": True}]}}}},
         event_id="e1",
         datastream_id="ds",
         source="sqs",
-        received_at=clock.now(),
+        received_at=now,
     )
     assert event.identity_id
-    later = {**HandlesStore.state_key(event.identity_id, "ds"), "version": {"N": "3"}, "stateFormat": {"N": "2"}}
+    return event
+
+
+def put_in_a_newer_format(ddb: Any, identity_id: str | None, *, version: int) -> dict[str, Any]:
+    """The identity's state item as a later relay version (stateFormat 2) wrote it; returned as written."""
+    later = {
+        **HandlesStore.state_key(identity_id or "", "ds"),
+        "version": {"N": str(version)},
+        "stateFormat": {"N": "2"},
+    }
     ddb.put_item(TableName="t", Item=later)
+    return later
+
+
+def test_an_event_of_an_identity_whose_state_is_in_a_newer_format_is_delivered_without_an_error(
+    store_on_moto: StoreOnMoto, emitted: Any
+) -> None:
+    # GIVEN the identity's state item in a format only a later version reads
+    ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
+    event = anns_event(clock.now())
+    later = put_in_a_newer_format(ddb, event.identity_id, version=3)
     handles = [{"type": "state:store", "payload": [{"key": "kndctr_X_identity", "value": "v", "maxAge": 100}]}]
     edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": handles}, 1))
 
@@ -265,32 +278,17 @@ def test_an_event_of_an_identity_whose_state_is_in_a_newer_format_is_delivered_w
     # no state-write failure or defect (they would page two alarms for every such event after a rollback)
     assert result.outcome is Outcome.DELIVERED
     assert "meta" not in edge.calls[0].request
-    assert ddb.get_item(TableName="t", Key=HandlesStore.state_key(event.identity_id, "ds"))["Item"] == later
+    assert ddb.get_item(TableName="t", Key=HandlesStore.state_key(event.identity_id or "", "ds"))["Item"] == later
     assert set(emitted()) == {"StateNotSent", "Delivered"}
 
 
 def test_a_state_rewritten_in_a_newer_format_meanwhile_is_what_the_event_carries_on(store_on_moto: StoreOnMoto) -> None:
-    from relay.clock import Deadline
-    from relay.integrations.edge import EdgeAnswer
-    from relay.models import build_inbound
-    from relay.process_event import Outcome, Relay
-
-    from tests.fakes import FakeEdge
-
     # GIVEN an identity's state as a batch read it (format 1, an entry "OLD"), then rewritten by a later version
     # (format 2) before this event's answer is written
     ddb, store, clock = store_on_moto.ddb, store_on_moto.store, store_on_moto.clock
-    event = build_inbound(
-        {"event": {"xdm": {"_id": "e1", "identityMap": {"CRMID": [{"id": "ann", "primary": True}]}}}},
-        event_id="e1",
-        datastream_id="ds",
-        source="sqs",
-        received_at=clock.now(),
-    )
-    assert event.identity_id
+    event = anns_event(clock.now())
     known = IdentityState(entries={"k": StoredEntry("OLD", clock.now() + 100, 100)}, version=1)
-    later = {**HandlesStore.state_key(event.identity_id, "ds"), "version": {"N": "9"}, "stateFormat": {"N": "2"}}
-    ddb.put_item(TableName="t", Item=later)
+    later = put_in_a_newer_format(ddb, event.identity_id, version=9)
     handles = [{"type": "state:store", "payload": [{"key": "k", "value": "NEW", "maxAge": 100}]}]
     edge = FakeEdge(EdgeAnswer(200, {"requestId": "r", "handle": handles}, 1))
 
@@ -300,7 +298,7 @@ def test_a_state_rewritten_in_a_newer_format_meanwhile_is_what_the_event_carries
     # THEN it is delivered, the later version's item is left as it is, and the state the batch carries to the
     # identity's next record is that one (sending nothing), not the one read before it was rewritten
     assert result.outcome is Outcome.DELIVERED
-    assert ddb.get_item(TableName="t", Key=HandlesStore.state_key(event.identity_id, "ds"))["Item"] == later
+    assert ddb.get_item(TableName="t", Key=HandlesStore.state_key(event.identity_id or "", "ds"))["Item"] == later
     assert result.state is not None and result.state.newer_format and result.state.entries == {}
 
 

@@ -304,8 +304,8 @@ class Relay:
             count("Rejected")
             refused_here = result.note.get("type") == INVALID_EVENT_TYPE  # the relay's own 413: Edge was not called
             if not refused_here:
-                # Edge refused the event (a 4xx it must not be retried with, or a 500): a datastream deleted or
-                # misconfigured turns every event into one, which EdgeRejectedRateAlarm watches.
+                # Edge refused the event for good (a 3xx, a 4xx other than 401/408/429, a 5xx other than 502-504): a
+                # datastream deleted or misconfigured turns every event into one, which EdgeRejectedRateAlarm watches.
                 count("EdgeRejected")
             message = "event refused: too large for Edge" if refused_here else "edge rejected the event"
             logger.warning(message, eventId=result.event_id, **result.note)

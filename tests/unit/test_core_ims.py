@@ -135,9 +135,17 @@ def test_ims_force_refresh_from_two_threads_refreshes_once():
 
 
 def test_a_token_edge_refused_is_not_handed_out_while_its_replacement_is_fetched():
-    # GIVEN a token Edge refused, and a slow IMS fetching its replacement for one worker
+    # GIVEN a token Edge refused, and IMS holding its replacement's request until the test lets it answer
     clock = FakeClock()
-    session = SlowSession([token_response("tok-A"), token_response("tok-B")])
+    answer = threading.Event()
+
+    class HeldSession(FakeSession):
+        def post(self, url: str, **kwargs: Any) -> requests.Response:
+            if len(self.calls) == 1:  # the second token request: the replacement
+                answer.wait(timeout=5)
+            return super().post(url, **kwargs)
+
+    session = HeldSession([token_response("tok-A"), token_response("tok-B")])
     tokens = provider(session, clock)
     stale = tokens.get()
     refreshing = threading.Thread(target=lambda: tokens.get(force_refresh=True, stale=stale))
@@ -147,7 +155,8 @@ def test_a_token_edge_refused_is_not_handed_out_while_its_replacement_is_fetched
         time.sleep(0.001)
     assert tokens._replacing is stale
 
-    # WHEN another worker asks for a token meanwhile
+    # WHEN another worker asks for a token meanwhile (IMS answers the refresh once it is waiting)
+    threading.Timer(0.1, answer.set).start()
     got = tokens.get().value
     refreshing.join(timeout=5)
 

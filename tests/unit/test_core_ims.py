@@ -559,13 +559,19 @@ def test_tokens_too_short_lived_to_outlast_a_batch_are_not_renewed_for_every_bat
     assert len(session.calls) == 1 and tokens.has_live_token(for_s=28)
 
 
-def test_a_failure_held_before_the_environment_was_frozen_is_not_held_after_it() -> None:
-    # GIVEN a token fetch that failed at the end of an invocation (held back for FAILURE_HOLD_S)
-    clock = FakeClock()
+def failed_once(clock: FakeClock) -> tuple[ImsTokenProvider, FakeSession]:
+    """A provider whose token fetch has just failed (IMS unreachable: held back for FAILURE_HOLD_S)."""
     session = FakeSession([requests.ConnectionError("down"), requests.ConnectionError("down")])
     tokens = provider(session, clock)
     with pytest.raises(CredentialsError):
         tokens.get()
+    return tokens, session
+
+
+def test_a_failure_held_before_the_environment_was_frozen_is_not_held_after_it() -> None:
+    # GIVEN a token fetch that failed at the end of an invocation (held back for FAILURE_HOLD_S)
+    clock = FakeClock()
+    tokens, session = failed_once(clock)
 
     # WHEN the environment is frozen for a minute: the wall clock moves on, the monotonic clock may not
     clock._wall += 60
@@ -578,10 +584,7 @@ def test_a_failure_held_before_the_environment_was_frozen_is_not_held_after_it()
 def test_a_failure_is_not_held_longer_when_the_wall_clock_steps_back() -> None:
     # GIVEN a failed fetch, held back
     clock = FakeClock()
-    session = FakeSession([requests.ConnectionError("down"), requests.ConnectionError("down")])
-    tokens = provider(session, clock)
-    with pytest.raises(CredentialsError):
-        tokens.get()
+    tokens, session = failed_once(clock)
 
     # WHEN the wall clock steps back an hour (a time sync) and the hold's time passes
     clock._wall -= 3600

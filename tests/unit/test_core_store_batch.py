@@ -304,13 +304,13 @@ def test_a_state_rewritten_in_a_newer_format_meanwhile_is_what_the_event_carries
 
 @pytest.mark.parametrize("ours", [True, False])
 def test_nothing_queued_is_written_only_over_the_attempts_own_mark(store_on_moto: StoreOnMoto, ours: bool) -> None:
-    from relay.integrations.store import QUEUE_SEND_PENDING
+    from relay.integrations.store import queue_send_pending
 
     # GIVEN a webhook's claim given back with its mark, or an item another attempt has given back since
     store = store_on_moto.store
     claim = store.claim("e1", datastream_id="ds", source="webhook", lease_s=30)
     assert claim.token is not None
-    store.release("e1", claim.token, f"{QUEUE_SEND_PENDING}: edge answered 503" if ours else "edge answered 504")
+    store.release("e1", claim.token, queue_send_pending("edge answered 503") if ours else "edge answered 504")
 
     # WHEN the webhook's send to the retry queue fails
     store.note_not_queued("e1", "not queued (the retry queue refused it; ...): edge answered 503", "edge answered 503")
@@ -570,13 +570,13 @@ def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto:
 def test_a_webhooks_queue_send_pending_mark_is_cleared_once_sent_unless_the_event_was_taken_meanwhile(
     store_on_moto: StoreOnMoto, taken_meanwhile: bool
 ) -> None:
-    from relay.integrations.store import QUEUE_SEND_PENDING
+    from relay.integrations.store import queue_send_pending
 
     # GIVEN a webhook's claim given back for the retry queue, with the mark an ended invocation would leave
     store = store_on_moto.store
     claim = store.claim("e1", datastream_id="ds", source="webhook", lease_s=30)
     assert claim.token is not None
-    store.release("e1", claim.token, f"{QUEUE_SEND_PENDING}: edge answered 503")
+    store.release("e1", claim.token, queue_send_pending("edge answered 503"))
     if taken_meanwhile:  # the queued message's batch took it before the webhook said it was sent
         assert store.claim("e1", datastream_id="ds", source="webhook", lease_s=30).acquired
 

@@ -141,21 +141,29 @@ def test_a_replay_whose_message_cannot_be_sent_leaves_the_event_rejected_and_rep
     assert replay_event(ddb, sqs, "t", queue, "ev-1") == "queued"
 
 
+class SqsWith:
+    """The real SQS client with some of its calls replaced; every other call goes to it."""
+
+    def __init__(self, real: Any, **calls: Any) -> None:
+        self._real, self._calls = real, calls
+
+    def __getattr__(self, name: str) -> Any:
+        return self._calls.get(name) or getattr(self._real, name)
+
+
 def test_redrive_that_leaves_messages_behind_exits_1(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # GIVEN 12 dead-letter messages and a queue that refuses one entry of the first batch
     real, dlq, queue = dead_letters(12)
 
-    class OneRefused:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
+    def one_refused(**kwargs: Any) -> dict[str, Any]:
+        entries = kwargs["Entries"]
+        answer: dict[str, Any] = real.send_message_batch(**{**kwargs, "Entries": entries[1:]})
+        answer["Failed"] = [{"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}]
+        return answer
 
-        def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
-            entries = kwargs["Entries"]
-            answer: dict[str, Any] = real.send_message_batch(**{**kwargs, "Entries": entries[1:]})
-            answer["Failed"] = [{"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}]
-            return answer
-
-    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: OneRefused())
+    monkeypatch.setattr(
+        relayctl_main.boto3, "client", lambda service, **kw: SqsWith(real, send_message_batch=one_refused)
+    )
 
     # WHEN redrive runs
     code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
@@ -172,14 +180,12 @@ def test_redrive_says_what_is_on_both_queues_when_the_delete_fails_after_the_sen
     # GIVEN 3 dead-letter messages, and a dead-letter queue whose delete is throttled after the send succeeded
     real, dlq, queue = dead_letters(3)
 
-    class DeleteThrottled:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
+    def throttled(**kwargs: Any) -> dict[str, Any]:
+        raise ClientError({"Error": {"Code": "RequestThrottled", "Message": "slow down"}}, "DeleteMessageBatch")
 
-        def delete_message_batch(self, **kwargs: Any) -> dict[str, Any]:
-            raise ClientError({"Error": {"Code": "RequestThrottled", "Message": "slow down"}}, "DeleteMessageBatch")
-
-    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: DeleteThrottled())
+    monkeypatch.setattr(
+        relayctl_main.boto3, "client", lambda service, **kw: SqsWith(real, delete_message_batch=throttled)
+    )
 
     # WHEN redrive runs
     code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
@@ -897,19 +903,15 @@ def test_redrive_shows_again_at_once_what_it_could_not_move(
     # GIVEN 3 dead letters, and a queue that refuses one entry of a batch, or (throttled) the whole call
     real, dlq, queue = dead_letters(3)
 
-    class Refusing:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
+    def refusing(**kwargs: Any) -> dict[str, Any]:
+        entries = kwargs["Entries"]
+        if failure == "call refused":
+            raise ClientError({"Error": {"Code": "RequestThrottled", "Message": "slow down"}}, "SendMessageBatch")
+        answer: dict[str, Any] = real.send_message_batch(**{**kwargs, "Entries": entries[1:]})
+        answer["Failed"] = [{"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}]
+        return answer
 
-        def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
-            entries = kwargs["Entries"]
-            if failure == "call refused":
-                raise ClientError({"Error": {"Code": "RequestThrottled", "Message": "slow down"}}, "SendMessageBatch")
-            answer: dict[str, Any] = real.send_message_batch(**{**kwargs, "Entries": entries[1:]})
-            answer["Failed"] = [{"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}]
-            return answer
-
-    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: Refusing())
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: SqsWith(real, send_message_batch=refusing))
     args = ["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"]
 
     # WHEN redrive runs and fails

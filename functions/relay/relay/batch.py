@@ -42,6 +42,7 @@ from relay.observability import count, logger
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import Settings
 
+HELD_BACK = "held back behind an earlier record of its identity"  # a record's reason in the batch summary
 HOLD_BACK_RECEIVES = 3  # of maxReceiveCount 5: later receives are processed even if an earlier record failed
 # The next 25 groups are claimed once at most this many claimed groups wait for a worker: claims stay ahead of the
 # workers (a group never waits for its claim in the steady state) without claiming events the batch may never reach.
@@ -346,7 +347,6 @@ class BatchRunner:
                 n_started += 1
                 started.notify()
             failed: list[tuple[str, float | None]] = []
-            why = "held back behind an earlier record of its identity"
             carry: Carry = None
             key = items[0].state_key
             source: StateSource | None = (lambda: states.result().get(key)) if key else None
@@ -355,7 +355,7 @@ class BatchRunner:
                 # first receives: a record that keeps failing must not drag healthy ones into the dead-letter queue.
                 if failed and item.receive_count < HOLD_BACK_RECEIVES:
                     failed.append((item.message_id, failed[0][1]))  # it comes back with the record it waits for
-                    redelivered_because.append(why)
+                    redelivered_because.append(HELD_BACK)
                     continue
                 try:
                     done = item.run(carry, source, item.claim)

@@ -28,7 +28,7 @@ from relay.identity_state import (
 )
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient, request_id_of
 from relay.integrations.ims import NoTimeLeft
-from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, Claim, HandlesStore, ResultWrite
+from relay.integrations.store import RELAY, Claim, HandlesStore, ResultWrite, queue_send_pending
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
@@ -323,7 +323,7 @@ class Relay:
         logger.warning("event will be retried", eventId=event_id, reason=reason)
         count("RetriesScheduled")
         try:
-            noted = f"{QUEUE_SEND_PENDING}: {reason}" if to_queue else reason
+            noted = queue_send_pending(reason) if to_queue else reason
             self.store.release(event_id, token, noted, retry_after=retry_after)
         except StoreUnavailable:
             return False  # the lease expires by itself
@@ -391,9 +391,9 @@ class Relay:
 
             try:
                 wrote = self.store.update_state(opaque, inbound.datastream_id, state, change)
-                # What is stored now: our write (one version up), or what we read if nothing needed writing (or, for a
-                # state in a newer format, left as it is without asking `change`).
-                current, new = seen[-1] if seen else (state, None)
+                # What is stored now: our write (one version up), or what we read if nothing needed writing (a state in
+                # a newer format is shown to `change` and left as it is).
+                current, new = seen[-1]
                 after = (
                     replace(new, version=max(current.version, 0) + 1, stored_version=None) if wrote and new else current
                 )

@@ -80,8 +80,10 @@ class ImsTokenProvider:
     def has_live_token(self, *, for_s: float = 0.0) -> bool:
         """Whether `get(live_for_s=for_s)` would answer from its cache (no lock: a hint, for deciding whether to
         fetch ahead)."""
-        token = self._token
-        return token is not None and token.expires_at > self._clock.now() + self._ahead(for_s)
+        return self._is_live(self._token, for_s)
+
+    def _is_live(self, token: AccessToken | None, live_for_s: float) -> bool:
+        return token is not None and token.expires_at > self._clock.now() + self._ahead(live_for_s)
 
     def _ahead(self, live_for_s: float) -> float:
         """How long ahead a token must stay live: `live_for_s`, unless tokens live too briefly for that to mean
@@ -107,7 +109,7 @@ class ImsTokenProvider:
             token is not None
             and not force_refresh
             and token is not self._replacing
-            and token.expires_at > self._clock.now() + self._ahead(live_for_s)
+            and self._is_live(token, live_for_s)
         ):
             return token  # the common case, without the lock: a renewal ahead holds it while this one is live
         with self._lock:

@@ -85,6 +85,11 @@ def decode_item(item: dict[str, Any]) -> dict[str, Any]:
 QUEUE_SEND_PENDING = "queue send pending"
 
 
+def queue_send_pending(reason: str) -> str:
+    """The `lastError` a webhook's give-back writes (`reason` marked QUEUE_SEND_PENDING), and its notes then match."""
+    return f"{QUEUE_SEND_PENDING}: {reason}"
+
+
 def _format_of(item: dict[str, Any]) -> int:
     """The state item's `stateFormat` (1 when absent: every item written before it existed is format 1)."""
     attribute = item.get("stateFormat")
@@ -363,9 +368,15 @@ class HandlesStore:
         size = codec.item_size(values)
         if size <= MAX_ITEM_BYTES:
             return values
+
         # Over DynamoDB's limit: keep the outcome and shed the rest, least useful first. Edge's problem is cut to its
         # type, status, title and the start of its detail before the request goes (a rejection with its request can
         # still be replayed); then the request, then 207 errors/warnings, then the handles. Each is marked as cut.
+        def shed(name: str) -> None:
+            nonlocal size
+            size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
+            values[f"{name}Omitted"] = {"BOOL": True}
+
         error = doc.get("error")
         if isinstance(error, dict) and "error" in values and codec.attribute_size(values["error"]) > MAX_ERROR_BYTES:
             kept = {k: error[k] for k in ("type", "status", "title") if k in error}
@@ -377,20 +388,17 @@ class HandlesStore:
         # A plain field (a requestId, say) is never this large from Edge itself: shed before what Edge meant to keep.
         for name in [n for n in values if n not in _JSON_FIELDS and n not in _ALWAYS_KEPT]:
             if size > MAX_ITEM_BYTES and codec.attribute_size(values[name]) > MAX_ERROR_BYTES:
-                size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
-                values[f"{name}Omitted"] = {"BOOL": True}
+                shed(name)
         for name in ("request", "errors", "warnings", "handle"):
             if size > MAX_ITEM_BYTES and name in values:
-                size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
-                values[f"{name}Omitted"] = {"BOOL": True}
+                shed(name)
         # Still over (many large fields): shed the largest of the rest, never what says what became of the event. An
         # item DynamoDB refuses would send the event to Edge again on every retry.
         for name in sorted(values, key=lambda n: codec.attribute_size(values[n]), reverse=True):
             if size <= MAX_ITEM_BYTES:
                 break
             if name not in _ALWAYS_KEPT:
-                size -= codec.attribute_size(values.pop(name)) - _FLAG_BYTES
-                values[f"{name}Omitted"] = {"BOOL": True}
+                shed(name)
         return values
 
     def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
@@ -446,42 +454,39 @@ class HandlesStore:
 
     def note_queued(self, event_id: str, reason: str) -> None:
         """Say on a webhook's `queued` item that its retry-queue message was sent: the QUEUE_SEND_PENDING mark it was
-        given back with becomes the plain reason (taken again meanwhile: that attempt's record stands)."""
-        try:
-            self._update_if(
-                event_id,
-                "SET lastError = :r",
-                "#s = :queued AND lastError = :pending",
-                {
-                    ":queued": {"S": "queued"},
-                    ":r": _last_error(reason),
-                    ":pending": _last_error(f"{QUEUE_SEND_PENDING}: {reason}"),
-                },
-                {"#s": "status"},
-            )
-        except StoreUnavailable:
-            pass  # the mark stays: `relayctl show` then says the message may or may not be queued
+        given back with becomes the plain reason (taken again meanwhile: that attempt's record stands). Should the
+        store be down, the mark stays: `relayctl show` then says the message may or may not be queued."""
+        self._over_own_mark(event_id, reason, "SET lastError = :r", {":r": _last_error(reason)})
 
     def note_not_queued(self, event_id: str, reason: str, given_back_with: str) -> None:
         """Say on a `queued` item that nothing is queued for it (the retry queue refused the webhook's fallback): the
         next attempt is the sender's resend, not a queue message, so no `retryAfterSeconds` promise is left. Only
         over this attempt's own QUEUE_SEND_PENDING mark (`given_back_with` is its reason): an attempt that took the
-        event meanwhile, and whatever it queued, keep their record."""
+        event meanwhile, and whatever it queued, keep their record. Should the store be down too, the 503 still
+        tells."""
+        self._over_own_mark(
+            event_id,
+            given_back_with,
+            "SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
+            {":r": _last_error(reason), ":now": {"S": iso_millis(self._clock.now())}},
+        )
+
+    def _over_own_mark(self, event_id: str, given_back_with: str, expression: str, values: dict[str, Any]) -> None:
+        """Update a webhook's `queued` item while it still holds the QUEUE_SEND_PENDING mark its give-back wrote."""
         try:
             self._update_if(
                 event_id,
-                "SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
+                expression,
                 "#s = :queued AND lastError = :pending",
                 {
                     ":queued": {"S": "queued"},
-                    ":r": _last_error(reason),
-                    ":pending": _last_error(f"{QUEUE_SEND_PENDING}: {given_back_with}"),
-                    ":now": {"S": iso_millis(self._clock.now())},
+                    ":pending": _last_error(queue_send_pending(given_back_with)),
+                    **values,
                 },
                 {"#s": "status"},
             )
         except StoreUnavailable:
-            pass  # the store is down too: the 503 still tells (taken again meanwhile: its outcome stands)
+            pass
 
     def reject_unclaimed(
         self, event_id: str, fields: dict[str, Any], *, body_digest: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,20 +52,21 @@ def make_response(
     headers: dict[str, str] | None = None,
     text: str | None = None,
     reason: str | None = None,
+    content: bytes | None = None,
 ) -> requests.Response:
-    """A real `requests.Response` with a JSON body (or raw `text`)."""
+    """A real `requests.Response` with a JSON body (or raw `text`, or raw bytes: `content`), its body still to be read
+    as a real answer's is (through `iter_content`, in chunks, or whole by `content`)."""
     resp = requests.Response()
     resp.status_code = status
     resp.reason = reason if reason is not None else {200: "OK", 207: "Multi-Status"}.get(status, "Error")
     resp.encoding = "utf-8"
     resp.headers = CaseInsensitiveDict(headers or {})
-    if text is not None:
-        resp._content = text.encode("utf-8")
-    elif body is not None:
-        resp._content = json.dumps(body).encode("utf-8")
+    if content is None and text is not None:
+        content = text.encode("utf-8")
+    elif content is None and body is not None:
+        content = json.dumps(body).encode("utf-8")
         resp.headers.setdefault("Content-Type", "application/json")
-    else:
-        resp._content = b""
+    resp.raw = io.BytesIO(content or b"")
     return resp
 
 
@@ -135,7 +137,12 @@ class FakeSession:
         return request.prepare()
 
     def send(
-        self, request: requests.PreparedRequest, *, timeout: Any = None, allow_redirects: bool = True
+        self,
+        request: requests.PreparedRequest,
+        *,
+        timeout: Any = None,
+        allow_redirects: bool = True,
+        stream: bool = False,
     ) -> requests.Response:
         """Like `requests.Session.send`: a PreparedRequest only. Recorded as the `post` it stands for."""
         url, params, headers = unprepare(request)
@@ -152,6 +159,7 @@ class FakeSession:
         headers: dict[str, str] | None = None,
         timeout: Any = None,
         allow_redirects: bool = True,
+        stream: bool = False,
     ) -> requests.Response:
         remaining = self.deadline.remaining() if self.deadline is not None else None
         self.calls.append(PostCall(url, params, data, headers, timeout, remaining, allow_redirects))

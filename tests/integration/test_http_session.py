@@ -3,7 +3,9 @@ redirect is followed (by the Edge call or the IMS token request)."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import tracemalloc
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 from relay.clock import Deadline, SystemClock
 from relay.errors import CredentialsError, EdgeRejected
 from relay.integrations.credentials import AdobeCredentials
-from relay.integrations.edge import EdgeClient
+from relay.integrations.edge import MAX_ANSWER_BYTES, EdgeClient
 from relay.integrations.ims import ImsTokenProvider
 from relay.runtime import new_http_session
 from relay.settings import load_settings
@@ -156,3 +158,30 @@ def test_ims_redirect_never_sends_the_client_secret_elsewhere() -> None:
             assert "307" in str(caught.value)
             assert len(ims.seen) == 1
             assert other.seen == []
+
+
+def test_a_compressed_edge_answer_that_would_expand_past_the_limit_is_not_read_into_memory() -> None:
+    # GIVEN an "Edge" whose 200 answer is 64 KB of gzip that expands to 64 MB of JSON (a decompression bomb)
+    pad = 64 * 1024 * 1024
+    bomb = gzip.compress(b'{"requestId": "r-1", "handle": [], "pad": "' + b"x" * pad + b'"}', compresslevel=9)
+    ok = json.dumps({"requestId": "r-2", "handle": [{"type": "identity:result", "payload": []}]}).encode()
+    event = {"event": {"xdm": {"_id": "e1", "identityMap": {"Email": [{"id": "a@example.com", "primary": True}]}}}}
+    with RecordingServer(200, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, bomb) as edge:
+        client = edge_client(edge.url)
+
+        # WHEN the relay's client takes that answer, while Python's allocations are traced
+        tracemalloc.start()
+        try:
+            answer = client.deliver("ds-1", event, None, Deadline(SystemClock(), 10))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+        # THEN it is delivered without handles (as any answer the relay cannot keep), having held a few MB at most,
+        # not the 64 MB the answer expands to
+        assert (answer.status, answer.body, answer.unreadable) == (200, {}, True)
+        assert peak < 4 * MAX_ANSWER_BYTES
+        # AND the next call on the same session, whose connection was closed with the rest unread, is read as usual
+        edge.answer = (200, {"Content-Type": "application/json"}, ok)
+        assert client.deliver("ds-1", event, None, Deadline(SystemClock(), 10)).request_id == "r-2"
+        assert len(edge.seen) == 2

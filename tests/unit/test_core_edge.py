@@ -13,7 +13,13 @@ import pytest
 import requests
 from relay.clock import Deadline
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
-from relay.integrations.edge import MAX_PROBLEM_TEXT_CHARS, EdgeClient, problem_from, request_id_of
+from relay.integrations.edge import (
+    MAX_ANSWER_BYTES,
+    MAX_PROBLEM_TEXT_CHARS,
+    EdgeClient,
+    problem_from,
+    request_id_of,
+)
 from relay.integrations.ims import AccessToken
 from relay.settings import Settings, load_settings
 
@@ -785,13 +791,65 @@ def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_onc
     assert len(session.calls) == 1
 
 
+def test_an_accepting_answer_larger_than_the_relay_reads_is_delivered_without_handles_and_not_read_whole():
+    # GIVEN Edge accepts the event with an answer (valid JSON, handles and all) one byte over what the relay reads
+    clock = FakeClock()
+    head = json.dumps(OK_BODY)[:-1] + ', "pad": "'
+    text = head + "x" * (MAX_ANSWER_BYTES - len(head) - 1) + '"}'
+    assert len(text) == MAX_ANSWER_BYTES + 1
+    answer = make_response(200, text=text)
+    session = FakeSession([answer])
+
+    # WHEN
+    got = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it is delivered once, without handles (as an unreadable answer: never sent again), and no more than the
+    # limit was read: the rest is left on a connection that is closed, not reused
+    assert (got.status, got.body, got.attempts, got.unreadable) == (200, {}, 1, True)
+    assert len(session.calls) == 1
+    assert len(answer.content) == MAX_ANSWER_BYTES
+    assert answer.raw.closed
+
+
+def test_an_answer_of_exactly_the_size_the_relay_reads_keeps_its_handles():
+    # GIVEN an answer exactly as large as the relay reads
+    clock = FakeClock()
+    head = json.dumps(OK_BODY)[:-1] + ', "pad": "'
+    text = head + "x" * (MAX_ANSWER_BYTES - len(head) - 2) + '"}'
+    session = FakeSession([make_response(200, text=text)])
+
+    # WHEN
+    got = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it is read whole, handles and all
+    assert (got.unreadable, got.body["handle"]) == (False, OK_BODY["handle"])
+
+
+def test_a_refusal_larger_than_the_relay_reads_is_kept_as_its_beginning() -> None:
+    # GIVEN Edge (or a gateway in front of it) refuses the event with a body far over what the relay reads
+    clock = FakeClock()
+    refusal = make_response(400, text="<html>" + "x" * (2 * MAX_ANSWER_BYTES), reason="Bad Request")
+    session = FakeSession([refusal])
+
+    # WHEN
+    with pytest.raises(EdgeRejected) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it is refused once, with a problem made of the body's first characters, and the rest is not read
+    assert (info.value.status, info.value.problem["detail"]) == (400, ("<html>" + "x" * 294))
+    assert len(session.calls) == 1
+    assert len(refusal.content) == MAX_ANSWER_BYTES
+
+
 def test_an_answer_with_a_byte_that_is_not_utf8_keeps_its_handles():
     # GIVEN Edge's answer has one byte that is not UTF-8 (Latin-1 "é"): requests then reads it in the encoding it
     # detects (or with U+FFFD), rather than refuse it
     clock = FakeClock()
-    answer = make_response(200, text="")
+    answer = make_response(
+        200,
+        content=b'{"requestId": "r-1", "handle": [{"type": "identity:result", "payload": [{"id": "caf\xe9"}]}]}',
+    )
     answer.encoding = None
-    answer._content = b'{"requestId": "r-1", "handle": [{"type": "identity:result", "payload": [{"id": "caf\xe9"}]}]}'
     session = FakeSession([answer])
 
     # WHEN

@@ -11,7 +11,7 @@ import requests
 from relay.clock import Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials
-from relay.integrations.ims import FAILURE_HOLD_S, AccessToken, ImsTokenProvider
+from relay.integrations.ims import FAILURE_HOLD_S, MAX_IMS_ANSWER_BYTES, AccessToken, ImsTokenProvider
 
 from tests.fakes import CREDS, WALL_START, FakeClock, FakeCredentialsStore, FakeSession, Scripted, make_response
 
@@ -629,3 +629,20 @@ def test_no_secret_is_read_for_a_token_once_the_time_is_up() -> None:
 
     # THEN not even the Adobe secret was read (a read may take seconds the invocation does not have)
     assert creds.calls == []
+
+
+def test_an_ims_answer_larger_than_any_token_answer_is_not_read_whole_nor_believed() -> None:
+    # GIVEN IMS (or whatever answers at its address) sends a token answer with 1 MB of padding
+    clock = FakeClock()
+    padded = {"access_token": "tok-A", "token_type": "bearer", "expires_in": 86399, "pad": "x" * 1_000_000}
+    answer = make_response(200, padded)
+    session = FakeSession([answer])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock).get()
+
+    # THEN no token is taken from it, and no more than the limit was read (the connection is closed, not reused)
+    assert str(info.value) == f"IMS answered more than {MAX_IMS_ANSWER_BYTES} bytes"
+    assert len(answer.content) == MAX_IMS_ANSWER_BYTES
+    assert answer.raw.closed

@@ -13,6 +13,7 @@ import requests
 from relay import codec
 from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
+from relay.integrations.http_body import read_at_most
 from relay.integrations.ims import ImsTokenProvider
 from relay.models import MAX_DEPTH, deeper_than
 from relay.observability import count, logger, timing
@@ -42,6 +43,10 @@ class EdgeAnswer:
         return request_id_of(self.body.get("requestId"))
 
 
+# The most of an answer read (decoded): about what a result item (at most 400 KB, compressed) can keep, a thousand
+# times a typical Edge answer; small enough that the calls in flight cannot exhaust the function's memory with
+# answers (or with a decompression bomb). A larger 2xx is delivered without handles, as an unreadable one.
+MAX_ANSWER_BYTES = 2 * 1024 * 1024
 MAX_REQUEST_ID_CHARS = 256  # Edge's requestId is a UUID; anything else is kept only if this short
 MAX_PROBLEM_TEXT_CHARS = 1000  # a problem's type and title as kept, logged and answered
 # An answer nested deeper than this is not kept (far beyond any Edge handle or personalization payload): parsing,
@@ -172,9 +177,10 @@ class EdgeClient:
 
     def _post(
         self, url: str, params: dict[str, str], body: bytes, headers: dict[str, str], deadline: Deadline
-    ) -> requests.Response | None:
+    ) -> tuple[requests.Response, bool] | None:
         """One POST, holding one of the slots for calls in flight; waiting for a slot counts against the deadline.
-        None when no slot, or not enough time, is left.
+        The answer, its body read (whole: True; its first MAX_ANSWER_BYTES: False); None when no slot, or not enough
+        time, is left.
 
         The request is prepared before the slot is taken, so a slot is held only to send and to wait for Edge (and
         `Session.send` of a prepared request skips `Session.request`'s per-call settings merge: about 8 % of the
@@ -198,7 +204,10 @@ class EdgeClient:
             timeout = deadline.http_timeouts(s.edge_connect_timeout_s, s.edge_read_timeout_s)
             # Never follow a redirect: it would re-send the event (identities, API key) to wherever it points, and
             # that host's answer would be stored as Edge's. A 3xx is refused like any other non-recoverable status.
-            return self._session.send(prepared, timeout=timeout, allow_redirects=False, **env)
+            # `stream`: the body is read by read_at_most, up to MAX_ANSWER_BYTES, not whole by `requests`.
+            env["stream"] = True
+            resp = self._session.send(prepared, timeout=timeout, allow_redirects=False, **env)
+            return resp, read_at_most(resp, MAX_ANSWER_BYTES)
         finally:
             if self._slots is not None:
                 self._slots.release()
@@ -234,7 +243,7 @@ class EdgeClient:
             params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
             started = self._clock.monotonic()
             try:
-                resp = self._post(url, params, body, headers, deadline)
+                answered = self._post(url, params, body, headers, deadline)
             except requests.RequestException as exc:  # timeouts, refused or dropped connections, a cut-off body
                 reason, retry_after = f"edge call failed: {type(exc).__name__}", None
                 # An attempt without an answer is an Edge call too, and the most common outage: timed (so the latency
@@ -242,20 +251,26 @@ class EdgeClient:
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
                 count("EdgeUnavailable")
             else:
-                if resp is None:  # no slot freed up, or no time left, before the deadline
+                if answered is None:  # no slot freed up, or no time left, before the deadline
                     raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
+                resp, whole = answered
                 status = resp.status_code
                 if 200 <= status < 300:
                     if not resp.content:  # a 204, as Adobe's SDKs take it: success without content
                         return EdgeAnswer(status, {}, attempt)
-                    doc = _json_document(resp)
+                    doc = _json_document(resp) if whole else None
                     if isinstance(doc, dict) and not _too_deep(resp, doc):
                         return EdgeAnswer(status, doc, attempt)
                     # 200 and 207 mean delivered (contract §6), as does any 2xx for Adobe's SDKs, whatever the body:
                     # sending it again would only duplicate the event. Kept as delivered without handles, and said so.
                     count("EdgeAnswerUnreadable")
-                    logger.warning("edge accepted the event but its answer is not a JSON object", status=status)
+                    logger.warning(
+                        "edge accepted the event but its answer is not a JSON object"
+                        if whole
+                        else f"edge accepted the event but its answer is larger than {MAX_ANSWER_BYTES} bytes",
+                        status=status,
+                    )
                     return EdgeAnswer(status, {}, attempt, unreadable=True)
                 else:
                     problem = problem_from(resp, (token.value, token.client_id) if token is not None else ())

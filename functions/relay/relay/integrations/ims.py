@@ -12,11 +12,14 @@ import requests
 from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials, CredentialsStore
+from relay.integrations.http_body import read_at_most
 
 _OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 _BEARER_TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")  # visible ASCII, as a header value
 FAILURE_HOLD_S = 5.0  # after a failed fetch, callers get its error for this long instead of asking IMS again
 QUICK_FAILURE_S = 1.0  # a connection failure this fast is a dead pooled connection, worth one immediate retry
+# The most of an IMS answer read: a token answer is a few KB (its token at most 16 KB, as _BEARER_TOKEN allows).
+MAX_IMS_ANSWER_BYTES = 64 * 1024
 MAX_TOKEN_LIFETIME_S = 86400.0  # IMS tokens live 24 h: a larger expires_in (e.g. milliseconds) is not believed
 
 
@@ -178,7 +181,9 @@ class ImsTokenProvider:
                     },
                     timeout=timeout,
                     allow_redirects=False,  # a redirect would re-send the client secret to wherever it points
+                    stream=True,  # read by read_at_most, below
                 )
+                whole = read_at_most(resp, MAX_IMS_ANSWER_BYTES)
                 break
             except requests.Timeout as exc:
                 if timeout != self._timeout:
@@ -198,6 +203,8 @@ class ImsTokenProvider:
                 raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
         if resp.status_code != 200:
             return resp.status_code, _oauth_error(resp)
+        if not whole:
+            raise CredentialsError(f"IMS answered more than {MAX_IMS_ANSWER_BYTES} bytes")
         try:
             doc = resp.json()
             value, expires_in = doc["access_token"], float(doc["expires_in"])

@@ -1,0 +1,35 @@
+"""An HTTP answer's body read with a ceiling: a peer's answer is never held in memory past a known size.
+
+`requests` reads a body whole (and decompresses it whole), however large. Edge and IMS are sent with `stream=True`
+and their bodies read here, in chunks, as `Response.content` would read them (decoded), up to a limit. The body read
+is then the response's `content` (`json()` and `text` read it), so the rest of the code handles a response as before.
+"""
+
+from __future__ import annotations
+
+import requests
+
+CHUNK_BYTES = 64 * 1024  # decoded bytes per read; urllib3 decompresses no more than a read asks for
+
+
+def read_at_most(resp: requests.Response, limit: int) -> bool:
+    """Read `resp`'s body into its `content`: whole (True), or its first `limit` bytes when it is longer (False; the
+    connection is then closed, not reused, since the rest of the answer is still on it).
+
+    Raises what reading the body raises (`requests.RequestException`s: a dropped connection, a body cut short or
+    compressed wrongly), as `Response.content` does."""
+    chunks: list[bytes] = []
+    size = 0
+    whole = True
+    for chunk in resp.iter_content(CHUNK_BYTES):
+        if size + len(chunk) > limit:
+            chunks.append(chunk[: limit - size])
+            whole = False
+            resp.close()
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    # What `Response.content` would have cached (requests keeps it in `_content`, as a body read without `stream`):
+    # `json()`, `text` and `content` read it as they read any body.
+    resp._content = b"".join(chunks)
+    return whole

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
@@ -15,7 +16,7 @@ from relay.clock import Deadline, SystemClock
 from relay.errors import CredentialsError, EdgeRejected
 from relay.integrations.credentials import AdobeCredentials
 from relay.integrations.edge import MAX_ANSWER_BYTES, EdgeClient
-from relay.integrations.ims import ImsTokenProvider
+from relay.integrations.ims import ImsTokenProvider, NoTimeLeft
 from relay.runtime import new_http_session
 from relay.settings import load_settings
 
@@ -185,3 +186,65 @@ def test_a_compressed_edge_answer_that_would_expand_past_the_limit_is_not_read_i
         edge.answer = (200, {"Content-Type": "application/json"}, ok)
         assert client.deliver("ds-1", event, None, Deadline(SystemClock(), 10)).request_id == "r-2"
         assert len(edge.seen) == 2
+
+
+class StallingServer(LoopbackService):
+    """Answers a token request with its headers and the first bytes of its body, then stalls (while `stall` is set)
+    until the test ends; once `stall` is cleared, answers whole."""
+
+    thread_name = "stalling-server"
+
+    def __init__(self) -> None:
+        self.stall = threading.Event()
+        self.stall.set()
+        self.released = threading.Event()
+        self.requests = 0
+
+    def _make_server(self) -> ThreadingHTTPServer:
+        service = self
+        body = b'{"access_token": "tok-A", "token_type": "bearer", "expires_in": 86399}'
+
+        class Handler(LoopbackHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                service.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if service.stall.is_set():
+                    self.wfile.write(body[:10])
+                    self.wfile.flush()
+                    service.released.wait(timeout=10)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        return ThreadingHTTPServer((self.host, 0), Handler)
+
+
+def test_an_ims_answer_stalled_past_a_callers_deadline_is_that_callers_and_not_held_for_the_next() -> None:
+    # GIVEN an IMS that sends its answer's headers at once and then stalls in the body
+    creds = AdobeCredentials(client_id="c", client_secret="s", org_id="O@AdobeOrg", scopes="openid")
+
+    class Credentials:
+        def adobe(self, *, force: bool = False) -> AdobeCredentials:
+            return creds
+
+    with StallingServer() as ims:
+        try:
+            tokens = ImsTokenProvider(new_http_session(4), f"{ims.url}/ims/token/v3", Credentials(), SystemClock())  # type: ignore[arg-type]
+
+            # WHEN a caller with 1 s left asks for a token
+            with pytest.raises(NoTimeLeft):
+                tokens.get(deadline=Deadline(SystemClock(), 1))
+
+            # THEN its wait, cut short by its deadline, is not held against the next caller, who asks IMS again
+            ims.stall.clear()
+            assert tokens.get(deadline=Deadline(SystemClock(), 10)).value == "tok-A"
+            assert ims.requests == 2
+        finally:
+            ims.released.set()

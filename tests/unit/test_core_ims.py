@@ -11,7 +11,13 @@ import requests
 from relay.clock import Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials
-from relay.integrations.ims import FAILURE_HOLD_S, MAX_IMS_ANSWER_BYTES, AccessToken, ImsTokenProvider
+from relay.integrations.ims import (
+    FAILURE_HOLD_S,
+    MAX_IMS_ANSWER_BYTES,
+    AccessToken,
+    ImsTokenProvider,
+    NoTimeLeft,
+)
 
 from tests.fakes import CREDS, WALL_START, FakeClock, FakeCredentialsStore, FakeSession, Scripted, make_response
 
@@ -646,3 +652,34 @@ def test_an_ims_answer_larger_than_any_token_answer_is_not_read_whole_nor_believ
     assert str(info.value) == f"IMS answered more than {MAX_IMS_ANSWER_BYTES} bytes"
     assert len(answer.content) == MAX_IMS_ANSWER_BYTES
     assert answer.raw.closed
+
+
+def test_waiting_for_another_callers_token_request_ends_with_the_callers_deadline() -> None:
+    # GIVEN one worker fetching the token from an IMS that holds its answer (each read within its timeout)
+    clock = FakeClock()
+    answer = threading.Event()
+
+    class HeldSession(FakeSession):
+        def post(self, url: str, **kwargs: Any) -> requests.Response:
+            answer.wait(timeout=5)
+            return super().post(url, **kwargs)
+
+    session = HeldSession([token_response("tok-A")])
+    tokens = provider(session, clock)
+    fetching = threading.Thread(target=tokens.get)
+    fetching.start()
+    waited = time.monotonic() + 5
+    while not tokens._lock.locked() and time.monotonic() < waited:
+        time.sleep(0.001)
+
+    # WHEN another worker, with 0.2 s left, asks for a token meanwhile
+    try:
+        with pytest.raises(NoTimeLeft):
+            tokens.get(deadline=Deadline(clock, 0.2))
+    finally:
+        answer.set()
+        fetching.join(timeout=5)
+
+    # THEN it gave up when its own time was up (not held for the next caller: that is about this caller, not IMS),
+    # and the first worker's token is there for the next one
+    assert tokens.get().value == "tok-A" and len(session.calls) == 1

@@ -8,6 +8,7 @@ is then the response's `content` (`json()` and `text` read it), so the rest of t
 from __future__ import annotations
 
 import requests
+from urllib3.exceptions import ReadTimeoutError
 
 CHUNK_BYTES = 64 * 1024  # decoded bytes per read; urllib3 decompresses no more than a read asks for
 
@@ -17,18 +18,30 @@ def read_at_most(resp: requests.Response, limit: int) -> bool:
     connection is then closed, not reused, since the rest of the answer is still on it).
 
     Raises what reading the body raises (`requests.RequestException`s: a dropped connection, a body cut short or
-    compressed wrongly), as `Response.content` does."""
+    compressed wrongly), as `Response.content` does, but a read timeout as `requests.ReadTimeout`; the connection is
+    then closed."""
     chunks: list[bytes] = []
     size = 0
     whole = True
-    for chunk in resp.iter_content(CHUNK_BYTES):
-        if size + len(chunk) > limit:
-            chunks.append(chunk[: limit - size])
-            whole = False
-            resp.close()
-            break
-        chunks.append(chunk)
-        size += len(chunk)
+    try:
+        for chunk in resp.iter_content(CHUNK_BYTES):
+            if size + len(chunk) > limit:
+                chunks.append(chunk[: limit - size])
+                whole = False
+                resp.close()
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except requests.ConnectionError as exc:
+        resp.close()
+        # requests reports a read timeout in the body as a ConnectionError (in the headers, as a ReadTimeout): said
+        # as the timeout it is, so that callers tell a wait their deadline shortened from a peer that is down.
+        if isinstance(exc.args[0] if exc.args else None, ReadTimeoutError):
+            raise requests.ReadTimeout(*exc.args, request=exc.request, response=resp) from exc
+        raise
+    except requests.RequestException:
+        resp.close()
+        raise
     # What `Response.content` would have cached (requests keeps it in `_content`, as a body read without `stream`):
     # `json()`, `text` and `content` read it as they read any body.
     resp._content = b"".join(chunks)

@@ -115,7 +115,11 @@ class ImsTokenProvider:
             and self._is_live(token, live_for_s)
         ):
             return token  # the common case, without the lock: a renewal ahead holds it while this one is live
-        with self._lock:
+        # Waiting for another caller's fetch counts against this caller's deadline: a token request IMS answers slowly
+        # (each read within its timeout) must not hold every worker of a batch past theirs.
+        if not self._lock.acquire(timeout=-1 if deadline is None else deadline.remaining()):
+            raise NoTimeLeft("no time left waiting for the IMS token another call is fetching")
+        try:
             token = self._token
             now, mono = self._clock.now(), self._clock.monotonic()
             refused = force_refresh and (stale is None or stale == token)
@@ -145,6 +149,8 @@ class ImsTokenProvider:
                 self._replacing = None
             self._failure = None
             return self._token
+        finally:
+            self._lock.release()
 
     def _fetch(self, deadline: Deadline | None) -> AccessToken:
         _require_time(deadline)  # not even the secret read (it may take seconds)

@@ -290,7 +290,7 @@ class FakeStore:
     def put_result(self, write: ResultWrite) -> None:
         self.finished.append((write.event_id, write.item["fields"]))
 
-    def put_results(self, writes: list[ResultWrite]) -> dict[str, str]:
+    def put_results(self, writes: list[ResultWrite], deadline: Deadline | None = None) -> dict[str, str]:
         self.batch_writes.append([w.event_id for w in writes])
         for write in writes:
             if write.event_id not in self.failing_writes:

@@ -1099,10 +1099,10 @@ class BrokenStore(FakeStore):
             raise RuntimeError("defect")
         return super().claim(event_id, **kwargs)
 
-    def put_results(self, writes: list[Any]) -> dict[str, str]:
+    def put_results(self, writes: list[Any], deadline: Any = None) -> dict[str, str]:
         if self.where == "put_results":
             raise RuntimeError("defect")
-        return super().put_results(writes)
+        return super().put_results(writes, deadline)
 
 
 @pytest.mark.parametrize("where", ["claim", "put_results"])

@@ -94,6 +94,38 @@ def test_items_still_unprocessed_after_the_last_attempt_are_reported_failed():
     assert len(client.requests) == 4
 
 
+def test_unprocessed_results_are_sent_again_for_as_long_as_the_batchs_deadline_allows():
+    # GIVEN DynamoDB throttles a result for 10 answers in a row (an on-demand table past its previous peak), and the
+    # batch has 10 s left
+    clock = FakeClock()
+    client = ScriptedDynamo(*[{"e1"}] * 10, set())
+    s = store(client, clock)
+
+    # WHEN
+    failed = s.put_results(writes(s, 3), Deadline(clock, 10))
+
+    # THEN it is written on the 11th request, after a backoff doubling to 1 s (the record is not sent back, nor its
+    # event, delivered already, sent to Edge again)
+    assert failed == {}
+    assert len(client.requests) == 11
+    assert clock.sleeps == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_unprocessed_results_are_given_up_while_the_deadline_still_leaves_time_to_send_them_back():
+    # GIVEN DynamoDB throttles a result on every answer, and the batch has 3 s left
+    clock = FakeClock()
+    client = ScriptedDynamo(*[{"e1"}] * 50)
+    s = store(client, clock)
+
+    # WHEN
+    failed = s.put_results(writes(s, 3), Deadline(clock, 3))
+
+    # THEN it stops once the next wait would leave less than a second, and reports the result not written
+    assert failed == {"e1": "dynamodb batch_write_item left the item unprocessed"}
+    assert sum(clock.sleeps) <= 2.0 and clock.sleeps[-1] <= 1.0
+    assert len(client.requests) == len(clock.sleeps) + 1 > 4
+
+
 def test_an_error_fails_its_chunk_only():
     # GIVEN the second request of 25 is refused (botocore has already retried it)
     error = ClientError({"Error": {"Code": "InternalServerError", "Message": "x"}}, "BatchWriteItem")

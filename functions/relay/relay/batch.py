@@ -91,8 +91,9 @@ class _ResultWrites:
     """Results waiting for their write. The worker whose result fills a chunk of 25 writes it, so writes overlap
     the other workers' Edge calls; `flush` writes what is left at the end of the batch."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, deadline: Deadline) -> None:
         self._relay = relay
+        self._deadline = deadline  # unprocessed results are sent again while it allows
         self._lock = threading.Lock()
         self._waiting: list[tuple[str, Result]] = []
         self.failed: set[str] = set()  # message ids
@@ -113,7 +114,9 @@ class _ResultWrites:
 
     def _write(self, chunk: list[tuple[str, Result]]) -> None:
         try:
-            failed = self._relay.store.put_results([r.pending for _, r in chunk if r.pending is not None])
+            failed = self._relay.store.put_results(
+                [r.pending for _, r in chunk if r.pending is not None], self._deadline
+            )
         except Exception:
             logger.exception("unexpected error writing results; records will be redelivered")
             count("UnexpectedErrors")
@@ -312,7 +315,7 @@ class BatchRunner:
                 logger.info("repeat of an event in the same batch", eventId=item.event_id, messageId=item.message_id)
                 continue
             groups.setdefault(item.group, []).append(item)
-        writes = _ResultWrites(self._relay)
+        writes = _ResultWrites(self._relay, deadline)
         # Only for a batch with a record that may call Edge: invalid bodies, repeats and records sent back unread
         # (no identity key) must not wait for a token they will not use.
         may_call_edge = any(not i.invalid and i.run is not _redeliver for items in groups.values() for i in items)

@@ -13,7 +13,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from relay import codec
-from relay.clock import Clock
+from relay.clock import Clock, Deadline
 from relay.errors import StoreUnavailable
 from relay.identity_state import STATE_FORMAT, IdentityState, state_from_item, state_to_item
 from relay.models import iso_millis
@@ -28,6 +28,10 @@ _ALWAYS_KEPT = frozenset({"status", "eventId", "datastreamId", "source", "stored
 STATE_WRITE_ATTEMPTS = 8
 BATCH_WRITE_SIZE = 25  # DynamoDB's BatchWriteItem limit
 BATCH_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with backoff 50, 100, 200 ms
+# Results still unprocessed after those are sent again while the batch's deadline leaves this much after the wait
+# (their records would otherwise go back to the queue and, delivered already, to Edge again): backoff doubling to 1 s.
+UNPROCESSED_RESERVE_S = 1.0
+UNPROCESSED_MAX_WAIT_S = 1.0
 _MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item", "batch_execute_statement"})  # tables named inside
 CLAIM_INSERT_SIZE = 25  # DynamoDB's BatchExecuteStatement limit
 # The attributes a claim sets on a new event's item, in the order of `claim_new`'s INSERT parameters.
@@ -299,16 +303,17 @@ class HandlesStore:
         """Write one result now (a webhook's): one PutItem over the claim."""
         self._call("put_item", Item=write.item)
 
-    def put_results(self, writes: list[ResultWrite]) -> dict[str, str]:
+    def put_results(self, writes: list[ResultWrite], deadline: Deadline | None = None) -> dict[str, str]:
         """Write many results with `BatchWriteItem`, 25 per request: one request instead of 25, the same write
-        units. Items DynamoDB leaves unprocessed (throttling) are sent again with backoff; an error (after
-        botocore's own retries) fails the items not yet written, except a validation error, after which they are
-        written one by one. Returns {eventId: reason} for the results not written."""
+        units. Items DynamoDB leaves unprocessed (throttling) are sent again with backoff, for as long as `deadline`
+        allows (else BATCH_ATTEMPTS times); an error (after botocore's own retries) fails the items not yet written,
+        except a validation error, after which they are written one by one. Returns {eventId: reason} for the
+        results not written."""
         failed: dict[str, str] = {}
         for start in range(0, len(writes), BATCH_WRITE_SIZE):
             chunk = {w.item["pk"]["S"]: w for w in writes[start : start + BATCH_WRITE_SIZE]}
             request = {self._table: [{"PutRequest": {"Item": w.item}} for w in chunk.values()]}
-            left, error = self._until_processed("batch_write_item", request, "UnprocessedItems")
+            left, error = self._until_processed("batch_write_item", request, "UnprocessedItems", deadline=deadline)
             unwritten = [chunk[w["PutRequest"]["Item"]["pk"]["S"]] for w in left.get(self._table, [])]
             if error is not None and error.code == "ValidationException" and len(unwritten) > 1:
                 # One malformed item refuses the whole request: write these item by item, so that only that item's
@@ -325,13 +330,24 @@ class HandlesStore:
         request: dict[str, Any],
         unprocessed: str,
         on_answer: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        deadline: Deadline | None = None,
     ) -> tuple[dict[str, Any], StoreUnavailable | None]:
-        """Call a batch operation, then again with what DynamoDB left unprocessed (throttling), at most
-        BATCH_ATTEMPTS times, waiting 50, 100, 200 ms between; `on_answer` sees each answer. Returns what is still
-        to do ({} when done) and the error that stopped it, if any (after botocore's own retries)."""
-        for attempt in range(BATCH_ATTEMPTS):
+        """Call a batch operation, then again with what DynamoDB left unprocessed (throttling), BATCH_ATTEMPTS times,
+        waiting 50, 100, 200 ms between, and with a `deadline` on, waiting up to 1 s, while it leaves
+        UNPROCESSED_RESERVE_S after the wait (as AWS advises: retry unprocessed items with exponential backoff);
+        `on_answer` sees each answer. Returns what is still to do ({} when done) and the error that stopped it, if
+        any (after botocore's own retries)."""
+        attempt = 0
+        while True:
             if attempt:
-                self._clock.sleep(0.05 * 2 ** (attempt - 1))
+                wait = min(0.05 * 2 ** (attempt - 1), UNPROCESSED_MAX_WAIT_S)
+                if attempt >= BATCH_ATTEMPTS and (
+                    deadline is None or deadline.remaining() < wait + UNPROCESSED_RESERVE_S
+                ):
+                    break
+                self._clock.sleep(wait)
+            attempt += 1
             try:
                 resp = self._call(op, RequestItems=request)
             except StoreUnavailable as exc:

@@ -2029,3 +2029,38 @@ def test_connections_stay_pooled_for_more_hosts_than_a_few() -> None:
 
     # THEN each host was connected to once (with 4 host pools, every call evicted one and reconnected: 60)
     assert sorted(connections) == [f"127.0.0.{n}" for n in range(1, 7)]
+
+
+@pytest.mark.parametrize(
+    ("deadline_ms", "timeout_s", "edge_s"),
+    [
+        (5000, 30, 4.25),  # the default: the budget less the 0.75 s kept back to queue the event
+        (29000, 30, 23.0),  # 30 s less the safety margin (2 s) and the fallback at its worst (5 s)
+        (29000, 60, 23.0),  # a longer function timeout does not lengthen API Gateway's 30 s
+    ],
+)
+def test_a_webhooks_edge_attempts_end_in_time_for_its_fallback_to_answer_before_api_gateway_gives_up(
+    deadline_ms: int, timeout_s: float, edge_s: float
+) -> None:
+    # GIVEN a webhook deadline (up to the largest the settings take) and a function timeout
+    from devtools.lambda_context import new_context
+
+    seen: list[float] = []
+    h = harness()
+    h.app._settings = load_settings({**ENV, "WEBHOOK_DEADLINE_MS": str(deadline_ms)})
+    process = h.relay.process
+
+    def spy(inbound: Any, deadline: Deadline, **kwargs: Any) -> Any:
+        seen.append(deadline.remaining())
+        return process(inbound, deadline, **kwargs)
+
+    h.relay.process = spy  # type: ignore[method-assign]
+    body = json.dumps({"event": {"xdm": {"_id": "e-budget", "timestamp": "2023-11-14T22:13:20.000Z"}}}).encode()
+
+    # WHEN an event is posted
+    answer = h.app.handle(http_event(body, sign_webhook(body, SECRETS[0])), new_context(timeout_s))
+
+    # THEN Edge gets at most what leaves the queue send (4 s at worst) and its writes time to answer within 30 s
+    assert answer["statusCode"] == 200
+    (remaining,) = seen
+    assert edge_s - 0.2 < remaining <= edge_s

@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook, hmac_data
 from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable, Unauthorized
 from relay.identity_state import IdentityState
+from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
 from relay.models import (
@@ -34,6 +35,11 @@ from relay.settings import Settings
 PROBLEM = "application/problem+json"
 NOT_HTTP_API = "not an HTTP API 2.0 event"
 _ENQUEUE_RESERVE_S = 0.75  # time kept back from Edge retries to enqueue the event if Edge stays down
+# An HTTP API's integration timeout is at most 30 s: past it the sender gets API Gateway's 503, whatever the function
+# then does. The Edge attempts end early enough for the fallback (the queue send at its worst, and the writes around
+# it) to answer before that, and before the function's own timeout, whatever WEBHOOK_DEADLINE_MS says.
+API_GATEWAY_TIMEOUT_S = 30.0
+FALLBACK_WORST_S = SQS_WORST_CASE_S + 1.0
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
@@ -289,7 +295,8 @@ class WebhookApp:
             return self._answer(Result(Outcome.RETRY, event_id, reason=str(key_error)), inbound)
         remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0
         budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)
-        deadline = Deadline(self._clock, budget - _ENQUEUE_RESERVE_S)
+        fallback_by = min(remaining, API_GATEWAY_TIMEOUT_S) - self._settings.safety_margin_s - FALLBACK_WORST_S
+        deadline = Deadline(self._clock, min(budget - _ENQUEUE_RESERVE_S, fallback_by))
         state_source = self._ahead(inbound, deadline)
         result = self._relay.process(
             inbound, deadline, lease_s=max(remaining, budget) + 5, state_source=state_source, to_queue=True

@@ -429,6 +429,36 @@ def _moved(message: dict[str, Any]) -> dict[str, Any] | None:
     return {name: attrs[name] for name in (message.get("MessageAttributes") or {})} if named else None
 
 
+# What one SendMessageBatch may carry, all its messages together (bodies and attributes): 256 KiB, the limit of
+# every queue until SQS raised it to 1 MiB in 2025 (a queue's own MaximumMessageSize may still say less).
+_SQS_BATCH_PAYLOAD = 256 * 1024
+
+
+def _payload(entry: dict[str, Any]) -> int:
+    """An entry's size as SQS counts it: the body, and each attribute's name, type and value."""
+    size = len(entry["MessageBody"].encode("utf-8"))
+    for name, attr in (entry.get("MessageAttributes") or {}).items():
+        value = attr.get("StringValue")
+        data = value.encode("utf-8") if isinstance(value, str) else attr.get("BinaryValue") or b""
+        size += len(name.encode("utf-8")) + len(attr.get("DataType", "").encode("utf-8")) + len(data)
+    return size
+
+
+def _by_payload(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The entries in order, in batches whose payloads together stay within _SQS_BATCH_PAYLOAD (a larger message on
+    its own: SQS then takes it if the queue takes a message that large)."""
+    groups: list[list[dict[str, Any]]] = []
+    size = 0
+    for entry in entries:
+        n = _payload(entry)
+        if not groups or size + n > _SQS_BATCH_PAYLOAD:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += n
+    return groups
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     t = _targets(args)
     if not (t.queue_url and t.dlq_url):
@@ -467,8 +497,15 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             ]
             if not entries:
                 continue  # those read are hidden for a minute: the next receive reads others
-            sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=entries)
-            ok = {s["Id"] for s in sent.get("Successful", [])}
+            ok: set[str] = set()
+            send_error: Exception | None = None
+            for group in _by_payload(entries):
+                try:
+                    sent = sqs.send_message_batch(QueueUrl=t.queue_url, Entries=group)
+                except (ClientError, BotoCoreError) as exc:
+                    send_error = exc  # what earlier groups sent is deleted from the DLQ below, then this is raised
+                    break
+                ok |= {s["Id"] for s in sent.get("Successful", [])}
             done = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs) if str(i) in ok]
             deleted = 0
             if done:  # delete only what reached the queue: a failed send stays in the DLQ
@@ -488,6 +525,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                     if str(i) in gone:
                         held.pop(m["MessageId"], None)
             moved += deleted
+            if send_error is not None:
+                raise send_error
             if deleted < len(done):
                 print(
                     f"{len(done) - deleted} message(s) sent to the queue but not deleted from the dead-letter queue: "

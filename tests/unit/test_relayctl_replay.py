@@ -1102,3 +1102,39 @@ def test_replay_skips_the_relays_own_refusal_even_when_its_problem_cannot_be_rea
 
     # THEN replay skips it, as it skips any refusal of the relay's own (sent again, it would be refused again)
     assert (relayctl_main._replay_plan(doc) or "").startswith("skipped: the relay refused it itself")
+
+
+def test_redrive_sends_no_batch_larger_than_sqs_takes(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN 5 dead letters of about 100 KB each (events near the 64 KiB limit, or producers' large messages), and a
+    # queue that refuses, as SQS does, a batch whose messages together pass 256 KiB
+    real = boto3.client("sqs")
+    dlq = real.create_queue(QueueName="dlq")["QueueUrl"]
+    queue = real.create_queue(QueueName="q")["QueueUrl"]
+    for k in range(5):
+        body = json.dumps({"event": {"xdm": {"_id": f"e{k}"}, "data": {"pad": "x" * 100_000}}})
+        real.send_message(QueueUrl=dlq, MessageBody=body)
+    batches: list[int] = []
+
+    def as_sqs(**kwargs: Any) -> dict[str, Any]:
+        total = sum(
+            len(e["MessageBody"].encode())
+            + sum(
+                len(n) + len(a["DataType"]) + len(a.get("StringValue", "")) for n, a in e["MessageAttributes"].items()
+            )
+            for e in kwargs["Entries"]
+        )
+        if total > 262_144:
+            raise ClientError({"Error": {"Code": "BatchRequestTooLong", "Message": "too long"}}, "SendMessageBatch")
+        batches.append(len(kwargs["Entries"]))
+        answer: dict[str, Any] = real.send_message_batch(**kwargs)
+        return answer
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: SqsWith(real, send_message_batch=as_sqs))
+
+    # WHEN redrive runs
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN every message is moved, at most two to a batch, and none is left in the dead-letter queue
+    assert code == 0
+    assert sum(batches) == 5 and max(batches) <= 2
+    assert dlq_counts(real, dlq) == (0, 0)

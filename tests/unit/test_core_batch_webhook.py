@@ -836,7 +836,9 @@ def test_postponing_many_records_stops_while_the_invocation_can_still_answer() -
     assert [len(call["Entries"]) for call in sqs.calls] == [10, 10]
 
 
-def test_the_batch_summary_says_why_records_were_redelivered(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_batch_summary_says_why_records_were_redelivered(
+    caplog: pytest.LogCaptureFixture, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
     # GIVEN one identity's two events and another identity's event, in a batch whose time has run out
     store = FakeStore()
     relay, edge = real_relay(store, 3)
@@ -857,6 +859,8 @@ def test_the_batch_summary_says_why_records_were_redelivered(caplog: pytest.LogC
         "no time left to relay the event": 2,
         "held back behind an earlier record of its identity": 1,
     }
+    # AND the three, sent back untried (each return a receive, towards the dead-letter queue), are counted
+    assert emitted() == {"RecordsNotTried": [3.0]}
 
 
 def test_a_defect_settling_a_written_result_leaves_the_others_settled_and_the_batch_answered(

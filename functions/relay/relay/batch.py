@@ -39,7 +39,7 @@ from relay.models import (
     read_event,
 )
 from relay.observability import count, logger
-from relay.process_event import Outcome, Relay, Result
+from relay.process_event import NO_TIME_LEFT, Outcome, Relay, Result
 from relay.settings import Settings
 
 HELD_BACK = "held back behind an earlier record of its identity"  # a record's reason in the batch summary
@@ -428,6 +428,10 @@ class BatchRunner:
         self._postpone(records, delays, deadline)
         # Same order as the batch, each failed record once.
         ordered = [mid for r in records if (mid := _message_id(r)) in failed]
+        # Sent back without an attempt: each such return still counts as a receive, towards the dead-letter queue.
+        untried = sum(1 for why in redelivered_because if why in (HELD_BACK, NO_TIME_LEFT))
+        if untried:
+            count("RecordsNotTried", untried)
         logger.info(
             "batch done",
             records=len(records),

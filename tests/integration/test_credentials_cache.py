@@ -1,5 +1,6 @@
 """Credentials across many invocations of one execution environment (issue 2, item 4; contract §4, §6): the secret is
-read once per cache period and the IMS token once per token lifetime, counted by the Edge simulator."""
+read once per cache period (counted by a proxy in front of moto) and the IMS token once per token lifetime (counted
+by the Edge simulator)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from relay.runtime import Runtime
 from relay.settings import load_settings
 
 from devtools.edge_sim import new_ecid
+from devtools.fault_proxy import FaultProxy
 from devtools.lambda_context import new_context
 from devtools.signing import new_webhook_secret, sign_webhook
 from devtools.stack import LocalStack
@@ -270,3 +272,44 @@ def test_rotated_adobe_secret_is_re_read_once_when_ims_refuses_the_cached_one(cl
     assert answer == {"batchItemFailures": []}
     assert [r["status"] for r in ims_calls(stack)] == [200, 401, 200]
     assert stack.result(event_id)["status"] == "delivered"
+
+
+def test_secrets_manager_is_read_once_per_secret_per_cache_period_over_many_invocations(
+    clean_stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN one execution environment whose Secrets Manager calls go through a proxy that counts them (over HTTP, to
+    # moto), caching secrets for 5 s
+    stack = clean_stack
+    with FaultProxy(stack.moto.url) as counting:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", counting.url)
+        runtime = new_runtime(SECRETS_MAX_AGE_SECONDS="5")
+        gateway = stack.gateway(runtime.handle)
+
+        def reads() -> int:
+            return int(counting.stats()["requests"].get("GetSecretValue", 0))
+
+        def post() -> int:
+            body = event_body(f"evt-{uuid.uuid4()}")
+            headers = {"content-type": "application/json", **sign_webhook(body, stack.webhook_secret)}
+            return requests.post(f"{gateway.url}/events", data=body, headers=headers, timeout=30).status_code
+
+        # WHEN 10 SQS batches and 10 webhooks are handled within the cache period
+        started = time.monotonic()
+        for _ in range(10):
+            assert runtime.handle(sqs_event(stack, f"evt-{uuid.uuid4()}"), new_context(30)) == {"batchItemFailures": []}
+            assert post() == 200
+        took = time.monotonic() - started
+        assert took < 5.0, f"the cache period ran out before the checks ({took:.1f} s); the machine is too slow"
+
+        # THEN each of the three secrets (Adobe credentials, webhook secret, identity key) was read once
+        first = reads()
+        assert first == 3
+        # AND once the period is over, the webhook secret is read again once, and the Adobe secret once when a token
+        # is next needed (here Edge refuses the token as expired); the identity key never changes: it is read once per
+        # execution environment
+        time.sleep(max(0.0, 5.2 - (time.monotonic() - started)))
+        stack.sim.expire_tokens()
+        for _ in range(5):
+            assert runtime.handle(sqs_event(stack, f"evt-{uuid.uuid4()}"), new_context(30)) == {"batchItemFailures": []}
+            assert post() == 200
+        assert reads() - first == 2

@@ -32,12 +32,27 @@ HTTP_TIMEOUT = (5, 60)
 class Capture(logging.Handler):
     """Every record of the relay's logger, formatted exactly as Powertools writes it."""
 
+    libraries: Capture | None = None  # the libraries' records, captured beside it
+
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
+
+
+class LibraryCapture(Capture):
+    """Every record the libraries the relay runs on (boto3, botocore, urllib3, requests, Powertools, standardwebhooks)
+    send to the root logger at WARNING and above: what Lambda's runtime writes to the function's log by default."""
+
+    LIBRARIES = ("boto3", "botocore", "urllib3", "requests", "aws_lambda_powertools", "standardwebhooks", "py.warnings")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.addFilter(lambda record: record.name.split(".")[0] in self.LIBRARIES)
 
 
 @pytest.fixture
@@ -49,7 +64,17 @@ def debug_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Capture]:
     capture.setFormatter(relay_logger.registered_formatter)
     std_logger = logging.getLogger(relay_logger.name)
     std_logger.addHandler(capture)
+    libraries = LibraryCapture()
+    root = logging.getLogger()
+    root_level = root.level
+    root.setLevel(logging.WARNING)
+    root.addHandler(libraries)
+    logging.captureWarnings(True)
+    capture.libraries = libraries
     yield capture
+    logging.captureWarnings(False)
+    root.removeHandler(libraries)
+    root.setLevel(root_level)
     std_logger.removeHandler(capture)
     relay_logger.setLevel(previous)
 
@@ -155,7 +180,8 @@ def test_logs_and_answers_never_carry_secrets_tokens_bodies_identities_or_state(
     state_values = [STATE_CANARY, ecid, encode_identity_state(ecid)]
 
     out, err = capsys.readouterr()
-    emitted = [*debug_logs.lines, *out.splitlines(), *err.splitlines()]
+    library_lines = debug_logs.libraries.lines if debug_logs.libraries else []
+    emitted = [*debug_logs.lines, *library_lines, *out.splitlines(), *err.splitlines()]
     assert any('"message":"event delivered"' in line for line in debug_logs.lines), "relay logs were captured"
     assert any('"_aws"' in line and "CloudWatchMetrics" in line for line in emitted), "EMF metrics were captured"
     assert relay_logger.log_level == logging.DEBUG

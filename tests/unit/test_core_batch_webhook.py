@@ -2068,3 +2068,52 @@ def test_a_webhooks_edge_attempts_end_in_time_for_its_fallback_to_answer_before_
     assert answer["statusCode"] == 200
     (remaining,) = seen
     assert edge_s - 0.2 < remaining <= edge_s
+
+
+@pytest.mark.parametrize(
+    ("payload", "omitted"),
+    [
+        ('<div class="offer">' * 20, False),  # a typical offer: answered whole
+        ('"' * 1_600_000, True),  # 1.6 MB of quotes (each 4 characters once escaped twice): 6.4 MB as Lambda encodes it
+        ("é" * 1_000_000, True),  # 2 MB of UTF-8 (each character 7 once escaped twice): 7 MB
+    ],
+)
+def test_a_delivered_answer_never_makes_a_response_larger_than_lambda_returns(payload: str, omitted: bool) -> None:
+    # GIVEN a delivered event whose stored handles hold a payload (Edge's answers are read up to 2 MiB)
+    from relay.webhook import delivered_response
+
+    item = {
+        "eventId": "e1",
+        "requestId": "r1",
+        "status": "delivered",
+        "handle": [{"type": "personalization:decisions", "payload": [{"html": payload}]}],
+        "warnings": [{"code": "W1"}],
+    }
+
+    # WHEN it is answered
+    response = delivered_response(item)
+
+    # THEN the response, as the Lambda runtime encodes it (the body escaped again inside API Gateway's JSON), stays
+    # under Lambda's 6 MB limit, with the handles when they fit and flagged as left out when they do not
+    encoded = json.dumps({"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": response.body})
+    assert len(encoded.encode("utf-8")) < 6_291_456
+    assert isinstance(response.body, str)
+    doc = json.loads(response.body)
+    assert (doc["eventId"], doc["requestId"]) == ("e1", "r1")
+    if omitted:
+        assert doc == {"eventId": "e1", "requestId": "r1", "handle": [], "handleOmitted": True, "warningsOmitted": True}
+    else:
+        assert doc["handle"] == item["handle"] and doc["warnings"] == item["warnings"]
+
+
+def test_a_delivered_answer_says_which_parts_the_stored_result_had_to_shed() -> None:
+    # GIVEN a delivered event whose stored result shed its handles to fit DynamoDB's item limit
+    from relay.webhook import delivered_response
+
+    item = {"eventId": "e1", "requestId": "r1", "status": "delivered", "handleOmitted": True}
+
+    # WHEN it is answered (first time or repeat)
+    doc = json.loads(str(delivered_response(item).body))
+
+    # THEN the answer says the handles were left out, rather than look like an answer without any
+    assert doc == {"eventId": "e1", "requestId": "r1", "handle": [], "handleOmitted": True}

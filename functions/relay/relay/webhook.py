@@ -76,8 +76,17 @@ def _well_formed_signature(entry: str) -> bool:
     return True
 
 
-def ok(status: int, body: dict[str, Any]) -> Response:
-    return Response(status_code=status, content_type="application/json", body=json.dumps(body))
+def ok(status: int, body: dict[str, Any] | str) -> Response:
+    """A JSON answer: `body` as a document, or as its JSON text already encoded."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    return Response(status_code=status, content_type="application/json", body=text)
+
+
+# Lambda refuses a response over 6 MB (6,291,456 bytes), as the runtime encodes it: the answer's JSON, escaped again
+# as the `body` string of API Gateway's response (a quote becomes 4 characters, an `é` 7). An answer that would pass
+# this is answered without the parts the stored result keeps (`relayctl show` reads them), never refused whole.
+MAX_RESPONSE_CHARS = 6_000_000
+_ANSWER_PARTS = ("handle", "errors", "warnings")
 
 
 def delivered_body(item: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +94,22 @@ def delivered_body(item: dict[str, Any]) -> dict[str, Any]:
     for key in ("errors", "warnings"):
         if item.get(key):
             body[key] = item[key]
+    for key in _ANSWER_PARTS:  # shed from the stored result to fit DynamoDB's item limit: said, not hidden
+        if item.get(f"{key}Omitted") is True:
+            body[f"{key}Omitted"] = True
     return body
+
+
+def delivered_response(item: dict[str, Any]) -> Response:
+    """The 200 of a delivered event: its handles (and a 207's errors and warnings), unless they would make a response
+    larger than Lambda returns; then flagged `<part>Omitted`, as a stored result cut to fit is."""
+    body = delivered_body(item)
+    text = json.dumps(body)
+    # Escaping at most quadruples the text, so only a large one is measured.
+    if len(text) * 4 > MAX_RESPONSE_CHARS and len(json.dumps(text)) > MAX_RESPONSE_CHARS - 1000:
+        kept = {k: v for k, v in body.items() if k not in _ANSWER_PARTS}
+        text = json.dumps({**kept, "handle": [], **{f"{k}Omitted": True for k in _ANSWER_PARTS if k in body}})
+    return ok(200, text)
 
 
 def rejected_response(item: dict[str, Any]) -> Response:
@@ -308,7 +332,7 @@ class WebhookApp:
         if result.outcome is Outcome.DELIVERED or (
             result.outcome is Outcome.DUPLICATE and item.get("status") == "delivered"
         ):
-            return ok(200, delivered_body(item))
+            return delivered_response(item)
         if result.outcome in (Outcome.REJECTED, Outcome.DUPLICATE):
             return rejected_response(item)
         if result.outcome is Outcome.BUSY:

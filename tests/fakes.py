@@ -16,6 +16,7 @@ from relay.integrations.credentials import AdobeCredentials
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.ims import AccessToken
 from relay.integrations.store import Claim, ResultWrite
+from requests.hooks import dispatch_hook
 from requests.structures import CaseInsensitiveDict
 
 WALL_START = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -147,7 +148,13 @@ class FakeSession:
         """Like `requests.Session.send`: a PreparedRequest only. Recorded as the `post` it stands for."""
         url, params, headers = unprepare(request)
         return self.post(
-            url, params=params, data=request.body, headers=headers, timeout=timeout, allow_redirects=allow_redirects
+            url,
+            params=params,
+            data=request.body,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=allow_redirects,
+            hooks=request.hooks,
         )
 
     def post(
@@ -160,7 +167,9 @@ class FakeSession:
         timeout: Any = None,
         allow_redirects: bool = True,
         stream: bool = False,
+        hooks: dict[str, Any] | None = None,
     ) -> requests.Response:
+        """Plays the next scripted step; an answer goes through the `response` hooks, as `requests` sends it."""
         remaining = self.deadline.remaining() if self.deadline is not None else None
         self.calls.append(PostCall(url, params, data, headers, timeout, remaining, allow_redirects))
         if not self.script:
@@ -174,7 +183,7 @@ class FakeSession:
             self.clock.advance(elapsed)
         if isinstance(step.outcome, BaseException):
             raise step.outcome
-        return step.outcome
+        return dispatch_hook("response", hooks or {}, step.outcome)
 
 
 CREDS = AdobeCredentials(client_id="client-1", client_secret="s3cret", org_id="ORG1@AdobeOrg", scopes="openid,AdobeID")

@@ -248,3 +248,26 @@ def test_an_ims_answer_stalled_past_a_callers_deadline_is_that_callers_and_not_h
             assert ims.requests == 2
         finally:
             ims.released.set()
+
+
+def test_a_redirect_with_a_body_that_would_expand_past_the_limit_is_not_read_into_memory() -> None:
+    # GIVEN an "Edge" answering 302 with a gzip body that expands to 64 MB (requests reads a redirect's body whole to
+    # free its connection, even when redirects are not followed)
+    bomb = gzip.compress(b"x" * 64 * 1024 * 1024, compresslevel=9)
+    headers = {"Location": "http://127.0.0.1:9/elsewhere", "Content-Encoding": "gzip", "Content-Type": "text/html"}
+    event = {"event": {"xdm": {"_id": "e1", "identityMap": {"Email": [{"id": "a@example.com", "primary": True}]}}}}
+    with RecordingServer(302, headers, bomb) as edge:
+        client = edge_client(edge.url)
+
+        # WHEN the relay's client takes that answer, while Python's allocations are traced
+        tracemalloc.start()
+        try:
+            with pytest.raises(EdgeRejected) as caught:
+                client.deliver("ds-1", event, None, Deadline(SystemClock(), 10))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+    # THEN it is refused as any redirect is, having held a few MB at most
+    assert caught.value.status == 302
+    assert peak < 4 * MAX_ANSWER_BYTES

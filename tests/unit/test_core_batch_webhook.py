@@ -23,6 +23,7 @@ from relay.errors import CredentialsError, EdgeUnavailable, StoreUnavailable
 from relay.identity_state import opaque_identity_id
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
+from relay.integrations.ims import NoTimeLeft
 from relay.integrations.queue import RetryQueue, queue_url_for
 from relay.integrations.store import Claim
 from relay.models import InboundEvent, build_inbound
@@ -861,6 +862,28 @@ def test_the_batch_summary_says_why_records_were_redelivered(
     }
     # AND the three, sent back untried (each return a receive, towards the dead-letter queue), are counted
     assert emitted() == {"RecordsNotTried": [3.0]}
+
+
+def test_records_sent_back_without_an_edge_call_are_counted_whatever_left_them_untried(
+    emitted: Callable[[], dict[str, list[float]]],
+) -> None:
+    # GIVEN three people's events: one whose Edge attempts all failed, one for which no attempt could start (no slot
+    # or no time for it), one for which there was no time to get a token
+    store = FakeStore()
+    edge = FakeEdge(
+        EdgeUnavailable("edge answered 503", attempts=2),
+        EdgeUnavailable("no time left for an attempt", attempts=0),
+        NoTimeLeft("no time left waiting for the IMS token another call is fetching"),
+    )
+    relay = Relay(store, edge, FakeClock())  # type: ignore[arg-type]
+    records = [sqs("e1", "m1", "p1"), sqs("e2", "m2", "p2"), sqs("e3", "m3", "p3")]
+
+    # WHEN the batch runs
+    answer = run_batch(relay, records)
+
+    # THEN all three come back, and the two that never reached Edge are counted as not tried
+    assert answer == {"batchItemFailures": [{"itemIdentifier": m} for m in ("m1", "m2", "m3")]}
+    assert emitted()["RecordsNotTried"] == [2.0]
 
 
 def test_a_defect_settling_a_written_result_leaves_the_others_settled_and_the_batch_answered(

@@ -268,7 +268,7 @@ def test_process_release_failure_still_returns_retry():
             raise StoreUnavailable("down")
 
     store = NoRelease()
-    edge = FakeEdge(EdgeUnavailable("edge call failed: Timeout"))
+    edge = FakeEdge(EdgeUnavailable("edge call failed: Timeout", attempts=1))
 
     # WHEN
     result = process(store, edge, FakeClock())
@@ -830,7 +830,7 @@ def test_process_without_time_left_leaves_the_event_untouched():
     result = relay(store, edge, clock).process(inbound(), Deadline(clock, 0), lease_s=30)
 
     # THEN it is redelivered without a claim taken and given back (two writes for nothing) or an Edge call
-    assert result == Result(Outcome.RETRY, "evt-1", reason="no time left to relay the event")
+    assert result == Result(Outcome.RETRY, "evt-1", reason="no time left to relay the event", untried=True)
     assert store.claims == [] and store.releases == [] and edge.calls == []
 
 

@@ -39,7 +39,7 @@ from relay.models import (
     read_event,
 )
 from relay.observability import count, logger
-from relay.process_event import NO_TIME_LEFT, Outcome, Relay, Result
+from relay.process_event import Outcome, Relay, Result
 from relay.settings import Settings
 
 HELD_BACK = "held back behind an earlier record of its identity"  # a record's reason in the batch summary
@@ -359,6 +359,7 @@ class BatchRunner:
                 if failed and item.receive_count < HOLD_BACK_RECEIVES:
                     failed.append((item.message_id, failed[0][1]))  # it comes back with the record it waits for
                     redelivered_because.append(HELD_BACK)
+                    untried.append(item.message_id)
                     continue
                 try:
                     done = item.run(carry, source, item.claim)
@@ -377,6 +378,8 @@ class BatchRunner:
                 if not done.ok:
                     failed.append((item.message_id, done.result.retry_after if done.result else None))
                     redelivered_because.append(done.why())
+                    if done.result is not None and done.result.untried:
+                        untried.append(item.message_id)
                 elif done.result is not None and done.result.pending is not None:
                     writes.add(item.message_id, done.result)
             return failed
@@ -385,6 +388,7 @@ class BatchRunner:
         # Why each record was sent back, counted in the batch's summary line: some reasons (no time left, a claim
         # another invocation holds, a record waiting for an earlier one of its identity) have no line of their own.
         redelivered_because: list[str] = []
+        untried: list[str] = []  # records sent back without an Edge call (counted: each return is a receive)
         # Longest groups first: a group's records run one after another, so a long one started late would keep the
         # whole batch waiting on it while the other workers sit idle. The sort is stable: batch order otherwise.
         ordered_groups = sorted(groups.values(), key=len, reverse=True)
@@ -429,9 +433,8 @@ class BatchRunner:
         # Same order as the batch, each failed record once.
         ordered = [mid for r in records if (mid := _message_id(r)) in failed]
         # Sent back without an attempt: each such return still counts as a receive, towards the dead-letter queue.
-        untried = sum(1 for why in redelivered_because if why in (HELD_BACK, NO_TIME_LEFT))
         if untried:
-            count("RecordsNotTried", untried)
+            count("RecordsNotTried", len(untried))
         logger.info(
             "batch done",
             records=len(records),

@@ -57,6 +57,7 @@ class Result:
     pending: ResultWrite | None = None
     token: str | None = None
     given_back: bool = False  # RETRY: a claim was taken and given back, and that was written (the item is `queued`)
+    untried: bool = False  # RETRY: no Edge call was made for it (no time left: for the token, a slot, an attempt)
     note: dict[str, Any] = field(default_factory=dict, compare=False)  # what the "stored" log line adds
 
 
@@ -216,7 +217,7 @@ class Relay:
                     self.store.release(event_id, claim.token, reason)
                 except StoreUnavailable:
                     pass  # the lease expires by itself
-            return Result(Outcome.RETRY, event_id, reason=reason)
+            return Result(Outcome.RETRY, event_id, reason=reason, untried=True)
         try:
             if claim is None or not claim.acquired:
                 claim = self.store.claim(
@@ -262,7 +263,15 @@ class Relay:
                 # left for the token request is about this event's deadline, not the credentials.)
                 count("CredentialsUnavailable")
             given_back = self._give_back(event_id, claim.token, str(exc), retry_after, to_queue=to_queue)
-            return Result(Outcome.RETRY, event_id, reason=str(exc), retry_after=retry_after, given_back=given_back)
+            untried = isinstance(exc, NoTimeLeft) or (isinstance(exc, EdgeUnavailable) and exc.attempts == 0)
+            return Result(
+                Outcome.RETRY,
+                event_id,
+                reason=str(exc),
+                retry_after=retry_after,
+                given_back=given_back,
+                untried=untried,
+            )
         except Exception as exc:
             # A defect, not the event's fault: never a 500 or a claim left to time out. The event is retried (and
             # reaches the dead-letter queue if the defect stays); the log has the stack trace, never the response.

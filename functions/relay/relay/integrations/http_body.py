@@ -1,8 +1,10 @@
 """An HTTP answer's body read with a ceiling: a peer's answer is never held in memory past a known size.
 
 `requests` reads a body whole (and decompresses it whole), however large. Edge and IMS are sent with `stream=True`
-and their bodies read here, in chunks, as `Response.content` would read them (decoded), up to a limit. The body read
-is then the response's `content` (`json()` and `text` read it), so the rest of the code handles a response as before.
+and a `BodyCap` response hook, which reads their bodies here, in chunks, as `Response.content` would read them
+(decoded), up to a limit. The hook runs before `requests` looks at the answer (it reads a redirect's body whole to
+free the connection, even when redirects are not followed). The body read is then the response's `content` (`json()`
+and `text` read it), so the rest of the code handles a response as before.
 """
 
 from __future__ import annotations
@@ -46,3 +48,15 @@ def read_at_most(resp: requests.Response, limit: int) -> bool:
     # `json()`, `text` and `content` read it as they read any body.
     resp._content = b"".join(chunks)
     return whole
+
+
+class BodyCap:
+    """A `response` hook (one per request) that reads the answer's body with read_at_most; `whole` says how it went."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.whole = True
+
+    def __call__(self, resp: requests.Response, *args: object, **kwargs: object) -> requests.Response:
+        self.whole = read_at_most(resp, self.limit)
+        return resp

@@ -12,7 +12,7 @@ import requests
 from relay.clock import Clock, Deadline
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials, CredentialsStore
-from relay.integrations.http_body import read_at_most
+from relay.integrations.http_body import BodyCap
 
 _OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 _BEARER_TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")  # visible ASCII, as a header value
@@ -176,6 +176,7 @@ class ImsTokenProvider:
             if attempt == 2 and deadline is not None:
                 timeout = deadline.http_timeouts(*self._timeout)  # what the first attempt left
             started = self._clock.monotonic()
+            cap = BodyCap(MAX_IMS_ANSWER_BYTES)
             try:
                 resp = self._session.post(
                     self._url,
@@ -187,9 +188,9 @@ class ImsTokenProvider:
                     },
                     timeout=timeout,
                     allow_redirects=False,  # a redirect would re-send the client secret to wherever it points
-                    stream=True,  # read by read_at_most, below
+                    stream=True,  # read by the hook, up to MAX_IMS_ANSWER_BYTES
+                    hooks={"response": cap},
                 )
-                whole = read_at_most(resp, MAX_IMS_ANSWER_BYTES)
                 break
             except requests.Timeout as exc:
                 if timeout != self._timeout:
@@ -209,7 +210,7 @@ class ImsTokenProvider:
                 raise CredentialsError(f"IMS unreachable ({type(exc).__name__})") from None
         if resp.status_code != 200:
             return resp.status_code, _oauth_error(resp)
-        if not whole:
+        if not cap.whole:
             raise CredentialsError(f"IMS answered more than {MAX_IMS_ANSWER_BYTES} bytes")
         try:
             doc = resp.json()

@@ -25,7 +25,7 @@ from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.ims import NoTimeLeft
 from relay.integrations.queue import RetryQueue, queue_url_for
-from relay.integrations.store import Claim
+from relay.integrations.store import UNPROCESSED, Claim
 from relay.models import InboundEvent, build_inbound
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
@@ -219,6 +219,34 @@ def test_batch_result_that_cannot_be_written_is_redelivered_and_its_claim_given_
     assert store.releases == [("e1", "tok-1", "scripted write failure")]
     assert sorted(event_id for event_id, _ in store.finished) == ["e0", "e2"]
     assert len(edge.calls) == 3
+
+
+def test_results_a_mid_batch_write_leaves_unprocessed_wait_for_the_final_write_not_for_the_worker() -> None:
+    # GIVEN 30 people's events, and a table that leaves 3 of the first chunk's results unprocessed for as long as the
+    # writer will not wait (a worker's write mid-batch), and takes them when the batch's final write does
+    class Throttled(FakeStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.deadlines: list[Deadline | None] = []
+
+        def put_results(self, writes: list[Any], deadline: Deadline | None = None) -> dict[str, str]:
+            self.deadlines.append(deadline)
+            left = {w.event_id for w in writes if w.event_id in {"e1", "e2", "e3"}} if deadline is None else set()
+            super().put_results([w for w in writes if w.event_id not in left], deadline)
+            return dict.fromkeys(left, UNPROCESSED)
+
+    store = Throttled()
+    relay, _ = real_relay(store, 30)
+    records = [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(30)]
+
+    # WHEN the batch runs
+    answer = run_batch(relay, records)
+
+    # THEN no record comes back: the 3 were written by the final write, which may wait for DynamoDB (the worker's did
+    # not, and went on with its records)
+    assert answer == {"batchItemFailures": []}
+    assert [d is None for d in store.deadlines] == [True, False]
+    assert sorted(e for e, _ in store.finished) == sorted(f"e{n}" for n in range(30))
 
 
 @pytest.mark.parametrize("write_fails", [False, True])

@@ -31,7 +31,7 @@ from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import MIN_ATTEMPT_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RELAY_SENT_TIMESTAMP, RELAY_SOURCE, RetryQueue
-from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, Claim
+from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, UNPROCESSED, Claim
 from relay.models import (
     MAX_BODY_BYTES,
     Source,
@@ -93,7 +93,10 @@ class _ResultWrites:
 
     def __init__(self, relay: Relay, deadline: Deadline) -> None:
         self._relay = relay
-        self._deadline = deadline  # unprocessed results are sent again while it allows
+        # The final write sends unprocessed results again while this allows. A worker writing a full chunk mid-batch
+        # does not wait as long (it has the rest of its identity's records to run): what DynamoDB still leaves
+        # unprocessed goes back among the results waiting, for a later write.
+        self._deadline = deadline
         self._lock = threading.Lock()
         self._waiting: list[tuple[str, Result]] = []
         self.failed: set[str] = set()  # message ids
@@ -104,23 +107,26 @@ class _ResultWrites:
             if len(self._waiting) < BATCH_WRITE_SIZE:
                 return
             chunk, self._waiting = self._waiting, []
-        self._write(chunk)
+        self._write(chunk, None)
 
     def flush(self) -> None:
         with self._lock:
             chunk, self._waiting = self._waiting, []
         if chunk:
-            self._write(chunk)
+            self._write(chunk, self._deadline)
 
-    def _write(self, chunk: list[tuple[str, Result]]) -> None:
+    def _write(self, chunk: list[tuple[str, Result]], deadline: Deadline | None) -> None:
         try:
-            failed = self._relay.store.put_results(
-                [r.pending for _, r in chunk if r.pending is not None], self._deadline
-            )
+            failed = self._relay.store.put_results([r.pending for _, r in chunk if r.pending is not None], deadline)
         except Exception:
             logger.exception("unexpected error writing results; records will be redelivered")
             count("UnexpectedErrors")
             failed = {r.event_id: "results not written" for _, r in chunk}
+        if deadline is None and any(reason == UNPROCESSED for reason in failed.values()):
+            later = [(mid, r) for mid, r in chunk if failed.get(r.event_id) == UNPROCESSED]
+            with self._lock:
+                self._waiting.extend(later)
+            chunk = [(mid, r) for mid, r in chunk if failed.get(r.event_id) != UNPROCESSED]
         for message_id, result in chunk:
             reason = failed.get(result.event_id)
             try:

@@ -31,6 +31,7 @@ BATCH_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with b
 # Results still unprocessed after those are sent again while the batch's deadline leaves this much after the wait
 # (their records would otherwise go back to the queue and, delivered already, to Edge again): backoff doubling to 1 s.
 UNPROCESSED_RESERVE_S = 1.0
+UNPROCESSED = "dynamodb batch_write_item left the item unprocessed"  # put_results' reason for such a result
 UNPROCESSED_MAX_WAIT_S = 1.0
 _MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item", "batch_execute_statement"})  # tables named inside
 CLAIM_INSERT_SIZE = 25  # DynamoDB's BatchExecuteStatement limit
@@ -320,7 +321,7 @@ class HandlesStore:
                 # record is redelivered (and not 24 healthy ones with it, to the DLQ at last).
                 failed.update(self._put_one_by_one(unwritten))
                 continue
-            reason = str(error) if error else "dynamodb batch_write_item left the item unprocessed"
+            reason = str(error) if error else UNPROCESSED
             failed.update({w.event_id: reason for w in unwritten})
         return failed
 

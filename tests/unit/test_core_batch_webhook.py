@@ -33,6 +33,7 @@ from relay.settings import load_settings
 from devtools.signing import sign_webhook
 from tests.fakes import FakeClock, FakeEdge, FakeStore
 from tests.unit.conftest import StoreOnMoto
+from tests.unit.test_security_properties import ENV as SIGNED_ENV
 from tests.unit.test_security_properties import SECRETS, check_answer, harness, http_event
 
 EDGE_HOST = "https://edge.adobedc.net"  # EDGE_AUTH=none takes the unauthenticated host (never called here)
@@ -2119,6 +2120,39 @@ def test_a_webhooks_edge_attempts_end_in_time_for_its_fallback_to_answer_before_
     assert answer["statusCode"] == 200
     (remaining,) = seen
     assert edge_s - 0.2 < remaining <= edge_s
+
+
+def test_a_webhooks_edge_attempts_count_api_gateways_time_already_spent_on_the_request() -> None:
+    # GIVEN a function timeout of 60 s, the largest webhook deadline, and a webhook secret read that takes 5 s
+    from devtools.lambda_context import new_context
+
+    clock = FakeClock()
+    seen: list[float] = []
+    h = harness()
+    h.app._settings = load_settings({**SIGNED_ENV, "WEBHOOK_DEADLINE_MS": "29000"})  # signatures checked
+    h.app._clock = clock
+
+    class SlowSecret:
+        def webhook_secrets(self, *, force: bool = False) -> list[str]:
+            clock.advance(5.0)
+            return list(SECRETS)
+
+    h.app._credentials = lambda: SlowSecret()  # type: ignore[assignment,return-value]
+
+    def spy(inbound: Any, deadline: Deadline, **kwargs: Any) -> Any:
+        seen.append(deadline.remaining())
+        return Result(Outcome.RETRY, inbound.event_id, reason="edge answered 503")
+
+    h.relay.process = spy  # type: ignore[method-assign]
+    body = json.dumps({"event": {"xdm": {"_id": "e-slow", "timestamp": "2023-11-14T22:13:20.000Z"}}}).encode()
+    context = new_context(60)
+
+    # WHEN an event is posted
+    h.app.handle(http_event(body, sign_webhook(body, SECRETS[0])), context)
+
+    # THEN Edge gets what is left of API Gateway's 30 s after those 5 s, less the safety margin and the fallback
+    (remaining,) = seen
+    assert remaining == pytest.approx(30.0 - 5.0 - 2.0 - 5.0)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ NOT_HTTP_API = "not an HTTP API 2.0 event"
 _ENQUEUE_RESERVE_S = 0.75  # time kept back from Edge retries to enqueue the event if Edge stays down
 # An HTTP API's integration timeout is at most 30 s: past it the sender gets API Gateway's 503, whatever the function
 # then does. The Edge attempts end early enough for the fallback (the queue send at its worst, and the writes around
-# it) to answer before that, and before the function's own timeout, whatever WEBHOOK_DEADLINE_MS says.
+# it) to answer before that, and before the function's own timeout, whatever WEBHOOK_DEADLINE_MS says. (A cold
+# start's init phase counts towards API Gateway's 30 s too, unseen here: about half a second for the relay.)
 API_GATEWAY_TIMEOUT_S = 30.0
 FALLBACK_WORST_S = SQS_WORST_CASE_S + 1.0
 
@@ -168,9 +169,11 @@ class WebhookApp:
         self.app.not_found(self._not_found)  # before the catch-all below: a wrong route is final, not "retry"
         self.app.exception_handler(Exception)(self._unexpected)
         self._context: Any = None
+        self._entered = 0.0  # monotonic time this invocation's handling began (API Gateway's clock was running)
 
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         self._context = context
+        self._entered = self._clock.monotonic()
         try:
             return self.app.resolve(event, context)
         except (KeyError, TypeError, AttributeError):
@@ -319,7 +322,9 @@ class WebhookApp:
             return self._answer(Result(Outcome.RETRY, event_id, reason=str(key_error)), inbound)
         remaining = (self._context.get_remaining_time_in_millis() / 1000) if self._context else 30.0
         budget = min(self._settings.webhook_deadline_s, remaining - self._settings.safety_margin_s)
-        fallback_by = min(remaining, API_GATEWAY_TIMEOUT_S) - self._settings.safety_margin_s - FALLBACK_WORST_S
+        # API Gateway's 30 s ran while the signature was checked (its secret read) and the event was read, too.
+        api_left = API_GATEWAY_TIMEOUT_S - (self._clock.monotonic() - self._entered)
+        fallback_by = min(remaining, api_left) - self._settings.safety_margin_s - FALLBACK_WORST_S
         deadline = Deadline(self._clock, min(budget - _ENQUEUE_RESERVE_S, fallback_by))
         state_source = self._ahead(inbound, deadline)
         result = self._relay.process(

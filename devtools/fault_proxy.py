@@ -148,6 +148,7 @@ class FaultProxy(LoopbackService):
         host: str = "127.0.0.1",
         port: int = 0,
         upstream_timeout: float = 30.0,
+        keep_bodies: bool = False,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -159,6 +160,8 @@ class FaultProxy(LoopbackService):
         self._requested_port = port
         self._lock = threading.Lock()
         self._stats = ProxyStats()
+        self._keep_bodies = keep_bodies
+        self._bodies: list[tuple[str, bytes]] = []  # with keep_bodies, every request received: (operation, body)
         self._bursts: dict[str, int] = {}  # item key -> writes still to fail
         self._failed_keys: Counter[str] = Counter()  # item key -> writes refused
         self._scripted: dict[str, list[str]] = {}  # item key -> fault kinds its next writes get (fail_item)
@@ -200,6 +203,12 @@ class FaultProxy(LoopbackService):
         with self._lock:
             return self._stats.as_dict()
 
+    def request_bodies(self, operation: str) -> list[bytes]:
+        """With ``keep_bodies``, the bodies of every request of `operation` received (in order), e.g. to tell which
+        secret each ``GetSecretValue`` read."""
+        with self._lock:
+            return [body for op, body in self._bodies if op == operation]
+
     def failed_keys(self) -> dict[str, int]:
         """Items (``pk|sk``) that had at least one write refused, with how many."""
         with self._lock:
@@ -209,6 +218,7 @@ class FaultProxy(LoopbackService):
         with self._lock:
             self._stats = ProxyStats()
             self._failed_keys.clear()
+            self._bodies.clear()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -234,6 +244,8 @@ class FaultProxy(LoopbackService):
         keys = item_keys(operation, body) if operation in WRITE_OPERATIONS else []
         with self._lock:
             self._stats.requests[operation] += 1
+            if self._keep_bodies:
+                self._bodies.append((operation, body))
             for k in keys:
                 if self._scripted.get(k):
                     kind = self._scripted[k].pop(0)

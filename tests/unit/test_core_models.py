@@ -770,3 +770,35 @@ def test_an_identity_holding_a_lone_surrogate_is_refused_at_its_path(identity_ma
     assert errors == [
         {"path": path, "message": "must not contain an unpaired UTF-16 surrogate (a character cut in half)"}
     ]
+
+
+@pytest.mark.parametrize(
+    ("envelope", "said"),
+    [
+        (
+            {
+                "Type": "Notification",
+                "MessageId": "m-1",
+                "TopicArn": "arn:aws:sns:us-east-1:123456789012:orders",
+                "Message": '{"event": {"xdm": {"_id": "e1"}}}',
+                "Timestamp": "2026-11-29T10:00:00.000Z",
+            },
+            "raw message delivery",
+        ),
+        (
+            {"version": "0", "detail-type": "Order placed", "source": "shop", "detail": {"event": {"xdm": {}}}},
+            "EventBridge event",
+        ),
+    ],
+)
+def test_an_event_wrapped_in_an_aws_envelope_is_refused_with_the_setting_that_unwraps_it(
+    envelope: dict[str, Any], said: str
+) -> None:
+    # GIVEN a producer's event that reached the queue inside an SNS notification or an EventBridge event
+    # WHEN it is validated
+    errors = validate_request(envelope)
+
+    # THEN it is refused at `event`, with the setting that delivers the event itself (and nothing of its values)
+    assert [e["path"] for e in errors] == ["event"]
+    assert said in errors[0]["message"] and "is required" in errors[0]["message"]
+    assert "orders" not in errors[0]["message"] and "shop" not in errors[0]["message"]

@@ -81,11 +81,31 @@ def _expect_object(errors: list[dict[str, str]], value: Any, path: str) -> bool:
     return True
 
 
+# Envelopes AWS services wrap a message in, when a producer routes events through them on the way to the queue: the
+# refusal names the setting that delivers the event itself (read from the body's member names, never its values).
+_ENVELOPES = (
+    (
+        {"Type", "TopicArn", "Message"},
+        "is required: this is an SNS notification; turn on raw message delivery on the topic's subscription to the "
+        "queue, so that the queue receives the event itself",
+    ),
+    (
+        {"detail-type", "source", "detail"},
+        "is required: this is an EventBridge event; send its `detail` (an input transformer or input path on the "
+        "rule's target) holding the interact request",
+    ),
+)
+
+
 def validate_request(doc: Any) -> list[dict[str, str]]:
     """Return every structural problem of an interact request body, each with its field path."""
     errors: list[dict[str, str]] = []
     if not isinstance(doc, dict):
         return [{"path": "$", "message": f"must be a JSON object, not {_type_name(doc)}"}]
+    if "event" not in doc:
+        for members, message in _ENVELOPES:
+            if members <= doc.keys():
+                return [{"path": "event", "message": message}]
     if _expect_object(errors, doc.get("event", _ABSENT), "event"):
         event = doc["event"]
         if _expect_object(errors, event.get("xdm", _ABSENT), "event.xdm"):

@@ -683,3 +683,33 @@ def test_waiting_for_another_callers_token_request_ends_with_the_callers_deadlin
     # THEN it gave up when its own time was up (not held for the next caller: that is about this caller, not IMS),
     # and the first worker's token is there for the next one
     assert tokens.get().value == "tok-A" and len(session.calls) == 1
+
+
+def test_a_refresh_that_ends_between_the_lock_free_reads_never_hands_out_the_refused_token() -> None:
+    # GIVEN a token Edge refused while its replacement is being fetched, and a caller reading without the lock at the
+    # moment the refresh ends (here: as soon as it has read the token, the refresh puts the new one in place)
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A")])
+    tokens = provider(session, clock)
+    stale = tokens.get()
+    fresh = AccessToken("tok-B", stale.expires_at + 60, stale.client_id, stale.org_id)
+
+    class EndsMidRead(ImsTokenProvider):
+        armed = False
+
+        def __getattribute__(self, name: str) -> Any:
+            value = object.__getattribute__(self, name)
+            if name == "_token" and object.__getattribute__(self, "armed"):
+                self.armed = False
+                self.__dict__["_token"], self.__dict__["_replacing"] = fresh, None  # the refresh ends
+            return value
+
+    tokens.__class__ = EndsMidRead
+    tokens._replacing = stale  # the refresh under way
+    tokens.armed = True  # type: ignore[attr-defined]
+
+    # WHEN the caller asks for a token
+    got = tokens.get()
+
+    # THEN it gets the replacement, never the token Edge refused (which would cost an Edge call answered 401)
+    assert got.value == "tok-B"

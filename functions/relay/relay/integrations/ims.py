@@ -107,13 +107,11 @@ class ImsTokenProvider:
         (the token Edge refused), unless another caller already did, or unless it is younger than `min_age_s`: a
         token refused as soon as it was minted would only be refused again, and each event must not cost an IMS
         request."""
+        # `_replacing` is read before `_token` (a refresh sets them in the other order: `_replacing`, then `_token`,
+        # then `_replacing` back to None), so a refresh that ends between the two reads cannot hand out the refused one.
+        replacing = self._replacing
         token = self._token
-        if (
-            token is not None
-            and not force_refresh
-            and token is not self._replacing
-            and self._is_live(token, live_for_s)
-        ):
+        if token is not None and not force_refresh and token is not replacing and self._is_live(token, live_for_s):
             return token  # the common case, without the lock: a renewal ahead holds it while this one is live
         # Waiting for another caller's fetch counts against this caller's deadline: a token request IMS answers slowly
         # (each read within its timeout) must not hold every worker of a batch past theirs.

@@ -2202,3 +2202,26 @@ def test_a_delivered_answer_says_which_parts_the_stored_result_had_to_shed() -> 
 
     # THEN the answer says the handles were left out, rather than look like an answer without any
     assert doc == {"eventId": "e1", "requestId": "r1", "handle": [], "handleOmitted": True}
+
+
+@pytest.mark.parametrize(
+    ("item", "status", "flag"),
+    [
+        ({"status": "delivered", "handleUnreadable": True}, 200, "handleUnreadable"),
+        ({"status": "rejected", "errorUnreadable": True}, 422, "errorUnreadable"),
+        ({"status": "rejected", "errorUnreadable": True, "rejectedBy": "relay"}, 400, "errorUnreadable"),
+    ],
+)
+def test_a_repeat_whose_stored_answer_cannot_be_read_says_so(item: dict[str, Any], status: int, flag: str) -> None:
+    # GIVEN a finished event whose stored handles or problem are in an encoding this version does not read (another
+    # version's, or an item edited by hand: decode_item flags them)
+    from relay.webhook import delivered_response, rejected_response
+
+    stored = {"eventId": "e1", "requestId": "r1", **item}
+
+    # WHEN a repeat of it is answered
+    response = delivered_response(stored) if item["status"] == "delivered" else rejected_response(stored)
+
+    # THEN the answer says what could not be read, rather than answer an empty list or a made-up problem as the truth
+    assert response.status_code == status
+    assert json.loads(str(response.body))[flag] is True

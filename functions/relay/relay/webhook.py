@@ -20,6 +20,7 @@ from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
+from relay.integrations.store import RELAY
 from relay.models import (
     InboundEvent,
     as_dict,
@@ -95,9 +96,12 @@ def delivered_body(item: dict[str, Any]) -> dict[str, Any]:
     for key in ("errors", "warnings"):
         if item.get(key):
             body[key] = item[key]
-    for key in _ANSWER_PARTS:  # shed from the stored result to fit DynamoDB's item limit: said, not hidden
-        if item.get(f"{key}Omitted") is True:
-            body[f"{key}Omitted"] = True
+    for key in _ANSWER_PARTS:
+        # Shed from the stored result to fit DynamoDB's item limit, or stored in an encoding this version does not
+        # read (another version's, an item edited by hand): said, not hidden behind an empty list.
+        for flag in (f"{key}Omitted", f"{key}Unreadable"):
+            if item.get(flag) is True:
+                body[flag] = True
     return body
 
 
@@ -127,6 +131,11 @@ def rejected_response(item: dict[str, Any]) -> Response:
             errors=error["errors"],
             **extra,
         )
+    if item.get("errorUnreadable") is True:  # the problem is stored in an encoding this version does not read
+        extra["errorUnreadable"] = True
+        if item.get("rejectedBy") == RELAY:  # the relay's own refusal of the body, not Edge's
+            unread = [{"path": "$", "message": "the stored refusal of this body could not be read"}]
+            return problem(400, "Invalid event", InvalidEvent.detail, errors=unread, **extra)
     answer = 502 if status >= 500 else 422
     title = _text(error.get("title")) or "Edge rejected the event"
     return problem(answer, title, _text(error.get("detail"))[:1000], edgeStatus=status, **extra)

@@ -183,7 +183,7 @@ def test_logs_and_answers_never_carry_secrets_tokens_bodies_identities_or_state(
     # The libraries' capture works (a record from urllib3, as one of its warnings would come)...
     logging.getLogger("urllib3.connectionpool").warning("capture check: a library warning")
     library_lines = debug_logs.libraries.lines if debug_logs.libraries else []
-    assert library_lines[-1:] == ["urllib3.connectionpool WARNING capture check: a library warning"]
+    assert "urllib3.connectionpool WARNING capture check: a library warning" in library_lines
     emitted = [*debug_logs.lines, *library_lines, *out.splitlines(), *err.splitlines()]
     assert any('"message":"event delivered"' in line for line in debug_logs.lines), "relay logs were captured"
     assert any('"_aws"' in line and "CloudWatchMetrics" in line for line in emitted), "EMF metrics were captured"

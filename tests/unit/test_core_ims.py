@@ -661,16 +661,17 @@ def test_waiting_for_another_callers_token_request_ends_with_the_callers_deadlin
 
     class HeldSession(FakeSession):
         def post(self, url: str, **kwargs: Any) -> requests.Response:
-            answer.wait(timeout=5)
+            answer.wait(timeout=30)
             return super().post(url, **kwargs)
 
     session = HeldSession([token_response("tok-A")])
     tokens = provider(session, clock)
     fetching = threading.Thread(target=tokens.get)
     fetching.start()
-    waited = time.monotonic() + 5
+    waited = time.monotonic() + 30
     while not tokens._lock.locked() and time.monotonic() < waited:
         time.sleep(0.001)
+    assert tokens._lock.locked(), "the first worker never took the token lock"
 
     # WHEN another worker, with 0.2 s left, asks for a token meanwhile
     try:

@@ -636,7 +636,14 @@ def account(
         elif event_id in dlq_ids:
             outcome["dlq"] += 1
             if kind != "poison":
-                unexpected.append(f"{event_id}: {kind} ended in the dead-letter queue")
+                # What the table says of it tells how it got there: `queued` (handed back, then failed every
+                # receive), `pending` (a claim never given back, so each receive found it busy until its lease
+                # lapsed), or nothing (never claimed).
+                held = f"item {status or 'none'}"
+                if item and item.get("lastError"):
+                    held += f", lastError {str(item['lastError'])[:120]!r}"
+                twin = "; its eventId was also sent again" if event_id in duplicate_ids else ""
+                unexpected.append(f"{event_id}: {kind} ended in the dead-letter queue ({held}{twin})")
         elif event_id in left_ids:
             outcome["queue"] += 1
         else:

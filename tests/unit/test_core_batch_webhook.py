@@ -2213,7 +2213,7 @@ def test_a_delivered_answer_says_which_parts_the_stored_result_had_to_shed() -> 
     [
         ({"status": "delivered", "handleUnreadable": True}, 200, "handleUnreadable"),
         ({"status": "rejected", "errorUnreadable": True}, 422, "errorUnreadable"),
-        ({"status": "rejected", "errorUnreadable": True, "rejectedBy": "relay"}, 400, "errorUnreadable"),
+        ({"status": "rejected", "errorUnreadable": True, "rejectedBy": "relay"}, 422, "errorUnreadable"),
     ],
 )
 def test_a_repeat_whose_stored_answer_cannot_be_read_says_so(item: dict[str, Any], status: int, flag: str) -> None:
@@ -2228,4 +2228,12 @@ def test_a_repeat_whose_stored_answer_cannot_be_read_says_so(item: dict[str, Any
 
     # THEN the answer says what could not be read, rather than answer an empty list or a made-up problem as the truth
     assert response.status_code == status
-    assert json.loads(str(response.body))[flag] is True
+    doc = json.loads(str(response.body))
+    assert doc[flag] is True
+    if item["status"] == "rejected":
+        refuser = "the relay" if item.get("rejectedBy") else "Edge"
+        assert (doc["title"], doc["detail"]) == (
+            "Event refused",
+            f"{refuser} refused this event; its stored problem could not be read",
+        )
+        assert "edgeStatus" not in doc

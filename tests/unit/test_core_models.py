@@ -789,6 +789,15 @@ def test_an_identity_holding_a_lone_surrogate_is_refused_at_its_path(identity_ma
             {"version": "0", "detail-type": "Order placed", "source": "shop", "detail": {"event": {"xdm": {}}}},
             "EventBridge event",
         ),
+        (
+            {
+                "Type": "SubscriptionConfirmation",
+                "TopicArn": "arn:aws:sns:us-east-1:123456789012:orders",
+                "Message": "You have chosen to subscribe to the topic",
+                "SubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription",
+            },
+            "confirm the subscription",
+        ),
     ],
 )
 def test_an_event_wrapped_in_an_aws_envelope_is_refused_with_the_setting_that_unwraps_it(
@@ -802,3 +811,11 @@ def test_an_event_wrapped_in_an_aws_envelope_is_refused_with_the_setting_that_un
     assert [e["path"] for e in errors] == ["event"]
     assert said in errors[0]["message"] and "is required" in errors[0]["message"]
     assert "orders" not in errors[0]["message"] and "shop" not in errors[0]["message"]
+
+
+def test_a_request_whose_members_look_like_an_envelope_besides_its_event_is_validated_as_usual() -> None:
+    # GIVEN an interact request that also carries members an envelope has (a sender's own metadata)
+    doc = {"event": {"xdm": {"_id": "e1"}}, "Type": "Notification", "TopicArn": "t", "Message": "m"}
+
+    # WHEN / THEN it is a request like any other
+    assert validate_request(doc) == []

@@ -83,29 +83,36 @@ def _expect_object(errors: list[dict[str, str]], value: Any, path: str) -> bool:
 
 # Envelopes AWS services wrap a message in, when a producer routes events through them on the way to the queue: the
 # refusal names the setting that delivers the event itself (read from the body's member names, never its values).
-_ENVELOPES = (
-    (
-        {"Type", "TopicArn", "Message"},
-        "is required: this is an SNS notification; turn on raw message delivery on the topic's subscription to the "
-        "queue, so that the queue receives the event itself",
-    ),
-    (
-        {"detail-type", "source", "detail"},
-        "is required: this is an EventBridge event; send its `detail` (an input transformer or input path on the "
-        "rule's target) holding the interact request",
-    ),
+_SNS_MEMBERS = frozenset({"Type", "TopicArn", "Message"})
+_SNS_MESSAGES = {  # by SNS's `Type` (a fixed word)
+    "Notification": "is required: this is an SNS notification; turn on raw message delivery on the topic's "
+    "subscription to the queue, so that the queue receives the event itself",
+    "SubscriptionConfirmation": "is required: this is an SNS subscription confirmation; confirm the subscription "
+    "(with the topic's owner, or its SubscribeURL), with raw message delivery on",
+}
+_EVENTBRIDGE_MEMBERS = frozenset({"detail-type", "source", "detail"})
+_EVENTBRIDGE_MESSAGE = (
+    "is required: this is an EventBridge event; send its `detail` (an input transformer or input path on the rule's "
+    "target) holding the interact request"
 )
 
 
+def _envelope(doc: dict[str, Any]) -> str | None:
+    """What to say of a body without `event` that is an AWS service's envelope, or None."""
+    if _SNS_MEMBERS <= doc.keys():
+        kind = doc.get("Type")
+        return _SNS_MESSAGES.get(kind if isinstance(kind, str) else "", _SNS_MESSAGES["Notification"])
+    return _EVENTBRIDGE_MESSAGE if _EVENTBRIDGE_MEMBERS <= doc.keys() else None
+
+
 def validate_request(doc: Any) -> list[dict[str, str]]:
-    """Return every structural problem of an interact request body, each with its field path."""
+    """Return every structural problem of an interact request body, each with its field path (for an AWS service's
+    envelope without `event`, that alone: the rest of it is the envelope's, not the event's)."""
     errors: list[dict[str, str]] = []
     if not isinstance(doc, dict):
         return [{"path": "$", "message": f"must be a JSON object, not {_type_name(doc)}"}]
-    if "event" not in doc:
-        for members, message in _ENVELOPES:
-            if members <= doc.keys():
-                return [{"path": "event", "message": message}]
+    if "event" not in doc and (envelope := _envelope(doc)) is not None:
+        return [{"path": "event", "message": envelope}]
     if _expect_object(errors, doc.get("event", _ABSENT), "event"):
         event = doc["event"]
         if _expect_object(errors, event.get("xdm", _ABSENT), "event.xdm"):

@@ -131,11 +131,17 @@ def rejected_response(item: dict[str, Any]) -> Response:
             errors=error["errors"],
             **extra,
         )
-    if item.get("errorUnreadable") is True:  # the problem is stored in an encoding this version does not read
-        extra["errorUnreadable"] = True
-        if item.get("rejectedBy") == RELAY:  # the relay's own refusal of the body, not Edge's
-            unread = [{"path": "$", "message": "the stored refusal of this body could not be read"}]
-            return problem(400, "Invalid event", InvalidEvent.detail, errors=unread, **extra)
+    if item.get("errorUnreadable") is True:
+        # The problem is stored in an encoding this version does not read (another version's, an item edited by hand):
+        # its status, title and detail are unknown, so none is made up. 422: the event was refused for good.
+        refuser = "the relay" if item.get("rejectedBy") == RELAY else "Edge"
+        return problem(
+            422,
+            "Event refused",
+            f"{refuser} refused this event; its stored problem could not be read",
+            errorUnreadable=True,
+            **extra,
+        )
     answer = 502 if status >= 500 else 422
     title = _text(error.get("title")) or "Edge rejected the event"
     return problem(answer, title, _text(error.get("detail"))[:1000], edgeStatus=status, **extra)

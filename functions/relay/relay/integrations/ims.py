@@ -108,7 +108,9 @@ class ImsTokenProvider:
         token refused as soon as it was minted would only be refused again, and each event must not cost an IMS
         request."""
         # `_replacing` is read before `_token` (a refresh sets them in the other order: `_replacing`, then `_token`,
-        # then `_replacing` back to None), so a refresh that ends between the two reads cannot hand out the refused one.
+        # then `_replacing` back to None), so a refresh that succeeds between the two reads cannot hand out the refused
+        # one. (After a failed refresh the refused token is handed out again, here as under the lock: Edge's next 401
+        # on it asks for another refresh, at most once a minute: edge.REFUSED_TOKEN_MIN_AGE_S.)
         replacing = self._replacing
         token = self._token
         if token is not None and not force_refresh and token is not replacing and self._is_live(token, live_for_s):

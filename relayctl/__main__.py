@@ -279,6 +279,12 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refused_by_relay(doc: dict[str, Any]) -> bool:
+    """Whether the relay refused the event itself (said by `rejectedBy`, or by its problem's type when the item is
+    older than that attribute or its problem is unreadable), not Edge."""
+    return doc.get("rejectedBy") == RELAY or as_dict(doc.get("error")).get("type") == INVALID_EVENT_TYPE
+
+
 def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     """Why an event cannot be replayed (read-only: `--dry-run` reports the same), or None if it can."""
     if doc is None:
@@ -291,7 +297,7 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     if status != "rejected" and not stranded:
         return f"skipped: status is {status}"
     error = as_dict(doc.get("error"))
-    if error.get("type") == INVALID_EVENT_TYPE or doc.get("rejectedBy") == RELAY:
+    if _refused_by_relay(doc):
         # The relay refused the event itself (its body, its datastreamId, its size, or an eventId already used for
         # another event): the same message would be refused again, or sent to the default datastream in place of
         # the one it named. The sender must send a corrected event; the stored problem says what to correct.
@@ -377,11 +383,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.all_rejected:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender.
         rows = _scan_rejected(ddb, t.table)
-        ids += [
-            str(r["eventId"])
-            for r in rows
-            if as_dict(r.get("error")).get("type") != INVALID_EVENT_TYPE and r.get("rejectedBy") != RELAY
-        ]
+        ids += [str(r["eventId"]) for r in rows if not _refused_by_relay(r)]
     if not ids:
         # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.
         print("no Edge-rejected events to replay")

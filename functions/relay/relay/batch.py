@@ -122,8 +122,8 @@ class _ResultWrites:
             logger.exception("unexpected error writing results; records will be redelivered")
             count("UnexpectedErrors")
             failed = {r.event_id: "results not written" for _, r in chunk}
-        if deadline is None and any(reason == UNPROCESSED for reason in failed.values()):
-            later = [(mid, r) for mid, r in chunk if failed.get(r.event_id) == UNPROCESSED]
+        later = [(mid, r) for mid, r in chunk if failed.get(r.event_id) == UNPROCESSED] if deadline is None else []
+        if later:
             with self._lock:
                 self._waiting.extend(later)
             chunk = [(mid, r) for mid, r in chunk if failed.get(r.event_id) != UNPROCESSED]

@@ -32,8 +32,6 @@ from relay.integrations.store import RELAY, Claim, HandlesStore, ResultWrite, qu
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
-NO_TIME_LEFT = "no time left to relay the event"  # an event left untouched: its invocation ran out of time
-
 INVALID_EVENT_TYPE = "https://github.com/interact-relay/errors/invalid-event"
 
 
@@ -211,7 +209,7 @@ class Relay:
             # Nothing could be sent in time (a batch whose time ran out): leave the event untouched rather than claim
             # and release it, two writes and a warning for nothing. It is redelivered like any failed record (a claim
             # the batch took for it is given back, so that the redelivery can take it at once).
-            reason = NO_TIME_LEFT
+            reason = "no time left to relay the event"
             if claim is not None and claim.acquired and claim.token:
                 try:
                     self.store.release(event_id, claim.token, reason)

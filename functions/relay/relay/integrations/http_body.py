@@ -34,15 +34,12 @@ def read_at_most(resp: requests.Response, limit: int) -> bool:
                 break
             chunks.append(chunk)
             size += len(chunk)
-    except requests.ConnectionError as exc:
+    except requests.RequestException as exc:
         resp.close()
         # requests reports a read timeout in the body as a ConnectionError (in the headers, as a ReadTimeout): said
         # as the timeout it is, so that callers tell a wait their deadline shortened from a peer that is down.
-        if isinstance(exc.args[0] if exc.args else None, ReadTimeoutError):
+        if isinstance(exc, requests.ConnectionError) and exc.args and isinstance(exc.args[0], ReadTimeoutError):
             raise requests.ReadTimeout(*exc.args, request=exc.request, response=resp) from exc
-        raise
-    except requests.RequestException:
-        resp.close()
         raise
     # What `Response.content` would have cached (requests keeps it in `_content`, as a body read without `stream`):
     # `json()`, `text` and `content` read it as they read any body.

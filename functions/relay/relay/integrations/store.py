@@ -31,8 +31,8 @@ BATCH_ATTEMPTS = 4  # for items DynamoDB leaves unprocessed (throttling), with b
 # Results still unprocessed after those are sent again while the batch's deadline leaves this much after the wait
 # (their records would otherwise go back to the queue and, delivered already, to Edge again): backoff doubling to 1 s.
 UNPROCESSED_RESERVE_S = 1.0
-UNPROCESSED = "dynamodb batch_write_item left the item unprocessed"  # put_results' reason for such a result
 UNPROCESSED_MAX_WAIT_S = 1.0
+UNPROCESSED = "dynamodb batch_write_item left the item unprocessed"  # put_results' reason for such a result
 _MULTI_TABLE_OPS = frozenset({"batch_write_item", "batch_get_item", "batch_execute_statement"})  # tables named inside
 CLAIM_INSERT_SIZE = 25  # DynamoDB's BatchExecuteStatement limit
 # The attributes a claim sets on a new event's item, in the order of `claim_new`'s INSERT parameters.

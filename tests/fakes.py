@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -329,7 +329,7 @@ class FakeStore:
         new = change(current)
         if new is None:
             return 0
-        stored = IdentityState(new.entries, new.hint, new.hint_expires_at, current.version + 1)
+        stored = replace(new, version=current.version + 1, stored_version=None, newer_format=False)
         self.states[(opaque_id, datastream_id)] = stored
         self.state_writes.append((opaque_id, datastream_id, stored))
         return 1

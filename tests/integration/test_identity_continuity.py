@@ -324,8 +324,9 @@ def test_expired_hint_sends_the_next_call_to_the_unhinted_path(
     via_sqs(stack, runtime, crm_event(crm, e1))
     ecid = stored_ecid(stack, e1)
 
-    # WHEN 1801 s pass (the hint and the 1800 s cluster entry lapse) and the next event comes
-    clock.advance(HINT_TTL + 1)
+    # WHEN 1980 s pass (the hint and the 1800 s cluster entry lapse, with the tenth of their lifetime an extension not
+    # yet written could have added) and the next event comes
+    clock.advance(HINT_TTL + 180)
     via_sqs(stack, runtime, crm_event(crm, e2))
 
     # THEN it goes to the unhinted path, still carrying the identity entry, and keeps the ECID
@@ -357,6 +358,36 @@ def test_hint_is_extended_by_every_answer_that_carries_one(
 
     # THEN it still goes to the hinted path
     assert [r["path"] for r in edge_requests(stack, e1, e2, e3)] == [UNHINTED, OR2, OR2]
+
+
+def test_an_extension_not_yet_written_still_routes_the_next_event_while_edge_keeps_the_hint(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN a visitor whose hint and cluster entry were stored at T0 (until T0 + 1800), and answered again at T0 + 170,
+    # which extends both at Edge to T0 + 1970 but is not written (an extension is written once a tenth has passed)
+    stack = clean_stack
+    crm, (e1, e2, e3, e4) = new_ids("hint-unwritten", 4)
+    clock = FakeClock(wall=T0)
+    runtime = new_runtime(clock)
+    via_sqs(stack, runtime, crm_event(crm, e1))
+    clock.advance(170)
+    via_sqs(stack, runtime, crm_event(crm, e2))
+    assert state_item(stack, crm)["state"]["hintExpiresAt"] == int(T0) + HINT_TTL
+
+    # WHEN the next event comes at T0 + 1850: past the stored expiry, within Edge's
+    clock.advance(1680)
+    via_sqs(stack, runtime, crm_event(crm, e3))
+
+    # THEN it still goes to the hinted path, with the cluster entry, and the hint is written again
+    assert [r["path"] for r in edge_requests(stack, e1, e2, e3)] == [UNHINTED, OR2, OR2]
+    assert sorted(sent_values(request_of(stack, e3))) == [CLUSTER_KEY, IDENTITY_KEY]
+    assert state_item(stack, crm)["state"]["hintExpiresAt"] == int(T0) + 1850 + HINT_TTL
+
+    # AND once even an unwritten extension would have lapsed (a tenth of 1800 s past the stored expiry), it does not
+    clock.advance(HINT_TTL + 180)
+    via_sqs(stack, runtime, crm_event(crm, e4))
+    assert request_of(stack, e4)["path"] == UNHINTED
+    assert sorted(sent_values(request_of(stack, e4))) == [IDENTITY_KEY]
 
 
 def test_moved_visitor_is_routed_to_the_new_hint(clean_stack: LocalStack, new_runtime: RuntimeFactory) -> None:

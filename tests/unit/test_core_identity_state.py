@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -237,14 +238,49 @@ def test_outgoing_entries_sends_live_entries_with_remaining_max_age():
 
 
 def test_outgoing_entries_drops_expired_entries():
-    # GIVEN the fixture state once the cluster entry has lapsed (now >= expiry)
+    # GIVEN the fixture state once the cluster entry has lapsed, a tenth of its lifetime past its expiry included
     state = apply_handles(IdentityState(), fixture_handles(), NOW)
 
     # WHEN
-    entries = outgoing_entries(state, [], NOW + 1800)
+    entries = outgoing_entries(state, [], NOW + 1800 + 180)
 
     # THEN
-    assert entries == [{"key": IDENTITY_KEY, "value": IDENTITY_VALUE, "maxAge": 34126200}]
+    assert entries == [{"key": IDENTITY_KEY, "value": IDENTITY_VALUE, "maxAge": 34126020}]
+    # AND an entry that routes nothing is not sent past its expiry at all
+    other = IdentityState(entries={"kndctr_X_AdobeOrg_consent": StoredEntry("in", NOW + 1800, 1800)})
+    assert outgoing_entries(other, [], NOW + 1800) == []
+
+
+@pytest.mark.parametrize("skipped_at", [1, 170, 179])
+def test_an_extension_that_was_not_written_does_not_end_the_route_before_edge_does(skipped_at):
+    # GIVEN the fixture state written at NOW, and the same answer at NOW + skipped_at, which extends the hint and the
+    # cluster entry to NOW + skipped_at + 1800 at Edge but is not due to be written
+    stored = apply_handles(IdentityState(), fixture_handles(), NOW)
+    later = NOW + skipped_at
+    assert needs_write(stored, apply_handles(stored, fixture_handles(), later), later) is False
+
+    # WHEN the identity's next event comes after the stored expiry, before Edge's
+    now = NOW + 1800 + skipped_at - 1
+
+    # THEN it is still routed by the hint, and the cluster entry is sent back (the identity entry as always)
+    assert stored.route_hint(now) == "or2"
+    assert [e["key"] for e in outgoing_entries(stored, [], now)] == [CLUSTER_KEY, IDENTITY_KEY]
+    # AND the item lives as long as that (its TTL)
+    assert stored.expires_at() >= NOW + 1800 + 180
+
+
+def test_a_route_is_not_used_past_what_an_unwritten_extension_could_add():
+    # GIVEN the fixture state written at NOW (hint and cluster entry for 1800 s)
+    stored = apply_handles(IdentityState(), fixture_handles(), NOW)
+
+    # WHEN / THEN a tenth of the lifetime past the stored expiry, neither routes a call any more
+    assert stored.route_hint(NOW + 1800 + 179) == "or2"
+    assert stored.route_hint(NOW + 1800 + 180) is None
+    assert [e["key"] for e in outgoing_entries(stored, [], NOW + 1800 + 180)] == [IDENTITY_KEY]
+    # AND a hint stored by an earlier version, its lifetime not known, ends at its expiry
+    legacy = replace(stored, hint_ttl=0.0)
+    assert legacy.route_hint(NOW + 1799) == "or2"
+    assert legacy.route_hint(NOW + 1800) is None
 
 
 def test_outgoing_entries_caller_entries_win_by_key():
@@ -395,6 +431,7 @@ def test_state_to_item_and_back_round_trip():
         hint="or2",
         hint_expires_at=NOW + 1800,
         version=3,
+        hint_ttl=1800,
     )
 
     # WHEN
@@ -409,8 +446,20 @@ def test_state_to_item_and_back_round_trip():
         },
         "hint": "or2",
         "hintExpiresAt": 1700001800,
+        "hintTtl": 1800,
     }
     assert back == state
+
+
+@pytest.mark.parametrize(("stored", "read"), [(None, 0.0), ("x", 0.0), (-5, 0.0), (1e400, 0.0), (99999, 7200.0)])
+def test_a_stored_hint_lifetime_is_read_within_what_the_relay_keeps(stored, read):
+    # GIVEN an item whose hintTtl is missing (written before it was kept), not a number, or out of range (by hand)
+    doc = {"entries": {}, "hint": "or2", "hintExpiresAt": int(NOW + 600)} | (
+        {} if stored is None else {"hintTtl": stored}
+    )
+
+    # WHEN / THEN
+    assert state_from_item(doc, 3).hint_ttl == read
 
 
 def test_state_from_item_tolerates_missing_and_bad_parts():

@@ -28,6 +28,15 @@ CLUSTER_KEY = re.compile(r"kndctr_[A-Za-z0-9_]+_AdobeOrg_cluster")
 EDGE_HINT = re.compile(r"[a-z0-9]{1,16}")
 
 
+EXTENSION_DUE_SHARE = 0.1  # of a lifetime: an expiry extension is written once this much of it has passed
+
+
+def _unwritten_extension(lifetime: float) -> float:
+    """How far past a stored expiry Edge's may be: an extension is written only once it is due (`needs_write`), so
+    an answer that extended it by less than this share of its lifetime may not have been written."""
+    return EXTENSION_DUE_SHARE * max(lifetime, 0.0)
+
+
 def valid_hint(hint: Any) -> bool:
     """A location hint safe to put in the URL path: letters, digits and dashes, as Edge's are."""
     return isinstance(hint, str) and HINT_PATTERN.fullmatch(hint) is not None
@@ -79,6 +88,7 @@ class IdentityState:
     # Written by a later relay version in a format this one does not know (`stateFormat` above STATE_FORMAT, as after a
     # rollback): nothing of it is sent, and it is never written over, which would lose what that version keeps.
     newer_format: bool = False
+    hint_ttl: float = 0.0  # the hint's lifetime (`ttlSeconds`) when stored; 0 when not known (an item written before)
 
     def live_entries(self, now: float) -> dict[str, StoredEntry]:
         return {k: e for k, e in self.entries.items() if e.expires_at > now}
@@ -86,9 +96,33 @@ class IdentityState:
     def live_hint(self, now: float) -> str | None:
         return self.hint if self.hint and self.hint_expires_at > now else None
 
+    # What routes a call: the hint and the cluster entry are used for up to a tenth of their lifetime past the stored
+    # expiry (3 minutes for Edge's 30), the most an answer's extension that was not yet due to be written can add.
+    # Without it, a visitor whose next event comes within that tenth after the stored expiry, but before Edge's,
+    # would change region mid-session (reference §4). With no answer in between, the route outlives Edge's by as much
+    # (the visitor goes where the last session was). Other entries (identity, consent) are never sent past it.
+
+    def sendable_entries(self, now: float) -> dict[str, StoredEntry]:
+        """The entries to send back: the live ones, and a cluster entry while Edge's expiry may not have passed."""
+        return {
+            k: e
+            for k, e in self.entries.items()
+            if e.expires_at > now or (CLUSTER_KEY.fullmatch(k) and e.expires_at + _unwritten_extension(e.max_age) > now)
+        }
+
+    def route_hint(self, now: float) -> str | None:
+        """The hint to route by: the live one, or one whose expiry Edge may have extended without a write."""
+        if self.hint and self.hint_expires_at + _unwritten_extension(self.hint_ttl) > now:
+            return self.hint
+        return None
+
     def expires_at(self) -> float:
-        """When the last entry or the hint lapses: the item's TTL."""
-        return max([e.expires_at for e in self.entries.values()] + [self.hint_expires_at, 0.0])
+        """When the last entry or the hint stops being sent or routing a call: the item's TTL."""
+        routes = [
+            e.expires_at + _unwritten_extension(e.max_age) for k, e in self.entries.items() if CLUSTER_KEY.fullmatch(k)
+        ]
+        ends = [e.expires_at for e in self.entries.values()] + routes
+        return max([*ends, self.hint_expires_at + _unwritten_extension(self.hint_ttl) if self.hint else 0.0, 0.0])
 
 
 def caller_hint(caller_entries: list[dict[str, Any]]) -> str | None:
@@ -106,11 +140,12 @@ def caller_hint(caller_entries: list[dict[str, Any]]) -> str | None:
 
 
 def outgoing_entries(state: IdentityState, caller_entries: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
-    """`meta.state.entries` to send: live stored entries, with the caller's own entries winning by key."""
+    """`meta.state.entries` to send: stored entries (`IdentityState.sendable_entries`), with the caller's own entries
+    winning by key."""
     caller_keys = {e["key"] for e in caller_entries}
     stored = [
         {"key": key, "value": entry.value, "maxAge": max(int(entry.expires_at - now), 1)}
-        for key, entry in sorted(state.live_entries(now).items())
+        for key, entry in sorted(state.sendable_entries(now).items())
         if key not in caller_keys
     ]
     return stored + list(caller_entries)
@@ -124,7 +159,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
     plain name. If the entries together pass MAX_STATE_BYTES,
     those that lapse first are dropped (the long-lived identity entry stays)."""
     entries = state.live_entries(now)
-    hint, hint_expires_at = state.hint, state.hint_expires_at
+    hint, hint_expires_at, hint_ttl = state.hint, state.hint_expires_at, state.hint_ttl
     hint_seen = False
     for handle in handles:
         if not isinstance(handle, dict):
@@ -153,11 +188,12 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":
                     ttl = _lifetime(item.get("ttlSeconds"))
                     if valid_hint(item.get("hint")) and ttl is not None:
-                        hint, hint_expires_at = item["hint"], now + min(max(ttl, 0), MAX_HINT_TTL_S)
+                        hint_ttl = min(max(ttl, 0), MAX_HINT_TTL_S)
+                        hint, hint_expires_at = item["hint"], now + hint_ttl
                     hint_seen = True
                     break
     if hint and hint_expires_at <= now:
-        hint, hint_expires_at = None, 0.0
+        hint, hint_expires_at, hint_ttl = None, 0.0, 0.0
     sizes = {key: _entry_bytes(key, entry) for key, entry in entries.items()}
     if sum(sizes.values()) > MAX_STATE_BYTES:
         kept, total = {}, 0
@@ -165,10 +201,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
             if total + sizes[key] <= MAX_STATE_BYTES:
                 kept[key], total = entry, total + sizes[key]
         entries = kept
-    return replace(state, entries=entries, hint=hint, hint_expires_at=hint_expires_at)
-
-
-EXTENSION_DUE_SHARE = 0.1  # of a lifetime: an expiry extension is written once this much of it has passed
+    return replace(state, entries=entries, hint=hint, hint_expires_at=hint_expires_at, hint_ttl=hint_ttl)
 
 
 def _extension_due(stored: float, answered: float, now: float) -> bool:
@@ -183,8 +216,9 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
 
     An extension is due once a tenth of an entry's (or the hint's) lifetime has passed since it was written, so a
     busy visitor costs at most one state write per tenth of the shortest lifetime (3 minutes for Edge's 30-minute
-    hint) instead of one per event. The price: a stored expiry may trail Edge's by up to that tenth, so an entry can
-    lapse that much early for a visitor whose next event comes just before Edge's expiry.
+    hint) instead of one per event. The price: a stored expiry may trail Edge's by up to that tenth. The hint and the
+    cluster entry, which route calls, are used that much longer (`IdentityState.route_hint`); another entry can lapse
+    that much early for a visitor whose next event comes just before Edge's expiry.
     """
     old_live = old.live_entries(now)
     if old_live.keys() != new.entries.keys() or old.live_hint(now) != new.hint:
@@ -208,7 +242,7 @@ def state_to_item(state: IdentityState) -> dict[str, Any]:
         },
         "hint": state.hint,
         "hintExpiresAt": int(state.hint_expires_at),
-    }
+    } | ({"hintTtl": int(state.hint_ttl)} if state.hint and state.hint_ttl else {})
 
 
 def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
@@ -217,9 +251,12 @@ def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
         for k, v in (doc.get("entries") or {}).items()
         if isinstance(v, dict) and "value" in v and "expiresAt" in v
     }
+    hint = doc["hint"] if valid_hint(doc.get("hint")) else None
+    ttl = _lifetime(doc.get("hintTtl")) if hint else None  # absent from items written before it was kept
     return IdentityState(
         entries=entries,
-        hint=doc["hint"] if valid_hint(doc.get("hint")) else None,
+        hint=hint,
         hint_expires_at=float(doc.get("hintExpiresAt") or 0),
+        hint_ttl=float(min(max(ttl, 0), MAX_HINT_TTL_S)) if ttl is not None else 0.0,
         version=version,
     )

@@ -66,7 +66,7 @@ def caller_entries(request: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def with_state(request: dict[str, Any], state: IdentityState, now: float) -> dict[str, Any]:
-    """The request with live stored entries in `meta.state.entries` (the caller's own entries win by key)."""
+    """The request with the stored entries to send in `meta.state.entries` (the caller's own entries win by key)."""
     meta = as_dict(request.get("meta"))
     meta_state = as_dict(meta.get("state"))
     entries = outgoing_entries(state, caller_entries(request), now)
@@ -84,7 +84,7 @@ def with_state_within_limit(request: dict[str, Any], state: IdentityState, now: 
     body = codec.dumps(full).encode("utf-8")
     if len(body) <= MAX_BODY_BYTES or full is request:
         return body, 0
-    live = state.live_entries(now)
+    live = state.sendable_entries(now)
     order = sorted(live, key=lambda key: live[key].expires_at)  # those that lapse first, first
 
     def without(left_out: int) -> bytes:
@@ -364,7 +364,7 @@ class Relay:
                 # The body fitted, but not with the `_id` and timestamp the relay added (or once re-encoded): Edge
                 # would refuse it with a 413, and so would every replay. Refused here, without the call, saying why.
                 raise EdgeRejected(413, invalid_problem(PayloadTooLarge(len(body), MAX_BODY_BYTES, as_sent=True)))
-            hint = caller_hint(caller_entries(inbound.request)) or state.live_hint(now)
+            hint = caller_hint(caller_entries(inbound.request)) or state.route_hint(now)
             answer = self.edge.deliver(inbound.datastream_id, body, hint, deadline)
         except EdgeRejected as exc:
             rejected: dict[str, Any] = {

@@ -1098,6 +1098,28 @@ def test_a_safety_margin_as_long_as_the_invocation_is_logged_as_the_error_it_is(
     assert len(errors) == 1 and errors[0].startswith("SAFETY_MARGIN_MS leaves no time")
 
 
+@pytest.mark.usefixtures("aws")
+@pytest.mark.parametrize(("allowed", "warned"), [("ds-other", True), ("ds-other,ds-1", False), ("", False)])
+def test_a_default_datastream_left_out_of_the_allowed_ones_is_said_once_per_environment(
+    caplog: pytest.LogCaptureFixture, allowed: str, warned: bool
+) -> None:
+    # GIVEN ALLOWED_DATASTREAM_IDS without DATASTREAM_ID (events naming none are refused), with it, or empty (any)
+    from relay.runtime import Runtime
+
+    from devtools.lambda_context import new_context
+
+    runtime = Runtime(load_settings({**ENV, "ALLOWED_DATASTREAM_IDS": allowed}))
+
+    # WHEN two batches arrive
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        for n in range(2):
+            runtime.handle({"Records": [record(f"w{n}", 1)]}, new_context(30))
+
+    # THEN only the first list is said, as a warning, once
+    said = [r for r in caplog.records if "DATASTREAM_ID is not in ALLOWED_DATASTREAM_IDS" in r.getMessage()]
+    assert [r.levelno for r in said] == ([logging.WARNING] if warned else [])
+
+
 def test_a_webhook_event_the_relays_additions_take_over_the_limit_is_answered_413_saying_so() -> None:
     # GIVEN a signed body 20 bytes under 64 KiB, without an `_id` or timestamp (the relay fills both in)
     h = harness()

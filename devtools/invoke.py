@@ -51,7 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "no function environment: paste the export lines `make serve` prints, then run this again", file=sys.stderr
         )
         return 2
-    event = json.loads(args.event.read_text(encoding="utf-8"))
+    try:
+        text = args.event.read_text(encoding="utf-8")
+    except OSError as exc:  # `make invoke EVENT=nope.json`: the file named, one line, not a traceback
+        print(f"{parser.prog}: cannot read the event file {args.event}: {exc.strerror}", file=sys.stderr)
+        return 2
+    event = json.loads(text)
     if "Records" not in event and os.environ.get("WEBHOOK_AUTH", "standard-webhooks") != "none":
         event = signed(event, webhook_secret())
     from relay.handler import lambda_handler  # after the environment is in place: it reads it at import

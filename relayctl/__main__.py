@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
 from relay.errors import CredentialsError
 from relay.identity_state import opaque_identity_id
 from relay.integrations.credentials import CredentialsStore
@@ -29,30 +36,45 @@ from relay.process_event import INVALID_EVENT_TYPE
 
 @dataclass(frozen=True)
 class Targets:
-    table: str
+    table_name: str | None  # None only for a command that needs no table (`redrive`)
     queue_url: str | None
     dlq_url: str | None
     identity_key_secret: str | None = None
+    identity_key_source: str | None = None  # where `identity_key_secret` came from, as the operator gave it
+
+    @property
+    def table(self) -> str:
+        if not self.table_name:
+            raise SystemExit(_NO_TABLE)
+        return self.table_name
 
 
-def _targets(args: argparse.Namespace) -> Targets:
+_NO_TABLE = "relayctl: no table: pass --table, --stack or set HANDLES_TABLE"
+
+
+def _targets(args: argparse.Namespace, *, needs_table: bool = True) -> Targets:
     table, queue, dlq = args.table, args.queue_url, args.dlq_url
     key_secret = getattr(args, "identity_key_secret", None)
+    key_source = "--identity-key-secret" if key_secret else None
     if args.stack:
         outputs = boto3.client("cloudformation").describe_stacks(StackName=args.stack)["Stacks"][0].get("Outputs", [])
         found = {o["OutputKey"]: o["OutputValue"] for o in outputs}
         table = table or found.get("TableName")
         queue = queue or found.get("QueueUrl")
         dlq = dlq or found.get("DeadLetterQueueUrl")
-        key_secret = key_secret or found.get("IdentityKeySecretArn")
+        if not key_secret and found.get("IdentityKeySecretArn"):
+            key_secret, key_source = found["IdentityKeySecretArn"], f"stack {args.stack}'s IdentityKeySecretArn output"
     table = table or os.environ.get("HANDLES_TABLE")
-    if not table:
-        raise SystemExit("relayctl: no table: pass --table, --stack or set HANDLES_TABLE")
+    if needs_table and not table:
+        raise SystemExit(_NO_TABLE)
+    if not key_secret and os.environ.get("IDENTITY_KEY_SECRET_ID"):
+        key_secret, key_source = os.environ["IDENTITY_KEY_SECRET_ID"], "IDENTITY_KEY_SECRET_ID"
     return Targets(
         table,
         queue or os.environ.get("QUEUE_URL") or os.environ.get("RETRY_QUEUE_URL"),
         dlq or os.environ.get("DLQ_URL"),
-        key_secret or os.environ.get("IDENTITY_KEY_SECRET_ID"),
+        key_secret,
+        key_source,
     )
 
 
@@ -273,9 +295,15 @@ def cmd_rejected(args: argparse.Namespace) -> int:
         _print([{k: v for k, v in r.items() if k != "request"} for r in rows])
         return 0
     print(f"{'storedAt':<25} {'eventId':<40} {'source':<8} reason")
-    for r in rows[: args.limit]:
+    shown = rows[: args.limit]  # the oldest: _scan_rejected sorts them by storedAt
+    for r in shown:
         print(f"{r.get('storedAt', ''):<25} {r.get('eventId', ''):<40} {r.get('source', ''):<8} {_reason(r)}")
-    print(f"{len(rows)} rejected event(s)")
+    if len(shown) < len(rows):
+        print(
+            f"showing the oldest {len(shown)} of {len(rows)} rejected event(s): --limit N to list more, --json for all"
+        )
+    else:
+        print(f"{len(rows)} rejected event(s)")
     return 0
 
 
@@ -461,10 +489,22 @@ def _by_payload(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return groups
 
 
+def _same_queue(a: str, b: str) -> bool:
+    """Whether two queue URLs name the same queue, as an operator may type them (spaces around, a trailing slash)."""
+    return a.strip().rstrip("/") == b.strip().rstrip("/")
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
-    t = _targets(args)
+    t = _targets(args, needs_table=False)  # it moves messages between the queues: the table is never read
     if not (t.queue_url and t.dlq_url):
         raise SystemExit("relayctl: redrive needs --queue-url and --dlq-url (or --stack)")
+    if _same_queue(t.queue_url, t.dlq_url):
+        # Each message would be sent back to the queue it came from (and, its copy being new, read and sent again up
+        # to --max times).
+        raise SystemExit(
+            f"relayctl: --queue-url and --dlq-url name the same queue ({t.dlq_url.strip()}): redrive moves messages "
+            "from the dead-letter queue to the relay's queue; pass the relay's queue as --queue-url"
+        )
     sqs = boto3.client("sqs")
     moved, failed = 0, False
     kept: dict[str, str] = {}  # messageId -> receipt handle of a message left in the dead-letter queue
@@ -609,18 +649,40 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     return False
 
 
+def _identity_value(given: str) -> str:
+    """The identity value `forget` searches for: `--id VALUE` as given, or with `--id -` the one line on standard input
+    (its line ending dropped), which keeps a person's data out of the shell history and the process list."""
+    if given != "-":
+        return given
+    value = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    # Anything after that line (not waited for at a terminal) would be a second value: one erasure per run.
+    more = "" if sys.stdin.isatty() else sys.stdin.read()
+    if not value or more.strip():
+        held = "more than one line" if value else "an empty value"
+        raise SystemExit(f"relayctl: --id -: standard input must hold the identity value on one line (it held {held})")
+    return value
+
+
+def _as_given(problem: str, t: Targets) -> str:
+    """The function's own words for an identity key secret it could not use, which name its environment variable
+    (IDENTITY_KEY_SECRET_ID), naming the secret as the operator gave it instead (the flag, the stack, the variable)."""
+    given = f"identity key secret {t.identity_key_secret} ({t.identity_key_source})"
+    named = problem.replace("identity key secret (IDENTITY_KEY_SECRET_ID)", given)
+    return named if named != problem else f"{problem} ({given})"
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     """Delete what the table keeps about one identity: its state items (every datastream), the results of its events
     (found by their keyed `identityId`), and rejected requests that carry it under its namespace (scanned). Exits 1
     when events are still waiting (any of them may store it again) or when nothing was found."""
+    identity = _identity_value(args.id)
     t = _targets(args)
     key: bytes | None = None
     if t.identity_key_secret and args.no_identity_key:
         # An erasure under the wrong ids finds nothing and says "nothing found": refuse to guess which one is wrong.
         raise SystemExit(
-            "relayctl: --no-identity-key, but an identity key secret is named (--identity-key-secret, the stack's "
-            "IdentityKeySecretArn or IDENTITY_KEY_SECRET_ID): drop one, or the ids searched for may not be the "
-            "table's"
+            f"relayctl: --no-identity-key, but an identity key secret is named ({t.identity_key_source}): drop one, "
+            "or the ids searched for may not be the table's"
         )
     if t.identity_key_secret:
         # The function's own reader of the key, with its checks: the same bytes, or a clear refusal.
@@ -634,13 +696,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
         try:
             key = credentials.identity_key()
         except CredentialsError as exc:
-            raise SystemExit(f"relayctl: {exc}") from None
+            raise SystemExit(f"relayctl: {_as_given(str(exc), t)}") from None
     elif not args.no_identity_key:
         raise SystemExit(
             "relayctl: no identity key: pass --identity-key-secret or --stack, or set IDENTITY_KEY_SECRET_ID "
             "(--no-identity-key for a deployment without one, whose ids are plain SHA-256)"
         )
-    opaque = opaque_identity_id(args.namespace, args.id, key=key)
+    opaque = opaque_identity_id(args.namespace, identity, key=key)
     ddb = boto3.client("dynamodb")
     # Strongly consistent reads (twice the read units of a scan): an erasure must find every item written before it
     # started, not miss one that an eventually consistent read had not caught up with yet.
@@ -689,7 +751,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         doc = decode_item(item)
         if doc.get("requestUnreadable"):
             unreadable.append(item)
-        elif _names(doc.get("request"), args.namespace, args.id):
+        elif _names(doc.get("request"), args.namespace, identity):
             refused.append(item)
     # A result still waiting when read (its claim held by a delivery in flight) is left to that delivery.
     doomed = states + [i for i in results if i.get("status", {}).get("S") not in ("queued", "pending")] + refused
@@ -752,6 +814,17 @@ def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:
     return True
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayctl", description=" ".join(__doc__.split("\n\n")[0].split()) if __doc__ else None
@@ -778,7 +851,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
     rej = command("rejected", "list rejected events with their reasons")
     rej.add_argument(
-        "--limit", type=int, default=100, help="list at most this many, oldest first (default: 100; --json lists all)"
+        "--limit",
+        type=_positive_int,
+        default=100,
+        help="list at most this many, oldest first (default: 100; --json lists all)",
     )
     rej.add_argument("--json", action="store_true", help="every one as JSON, without the stored requests")
     rej.add_argument(
@@ -797,7 +873,13 @@ def build_parser() -> argparse.ArgumentParser:
     red.set_defaults(func=cmd_redrive)
     fgt = command("forget", "erase what the table keeps about one identity (a person's erasure request)")
     fgt.add_argument("--namespace", required=True, help='its identityMap namespace as sent, e.g. "Email", "CRMID"')
-    fgt.add_argument("--id", required=True, help="the identity value")
+    fgt.add_argument(
+        "--id",
+        required=True,
+        metavar="VALUE",
+        help='the identity value; "-" reads it from standard input (one line): prefer this for personal data, which '
+        "on the command line is kept in the shell history and shown in the process list",
+    )
     fgt.add_argument("--identity-key-secret", help="the identity key secret (default: $IDENTITY_KEY_SECRET_ID)")
     fgt.add_argument("--no-identity-key", action="store_true", help="the deployment has no identity key")
     fgt.add_argument("--dry-run", action="store_true", help="list what would be deleted")
@@ -805,13 +887,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# botocore's errors for a client that cannot be set up on this machine (AWS was never called), and what to set.
+_CREDENTIALS_HINT = "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; or log in: aws sso login"
+_CLIENT_SETUP: tuple[tuple[type[BotoCoreError], str], ...] = (
+    (NoRegionError, "set AWS_REGION or AWS_DEFAULT_REGION, or a profile with a region: AWS_PROFILE"),
+    (NoCredentialsError, _CREDENTIALS_HINT),
+    (PartialCredentialsError, _CREDENTIALS_HINT),
+    (ProfileNotFound, "check AWS_PROFILE against `aws configure list-profiles`"),
+)
+
+_SIGPIPE_STATUS = 128 + 13  # what a shell reports for a process SIGPIPE ended
+
+
+def _stdout_closed() -> int:
+    """End quietly when the reader of stdout has gone (`relayctl rejected --json | head`). The recipe of the Python docs
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe): point stdout at devnull, so that the
+    interpreter's final flush of what is still buffered does not fail again, and exit. The recipe exits 1, which is
+    relayctl's "not found / not all done": it exits 141 instead, as a shell reports a process SIGPIPE ended."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (replaced in-process): nothing to redirect
+        pass
+    finally:
+        os.close(devnull)
+    return _SIGPIPE_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # as the recipe does: a closed pipe fails here, in the try, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except (ClientError, BotoCoreError) as exc:
-        # A wrong table or queue, or missing access: one line, not a traceback.
-        print(f"relayctl: AWS refused the call: {_aws_code(exc)}: {exc}", file=sys.stderr)
+        hint = next((hint for kind, hint in _CLIENT_SETUP if isinstance(exc, kind)), None)
+        if hint:  # no region, no credentials, an unknown profile: a setup to fix here, not a refusal by AWS
+            print(f"relayctl: AWS client not configured: {exc} ({hint})", file=sys.stderr)
+        else:  # a wrong table or queue, or missing access: one line, not a traceback
+            print(f"relayctl: AWS refused the call: {_aws_code(exc)}: {exc}", file=sys.stderr)
         return 2
 
 

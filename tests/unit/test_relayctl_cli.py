@@ -1,0 +1,345 @@
+"""relayctl as a new user meets it: usage mistakes refused before anything is touched (a redrive from the dead-letter
+queue to itself, a limit that is not positive), what a limited listing says, a closed stdout (`| head`), local AWS
+client configuration named as such, the identity key secret named as it was given, redrive without a table, the
+identity value read from stdin; and devtools.invoke's one-line refusal of a missing event file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from relay import codec
+from relay.identity_state import opaque_identity_id
+
+import relayctl.__main__ as relayctl_main
+from devtools import invoke
+from devtools.resources import create_handles_table
+
+DLQ = "https://sqs.us-east-1.amazonaws.com/123456789012/relay-dlq"
+
+
+def no_client(service: str, **_: Any) -> Any:
+    raise AssertionError(f"{service} was called")
+
+
+def rejected(event_id: str, stored_at: str) -> dict[str, Any]:
+    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "status": 422, "title": "Unprocessable"}
+    return {
+        "pk": {"S": f"EVENT#{event_id}"},
+        "sk": {"S": "RESULT"},
+        "status": {"S": "rejected"},
+        "eventId": {"S": event_id},
+        "source": {"S": "sqs"},
+        "storedAt": {"S": stored_at},
+        "error": codec.encode_json(problem),
+        "request": codec.encode_json({"event": {"xdm": {"_id": event_id}}}),
+    }
+
+
+def table_with_rejections(n: int) -> Any:
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    for k in range(n):
+        ddb.put_item(TableName="t", Item=rejected(f"ev-{k}", f"2025-01-0{k + 1}T00:00:00.000Z"))
+    return ddb
+
+
+# -- 1. redrive from a queue to itself ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_url", [DLQ, DLQ + "/", f"  {DLQ} "])
+def test_redrive_refuses_a_queue_url_that_is_the_dead_letter_queue_itself(
+    queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN --queue-url naming the dead-letter queue (as given, with a trailing slash, or with spaces around it)
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+
+    # WHEN a redrive is asked for
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(["--table", "t", "--queue-url", queue_url, "--dlq-url", DLQ, "redrive", "--max", "1000"])
+
+    # THEN it is refused before any message is read: it would send each message back to the queue it came from (and,
+    # with --max 1000, the same one up to 1000 times)
+    assert "--queue-url and --dlq-url name the same queue" in str(refused.value.code)
+
+
+def test_redrive_from_a_queue_to_itself_moves_nothing(aws: None) -> None:
+    # GIVEN one message in the dead-letter queue
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "e1"}}}))
+
+    # WHEN a redrive names it as both queues
+    with pytest.raises(SystemExit):
+        relayctl_main.main(["--table", "t", "--queue-url", dlq + "/", "--dlq-url", dlq, "redrive", "--max", "5"])
+
+    # THEN the dead-letter queue holds that one message, visible, and no copy of it
+    attrs = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+    assert (attrs["ApproximateNumberOfMessages"], attrs["ApproximateNumberOfMessagesNotVisible"]) == ("1", "0")
+
+
+# -- 2. rejected --limit ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "two"])
+def test_rejected_takes_only_a_positive_limit(
+    limit: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a client that must not be used
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+
+    # WHEN the listing is asked for with a limit that is not a positive whole number (-1 dropped the last row)
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(["--table", "t", "rejected", "--limit", limit])
+
+    # THEN argparse refuses it as a usage error, saying what it takes
+    assert refused.value.code == 2
+    assert f"argument --limit: {limit!r} is not a positive whole number" in capsys.readouterr().err
+
+
+def test_rejected_says_when_its_limit_hides_events_and_which_it_shows(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 6 rejected events, stored a day apart
+    table_with_rejections(6)
+
+    # WHEN at most 2 are listed
+    assert relayctl_main.main(["--table", "t", "rejected", "--limit", "2"]) == 0
+
+    # THEN the two oldest are listed, and the last line says that 4 more are hidden and how to see them
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[1:-1]] == ["ev-0", "ev-1"]
+    assert lines[-1] == "showing the oldest 2 of 6 rejected event(s): --limit N to list more, --json for all"
+
+
+def test_rejected_counts_them_all_when_its_limit_hides_none(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN 3 rejected events
+    table_with_rejections(3)
+
+    # WHEN they are listed with a limit of exactly 3
+    assert relayctl_main.main(["--table", "t", "rejected", "--limit", "3"]) == 0
+
+    # THEN all three are listed, and the count says no more
+    lines = capsys.readouterr().out.splitlines()
+    assert (len(lines), lines[-1]) == (5, "3 rejected event(s)")
+
+
+# -- 3. a closed stdout (`relayctl rejected --json | head`) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["rejected", "--json"], ["rejected"], ["show", "ev-0"]])
+def test_output_to_a_closed_pipe_ends_quietly_with_status_141(
+    argv: list[str], aws: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN rejected events, and a stdout whose reader has gone (as `| head` leaves it once it has its lines)
+    table_with_rejections(3)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = open(write_end, "w", buffering=1, encoding="utf-8")  # line-buffered: each line reaches the pipe
+    monkeypatch.setattr("sys.stdout", closed)
+
+    # WHEN the command prints
+    code = relayctl_main.main(["--table", "t", *argv])
+
+    # THEN it ends with the status of a process SIGPIPE ended (128 + 13), no traceback on stderr, and nothing left
+    # for the interpreter's final flush to fail on
+    assert code == 141
+    closed.close()
+    assert capsys.readouterr().err == ""
+
+
+# -- 4. error messages --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({}, "relayctl: AWS client not configured: You must specify a region. (set AWS_REGION or AWS_DEFAULT_REGION"),
+        (
+            {"AWS_DEFAULT_REGION": "us-east-1"},
+            "relayctl: AWS client not configured: Unable to locate credentials (set AWS_PROFILE",
+        ),
+        (
+            {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"},
+            "relayctl: AWS client not configured: Partial credentials found in env, missing: AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            {"AWS_DEFAULT_REGION": "us-east-1", "AWS_PROFILE": "no-such-profile"},
+            "relayctl: AWS client not configured: The config profile (no-such-profile) could not be found (check",
+        ),
+    ],
+)
+def test_a_local_aws_client_configuration_problem_is_not_called_a_refusal_by_aws(
+    env: dict[str, str],
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN no AWS configuration but `env` (no config or credentials file, no instance metadata), and a new session
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
+    # WHEN a command calls AWS
+    code = relayctl_main.main(["--table", "t", "show", "ev-1"])
+
+    # THEN the one line says the local setup is missing (AWS was never asked) and what to set; the exit code is an
+    # AWS error's
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(says), err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("named", "says"),
+    [
+        ("flag", "relayctl: identity key secret arn:aws:secretsmanager:us-east-1:123456789012:secret:nope "
+         "(--identity-key-secret) could not be read (ResourceNotFoundException)"),
+        ("environment", "relayctl: identity key secret arn:aws:secretsmanager:us-east-1:123456789012:secret:nope "
+         "(IDENTITY_KEY_SECRET_ID) could not be read (ResourceNotFoundException)"),
+    ],
+)  # fmt: skip
+def test_forget_names_the_identity_key_secret_it_could_not_read_as_it_was_given(
+    named: str, says: str, aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN an identity key secret that does not exist, named by the flag or by the environment
+    secret = "arn:aws:secretsmanager:us-east-1:123456789012:secret:nope"
+    argv = ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com"]
+    if named == "flag":
+        monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+        argv += ["--identity-key-secret", secret]
+    else:
+        monkeypatch.setenv("IDENTITY_KEY_SECRET_ID", secret)
+
+    # WHEN the operator forgets an identity
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(argv)
+
+    # THEN the refusal names the secret and where it came from: the flag is not reported as the environment variable
+    assert str(refused.value.code) == says
+
+
+def test_redrive_needs_no_table_and_says_what_it_does_need(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN no table, queue or dead-letter queue configured
+    for name in ("HANDLES_TABLE", "QUEUE_URL", "RETRY_QUEUE_URL", "DLQ_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+
+    # WHEN a redrive is asked for
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(["redrive"])
+
+    # THEN the refusal names what redrive uses, not the table it never reads
+    assert "redrive needs --queue-url and --dlq-url" in str(refused.value.code)
+
+
+def test_redrive_runs_without_a_table(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN two queues, one message in the dead-letter queue, and no table configured
+    monkeypatch.delenv("HANDLES_TABLE", raising=False)
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "e1"}}}))
+
+    # WHEN it is redriven
+    code = relayctl_main.main(["--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN the message is moved
+    assert code == 0
+    moved = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=0).get("Messages", [])
+    assert [json.loads(m["Body"])["event"]["xdm"]["_id"] for m in moved] == ["e1"]
+
+
+# -- 5. forget --id - ---------------------------------------------------------------------------------------------
+
+
+class Reads:
+    """A table client that records every read and finds nothing."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, dict[str, Any]]] = []
+
+    def get_paginator(self, operation: str) -> Any:
+        reads = self.reads
+
+        class Paginator:
+            def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
+                reads.append((operation, kwargs))
+                return [{"Items": []}]
+
+        return Paginator()
+
+
+@pytest.mark.parametrize("line", ["a@example.com\n", "a@example.com\r\n", "a@example.com"])
+def test_forget_reads_the_identity_value_from_stdin_with_id_dash(line: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN the value on standard input (not on the command line, where shell history and `ps` would keep it)
+    table = Reads()
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **_: table)
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO(line))
+
+    # WHEN the operator forgets `--id -`
+    relayctl_main.main(["--table", "t", "forget", "--namespace", "Email", "--id", "-", "--no-identity-key"])
+
+    # THEN the identity searched for is that value, its line ending dropped
+    (query,) = [kwargs for op, kwargs in table.reads if op == "query"]
+    opaque = opaque_identity_id("Email", "a@example.com")
+    assert query["ExpressionAttributeValues"] == {":pk": {"S": f"IDENTITY#{opaque}"}}
+
+
+@pytest.mark.parametrize("given", ["", "\n", "a@example.com\nb@example.com\n"])
+def test_forget_refuses_an_empty_or_second_value_on_stdin(given: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN nothing, an empty line, or two values on standard input, and a client that must not be used
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+    monkeypatch.setattr("sys.stdin", io.StringIO(given))
+
+    # WHEN the operator forgets `--id -`
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(["--table", "t", "forget", "--namespace", "Email", "--id", "-", "--no-identity-key"])
+
+    # THEN nothing is read or deleted, and the refusal says what stdin must hold
+    assert "--id -: standard input must hold the identity value on one line" in str(refused.value.code)
+
+
+def test_forget_help_recommends_stdin_for_the_identity_value(capsys: pytest.CaptureFixture[str]) -> None:
+    # WHEN a user reads forget's help
+    with pytest.raises(SystemExit):
+        relayctl_main.main(["forget", "--help"])
+
+    # THEN it says how to keep the value off the command line
+    text = " ".join(capsys.readouterr().out.split())
+    assert '"-" reads it from standard input (one line): prefer this for personal data' in text
+
+
+# -- 6. devtools.invoke with a missing event file (`make invoke EVENT=nope.json`) ----------------------------------
+
+
+def test_invoke_names_a_missing_event_file_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the function's environment, and an event file that does not exist
+    monkeypatch.setenv("HANDLES_TABLE", "t")
+    missing = tmp_path / "nope.json"
+
+    # WHEN it is invoked
+    code = invoke.main([str(missing)])
+
+    # THEN one line names the file, no traceback, and the exit code is a usage error's
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"python -m devtools.invoke: cannot read the event file {missing}: No such file or directory\n"

@@ -2259,3 +2259,61 @@ def test_a_repeat_whose_stored_answer_cannot_be_read_says_so(item: dict[str, Any
             f"{refuser} refused this event; its stored problem could not be read",
         )
         assert "edgeStatus" not in doc
+
+
+def test_a_webhook_event_queued_while_edge_is_unavailable_waits_as_long_as_edge_asked() -> None:
+    # GIVEN Edge unavailable, asking for a retry in 120 s (a 429 or 503 with Retry-After)
+    h = harness()
+    h.relay.edge = FakeEdge(EdgeUnavailable("edge answered 503", retry_after=120))  # type: ignore[assignment]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-ra"}}}).encode()
+
+    # WHEN a webhook event arrives
+    answer = h.call(http_event(body, sign_webhook(body.decode(), SECRETS[0], msg_id="msg_ra")))
+
+    # THEN it is queued (202) to be tried again when Edge asked, not at once (each early receive would count towards
+    # the dead-letter queue while Edge is still refusing)
+    assert answer["statusCode"] == 202
+    assert h.queue.delays == [120]
+
+
+@pytest.mark.parametrize(("asked", "delay"), [(120, 120), (5000, 900), (None, 0), (-5, 0), (0.4, 0)])
+def test_the_retry_queue_delays_a_message_as_edge_asked_within_what_sqs_takes(asked: float | None, delay: int) -> None:
+    # GIVEN an SQS client that records what it is asked to send
+    sent: list[dict[str, Any]] = []
+
+    class Sqs:
+        def send_message(self, **call: Any) -> dict[str, Any]:
+            sent.append(call)
+            return {"MessageId": "m-1"}
+
+    inbound = build_inbound(
+        {"event": {"xdm": {"_id": "ev-d"}}}, event_id="ev-d", datastream_id="ds-1", source="webhook", received_at=0.0
+    )
+
+    # WHEN an event is sent with Edge's Retry-After
+    assert RetryQueue(Sqs(), QUEUE_URL).send(inbound, delay_s=asked)
+
+    # THEN the message is delayed that long, within SQS's 0 to 900 s
+    assert [call["DelaySeconds"] for call in sent] == [delay]
+
+
+class _InvocationContext:
+    def __init__(self, remaining_ms: int) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+def test_a_webhooks_claim_is_leased_for_longer_than_its_invocation_can_run() -> None:
+    # GIVEN an invocation with 29 s left (its Edge attempts, then a result write or the queue fallback, may use them)
+    h = harness()
+    body = json.dumps({"event": {"xdm": {"_id": "ev-lease"}}}).encode()
+
+    # WHEN a webhook event arrives
+    h.app.handle(
+        http_event(body, sign_webhook(body.decode(), SECRETS[0], msg_id="msg_lease")), _InvocationContext(29_000)
+    )
+
+    # THEN its claim outlives the invocation: a resend or a queued copy cannot take the event over while it runs
+    assert [claim["lease_s"] >= 29 for claim in h.store.claims] == [True]

@@ -492,6 +492,21 @@ def test_deliver_retry_after_beyond_the_deadline_raises_without_sleeping():
     assert (info.value.retry_after, info.value.attempts) == (30.0, 1)
 
 
+def test_deliver_does_not_sleep_into_a_retry_it_would_have_no_time_to_make():
+    # GIVEN a 429 asking for 10 s with 10.02 s left: the wait fits, an attempt after it (at least 50 ms) does not
+    clock = FakeClock()
+    session = FakeSession([retryable(429, "10"), ok()])
+
+    # WHEN
+    with pytest.raises(EdgeUnavailable) as info:
+        client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 10.02))
+
+    # THEN it gives up at once (the record is retried later, as Edge asked) rather than sleep the time away
+    assert len(session.calls) == 1
+    assert clock.sleeps == []
+    assert (info.value.retry_after, info.value.attempts) == (10.0, 1)
+
+
 def test_deliver_with_no_time_left_makes_no_call():
     # GIVEN an exhausted deadline
     clock = FakeClock()

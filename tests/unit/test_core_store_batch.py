@@ -806,3 +806,38 @@ def test_an_event_still_waiting_is_told_where_a_refused_message_under_its_eventi
     assert store.claim("order-5", datastream_id="ds-1", source="sqs", lease_s=30).acquired
     claimed = _raw(store_on_moto, "order-5")
     assert claimed is not None and "invalidFiling" not in claimed
+
+
+def test_a_late_release_by_a_claim_that_was_taken_over_leaves_the_new_holders_result(
+    store_on_moto: StoreOnMoto,
+) -> None:
+    # GIVEN an event claimed by a first invocation whose lease then ran out, taken over and delivered by a second
+    store, clock = store_on_moto.store, store_on_moto.clock
+    old = store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
+    clock.advance(40)
+    new = store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
+    assert old.acquired and new.acquired and old.token != new.token
+    store.put_result(store.compose_result("e1", {"status": "delivered", "datastreamId": "ds"}, new.item))
+
+    # WHEN the first invocation, late, gives its claim back
+    store.release("e1", old.token, "edge unavailable")
+
+    # THEN the delivered result stands (a resend is answered from it, and Edge is not asked again)
+    assert raw_result(store_on_moto, "e1")["status"] == {"S": "delivered"}
+
+
+def test_a_reuse_rejection_never_replaces_a_delivered_result(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a delivered event under an id (here one a sender chose that looks like the relay's `#reused-` ids)
+    store = store_on_moto.store
+    claim = store.claim("e9#reused-0123456789abcdef", datastream_id="ds", source="sqs", lease_s=30)
+    store.put_result(
+        store.compose_result("e9#reused-0123456789abcdef", {"status": "delivered", "datastreamId": "ds"}, claim.item)
+    )
+
+    # WHEN a rejection is filed under that id without a claim (as a reused eventId's is)
+    store.reject_unclaimed(
+        "e9#reused-0123456789abcdef", {"datastreamId": "ds", "source": "sqs", "error": {"title": "x"}}
+    )
+
+    # THEN the delivered outcome stands
+    assert raw_result(store_on_moto, "e9#reused-0123456789abcdef")["status"] == {"S": "delivered"}

@@ -92,9 +92,11 @@ class FakeWebhookCredentials:
 class FakeQueue:
     def __init__(self) -> None:
         self.sent: list[Any] = []
+        self.delays: list[float | None] = []  # each send's delay_s (Edge's Retry-After)
 
     def send(self, inbound: Any, *, delay_s: float | None = None) -> bool:
         self.sent.append(inbound)
+        self.delays.append(delay_s)
         return True
 
 

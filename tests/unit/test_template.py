@@ -132,6 +132,35 @@ def test_queues_are_standard_and_encrypted(template: dict[str, Any]) -> None:
         assert not props.get("FifoQueue", False), name
 
 
+def test_the_queues_are_kept_on_stack_delete_as_the_table_is(template: dict[str, Any]) -> None:
+    # GIVEN the two queues: they hold customer events (failed ones for up to 14 days in the dead-letter queue)
+    table = template["Resources"][TABLE]
+    for name in (QUEUE, DLQ):
+        queue = template["Resources"][name]
+
+        # THEN `sam delete` and a replacement leave them, like the table, but a failed first create does not
+        assert (queue["DeletionPolicy"], queue["UpdateReplacePolicy"]) == (table["DeletionPolicy"], "Retain"), name
+        assert queue["DeletionPolicy"] == "RetainExceptOnCreate", name
+        # and their names are generated: a new stack of the same name creates new queues beside the kept ones
+        assert "QueueName" not in queue["Properties"], name
+
+
+def test_the_queues_accept_only_tls(template: dict[str, Any]) -> None:
+    # GIVEN the queues' one resource policy
+    [(name, policy)] = resources(template, "AWS::SQS::QueuePolicy").items()
+    props = policy["Properties"]
+    assert sorted(props["Queues"], key=str) == [{"Ref": DLQ}, {"Ref": QUEUE}]
+    arns = [{"Fn::GetAtt": [QUEUE, "Arn"]}, {"Fn::GetAtt": [DLQ, "Arn"]}]
+
+    # THEN its only statement refuses every request that does not come over TLS, on both queues
+    [statement] = props["PolicyDocument"]["Statement"]
+    assert (statement["Effect"], statement["Principal"], statement["Action"]) == ("Deny", "*", "sqs:*")
+    assert sorted(as_list(statement["Resource"]), key=str) == sorted(arns, key=str)
+    assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    # and it allows nothing: every grant stays the role's (and yours, to producers), none is widened by the policy
+    assert not [s for s in props["PolicyDocument"]["Statement"] if s["Effect"] != "Deny"]
+
+
 def test_sqs_event_reports_batch_item_failures(template: dict[str, Any]) -> None:
     events = template["Resources"][FUNCTION]["Properties"]["Events"]
     sqs = [e["Properties"] for e in events.values() if e["Type"] == "SQS"]
@@ -183,6 +212,19 @@ def test_table_ttl_pitr_encryption_and_retention(template: dict[str, Any]) -> No
     assert props["SSESpecification"]["SSEEnabled"] is True
     assert table["DeletionPolicy"] == "RetainExceptOnCreate"  # kept with the stack, not after a failed first create
     assert table["UpdateReplacePolicy"] == "Retain"
+
+
+def test_table_deletion_protection_is_a_parameter_off_by_default(template: dict[str, Any]) -> None:
+    # GIVEN the parameter: off by default, as a first create that fails must be able to delete the table it made
+    parameter = template["Parameters"]["TableDeletionProtection"]
+    assert (parameter["Type"], parameter["Default"]) == ("String", "false")
+    assert sorted(parameter["AllowedValues"]) == ["false", "true"]
+
+    # THEN the table's deletion protection follows it, through a condition
+    protection = template["Resources"][TABLE]["Properties"]["DeletionProtectionEnabled"]
+    condition, when_true, when_false = protection["Fn::If"]
+    assert template["Conditions"][condition] == {"Fn::Equals": [{"Ref": "TableDeletionProtection"}, "true"]}
+    assert (when_true, when_false) == (True, False)
 
 
 # --- function (§1, §3) -------------------------------------------------------------------------------
@@ -253,6 +295,29 @@ def test_tracing_is_off_by_default(template: dict[str, Any]) -> None:
     assert when_false in ("PassThrough", {"Ref": "AWS::NoValue"})
 
 
+def test_reserved_concurrency_is_optional_and_off_by_default(template: dict[str, Any]) -> None:
+    # GIVEN the parameter: -1, the default, reserves nothing
+    parameter = template["Parameters"]["ReservedConcurrency"]
+    assert (parameter["Type"], parameter["Default"], parameter["MinValue"]) == ("Number", -1, -1)
+
+    # THEN the function reserves concurrency only when it is set
+    reserved = function_properties(template, FUNCTION)["ReservedConcurrentExecutions"]
+    condition, when_true, when_false = reserved["Fn::If"]
+    assert template["Conditions"][condition] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "ReservedConcurrency"}, "-1"]}]}
+    assert (when_true, when_false) == ({"Ref": "ReservedConcurrency"}, {"Ref": "AWS::NoValue"})
+    # and the parameter says how to size it: below the queue's MaximumConcurrency it throttles the pollers
+    events = template["Resources"][FUNCTION]["Properties"]["Events"]
+    [maximum] = [e["Properties"]["ScalingConfig"]["MaximumConcurrency"] for e in events.values() if e["Type"] == "SQS"]
+    assert f"at least {maximum}" in parameter["Description"] and "MaximumConcurrency" in parameter["Description"]
+    assert "WEBHOOK_DEADLINE_MS" in parameter["Description"]
+
+
+def test_every_parameter_is_in_exactly_one_parameter_group(template: dict[str, Any]) -> None:
+    groups = template["Metadata"]["AWS::CloudFormation::Interface"]["ParameterGroups"]
+    grouped = [name for group in groups for name in group["Parameters"]]
+    assert sorted(grouped) == sorted(template["Parameters"])
+
+
 # --- least privilege ----------------------------------------------------------------------------------
 
 
@@ -264,6 +329,11 @@ def test_no_wildcard_resources_or_actions(template: dict[str, Any]) -> None:
     statements = policy_statements(template)
     assert len(statements) >= 3
     for statement in statements:
+        if statement["Effect"] == "Deny":
+            # A Deny grants nothing: its wildcards widen only what it refuses. Each is conditional (the queues' refuses
+            # only requests without TLS): an unconditional one would refuse the relay its own queues.
+            assert "Condition" in statement, statement
+            continue
         if set(as_list(statement.get("Action", []))) <= UNSCOPABLE:
             assert statement["Resource"] == "*", statement
             continue
@@ -418,6 +488,8 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
     "EdgeRejectedRateAlarm": (APP_NAMESPACE, {"EdgeRejected", "EdgeLatency"}, APP_DIMENSIONS),
     "CredentialsUnavailableAlarm": (APP_NAMESPACE, {"CredentialsUnavailable"}, APP_DIMENSIONS),
     "StateWriteFailedAlarm": (APP_NAMESPACE, {"StateWriteFailed"}, APP_DIMENSIONS),
+    # counted from the HTTP API's access log by a metric filter, not emitted by the code
+    "WebhookThrottledAlarm": (APP_NAMESPACE, {"WebhookThrottled"}, APP_DIMENSIONS),
     # API Gateway's own count: also the 5xx it gives when it cannot invoke the function at all
     "WebhookServerErrorsAlarm": ("AWS/ApiGateway", {"5xx"}, [{"Name": "ApiId", "Value": {"Ref": "RelayHttpApi"}}]),
 }
@@ -449,6 +521,81 @@ DASHBOARD_APP_METRICS = emitted_metrics()
 
 def test_the_metric_names_are_read_from_the_code() -> None:
     assert {"Delivered", "EdgeLatency", "EdgeUnavailable", "StateNotSent"} <= DASHBOARD_APP_METRICS
+
+
+def log_metrics(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Metrics of the relay's namespace that metric filters publish from logs (not the code): name -> transformation."""
+    return {
+        t["MetricName"]: t
+        for f in resources(template, "AWS::Logs::MetricFilter").values()
+        for t in f["Properties"]["MetricTransformations"]
+        if t["MetricNamespace"] == APP_NAMESPACE
+    }
+
+
+def test_every_relay_metric_an_alarm_reads_is_published(template: dict[str, Any]) -> None:
+    # GIVEN every metric of the relay's namespace that an alarm reads
+    read = {
+        metric
+        for alarm in resources(template, "AWS::CloudWatch::Alarm").values()
+        for namespace, metric, _ in alarm_metrics(alarm["Properties"])
+        if namespace == APP_NAMESPACE
+    }
+
+    # THEN the code emits it, or a metric filter publishes it from a log: no alarm waits on a metric nobody writes
+    assert read - DASHBOARD_APP_METRICS - set(log_metrics(template)) == set()
+    assert "WebhookThrottled" in read - DASHBOARD_APP_METRICS
+
+
+ACCESS_LOG_FIELDS = {
+    "requestId",
+    "ip",
+    "requestTime",
+    "routeKey",
+    "status",
+    "responseLength",
+    "latency",
+    "integrationError",
+    "service",
+}
+
+
+def test_api_gateway_throttling_is_counted_from_the_access_log_as_the_alarm_reads_it(
+    template: dict[str, Any],
+) -> None:
+    # GIVEN the HTTP API's access log line as a stack named "staging-relay" writes it: the fields it always had, and
+    # the stack's service (a metric filter's dimensions can only come from the log line's fields)
+    text = template["Resources"]["RelayHttpApi"]["Properties"]["AccessLogSettings"]["Format"]["Fn::Sub"]
+    assert re.findall(r"\$\{([^}]+)\}", text) == ["AWS::StackName"]  # every other $context variable is API Gateway's
+    line = json.loads(text.replace("${AWS::StackName}", "staging-relay"))
+    assert set(line) == ACCESS_LOG_FIELDS
+    assert (line["status"], line["service"]) == ("$context.status", "staging-relay")
+
+    # WHEN a metric filter on that log counts the requests API Gateway refused as throttled
+    [(_, metric_filter)] = resources(template, "AWS::Logs::MetricFilter").items()
+    props = metric_filter["Properties"]
+    assert props["LogGroupName"] == {"Ref": "ApiAccessLogGroup"}
+    assert props["FilterPattern"] == '{ $.status = "429" }'
+    [transformation] = props["MetricTransformations"]
+    assert (transformation["MetricName"], transformation["MetricValue"]) == ("WebhookThrottled", "1")
+    assert transformation["Dimensions"] == [{"Key": "service", "Value": "$.service"}]
+
+    # THEN it publishes the metric, under the namespace and the service the alarm reads (the stack name, as for
+    # every metric of the relay)
+    alarm = template["Resources"]["WebhookThrottledAlarm"]["Properties"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == (transformation["MetricNamespace"], "WebhookThrottled")
+    assert alarm["Dimensions"] == APP_DIMENSIONS
+    assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"]) == (
+        "Sum",
+        300,
+        2,
+        2,
+    )
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+    # and only API Gateway answers 429: the relay's own answers (webhook.py, errors.py) never do
+    for module in ("webhook.py", "errors.py"):
+        source = (ROOT / "functions/relay/relay" / module).read_text(encoding="utf-8")
+        assert not re.search(r"\b429\b", source), f"{module} answers 429: the filter would count the relay's own"
 
 
 def alarm_metrics(props: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
@@ -559,12 +706,36 @@ def test_dashboard_shows_every_metric_an_operator_needs(template: dict[str, Any]
     # Edge latency percentiles.
     stats = {m[4]["stat"] for m in metrics if m[1] == "EdgeLatency" and len(m) > 4 and isinstance(m[4], dict)}
     assert stats >= {"p50", "p90", "p99"}
+    # Metrics published from logs (API Gateway's throttling).
+    for name in log_metrics(template):
+        assert (APP_NAMESPACE, name) in shown, name
     # Queue and dead-letter queue depth.
     depth = [m for m in metrics if m[0] == "AWS/SQS" and m[1] == "ApproximateNumberOfMessagesVisible"]
     assert {m[3] for m in depth} >= {f"SUB_{QUEUE}.QueueName", f"SUB_{DLQ}.QueueName"}
+    # The events queue's delayed messages: the webhook fallback sends with DelaySeconds (up to 900 s), and those are
+    # neither visible nor in flight.
+    queue = {m[1] for m in metrics if m[0] == "AWS/SQS" and m[2:4] == ["QueueName", f"SUB_{QUEUE}.QueueName"]}
+    assert queue >= {
+        "ApproximateNumberOfMessagesVisible",
+        "ApproximateNumberOfMessagesNotVisible",
+        "ApproximateNumberOfMessagesDelayed",
+    }
     # Lambda errors, throttles, duration.
     lambda_metrics = {m[1] for m in metrics if m[0] == "AWS/Lambda" and m[3] == f"SUB_{FUNCTION}"}
     assert lambda_metrics >= {"Errors", "Throttles", "Duration", "Invocations"}
+
+
+def test_every_alarm_has_the_runbook_section_its_description_links_to(template: dict[str, Any]) -> None:
+    # GIVEN docs/operations.md's sections, one per alarm, named by the alarm's name after the stack's
+    runbook = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^### ([a-z0-9-]+)$", runbook, re.M))
+    for name, alarm in resources(template, "AWS::CloudWatch::Alarm").items():
+        props = alarm["Properties"]
+        suffix = props["AlarmName"]["Fn::Sub"].removeprefix("${AWS::StackName}-")
+
+        # THEN each alarm has its section, and its description sends the operator there
+        assert suffix in sections, name
+        assert f"docs/operations.md#{suffix}" in props["AlarmDescription"], name
 
 
 def test_dashboard_shows_every_alarm(template: dict[str, Any]) -> None:

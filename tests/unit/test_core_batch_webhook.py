@@ -2317,3 +2317,14 @@ def test_a_webhooks_claim_is_leased_for_longer_than_its_invocation_can_run() -> 
 
     # THEN its claim outlives the invocation: a resend or a queued copy cannot take the event over while it runs
     assert [claim["lease_s"] >= 29 for claim in h.store.claims] == [True]
+
+
+def test_a_stored_field_error_is_never_answered_with_a_status_that_asks_for_a_retry() -> None:
+    from relay.webhook import rejected_response
+
+    # GIVEN a stored refusal of the relay's own (field errors) whose status is not one it answers (another version's
+    # item, one edited by hand): a 503 would make the sender resend, and a 500 is not documented
+    item = {"eventId": "e", "status": "rejected", "error": {"status": 503, "errors": [{"path": "$", "message": "x"}]}}
+
+    # THEN it stays a final 400
+    assert rejected_response(item).status_code == 400

@@ -22,6 +22,7 @@ from relay.integrations.edge import (
 )
 from relay.integrations.ims import AccessToken
 from relay.settings import Settings, load_settings
+from urllib3.exceptions import ReadTimeoutError
 
 from tests.fakes import (
     CREDS,
@@ -1047,3 +1048,36 @@ def test_a_call_without_an_answer_counts_as_an_edge_call_and_as_unavailable(
     seen = emitted()
     assert len(seen["EdgeLatency"]) == 3
     assert seen["EdgeUnavailable"] == [1.0, 1.0, 1.0]
+
+
+# -- http_body.py: a read timeout in the body is said as a timeout (M12) ---------------------------------------------
+
+
+class _Stalling(requests.Response):
+    """A response whose body delivers one chunk, then times out as urllib3 does mid-body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status_code = 200
+        self.closed_by_reader = False
+        self.request = requests.Request("POST", "https://edge.example/ee/v2/interact").prepare()
+
+    def iter_content(self, chunk_size: Any = 1, decode_unicode: bool = False) -> Any:  # type: ignore[override]
+        yield b'{"handle": ['
+        raise requests.ConnectionError(ReadTimeoutError(None, "/ee/v2/interact", "Read timed out."))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.closed_by_reader = True
+
+
+def test_a_body_that_stops_mid_way_is_a_read_timeout_and_its_connection_is_closed() -> None:
+    from relay.integrations.http_body import read_at_most
+
+    resp = _Stalling()
+
+    # WHEN its body is read, THEN the timeout is a requests.ReadTimeout (a Timeout: IMS and Edge tell a wait their
+    # caller's deadline cut short, NoTimeLeft, from a peer that is down), not a ConnectionError, and the connection,
+    # with the rest of the answer still on it, is not reused
+    with pytest.raises(requests.ReadTimeout):
+        read_at_most(resp, 1024)
+    assert resp.closed_by_reader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -714,3 +715,55 @@ def test_a_refresh_that_ends_between_the_lock_free_reads_never_hands_out_the_ref
 
     # THEN it gets the replacement, never the token Edge refused (which would cost an Edge call answered 401)
     assert got.value == "tok-B"
+
+
+# -- credentials.py: the secret cache period (M08) -------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("aws")
+def test_the_adobe_secret_is_kept_for_its_cache_period_and_a_forced_read_takes_the_rotated_one() -> None:
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    sm = boto3.client("secretsmanager")
+    doc = {"clientId": "client-1", "clientSecret": "s3cret", "orgId": "ORG@AdobeOrg"}
+    arn = sm.create_secret(Name="adobe", SecretString=json.dumps(doc))["ARN"]
+    store = CredentialsStore(sm, adobe_secret_id=arn, webhook_secret_id=None, max_age=300)
+    calls: list[str] = []
+    sm.meta.events.register("before-call.secrets-manager.GetSecretValue", lambda **kw: calls.append("get"))
+
+    # GIVEN the secret read once
+    assert store.adobe().client_id == "client-1"
+    # WHEN it is rotated within the cache period
+    sm.put_secret_value(SecretId=arn, SecretString=json.dumps({**doc, "clientId": "client-2"}))
+
+    # THEN every worker of every batch in the period is answered from the cache: one GetSecretValue, not one per token
+    # request (Secrets Manager bills and throttles per call; 32 workers must not make 32 reads)
+    assert [store.adobe().client_id for _ in range(5)] == ["client-1"] * 5
+    assert calls == ["get"]
+    # AND a read forced by IMS's refusal takes the rotated secret at once
+    assert store.adobe(force=True).client_id == "client-2"
+
+
+# -- credentials.py: a secret that is JSON but not an object (M10) ---------------------------------------------------
+
+
+@pytest.mark.usefixtures("aws")
+@pytest.mark.parametrize("value", ["[1, 2]", '"whsec_x"', "42", "null"])
+def test_a_secret_that_is_json_but_not_an_object_is_a_configuration_error_naming_the_variable(value: str) -> None:
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    sm = boto3.client("secretsmanager")
+    arn = sm.create_secret(Name="odd", SecretString=value)["ARN"]
+    store = CredentialsStore(sm, adobe_secret_id=arn, webhook_secret_id=arn, max_age=0, identity_key_secret_id=arn)
+
+    # WHEN each reader reads it, THEN a CredentialsError (503 and CredentialsUnavailable / WebhookAuthUnavailable
+    # alarms), not an AttributeError (a 503 or redelivery counted as a defect, naming no secret)
+    for read, variable in (
+        (store.adobe, "ADOBE_SECRET_ID"),
+        (store.webhook_secrets, "WEBHOOK_SECRET_ID"),
+        (store.identity_key, "IDENTITY_KEY_SECRET_ID"),
+    ):
+        with pytest.raises(CredentialsError, match=f"{variable}.*not a JSON object"):
+            read()

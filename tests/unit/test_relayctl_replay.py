@@ -1138,3 +1138,87 @@ def test_redrive_sends_no_batch_larger_than_sqs_takes(aws: None, monkeypatch: py
     assert code == 0
     assert sum(batches) == 5 and max(batches) <= 2
     assert dlq_counts(real, dlq) == (0, 0)
+
+
+# -- relayctl forget: a result of the person's that is waiting again is left to its attempt (M43) -----------------
+
+
+def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_queue(
+    store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from relay.identity_state import opaque_identity_id
+
+    import relayctl.__main__ as relayctl_main
+
+    # GIVEN an event of the person's that Edge rejected (its result keeps her keyed identityId), then replayed by an
+    # operator: marked `queued`, its message on the queue, and a relay invocation about to claim it
+    store, ddb = store_on_moto.store, store_on_moto.ddb
+    opaque = opaque_identity_id("Email", "a@example.com", key=None)
+    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
+    fields = {"datastreamId": "ds", "source": "sqs", "identityId": opaque, "error": problem, "request": "{}"}
+    store.reject_unclaimed("ev-1", fields)
+    ddb.update_item(
+        TableName="t",
+        Key=store.result_key("ev-1"),
+        UpdateExpression="SET #s = :q, replayedAt = :now",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":q": {"S": "queued"}, ":now": {"S": "2025-01-01T00:00:00.000Z"}},
+    )
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    # WHEN the operator forgets the person
+    code = relayctl_main.main(
+        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
+    )
+
+    # THEN the waiting event's item stays (deleted, the replay's claim would find no item: `show` loses it, and a
+    # concurrent claim could take it twice), it is reported as waiting, and forget exits 1 to be run again later
+    out = capsys.readouterr().out
+    assert store.get_result("ev-1") is not None and store.get_result("ev-1")["status"] == "queued"
+    assert "deleted EVENT#ev-1" not in out
+    assert "1 event(s) waiting" in out
+    assert code == 1
+
+
+# -- relayctl replay: what may be replayed (M54, M55) ----------------------------------------------------------------
+
+
+def test_replay_says_a_stored_request_it_cannot_read_is_unreadable_not_too_large() -> None:
+    import relayctl.__main__ as relayctl_main
+
+    # GIVEN an Edge rejection whose stored request this version cannot decode (flagged by decode_item, no `request`)
+    doc = {"status": "rejected", "error": {"type": "https://ns.adobe.com/x", "status": 422}, "requestUnreadable": True}
+
+    # THEN the operator is told the truth (upgrade relayctl / look by hand), not that the body was too large to keep
+    assert relayctl_main._replay_plan(doc) == (
+        "skipped: its stored request cannot be read (written by another version of the relay?)"
+    )
+
+
+def test_replay_does_not_mark_an_event_a_claim_holds_since_it_was_read(store_on_moto: Any) -> None:
+    import relayctl.__main__ as relayctl_main
+
+    store, ddb = store_on_moto.store, store_on_moto.ddb
+    problem = {"type": "https://ns.adobe.com/x", "title": "Unprocessable", "status": 422}
+    store.reject_unclaimed("ev-1", {"datastreamId": "ds", "source": "sqs", "error": problem, "request": "{}"})
+    ddb.update_item(TableName="t", Key=store.result_key("ev-1"), UpdateExpression="REMOVE rejectedBy")  # Edge's
+    doc = relayctl_main._get(ddb, "t", "ev-1")
+    assert relayctl_main._replay_plan(doc) is None
+    # WHEN, after the read, the item gets a live lease under the same status (an attempt holds it)
+    ddb.update_item(
+        TableName="t",
+        Key=store.result_key("ev-1"),
+        UpdateExpression="SET leaseUntil = :l",
+        ExpressionAttributeValues={":l": {"N": "9999999999"}},
+    )
+
+    class Sqs:
+        sent: list[Any] = []
+
+        def send_message(self, **kw: Any) -> None:
+            self.sent.append(kw)
+
+    sqs = Sqs()
+    # THEN the replay neither marks nor sends it (a second copy racing a live attempt)
+    assert relayctl_main.replay_event(ddb, sqs, "t", "q", "ev-1", doc) == "skipped: changed meanwhile"
+    assert sqs.sent == []

@@ -663,3 +663,29 @@ def test_a_weak_or_malformed_webhook_secret_is_a_configuration_error_that_does_n
 def test_a_webhook_secret_document_without_a_list_of_secrets_is_a_configuration_error(doc: Any) -> None:
     with pytest.raises(CredentialsError):
         check_webhook_secrets(doc)
+
+
+# -- webhook.py: an unreadable webhook secret is answered without its reason (M30) ----------------------------------
+
+
+def test_an_unreadable_webhook_secret_is_answered_without_the_reason_the_log_keeps() -> None:
+    from devtools.signing import sign_webhook
+    from tests.unit.test_security_properties import SECRETS, check_answer, harness, http_event
+
+    h = harness()
+    reason = "webhook secret (WEBHOOK_SECRET_ID) could not be read (AccessDeniedException) arn:aws:secretsmanager:x"
+
+    def unreadable(*, force: bool = False) -> list[str]:
+        raise CredentialsError(reason)
+
+    h.app._credentials().webhook_secrets = unreadable  # type: ignore[method-assign]
+    body = b'{"event": {}}'
+
+    # WHEN an unauthenticated caller's request arrives while the secret cannot be read
+    answer = h.app.handle(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg-1")), None)
+
+    # THEN it is told to retry, and nothing about the deployment's secrets, IAM or ARNs (logged for the operator)
+    doc = check_answer(answer)
+    assert (answer["statusCode"], doc["detail"]) == (503, "the relay cannot verify signatures right now")
+    for leak in ("WEBHOOK_SECRET_ID", "AccessDenied", "arn:aws"):
+        assert leak not in answer["body"]

@@ -277,10 +277,45 @@ def test_a_route_is_not_used_past_what_an_unwritten_extension_could_add():
     assert stored.route_hint(NOW + 1800 + 179) == "or2"
     assert stored.route_hint(NOW + 1800 + 180) is None
     assert [e["key"] for e in outgoing_entries(stored, [], NOW + 1800 + 180)] == [IDENTITY_KEY]
-    # AND a hint stored by an earlier version, its lifetime not known, ends at its expiry
+    # AND a hint stored by an earlier version (no hintTtl) ends with the cluster entry Edge set beside it, whose
+    # lifetime is stored: the call never goes to the plain route carrying a cluster entry that names a region
     legacy = replace(stored, hint_ttl=0.0)
-    assert legacy.route_hint(NOW + 1799) == "or2"
-    assert legacy.route_hint(NOW + 1800) is None
+    assert (legacy.route_hint(NOW + 1979), legacy.route_hint(NOW + 1980)) == ("or2", None)
+    assert CLUSTER_KEY in legacy.sendable_entries(NOW + 1979) and legacy.sendable_entries(NOW + 1980).keys() == {
+        IDENTITY_KEY
+    }
+    # AND without such an entry its lifetime is not known: it ends at its expiry
+    alone = replace(legacy, entries={k: e for k, e in legacy.entries.items() if k != CLUSTER_KEY})
+    assert (alone.route_hint(NOW + 1799), alone.route_hint(NOW + 1800)) == ("or2", None)
+
+
+def test_an_answer_that_deletes_a_cluster_entry_in_its_grace_is_written():
+    # GIVEN the fixture state written at NOW, its cluster entry past its stored expiry but within its grace
+    stored = apply_handles(IdentityState(), fixture_handles(), NOW)
+    now = NOW + 1850
+    assert CLUSTER_KEY in stored.sendable_entries(now)
+
+    # WHEN Edge's answer deletes it (maxAge 0), with no hint
+    deleting = [{"type": "state:store", "payload": [{"key": CLUSTER_KEY, "value": "", "maxAge": 0}]}]
+    new = apply_handles(stored, deleting, now)
+
+    # THEN it is gone from the state, and the state is written: the next event must not send it back
+    assert CLUSTER_KEY not in new.entries
+    assert needs_write(stored, new, now) is True
+    assert CLUSTER_KEY not in new.sendable_entries(now + 1)
+
+
+def test_an_answer_without_a_hint_leaves_a_hint_in_its_grace_as_it_is():
+    # GIVEN the fixture state written at NOW, its hint past its stored expiry but within its grace
+    stored = apply_handles(IdentityState(), fixture_handles(), NOW)
+    now = NOW + 1850
+
+    # WHEN an answer carries no EdgeNetwork hint (nor anything else)
+    new = apply_handles(stored, [{"type": "identity:result", "payload": []}], now)
+
+    # THEN the hint still routes until its grace ends, and nothing needs writing
+    assert new.route_hint(now) == "or2"
+    assert needs_write(stored, new, now) is False
 
 
 def test_outgoing_entries_caller_entries_win_by_key():

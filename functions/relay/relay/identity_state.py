@@ -110,9 +110,17 @@ class IdentityState:
             if e.expires_at > now or (CLUSTER_KEY.fullmatch(k) and e.expires_at + _unwritten_extension(e.max_age) > now)
         }
 
+    def hint_lifetime(self) -> float:
+        """The hint's lifetime: as stored, or, for an item written before it was (no `hintTtl`), that of the cluster
+        entry Edge set with it (the same value, the same `maxAge`), so that the two routes end together; else 0."""
+        if self.hint_ttl or not self.hint:
+            return self.hint_ttl
+        cluster = [e.max_age for k, e in self.entries.items() if CLUSTER_KEY.fullmatch(k) and e.value == self.hint]
+        return float(min(max(cluster[0], 0), MAX_HINT_TTL_S)) if cluster else 0.0
+
     def route_hint(self, now: float) -> str | None:
         """The hint to route by: the live one, or one whose expiry Edge may have extended without a write."""
-        if self.hint and self.hint_expires_at + _unwritten_extension(self.hint_ttl) > now:
+        if self.hint and self.hint_expires_at + _unwritten_extension(self.hint_lifetime()) > now:
             return self.hint
         return None
 
@@ -122,7 +130,8 @@ class IdentityState:
             e.expires_at + _unwritten_extension(e.max_age) for k, e in self.entries.items() if CLUSTER_KEY.fullmatch(k)
         ]
         ends = [e.expires_at for e in self.entries.values()] + routes
-        return max([*ends, self.hint_expires_at + _unwritten_extension(self.hint_ttl) if self.hint else 0.0, 0.0])
+        hint_end = self.hint_expires_at + _unwritten_extension(self.hint_lifetime()) if self.hint else 0.0
+        return max([*ends, hint_end, 0.0])
 
 
 def caller_hint(caller_entries: list[dict[str, Any]]) -> str | None:
@@ -158,8 +167,10 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
     an entry over MAX_ENTRY_BYTES (the older entry under its key goes too: Edge replaced it), a hint that is not a
     plain name. If the entries together pass MAX_STATE_BYTES,
     those that lapse first are dropped (the long-lived identity entry stays)."""
-    entries = state.live_entries(now)
-    hint, hint_expires_at, hint_ttl = state.hint, state.hint_expires_at, state.hint_ttl
+    # What is still sent or routes a call (a cluster entry or hint in its grace included): an answer that deletes or
+    # replaces it must take it out of what is stored, not only out of what is live.
+    entries = state.sendable_entries(now)
+    hint, hint_expires_at, hint_ttl = state.hint, state.hint_expires_at, state.hint_lifetime()
     hint_seen = False
     for handle in handles:
         if not isinstance(handle, dict):
@@ -192,7 +203,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                         hint, hint_expires_at = item["hint"], now + hint_ttl
                     hint_seen = True
                     break
-    if hint and hint_expires_at <= now:
+    if hint and hint_expires_at + _unwritten_extension(hint_ttl) <= now:
         hint, hint_expires_at, hint_ttl = None, 0.0, 0.0
     sizes = {key: _entry_bytes(key, entry) for key, entry in entries.items()}
     if sum(sizes.values()) > MAX_STATE_BYTES:
@@ -208,7 +219,7 @@ def _extension_due(stored: float, answered: float, now: float) -> bool:
     """Whether the expiry Edge answered (`answered`) must replace the stored one: it is earlier, or it is later and
     the stored one keeps less than 1 - EXTENSION_DUE_SHARE of the new lifetime. An expiry Edge did not extend (the
     same as stored) is never due, however old it is."""
-    return answered < stored or stored - now < (answered - now) * (1 - EXTENSION_DUE_SHARE)
+    return answered < stored or (answered > stored and stored - now < (answered - now) * (1 - EXTENSION_DUE_SHARE))
 
 
 def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
@@ -220,11 +231,11 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
     cluster entry, which route calls, are used that much longer (`IdentityState.route_hint`); another entry can lapse
     that much early for a visitor whose next event comes just before Edge's expiry.
     """
-    old_live = old.live_entries(now)
-    if old_live.keys() != new.entries.keys() or old.live_hint(now) != new.hint:
+    old_sent = old.sendable_entries(now)
+    if old_sent.keys() != new.entries.keys() or old.route_hint(now) != new.hint:
         return True
     for key, entry in new.entries.items():
-        before = old_live[key]
+        before = old_sent[key]
         if (before.value, before.attrs) != (entry.value, entry.attrs):
             return True
         if _extension_due(before.expires_at, entry.expires_at, now):

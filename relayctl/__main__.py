@@ -8,6 +8,7 @@ outputs (`--stack interact-relay`). AWS endpoints and credentials are boto3's ow
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.exceptions import (
@@ -490,8 +492,10 @@ def _by_payload(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def _same_queue(a: str, b: str) -> bool:
-    """Whether two queue URLs name the same queue, as an operator may type them (spaces around, a trailing slash)."""
-    return a.strip().rstrip("/") == b.strip().rstrip("/")
+    """Whether two queue URLs name the same queue, as an operator may type them (spaces around, a trailing slash, the
+    legacy `queue.amazonaws.com` host or the current `sqs.<region>.amazonaws.com`): by their path, `/<account>/<name>`.
+    (Two queues of one name and account in different regions compare equal: the relay's two are in one region.)"""
+    return urlsplit(a.strip()).path.rstrip("/") == urlsplit(b.strip()).path.rstrip("/")
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
@@ -654,9 +658,15 @@ def _identity_value(given: str) -> str:
     (its line ending dropped), which keeps a person's data out of the shell history and the process list."""
     if given != "-":
         return given
-    value = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
-    # Anything after that line (not waited for at a terminal) would be a second value: one erasure per run.
-    more = "" if sys.stdin.isatty() else sys.stdin.read()
+    if sys.stdin is None or sys.stdin.closed:  # `relayctl ... --id - <&-`
+        raise SystemExit("relayctl: --id -: standard input is closed: pipe the identity value in, or pass --id VALUE")
+    if sys.stdin.isatty():
+        # Typed at a terminal: asked for, and not echoed (the screen, a recorded session, are logs too).
+        value = getpass.getpass("identity value (not shown): ")
+        more = ""
+    else:
+        value = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+        more = sys.stdin.read()  # anything after that line would be a second value: one erasure per run
     if not value or more.strip():
         held = "more than one line" if value else "an empty value"
         raise SystemExit(f"relayctl: --id -: standard input must hold the identity value on one line (it held {held})")
@@ -921,6 +931,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # as the recipe does: a closed pipe fails here, in the try, not at the interpreter's exit
         return code
     except BrokenPipeError:
+        # Said on stderr (still open): a command stopped by it part-way (`forget`, `redrive`) may have done part of
+        # its work, and 141 hides its own exit status.
+        print(
+            f"relayctl: {args.command}: stopped, its output was closed (run it again to see or finish)", file=sys.stderr
+        )
         return _stdout_closed()
     except (ClientError, BotoCoreError) as exc:
         hint = next((hint for kind, hint in _CLIENT_SETUP if isinstance(exc, kind)), None)

@@ -1104,20 +1104,34 @@ def test_a_default_datastream_left_out_of_the_allowed_ones_is_said_once_per_envi
     caplog: pytest.LogCaptureFixture, allowed: str, warned: bool
 ) -> None:
     # GIVEN ALLOWED_DATASTREAM_IDS without DATASTREAM_ID (events naming none are refused), with it, or empty (any)
+    import io
+
+    from relay.observability import logger
     from relay.runtime import Runtime
 
     from devtools.lambda_context import new_context
 
     runtime = Runtime(load_settings({**ENV, "ALLOWED_DATASTREAM_IDS": allowed}))
+    out = io.StringIO()  # the lines as the function's formatter writes them
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logger.registered_formatter)
+    logger._logger.addHandler(handler)
 
     # WHEN two batches arrive
-    with caplog.at_level(logging.INFO, logger="interact-relay"):
-        for n in range(2):
-            runtime.handle({"Records": [record(f"w{n}", 1)]}, new_context(30))
+    contexts = [new_context(30), new_context(30)]
+    try:
+        with caplog.at_level(logging.INFO, logger="interact-relay"):
+            for n, context in enumerate(contexts):
+                runtime.handle({"Records": [record(f"w{n}", 1)]}, context)
+    finally:
+        logger._logger.removeHandler(handler)
 
-    # THEN only the first list is said, as a warning, once
+    # THEN only the first list is said, as a warning, once, naming its invocation as every line of it does
     said = [r for r in caplog.records if "DATASTREAM_ID is not in ALLOWED_DATASTREAM_IDS" in r.getMessage()]
     assert [r.levelno for r in said] == ([logging.WARNING] if warned else [])
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    warnings = [line for line in lines if line["message"].startswith("DATASTREAM_ID is not in")]
+    assert [line.get("function_request_id") for line in warnings] == ([contexts[0].aws_request_id] if warned else [])
 
 
 def test_a_webhook_event_the_relays_additions_take_over_the_limit_is_answered_413_saying_so() -> None:

@@ -10,15 +10,16 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
-from relay import codec
 from relay.identity_state import opaque_identity_id
 
 import relayctl.__main__ as relayctl_main
 from devtools import invoke
 from devtools.resources import create_handles_table
+from tests.unit.test_relayctl_replay import rejected_item
 
 DLQ = "https://sqs.us-east-1.amazonaws.com/123456789012/relay-dlq"
 
@@ -28,17 +29,7 @@ def no_client(service: str, **_: Any) -> Any:
 
 
 def rejected(event_id: str, stored_at: str) -> dict[str, Any]:
-    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "status": 422, "title": "Unprocessable"}
-    return {
-        "pk": {"S": f"EVENT#{event_id}"},
-        "sk": {"S": "RESULT"},
-        "status": {"S": "rejected"},
-        "eventId": {"S": event_id},
-        "source": {"S": "sqs"},
-        "storedAt": {"S": stored_at},
-        "error": codec.encode_json(problem),
-        "request": codec.encode_json({"event": {"xdm": {"_id": event_id}}}),
-    }
+    return {**rejected_item(event_id), "source": {"S": "sqs"}, "storedAt": {"S": stored_at}}
 
 
 def table_with_rejections(n: int) -> Any:
@@ -52,11 +43,14 @@ def table_with_rejections(n: int) -> Any:
 # -- 1. redrive from a queue to itself ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("queue_url", [DLQ, DLQ + "/", f"  {DLQ} "])
+@pytest.mark.parametrize(
+    "queue_url", [DLQ, DLQ + "/", f"  {DLQ} ", DLQ.replace(urlsplit(DLQ).netloc, "queue.amazonaws.com")]
+)
 def test_redrive_refuses_a_queue_url_that_is_the_dead_letter_queue_itself(
     queue_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # GIVEN --queue-url naming the dead-letter queue (as given, with a trailing slash, or with spaces around it)
+    # GIVEN --queue-url naming the dead-letter queue (as given, with a trailing slash, with spaces around it, or by
+    # SQS's legacy host)
     monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
 
     # WHEN a redrive is asked for
@@ -146,11 +140,14 @@ def test_output_to_a_closed_pipe_ends_quietly_with_status_141(
     # WHEN the command prints
     code = relayctl_main.main(["--table", "t", *argv])
 
-    # THEN it ends with the status of a process SIGPIPE ended (128 + 13), no traceback on stderr, and nothing left
-    # for the interpreter's final flush to fail on
+    # THEN it ends with the status of a process SIGPIPE ended (128 + 13), one line on stderr saying so (a command may
+    # have stopped part-way) and no traceback, and nothing left for the interpreter's final flush to fail on
     assert code == 141
     closed.close()
-    assert capsys.readouterr().err == ""
+    assert (
+        capsys.readouterr().err
+        == f"relayctl: {argv[0]}: stopped, its output was closed (run it again to see or finish)\n"
+    )
 
 
 # -- 4. error messages --------------------------------------------------------------------------------------------
@@ -314,6 +311,48 @@ def test_forget_refuses_an_empty_or_second_value_on_stdin(given: str, monkeypatc
 
     # THEN nothing is read or deleted, and the refusal says what stdin must hold
     assert "--id -: standard input must hold the identity value on one line" in str(refused.value.code)
+
+
+def test_forget_with_id_dash_and_stdin_closed_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN no standard input at all (`relayctl ... --id - <&-`), and a client that must not be used
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+    monkeypatch.setattr("sys.stdin", None)
+
+    # WHEN the operator forgets `--id -`, THEN a refusal saying what to do, not a traceback
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(["--table", "t", "forget", "--namespace", "Email", "--id", "-", "--no-identity-key"])
+    assert "--id -: standard input is closed" in str(refused.value.code)
+
+
+def test_forget_with_id_dash_at_a_terminal_asks_for_the_value_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a terminal on standard input
+    table = Reads()
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **_: table)
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("typed@example.com\n"))
+    asked: list[str] = []
+
+    def getpass(prompt: str) -> str:
+        asked.append(prompt)
+        return "typed@example.com"
+
+    monkeypatch.setattr(relayctl_main.getpass, "getpass", getpass)
+
+    # WHEN the operator forgets `--id -`
+    relayctl_main.main(["--table", "t", "forget", "--namespace", "Email", "--id", "-", "--no-identity-key"])
+
+    # THEN the value is asked for without echo (getpass), and searched for
+    assert asked == ["identity value (not shown): "]
+    (query,) = [kwargs for op, kwargs in table.reads if op == "query"]
+    opaque = opaque_identity_id("Email", "typed@example.com")
+    assert query["ExpressionAttributeValues"] == {":pk": {"S": f"IDENTITY#{opaque}"}}
 
 
 def test_forget_help_recommends_stdin_for_the_identity_value(capsys: pytest.CaptureFixture[str]) -> None:

@@ -910,10 +910,11 @@ _SIGPIPE_STATUS = 128 + 13  # what a shell reports for a process SIGPIPE ended
 
 
 def _stdout_closed() -> int:
-    """End quietly when the reader of stdout has gone (`relayctl rejected --json | head`). The recipe of the Python docs
-    (https://docs.python.org/3/library/signal.html#note-on-sigpipe): point stdout at devnull, so that the
-    interpreter's final flush of what is still buffered does not fail again, and exit. The recipe exits 1, which is
-    relayctl's "not found / not all done": it exits 141 instead, as a shell reports a process SIGPIPE ended."""
+    """End (the caller says so on stderr) when the reader of stdout has gone (`relayctl rejected --json | head`).
+    The recipe of the Python docs (https://docs.python.org/3/library/signal.html#note-on-sigpipe): point stdout at
+    devnull, so that the interpreter's final flush of what is still buffered does not fail again, and exit. The
+    recipe exits 1, which is relayctl's "not found / not all done": it exits 141 instead, as a shell reports a
+    process SIGPIPE ended."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, sys.stdout.fileno())

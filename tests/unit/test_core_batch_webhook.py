@@ -5,6 +5,7 @@ than the queue's visibility timeout is kept invisible until then."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
@@ -2342,3 +2343,74 @@ def test_a_stored_field_error_is_never_answered_with_a_status_that_asks_for_a_re
 
     # THEN it stays a final 400
     assert rejected_response(item).status_code == 400
+
+
+class _Writes(io.StringIO):
+    """A stdout that records each write() call, and gives other threads a chance to run between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        time.sleep(0)
+        return super().write(text)
+
+
+def test_a_metric_set_written_mid_batch_is_one_line_in_one_write(
+    emitted: Callable[[], dict[str, list[float]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN stdout recorded write by write (EMF documents and log lines both go there in Lambda)
+    from relay.observability import timing
+
+    out = _Writes()
+    monkeypatch.setattr("sys.stdout", out)
+
+    # WHEN a batch records more values of one metric than one EMF document holds (100: one EdgeLatency per attempt)
+    for n in range(250):
+        timing("EdgeLatency", n)
+
+    # THEN each document written so far is a whole JSON line in a single write (Powertools' own `print` makes two, and
+    # another worker's log line could land between them: CloudWatch would drop the document), and no value is lost
+    documents = [call for call in out.calls if '"_aws"' in call]
+    assert documents and all(call.endswith("\n") and json.loads(call) for call in documents)
+    written = [v for call in documents for v in json.loads(call)["EdgeLatency"]]
+    assert sorted(written + emitted().get("EdgeLatency", [])) == [float(n) for n in range(250)]
+
+
+def test_metrics_written_mid_batch_never_share_a_line_with_a_workers_log_line(
+    emitted: Callable[[], dict[str, list[float]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the log handler and stdout on one recorded stream, as in Lambda
+    from relay.observability import logger, timing
+
+    out = _Writes()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr(logger.registered_handler, "stream", out)
+    start = threading.Barrier(16)
+
+    def measure() -> None:
+        start.wait()
+        for n in range(300):
+            timing("EdgeLatency", n)
+
+    def log() -> None:
+        start.wait()
+        for _ in range(300):
+            logger.info("edge call will be retried", attempt=1)
+
+    # WHEN 8 workers record Edge latencies while 8 others log, as in an Edge outage
+    threads = [threading.Thread(target=measure if n % 2 else log) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # THEN every line is one JSON object (a metric document or a log line), and every value was written or is held
+    lines = out.getvalue().splitlines()
+    parsed = [json.loads(line) for line in lines]
+    assert sum(1 for doc in parsed if "_aws" in doc) >= 20
+    assert sum(1 for doc in parsed if doc.get("message") == "edge call will be retried") == 8 * 300
+    written = [v for doc in parsed if "_aws" in doc for v in doc["EdgeLatency"]]
+    assert len(written) + len(emitted().get("EdgeLatency", [])) == 8 * 300

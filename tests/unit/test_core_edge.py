@@ -202,6 +202,44 @@ def test_three_different_hints_refused_pause_every_hint_and_keep_no_table() -> N
     assert session.calls[-1].url == "https://edge.adobedc.net/ee/or2/v2/interact"
 
 
+def test_a_late_404_from_a_call_in_flight_keeps_every_hint_paused() -> None:
+    # GIVEN every hint paused (three different ones refused)
+    clock = FakeClock()
+    edge = client(FakeSession([ok()] * 3), clock)
+    for hint in ("or2", "va6", "irl1"):
+        edge._refuse_hint(hint)
+
+    # WHEN a hinted call that was already in flight on another worker comes back 404 too
+    edge._refuse_hint("jpn3")
+
+    # THEN every hint stays paused: the next events go to the plain URL, whatever their hint
+    for hint in ("or2", "aus3", "jpn3"):
+        edge.deliver(DATASTREAM, REQUEST, hint, Deadline(clock, 10))
+    assert {c.url for c in edge._session.calls} == {"https://edge.adobedc.net/ee/v2/interact"}  # type: ignore[attr-defined]
+
+
+def test_hints_refused_at_once_by_many_workers_are_all_counted() -> None:
+    # GIVEN many workers whose hinted calls come back 404 at the same moment, three different hints among them
+    clock = FakeClock()
+    edge = client(FakeSession([]), clock)
+    start = threading.Barrier(24)
+
+    def refuse(hint: str) -> None:
+        start.wait()
+        for _ in range(200):
+            edge._refuse_hint(hint)
+
+    # WHEN they all refuse their hints
+    threads = [threading.Thread(target=refuse, args=(("or2", "va6", "irl1")[n % 3],)) for n in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # THEN the three different hints paused them all (none of the refusals was lost to another's replacement)
+    assert list(edge._hints_refused) == [""]
+
+
 def test_a_404_on_the_plain_url_is_a_rejection() -> None:
     # GIVEN a 404 where no hint was used
     clock = FakeClock()

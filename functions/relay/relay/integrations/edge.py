@@ -151,15 +151,23 @@ class EdgeClient:
         # hint -> monotonic time until which it routes no call (its URL answered 404). Per hint, so that one caller's
         # odd cluster entry cannot turn routing off for every visitor; "" pauses them all (HINTS_REFUSED_FOR_ALL).
         self._hints_refused: dict[str, float] = {}
+        # Refusals come from many workers at once (read-modify-replace). Readers take the table without it: it is
+        # replaced whole, never changed in place.
+        self._hints_lock = threading.Lock()
 
     def _refuse_hint(self, hint: str) -> None:
         """Pause `hint` (its URL answered 404); pause every hint once several different ones were refused."""
-        now = self._clock.monotonic()
-        live = {k: until for k, until in self._hints_refused.items() if until > now and k}
-        live[hint] = now + HINT_ROUTE_PAUSE_S
-        if len(live) >= HINTS_REFUSED_FOR_ALL:
-            live = {"": now + HINT_ROUTE_PAUSE_S}
-        self._hints_refused = live
+        with self._hints_lock:
+            now = self._clock.monotonic()
+            live = {k: until for k, until in self._hints_refused.items() if until > now}
+            if "" in live:
+                # Every hint is paused already: a 404 from a call that was in flight when they were must not replace
+                # that pause with one for its own hint (every other hint would route again).
+                return
+            live[hint] = now + HINT_ROUTE_PAUSE_S
+            if len(live) >= HINTS_REFUSED_FOR_ALL:
+                live = {"": now + HINT_ROUTE_PAUSE_S}
+            self._hints_refused = live
 
     def _headers(self, deadline: Deadline) -> tuple[dict[str, str], Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}

@@ -932,11 +932,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # as the recipe does: a closed pipe fails here, in the try, not at the interpreter's exit
         return code
     except BrokenPipeError:
-        # Said on stderr (still open): a command stopped by it part-way (`forget`, `redrive`) may have done part of
-        # its work, and 141 hides its own exit status.
-        print(
-            f"relayctl: {args.command}: stopped, its output was closed (run it again to see or finish)", file=sys.stderr
-        )
+        # Said on stderr: a command stopped by it part-way (`forget`, `redrive`) may have done part of its work, and
+        # 141 hides its own exit status. Unless stderr is gone too (`2>&-`, or `2>&1 | head`: the same closed pipe).
+        try:
+            if sys.stderr is not None:
+                print(
+                    f"relayctl: {args.command}: stopped, its output was closed (run it again to see or finish)",
+                    file=sys.stderr,
+                )
+        except (OSError, ValueError):
+            pass
         return _stdout_closed()
     except (ClientError, BotoCoreError) as exc:
         hint = next((hint for kind, hint in _CLIENT_SETUP if isinstance(exc, kind)), None)

@@ -150,6 +150,24 @@ def test_output_to_a_closed_pipe_ends_quietly_with_status_141(
     )
 
 
+@pytest.mark.parametrize("stderr", ["same pipe", "closed"])
+def test_output_to_a_closed_pipe_ends_with_141_even_when_stderr_is_gone_too(
+    stderr: str, aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN rejected events, stdout on a pipe whose reader has gone, and stderr on the same pipe (`2>&1 | head`) or
+    # closed (`2>&-`)
+    table_with_rejections(3)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = open(write_end, "w", buffering=1, encoding="utf-8")
+    monkeypatch.setattr("sys.stdout", closed)
+    monkeypatch.setattr("sys.stderr", closed if stderr == "same pipe" else None)
+
+    # WHEN the command prints, THEN it still ends with 141, not with an exception (exit 1: "not all done")
+    assert relayctl_main.main(["--table", "t", "rejected", "--json"]) == 141
+    closed.close()
+
+
 # -- 4. error messages --------------------------------------------------------------------------------------------
 
 

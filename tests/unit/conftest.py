@@ -32,12 +32,28 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def emitted() -> Iterator[Callable[[], dict[str, list[float]]]]:
-    """The relay's metrics recorded since the test started (name -> values), as the next flush would emit them."""
+def emitted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], dict[str, list[float]]]]:
+    """The relay's metrics recorded since the test started (name -> values): those already written out (a batch writes
+    its set before its last result write, or when a metric reaches 100 values) and those the next flush would emit."""
+    from relay import observability
     from relay.observability import metrics
 
+    written: dict[str, list[float]] = {}
+    write = observability._write_metric_set
+
+    def recording() -> None:
+        for name, metric in metrics.metric_set.items():
+            written.setdefault(name, []).extend(metric["Value"])
+        write()
+
+    monkeypatch.setattr(observability, "_write_metric_set", recording)
     metrics.clear_metrics()
-    yield lambda: {name: list(m["Value"]) for name, m in metrics.metric_set.items()}
+
+    def seen() -> dict[str, list[float]]:
+        held = {name: list(m["Value"]) for name, m in metrics.metric_set.items()}
+        return {name: written.get(name, []) + held.get(name, []) for name in {*written, *held}}
+
+    yield seen
     metrics.clear_metrics()
 
 

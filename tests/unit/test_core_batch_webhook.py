@@ -251,6 +251,35 @@ def test_results_a_mid_batch_write_leaves_unprocessed_wait_for_the_final_write_n
     assert sorted(e for e, _ in store.finished) == sorted(f"e{n}" for n in range(30))
 
 
+def test_a_batchs_metrics_are_written_before_its_last_result_write(
+    emitted: Callable[[], dict[str, list[float]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a batch whose last result write stalls (a function that times out there runs no `finally`, where the
+    # metrics are written), and stdout recorded
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    seen_at_last_write: list[str] = []
+
+    class Stalling(FakeStore):
+        def put_results(self, writes: list[Any], deadline: Deadline | None = None) -> dict[str, str]:
+            if deadline is not None:  # the batch's final write
+                seen_at_last_write.append(out.getvalue())
+            return super().put_results(writes, deadline)
+
+    store = Stalling()
+    relay, _ = real_relay(store, 3)
+    records = [sqs(f"e{n}", f"m{n}", f"p{n}") for n in range(3)] + [sqs("e0", "m0-again", "p0")]
+
+    # WHEN the batch runs
+    run_batch(relay, records)
+
+    # THEN by the time of that write, what the batch had counted (here the repeat; in Lambda, the Edge calls) was
+    # already out
+    [written] = seen_at_last_write
+    documents = [json.loads(line) for line in written.splitlines() if '"_aws"' in line]
+    assert [doc.get("Duplicates") for doc in documents] == [[1.0]]
+
+
 @pytest.mark.parametrize("write_fails", [False, True])
 def test_batch_repeat_of_an_event_shares_the_first_records_fate(write_fails: bool) -> None:
     # GIVEN one event delivered twice in one batch (two messages), and another event
@@ -2362,7 +2391,7 @@ def test_a_metric_set_written_mid_batch_is_one_line_in_one_write(
     emitted: Callable[[], dict[str, list[float]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN stdout recorded write by write (EMF documents and log lines both go there in Lambda)
-    from relay.observability import timing
+    from relay.observability import metrics, timing
 
     out = _Writes()
     monkeypatch.setattr("sys.stdout", out)
@@ -2376,14 +2405,15 @@ def test_a_metric_set_written_mid_batch_is_one_line_in_one_write(
     documents = [call for call in out.calls if '"_aws"' in call]
     assert documents and all(call.endswith("\n") and json.loads(call) for call in documents)
     written = [v for call in documents for v in json.loads(call)["EdgeLatency"]]
-    assert sorted(written + emitted().get("EdgeLatency", [])) == [float(n) for n in range(250)]
+    held = list(metrics.metric_set["EdgeLatency"]["Value"])
+    assert sorted(written + held) == sorted(emitted()["EdgeLatency"]) == [float(n) for n in range(250)]
 
 
 def test_metrics_written_mid_batch_never_share_a_line_with_a_workers_log_line(
     emitted: Callable[[], dict[str, list[float]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # GIVEN the log handler and stdout on one recorded stream, as in Lambda
-    from relay.observability import logger, timing
+    from relay.observability import logger, metrics, timing
 
     out = _Writes()
     monkeypatch.setattr("sys.stdout", out)
@@ -2413,4 +2443,5 @@ def test_metrics_written_mid_batch_never_share_a_line_with_a_workers_log_line(
     assert sum(1 for doc in parsed if "_aws" in doc) >= 20
     assert sum(1 for doc in parsed if doc.get("message") == "edge call will be retried") == 8 * 300
     written = [v for doc in parsed if "_aws" in doc for v in doc["EdgeLatency"]]
-    assert len(written) + len(emitted().get("EdgeLatency", [])) == 8 * 300
+    held = list(metrics.metric_set["EdgeLatency"]["Value"])
+    assert len(written) + len(held) == len(emitted()["EdgeLatency"]) == 8 * 300

@@ -38,7 +38,7 @@ from relay.models import (
     datastream_for_rejection,
     read_event,
 )
-from relay.observability import count, logger
+from relay.observability import count, logger, write_metrics_now
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import Settings
 
@@ -428,6 +428,10 @@ class BatchRunner:
         # it, and it would resume, or fail, in another invocation.
         pending: list[Future[Any]] = [states] if warming is None else [states, warming]
         wait(pending)
+        # The Edge calls' metrics are written before the last writes, which may take the client's worst case: an
+        # invocation that times out there (a DynamoDB stall) runs no `finally`, and its metrics would be lost just when
+        # the alarms need them. The rest are written at the end, as usual.
+        write_metrics_now()
         writes.flush()
         for mid in writes.failed:
             delays.setdefault(mid, None)

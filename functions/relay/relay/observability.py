@@ -59,6 +59,14 @@ def _write_metric_set() -> None:
         handler.release()
 
 
+def write_metrics_now() -> None:
+    """Write out what the metric set holds (one EMF line), for an invocation that may not reach its end: a function
+    that times out is stopped without running the handler's `finally`, and the metrics it held would be lost."""
+    with _metrics_lock:
+        if metrics.metric_set:
+            _write_metric_set()
+
+
 def count(name: str, value: float = 1) -> None:
     """A counter metric (thread-safe)."""
     _add(name, MetricUnit.Count, value)

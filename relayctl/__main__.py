@@ -673,14 +673,6 @@ def _identity_value(given: str) -> str:
     return value
 
 
-def _as_given(problem: str, t: Targets) -> str:
-    """The function's own words for an identity key secret it could not use, which name its environment variable
-    (IDENTITY_KEY_SECRET_ID), naming the secret as the operator gave it instead (the flag, the stack, the variable)."""
-    given = f"identity key secret {t.identity_key_secret} ({t.identity_key_source})"
-    named = problem.replace("identity key secret (IDENTITY_KEY_SECRET_ID)", given)
-    return named if named != problem else f"{problem} ({given})"
-
-
 def cmd_forget(args: argparse.Namespace) -> int:
     """Delete what the table keeps about one identity: its state items (every datastream), the results of its events
     (found by their keyed `identityId`), and rejected requests that carry it under its namespace (scanned). Exits 1
@@ -702,11 +694,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
             webhook_secret_id=None,
             max_age=0,
             identity_key_secret_id=t.identity_key_secret,
+            identity_key_label=f"identity key secret {t.identity_key_secret} ({t.identity_key_source})",
         )
         try:
             key = credentials.identity_key()
         except CredentialsError as exc:
-            raise SystemExit(f"relayctl: {_as_given(str(exc), t)}") from None
+            raise SystemExit(f"relayctl: {exc}") from None
     elif not args.no_identity_key:
         raise SystemExit(
             "relayctl: no identity key: pass --identity-key-secret or --stack, or set IDENTITY_KEY_SECRET_ID "

@@ -2341,23 +2341,15 @@ def test_the_retry_queue_delays_a_message_as_edge_asked_within_what_sqs_takes(as
     assert [call["DelaySeconds"] for call in sent] == [delay]
 
 
-class _InvocationContext:
-    def __init__(self, remaining_ms: int) -> None:
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
-
-
 def test_a_webhooks_claim_is_leased_for_longer_than_its_invocation_can_run() -> None:
     # GIVEN an invocation with 29 s left (its Edge attempts, then a result write or the queue fallback, may use them)
+    from devtools.lambda_context import new_context
+
     h = harness()
     body = json.dumps({"event": {"xdm": {"_id": "ev-lease"}}}).encode()
 
     # WHEN a webhook event arrives
-    h.app.handle(
-        http_event(body, sign_webhook(body.decode(), SECRETS[0], msg_id="msg_lease")), _InvocationContext(29_000)
-    )
+    h.app.handle(http_event(body, sign_webhook(body.decode(), SECRETS[0], msg_id="msg_lease")), new_context(29))
 
     # THEN its claim outlives the invocation: a resend or a queued copy cannot take the event over while it runs
     assert [claim["lease_s"] >= 29 for claim in h.store.claims] == [True]

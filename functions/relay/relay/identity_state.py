@@ -37,6 +37,11 @@ def _unwritten_extension(lifetime: float) -> float:
     return EXTENSION_DUE_SHARE * max(lifetime, 0.0)
 
 
+def _hint_ttl(lifetime: float) -> float:
+    """A hint's lifetime as kept: not below 0, nor above MAX_HINT_TTL_S."""
+    return float(min(max(lifetime, 0), MAX_HINT_TTL_S))
+
+
 def valid_hint(hint: Any) -> bool:
     """A location hint safe to put in the URL path: letters, digits and dashes, as Edge's are."""
     return isinstance(hint, str) and HINT_PATTERN.fullmatch(hint) is not None
@@ -104,11 +109,7 @@ class IdentityState:
 
     def sendable_entries(self, now: float) -> dict[str, StoredEntry]:
         """The entries to send back: the live ones, and a cluster entry while Edge's expiry may not have passed."""
-        return {
-            k: e
-            for k, e in self.entries.items()
-            if e.expires_at > now or (CLUSTER_KEY.fullmatch(k) and e.expires_at + _unwritten_extension(e.max_age) > now)
-        }
+        return {k: e for k, e in self.entries.items() if e.expires_at > now or _sent_until(k, e) > now}
 
     def hint_lifetime(self) -> float:
         """The hint's lifetime: as stored, or, for an item written before it was (no `hintTtl`), that of the cluster
@@ -116,22 +117,25 @@ class IdentityState:
         if self.hint_ttl or not self.hint:
             return self.hint_ttl
         cluster = [e.max_age for k, e in self.entries.items() if CLUSTER_KEY.fullmatch(k) and e.value == self.hint]
-        return float(min(max(cluster[0], 0), MAX_HINT_TTL_S)) if cluster else 0.0
+        return _hint_ttl(cluster[0]) if cluster else 0.0
+
+    def _routes_until(self) -> float:
+        """Until when the hint routes a call (0 without one)."""
+        return self.hint_expires_at + _unwritten_extension(self.hint_lifetime()) if self.hint else 0.0
 
     def route_hint(self, now: float) -> str | None:
         """The hint to route by: the live one, or one whose expiry Edge may have extended without a write."""
-        if self.hint and self.hint_expires_at + _unwritten_extension(self.hint_lifetime()) > now:
-            return self.hint
-        return None
+        return self.hint if self._routes_until() > now else None
 
     def expires_at(self) -> float:
         """When the last entry or the hint stops being sent or routing a call: the item's TTL."""
-        routes = [
-            e.expires_at + _unwritten_extension(e.max_age) for k, e in self.entries.items() if CLUSTER_KEY.fullmatch(k)
-        ]
-        ends = [e.expires_at for e in self.entries.values()] + routes
-        hint_end = self.hint_expires_at + _unwritten_extension(self.hint_lifetime()) if self.hint else 0.0
-        return max([*ends, hint_end, 0.0])
+        return max([_sent_until(k, e) for k, e in self.entries.items()] + [self._routes_until(), 0.0])
+
+
+def _sent_until(key: str, entry: StoredEntry) -> float:
+    """Until when an entry is sent back: its expiry, and for the cluster entry, which routes calls, what an extension
+    not yet written may have added to it."""
+    return entry.expires_at + (_unwritten_extension(entry.max_age) if CLUSTER_KEY.fullmatch(key) else 0.0)
 
 
 def caller_hint(caller_entries: list[dict[str, Any]]) -> str | None:
@@ -199,7 +203,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":
                     ttl = _lifetime(item.get("ttlSeconds"))
                     if valid_hint(item.get("hint")) and ttl is not None:
-                        hint_ttl = min(max(ttl, 0), MAX_HINT_TTL_S)
+                        hint_ttl = _hint_ttl(ttl)
                         hint, hint_expires_at = item["hint"], now + hint_ttl
                     hint_seen = True
                     break
@@ -268,6 +272,6 @@ def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
         entries=entries,
         hint=hint,
         hint_expires_at=float(doc.get("hintExpiresAt") or 0),
-        hint_ttl=float(min(max(ttl, 0), MAX_HINT_TTL_S)) if ttl is not None else 0.0,
+        hint_ttl=_hint_ttl(ttl) if ttl is not None else 0.0,
         version=version,
     )

@@ -69,11 +69,13 @@ class CredentialsStore:
         webhook_secret_id: str | None,
         max_age: int,
         identity_key_secret_id: str | None = None,
+        identity_key_label: str = "identity key secret (IDENTITY_KEY_SECRET_ID)",
     ) -> None:
         self._provider = SecretsProvider(boto3_client=secrets_client)
         self._adobe_id = adobe_secret_id
         self._webhook_id = webhook_secret_id
         self._identity_key_id = identity_key_secret_id
+        self._identity_key_label = identity_key_label  # how errors name it (relayctl: as its operator gave it)
         self._identity_key: bytes | None = None
         self._max_age = max_age
         self._lock = threading.Lock()
@@ -110,12 +112,12 @@ class CredentialsStore:
         if self._identity_key is None:
             if not self._identity_key_id:
                 raise CredentialsError("IDENTITY_KEY_SECRET_ID is not configured")
-            doc = self._read(self._identity_key_id, False, "identity key secret (IDENTITY_KEY_SECRET_ID)")
+            doc = self._read(self._identity_key_id, False, self._identity_key_label)
             key = doc.get("key")
             if not isinstance(key, str) or len(key) < MIN_IDENTITY_KEY_CHARS:
                 raise CredentialsError(
-                    f'identity key secret (IDENTITY_KEY_SECRET_ID) must be {{"key": "..."}} with at least '
-                    f"{MIN_IDENTITY_KEY_CHARS} characters"
+                    f'{self._identity_key_label} must be {{"key": "..."}} with at least {MIN_IDENTITY_KEY_CHARS} '
+                    "characters"
                 )
             self._identity_key = key.encode("utf-8")
         return self._identity_key

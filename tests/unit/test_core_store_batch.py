@@ -841,3 +841,30 @@ def test_a_reuse_rejection_never_replaces_a_delivered_result(store_on_moto: Stor
 
     # THEN the delivered outcome stands
     assert raw_result(store_on_moto, "e9#reused-0123456789abcdef")["status"] == {"S": "delivered"}
+
+
+def test_a_claim_botocore_sent_again_after_its_answer_was_lost_counts_one_attempt(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a redelivered event's claim (`UpdateItem`, not an INSERT) applied by DynamoDB though its answer was lost:
+    # boto3's standard retry mode sends the very same request again (read timeouts, dropped connections, 5xx)
+    store = store_on_moto.store
+    first = store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
+    assert first.token
+    store.release("e1", first.token, "edge unavailable")
+    real = store_on_moto.ddb.update_item
+    sent: list[dict[str, Any]] = []
+
+    def applied_then_sent_again(**kwargs: Any) -> Any:
+        if not sent:
+            sent.append(kwargs)
+            real(**kwargs)  # applied; its answer never came
+        return real(**kwargs)  # botocore's retry of the same request (same token) is what the relay sees
+
+    store_on_moto.ddb.update_item = applied_then_sent_again
+
+    # WHEN the event is claimed again (its second attempt)
+    claim = store.claim("e1", datastream_id="ds", source="sqs", lease_s=30)
+
+    # THEN it is the second attempt, not the third: in the claim (the result keeps its count) and in the item
+    assert sent and claim.acquired and claim.item is not None
+    assert claim.item["attempts"] == {"N": "2"}
+    assert raw_result(store_on_moto, "e1")["attempts"] == {"N": "2"}

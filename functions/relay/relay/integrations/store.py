@@ -194,7 +194,6 @@ class HandlesStore:
         """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
         with `token` is its own: see `claim_new`)."""
         now = self._clock.now()
-        own_token = token
         token = token or uuid.uuid4().hex
         stamp = {"S": iso_millis(now)}
         # A waiting event (queued, or under a lapsed claim) is taken over by a webhook attempt only for its own
@@ -234,9 +233,9 @@ class HandlesStore:
                     ":now": stamp,
                     ":one": {"N": "1"},
                 },
-                # The whole old item (nothing for a new event, a webhook's usual case): its attempt count; after an
-                # INSERT (`token` given), its token, to tell our own lost INSERT from another claim; and whether it
-                # still holds a refusal of the relay's own to clear (`rejectedBy`).
+                # The whole old item (nothing for a new event, a webhook's usual case): its attempt count; its token,
+                # to tell our own write whose answer was lost (an INSERT, or this request sent again) from another
+                # claim; and whether it still holds a refusal of the relay's own to clear (`rejectedBy`).
                 ReturnValues="ALL_OLD",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
@@ -245,9 +244,11 @@ class HandlesStore:
             return Claim(False, existing=decode_item(old))
         before = resp.get("Attributes") or {}
         attempts = int(before["attempts"]["N"]) + 1 if "attempts" in before else 1
-        if own_token and before.get("claimToken", {}).get("S") == own_token:
-            # Our own INSERT, written though its answer was lost: the same attempt, not another. The claim added one;
-            # put the count back (rare: a lost answer), so that a release keeps the right count too.
+        if before.get("claimToken", {}).get("S") == token:
+            # Our own write, applied though its answer was lost: the batch's INSERT (`token` given), or this very
+            # `UpdateItem` when boto3 sent it again after a read timeout, a dropped connection or a 5xx (the token is
+            # new, so no other write holds it). The same attempt, not another: the claim added one; put the count
+            # back (rare: a lost answer), so that a release keeps the right count too.
             attempts -= 1
             try:
                 self._update_own_claim(event_id, token, "SET attempts = :n", {":n": {"N": str(attempts)}})

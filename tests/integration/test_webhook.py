@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import time
@@ -212,6 +213,43 @@ def test_second_rotated_secret_is_accepted(clean_stack: LocalStack, gateway: Loc
 
     # THEN it is delivered
     delivered(stack, resp, headers["webhook-id"])
+
+
+def test_a_signature_sent_as_two_header_lines_is_verified(clean_stack: LocalStack, gateway: LocalGateway) -> None:
+    stack = clean_stack
+    # GIVEN an event signed with the current secret, and a sender (or a proxy) that puts a signature made with a
+    # secret the relay does not hold on one `webhook-signature` line, and the valid one on a second line
+    body = json.dumps(interact_event())
+    headers = stack.sign(body)
+    stale = sign_webhook(
+        body,
+        "whsec_" + base64.b64encode(b"a secret rotated out long ago!!!").decode(),
+        msg_id=headers["webhook-id"],
+        timestamp=int(headers["webhook-timestamp"]),
+    )
+
+    # WHEN it is posted (API Gateway hands the function the two lines joined by a comma)
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/events")
+    for name, value in [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body.encode()))),
+        ("webhook-id", headers["webhook-id"]),
+        ("webhook-timestamp", headers["webhook-timestamp"]),
+        ("webhook-signature", stale["webhook-signature"]),
+        ("webhook-signature", headers["webhook-signature"]),
+    ]:
+        conn.putheader(name, value)
+    conn.endheaders(body.encode())
+    answer = conn.getresponse()
+
+    # THEN it is delivered, once
+    assert answer.status == 200, answer.read()
+    assert json.loads(answer.read())["eventId"] == headers["webhook-id"]
+    conn.close()
+    assert stack.result(headers["webhook-id"])["status"] == "delivered"
+    assert len(edge_requests(stack, headers["webhook-id"])) == 1
 
 
 def test_datastream_query_parameter_is_used(clean_stack: LocalStack, gateway: LocalGateway) -> None:

@@ -418,6 +418,12 @@ def vector_headers(name: str, now: int) -> tuple[str, dict[str, str]]:
         ),
         # entries with bad base64, two commas and no comma, and a double space, ahead of a valid one
         "malformed-entries-before-a-valid-one": (BODY, {**base, "webhook-signature": f"v1,abcde v1,a,b  v9 {good}"}),
+        # two `webhook-signature` lines (a sender, or a proxy that splits the header): API Gateway's payload 2.0
+        # joins duplicate headers with commas
+        "two-signature-lines-joined": (
+            BODY,
+            {**base, "webhook-signature": f"{v1(SECRET_WRONG, MSG_ID, now, BODY)},{good}"},
+        ),
         "wrong-secret": (BODY, {**base, "webhook-signature": v1(SECRET_WRONG, MSG_ID, now, BODY)}),
         "tampered-body": (BODY.replace("purchases", "refunds"), base),
         "tampered-id": (BODY, {**base, "webhook-id": "msg_other"}),
@@ -457,7 +463,13 @@ def vector_headers(name: str, now: int) -> tuple[str, dict[str, str]]:
     return cases[name]
 
 
-ACCEPTED = ["valid", "rotated-secret", "several-signatures-one-valid", "malformed-entries-before-a-valid-one"]
+ACCEPTED = [
+    "valid",
+    "rotated-secret",
+    "several-signatures-one-valid",
+    "malformed-entries-before-a-valid-one",
+    "two-signature-lines-joined",
+]
 REFUSED = [
     "wrong-secret",
     "tampered-body",

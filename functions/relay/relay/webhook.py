@@ -51,6 +51,7 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
 
 
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")  # ASCII digits only (`\d` would take other scripts' digits too)
+_SIGNATURE_ENTRIES = re.compile(r" |,(?=v[0-9]+[a-z]?,)")  # a space, or a comma joining two header lines
 
 
 class _SignedBytes(Webhook):
@@ -235,8 +236,10 @@ class WebhookApp:
             raise Unauthorized("webhook-timestamp is not whole seconds since the epoch")
         secrets = self._credentials().webhook_secrets()
         # The library stops at the first entry it cannot parse: keep only well-formed ones, so that a malformed entry
-        # cannot hide a valid signature after it (several space-separated signatures are allowed).
-        entries = headers.get("webhook-signature", "").split(" ")
+        # cannot hide a valid signature after it (several space-separated signatures are allowed). Two header lines
+        # reach the function joined by a comma (payload 2.0 joins duplicate headers so): a comma before `v<n>,`
+        # starts another entry (base64 has no comma).
+        entries = _SIGNATURE_ENTRIES.split(headers.get("webhook-signature", ""))
         well_formed = " ".join(e for e in entries if _well_formed_signature(e))
         if not well_formed:
             # Said as it is: the library would say "Missing required headers" for a header that is there.

@@ -17,15 +17,40 @@ fails and the relay's own handling (release the claim, fail the record so it is 
 Bursts are keyed by item rather than global because concurrent writers would otherwise share, and dilute, one
 burst.
 
-The proxy counts requests by operation, faults by kind, and remembers which items had a write refused,
-so a soak can report DynamoDB writes per delivered event. Thread-safe; loopback only.
+**Partial answers.** Throttled, DynamoDB also answers a batch call 200 with only part of it done. A fraction
+``partial_rate`` of the batch requests the proxy did not refuse (``BatchWriteItem``, ``BatchGetItem``,
+``BatchExecuteStatement``, reads included) gets such an answer: the proxy picks the entries to leave out (at least one,
+and for the two ``Batch*Item`` at least one is kept: DynamoDB refuses a call it can do none of, which the faults above
+cover), forwards a request rewritten without them, and merges them into the emulator's answer in DynamoDB's shape:
+
+* ``BatchWriteItem``: added to ``UnprocessedItems`` (``{table: [write request, ...]}``, as in ``RequestItems``);
+* ``BatchGetItem``: added to ``UnprocessedKeys`` (``{table: {"Keys": [...], ...}}``, with the table's
+  ``ProjectionExpression``, ``ExpressionAttributeNames``, ``ConsistentRead`` and ``AttributesToGet`` as requested);
+* ``BatchExecuteStatement``: ``Responses`` keeps the request's order; a statement left out gets
+  ``{"TableName": <its table>, "Error": {"Code": "ProvisionedThroughputExceeded" | "ThrottlingError" |
+  "InternalServerError", "Message": ...}}`` (``BatchStatementResponse``/``BatchStatementError`` in the DynamoDB API
+  reference), the others the emulator's answers, in their places.
+
+The emulator's own unprocessed entries are kept beside the proxy's. The answer's ``x-amz-crc32`` is recomputed
+(botocore retries a DynamoDB answer whose body does not match it) and ``Content-Length`` set anew, as for every
+forwarded request. The rewritten request still carries the client's SigV4 ``Authorization``, computed over the
+original body: moto does not check signatures (only with ``INITIAL_NO_AUTH_ACTION_COUNT`` set, which the local stack
+never sets), so it is forwarded as is. Should the emulator's answer not be a 200 the proxy can read, it goes back
+untouched when it is an error (the client retries the whole request, the left-out entries with it); a 200 it cannot
+merge into is answered 500 ``InternalServerError`` instead, never passed on without the entries left out.
+
+The proxy counts requests by operation, faults by kind, partial answers and the entries they left out by operation,
+and remembers which items had a write refused (or left out), so a soak can report DynamoDB writes per delivered event.
+Thread-safe; loopback only.
 """
 
 from __future__ import annotations
 
+import binascii
 import http.client
 import json
 import random
+import re
 import threading
 import uuid
 from collections import Counter
@@ -41,6 +66,16 @@ WRITE_OPERATIONS = frozenset(
     {"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem", "BatchExecuteStatement"}
 )
 FAULT_KINDS = ("throughput", "internal")
+PARTIAL_OPERATIONS = frozenset({"BatchWriteItem", "BatchGetItem", "BatchExecuteStatement"})
+# BatchStatementError codes a throttled or failing statement gets (DuplicateItem, ConditionalCheckFailed: the item's)
+STATEMENT_ERRORS: dict[str, str] = {
+    "ProvisionedThroughputExceeded": "The level of configured provisioned throughput for the table was exceeded. "
+    "(injected by the soak's fault proxy)",
+    "ThrottlingError": "Throughput exceeds the current capacity of your table or index. (injected by the soak's fault "
+    "proxy)",
+    "InternalServerError": "Internal server error (injected by the soak's fault proxy)",
+}
+_STATEMENT_TABLE = re.compile(r'\b(?:INTO|FROM|UPDATE)\s+"([^"]+)"', re.IGNORECASE)
 _ERROR_PREFIX = "com.amazonaws.dynamodb.v20120810#"
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer"}
@@ -111,11 +146,135 @@ def item_key(operation: str, body: bytes) -> str | None:
     return _pk_sk(key)
 
 
+def batch_entries(operation: str, request: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(table, entry) of every entry of a batch request, in order: a write request (``BatchWriteItem``), a key
+    (``BatchGetItem``) or a statement (``BatchExecuteStatement``, table as its text names it, else "")."""
+    if operation == "BatchWriteItem":
+        return [(table, w) for table, writes in request["RequestItems"].items() for w in writes]
+    if operation == "BatchGetItem":
+        return [(table, key) for table, spec in request["RequestItems"].items() for key in spec["Keys"]]
+    if operation == "BatchExecuteStatement":
+        return [(statement_table(s), s) for s in request["Statements"]]
+    raise ValueError(f"not a batch operation: {operation}")
+
+
+def statement_table(statement: Any) -> str:
+    """The table a PartiQL statement names (``INSERT INTO "t"``, ``... FROM "t"``, ``UPDATE "t"``), or ""."""
+    text = statement.get("Statement") if isinstance(statement, dict) else None
+    match = _STATEMENT_TABLE.search(text) if isinstance(text, str) else None
+    return match.group(1) if match else ""
+
+
+def split_batch(operation: str, request: dict[str, Any], left_out: set[int]) -> dict[str, Any]:
+    """The request without the entries at positions ``left_out`` (of :func:`batch_entries`): what goes upstream.
+    A table left with no entry is left out of ``RequestItems`` (DynamoDB refuses an empty one)."""
+    entries = batch_entries(operation, request)
+    kept = [entry for n, entry in enumerate(entries) if n not in left_out]
+    if operation == "BatchExecuteStatement":
+        return {**request, "Statements": [statement for _, statement in kept]}
+    if operation == "BatchWriteItem":
+        return {**request, "RequestItems": _by_table(kept)}
+    specs = request["RequestItems"]
+    return {
+        **request,
+        "RequestItems": {table: {**specs[table], "Keys": keys} for table, keys in _by_table(kept).items()},
+    }
+
+
+def _by_table(entries: list[tuple[str, Any]]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for table, entry in entries:
+        out.setdefault(table, []).append(entry)
+    return out
+
+
+def merge_partial(
+    operation: str, request: dict[str, Any], left_out: dict[int, str], answer: dict[str, Any]
+) -> dict[str, Any]:
+    """The upstream ``answer`` to the request without the entries ``left_out`` (position -> the statement error code
+    they get; unused for the ``Batch*Item``), as DynamoDB answers the whole ``request`` when it did not do those."""
+    entries = batch_entries(operation, request)
+    out = dict(answer)
+    if operation == "BatchExecuteStatement":
+        theirs = iter(answer.get("Responses") or [])
+        responses: list[Any] = []
+        for n, (table, _) in enumerate(entries):
+            code = left_out.get(n)  # None: a statement sent upstream
+            if code is None:
+                response = next(theirs, None)
+                if response is not None:
+                    responses.append(response)
+                    continue
+                code = "InternalServerError"  # the emulator answered fewer statements than it was sent
+            error = {"Error": {"Code": code, "Message": STATEMENT_ERRORS.get(code, code)}}
+            responses.append({"TableName": table, **error} if table else error)
+        out["Responses"] = responses
+        return out
+    left = _by_table([entry for n, entry in enumerate(entries) if n in left_out])
+    if operation == "BatchWriteItem":
+        unprocessed_items: dict[str, list[Any]] = {
+            t: list(w) for t, w in (answer.get("UnprocessedItems") or {}).items()
+        }
+        for table, writes in left.items():
+            unprocessed_items.setdefault(table, []).extend(writes)
+        out["UnprocessedItems"] = unprocessed_items
+        return out
+    unprocessed_keys: dict[str, Any] = {t: dict(s) for t, s in (answer.get("UnprocessedKeys") or {}).items()}
+    for table, keys in left.items():
+        spec = unprocessed_keys.get(table)
+        if spec is None:
+            unprocessed_keys[table] = {**request["RequestItems"][table], "Keys": keys}
+        else:
+            spec["Keys"] = [*(spec.get("Keys") or []), *keys]
+    out["UnprocessedKeys"] = unprocessed_keys
+    return out
+
+
+@dataclass
+class PartialPlan:
+    """A batch request to answer in part: the body to forward, and which entries (position -> code) it left out."""
+
+    operation: str
+    request: dict[str, Any]
+    body: bytes
+    left_out: dict[int, str]
+
+    def merge(self, payload: bytes) -> bytes | None:
+        """The upstream's 200 answer with the entries left out merged in; None if it cannot be read."""
+        try:
+            answer = json.loads(payload)
+            if not isinstance(answer, dict):
+                return None
+            merged = merge_partial(self.operation, self.request, self.left_out, answer)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return None
+        return json.dumps(merged, separators=(",", ":")).encode("utf-8")
+
+    def keys_left_out(self) -> list[str]:
+        """``pk|sk`` of the items whose write was left out (a read's keys do not count)."""
+        if self.operation == "BatchGetItem":
+            return []
+        entries = batch_entries(self.operation, self.request)
+        keys: list[str | None] = []
+        for n in self.left_out:
+            entry = entries[n][1]
+            if self.operation == "BatchWriteItem":
+                keys.append(
+                    _pk_sk((entry.get("PutRequest") or {}).get("Item") or (entry.get("DeleteRequest") or {}).get("Key"))
+                )
+            else:
+                shape = insert_shape(entry.get("Statement", ""), entry.get("Parameters") or [])
+                keys.append(_pk_sk(shape[1]) if shape else None)
+        return [k for k in keys if k is not None]
+
+
 @dataclass
 class ProxyStats:
     requests: Counter[str] = field(default_factory=Counter)  # by operation, every request received
     forwarded: Counter[str] = field(default_factory=Counter)  # by operation, reached the emulator
     faults: Counter[str] = field(default_factory=Counter)  # by kind
+    partial: Counter[str] = field(default_factory=Counter)  # by operation, batch requests answered in part
+    left_out: Counter[str] = field(default_factory=Counter)  # by operation, the entries those answers left undone
     bursts: int = 0
     upstream_errors: int = 0
 
@@ -129,12 +288,16 @@ class ProxyStats:
             "faults": dict(self.faults),
             "faults_total": sum(self.faults.values()),
             "bursts": self.bursts,
+            "partial": dict(self.partial),
+            "left_out": dict(self.left_out),
+            "partial_total": sum(self.partial.values()),
             "upstream_errors": self.upstream_errors,
         }
 
 
 class FaultProxy(LoopbackService):
-    """Forward to ``upstream`` (``http://127.0.0.1:<port>``); fail writes at ``rate``. Start/stop or a context."""
+    """Forward to ``upstream`` (``http://127.0.0.1:<port>``); fail writes at ``rate``, answer batch requests in part at
+    ``partial_rate``. Start/stop or a context."""
 
     def __init__(
         self,
@@ -145,6 +308,7 @@ class FaultProxy(LoopbackService):
         kinds: tuple[str, ...] = FAULT_KINDS,
         burst_share: float = 0.0,
         burst_length: int = 6,
+        partial_rate: float = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
         upstream_timeout: float = 30.0,
@@ -165,7 +329,14 @@ class FaultProxy(LoopbackService):
         self._bursts: dict[str, int] = {}  # item key -> writes still to fail
         self._failed_keys: Counter[str] = Counter()  # item key -> writes refused
         self._scripted: dict[str, list[str]] = {}  # item key -> fault kinds its next writes get (fail_item)
-        self.configure(rate=rate, seed=seed, kinds=kinds, burst_share=burst_share, burst_length=burst_length)
+        self.configure(
+            rate=rate,
+            seed=seed,
+            kinds=kinds,
+            burst_share=burst_share,
+            burst_length=burst_length,
+            partial_rate=partial_rate,
+        )
 
     # ---- control -------------------------------------------------------------------------------------------------
 
@@ -177,9 +348,10 @@ class FaultProxy(LoopbackService):
         kinds: tuple[str, ...] = FAULT_KINDS,
         burst_share: float = 0.0,
         burst_length: int = 6,
+        partial_rate: float = 0.0,
     ) -> None:
-        if not 0.0 <= rate <= 1.0 or not 0.0 <= burst_share <= 1.0:
-            raise ValueError("rate and burst_share must be within [0, 1]")
+        if not all(0.0 <= r <= 1.0 for r in (rate, burst_share, partial_rate)):
+            raise ValueError("rate, burst_share and partial_rate must be within [0, 1]")
         bad = [k for k in kinds if k not in FAULT_KINDS]
         if bad or not kinds:
             raise ValueError(f"kinds must be a non-empty subset of {FAULT_KINDS}")
@@ -189,6 +361,7 @@ class FaultProxy(LoopbackService):
             self._kinds = tuple(kinds)
             self._burst_share = burst_share
             self._burst_length = max(1, int(burst_length))
+            self._partial_rate = partial_rate
             self._bursts.clear()
 
     def fail_item(self, key: str, kinds: list[str]) -> None:
@@ -274,6 +447,36 @@ class FaultProxy(LoopbackService):
                 self._failed_keys[k] += 1
             return kind
 
+    def _plan_partial(self, operation: str, body: bytes) -> PartialPlan | None:
+        """For a batch request that was not refused: at ``partial_rate``, which of its entries to leave out."""
+        if operation not in PARTIAL_OPERATIONS or self._partial_rate <= 0.0:
+            return None
+        try:
+            request = json.loads(body)
+            count = len(batch_entries(operation, request))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return None
+        keep_one = operation != "BatchExecuteStatement"  # DynamoDB refuses a Batch*Item it can do none of
+        if count < (2 if keep_one else 1):
+            return None
+        with self._lock:
+            if self._rng.random() >= self._partial_rate:
+                return None
+            how_many = self._rng.randint(1, count - 1 if keep_one else count)
+            positions = sorted(self._rng.sample(range(count), how_many))
+            codes = list(STATEMENT_ERRORS)
+            left_out = {n: self._rng.choice(codes) if not keep_one else "" for n in positions}
+        forward = split_batch(operation, request, set(left_out))
+        return PartialPlan(operation, request, json.dumps(forward, separators=(",", ":")).encode("utf-8"), left_out)
+
+    def _answered_in_part(self, plan: PartialPlan) -> None:
+        keys = plan.keys_left_out()
+        with self._lock:
+            self._stats.partial[plan.operation] += 1
+            self._stats.left_out[plan.operation] += len(plan.left_out)
+            for k in keys:
+                self._failed_keys[k] += 1
+
     def _forwarded(self, operation: str, ok: bool) -> None:
         with self._lock:
             if ok:
@@ -320,6 +523,7 @@ class _ProxyHandler(LoopbackHandler):
         target = self.headers.get("X-Amz-Target") or ""
         operation = target.rsplit(".", 1)[-1] if target else f"{self.command} {self.path.split('?', 1)[0]}"
         kind = self.owner._decide(operation, body)
+        plan = self.owner._plan_partial(operation, body) if kind is None else None
         if kind is not None:
             status, code, message = _FAULTS[kind]
             payload = json.dumps({"__type": _ERROR_PREFIX + code, "message": message}).encode("utf-8")
@@ -330,13 +534,26 @@ class _ProxyHandler(LoopbackHandler):
             )
             return
         try:
-            status, reason, headers, payload = self._forward(body)
+            status, reason, headers, payload = self._forward(plan.body if plan is not None else body)
         except (OSError, http.client.HTTPException):
             self.owner._forwarded(operation, False)
             self.close_connection = True
             self._reply(502, [("Content-Type", "text/plain")], b"fault proxy: upstream unavailable")
             return
         self.owner._forwarded(operation, True)
+        if plan is not None and status == 200:
+            merged = plan.merge(payload)
+            if merged is None:  # never pass on a 200 that says nothing of the entries left out
+                self.owner._forwarded(operation, False)
+                status, code, message = _FAULTS["internal"]
+                merged = json.dumps({"__type": _ERROR_PREFIX + code, "message": message}).encode("utf-8")
+                headers, reason = [("Content-Type", "application/x-amz-json-1.0")], "Internal Server Error"
+            else:
+                self.owner._answered_in_part(plan)
+            # botocore checks a DynamoDB answer's body against its x-amz-crc32 (and retries on a mismatch)
+            headers = [(k, v) for k, v in headers if k.lower() != "x-amz-crc32"]
+            headers.append(("x-amz-crc32", str(binascii.crc32(merged))))
+            payload = merged
         self._reply(status, headers, payload, reason)
 
     def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:

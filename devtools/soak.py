@@ -5,7 +5,8 @@ What runs (all on loopback, in this process except moto):
 * the Edge/IMS simulator with chaos (429/503 with a small ``Retry-After``, 502, 504, answers slower than the
   relay's read timeout, dropped connections) on about ``--fault-rate`` of the Edge calls;
 * moto, behind :mod:`devtools.fault_proxy` which refuses ``--ddb-fault-rate`` of the DynamoDB writes
-  (throughput exceeded / internal error, some in bursts as long as botocore's 6 attempts);
+  (throughput exceeded / internal error, some in bursts as long as botocore's 6 attempts) and answers
+  ``--ddb-partial-rate`` of the batch calls in part (unprocessed items and keys, throttled statements);
 * the real handler code: a few :class:`relay.runtime.Runtime` objects, one per simulated execution
   environment: a small pool behind the local HTTP API gateway and one per SQS poller;
 * webhook senders (threads, signed requests, retrying 409/503/5xx with the same ``webhook-id`` like a
@@ -71,6 +72,7 @@ class SoakConfig:
     ddb_fault_rate: float = 0.02  # DynamoDB writes refused by the fault proxy
     ddb_burst_share: float = 0.1  # of those, the share that starts a burst on the same item
     ddb_burst_length: int = 6  # the fault and 5 more: botocore's 6 attempts (max_attempts 5 counts retries)
+    ddb_partial_rate: float = 0.3  # batch calls (BatchWriteItem, BatchGetItem, BatchExecuteStatement) done in part
     webhook_share: float = 0.5
     duplicates: float = 0.05  # extra sends of an already generated eventId, as a share of `events`
     invalid: float = 0.01  # bodies that are not JSON or have no event.xdm
@@ -230,6 +232,8 @@ class Tracer:
         self.client_errors: Counter[str] = Counter()  # timeouts and connection failures, by exception type
         self.ddb_failed_after_ok: Counter[str] = Counter()  # per xdm._id: a result/state write failed after a 200
         self.ddb_failed_writes: Counter[str] = Counter()  # writes that failed after botocore's retries, by operation
+        self._unprocessed: set[str] = set()  # eventIds whose result the last BatchWriteItem with it left unprocessed
+        self.results_unprocessed = 0  # results left unprocessed for good: the event's next Edge call came first
         self.overran: Counter[str] = Counter()  # per event id: invocations with it that outlived the function timeout
         self.overran_invocations = 0
         self.longest_invocation = 0.0
@@ -258,6 +262,13 @@ class Tracer:
 
     def edge_call(self, xdm_id: str | None) -> None:
         self._local.last_ok = None
+        if xdm_id:
+            with self._lock:
+                if xdm_id in self._unprocessed:  # its result was never written: the record came back for it
+                    self._unprocessed.discard(xdm_id)
+                    self.results_unprocessed += 1
+                    if self.client_ok.get(xdm_id):
+                        self.ddb_failed_after_ok[xdm_id] += 1
 
     def edge_answer(self, xdm_id: str | None, status: int) -> None:
         if status in (200, 207) and xdm_id:
@@ -283,7 +294,11 @@ class Tracer:
         context["soak_batch_pks"] = [str(w["PutRequest"]["Item"]["pk"]["S"]) for w in writes if "PutRequest" in w]
 
     def _after_call(self, http_response: Any, parsed: dict[str, Any], model: Any, context: Any, **_: Any) -> None:
-        if http_response is None or http_response.status_code < 300 or model.name not in WRITE_OPERATIONS:
+        if http_response is None or model.name not in WRITE_OPERATIONS:
+            return
+        if http_response.status_code < 300:
+            if model.name == "BatchWriteItem":
+                self._note_unprocessed((context or {}).get("soak_batch_pks") or [], parsed)
             return
         if (parsed.get("Error") or {}).get("Code") == "ConditionalCheckFailedException":
             return
@@ -297,6 +312,23 @@ class Tracer:
                     self.ddb_failed_after_ok[event_id] += 1
             if last_ok and (pk == f"EVENT#{last_ok}" or pk.startswith("IDENTITY#")):
                 self.ddb_failed_after_ok[last_ok] += 1
+
+    def _note_unprocessed(self, batch_pks: list[str], parsed: dict[str, Any]) -> None:
+        """After a BatchWriteItem answered 200: which of its results it left unprocessed (the relay sends those again,
+        or fails their records: a result still unprocessed when its event next calls Edge was given up)."""
+        left = {
+            str(w["PutRequest"]["Item"]["pk"]["S"])
+            for writes in (parsed.get("UnprocessedItems") or {}).values()
+            for w in writes
+            if "PutRequest" in w
+        }
+        with self._lock:
+            for batch_pk in batch_pks:
+                event_id = batch_pk.removeprefix("EVENT#")
+                if batch_pk in left:
+                    self._unprocessed.add(event_id)
+                else:
+                    self._unprocessed.discard(event_id)
 
 
 class TracingSession(requests.Session):
@@ -721,7 +753,10 @@ def account(
             str(dup_timeout + dup_ddb + dup_overran + sum(other.values())),
         ),
         ("  after a timeout/dropped answer (expected: at-least-once; Adobe dedupes by _id)", str(dup_timeout)),
-        ("  after a DynamoDB write failed past botocore's retries (expected: record redelivered)", str(dup_ddb)),
+        (
+            "  after a DynamoDB write failed past botocore's retries or unprocessed (expected: record redelivered)",
+            str(dup_ddb),
+        ),
         (
             "  after an invocation outlived the function timeout (Lambda would have ended it; redelivered)",
             str(dup_overran),
@@ -742,7 +777,17 @@ def account(
             + ", ".join(f"{k} {v}" for k, v in sorted((proxy_stats.get("faults") or {}).items()))
             + f"; {proxy_stats.get('bursts', 0)} bursts of {cfg.ddb_burst_length})",
         ),
+        (
+            "faults injected: DynamoDB batch calls done in part (entries left out)",
+            f"{proxy_stats.get('partial_total', 0)}  ("
+            + ", ".join(
+                f"{op} {n} ({(proxy_stats.get('left_out') or {}).get(op, 0)})"
+                for op, n in sorted((proxy_stats.get("partial") or {}).items())
+            )
+            + ")",
+        ),
         ("DynamoDB writes failed after botocore's retries", str(sum(tracer.ddb_failed_writes.values()))),
+        ("results left unprocessed past the relay's retries (record redelivered)", str(tracer.results_unprocessed)),
         (
             "Edge timeouts/connection errors seen by the relay",
             ", ".join(f"{k} {v}" for k, v in sorted(tracer.client_errors.items())) or "0",
@@ -770,6 +815,7 @@ def account(
         "dup_overran": dup_overran,
         "dup_other": sum(other.values()),
         "ddb_writes": writes,
+        "ddb_partial": int(proxy_stats.get("partial_total", 0)),
         "duplicate_ids": len(duplicate_ids),
         "gave_up": len(gave_up),
         "drained": drained,
@@ -873,12 +919,14 @@ def _run(
         seed=cfg.seed + 1,
         burst_share=cfg.ddb_burst_share,
         burst_length=cfg.ddb_burst_length,
+        partial_rate=cfg.ddb_partial_rate,
     )
     webhook_sends = [s for s in sends if s.trigger == "webhook"]
     sqs_sends = [s for s in sends if s.trigger == "sqs"]
     say(
         f"soak: {cfg.events} events (+{len(sends) - cfg.events} duplicates), {len(webhook_sends)} webhook / "
-        f"{len(sqs_sends)} sqs sends; Edge faults {cfg.fault_rate:.0%}, DynamoDB write faults {cfg.ddb_fault_rate:.0%};"
+        f"{len(sqs_sends)} sqs sends; Edge faults {cfg.fault_rate:.0%}, DynamoDB write faults {cfg.ddb_fault_rate:.0%},"
+        f" batch calls done in part {cfg.ddb_partial_rate:.0%};"
         f" relay logs in {log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path}"
     )
     drained = False
@@ -948,6 +996,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--fault-rate", type=float, default=defaults.fault_rate, help="Edge faults (0-1)")
     parser.add_argument("--ddb-fault-rate", type=float, default=defaults.ddb_fault_rate, help="DynamoDB write faults")
+    parser.add_argument(
+        "--ddb-partial-rate",
+        type=float,
+        default=defaults.ddb_partial_rate,
+        help="DynamoDB batch calls answered in part (unprocessed items/keys, throttled statements)",
+    )
     parser.add_argument("--webhook-share", type=float, default=defaults.webhook_share)
     parser.add_argument("--duplicates", type=float, default=defaults.duplicates)
     parser.add_argument("--invalid", type=float, default=defaults.invalid)
@@ -969,6 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         fault_rate=args.fault_rate,
         ddb_fault_rate=args.ddb_fault_rate,
+        ddb_partial_rate=args.ddb_partial_rate,
         webhook_share=args.webhook_share,
         duplicates=args.duplicates,
         invalid=args.invalid,

@@ -164,3 +164,41 @@ def test_every_expectation_the_soak_counts_fails_it(case: dict[str, Any], failur
     # THEN the run fails, naming it (before, only a missing event or an unexplained duplicate failed it)
     assert not report.ok
     assert failure in report.failures, report.failures
+
+
+# ------------------------------------------------------------------------------------------- results left unprocessed
+
+
+class _Answer:
+    status_code = 200
+
+
+class _Model:
+    name = "BatchWriteItem"
+
+
+def _batch_answer(tracer: Tracer, pks: list[str], left: list[str]) -> None:
+    unprocessed = {"t": [{"PutRequest": {"Item": {"pk": {"S": pk}, "sk": {"S": "RESULT"}}}} for pk in left]}
+    parsed = {"UnprocessedItems": unprocessed if left else {}}
+    tracer._after_call(_Answer(), parsed, _Model(), {"soak_batch_pks": pks})
+
+
+def test_a_result_left_unprocessed_for_good_explains_its_events_next_edge_call() -> None:
+    # GIVEN two events answered 200 by Edge, whose results a BatchWriteItem left unprocessed
+    tracer = Tracer()
+    for event_id in ("e1", "e2"):
+        tracer.edge_call(event_id)
+        tracer.edge_answer(event_id, 200)
+    _batch_answer(tracer, ["EVENT#e1", "EVENT#e2"], ["EVENT#e1", "EVENT#e2"])
+    # AND the relay's next try wrote e2's
+    _batch_answer(tracer, ["EVENT#e2"], [])
+
+    # WHEN both events call Edge again (e1's record redelivered; e2's for another reason)
+    tracer.edge_call("e1")
+    tracer.edge_call("e2")
+
+    # THEN only e1's repeat is put down to DynamoDB, once
+    assert dict(tracer.ddb_failed_after_ok) == {"e1": 1}
+    assert tracer.results_unprocessed == 1
+    tracer.edge_call("e1")
+    assert dict(tracer.ddb_failed_after_ok) == {"e1": 1}

@@ -705,3 +705,76 @@ def test_an_identity_id_with_the_deployments_key_cannot_be_recomputed_without_it
     assert keyed == hmac.new(key, data, hashlib.sha256).hexdigest() != plain
     assert opaque_identity_id("Email", "alice@example.com", key=key) == keyed
     assert opaque_identity_id("Email", "alice@example.com", key=b"j" * 64) != keyed
+
+
+def test_a_lifetime_too_large_for_a_float_is_capped_not_an_error():
+    # GIVEN an answer whose JSON lifetimes are integers too large for a float (`"maxAge": 1000...0`, 400 digits):
+    # Edge's JSON is read with integers as Python ints, which only floats' 1e400 turns into infinity
+    huge = 10**400
+    old = IdentityState(entries={"gone": StoredEntry("1", NOW + 100, 100)})
+    handles = [
+        store_handle({"key": "a", "value": "v", "maxAge": huge}, {"key": "gone", "value": "", "maxAge": -huge}),
+        hint_handle({"scope": "EdgeNetwork", "hint": "va6", "ttlSeconds": huge}),
+    ]
+
+    # WHEN
+    new = apply_handles(old, handles, NOW)
+
+    # THEN the answer is kept as any other (it used to raise OverflowError, and the whole answer's state was lost):
+    # the lifetimes capped, the negative one a delete
+    assert new.entries == {"a": StoredEntry("v", NOW + MAX_LIFETIME_S, MAX_LIFETIME_S)}
+    assert (new.hint, new.hint_expires_at) == ("va6", NOW + MAX_HINT_TTL_S)
+    assert state_from_item(state_to_item(new), 1).entries == new.entries
+
+
+@pytest.mark.parametrize(("first", "then", "after"), [(1800, 1900, 85), (1800, 2000, 0), (1800, 1700, 100)])
+def test_a_changed_cluster_lifetime_is_written_because_it_sets_the_grace(first, then, after):
+    # GIVEN the hint and the cluster entry stored with one lifetime, and Edge's next answer `after` s later giving
+    # another: the same expiry or an extension not yet due, which alone would not be written
+    def answer(ttl: int) -> list[dict[str, Any]]:
+        return [
+            hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": ttl}),
+            store_handle({"key": CLUSTER_KEY, "value": "or2", "maxAge": ttl}),
+        ]
+
+    stored = apply_handles(IdentityState(), answer(first), NOW)
+    now = NOW + after
+    new = apply_handles(stored, answer(then), now)
+
+    # WHEN / THEN it is written: the route's grace is a tenth of the stored lifetime, and with the old one stored the
+    # route would end before Edge's (a longer lifetime) or outlive it by more than a tenth (a shorter one)
+    assert needs_write(stored, new, now) is True
+    edge_expiry = now + then
+    assert new.route_hint(edge_expiry - 1) == "or2" and CLUSTER_KEY in new.sendable_entries(edge_expiry - 1)
+    assert new.route_hint(edge_expiry + then / 10) is None
+
+
+def test_the_same_lifetimes_again_are_not_a_change_to_write():
+    # GIVEN the fixture state stored, and an item written before the hint's lifetime was kept (taken from the
+    # cluster entry beside it)
+    stored = apply_handles(IdentityState(), fixture_handles(), NOW)
+    legacy = replace(stored, hint_ttl=0.0)
+
+    # WHEN / THEN the same answer a minute later (an extension not yet due) is not written for either
+    for old in (stored, legacy):
+        assert needs_write(old, apply_handles(old, fixture_handles(), NOW + 60), NOW + 60) is False
+
+
+def test_expiries_keep_their_fraction_of_a_second_through_the_store():
+    # GIVEN an answer received at a fraction of a second: a 5 s entry, and a hint for half a second
+    now = NOW + 0.7
+    handles = [
+        store_handle({"key": "consent", "value": "in", "maxAge": 5}),
+        hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 0.5}),
+    ]
+    state = apply_handles(IdentityState(), handles, now)
+
+    # WHEN it is stored and read back
+    back = state_from_item(json.loads(json.dumps(state_to_item(state))), 1)
+
+    # THEN nothing ends early (whole seconds once ended it up to 1 s before Edge did), and the half-second hint keeps
+    # its own lifetime (written as 0, it was read back as unknown, and routed for a tenth of the cluster's)
+    assert back.entries["consent"].expires_at == pytest.approx(NOW + 5.7, abs=1e-3)
+    assert [e["key"] for e in outgoing_entries(back, [], NOW + 5.5)] == ["consent"]
+    assert back.hint_ttl == pytest.approx(0.5) and back.hint_expires_at == pytest.approx(NOW + 1.2, abs=1e-3)
+    assert back.route_hint(NOW + 1.5) is None

@@ -49,9 +49,11 @@ def valid_hint(hint: Any) -> bool:
 
 def _lifetime(value: Any) -> float | None:
     """A `maxAge`/`ttlSeconds` in seconds (capped at MAX_LIFETIME_S), or None when it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return min(value, MAX_LIFETIME_S)
+    if isinstance(value, int):  # JSON's integers are Python's: one too large for a float must not raise
+        return float(max(min(value, MAX_LIFETIME_S), -MAX_LIFETIME_S))
+    return min(value, MAX_LIFETIME_S) if math.isfinite(value) else None
 
 
 def _entry_bytes(key: str, entry: StoredEntry) -> int:
@@ -242,8 +244,12 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
         before = old_sent[key]
         if (before.value, before.attrs) != (entry.value, entry.attrs):
             return True
+        if before.max_age != entry.max_age and CLUSTER_KEY.fullmatch(key):
+            return True  # its lifetime sets its grace (`_sent_until`): the stored one must be Edge's
         if _extension_due(before.expires_at, entry.expires_at, now):
             return True
+    if new.hint and old.hint_lifetime() != new.hint_lifetime():
+        return True  # the hint's grace is a tenth of its stored lifetime (`IdentityState.route_hint`)
     return bool(new.hint) and _extension_due(old.hint_expires_at, new.hint_expires_at, now)
 
 
@@ -251,13 +257,21 @@ def state_to_item(state: IdentityState) -> dict[str, Any]:
     """JSON-ready attributes of the identity-state item (values stay out of logs)."""
     return {
         "entries": {
-            k: {"value": e.value, "expiresAt": int(e.expires_at), "maxAge": e.max_age}
+            k: {"value": e.value, "expiresAt": _seconds(e.expires_at), "maxAge": e.max_age}
             | ({"attrs": e.attrs} if e.attrs else {})
             for k, e in sorted(state.entries.items())
         },
         "hint": state.hint,
-        "hintExpiresAt": int(state.hint_expires_at),
-    } | ({"hintTtl": int(state.hint_ttl)} if state.hint and state.hint_ttl else {})
+        "hintExpiresAt": _seconds(state.hint_expires_at),
+    } | ({"hintTtl": _seconds(state.hint_ttl)} if state.hint and state.hint_ttl else {})
+
+
+def _seconds(value: float) -> int | float:
+    """A time or lifetime as stored: to the millisecond (whole seconds ended a lifetime up to 1 s before Edge did,
+    and wrote a sub-second hint lifetime as 0, "not known"), as an integer when it is one. Versions that wrote whole
+    seconds read either (`float()`)."""
+    exact = round(value, 3)
+    return int(exact) if exact == int(exact) else exact
 
 
 def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:

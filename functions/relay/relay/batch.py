@@ -445,7 +445,9 @@ class BatchRunner:
         # Sent back without an attempt: each such return still counts as a receive, towards the dead-letter queue.
         if untried:
             count("RecordsNotTried", len(untried))
-        logger.info(
+        # A WARNING when records go back: the runbook's dead-letter procedure reads why here (most reasons have no
+        # line of their own), and it allows LogLevel WARNING. A batch that sent nothing back says so at INFO.
+        (logger.warning if ordered else logger.info)(
             "batch done",
             records=len(records),
             redelivered=len(set(ordered)),

@@ -2437,3 +2437,107 @@ def test_metrics_written_mid_batch_never_share_a_line_with_a_workers_log_line(
     written = [v for doc in parsed if "_aws" in doc for v in doc["EdgeLatency"]]
     held = list(metrics.metric_set["EdgeLatency"]["Value"])
     assert len(written) + len(held) == len(emitted()["EdgeLatency"]) == 8 * 300
+
+
+def applied_then_lost(real: Callable[..., Any]) -> Callable[..., Any]:
+    """A DynamoDB call that is applied, but whose answer (and every retry's) is lost: the caller gets boto3's error."""
+    from botocore.exceptions import ReadTimeoutError
+
+    calls: list[int] = []
+
+    def call(**kwargs: Any) -> Any:
+        if calls:
+            return real(**kwargs)
+        calls.append(1)
+        real(**kwargs)
+        raise ReadTimeoutError(endpoint_url="https://dynamodb.eu-west-1.amazonaws.com")
+
+    return call
+
+
+class NoQueue:
+    def send_message(self, **kwargs: Any) -> Any:
+        raise AssertionError("nothing is to be queued")
+
+
+@pytest.mark.parametrize("edge_says", ["delivered", "rejected"])
+def test_a_webhook_result_written_though_its_answer_was_lost_is_the_answer(
+    edge_says: str, store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    from relay.errors import EdgeRejected
+    from relay.webhook import WebhookApp
+
+    # GIVEN Edge's answer (a delivery, or a refusal for good), and a result PutItem that DynamoDB applies but whose
+    # answer is lost (a read timeout, a dropped connection, on every attempt boto3 makes)
+    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+    store, clock = store_on_moto.store, store_on_moto.clock
+    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "status": 422, "title": "Unprocessable"}
+    answer_of_edge = (
+        EdgeAnswer(200, {"requestId": "r-1", "handle": [{"type": "x", "payload": []}]}, 1)
+        if edge_says == "delivered"
+        else EdgeRejected(422, problem)
+    )
+    relay = Relay(store, FakeEdge(answer_of_edge), clock)  # type: ignore[arg-type]
+    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(NoQueue(), QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    store_on_moto.ddb.put_item = applied_then_lost(store_on_moto.ddb.put_item)
+    body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
+
+    # WHEN the event arrives
+    answer = app.handle(http_event(body, {"webhook-id": "msg_1"}), None)
+
+    # THEN the sender is answered what is stored, not "queued" for an event that is done (it would never hear of its
+    # handles, nor of Edge's refusal), nothing is queued, and the outcome is counted (EdgeRejectedRateAlarm counts it)
+    item = store.get_result("ev-1")
+    assert item is not None and item["status"] == edge_says
+    if edge_says == "delivered":
+        assert answer["statusCode"] == 200 and json.loads(answer["body"])["handle"] == item["handle"]
+        assert emitted() == {"Delivered": [1.0]}
+    else:
+        assert answer["statusCode"] == 422
+        assert emitted() == {"Rejected": [1.0], "EdgeRejected": [1.0]}
+
+
+def test_batch_results_written_though_their_answer_was_lost_are_not_redelivered(
+    store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    # GIVEN two people's events, and a BatchWriteItem of their results that DynamoDB applies but whose answer is lost
+    store, clock = store_on_moto.store, store_on_moto.clock
+    edge = FakeEdge(*[EdgeAnswer(200, {"requestId": f"r{n}", "handle": []}, 1) for n in range(2)])
+    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
+    store_on_moto.ddb.batch_write_item = applied_then_lost(store_on_moto.ddb.batch_write_item)
+
+    # WHEN the batch runs
+    answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1)).run(
+        {"Records": [record("e1", 1, "p1"), record("e2", 1, "p2")]}, Deadline(clock, 20), lease_s=25
+    )
+
+    # THEN both records are done (a redelivery would only find them delivered), and counted as delivered
+    assert answer == {"batchItemFailures": []}
+    assert [store.get_result(e)["status"] for e in ("e1", "e2")] == ["delivered", "delivered"]  # type: ignore[index]
+    assert emitted() == {"Delivered": [1.0, 1.0]} and len(edge.calls) == 2
+
+
+def test_a_result_write_that_really_failed_still_gives_the_claim_back(
+    store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    from botocore.exceptions import ReadTimeoutError
+
+    # GIVEN a result PutItem that DynamoDB never applies (its every attempt times out)
+    store, clock = store_on_moto.store, store_on_moto.clock
+    relay = Relay(store, FakeEdge(EdgeAnswer(200, {"requestId": "r-1", "handle": []}, 1)), clock)  # type: ignore[arg-type]
+
+    def lost(**kwargs: Any) -> Any:
+        raise ReadTimeoutError(endpoint_url="https://dynamodb.eu-west-1.amazonaws.com")
+
+    store_on_moto.ddb.put_item = lost
+    inbound = build_inbound(
+        {"event": {"xdm": {"_id": "ev-1"}}}, event_id="ev-1", datastream_id="ds-1", source="webhook", received_at=0.0
+    )
+
+    # WHEN the event is relayed
+    result = relay.process(inbound, Deadline(clock, 20), lease_s=25)
+
+    # THEN it is a retry, its claim given back for the sender's resend (Edge dedupes the same xdm._id)
+    assert result.outcome is Outcome.RETRY and result.given_back
+    assert store.get_result("ev-1")["status"] == "queued"  # type: ignore[index]
+    assert emitted() == {"RetriesScheduled": [1.0]}

@@ -132,8 +132,8 @@ class _ResultWrites:
             try:
                 if reason is None:
                     self._relay.stored(result, in_batch=True)
-                else:
-                    self._relay.not_stored(result, reason)
+                elif self._relay.not_stored(result, reason):
+                    reason = None  # written after all (the write's answer was lost): the record is done
             except Exception:
                 # A defect counting, logging or giving back one result must not leave the chunk's others unsettled:
                 # each is acknowledged or redelivered as its write went (a claim not given back lapses by itself).

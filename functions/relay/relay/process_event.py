@@ -243,6 +243,7 @@ class Relay:
             return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
         if claim.token is None:
             return Result(Outcome.RETRY, event_id, reason="claim without a token")
+        writing: ResultWrite | None = None  # the result being written, once it is
         try:
             if state is None and state_source is not None:
                 state = state_source()
@@ -250,7 +251,8 @@ class Relay:
             if defer_store:
                 return replace(result, token=claim.token)
             if result.pending is not None:
-                self.store.put_result(result.pending)
+                writing = result.pending
+                self.store.put_result(writing)
             self.stored(result)
             return replace(result, pending=None)
         except (EdgeUnavailable, CredentialsError, StoreUnavailable) as exc:
@@ -260,7 +262,12 @@ class Relay:
                 # (CredentialsUnavailableAlarm) rather than only once the events reach the dead-letter queue. (No time
                 # left for the token request is about this event's deadline, not the credentials.)
                 count("CredentialsUnavailable")
-            given_back = self._give_back(event_id, claim.token, str(exc), retry_after, to_queue=to_queue)
+            given_back = self._give_back(
+                event_id, claim.token, str(exc), retry_after, to_queue=to_queue, written=writing
+            )
+            if given_back is None:  # the result's write was applied after all: it is the outcome
+                self.stored(result)
+                return replace(result, pending=None)
             untried = isinstance(exc, NoTimeLeft) or (isinstance(exc, EdgeUnavailable) and exc.attempts == 0)
             return Result(
                 Outcome.RETRY,
@@ -276,7 +283,7 @@ class Relay:
             logger.exception("unexpected error; event will be retried", eventId=event_id)
             count("UnexpectedErrors")
             reason = f"unexpected error: {type(exc).__name__}"
-            given_back = self._give_back(event_id, claim.token, reason, to_queue=to_queue)
+            given_back = self._give_back(event_id, claim.token, reason, to_queue=to_queue) is True  # None: not here
             return Result(Outcome.RETRY, event_id, reason=reason, given_back=given_back)
 
     def _reject_reused(self, inbound: InboundEvent, filed_as: str) -> Result:
@@ -319,24 +326,42 @@ class Relay:
             message = "event refused: too large for Edge" if refused_here else "edge rejected the event"
             logger.warning(message, eventId=result.event_id, **result.note)
 
-    def not_stored(self, result: Result, reason: str) -> None:
+    def not_stored(self, result: Result, reason: str) -> bool:
         """A deferred result that could not be written: give the claim back so the redelivery can take it at once
-        (Edge has the event; the redelivery sends the same `xdm._id` again, and Edge dedupes on it)."""
-        if result.token:
-            self._give_back(result.event_id, result.token, reason)
+        (Edge has the event; the redelivery sends the same `xdm._id` again, and Edge dedupes on it). True when the
+        write was applied after all (its answer lost): then it is counted as `stored`, and the record is done."""
+        if result.token and self._give_back(result.event_id, result.token, reason, written=result.pending) is None:
+            self.stored(result, in_batch=True)
+            return True
+        return False
 
     def _give_back(
-        self, event_id: str, token: str, reason: str, retry_after: float | None = None, *, to_queue: bool = False
-    ) -> bool:
-        """Hand the claim back (`queued`); whether that was written (else the lease lapses by itself)."""
-        logger.warning("event will be retried", eventId=event_id, reason=reason)
-        count("RetriesScheduled")
+        self,
+        event_id: str,
+        token: str,
+        reason: str,
+        retry_after: float | None = None,
+        *,
+        to_queue: bool = False,
+        written: ResultWrite | None = None,
+    ) -> bool | None:
+        """Hand the claim back (`queued`): True when that was written; False when it was not (the store down: the
+        lease lapses by itself; or the item no longer held the claim). None when the item holds `written` instead,
+        the result whose write raised: applied though its answer was lost (the hand-back's refusal carries the item,
+        so this costs no read). Then the event is not to be retried."""
         try:
             noted = queue_send_pending(reason) if to_queue else reason
-            self.store.release(event_id, token, noted, retry_after=retry_after)
+            found = self.store.release(event_id, token, noted, retry_after=retry_after)
         except StoreUnavailable:
-            return False  # the lease expires by itself
-        return True
+            found, released = None, False
+        else:
+            released = found is None
+        if found is not None and written is not None and self.store.holds(found, written):
+            logger.info("result write reported failed was applied", eventId=event_id, reason=reason)
+            return None
+        logger.warning("event will be retried", eventId=event_id, reason=reason)
+        count("RetriesScheduled")
+        return released
 
     def _deliver(
         self, inbound: InboundEvent, deadline: Deadline, known: IdentityState | None, claimed: dict[str, Any] | None

@@ -419,9 +419,12 @@ class HandlesStore:
                 shed(name)
         return values
 
-    def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
+    def release(
+        self, event_id: str, token: str, reason: str, *, retry_after: float | None = None
+    ) -> dict[str, Any] | None:
         """Give the event back (status `queued`) so a retry can claim it at once; only our own claim. With the
-        `Retry-After` Edge gave (seconds), so a user can tell when the next attempt comes."""
+        `Retry-After` Edge gave (seconds), so a user can tell when the next attempt comes. None when given back; else
+        the item as found, which no longer holds the claim (another holder's, or a result: see `holds`)."""
         values = {
             ":queued": {"S": "queued"},
             ":r": _last_error(reason),
@@ -433,7 +436,13 @@ class HandlesStore:
         else:
             set_part += ", retryAfterSeconds = :ra"
             values[":ra"] = {"N": str(math.ceil(retry_after))}  # parse_retry_after never gives a negative wait
-        self._update_own_claim(event_id, token, f"{set_part} {remove_part}", values, names={"#s": "status"})
+        return self._update_own_claim(event_id, token, f"{set_part} {remove_part}", values, names={"#s": "status"})
+
+    @staticmethod
+    def holds(found: dict[str, Any], write: ResultWrite) -> bool:
+        """Whether an item as read (decoded) is this result: its write was applied, though the relay saw it fail
+        (every answer of boto3's attempts lost: a read timeout, a dropped connection, a 5xx after the write)."""
+        return bool(found) and all(found.get(name) == write.doc.get(name) for name in ("status", "storedAt"))
 
     def _update_own_claim(
         self,
@@ -442,10 +451,10 @@ class HandlesStore:
         expression: str,
         values: dict[str, Any],
         names: dict[str, str] | None = None,
-    ) -> None:
-        """Update the event's item only while it holds our claim (`token`). Raises StoreUnavailable when DynamoDB
-        cannot be reached."""
-        self._update_if(event_id, expression, "claimToken = :tok", {**values, ":tok": {"S": token}}, names)
+    ) -> dict[str, Any] | None:
+        """Update the event's item only while it holds our claim (`token`): None when updated, else the item as found.
+        Raises StoreUnavailable when DynamoDB cannot be reached."""
+        return self._update_if(event_id, expression, "claimToken = :tok", {**values, ":tok": {"S": token}}, names)
 
     def _update_if(
         self,
@@ -454,9 +463,10 @@ class HandlesStore:
         condition: str,
         values: dict[str, Any],
         names: dict[str, str] | None = None,
-    ) -> None:
+    ) -> dict[str, Any] | None:
         """Update the event's item only while `condition` holds; otherwise someone else's outcome stands and nothing
-        is written. Raises StoreUnavailable when DynamoDB cannot be reached."""
+        is written. None when updated, else the item as found (decoded; {} when there is none). Raises
+        StoreUnavailable when DynamoDB cannot be reached."""
         extra = {"ExpressionAttributeNames": names} if names else {}
         try:
             self._call(
@@ -465,10 +475,12 @@ class HandlesStore:
                 UpdateExpression=expression,
                 ConditionExpression=condition,
                 ExpressionAttributeValues=values,
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",  # no extra read: DynamoDB's refusal carries the item
                 **extra,
             )
-        except ClientError:
-            pass  # the condition no longer holds
+        except ClientError as exc:  # the condition no longer holds (`_call` raises no other ClientError)
+            return decode_item(exc.response.get("Item") or {})
+        return None
 
     def note_queued(self, event_id: str, reason: str) -> None:
         """Say on a webhook's `queued` item that its retry-queue message was sent: the QUEUE_SEND_PENDING mark it was

@@ -161,6 +161,9 @@ def _find(ddb: Any, table: str, given: str) -> tuple[str, dict[str, Any] | None]
     return given, doc
 
 
+_CONDITION_FAILED = "ConditionalCheckFailedException"
+
+
 def _aws_code(exc: ClientError | BotoCoreError) -> str:
     return str(exc.response.get("Error", {}).get("Code")) if isinstance(exc, ClientError) else type(exc).__name__
 
@@ -371,12 +374,20 @@ def replay_event(
 
     try:
         mark("SET #s = :q, replayedAt = :now REMOVE lastError", "#s = :was AND attribute_not_exists(leaseUntil)")
-    except ddb.exceptions.ConditionalCheckFailedException:
-        # Our own mark, whose answer was lost and the request retried by boto3 (it then finds `queued`), goes on;
-        # anything else changed it meanwhile.
-        now = _get(ddb, table, event_id) or {}
+    except (ClientError, BotoCoreError) as exc:
+        # Our own mark, whose answer was lost goes on: boto3 sent it again and it found `queued` (a refused
+        # condition), or every attempt's answer was lost (an error). Anything else changed it meanwhile, or the mark
+        # failed: this event's line says so, and the next events are still tried.
+        refused = isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") == _CONDITION_FAILED
+        try:
+            now = _get(ddb, table, event_id) or {}
+        except (ClientError, BotoCoreError):
+            # Marked or not, unknown: a replay named by its id goes again (a stranded mark is replayable).
+            return f"failed: not marked ({_aws_code(exc)}): run `relayctl replay {event_id}` again"
         if (now.get("status"), now.get("replayedAt"), "leaseUntil" in now) != ("queued", stamp["S"], False):
-            return "skipped: changed meanwhile"
+            return (
+                "skipped: changed meanwhile" if refused else f"failed: not marked ({_aws_code(exc)}); still {was['S']}"
+            )
     # The relay's own queue encoding: compact JSON with the characters SQS refuses (U+FFFE, U+FFFF) escaped.
     body = request if isinstance(request, str) else message_body(request)
     attrs = {
@@ -809,10 +820,12 @@ def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:
             ConditionExpression="#s = :s",
             ExpressionAttributeNames={"#s": "status"},
             ExpressionAttributeValues={":s": status},
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
         )
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-            return False
+        if exc.response.get("Error", {}).get("Code") == _CONDITION_FAILED:
+            # No item: gone, by this very delete, applied though its answer was lost (boto3 sent it again).
+            return "Item" not in exc.response
         raise
     return True
 

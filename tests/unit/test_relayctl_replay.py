@@ -9,7 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 from relay import codec
 from relay.errors import EventIdReused, PayloadTooLarge
 from relay.models import iso_millis
@@ -1222,3 +1222,112 @@ def test_replay_does_not_mark_an_event_a_claim_holds_since_it_was_read(store_on_
     # THEN the replay neither marks nor sends it (a second copy racing a live attempt)
     assert relayctl_main.replay_event(ddb, sqs, "t", "q", "ev-1", doc) == "skipped: changed meanwhile"
     assert sqs.sent == []
+
+
+class MarkAppliedThenLost(LostAnswer):
+    """A DynamoDB client whose first `update_item` is applied, but every answer boto3 waited for is lost: the caller
+    gets the error. `reads_fail`: the read that follows fails too."""
+
+    reads_fail = False
+
+    def update_item(self, **kwargs: Any) -> Any:
+        if not self._lost:
+            self._lost = True
+            self._ddb.update_item(**kwargs)
+            raise ReadTimeoutError(endpoint_url="https://dynamodb.eu-west-1.amazonaws.com")
+        return self._ddb.update_item(**kwargs)
+
+    def get_item(self, **kwargs: Any) -> Any:
+        if self.reads_fail:
+            raise ReadTimeoutError(endpoint_url="https://dynamodb.eu-west-1.amazonaws.com")
+        return self._ddb.get_item(**kwargs)
+
+
+def test_a_replay_whose_mark_was_applied_but_every_answer_lost_still_sends_the_event(aws: None) -> None:
+    # GIVEN an Edge rejection, and a DynamoDB that applies the replay's mark but whose answers all time out
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN it is replayed
+    outcome = replay_event(MarkAppliedThenLost(ddb), sqs, "t", queue, "ev-1")
+
+    # THEN its own mark is recognised: the event is sent, not left marked `queued` with nothing on the queue (where
+    # `--all-rejected`, which lists `rejected` events, would never find it again)
+    assert outcome == "queued"
+    assert len(sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])) == 1
+
+
+def test_a_replay_whose_mark_cannot_be_told_names_the_event_and_goes_on(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN two Edge rejections, and a DynamoDB that applies the first one's mark but answers nothing more about it
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    for event_id in ("ev-1", "ev-2"):
+        ddb.put_item(TableName="t", Item=rejected_item(event_id))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    lossy = MarkAppliedThenLost(ddb)
+    real_get = lossy.get_item
+    finds: list[str] = []
+
+    def get_item(**kwargs: Any) -> Any:  # the reads that find each event work; the one after the lost mark fails
+        finds.append(kwargs["Key"]["pk"]["S"])
+        lossy.reads_fail = finds == ["EVENT#ev-1", "EVENT#ev-1"]
+        return real_get(**kwargs)
+
+    lossy.get_item = get_item  # type: ignore[method-assign]
+    real_client = boto3.client
+    monkeypatch.setattr(
+        relayctl_main.boto3, "client", lambda name, **kw: lossy if name == "dynamodb" else real_client(name, **kw)
+    )
+
+    # WHEN both are replayed
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "replay", "ev-1", "ev-2"])
+
+    # THEN the first one's line names it and how to finish it (a stranded mark is replayable by its id), the second is
+    # still replayed, and the command says one did not go (it used to stop at the first with "AWS refused the call")
+    out = capsys.readouterr().out
+    assert "ev-1: failed: not marked (ReadTimeoutError): run `relayctl replay ev-1` again" in out
+    assert "ev-2: queued" in out and code == 1
+    lossy.reads_fail = False
+    assert relayctl_main.main(["--table", "t", "--queue-url", queue, "replay", "ev-1"]) == 0
+    assert len(sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])) == 2
+
+
+def test_forget_whose_delete_was_applied_and_sent_again_reports_it_deleted(
+    store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN a body the relay refused, naming the person, and a DynamoDB whose answer to forget's delete is lost (boto3
+    # sends the same conditional delete again: the item is gone, so its condition fails)
+    store = store_on_moto.store
+    body = json.dumps({"event": {"xdm": {"_id": "ev-1", "identityMap": {"Email": [{"id": "a@example.com"}]}}}})
+    problem = {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400}
+    store.reject_unclaimed("ev-1", {"datastreamId": "ds", "source": "webhook", "error": problem, "request": body})
+    real_client = boto3.client
+
+    class DeleteSentAgain:
+        def __init__(self, client: Any) -> None:
+            self._client = client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._client, name)
+
+        def delete_item(self, **kwargs: Any) -> Any:
+            self._client.delete_item(**kwargs)
+            return self._client.delete_item(**kwargs)
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda name, **kw: DeleteSentAgain(real_client(name, **kw)))
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    # WHEN the operator forgets the person
+    code = relayctl_main.main(
+        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
+    )
+
+    # THEN it is reported deleted (not "taken by a new attempt", with a rerun advised that finds nothing)
+    out = capsys.readouterr().out
+    assert store.get_result("ev-1") is None
+    assert "taken by a new attempt" not in out and "1 refused body(ies)" in out
+    assert code == 0

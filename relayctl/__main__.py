@@ -195,8 +195,9 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
         return "nothing is queued for it: the webhook sender was answered 503 and must resend"
     if status == "queued" and str(doc.get("lastError", "")).startswith(QUEUE_SEND_PENDING):
         return (
-            "its invocation ended while sending it to the retry queue: it may be in the queue, or not, and then the "
-            "webhook sender (answered 5xx by API Gateway) must resend; either one delivers it"
+            "its send to the retry queue was never confirmed (its invocation ended, or SQS did not answer): it may be "
+            "in the queue, or not, and then the webhook sender (answered 503, or 5xx by API Gateway) must resend; "
+            "either one delivers it"
         )
     if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc:
         # Marked by a replay and not tried since: an attempt that gives the event back writes `lastError`, which the

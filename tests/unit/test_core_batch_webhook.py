@@ -17,7 +17,7 @@ from unittest.mock import patch
 
 import pytest
 import relay.batch as batch_module
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 from relay.batch import CLAIM_AHEAD, HOLD_BACK_RECEIVES, BatchRunner
 from relay.clock import Deadline
 from relay.errors import CredentialsError, EdgeUnavailable, StoreUnavailable
@@ -2441,8 +2441,6 @@ def test_metrics_written_mid_batch_never_share_a_line_with_a_workers_log_line(
 
 def applied_then_lost(real: Callable[..., Any]) -> Callable[..., Any]:
     """A DynamoDB call that is applied, but whose answer (and every retry's) is lost: the caller gets boto3's error."""
-    from botocore.exceptions import ReadTimeoutError
-
     calls: list[int] = []
 
     def call(**kwargs: Any) -> Any:
@@ -2520,8 +2518,6 @@ def test_batch_results_written_though_their_answer_was_lost_are_not_redelivered(
 def test_a_result_write_that_really_failed_still_gives_the_claim_back(
     store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
 ) -> None:
-    from botocore.exceptions import ReadTimeoutError
-
     # GIVEN a result PutItem that DynamoDB never applies (its every attempt times out)
     store, clock = store_on_moto.store, store_on_moto.clock
     relay = Relay(store, FakeEdge(EdgeAnswer(200, {"requestId": "r-1", "handle": []}, 1)), clock)  # type: ignore[arg-type]
@@ -2541,3 +2537,63 @@ def test_a_result_write_that_really_failed_still_gives_the_claim_back(
     assert result.outcome is Outcome.RETRY and result.given_back
     assert store.get_result("ev-1")["status"] == "queued"  # type: ignore[index]
     assert emitted() == {"RetriesScheduled": [1.0]}
+
+
+class SqsAppliedThenLost:
+    """SQS that queues the message, but whose answer never comes (boto3's attempts time out), or that fails with a
+    5xx after it may have queued it."""
+
+    def __init__(self, failure: Exception) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self._failure = failure
+
+    def send_message(self, **kwargs: Any) -> dict[str, Any]:
+        self.sent.append(kwargs)
+        raise self._failure
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ReadTimeoutError(endpoint_url="https://sqs.eu-west-1.amazonaws.com"),
+        ClientError(
+            {"Error": {"Code": "InternalError", "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": 500}},
+            "SendMessage",
+        ),
+    ],
+    ids=["timeout", "5xx"],
+)
+def test_a_fallback_send_that_may_have_been_queued_is_not_said_to_be_unqueued(
+    failure: Exception, store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    from relay.webhook import WebhookApp
+
+    # GIVEN Edge unavailable, and a retry queue that takes the message but whose answer never comes (or is a 5xx)
+    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+    store, clock = store_on_moto.store, store_on_moto.clock
+    relay = Relay(store, FakeEdge(EdgeUnavailable("edge answered 503")), clock)  # type: ignore[arg-type]
+    sqs_client = SqsAppliedThenLost(failure)
+    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(sqs_client, QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-q"}}}).encode()
+
+    # WHEN a webhook event arrives
+    answer = app.handle(http_event(body, {"webhook-id": "msg_q"}), None)
+
+    # THEN the sender is told to retry (nothing says it was queued), but the item keeps the give-back's mark, which
+    # `relayctl show` reads as "it may be in the queue, or not": not "nothing is queued", which may be false
+    assert answer["statusCode"] == 503 and len(sqs_client.sent) == 1
+    item = store.get_result("ev-q")
+    assert item is not None and item["status"] == "queued"
+    assert item["lastError"] == "queue send pending: edge answered 503"
+    assert emitted()["QueueFallbackFailed"] == [1.0]
+
+
+def test_a_queue_that_may_have_taken_an_event_says_so() -> None:
+    # GIVEN a webhook event to queue, and SQS whose answer never comes
+    inbound = build_inbound(
+        {"event": {"xdm": {"_id": "q-1"}}}, event_id="q-1", datastream_id="ds-1", source="webhook", received_at=0
+    )
+    client = SqsAppliedThenLost(ReadTimeoutError(endpoint_url="https://sqs.eu-west-1.amazonaws.com"))
+
+    # WHEN / THEN it is neither sent nor refused: it may have been queued
+    assert RetryQueue(client, QUEUE_URL).send(inbound) is None

@@ -392,7 +392,9 @@ class WebhookApp:
             return ok(202, {"eventId": result.event_id, "status": "queued"})
         count("QueueFallbackFailed")
         logger.error("event could not be queued; sender must retry", eventId=result.event_id)
-        if result.given_back:
+        # Said on the item only when nothing was queued for sure: a send whose answer never came may have queued it,
+        # and the mark the give-back wrote says just that (`relayctl show`: it may be in the queue, or not).
+        if result.given_back and sent is False:
             self._relay.store.note_not_queued(
                 result.event_id,
                 f"not queued ({why}; the sender was answered 503): {result.reason}",

@@ -53,9 +53,10 @@ class RetryQueue:
         self._sqs = client
         self._url = queue_url
 
-    def send(self, inbound: InboundEvent, *, delay_s: float | None = None) -> bool:
-        """Enqueue the prepared request (stable `xdm._id`); False when there is no queue or the send failed (logged
-        with why: the caller only knows that it failed)."""
+    def send(self, inbound: InboundEvent, *, delay_s: float | None = None) -> bool | None:
+        """Enqueue the prepared request (stable `xdm._id`). True when sent; False when not (no queue, or SQS refused
+        it: a 4xx); None when it may have been: no answer came (a timeout, a dropped connection) or SQS failed (a
+        5xx), and SQS may have queued it all the same. Logged with why: the caller only knows the outcome."""
         if not self._url:
             logger.error("no retry queue: RETRY_QUEUE_URL is not set", eventId=inbound.event_id)
             return False
@@ -72,11 +73,14 @@ class RetryQueue:
             )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code") or "ClientError"
+            if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 400) >= 500:
+                logger.warning("the retry queue failed; the event may be queued", eventId=inbound.event_id, reason=code)
+                return None
             logger.warning("the retry queue refused the event", eventId=inbound.event_id, reason=str(code))
             return False
         except BotoCoreError as exc:
             logger.warning("the retry queue could not be reached", eventId=inbound.event_id, reason=type(exc).__name__)
-            return False
+            return None
         return True
 
     def postpone(

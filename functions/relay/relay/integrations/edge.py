@@ -194,7 +194,7 @@ class EdgeClient:
         `Session.send` of a prepared request skips `Session.request`'s per-call settings merge: about 8 % of the
         relay's CPU per event in the benchmark)."""
         s = self._settings
-        cap = BodyCap(MAX_ANSWER_BYTES)
+        cap = BodyCap(MAX_ANSWER_BYTES, deadline)
         prepared = self._session.prepare_request(
             requests.Request("POST", url, params=params, data=body, headers=headers, hooks={"response": cap})
         )

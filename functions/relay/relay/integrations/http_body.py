@@ -12,12 +12,30 @@ from __future__ import annotations
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
+from relay.clock import Deadline
+
 CHUNK_BYTES = 64 * 1024  # decoded bytes per read; urllib3 decompresses no more than a read asks for
+MIN_WAIT_S = 0.01  # the shortest wait for the body once its deadline has passed: what is already received is read
 
 
-def read_at_most(resp: requests.Response, limit: int) -> bool:
+def bound_wait(resp: requests.Response, deadline: Deadline | None) -> None:
+    """Make each wait for the body's data end by `deadline`. The read timeout was set on the socket when the request
+    was sent, from the time left then: headers that came late would otherwise leave a stalled body the whole read
+    timeout again, past the deadline (and a batch past its Lambda timeout). urllib3 sets the socket's timeout anew
+    for the connection's next request."""
+    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+    if deadline is None or sock is None:
+        return
+    wait = max(deadline.remaining(), MIN_WAIT_S)
+    current = sock.gettimeout()
+    if current is None or wait < current:
+        sock.settimeout(wait)
+
+
+def read_at_most(resp: requests.Response, limit: int, deadline: Deadline | None = None) -> bool:
     """Read `resp`'s body into its `content`: whole (True), or its first `limit` bytes when it is longer (False; the
-    connection is then closed, not reused, since the rest of the answer is still on it).
+    connection is then closed, not reused, since the rest of the answer is still on it). Each wait for data ends by
+    `deadline` (a peer that sends its data a byte at a time, each within that, can still hold a read longer).
 
     Raises what reading the body raises (`requests.RequestException`s: a dropped connection, a body cut short or
     compressed wrongly), as `Response.content` does, but a read timeout as `requests.ReadTimeout`; the connection is
@@ -25,8 +43,10 @@ def read_at_most(resp: requests.Response, limit: int) -> bool:
     chunks: list[bytes] = []
     size = 0
     whole = True
+    bound_wait(resp, deadline)
     try:
         for chunk in resp.iter_content(CHUNK_BYTES):
+            bound_wait(resp, deadline)
             if size + len(chunk) > limit:
                 chunks.append(chunk[: limit - size])
                 whole = False
@@ -50,10 +70,11 @@ def read_at_most(resp: requests.Response, limit: int) -> bool:
 class BodyCap:
     """A `response` hook (one per request) that reads the answer's body with read_at_most; `whole` says how it went."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
         self.limit = limit
+        self.deadline = deadline
         self.whole = True
 
     def __call__(self, resp: requests.Response, *args: object, **kwargs: object) -> requests.Response:
-        self.whole = read_at_most(resp, self.limit)
+        self.whole = read_at_most(resp, self.limit, self.deadline)
         return resp

@@ -176,7 +176,7 @@ class ImsTokenProvider:
             if attempt == 2 and deadline is not None:
                 timeout = deadline.http_timeouts(*self._timeout)  # what the first attempt left
             started = self._clock.monotonic()
-            cap = BodyCap(MAX_IMS_ANSWER_BYTES)
+            cap = BodyCap(MAX_IMS_ANSWER_BYTES, deadline)
             try:
                 resp = self._session.post(
                     self._url,

@@ -1165,3 +1165,27 @@ def test_a_body_that_stalls_after_late_headers_is_given_up_at_the_deadline() -> 
     # THEN the body's wait ends with the budget (about 2 s), not a whole read timeout after the headers (3.4 s): a
     # batch's last attempt would otherwise run past the Lambda timeout, and the whole batch be sent again
     assert elapsed < 2.7, elapsed
+
+
+def test_a_hint_pause_ends_after_ten_minutes_of_either_clock() -> None:
+    # GIVEN a hinted URL that answered 404 once (a host that supports hints, on a bad moment)
+    clock = FakeClock()
+    not_found = make_response(404, {"type": "https://ns.adobe.com/aep/errors/EXEG-0404-404", "status": 404})
+    session = FakeSession([not_found, ok(), ok(), ok()])
+    edge = client(session, clock)
+    edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+
+    # WHEN the environment idles frozen between invocations: 3 hours pass on the wall clock, and the monotonic clock
+    # (which may not move while Lambda freezes it: undocumented) moves a second
+    clock._wall += 3 * 3600
+    clock._mono += 1
+    edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+
+    # THEN the hint routes again (the pause is 10 minutes, not 10 minutes of running time)
+    assert session.calls[2].url == "https://edge.adobedc.net/ee/or2/v2/interact"
+    # AND a wall clock stepped back does not prolong a pause the monotonic clock has seen through
+    edge._refuse_hint("or2")
+    clock._wall -= 3600
+    clock._mono += 601
+    edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+    assert session.calls[3].url == "https://edge.adobedc.net/ee/or2/v2/interact"

@@ -767,3 +767,23 @@ def test_a_secret_that_is_json_but_not_an_object_is_a_configuration_error_naming
     ):
         with pytest.raises(CredentialsError, match=f"{variable}.*not a JSON object"):
             read()
+
+
+def test_a_refused_token_hours_old_by_the_wall_clock_is_replaced_while_the_monotonic_clock_stood_still() -> None:
+    # GIVEN a token fetched, then hours of idle invocations: the wall clock moves, the monotonic clock (which may not
+    # move while Lambda freezes the environment: undocumented) barely does
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), token_response("tok-B")])
+    tokens = provider(session, clock)
+    first = tokens.get()
+    clock._wall += 5 * 3600
+    clock._mono += 2
+
+    # WHEN Edge refuses it (a 401: revoked, or minted before its product profile was fixed)
+    renewed = tokens.get(force_refresh=True, stale=first, min_age_s=60)
+
+    # THEN it is replaced: it is not "as young as a minute", which would hand it out again to every event until 60 s
+    # of running time add up (each redelivery refused: a record in the dead-letter queue after 5 receives)
+    assert renewed.value == "tok-B" and len(session.calls) == 2
+    # AND one refused as soon as it was minted, by both clocks, is still not asked for again
+    assert tokens.get(force_refresh=True, stale=renewed, min_age_s=60).value == "tok-B" and len(session.calls) == 2

@@ -148,9 +148,12 @@ class EdgeClient:
         self._clock = clock
         # backoff jitter only, not security
         self._rng = rng or random.Random()  # nosec B311
-        # hint -> monotonic time until which it routes no call (its URL answered 404). Per hint, so that one caller's
-        # odd cluster entry cannot turn routing off for every visitor; "" pauses them all (HINTS_REFUSED_FOR_ALL).
-        self._hints_refused: dict[str, float] = {}
+        # hint -> (monotonic, wall-clock) time until which it routes no call (its URL answered 404): the pause ends
+        # when either clock passes its mark, since whether the monotonic clock moves while Lambda freezes the
+        # environment is not documented (a pause of 10 minutes must not last for days of idle invocations), and the
+        # wall clock may step. Per hint, so that one caller's odd cluster entry cannot turn routing off for every
+        # visitor; "" pauses them all (HINTS_REFUSED_FOR_ALL).
+        self._hints_refused: dict[str, tuple[float, float]] = {}
         # Refusals come from many workers at once (read-modify-replace). Readers take the table without it: it is
         # replaced whole, never changed in place.
         self._hints_lock = threading.Lock()
@@ -158,16 +161,25 @@ class EdgeClient:
     def _refuse_hint(self, hint: str) -> None:
         """Pause `hint` (its URL answered 404); pause every hint once several different ones were refused."""
         with self._hints_lock:
-            now = self._clock.monotonic()
-            live = {k: until for k, until in self._hints_refused.items() if until > now}
+            mono, wall = self._clock.monotonic(), self._clock.now()
+            live = {k: until for k, until in self._hints_refused.items() if mono < until[0] and wall < until[1]}
             if "" in live:
                 # Every hint is paused already: a 404 from a call that was in flight when they were must not replace
                 # that pause with one for its own hint (every other hint would route again).
                 return
-            live[hint] = now + HINT_ROUTE_PAUSE_S
+            until = (mono + HINT_ROUTE_PAUSE_S, wall + HINT_ROUTE_PAUSE_S)
+            live[hint] = until
             if len(live) >= HINTS_REFUSED_FOR_ALL:
-                live = {"": now + HINT_ROUTE_PAUSE_S}
+                live = {"": until}
             self._hints_refused = live
+
+    def _hint_paused(self, hint: str) -> bool:
+        """Whether calls for `hint` go to the plain route for now (it, or every hint, was refused a short while ago)."""
+        refused = self._hints_refused  # replaced whole, never changed in place: read without the lock
+        if not refused:
+            return False
+        mono, wall = self._clock.monotonic(), self._clock.now()
+        return any(k in refused and mono < refused[k][0] and wall < refused[k][1] for k in (hint, ""))
 
     def _headers(self, deadline: Deadline) -> tuple[dict[str, str], Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -231,11 +243,7 @@ class EdgeClient:
         """
         s = self._settings
         # A hint routes the call unless routing is off or its URL answered 404 a short while ago.
-        hinted = bool(
-            hint
-            and s.edge_hint_url_template is not None
-            and self._clock.monotonic() >= max(self._hints_refused.get(k, float("-inf")) for k in (hint, ""))
-        )
+        hinted = bool(hint and s.edge_hint_url_template is not None and not self._hint_paused(hint))
         url = s.hinted_url(hint) if hint and hinted else s.interact_url
         body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
         attempt, refreshed = 0, False

@@ -67,10 +67,14 @@ class ImsTokenProvider:
         self._clock = clock
         self._timeout = timeout
         self._token: AccessToken | None = None
-        # Monotonic time of the last refresh asked because the token was refused with `min_age_s` (successful or
-        # not): a refused token, or a refresh that failed, must not start another refresh within `min_age_s`.
-        self._last_refusal_refresh: float | None = None
-        self._token_mono = 0.0  # monotonic time the current token was fetched (the wall clock may step)
+        # (Monotonic, wall-clock) time of the last refresh asked because the token was refused with `min_age_s`
+        # (successful or not): a refused token, or a refresh that failed, must not start another refresh within
+        # `min_age_s`. Ages count by both clocks, and are over when either says so: the wall clock may step, and the
+        # monotonic clock may not move while Lambda freezes the environment (a token hours old must not count as
+        # seconds old, refused on every event of every idle invocation).
+        self._last_refusal_refresh: tuple[float, float] | None = None
+        self._token_mono = 0.0  # monotonic time the current token was fetched
+        self._token_wall = 0.0  # wall-clock time the current token was fetched
         self._token_life = 0.0  # seconds from the current token's fetch to its refresh point
         self._replacing: AccessToken | None = None  # a token Edge refused, while its replacement is being fetched
         self._lock = threading.Lock()
@@ -125,10 +129,11 @@ class ImsTokenProvider:
             refused = force_refresh and (stale is None or stale == token)
             if token and refused and min_age_s:
                 last = self._last_refusal_refresh
-                if mono - self._token_mono < min_age_s or (last is not None and mono - last < min_age_s):
+                young = mono - self._token_mono < min_age_s and now - self._token_wall < min_age_s
+                if young or (last is not None and mono - last[0] < min_age_s and now - last[1] < min_age_s):
                     refused = False
                 else:
-                    self._last_refusal_refresh = mono
+                    self._last_refusal_refresh = (mono, now)
             # A refresh forced by a refused token only replaces the token that was refused.
             if token and not refused:
                 if token.expires_at > now + self._ahead(live_for_s):
@@ -138,7 +143,7 @@ class ImsTokenProvider:
             self._replacing = token if refused else None
             try:
                 self._token = self._fetch(deadline)
-                self._token_mono = self._clock.monotonic()
+                self._token_mono, self._token_wall = self._clock.monotonic(), self._clock.now()
                 self._token_life = self._token.expires_at - self._clock.now()
             except NoTimeLeft:
                 raise

@@ -2320,7 +2320,9 @@ def test_a_webhook_event_queued_while_edge_is_unavailable_waits_as_long_as_edge_
     assert h.queue.delays == [120]
 
 
-@pytest.mark.parametrize(("asked", "delay"), [(120, 120), (5000, 900), (None, 0), (-5, 0), (0.4, 0)])
+@pytest.mark.parametrize(
+    ("asked", "delay"), [(120, 120), (5000, 900), (None, 0), (-5, 0), (0.4, 1), (4.4, 5), (899.5, 900)]
+)
 def test_the_retry_queue_delays_a_message_as_edge_asked_within_what_sqs_takes(asked: float | None, delay: int) -> None:
     # GIVEN an SQS client that records what it is asked to send
     sent: list[dict[str, Any]] = []
@@ -2337,7 +2339,9 @@ def test_the_retry_queue_delays_a_message_as_edge_asked_within_what_sqs_takes(as
     # WHEN an event is sent with Edge's Retry-After
     assert RetryQueue(Sqs(), QUEUE_URL).send(inbound, delay_s=asked)
 
-    # THEN the message is delayed that long, within SQS's 0 to 900 s
+    # THEN the message is delayed that long, within SQS's 0 to 900 s, in whole seconds rounded up (an HTTP-date read
+    # 0.6 s into its second asks 4.4 s: visible after 4 s, the retry would come before Edge's time, and spend a
+    # receive on another 429), as the batch's postponement and the stored retryAfterSeconds round
     assert [call["DelaySeconds"] for call in sent] == [delay]
 
 

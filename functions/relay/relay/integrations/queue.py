@@ -3,6 +3,7 @@ Edge asked to be retried later waits out its `Retry-After`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,7 @@ class RetryQueue:
             self._sqs.send_message(
                 QueueUrl=self._url,
                 MessageBody=message_body(inbound.request),
-                DelaySeconds=int(min(max(delay_s or 0, 0), MAX_RETRY_DELAY_S)),
+                DelaySeconds=math.ceil(min(max(delay_s or 0, 0), MAX_RETRY_DELAY_S)),
                 MessageAttributes={
                     "datastreamId": {"DataType": "String", "StringValue": inbound.datastream_id},
                     RELAY_SOURCE: {"DataType": "String", "StringValue": inbound.source},

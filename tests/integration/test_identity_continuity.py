@@ -665,15 +665,16 @@ def test_state_item_ttl_is_the_last_entry_lapse_and_early_extensions_are_not_wri
     # WHEN it is relayed
     via_sqs(stack, runtime, crm_event(crm, e1))
 
-    # THEN the item's TTL is when its last entry (the identity, maxAge 34128000) lapses, rounded up to a second
+    # THEN the item's TTL is when its last entry (the identity, maxAge 34128000) lapses, rounded up to a second; the
+    # expiries inside are kept to the millisecond
     first = state_item(stack, crm)
     assert first["version"] == 1
     assert first["expiresAt"] == math.ceil(start + IDENTITY_MAX_AGE)
     assert first["state"]["hint"] == "or2"
-    assert first["state"]["hintExpiresAt"] == int(start + HINT_TTL)
+    assert first["state"]["hintExpiresAt"] == round(start + HINT_TTL, 3)
     assert {k: v["expiresAt"] for k, v in first["state"]["entries"].items()} == {
-        IDENTITY_KEY: int(start + IDENTITY_MAX_AGE),
-        CLUSTER_KEY: int(start + HINT_TTL),
+        IDENTITY_KEY: round(start + IDENTITY_MAX_AGE, 3),
+        CLUSTER_KEY: round(start + HINT_TTL, 3),
     }
 
     # WHEN two more events come before a tenth of the hint's lifetime (180 s) has passed
@@ -694,10 +695,10 @@ def test_state_item_ttl_is_the_last_entry_lapse_and_early_extensions_are_not_wri
     now = start + 181
     assert later["version"] == 2
     assert later["expiresAt"] == math.ceil(now + IDENTITY_MAX_AGE)
-    assert later["state"]["hintExpiresAt"] == int(now + HINT_TTL)
+    assert later["state"]["hintExpiresAt"] == round(now + HINT_TTL, 3)
     assert {k: v["expiresAt"] for k, v in later["state"]["entries"].items()} == {
-        IDENTITY_KEY: int(now + IDENTITY_MAX_AGE),
-        CLUSTER_KEY: int(now + HINT_TTL),
+        IDENTITY_KEY: round(now + IDENTITY_MAX_AGE, 3),
+        CLUSTER_KEY: round(now + HINT_TTL, 3),
     }
     assert later["updatedAt"] > first["updatedAt"]
     # AND all four events kept the ECID

@@ -266,18 +266,25 @@ class FakeStore:
     insert_claims: bool | Exception | None = None
     new_claims: list[list[str]] = field(default_factory=list)  # event ids per claim_new call
 
-    def claim_new(self, events: list[tuple[str, str, str]], *, lease_s: float) -> dict[str, Claim]:
-        self.new_claims.append([event_id for event_id, _, _ in events])
+    def claim_new(self, events: list[tuple[str, str, str, str | None]], *, lease_s: float) -> dict[str, Claim]:
+        self.new_claims.append([event_id for event_id, *_ in events])
         if isinstance(self.insert_claims, Exception):
             raise self.insert_claims
         acquired = self.insert_claims is True
         return {
             e: Claim(acquired, token=f"new-{e}", item={"attempts": {"N": "1"}} if acquired else None)
-            for e, _, _ in events
+            for e, *_ in events
         }
 
     def claim(
-        self, event_id: str, *, datastream_id: str, source: str, lease_s: float, token: str | None = None
+        self,
+        event_id: str,
+        *,
+        datastream_id: str,
+        source: str,
+        lease_s: float,
+        token: str | None = None,
+        timestamp: str | None = None,
     ) -> Claim:
         self.claims.append(
             {"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s, "token": token}

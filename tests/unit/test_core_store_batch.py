@@ -10,11 +10,11 @@ import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 from relay.clock import Deadline
 from relay.codec import item_size
-from relay.errors import StoreUnavailable
+from relay.errors import EdgeUnavailable, StoreUnavailable
 from relay.identity_state import IdentityState, StoredEntry, apply_handles
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
-from relay.models import InboundEvent, build_inbound
+from relay.models import InboundEvent, Source, build_inbound
 from relay.process_event import Outcome, Relay
 
 from tests.fakes import FakeClock, FakeEdge
@@ -485,7 +485,7 @@ def raw_result(on: StoreOnMoto, event_id: str) -> dict[str, Any]:
 
 def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(store_on_moto: StoreOnMoto) -> None:
     # WHEN one event is claimed with an INSERT and another with the one-by-one UpdateItem claim
-    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs")], lease_s=30)["e-insert"]
+    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs", None)], lease_s=30)["e-insert"]
     updated = store_on_moto.store.claim("e-update", datastream_id="ds", source="sqs", lease_s=30)
 
     # THEN both are taken, and their items hold the same attributes (but for their ids and tokens)
@@ -507,7 +507,9 @@ def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_m
     before = {e: raw_result(store_on_moto, e) for e in ("e-done", "e-busy")}
 
     # WHEN the batch INSERTs them with a new event
-    claims = store.claim_new([("e-done", "ds", "sqs"), ("e-new", "ds", "sqs"), ("e-busy", "ds", "sqs")], lease_s=30)
+    claims = store.claim_new(
+        [("e-done", "ds", "sqs", None), ("e-new", "ds", "sqs", None), ("e-busy", "ds", "sqs", None)], lease_s=30
+    )
 
     # THEN only the new one is taken; the others are untouched, and the one-by-one claim decides for them
     assert {e: c.acquired for e, c in claims.items()} == {"e-done": False, "e-new": True, "e-busy": False}
@@ -520,7 +522,7 @@ def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_m
 
 def test_a_claim_whose_insert_answer_was_lost_is_taken_with_its_own_token(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an INSERT that was written, though the relay saw it fail (its answer lost)
-    first = store_on_moto.store.claim_new([("e1", "ds", "sqs")], lease_s=30)["e1"]
+    first = store_on_moto.store.claim_new([("e1", "ds", "sqs", None)], lease_s=30)["e1"]
 
     # WHEN the event is claimed one by one with that token, and by someone else
     again = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, token=first.token)
@@ -540,7 +542,7 @@ def test_insert_claims_go_25_to_a_request(store_on_moto: StoreOnMoto, monkeypatc
         return real(**kwargs)
 
     monkeypatch.setattr(store_on_moto.ddb, "batch_execute_statement", counted)
-    claims = store_on_moto.store.claim_new([(f"e{n}", "ds", "sqs") for n in range(60)], lease_s=30)
+    claims = store_on_moto.store.claim_new([(f"e{n}", "ds", "sqs", None) for n in range(60)], lease_s=30)
     assert sizes == [25, 25, 10]
     assert all(c.acquired for c in claims.values()) and len(claims) == 60
 
@@ -550,7 +552,7 @@ def test_an_insert_refused_per_statement_leaves_the_event_to_claim_alone(store_o
     store = HandlesStore(store_on_moto.ddb, "missing", ttl_days=30, clock=FakeClock())
 
     # WHEN the batch claims
-    claims = store.claim_new([("e1", "ds", "sqs"), ("e2", "ds", "sqs")], lease_s=30)
+    claims = store.claim_new([("e1", "ds", "sqs", None), ("e2", "ds", "sqs", None)], lease_s=30)
 
     # THEN nothing raises: no event is taken, and each has a token for its own claim
     assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
@@ -566,7 +568,7 @@ def test_a_refused_insert_request_leaves_every_event_to_claim_alone(caplog: pyte
     store = HandlesStore(RefusingDynamo(), "t", ttl_days=30, clock=FakeClock())
 
     # WHEN the batch claims
-    claims = store.claim_new([("e1", "ds", "sqs"), ("e2", "ds", "sqs")], lease_s=30)
+    claims = store.claim_new([("e1", "ds", "sqs", None), ("e2", "ds", "sqs", None)], lease_s=30)
 
     # THEN nothing raises, no event is taken (each claims alone), and the log says why
     assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
@@ -583,7 +585,7 @@ def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto:
         raise ReadTimeoutError(endpoint_url="http://dynamodb")
 
     store_on_moto.ddb.batch_execute_statement = lost
-    tried = store_on_moto.store.claim_new([("e1", "ds", "sqs")], lease_s=30)["e1"]
+    tried = store_on_moto.store.claim_new([("e1", "ds", "sqs", None)], lease_s=30)["e1"]
     assert not tried.acquired
 
     # WHEN the event is claimed on its own with the INSERT's token
@@ -868,3 +870,67 @@ def test_a_claim_botocore_sent_again_after_its_answer_was_lost_counts_one_attemp
     assert sent and claim.acquired and claim.item is not None
     assert claim.item["attempts"] == {"N": "2"}
     assert raw_result(store_on_moto, "e1")["attempts"] == {"N": "2"}
+
+
+def sent_timestamps(edge: FakeEdge) -> list[str]:
+    return [call.request["event"]["xdm"]["timestamp"] for call in edge.calls]
+
+
+@pytest.mark.parametrize("source", ["webhook", "sqs"])
+def test_a_resend_of_an_event_the_relay_stamped_carries_the_first_attempts_time(
+    source: Source, store_on_moto: StoreOnMoto
+) -> None:
+    # GIVEN an event without xdm.timestamp (the relay sets the receive time), whose first attempt Edge did not answer
+    # (it may have reached Edge), handed back; then the sender's resend (a webhook retry, a producer's new message)
+    # 90 s later, under the same xdm._id
+    store, clock = store_on_moto.store, store_on_moto.clock
+    edge = FakeEdge(
+        EdgeUnavailable("edge call failed: ReadTimeout"), EdgeAnswer(200, {"requestId": "r", "handle": []}, 1)
+    )
+    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
+    doc = {"event": {"xdm": {"_id": "ev-1"}}}
+
+    def attempt(received_at: float) -> Outcome:
+        inbound = build_inbound(doc, event_id="ev-1", datastream_id="ds", source=source, received_at=received_at)
+        return relay.process(inbound, Deadline(clock, 20), lease_s=25).outcome
+
+    # WHEN both come
+    assert attempt(clock.now()) is Outcome.RETRY
+    clock.advance(90)
+    assert attempt(clock.now()) is Outcome.DELIVERED
+
+    # THEN Edge got one event, one time: the second carries the first attempt's timestamp, not its own receive time
+    first, second = sent_timestamps(edge)
+    assert second == first
+
+
+def test_the_first_attempts_time_is_kept_by_a_batch_insert_claim_too(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an SQS event without xdm.timestamp claimed with its batch (an INSERT) and handed back
+    store = store_on_moto.store
+    claimed = store.claim_new([("ev-1", "ds", "sqs", "2026-01-01T00:00:00.000Z")], lease_s=25)["ev-1"]
+    assert claimed.acquired and claimed.token and claimed.timestamp == "2026-01-01T00:00:00.000Z"
+    store.release("ev-1", claimed.token, "edge unavailable")
+
+    # WHEN a producer's resend (a new message, a later SentTimestamp) claims it, and a sender's own timestamp does
+    again = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=25, timestamp="2026-01-01T00:01:30.000Z")
+    assert again.token
+    store.release("ev-1", again.token, "edge unavailable")
+    own = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=25)
+
+    # THEN the first time is what the resend sends; an event with its own timestamp is told none
+    assert again.acquired and again.timestamp == "2026-01-01T00:00:00.000Z"
+    assert own.acquired and own.timestamp is None
+
+
+def test_an_event_with_its_own_timestamp_is_sent_as_it_came(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an event whose sender set xdm.timestamp, tried once, then resent with another timestamp
+    store, clock = store_on_moto.store, store_on_moto.clock
+    edge = FakeEdge(EdgeUnavailable("edge answered 503"), EdgeAnswer(200, {"requestId": "r", "handle": []}, 1))
+    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
+    for stamp in ("2026-01-01T00:00:00.000Z", "2026-01-01T00:05:00.000Z"):
+        doc = {"event": {"xdm": {"_id": "ev-1", "timestamp": stamp}}}
+        inbound = build_inbound(doc, event_id="ev-1", datastream_id="ds", source="webhook", received_at=clock.now())
+        relay.process(inbound, Deadline(clock, 20), lease_s=25)
+
+    # THEN each attempt sent the sender's own timestamp, untouched
+    assert sent_timestamps(edge) == ["2026-01-01T00:00:00.000Z", "2026-01-01T00:05:00.000Z"]

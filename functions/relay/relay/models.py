@@ -7,7 +7,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Literal
@@ -35,6 +35,19 @@ class InboundEvent:
     received_at: float
     primary_identity: tuple[str, str] | None = field(default=None, repr=False)  # (namespace, id): never log
     identity_key: bytes | None = field(default=None, repr=False, compare=False)  # the deployment's HMAC key
+    # `xdm.timestamp` was the relay's (the receive time: the sender gave none); an earlier attempt's then wins
+    default_timestamp: bool = False
+
+    @property
+    def timestamp(self) -> str | None:
+        """The `xdm.timestamp` the request carries when the relay set it (else None: the sender's own)."""
+        return str(self.request["event"]["xdm"]["timestamp"]) if self.default_timestamp else None
+
+    def with_timestamp(self, timestamp: str) -> InboundEvent:
+        """The event with the `xdm.timestamp` an earlier attempt sent under the same `xdm._id` (one event, one time)."""
+        event = self.request["event"]
+        request = {**self.request, "event": {**event, "xdm": {**event["xdm"], "timestamp": timestamp}}}
+        return replace(self, request=request)
 
     @cached_property
     def identity_id(self) -> str | None:
@@ -495,6 +508,7 @@ def build_inbound(
     event = dict(request["event"])
     xdm = dict(event["xdm"])
     xdm.setdefault("_id", event_id)
+    default_timestamp = "timestamp" not in xdm
     xdm.setdefault("timestamp", iso_millis(received_at))
     event["xdm"] = xdm
     request["event"] = event
@@ -506,4 +520,5 @@ def build_inbound(
         received_at=received_at,
         primary_identity=primary_identity(xdm),
         identity_key=identity_key,
+        default_timestamp=default_timestamp,
     )

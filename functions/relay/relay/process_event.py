@@ -224,6 +224,7 @@ class Relay:
                     source=inbound.source,
                     lease_s=lease_s,
                     token=claim.token if claim is not None else None,
+                    timestamp=inbound.timestamp,
                 )
         except StoreUnavailable as exc:
             # Nothing was claimed, so nothing to give back; but the operator must see why (a missing table, a
@@ -243,6 +244,10 @@ class Relay:
             return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
         if claim.token is None:
             return Result(Outcome.RETRY, event_id, reason="claim without a token")
+        if claim.timestamp and inbound.timestamp and claim.timestamp != inbound.timestamp:
+            # A resend (a webhook sender's, a producer's new message) of an event the relay stamped before: Edge
+            # gets the first attempt's time under the same `_id`, not this attempt's receive time.
+            inbound = inbound.with_timestamp(claim.timestamp)
         writing: ResultWrite | None = None  # the result being written, once it is
         try:
             if state is None and state_source is not None:

@@ -48,6 +48,9 @@ class Claim:
     token: str | None = None
     existing: dict[str, Any] | None = None  # the stored item (decoded) when not acquired
     item: dict[str, Any] | None = None  # what the result keeps of the claimed item (raw attributes) when acquired
+    # When acquired: the `xdm.timestamp` the relay gave the event's first attempt (`xdmTimestamp`), which every
+    # attempt sends (one `_id`, one time), or None when the relay set none (the sender's own timestamp)
+    timestamp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,25 +145,30 @@ class HandlesStore:
 
     # -- results and claims -------------------------------------------------------------------------------------
 
-    def claim_new(self, events: list[tuple[str, str, str]], *, lease_s: float) -> dict[str, Claim]:
+    def claim_new(self, events: list[tuple[str, str, str, str | None]], *, lease_s: float) -> dict[str, Claim]:
         """Claim many events at once, 25 per `BatchExecuteStatement` of PartiQL `INSERT`s: one request instead of 25
         `UpdateItem`s, the same write units, and a twenty-fifth of the CPU a Lambda spends signing and parsing them.
 
-        `events` are (eventId, datastreamId, source). An `INSERT` creates the item or, when one exists, fails with
-        `DuplicateItem` and leaves it alone: so only events never seen before are claimed here. The answer has a
+        `events` are (eventId, datastreamId, source, the `xdm.timestamp` the relay gave it or None). An `INSERT`
+        creates the item or, when one exists, fails with `DuplicateItem` and leaves it alone: so only events never
+        seen before are claimed here. The answer has a
         `Claim` for each event: acquired, or not yet (a repeat, a retry, a lapsed claim to take over, or a statement
         or request that failed), with the token tried, to be claimed with `claim(..., token=...)`, which decides
         (and, should an INSERT have been written though its answer was lost, recognises its own token)."""
         now = self._clock.now()
         stamp = {"S": iso_millis(now)}
         claims: dict[str, Claim] = {}
-        statement = f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in _CLAIM_FIELDS) + "}"
+
+        def statement(fields: tuple[str, ...]) -> str:
+            return f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in fields) + "}"
+
+        plain, stamped = statement(_CLAIM_FIELDS), statement((*_CLAIM_FIELDS, "xdmTimestamp"))
         for start in range(0, len(events), CLAIM_INSERT_SIZE):
             chunk = events[start : start + CLAIM_INSERT_SIZE]
             tokens = [uuid.uuid4().hex for _ in chunk]
             statements = [
                 {
-                    "Statement": statement,
+                    "Statement": stamped if timestamp else plain,
                     "Parameters": [
                         *self.result_key(event_id).values(),
                         {"S": "pending"},
@@ -172,9 +180,10 @@ class HandlesStore:
                         {"N": str(int(now) + self._ttl_s)},
                         stamp,
                         {"N": "1"},
+                        *([{"S": timestamp}] if timestamp else []),
                     ],
                 }
-                for (event_id, datastream_id, source), token in zip(chunk, tokens, strict=True)
+                for (event_id, datastream_id, source, timestamp), token in zip(chunk, tokens, strict=True)
             ]
             try:
                 answers = self._call("batch_execute_statement", Statements=statements).get("Responses") or []
@@ -182,17 +191,25 @@ class HandlesStore:
                 # Nothing lost: each event is then claimed on its own (which fails the same way if the table is down).
                 logger.warning("claims not batched; claiming one by one", events=len(chunk), reason=str(exc))
                 answers = []
-            for n, ((event_id, _, _), token) in enumerate(zip(chunk, tokens, strict=True)):
+            for n, ((event_id, _, _, timestamp), token) in enumerate(zip(chunk, tokens, strict=True)):
                 inserted = n < len(answers) and isinstance(answers[n], dict) and "Error" not in answers[n]
                 item = {"attempts": {"N": "1"}, "updatedAt": stamp} if inserted else None
-                claims[event_id] = Claim(inserted, token=token, item=item)
+                claims[event_id] = Claim(inserted, token=token, item=item, timestamp=timestamp if inserted else None)
         return claims
 
     def claim(
-        self, event_id: str, *, datastream_id: str, source: str, lease_s: float, token: str | None = None
+        self,
+        event_id: str,
+        *,
+        datastream_id: str,
+        source: str,
+        lease_s: float,
+        token: str | None = None,
+        timestamp: str | None = None,
     ) -> Claim:
         """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
-        with `token` is its own: see `claim_new`)."""
+        with `token` is its own: see `claim_new`). `timestamp`: the `xdm.timestamp` the relay gave this attempt (the
+        sender gave none); the first attempt's is kept on the item, and the claim answers it (`Claim.timestamp`)."""
         now = self._clock.now()
         token = token or uuid.uuid4().hex
         stamp = {"S": iso_millis(now)}
@@ -202,14 +219,19 @@ class HandlesStore:
         # instead). Not for the queue's messages (IAM-trusted): one without a datastreamId attribute resolves to the
         # default datastream on each receive, and must not be stranded when that default changes.
         own = " AND (datastreamId = :ds OR attribute_not_exists(datastreamId))" if source == "webhook" else ""
+        first_time, time_value = (
+            (", xdmTimestamp = if_not_exists(xdmTimestamp, :ts)", {":ts": {"S": timestamp}})
+            if (timestamp)
+            else ("", {})
+        )
         try:
             resp = self._call(
                 "update_item",
                 Key=self.result_key(event_id),
                 UpdateExpression=(
                     "SET #s = :pending, leaseUntil = :lease, claimToken = :tok, eventId = :id, datastreamId = :ds, "
-                    "#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now ADD attempts :one "
-                    "REMOVE invalidFiling"
+                    f"#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now{first_time} "
+                    "ADD attempts :one REMOVE invalidFiling"
                 ),
                 # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
                 # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".
@@ -232,6 +254,7 @@ class HandlesStore:
                     ":exp": {"N": str(int(now) + self._ttl_s)},
                     ":now": stamp,
                     ":one": {"N": "1"},
+                    **time_value,
                 },
                 # The whole old item (nothing for a new event, a webhook's usual case): its attempt count; its token,
                 # to tell our own write whose answer was lost (an INSERT, or this request sent again) from another
@@ -272,7 +295,8 @@ class HandlesStore:
                 pass  # the next claim clears them, or the result replaces the item
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
         item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
-        return Claim(True, token=token, item=item)
+        first = before.get("xdmTimestamp", {}).get("S") if timestamp else None
+        return Claim(True, token=token, item=item, timestamp=first or timestamp)
 
     def get_result_item(self, event_id: str) -> dict[str, Any] | None:
         resp = self._call("get_item", Key=self.result_key(event_id), ConsistentRead=True)

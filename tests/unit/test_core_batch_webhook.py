@@ -1855,7 +1855,7 @@ def test_a_batch_fetches_its_token_while_it_reads_states_and_answers_only_once_t
     assert deadlines == [deadline]
     assert fetch_done.is_set()
     assert answer == {"batchItemFailures": []}
-    assert relay.processed == ["a1", "b1"]
+    assert sorted(relay.processed) == ["a1", "b1"]  # two identities: in either order (Python 3.13 often swaps them)
 
 
 def test_a_batch_that_will_not_call_edge_does_not_fetch_a_token() -> None:

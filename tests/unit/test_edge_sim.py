@@ -603,6 +603,8 @@ def test_cli_runs_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_an_http_0_9_request_gets_its_answer_without_headers(sim: EdgeSimulator) -> None:

@@ -540,11 +540,10 @@ class _ProxyHandler(LoopbackHandler):
             self.close_connection = True
             self._reply(502, [("Content-Type", "text/plain")], b"fault proxy: upstream unavailable")
             return
-        self.owner._forwarded(operation, True)
         if plan is not None and status == 200:
             merged = plan.merge(payload)
+            self.owner._forwarded(operation, merged is not None)
             if merged is None:  # never pass on a 200 that says nothing of the entries left out
-                self.owner._forwarded(operation, False)
                 status, code, message = _FAULTS["internal"]
                 merged = json.dumps({"__type": _ERROR_PREFIX + code, "message": message}).encode("utf-8")
                 headers, reason = [("Content-Type", "application/x-amz-json-1.0")], "Internal Server Error"
@@ -554,6 +553,8 @@ class _ProxyHandler(LoopbackHandler):
             headers = [(k, v) for k, v in headers if k.lower() != "x-amz-crc32"]
             headers.append(("x-amz-crc32", str(binascii.crc32(merged))))
             payload = merged
+        else:
+            self.owner._forwarded(operation, True)
         self._reply(status, headers, payload, reason)
 
     def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:

@@ -266,7 +266,9 @@ class FakeStore:
     insert_claims: bool | Exception | None = None
     new_claims: list[list[str]] = field(default_factory=list)  # event ids per claim_new call
 
-    def claim_new(self, events: list[tuple[str, str, str, str | None]], *, lease_s: float) -> dict[str, Claim]:
+    def claim_new(
+        self, events: list[tuple[str, str, str, tuple[str, str] | None]], *, lease_s: float
+    ) -> dict[str, Claim]:
         self.new_claims.append([event_id for event_id, *_ in events])
         if isinstance(self.insert_claims, Exception):
             raise self.insert_claims
@@ -284,7 +286,7 @@ class FakeStore:
         source: str,
         lease_s: float,
         token: str | None = None,
-        timestamp: str | None = None,
+        stamp: tuple[str, str] | None = None,
     ) -> Claim:
         self.claims.append(
             {"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s, "token": token}

@@ -1693,7 +1693,7 @@ def test_claims_stay_a_few_groups_ahead_of_the_workers() -> None:
     claimed_when: list[int] = []  # Edge calls made when each claim_new was made
     real_claim_new = store.claim_new
 
-    def spy(events: list[tuple[str, str, str, str | None]], *, lease_s: float) -> dict[str, Claim]:
+    def spy(events: list[tuple[str, str, str, tuple[str, str] | None]], *, lease_s: float) -> dict[str, Claim]:
         claimed_when.append(len(edge.calls))
         return real_claim_new(events, lease_s=lease_s)
 
@@ -2601,3 +2601,71 @@ def test_a_queue_that_may_have_taken_an_event_says_so() -> None:
 
     # WHEN / THEN it is neither sent nor refused: it may have been queued
     assert RetryQueue(client, QUEUE_URL).send(inbound) is None
+
+
+def test_a_webhook_resend_that_falls_back_to_the_queue_queues_the_first_attempts_time(
+    store_on_moto: StoreOnMoto,
+) -> None:
+    from relay.webhook import WebhookApp
+
+    # GIVEN an event without xdm.timestamp whose first attempt got no answer from Edge and could not be queued (the
+    # sender was answered 503), and Edge still unavailable when the sender resends it 90 s later
+    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+    store, clock = store_on_moto.store, store_on_moto.clock
+    edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), EdgeUnavailable("edge answered 503"))
+    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
+    queued: list[dict[str, Any]] = []
+
+    class RefusesOnce:
+        def send_message(self, **kwargs: Any) -> dict[str, Any]:
+            if not queued and not getattr(self, "refused", False):
+                self.refused = True
+                raise ClientError({"Error": {"Code": "KmsThrottled", "Message": "m"}}, "SendMessage")
+            queued.append(kwargs)
+            return {"MessageId": "m-1"}
+
+    sqs_client = RefusesOnce()
+    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(sqs_client, QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
+    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 503
+
+    # WHEN the sender resends it
+    clock.advance(90)
+    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 202
+
+    # THEN both Edge calls and the queued message carry the first attempt's time: the message, delivered later, is
+    # that same event at that same time
+    first, second = (call.request["event"]["xdm"]["timestamp"] for call in edge.calls)
+    [message] = queued
+    assert second == first and json.loads(message["MessageBody"])["event"]["xdm"]["timestamp"] == first
+
+
+def test_a_give_back_sent_again_by_boto3_still_counts_as_given_back(store_on_moto: StoreOnMoto) -> None:
+    from relay.webhook import WebhookApp
+
+    # GIVEN Edge unavailable, and DynamoDB applying the webhook's give-back but losing its answer: boto3 sends it
+    # again, and that one's condition finds no claim (the first took it away)
+    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+    store, clock = store_on_moto.store, store_on_moto.clock
+    relay = Relay(store, FakeEdge(EdgeUnavailable("edge answered 503")), clock)  # type: ignore[arg-type]
+    real = store_on_moto.ddb.update_item
+
+    def sent_again(**kwargs: Any) -> Any:
+        if kwargs["UpdateExpression"].startswith("SET #s = :queued"):
+            real(**kwargs)
+        return real(**kwargs)
+
+    store_on_moto.ddb.update_item = sent_again
+
+    class Sqs:
+        def send_message(self, **kwargs: Any) -> dict[str, Any]:
+            return {"MessageId": "m-1"}
+
+    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(Sqs(), QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-q"}}}).encode()
+
+    # WHEN the event arrives and is queued
+    assert app.handle(http_event(body, {"webhook-id": "msg_q"}), None)["statusCode"] == 202
+
+    # THEN the item says it is queued (the mark replaced by the plain reason), not that it may or may not be
+    assert store.get_result("ev-q")["lastError"] == "edge answered 503"  # type: ignore[index]

@@ -483,13 +483,18 @@ def raw_result(on: StoreOnMoto, event_id: str) -> dict[str, Any]:
     return item
 
 
-def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(store_on_moto: StoreOnMoto) -> None:
-    # WHEN one event is claimed with an INSERT and another with the one-by-one UpdateItem claim
-    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs", None)], lease_s=30)["e-insert"]
-    updated = store_on_moto.store.claim("e-update", datastream_id="ds", source="sqs", lease_s=30)
+@pytest.mark.parametrize("stamp", [None, ("2026-01-01T00:00:00.000Z", "p1|ds")], ids=["own-timestamp", "stamped"])
+def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(
+    stamp: tuple[str, str] | None, store_on_moto: StoreOnMoto
+) -> None:
+    # WHEN one event is claimed with an INSERT and another with the one-by-one UpdateItem claim (each without its own
+    # xdm.timestamp, or with one)
+    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs", stamp)], lease_s=30)["e-insert"]
+    updated = store_on_moto.store.claim("e-update", datastream_id="ds", source="sqs", lease_s=30, stamp=stamp)
 
     # THEN both are taken, and their items hold the same attributes (but for their ids and tokens)
     assert inserted.acquired and updated.acquired
+    assert inserted.timestamp == updated.timestamp == (stamp[0] if stamp else None)
     assert inserted.item == updated.item  # what the result keeps of the claim: attempts 1, updatedAt
     a, b = raw_result(store_on_moto, "e-insert"), raw_result(store_on_moto, "e-update")
     assert a["claimToken"] == {"S": inserted.token}
@@ -907,12 +912,15 @@ def test_a_resend_of_an_event_the_relay_stamped_carries_the_first_attempts_time(
 def test_the_first_attempts_time_is_kept_by_a_batch_insert_claim_too(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an SQS event without xdm.timestamp claimed with its batch (an INSERT) and handed back
     store = store_on_moto.store
-    claimed = store.claim_new([("ev-1", "ds", "sqs", "2026-01-01T00:00:00.000Z")], lease_s=25)["ev-1"]
+    person = "p1|ds"
+    claimed = store.claim_new([("ev-1", "ds", "sqs", ("2026-01-01T00:00:00.000Z", person))], lease_s=25)["ev-1"]
     assert claimed.acquired and claimed.token and claimed.timestamp == "2026-01-01T00:00:00.000Z"
     store.release("ev-1", claimed.token, "edge unavailable")
 
     # WHEN a producer's resend (a new message, a later SentTimestamp) claims it, and a sender's own timestamp does
-    again = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=25, timestamp="2026-01-01T00:01:30.000Z")
+    again = store.claim(
+        "ev-1", datastream_id="ds", source="sqs", lease_s=25, stamp=("2026-01-01T00:01:30.000Z", person)
+    )
     assert again.token
     store.release("ev-1", again.token, "edge unavailable")
     own = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=25)
@@ -920,6 +928,25 @@ def test_the_first_attempts_time_is_kept_by_a_batch_insert_claim_too(store_on_mo
     # THEN the first time is what the resend sends; an event with its own timestamp is told none
     assert again.acquired and again.timestamp == "2026-01-01T00:00:00.000Z"
     assert own.acquired and own.timestamp is None
+
+
+def test_another_event_reusing_a_waiting_events_id_keeps_its_own_time(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN one person's event without xdm.timestamp, tried and waiting (queued) for its retry
+    store = store_on_moto.store
+    first = store.claim(
+        "ev-1", datastream_id="ds", source="sqs", lease_s=25, stamp=("2026-01-01T00:00:00.000Z", "p1|ds")
+    )
+    assert first.token
+    store.release("ev-1", first.token, "edge unavailable")
+
+    # WHEN another person's event under the same xdm._id takes it over before the first is done (a reuse is told only
+    # once the first has an outcome)
+    other = store.claim(
+        "ev-1", datastream_id="ds", source="sqs", lease_s=25, stamp=("2026-01-01T01:00:00.000Z", "p2|ds")
+    )
+
+    # THEN it goes with its own time, not the other event's
+    assert other.acquired and other.timestamp == "2026-01-01T01:00:00.000Z"
 
 
 def test_an_event_with_its_own_timestamp_is_sent_as_it_came(store_on_moto: StoreOnMoto) -> None:

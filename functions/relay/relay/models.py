@@ -43,6 +43,14 @@ class InboundEvent:
         """The `xdm.timestamp` the request carries when the relay set it (else None: the sender's own)."""
         return str(self.request["event"]["xdm"]["timestamp"]) if self.default_timestamp else None
 
+    @property
+    def stamp(self) -> tuple[str, str] | None:
+        """(`timestamp`, whose it is: the event's opaque identity and datastream) when the relay set it, else None.
+        An earlier attempt's time is taken only from the same event: another event reusing its `_id` while it waits
+        (a reuse is told only once the first is done) must not be sent with the first one's time."""
+        timestamp = self.timestamp
+        return None if timestamp is None else (timestamp, f"{self.stored_identity_id}|{self.datastream_id}")
+
     def with_timestamp(self, timestamp: str) -> InboundEvent:
         """The event with the `xdm.timestamp` an earlier attempt sent under the same `xdm._id` (one event, one time)."""
         event = self.request["event"]

@@ -56,6 +56,7 @@ class Result:
     token: str | None = None
     given_back: bool = False  # RETRY: a claim was taken and given back, and that was written (the item is `queued`)
     untried: bool = False  # RETRY: no Edge call was made for it (no time left: for the token, a slot, an attempt)
+    timestamp: str | None = None  # RETRY: an earlier attempt's xdm.timestamp the event went with (queue it with it)
     note: dict[str, Any] = field(default_factory=dict, compare=False)  # what the "stored" log line adds
 
 
@@ -224,7 +225,7 @@ class Relay:
                     source=inbound.source,
                     lease_s=lease_s,
                     token=claim.token if claim is not None else None,
-                    timestamp=inbound.timestamp,
+                    stamp=inbound.stamp,
                 )
         except StoreUnavailable as exc:
             # Nothing was claimed, so nothing to give back; but the operator must see why (a missing table, a
@@ -244,10 +245,13 @@ class Relay:
             return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
         if claim.token is None:
             return Result(Outcome.RETRY, event_id, reason="claim without a token")
+        adopted = None
         if claim.timestamp and inbound.timestamp and claim.timestamp != inbound.timestamp:
             # A resend (a webhook sender's, a producer's new message) of an event the relay stamped before: Edge
-            # gets the first attempt's time under the same `_id`, not this attempt's receive time.
-            inbound = inbound.with_timestamp(claim.timestamp)
+            # gets the first attempt's time under the same `_id`, not this attempt's receive time (and so does the
+            # retry queue, should the webhook fall back to it: `Result.timestamp`).
+            adopted = claim.timestamp
+            inbound = inbound.with_timestamp(adopted)
         writing: ResultWrite | None = None  # the result being written, once it is
         try:
             if state is None and state_source is not None:
@@ -281,6 +285,7 @@ class Relay:
                 retry_after=retry_after,
                 given_back=given_back,
                 untried=untried,
+                timestamp=adopted,
             )
         except Exception as exc:
             # A defect, not the event's fault: never a 500 or a claim left to time out. The event is retried (and
@@ -289,7 +294,7 @@ class Relay:
             count("UnexpectedErrors")
             reason = f"unexpected error: {type(exc).__name__}"
             given_back = self._give_back(event_id, claim.token, reason, to_queue=to_queue) is True  # None: not here
-            return Result(Outcome.RETRY, event_id, reason=reason, given_back=given_back)
+            return Result(Outcome.RETRY, event_id, reason=reason, given_back=given_back, timestamp=adopted)
 
     def _reject_reused(self, inbound: InboundEvent, filed_as: str) -> Result:
         """Store an event that reuses a finished event's eventId as `rejected`, under an id of its own, and never
@@ -360,7 +365,7 @@ class Relay:
         except StoreUnavailable:
             found, released = None, False
         else:
-            released = found is None
+            released = found is None or self.store.released(found, noted)
         if found is not None and written is not None and self.store.holds(found, written):
             logger.info("result write reported failed was applied", eventId=event_id, reason=reason)
             return None

@@ -368,6 +368,8 @@ class WebhookApp:
             )
         # RETRY: Edge (or the store) stayed unavailable; hand the event to the queue.
         why = "the retry queue refused it" if self._settings.retry_queue_url else "no retry queue is configured"
+        if result.timestamp:  # the first attempt's time, which this attempt sent too
+            inbound = inbound.with_timestamp(result.timestamp)
         try:
             sent = self._queue().send(inbound, delay_s=result.retry_after)
         except Exception:

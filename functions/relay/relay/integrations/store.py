@@ -49,7 +49,7 @@ class Claim:
     existing: dict[str, Any] | None = None  # the stored item (decoded) when not acquired
     item: dict[str, Any] | None = None  # what the result keeps of the claimed item (raw attributes) when acquired
     # When acquired: the `xdm.timestamp` the relay gave the event's first attempt (`xdmTimestamp`), which every
-    # attempt sends (one `_id`, one time), or None when the relay set none (the sender's own timestamp)
+    # attempt of the same event sends (one `_id`, one time), or None when the relay set none (the sender's own)
     timestamp: str | None = None
 
 
@@ -145,30 +145,32 @@ class HandlesStore:
 
     # -- results and claims -------------------------------------------------------------------------------------
 
-    def claim_new(self, events: list[tuple[str, str, str, str | None]], *, lease_s: float) -> dict[str, Claim]:
+    def claim_new(
+        self, events: list[tuple[str, str, str, tuple[str, str] | None]], *, lease_s: float
+    ) -> dict[str, Claim]:
         """Claim many events at once, 25 per `BatchExecuteStatement` of PartiQL `INSERT`s: one request instead of 25
         `UpdateItem`s, the same write units, and a twenty-fifth of the CPU a Lambda spends signing and parsing them.
 
-        `events` are (eventId, datastreamId, source, the `xdm.timestamp` the relay gave it or None). An `INSERT`
+        `events` are (eventId, datastreamId, source, `InboundEvent.stamp`). An `INSERT`
         creates the item or, when one exists, fails with `DuplicateItem` and leaves it alone: so only events never
         seen before are claimed here. The answer has a
         `Claim` for each event: acquired, or not yet (a repeat, a retry, a lapsed claim to take over, or a statement
         or request that failed), with the token tried, to be claimed with `claim(..., token=...)`, which decides
         (and, should an INSERT have been written though its answer was lost, recognises its own token)."""
         now = self._clock.now()
-        stamp = {"S": iso_millis(now)}
+        updated = {"S": iso_millis(now)}
         claims: dict[str, Claim] = {}
 
         def statement(fields: tuple[str, ...]) -> str:
             return f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in fields) + "}"
 
-        plain, stamped = statement(_CLAIM_FIELDS), statement((*_CLAIM_FIELDS, "xdmTimestamp"))
+        plain, stamped = statement(_CLAIM_FIELDS), statement((*_CLAIM_FIELDS, "xdmTimestamp", "xdmTimestampOf"))
         for start in range(0, len(events), CLAIM_INSERT_SIZE):
             chunk = events[start : start + CLAIM_INSERT_SIZE]
             tokens = [uuid.uuid4().hex for _ in chunk]
             statements = [
                 {
-                    "Statement": stamped if timestamp else plain,
+                    "Statement": stamped if own else plain,
                     "Parameters": [
                         *self.result_key(event_id).values(),
                         {"S": "pending"},
@@ -178,12 +180,12 @@ class HandlesStore:
                         {"S": datastream_id},
                         {"S": source},
                         {"N": str(int(now) + self._ttl_s)},
-                        stamp,
+                        updated,
                         {"N": "1"},
-                        *([{"S": timestamp}] if timestamp else []),
+                        *([{"S": own[0]}, {"S": own[1]}] if own else []),
                     ],
                 }
-                for (event_id, datastream_id, source, timestamp), token in zip(chunk, tokens, strict=True)
+                for (event_id, datastream_id, source, own), token in zip(chunk, tokens, strict=True)
             ]
             try:
                 answers = self._call("batch_execute_statement", Statements=statements).get("Responses") or []
@@ -191,10 +193,11 @@ class HandlesStore:
                 # Nothing lost: each event is then claimed on its own (which fails the same way if the table is down).
                 logger.warning("claims not batched; claiming one by one", events=len(chunk), reason=str(exc))
                 answers = []
-            for n, ((event_id, _, _, timestamp), token) in enumerate(zip(chunk, tokens, strict=True)):
+            for n, ((event_id, _, _, own), token) in enumerate(zip(chunk, tokens, strict=True)):
                 inserted = n < len(answers) and isinstance(answers[n], dict) and "Error" not in answers[n]
-                item = {"attempts": {"N": "1"}, "updatedAt": stamp} if inserted else None
-                claims[event_id] = Claim(inserted, token=token, item=item, timestamp=timestamp if inserted else None)
+                item = {"attempts": {"N": "1"}, "updatedAt": updated} if inserted else None
+                first = own[0] if inserted and own else None
+                claims[event_id] = Claim(inserted, token=token, item=item, timestamp=first)
         return claims
 
     def claim(
@@ -205,25 +208,27 @@ class HandlesStore:
         source: str,
         lease_s: float,
         token: str | None = None,
-        timestamp: str | None = None,
+        stamp: tuple[str, str] | None = None,
     ) -> Claim:
         """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
-        with `token` is its own: see `claim_new`). `timestamp`: the `xdm.timestamp` the relay gave this attempt (the
-        sender gave none); the first attempt's is kept on the item, and the claim answers it (`Claim.timestamp`)."""
+        with `token` is its own: see `claim_new`). `stamp`: `InboundEvent.stamp`, the `xdm.timestamp` the relay gave
+        this attempt and whose event it is; the first attempt's is kept on the item, and the claim answers it
+        (`Claim.timestamp`) to the same event."""
         now = self._clock.now()
         token = token or uuid.uuid4().hex
-        stamp = {"S": iso_millis(now)}
+        updated = {"S": iso_millis(now)}
         # A waiting event (queued, or under a lapsed claim) is taken over by a webhook attempt only for its own
         # datastream: the webhook's `?datastreamId=` is not covered by the signature, and a captured request replayed
         # to another datastream must neither reach it nor leave the genuine event to be filed as a reuse (it is busy
         # instead). Not for the queue's messages (IAM-trusted): one without a datastreamId attribute resolves to the
         # default datastream on each receive, and must not be stranded when that default changes.
         own = " AND (datastreamId = :ds OR attribute_not_exists(datastreamId))" if source == "webhook" else ""
-        first_time, time_value = (
-            (", xdmTimestamp = if_not_exists(xdmTimestamp, :ts)", {":ts": {"S": timestamp}})
-            if (timestamp)
-            else ("", {})
-        )
+        first_time, time_values = "", {}
+        if stamp:
+            first_time = (
+                ", xdmTimestamp = if_not_exists(xdmTimestamp, :ts), xdmTimestampOf = if_not_exists(xdmTimestampOf, :of)"
+            )
+            time_values = {":ts": {"S": stamp[0]}, ":of": {"S": stamp[1]}}
         try:
             resp = self._call(
                 "update_item",
@@ -252,9 +257,9 @@ class HandlesStore:
                     ":ds": {"S": datastream_id},
                     ":src": {"S": source},
                     ":exp": {"N": str(int(now) + self._ttl_s)},
-                    ":now": stamp,
+                    ":now": updated,
                     ":one": {"N": "1"},
-                    **time_value,
+                    **time_values,
                 },
                 # The whole old item (nothing for a new event, a webhook's usual case): its attempt count; its token,
                 # to tell our own write whose answer was lost (an INSERT, or this request sent again) from another
@@ -294,9 +299,12 @@ class HandlesStore:
             except StoreUnavailable:
                 pass  # the next claim clears them, or the result replaces the item
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
-        item = {"attempts": {"N": str(attempts)}, "updatedAt": stamp}
-        first = before.get("xdmTimestamp", {}).get("S") if timestamp else None
-        return Claim(True, token=token, item=item, timestamp=first or timestamp)
+        item = {"attempts": {"N": str(attempts)}, "updatedAt": updated}
+        timestamp = None
+        if stamp:
+            first, of = before.get("xdmTimestamp", {}).get("S"), before.get("xdmTimestampOf", {}).get("S")
+            timestamp = first if first and of == stamp[1] else stamp[0]
+        return Claim(True, token=token, item=item, timestamp=timestamp)
 
     def get_result_item(self, event_id: str) -> dict[str, Any] | None:
         resp = self._call("get_item", Key=self.result_key(event_id), ConsistentRead=True)
@@ -467,6 +475,16 @@ class HandlesStore:
         """Whether an item as read (decoded) is this result: its write was applied, though the relay saw it fail
         (every answer of boto3's attempts lost: a read timeout, a dropped connection, a 5xx after the write)."""
         return bool(found) and all(found.get(name) == write.doc.get(name) for name in ("status", "storedAt"))
+
+    @staticmethod
+    def released(found: dict[str, Any], reason: str) -> bool:
+        """Whether an item as read (decoded) is the event given back with `reason`: the hand-back was applied, and
+        boto3 sent it again after its answer was lost (the second one's condition then finds no claim)."""
+        return (
+            found.get("status") == "queued"
+            and "claimToken" not in found
+            and found.get("lastError") == _last_error(reason)["S"]
+        )
 
     def _update_own_claim(
         self,

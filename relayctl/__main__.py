@@ -268,14 +268,24 @@ def _all_items(ddb: Any, operation: str, table: str, **kwargs: Any) -> list[dict
     return [item for page in pages for item in page.get("Items", [])]
 
 
-def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[dict[str, Any]]:
-    """Rejected results; with `event_id`, only that eventId's and those filed beside it (`<eventId>#reused-...`,
-    `<eventId>#invalid-...`: other events sent under it)."""
+def _scan_rejected(
+    ddb: Any, table: str, event_id: str | None = None, *, stranded: bool = False
+) -> list[dict[str, Any]]:
+    """Rejected results, without their stored `request` (never shown; a replay reads the event again); with
+    `event_id`, only that eventId's and those filed beside it (`<eventId>#reused-...`, `<eventId>#invalid-...`: other
+    events sent under it). `stranded`: also replays marked `queued` whose message was never sent (see `_replay_plan`:
+    a replay stopped between its mark and its send, by an error or an interrupt)."""
     kwargs: dict[str, Any] = {
         "FilterExpression": "begins_with(pk, :p) AND #s = :r",
         "ExpressionAttributeNames": {"#s": "status"},
         "ExpressionAttributeValues": {":p": {"S": "EVENT#"}, ":r": {"S": "rejected"}},
     }
+    if stranded:
+        kwargs["FilterExpression"] = (
+            "begins_with(pk, :p) AND (#s = :r OR (#s = :q AND attribute_exists(replayedAt) AND "
+            "attribute_not_exists(leaseUntil) AND attribute_not_exists(lastError)))"
+        )
+        kwargs["ExpressionAttributeValues"][":q"] = {"S": "queued"}
     if event_id is not None:
         kwargs["FilterExpression"] = "(pk = :id OR begins_with(pk, :reused) OR begins_with(pk, :invalid)) AND #s = :r"
         kwargs["ExpressionAttributeValues"] = {
@@ -284,7 +294,10 @@ def _scan_rejected(ddb: Any, table: str, event_id: str | None = None) -> list[di
             ":invalid": {"S": f"EVENT#{event_id}#invalid-"},
             ":r": {"S": "rejected"},
         }
-    items = [decode_item(i) for i in _all_items(ddb, "scan", table, **kwargs)]
+    # Not decoded (decompressed) only to be dropped: at scale, the requests are most of what a scan reads.
+    items = [
+        decode_item({k: v for k, v in i.items() if k != "request"}) for i in _all_items(ddb, "scan", table, **kwargs)
+    ]
     return sorted(items, key=lambda d: str(d.get("storedAt", "")))
 
 
@@ -423,25 +436,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not ids and not args.all_rejected:
         raise SystemExit("relayctl: name event ids or pass --all-rejected")
     if args.all_rejected:
-        # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender.
-        rows = _scan_rejected(ddb, t.table)
+        # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender. And
+        # the replays an earlier run left marked but not sent (stopped between the two), so that running the same
+        # command again finishes an interrupted one.
+        rows = _scan_rejected(ddb, t.table, stranded=True)
         ids += [str(r["eventId"]) for r in rows if not _refused_by_relay(r)]
     if not ids:
         # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.
         print("no Edge-rejected events to replay")
         return 0
-    failures = 0
-    for given in dict.fromkeys(ids):
-        # Found as `show` finds it: an event without an xdm._id is kept under its webhook-id or messageId, shortened
-        # when over 256 characters.
-        event_id, doc = _find(ddb, t.table, given)
-        if args.dry_run:
-            outcome = _replay_plan(doc) or "would replay"
-        else:
-            outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id, doc)
-        # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
-        failures += outcome not in ("queued", "would replay")
-        print(f"{event_id}: {outcome}")
+    failures = done = 0
+    unique = list(dict.fromkeys(ids))
+    try:
+        for given in unique:
+            # Found as `show` finds it: an event without an xdm._id is kept under its webhook-id or messageId,
+            # shortened when over 256 characters.
+            event_id, doc = _find(ddb, t.table, given)
+            if args.dry_run:
+                outcome = _replay_plan(doc) or "would replay"
+            else:
+                outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id, doc)
+            # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
+            failures += outcome not in ("queued", "would replay")
+            done += 1
+            print(f"{event_id}: {outcome}")
+    except KeyboardInterrupt:
+        print(
+            f"interrupted after {done} of {len(unique)} event(s): run the same command again to go on (an event "
+            "stopped between its mark and its send is replayed again by name, or by --all-rejected)",
+            file=sys.stderr,
+        )
+        return 130
+    verb = "would replay" if args.dry_run else "replayed"
+    # On stderr: stdout keeps one line per event, for scripts.
+    print(f"{verb} {done - failures} of {len(unique)} event(s); {failures} not (each line says why)", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -596,10 +624,30 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                 print(f"{len(entries) - len(done)} message(s) could not be sent; left in the dead-letter queue")
                 failed = True
                 break
+    except KeyboardInterrupt:  # the messages in hand are shown again below (`finally`)
+        print(
+            f"interrupted after moving {moved} message(s): run it again to go on; the batch in hand (up to 10) may "
+            "now be on both queues (the relay takes the second copy for a repeat)",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         _show_again(sqs, t.dlq_url, list(held.values()))
     print(f"moved {moved} message(s) from the dead-letter queue to the queue")
+    if moved >= args.max and not failed:
+        left = _approximate_messages(sqs, t.dlq_url)
+        if left:
+            print(f"stopped at --max {args.max}: about {left} message(s) left in the dead-letter queue; run it again")
     return 1 if failed or kept else 0
+
+
+def _approximate_messages(sqs: Any, queue_url: str) -> int:
+    """What SQS says is still visible in a queue (0 when it cannot be read: only a hint for the operator)."""
+    try:
+        attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"])
+        return int(attrs.get("Attributes", {}).get("ApproximateNumberOfMessages", 0))
+    except (ClientError, BotoCoreError, ValueError):
+        return 0
 
 
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
@@ -886,7 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true", help="say what a replay would do, send nothing")
     rep.set_defaults(func=cmd_replay)
     red = command("redrive", "move dead-letter messages back to the queue")
-    red.add_argument("--max", type=int, default=1000, help="move at most this many (default: 1000)")
+    red.add_argument("--max", type=_positive_int, default=1000, help="move at most this many (default: 1000)")
     red.set_defaults(func=cmd_redrive)
     fgt = command("forget", "erase what the table keeps about one identity (a person's erasure request)")
     fgt.add_argument("--namespace", required=True, help='its identityMap namespace as sent, e.g. "Email", "CRMID"')

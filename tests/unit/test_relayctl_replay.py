@@ -1331,3 +1331,88 @@ def test_forget_whose_delete_was_applied_and_sent_again_reports_it_deleted(
     assert store.get_result("ev-1") is None
     assert "taken by a new attempt" not in out and "1 refused body(ies)" in out
     assert code == 0
+
+
+def test_a_replay_interrupted_between_its_mark_and_its_send_is_finished_by_running_it_again(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN two Edge rejections, and an operator who presses Ctrl-C while the first one's message is being sent (its
+    # `queued` mark already written)
+    ddb, real_sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    for event_id in ("ev-1", "ev-2"):
+        ddb.put_item(
+            TableName="t", Item={**rejected_item(event_id), "storedAt": {"S": f"2026-01-01T00:00:0{event_id[-1]}Z"}}
+        )
+    queue = real_sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    def interrupted(**kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    clients = {"dynamodb": ddb, "sqs": SqsWith(real_sqs, send_message=interrupted)}
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: clients[service])
+    args = ["--table", "t", "--queue-url", queue, "replay", "--all-rejected"]
+
+    # WHEN it runs, is interrupted, and is run again
+    assert relayctl_main.main(args) == 130
+    interrupted_run = capsys.readouterr()
+    clients["sqs"] = real_sqs
+    assert relayctl_main.main(args) == 0
+
+    # THEN the first run said how to go on, and the second replayed both: the one left marked `queued` with nothing
+    # sent (which `--all-rejected` used to miss for good: it is no longer `rejected`) and the one not reached
+    assert "interrupted after 0 of 2 event(s): run the same command again to go on" in interrupted_run.err
+    messages = real_sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, MessageAttributeNames=["All"])
+    assert sorted(m["MessageAttributes"]["eventId"]["StringValue"] for m in messages["Messages"]) == ["ev-1", "ev-2"]
+    assert "replayed 2 of 2 event(s); 0 not" in capsys.readouterr().err
+
+
+def test_redrive_says_when_it_stopped_at_max_with_messages_left(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN 12 dead-letter messages
+    real, dlq, queue = dead_letters(12)
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: real)
+
+    # WHEN redrive moves at most 5
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive", "--max", "5"])
+
+    # THEN it says that it stopped there with messages left, and how to go on
+    out = capsys.readouterr().out
+    assert code == 0 and "moved 5 message(s)" in out
+    assert "stopped at --max 5: about 7 message(s) left in the dead-letter queue; run it again" in out
+
+
+@pytest.mark.parametrize("bad", ["0", "-3"])
+def test_redrive_takes_only_a_positive_max(bad: str, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        relayctl_main.main(["--table", "t", "--queue-url", "q", "--dlq-url", "d", "redrive", "--max", bad])
+    assert exit_.value.code == 2 and "--max" in capsys.readouterr().err
+
+
+def test_an_interrupted_redrive_says_what_it_moved_and_what_may_be_on_both_queues(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN 12 dead-letter messages, and an operator who presses Ctrl-C during the second batch's send
+    real, dlq, queue = dead_letters(12)
+    batches: list[int] = []
+
+    def send(**kwargs: Any) -> dict[str, Any]:
+        batches.append(len(kwargs["Entries"]))
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        answer: dict[str, Any] = real.send_message_batch(**kwargs)
+        return answer
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: SqsWith(real, send_message_batch=send))
+
+    # WHEN redrive runs
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN it ends as an interrupt, says how many it moved and that the batch in hand may be on both, and leaves that
+    # batch visible in the dead-letter queue at once for the next run
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "interrupted after moving 10 message(s): run it again to go on" in err
+    left = real.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+    assert (int(left["ApproximateNumberOfMessages"]), int(left["ApproximateNumberOfMessagesNotVisible"])) == (2, 0)

@@ -2669,3 +2669,40 @@ def test_a_give_back_sent_again_by_boto3_still_counts_as_given_back(store_on_mot
 
     # THEN the item says it is queued (the mark replaced by the plain reason), not that it may or may not be
     assert store.get_result("ev-q")["lastError"] == "edge answered 503"  # type: ignore[index]
+
+
+def test_a_producers_resend_goes_with_the_time_its_batch_insert_claim_kept(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a batch of two people's first receives (so their claims go as one INSERT batch), one of them without
+    # xdm.timestamp, which Edge does not answer; then the producer's resend of it: a new message, sent 90 s later
+    store, clock = store_on_moto.store, store_on_moto.clock
+    ok = EdgeAnswer(200, {"requestId": "r", "handle": []}, 1)
+    edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), ok, ok)
+    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1))
+    runner.run({"Records": [record("ev-1", 1, "p1"), record("other", 1, "p9")]}, Deadline(clock, 20), lease_s=25)
+    resend = {**record("ev-1", 1, "p1"), "messageId": "m-resent"}
+    resend["attributes"] = {**resend["attributes"], "SentTimestamp": "1700000090000"}
+
+    # WHEN the resend is run
+    clock.advance(90)
+    runner.run({"Records": [resend]}, Deadline(clock, 20), lease_s=25)
+
+    # THEN both Edge calls of that event carry the first message's time
+    sent = [c.request["event"]["xdm"]["timestamp"] for c in edge.calls if c.request["event"]["xdm"]["_id"] == "ev-1"]
+    assert len(sent) == 2 and sent[0] == sent[1] == "2023-11-14T22:13:20.000Z"
+
+
+def test_a_batch_that_sent_nothing_back_says_so_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    # GIVEN a batch whose every record is delivered
+    store = FakeStore()
+    relay, _ = real_relay(store, 2)
+
+    # WHEN it runs
+    with caplog.at_level(logging.INFO, logger="interact-relay"):
+        BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1)).run(
+            {"Records": [sqs("e1", "m1", "p1"), sqs("e2", "m2", "p2")]}, Deadline(relay.clock, 20), lease_s=25
+        )
+
+    # THEN its summary is INFO: a WARNING for every clean batch would be noise at LogLevel WARNING
+    (summary,) = [r for r in caplog.records if r.getMessage() == "batch done"]
+    assert summary.levelno == logging.INFO

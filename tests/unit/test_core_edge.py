@@ -1189,3 +1189,22 @@ def test_a_hint_pause_ends_after_ten_minutes_of_either_clock() -> None:
     clock._mono += 601
     edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
     assert session.calls[3].url == "https://edge.adobedc.net/ee/or2/v2/interact"
+
+
+def test_refusals_whose_pause_ended_by_the_wall_clock_do_not_pause_every_hint() -> None:
+    # GIVEN two hints refused with a 404, then hours of idle invocations (the monotonic clock barely moving)
+    clock = FakeClock()
+    not_found = make_response(404, {"type": "https://ns.adobe.com/aep/errors/EXEG-0404-404", "status": 404})
+    session = FakeSession([not_found, ok(), not_found, ok(), not_found, ok(), ok()])
+    edge = client(session, clock)
+    for hint in ("or1", "or2"):
+        edge.deliver(DATASTREAM, REQUEST, hint, Deadline(clock, 10))
+    clock._wall += 3 * 3600
+    clock._mono += 1
+
+    # WHEN a third hint is refused
+    edge.deliver(DATASTREAM, REQUEST, "va6", Deadline(clock, 10))
+
+    # THEN the two old refusals, over, do not count towards pausing every hint: the first hint routes again
+    edge.deliver(DATASTREAM, REQUEST, "or1", Deadline(clock, 10))
+    assert session.calls[-1].url == "https://edge.adobedc.net/ee/or1/v2/interact"

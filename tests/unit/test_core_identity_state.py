@@ -778,3 +778,21 @@ def test_expiries_keep_their_fraction_of_a_second_through_the_store():
     assert [e["key"] for e in outgoing_entries(back, [], NOW + 5.5)] == ["consent"]
     assert back.hint_ttl == pytest.approx(0.5) and back.hint_expires_at == pytest.approx(NOW + 1.2, abs=1e-3)
     assert back.route_hint(NOW + 1.5) is None
+
+
+@pytest.mark.parametrize("changed", ["cluster", "hint"])
+def test_either_lifetime_changing_alone_is_written(changed):
+    # GIVEN the hint and the cluster entry stored for 1800 s
+    def answer(hint_ttl: int, max_age: int) -> list[dict[str, Any]]:
+        return [
+            hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": hint_ttl}),
+            store_handle({"key": CLUSTER_KEY, "value": "or2", "maxAge": max_age}),
+        ]
+
+    stored = apply_handles(IdentityState(), answer(1800, 1800), NOW)
+
+    # WHEN an answer 85 s later changes only one of the two lifetimes
+    new = apply_handles(stored, answer(1800, 1900) if changed == "cluster" else answer(1900, 1800), NOW + 85)
+
+    # THEN it is written: each sets its own grace
+    assert needs_write(stored, new, NOW + 85) is True

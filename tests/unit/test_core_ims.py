@@ -787,3 +787,21 @@ def test_a_refused_token_hours_old_by_the_wall_clock_is_replaced_while_the_monot
     assert renewed.value == "tok-B" and len(session.calls) == 2
     # AND one refused as soon as it was minted, by both clocks, is still not asked for again
     assert tokens.get(force_refresh=True, stale=renewed, min_age_s=60).value == "tok-B" and len(session.calls) == 2
+
+
+def test_a_second_refusal_after_hours_idle_is_replaced_although_the_monotonic_clock_stood_still() -> None:
+    # GIVEN a token that Edge refused once and that was replaced (a refusal refresh on record)
+    clock = FakeClock()
+    session = FakeSession([token_response("tok-A"), token_response("tok-B"), token_response("tok-C")])
+    tokens = provider(session, clock)
+    first = tokens.get()
+    clock.advance(3600)
+    second = tokens.get(force_refresh=True, stale=first, min_age_s=60)
+    assert second.value == "tok-B"
+
+    # WHEN hours of idle invocations pass (the monotonic clock barely moving) and Edge refuses the replacement
+    clock._wall += 5 * 3600
+    clock._mono += 2
+
+    # THEN it is replaced too: the last refresh is not "a minute ago" by the wall clock
+    assert tokens.get(force_refresh=True, stale=second, min_age_s=60).value == "tok-C"

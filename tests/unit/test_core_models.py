@@ -819,3 +819,15 @@ def test_a_request_whose_members_look_like_an_envelope_besides_its_event_is_vali
 
     # WHEN / THEN it is a request like any other
     assert validate_request(doc) == []
+
+
+def test_a_stamp_names_the_event_it_belongs_to_by_its_person_and_datastream() -> None:
+    # GIVEN two events under one _id and datastream, each without xdm.timestamp, for two different people
+    def inbound(person: str, datastream: str = "ds") -> Any:
+        doc = {"event": {"xdm": {"_id": "ev-1", "identityMap": {"CRMID": [{"id": person, "primary": True}]}}}}
+        return build_inbound(doc, event_id="ev-1", datastream_id=datastream, source="sqs", received_at=1.0)
+
+    # WHEN / THEN their stamps say whose they are: an earlier attempt's time is taken only by the same event
+    assert inbound("p1").stamp[1] != inbound("p2").stamp[1]
+    assert inbound("p1").stamp[1] != inbound("p1", "ds-2").stamp[1]
+    assert inbound("p1").stamp == inbound("p1").stamp

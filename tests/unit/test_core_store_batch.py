@@ -961,3 +961,47 @@ def test_an_event_with_its_own_timestamp_is_sent_as_it_came(store_on_moto: Store
 
     # THEN each attempt sent the sender's own timestamp, untouched
     assert sent_timestamps(edge) == ["2026-01-01T00:00:00.000Z", "2026-01-01T00:05:00.000Z"]
+
+
+T1, T2, T3 = "2026-01-01T00:00:00.000Z", "2026-01-01T00:01:30.000Z", "2026-01-01T00:03:00.000Z"
+
+
+def test_every_later_attempt_of_an_event_keeps_its_first_time(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN one event without its own timestamp, claimed and handed back three times (each attempt's receive time)
+    store = store_on_moto.store
+    times = []
+    for receive_time in (T1, T2, T3):
+        claim = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=25, stamp=(receive_time, "p1|ds"))
+        assert claim.token
+        times.append(claim.timestamp)
+        store.release("ev-1", claim.token, "edge unavailable")
+
+    # THEN every attempt goes with the first one's time (a third time under one _id would be a third event time)
+    assert times == [T1, T1, T1]
+
+
+def test_the_first_event_keeps_its_time_after_another_event_reusing_its_id_waited(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN one person's event, tried and waiting; then another person's under the same _id, tried and waiting too
+    store = store_on_moto.store
+    for receive_time, whose in ((T1, "p1|ds"), (T2, "p2|ds")):
+        claim = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=25, stamp=(receive_time, whose))
+        assert claim.token
+        store.release("ev-1", claim.token, "edge unavailable")
+
+    # WHEN the first person's event is tried again
+    again = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=25, stamp=(T3, "p1|ds"))
+
+    # THEN it still goes with its own first time (the other event did not take the time, nor whose it is)
+    assert again.timestamp == T1
+
+
+def test_a_result_is_taken_for_this_attempts_only_with_its_own_storedat(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN this attempt's result write, and an item that holds a result of the same status written by another
+    # attempt (one that took the event over once this attempt's lease lapsed)
+    write = store_on_moto.store.compose_result("ev-1", {"status": "delivered", "datastreamId": "ds"}, None)
+    other = {**write.doc, "storedAt": "2000-01-01T00:00:00.000Z"}
+
+    # WHEN / THEN only the item with this write's storedAt is this write (the other's would be answered and counted
+    # twice as this attempt's)
+    assert store_on_moto.store.holds(write.doc, write)
+    assert not store_on_moto.store.holds(other, write)

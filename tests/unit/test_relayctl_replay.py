@@ -1416,3 +1416,68 @@ def test_an_interrupted_redrive_says_what_it_moved_and_what_may_be_on_both_queue
     assert "interrupted after moving 10 message(s): run it again to go on" in err
     left = real.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
     assert (int(left["ApproximateNumberOfMessages"]), int(left["ApproximateNumberOfMessagesNotVisible"])) == (2, 0)
+
+
+def test_all_rejected_leaves_out_a_replay_the_relay_has_tried_since(aws: None, capsys: Any) -> None:
+    # GIVEN an event replayed, then tried by the relay and given back (queued, with its replayedAt and a lastError):
+    # its message is in the queue, waiting for the next attempt
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    item = {**rejected_item("ev-1"), "status": {"S": "queued"}, "replayedAt": {"S": "2026-01-01T00:00:00.000Z"}}
+    ddb.put_item(TableName="t", Item={**item, "lastError": {"S": "edge answered 503"}})
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN every rejected event is replayed
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "replay", "--all-rejected"])
+
+    # THEN it is not among them (only a replay stopped before its send is), and nothing is sent
+    assert code == 0 and "no Edge-rejected events to replay" in capsys.readouterr().out
+    assert sqs.receive_message(QueueUrl=queue).get("Messages", []) == []
+
+
+def test_the_replay_tally_counts_only_what_was_replayed(aws: None, capsys: Any) -> None:
+    # GIVEN one Edge rejection, and an id that is not in the table
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN both are replayed
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "replay", "ev-1", "nope"])
+
+    # THEN the tally says one of two, and the exit code that one was not
+    assert code == 1 and "replayed 1 of 2 event(s); 1 not" in capsys.readouterr().err
+
+
+def test_redrive_that_moved_everything_at_max_says_nothing_is_left(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN exactly 5 dead-letter messages
+    real, dlq, queue = dead_letters(5)
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: real)
+
+    # WHEN redrive moves at most 5
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive", "--max", "5"])
+
+    # THEN it does not ask for another run
+    out = capsys.readouterr().out
+    assert code == 0 and "moved 5 message(s)" in out and "stopped at --max" not in out
+
+
+def test_a_replay_mark_refused_for_another_reason_says_it_failed_and_what_the_event_still_is(aws: None) -> None:
+    # GIVEN an Edge rejection, and DynamoDB throttling the replay's mark (not applied)
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item=rejected_item("ev-1"))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    class Throttled(LostAnswer):
+        def update_item(self, **kwargs: Any) -> Any:
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "UpdateItem")
+
+    # WHEN it is replayed
+    outcome = replay_event(Throttled(ddb), sqs, "t", queue, "ev-1")
+
+    # THEN the line says the mark failed and the event is still rejected (to run again), not "changed meanwhile"
+    assert outcome == "failed: not marked (ThrottlingException); still rejected"
+    assert sqs.receive_message(QueueUrl=queue).get("Messages", []) == []

@@ -424,6 +424,8 @@ def vector_headers(name: str, now: int) -> tuple[str, dict[str, str]]:
             BODY,
             {**base, "webhook-signature": f"{v1(SECRET_WRONG, MSG_ID, now, BODY)},{good}"},
         ),
+        # a valid v1 line, then a line of another scheme (Standard Webhooks' asymmetric `v1a`), joined the same way
+        "valid-line-then-a-v1a-line-joined": (BODY, {**base, "webhook-signature": f"{good},v1a,AAAA"}),
         "wrong-secret": (BODY, {**base, "webhook-signature": v1(SECRET_WRONG, MSG_ID, now, BODY)}),
         "tampered-body": (BODY.replace("purchases", "refunds"), base),
         "tampered-id": (BODY, {**base, "webhook-id": "msg_other"}),
@@ -469,6 +471,7 @@ ACCEPTED = [
     "several-signatures-one-valid",
     "malformed-entries-before-a-valid-one",
     "two-signature-lines-joined",
+    "valid-line-then-a-v1a-line-joined",
 ]
 REFUSED = [
     "wrong-secret",

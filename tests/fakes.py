@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Callable, Iterable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -372,12 +376,36 @@ class FakeEdge:
         return step
 
 
+@contextlib.contextmanager
+def headers_then_stall(after_s: float) -> Iterator[int]:
+    """A loopback HTTP server (its port) that reads one request, answers its headers `after_s` later with the first
+    byte of a 100-byte body, then sends nothing more until the block ends: a peer whose body stalls."""
+    server = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            time.sleep(after_s)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            release.wait(10)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        release.set()
+        server.close()
+
+
 __all__ = [
     "CREDS",
     "DeliverCall",
     "FakeClock",
     "FakeCredentialsStore",
     "FakeEdge",
+    "headers_then_stall",
     "FakeSession",
     "FakeStore",
     "FakeTokenProvider",

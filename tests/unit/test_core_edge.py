@@ -1124,43 +1124,28 @@ def test_a_body_that_stops_mid_way_is_a_read_timeout_and_its_connection_is_close
 def test_a_body_that_stalls_after_late_headers_is_given_up_at_the_deadline() -> None:
     # GIVEN Edge on a loopback socket that sends its headers 1.5 s into a 2 s budget (within the read timeout the
     # attempt started with: the budget's, 1.9 s), then nothing more of its body
-    import socket
     import time
 
     from relay.clock import SystemClock
     from relay.runtime import new_http_session
 
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    release = threading.Event()
+    from tests.fakes import headers_then_stall
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            time.sleep(1.5)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-            release.wait(10)
-
-    threading.Thread(target=serve, daemon=True).start()
     clock = SystemClock()
-    edge = EdgeClient(
-        new_http_session(2),
-        settings(EDGE_BASE_URL=f"http://127.0.0.1:{port}", EDGE_MAX_ATTEMPTS="1", EDGE_CONNECT_TIMEOUT_MS="100"),
-        None,
-        clock,
-        random.Random(1),
-    )
+    with headers_then_stall(1.5) as port:
+        edge = EdgeClient(
+            new_http_session(2),
+            settings(EDGE_BASE_URL=f"http://127.0.0.1:{port}", EDGE_MAX_ATTEMPTS="1", EDGE_CONNECT_TIMEOUT_MS="100"),
+            None,
+            clock,
+            random.Random(1),
+        )
 
-    # WHEN the event is sent
-    started = time.monotonic()
-    try:
+        # WHEN the event is sent
+        started = time.monotonic()
         with pytest.raises(EdgeUnavailable):
             edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 2.0))
         elapsed = time.monotonic() - started
-    finally:
-        release.set()
-        server.close()
 
     # THEN the body's wait ends with the budget (about 2 s), not a whole read timeout after the headers (3.4 s): a
     # batch's last attempt would otherwise run past the Lambda timeout, and the whole batch be sent again

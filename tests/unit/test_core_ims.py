@@ -809,42 +809,26 @@ def test_a_second_refusal_after_hours_idle_is_replaced_although_the_monotonic_cl
 
 def test_a_token_answer_that_stalls_after_late_headers_is_given_up_at_the_deadline() -> None:
     # GIVEN IMS on a loopback socket that sends its headers 1.5 s into a 2 s budget, then nothing more of its body
-    import socket
-
     from relay.clock import SystemClock
     from relay.runtime import new_http_session
 
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    release = threading.Event()
+    from tests.fakes import headers_then_stall
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            time.sleep(1.5)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-            release.wait(10)
-
-    threading.Thread(target=serve, daemon=True).start()
     clock = SystemClock()
-    tokens = ImsTokenProvider(
-        new_http_session(2),
-        f"http://127.0.0.1:{port}/ims/token/v3",
-        FakeCredentialsStore(),  # type: ignore[arg-type]
-        clock,
-        timeout=(0.1, 10.0),
-    )
+    with headers_then_stall(1.5) as port:
+        tokens = ImsTokenProvider(
+            new_http_session(2),
+            f"http://127.0.0.1:{port}/ims/token/v3",
+            FakeCredentialsStore(),  # type: ignore[arg-type]
+            clock,
+            timeout=(0.1, 10.0),
+        )
 
-    # WHEN a token is asked for within that budget
-    started = time.monotonic()
-    try:
+        # WHEN a token is asked for within that budget
+        started = time.monotonic()
         with pytest.raises(CredentialsError):
             tokens.get(deadline=Deadline(clock, 2.0))
         elapsed = time.monotonic() - started
-    finally:
-        release.set()
-        server.close()
 
     # THEN the wait ends with the budget (about 2 s), not a whole read timeout after the headers
     assert elapsed < 2.7, elapsed

@@ -2706,3 +2706,39 @@ def test_a_batch_that_sent_nothing_back_says_so_at_info(caplog: pytest.LogCaptur
     # THEN its summary is INFO: a WARNING for every clean batch would be noise at LogLevel WARNING
     (summary,) = [r for r in caplog.records if r.getMessage() == "batch done"]
     assert summary.levelno == logging.INFO
+
+
+@pytest.mark.parametrize("trigger", ["webhook", "sqs"])
+def test_an_event_whose_id_holds_a_lone_surrogate_is_refused_and_kept_under_its_transport_id(
+    trigger: str, store_on_moto: StoreOnMoto
+) -> None:
+    from relay.webhook import WebhookApp
+
+    # GIVEN a body whose xdm._id holds a lone UTF-16 surrogate (`"\ud800"` in its JSON: a character cut in half),
+    # which no DynamoDB key or SQS attribute can hold
+    store, clock = store_on_moto.store, store_on_moto.clock
+    relay = Relay(store, FakeEdge(), clock)  # type: ignore[arg-type]
+    body = '{"event": {"xdm": {"_id": "ev-\\ud800"}}}'
+
+    # WHEN it arrives
+    if trigger == "webhook":
+        settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+        app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(NoQueue(), QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+        answer = app.handle(http_event(body.encode(), {"webhook-id": "msg_cut"}), None)
+        kept_under = "msg_cut"
+        # THEN the sender is told why (400, the field's path), not asked to retry what can never be stored
+        assert answer["statusCode"] == 400
+        problem = json.loads(answer["body"])
+        assert problem["eventId"] == kept_under and problem["errors"][0]["path"] == "event.xdm._id"
+    else:
+        record_ = {**record("x", 1), "messageId": "m-cut", "body": body}
+        answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1)).run(
+            {"Records": [record_]}, Deadline(clock, 20), lease_s=25
+        )
+        kept_under = "m-cut"
+        # THEN the record is done (not redelivered until the dead-letter queue)
+        assert answer == {"batchItemFailures": []}
+
+    # AND the refusal is stored, under the transport's id
+    item = store.get_result(kept_under)
+    assert item is not None and item["status"] == "rejected"

@@ -415,12 +415,18 @@ def datastream_for_rejection(candidate: str | None, default: str, allowed: froze
 
 
 def event_id_for(doc: Any, fallback_id: str) -> str:
-    """`event.xdm._id` when present and valid, else the transport's id (webhook-id / SQS messageId)."""
+    """`event.xdm._id` when present and valid, else the transport's id (webhook-id / SQS messageId). An `_id` holding a
+    lone UTF-16 surrogate (a character cut in half) is refused (`validate`), and its refusal could not be kept under
+    it: no DynamoDB key holds one. It is kept under the transport's id, which the answer names."""
     try:
         candidate = doc["event"]["xdm"]["_id"]
     except (KeyError, TypeError):
         candidate = None
-    if isinstance(candidate, str) and 0 < len(candidate) <= MAX_EVENT_ID_LENGTH:
+    if (
+        isinstance(candidate, str)
+        and 0 < len(candidate) <= MAX_EVENT_ID_LENGTH
+        and not codec.has_lone_surrogate(candidate)
+    ):
         return candidate
     return bounded_id(fallback_id)
 

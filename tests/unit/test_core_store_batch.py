@@ -1005,3 +1005,28 @@ def test_a_result_is_taken_for_this_attempts_only_with_its_own_storedat(store_on
     # twice as this attempt's)
     assert store_on_moto.store.holds(write.doc, write)
     assert not store_on_moto.store.holds(other, write)
+
+
+@pytest.mark.parametrize(
+    ("detail", "kept"),
+    [(None, {"detail": None}), (7, {"detail": 7}), (["a", "b"], {}), ({"reason": "x"}, {}), ("absent", {})],
+    ids=["null", "number", "list", "object", "absent"],
+)
+def test_a_cut_problem_keeps_a_detail_only_as_edge_sent_it(detail: Any, kept: dict[str, Any]) -> None:
+    # GIVEN an Edge problem of 450 KB whose detail is not a string (or is not there)
+    problem: dict[str, Any] = {
+        "type": "x/EXEG-0201-502",
+        "status": 502,
+        "title": "T",
+        "report": {"blob": noise(450_000)},
+    }
+    if detail != "absent":
+        problem["detail"] = detail
+
+    # WHEN it is stored
+    request = {"event": {"xdm": {"_id": "e1"}, "data": {"pad": noise(53_000)}}}  # with it, the item is over the limit
+    doc, _ = composed({"status": "rejected", "error": problem, "request": request})
+
+    # THEN what is kept of its detail is Edge's own value or nothing: never a made-up text ("None", a Python repr)
+    assert doc["errorTrimmed"] is True
+    assert doc["error"] == {"type": "x/EXEG-0201-502", "status": 502, "title": "T", **kept}

@@ -430,7 +430,11 @@ class HandlesStore:
         error = doc.get("error")
         if isinstance(error, dict) and "error" in values and codec.attribute_size(values["error"]) > MAX_ERROR_BYTES:
             kept = {k: error[k] for k in ("type", "status", "title") if k in error}
-            kept["detail"] = str(error.get("detail", ""))[:1000]
+            detail = error.get("detail")
+            if isinstance(detail, str):
+                kept["detail"] = detail[:1000]
+            elif "detail" in error and (detail is None or isinstance(detail, int | float | bool)):
+                kept["detail"] = detail  # as Edge sent it (a made-up text, "None" or a Python repr, would not be)
             size -= codec.attribute_size(values["error"])
             values["error"] = codec.encode_json(kept)
             size += codec.attribute_size(values["error"]) + _FLAG_BYTES

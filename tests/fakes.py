@@ -377,9 +377,12 @@ class FakeEdge:
 
 
 @contextlib.contextmanager
-def headers_then_stall(after_s: float) -> Iterator[int]:
-    """A loopback HTTP server (its port) that reads one request, answers its headers `after_s` later with the first
-    byte of a 100-byte body, then sends nothing more until the block ends: a peer whose body stalls."""
+def headers_then_stall(
+    after_s: float, *, body: bytes = b"{", body_after_s: float = 0.0, length: int = 100
+) -> Iterator[int]:
+    """A loopback HTTP server (its port) that reads one request, answers its headers `after_s` later (a body of
+    `length` bytes), sends `body` `body_after_s` after that, then sends nothing more until the block ends: a peer
+    whose body stalls."""
     server = socket.create_server(("127.0.0.1", 0))
     release = threading.Event()
 
@@ -388,7 +391,9 @@ def headers_then_stall(after_s: float) -> Iterator[int]:
         with conn:
             conn.recv(65536)
             time.sleep(after_s)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+            time.sleep(body_after_s)
+            conn.sendall(body)
             release.wait(10)
 
     threading.Thread(target=serve, daemon=True).start()

@@ -1193,3 +1193,34 @@ def test_refusals_whose_pause_ended_by_the_wall_clock_do_not_pause_every_hint() 
     # THEN the two old refusals, over, do not count towards pausing every hint: the first hint routes again
     edge.deliver(DATASTREAM, REQUEST, "or1", Deadline(clock, 10))
     assert session.calls[-1].url == "https://edge.adobedc.net/ee/or1/v2/interact"
+
+
+def test_a_body_that_stalls_after_its_first_chunk_is_given_up_at_the_deadline() -> None:
+    # GIVEN Edge on a loopback socket that sends its headers at once, then 70,000 bytes of a 200,000-byte body 1.5 s
+    # into a 2 s budget (more than one 64 KiB read), then nothing more
+    import time
+
+    from relay.clock import SystemClock
+    from relay.runtime import new_http_session
+
+    from tests.fakes import headers_then_stall
+
+    clock = SystemClock()
+    with headers_then_stall(0.0, body=b"{" + b" " * 69_999, body_after_s=1.5, length=200_000) as port:
+        edge = EdgeClient(
+            new_http_session(2),
+            settings(EDGE_BASE_URL=f"http://127.0.0.1:{port}", EDGE_MAX_ATTEMPTS="1", EDGE_CONNECT_TIMEOUT_MS="100"),
+            None,
+            clock,
+            random.Random(1),
+        )
+
+        # WHEN the event is sent
+        started = time.monotonic()
+        with pytest.raises(EdgeUnavailable):
+            edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 2.0))
+        elapsed = time.monotonic() - started
+
+    # THEN the wait for the next chunk ends with the budget too (about 2 s), not a whole read timeout after the first
+    # chunk came (3.4 s)
+    assert elapsed < 2.7, elapsed

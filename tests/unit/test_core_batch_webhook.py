@@ -2742,3 +2742,41 @@ def test_an_event_whose_id_holds_a_lone_surrogate_is_refused_and_kept_under_its_
     # AND the refusal is stored, under the transport's id
     item = store.get_result(kept_under)
     assert item is not None and item["status"] == "rejected"
+
+
+def test_a_webhook_resend_handed_back_after_a_defect_is_queued_with_the_first_attempts_time(
+    store_on_moto: StoreOnMoto,
+) -> None:
+    from relay.webhook import WebhookApp
+
+    # GIVEN an event without xdm.timestamp whose first attempt got no answer from Edge and could not be queued, and
+    # whose resend then meets a defect (an unexpected exception) after taking the first attempt's time
+    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+    store, clock = store_on_moto.store, store_on_moto.clock
+    edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), RuntimeError("a defect"))
+    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
+    queued: list[dict[str, Any]] = []
+
+    class RefusesOnce:
+        refused = False
+
+        def send_message(self, **kwargs: Any) -> dict[str, Any]:
+            if not self.refused:
+                self.refused = True
+                raise ClientError({"Error": {"Code": "KmsThrottled", "Message": "m"}}, "SendMessage")
+            queued.append(kwargs)
+            return {"MessageId": "m-1"}
+
+    sqs_client = RefusesOnce()
+    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(sqs_client, QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
+    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 503
+
+    # WHEN the sender resends it
+    clock.advance(90)
+    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 202
+
+    # THEN the queued message carries the first attempt's time, as every attempt of the event does
+    first = edge.calls[0].request["event"]["xdm"]["timestamp"]
+    [message] = queued
+    assert json.loads(message["MessageBody"])["event"]["xdm"]["timestamp"] == first

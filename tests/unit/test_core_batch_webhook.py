@@ -2462,25 +2462,48 @@ class NoQueue:
         raise AssertionError("nothing is to be queued")
 
 
+def webhook_on_moto(store_on_moto: StoreOnMoto, edge: Any, sqs_client: Any = None) -> Any:
+    """The webhook app in front of the real store on in-process moto, with `edge` and a retry queue on `sqs_client`
+    (by default one that nothing may be sent to)."""
+    from relay.webhook import WebhookApp
+
+    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
+    relay = Relay(store_on_moto.store, edge, store_on_moto.clock)
+    queue = RetryQueue(sqs_client or NoQueue(), QUEUE_URL)
+    return WebhookApp(settings, relay, lambda: None, lambda: queue, store_on_moto.clock)  # type: ignore[arg-type,return-value]
+
+
+class SqsRefusingOnce:
+    """SQS that refuses the first message (a 4xx), then takes every message (kept in `queued`)."""
+
+    def __init__(self) -> None:
+        self.refused = False
+        self.queued: list[dict[str, Any]] = []
+
+    def send_message(self, **kwargs: Any) -> dict[str, Any]:
+        if not self.refused:
+            self.refused = True
+            raise ClientError({"Error": {"Code": "KmsThrottled", "Message": "m"}}, "SendMessage")
+        self.queued.append(kwargs)
+        return {"MessageId": "m-1"}
+
+
 @pytest.mark.parametrize("edge_says", ["delivered", "rejected"])
 def test_a_webhook_result_written_though_its_answer_was_lost_is_the_answer(
     edge_says: str, store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
 ) -> None:
     from relay.errors import EdgeRejected
-    from relay.webhook import WebhookApp
 
     # GIVEN Edge's answer (a delivery, or a refusal for good), and a result PutItem that DynamoDB applies but whose
     # answer is lost (a read timeout, a dropped connection, on every attempt boto3 makes)
-    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
-    store, clock = store_on_moto.store, store_on_moto.clock
+    store = store_on_moto.store
     problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "status": 422, "title": "Unprocessable"}
     answer_of_edge = (
         EdgeAnswer(200, {"requestId": "r-1", "handle": [{"type": "x", "payload": []}]}, 1)
         if edge_says == "delivered"
         else EdgeRejected(422, problem)
     )
-    relay = Relay(store, FakeEdge(answer_of_edge), clock)  # type: ignore[arg-type]
-    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(NoQueue(), QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    app = webhook_on_moto(store_on_moto, FakeEdge(answer_of_edge))
     store_on_moto.ddb.put_item = applied_then_lost(store_on_moto.ddb.put_item)
     body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
 
@@ -2570,14 +2593,10 @@ class SqsAppliedThenLost:
 def test_a_fallback_send_that_may_have_been_queued_is_not_said_to_be_unqueued(
     failure: Exception, store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
 ) -> None:
-    from relay.webhook import WebhookApp
-
     # GIVEN Edge unavailable, and a retry queue that takes the message but whose answer never comes (or is a 5xx)
-    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
-    store, clock = store_on_moto.store, store_on_moto.clock
-    relay = Relay(store, FakeEdge(EdgeUnavailable("edge answered 503")), clock)  # type: ignore[arg-type]
+    store = store_on_moto.store
     sqs_client = SqsAppliedThenLost(failure)
-    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(sqs_client, QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    app = webhook_on_moto(store_on_moto, FakeEdge(EdgeUnavailable("edge answered 503")), sqs_client)
     body = json.dumps({"event": {"xdm": {"_id": "ev-q"}}}).encode()
 
     # WHEN a webhook event arrives
@@ -2606,26 +2625,12 @@ def test_a_queue_that_may_have_taken_an_event_says_so() -> None:
 def test_a_webhook_resend_that_falls_back_to_the_queue_queues_the_first_attempts_time(
     store_on_moto: StoreOnMoto,
 ) -> None:
-    from relay.webhook import WebhookApp
-
     # GIVEN an event without xdm.timestamp whose first attempt got no answer from Edge and could not be queued (the
     # sender was answered 503), and Edge still unavailable when the sender resends it 90 s later
-    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
-    store, clock = store_on_moto.store, store_on_moto.clock
+    clock = store_on_moto.clock
     edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), EdgeUnavailable("edge answered 503"))
-    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
-    queued: list[dict[str, Any]] = []
-
-    class RefusesOnce:
-        def send_message(self, **kwargs: Any) -> dict[str, Any]:
-            if not queued and not getattr(self, "refused", False):
-                self.refused = True
-                raise ClientError({"Error": {"Code": "KmsThrottled", "Message": "m"}}, "SendMessage")
-            queued.append(kwargs)
-            return {"MessageId": "m-1"}
-
-    sqs_client = RefusesOnce()
-    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(sqs_client, QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    sqs_client = SqsRefusingOnce()
+    app = webhook_on_moto(store_on_moto, edge, sqs_client)
     body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
     assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 503
 
@@ -2636,18 +2641,14 @@ def test_a_webhook_resend_that_falls_back_to_the_queue_queues_the_first_attempts
     # THEN both Edge calls and the queued message carry the first attempt's time: the message, delivered later, is
     # that same event at that same time
     first, second = (call.request["event"]["xdm"]["timestamp"] for call in edge.calls)
-    [message] = queued
+    [message] = sqs_client.queued
     assert second == first and json.loads(message["MessageBody"])["event"]["xdm"]["timestamp"] == first
 
 
 def test_a_give_back_sent_again_by_boto3_still_counts_as_given_back(store_on_moto: StoreOnMoto) -> None:
-    from relay.webhook import WebhookApp
-
     # GIVEN Edge unavailable, and DynamoDB applying the webhook's give-back but losing its answer: boto3 sends it
     # again, and that one's condition finds no claim (the first took it away)
-    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
-    store, clock = store_on_moto.store, store_on_moto.clock
-    relay = Relay(store, FakeEdge(EdgeUnavailable("edge answered 503")), clock)  # type: ignore[arg-type]
+    store = store_on_moto.store
     real = store_on_moto.ddb.update_item
 
     def sent_again(**kwargs: Any) -> Any:
@@ -2661,7 +2662,7 @@ def test_a_give_back_sent_again_by_boto3_still_counts_as_given_back(store_on_mot
         def send_message(self, **kwargs: Any) -> dict[str, Any]:
             return {"MessageId": "m-1"}
 
-    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(Sqs(), QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    app = webhook_on_moto(store_on_moto, FakeEdge(EdgeUnavailable("edge answered 503")), Sqs())
     body = json.dumps({"event": {"xdm": {"_id": "ev-q"}}}).encode()
 
     # WHEN the event arrives and is queued
@@ -2712,18 +2713,14 @@ def test_a_batch_that_sent_nothing_back_says_so_at_info(caplog: pytest.LogCaptur
 def test_an_event_whose_id_holds_a_lone_surrogate_is_refused_and_kept_under_its_transport_id(
     trigger: str, store_on_moto: StoreOnMoto
 ) -> None:
-    from relay.webhook import WebhookApp
-
     # GIVEN a body whose xdm._id holds a lone UTF-16 surrogate (`"\ud800"` in its JSON: a character cut in half),
     # which no DynamoDB key or SQS attribute can hold
     store, clock = store_on_moto.store, store_on_moto.clock
-    relay = Relay(store, FakeEdge(), clock)  # type: ignore[arg-type]
     body = '{"event": {"xdm": {"_id": "ev-\\ud800"}}}'
 
     # WHEN it arrives
     if trigger == "webhook":
-        settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
-        app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(NoQueue(), QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+        app = webhook_on_moto(store_on_moto, FakeEdge())
         answer = app.handle(http_event(body.encode(), {"webhook-id": "msg_cut"}), None)
         kept_under = "msg_cut"
         # THEN the sender is told why (400, the field's path), not asked to retry what can never be stored
@@ -2732,6 +2729,7 @@ def test_an_event_whose_id_holds_a_lone_surrogate_is_refused_and_kept_under_its_
         assert problem["eventId"] == kept_under and problem["errors"][0]["path"] == "event.xdm._id"
     else:
         record_ = {**record("x", 1), "messageId": "m-cut", "body": body}
+        relay = Relay(store, FakeEdge(), clock)  # type: ignore[arg-type]
         answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1)).run(
             {"Records": [record_]}, Deadline(clock, 20), lease_s=25
         )
@@ -2747,28 +2745,12 @@ def test_an_event_whose_id_holds_a_lone_surrogate_is_refused_and_kept_under_its_
 def test_a_webhook_resend_handed_back_after_a_defect_is_queued_with_the_first_attempts_time(
     store_on_moto: StoreOnMoto,
 ) -> None:
-    from relay.webhook import WebhookApp
-
     # GIVEN an event without xdm.timestamp whose first attempt got no answer from Edge and could not be queued, and
     # whose resend then meets a defect (an unexpected exception) after taking the first attempt's time
-    settings = load_settings({**ENV, "RETRY_QUEUE_URL": QUEUE_URL})
-    store, clock = store_on_moto.store, store_on_moto.clock
+    clock = store_on_moto.clock
     edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), RuntimeError("a defect"))
-    relay = Relay(store, edge, clock)  # type: ignore[arg-type]
-    queued: list[dict[str, Any]] = []
-
-    class RefusesOnce:
-        refused = False
-
-        def send_message(self, **kwargs: Any) -> dict[str, Any]:
-            if not self.refused:
-                self.refused = True
-                raise ClientError({"Error": {"Code": "KmsThrottled", "Message": "m"}}, "SendMessage")
-            queued.append(kwargs)
-            return {"MessageId": "m-1"}
-
-    sqs_client = RefusesOnce()
-    app = WebhookApp(settings, relay, lambda: None, lambda: RetryQueue(sqs_client, QUEUE_URL), clock)  # type: ignore[arg-type,return-value]
+    sqs_client = SqsRefusingOnce()
+    app = webhook_on_moto(store_on_moto, edge, sqs_client)
     body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
     assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 503
 
@@ -2778,5 +2760,5 @@ def test_a_webhook_resend_handed_back_after_a_defect_is_queued_with_the_first_at
 
     # THEN the queued message carries the first attempt's time, as every attempt of the event does
     first = edge.calls[0].request["event"]["xdm"]["timestamp"]
-    [message] = queued
+    [message] = sqs_client.queued
     assert json.loads(message["MessageBody"])["event"]["xdm"]["timestamp"] == first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -24,6 +25,24 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A moment read on both clocks. Time since it has passed once either clock says so: the wall clock may step, and
+    whether the monotonic clock moves while Lambda freezes an environment is not documented (a pause or a hold of
+    seconds must not last for days of idle invocations)."""
+
+    mono: float
+    wall: float
+
+    @classmethod
+    def of(cls, clock: Clock) -> Moment:
+        return cls(clock.monotonic(), clock.now())
+
+    def within(self, seconds: float, now: Moment) -> bool:
+        """Whether less than `seconds` have passed from this moment to `now`, by both clocks."""
+        return now.mono - self.mono < seconds and now.wall - self.wall < seconds
 
 
 class Deadline:

@@ -224,21 +224,22 @@ class Runtime:
         # next lines and the `finally` do, with more: five context keys on every line (a batch's lines are few, but a
         # webhook's are most of its log volume) and a cold-start metric in an EMF document of its own, dimensioned by
         # function name, which the stack's alarms and dashboard (dimension `service`) would not read.
-        if self._last_done is None:
-            # This environment's first event: its clients, secrets, identity key and token are built or read now.
-            count("ColdStarts")
         self._drop_idle_connections()
         # Every line of this invocation names it, so the runbook's log lines join Lambda's START/REPORT lines.
         logger.append_keys(function_request_id=getattr(context, "aws_request_id", None))
-        allowed = self.settings.allowed_datastream_ids
-        if self._last_done is None and allowed and self.settings.datastream_id not in allowed:
-            # Allowed (it makes every event name its datastream), but easily done by mistake: said once per
-            # environment, as each such event is refused for good (stored rejected) and only its sender can resend.
-            logger.warning(
-                "DATASTREAM_ID is not in ALLOWED_DATASTREAM_IDS: every event that names no datastream is refused; "
-                "list it there if such events should go to it",
-                datastreamId=self.settings.datastream_id,
-            )
+        if self._last_done is None:
+            # This environment's first event: its clients, secrets, identity key and token are built or read now.
+            count("ColdStarts")
+            allowed = self.settings.allowed_datastream_ids
+            if allowed and self.settings.datastream_id not in allowed:
+                # Allowed (it makes every event name its datastream), but easily done by mistake: said once per
+                # environment, as each such event is refused for good (stored rejected) and only its sender can
+                # resend.
+                logger.warning(
+                    "DATASTREAM_ID is not in ALLOWED_DATASTREAM_IDS: every event that names no datastream is refused; "
+                    "list it there if such events should go to it",
+                    datastreamId=self.settings.datastream_id,
+                )
         remaining = context.get_remaining_time_in_millis() / 1000 if context is not None else 30.0
         if remaining - self.settings.safety_margin_s < MIN_WORKING_TIME_S:
             # Only a misconfiguration does this on a fresh invocation (a margin as long as the function's timeout):

@@ -11,7 +11,7 @@ from typing import Any
 import requests
 
 from relay import codec
-from relay.clock import Clock, Deadline
+from relay.clock import Clock, Deadline, Moment
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
 from relay.integrations.http_body import BodyCap
 from relay.integrations.ims import ImsTokenProvider
@@ -148,12 +148,10 @@ class EdgeClient:
         self._clock = clock
         # backoff jitter only, not security
         self._rng = rng or random.Random()  # nosec B311
-        # hint -> (monotonic, wall-clock) time until which it routes no call (its URL answered 404): the pause ends
-        # when either clock passes its mark, since whether the monotonic clock moves while Lambda freezes the
-        # environment is not documented (a pause of 10 minutes must not last for days of idle invocations), and the
-        # wall clock may step. Per hint, so that one caller's odd cluster entry cannot turn routing off for every
-        # visitor; "" pauses them all (HINTS_REFUSED_FOR_ALL).
-        self._hints_refused: dict[str, tuple[float, float]] = {}
+        # hint -> when its URL answered 404: it routes no call for HINT_ROUTE_PAUSE_S after that, by both clocks
+        # (`Moment`). Per hint, so that one caller's odd cluster entry cannot turn routing off for every visitor; ""
+        # pauses them all (HINTS_REFUSED_FOR_ALL).
+        self._hints_refused: dict[str, Moment] = {}
         # Refusals come from many workers at once (read-modify-replace). Readers take the table without it: it is
         # replaced whole, never changed in place.
         self._hints_lock = threading.Lock()
@@ -161,16 +159,15 @@ class EdgeClient:
     def _refuse_hint(self, hint: str) -> None:
         """Pause `hint` (its URL answered 404); pause every hint once several different ones were refused."""
         with self._hints_lock:
-            mono, wall = self._clock.monotonic(), self._clock.now()
-            live = {k: until for k, until in self._hints_refused.items() if mono < until[0] and wall < until[1]}
+            now = Moment.of(self._clock)
+            live = {k: at for k, at in self._hints_refused.items() if at.within(HINT_ROUTE_PAUSE_S, now)}
             if "" in live:
                 # Every hint is paused already: a 404 from a call that was in flight when they were must not replace
                 # that pause with one for its own hint (every other hint would route again).
                 return
-            until = (mono + HINT_ROUTE_PAUSE_S, wall + HINT_ROUTE_PAUSE_S)
-            live[hint] = until
+            live[hint] = now
             if len(live) >= HINTS_REFUSED_FOR_ALL:
-                live = {"": until}
+                live = {"": now}
             self._hints_refused = live
 
     def _hint_paused(self, hint: str) -> bool:
@@ -178,8 +175,8 @@ class EdgeClient:
         refused = self._hints_refused  # replaced whole, never changed in place: read without the lock
         if not refused:
             return False
-        mono, wall = self._clock.monotonic(), self._clock.now()
-        return any(k in refused and mono < refused[k][0] and wall < refused[k][1] for k in (hint, ""))
+        now = Moment.of(self._clock)
+        return any(k in refused and refused[k].within(HINT_ROUTE_PAUSE_S, now) for k in (hint, ""))
 
     def _headers(self, deadline: Deadline) -> tuple[dict[str, str], Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}

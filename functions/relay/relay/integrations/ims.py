@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from relay.clock import Clock, Deadline
+from relay.clock import Clock, Deadline, Moment
 from relay.errors import CredentialsError
 from relay.integrations.credentials import AdobeCredentials, CredentialsStore
 from relay.integrations.http_body import BodyCap
@@ -67,22 +67,18 @@ class ImsTokenProvider:
         self._clock = clock
         self._timeout = timeout
         self._token: AccessToken | None = None
-        # (Monotonic, wall-clock) time of the last refresh asked because the token was refused with `min_age_s`
-        # (successful or not): a refused token, or a refresh that failed, must not start another refresh within
-        # `min_age_s`. Ages count by both clocks, and are over when either says so: the wall clock may step, and the
-        # monotonic clock may not move while Lambda freezes the environment (a token hours old must not count as
-        # seconds old, refused on every event of every idle invocation).
-        self._last_refusal_refresh: tuple[float, float] | None = None
-        self._token_mono = 0.0  # monotonic time the current token was fetched
-        self._token_wall = 0.0  # wall-clock time the current token was fetched
+        # When the last refresh was asked because the token was refused with `min_age_s` (successful or not): a refused
+        # token, or a refresh that failed, must not start another refresh within `min_age_s`. Ages count by both clocks
+        # (`Moment`): a token hours old must not count as seconds old, refused on every event of idle invocations.
+        self._last_refusal_refresh: Moment | None = None
+        self._token_at = Moment(0.0, 0.0)  # when the current token was fetched
         self._token_life = 0.0  # seconds from the current token's fetch to its refresh point
         self._replacing: AccessToken | None = None  # a token Edge refused, while its replacement is being fetched
         self._lock = threading.Lock()
-        # (monotonic until, wall-clock until, reason) of the last failed fetch: the 32 workers of a batch that all
-        # need a token must not send IMS (and Secrets Manager) 32 requests one after another, each waiting its turn,
-        # when IMS refuses or is down. Held until either clock passes its mark: whether the monotonic clock moves
-        # while Lambda freezes the environment is not documented, and the wall clock may step back.
-        self._failure: tuple[float, float, str] | None = None
+        # (when, reason) of the last failed fetch, held FAILURE_HOLD_S by both clocks (`Moment`): the 32 workers of a
+        # batch that all need a token must not send IMS (and Secrets Manager) 32 requests one after another, each
+        # waiting its turn, when IMS refuses or is down.
+        self._failure: tuple[Moment, str] | None = None
 
     def has_live_token(self, *, for_s: float = 0.0) -> bool:
         """Whether `get(live_for_s=for_s)` would answer from its cache (no lock: a hint, for deciding whether to
@@ -125,30 +121,30 @@ class ImsTokenProvider:
             raise NoTimeLeft("no time left waiting for the IMS token another call is fetching")
         try:
             token = self._token
-            now, mono = self._clock.now(), self._clock.monotonic()
+            moment = Moment.of(self._clock)
+            now = moment.wall
             refused = force_refresh and (stale is None or stale == token)
             if token and refused and min_age_s:
                 last = self._last_refusal_refresh
-                young = mono - self._token_mono < min_age_s and now - self._token_wall < min_age_s
-                if young or (last is not None and mono - last[0] < min_age_s and now - last[1] < min_age_s):
+                if self._token_at.within(min_age_s, moment) or (last is not None and last.within(min_age_s, moment)):
                     refused = False
                 else:
-                    self._last_refusal_refresh = (mono, now)
+                    self._last_refusal_refresh = moment
             # A refresh forced by a refused token only replaces the token that was refused.
             if token and not refused:
                 if token.expires_at > now + self._ahead(live_for_s):
                     return token
-            if self._failure is not None and mono < self._failure[0] and now < self._failure[1]:
-                raise CredentialsError(self._failure[2])
+            if self._failure is not None and self._failure[0].within(FAILURE_HOLD_S, moment):
+                raise CredentialsError(self._failure[1])
             self._replacing = token if refused else None
             try:
                 self._token = self._fetch(deadline)
-                self._token_mono, self._token_wall = self._clock.monotonic(), self._clock.now()
+                self._token_at = Moment.of(self._clock)
                 self._token_life = self._token.expires_at - self._clock.now()
             except NoTimeLeft:
                 raise
             except CredentialsError as exc:
-                self._failure = (self._clock.monotonic() + FAILURE_HOLD_S, self._clock.now() + FAILURE_HOLD_S, str(exc))
+                self._failure = (Moment.of(self._clock), str(exc))
                 raise
             finally:
                 self._replacing = None

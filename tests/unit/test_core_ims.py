@@ -832,3 +832,90 @@ def test_a_token_answer_that_stalls_after_late_headers_is_given_up_at_the_deadli
 
     # THEN the wait ends with the budget (about 2 s), not a whole read timeout after the headers
     assert elapsed < 2.7, elapsed
+
+
+# -- credentials.py: an Adobe secret pasted with whitespace, and a malformed secret fixed (misconfiguration review) ---
+
+
+@pytest.mark.usefixtures("aws")
+@pytest.mark.parametrize("pad", [" ", "\n", "\r\n", "\t "])
+def test_an_adobe_secret_pasted_with_whitespace_around_its_values_is_used_without_it(pad: str) -> None:
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    # GIVEN a secret whose values were pasted with a line's end or a space around them (IMS still mints a token for
+    # them, but an orgId with a newline is no header value: every Edge call failed before it was sent)
+    sm = boto3.client("secretsmanager")
+    doc = {"clientId": f"{pad}client-1{pad}", "clientSecret": f"s3cret{pad}", "orgId": f"{pad}ORG@AdobeOrg{pad}"}
+    arn = sm.create_secret(Name="adobe", SecretString=json.dumps(doc))["ARN"]
+
+    # WHEN it is read, THEN the values are used without it
+    creds = CredentialsStore(sm, adobe_secret_id=arn, webhook_secret_id=None, max_age=300).adobe()
+    assert (creds.client_id, creds.client_secret, creds.org_id) == ("client-1", "s3cret", "ORG@AdobeOrg")
+
+
+@pytest.mark.usefixtures("aws")
+@pytest.mark.parametrize(
+    ("field", "value"), [("orgId", "ORG @AdobeOrg"), ("orgId", "ORG\x00@AdobeOrg"), ("clientId", "clíent-1")]
+)
+def test_an_adobe_id_no_header_can_carry_is_a_configuration_error_naming_it_not_an_edge_outage(
+    field: str, value: str
+) -> None:
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    sm = boto3.client("secretsmanager")
+    doc = {"clientId": "client-1", "clientSecret": "s3cret", "orgId": "ORG@AdobeOrg", field: value}
+    arn = sm.create_secret(Name="adobe", SecretString=json.dumps(doc))["ARN"]
+
+    # WHEN it is read, THEN a CredentialsError (CredentialsUnavailable, the event retried or queued) names the field
+    # and not its value; before, the token was minted and every Edge call raised InvalidHeader, counted as Edge down
+    with pytest.raises(CredentialsError, match=f"{field} must be visible ASCII") as refused:
+        CredentialsStore(sm, adobe_secret_id=arn, webhook_secret_id=None, max_age=300).adobe()
+    assert value not in str(refused.value)
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_malformed_secret_fixed_within_its_cache_period_is_taken_within_seconds() -> None:
+    import boto3
+    from relay.integrations.credentials import MALFORMED_REREAD_S, CredentialsStore
+
+    sm = boto3.client("secretsmanager")
+    good = {"clientId": "client-1", "clientSecret": "s3cret", "orgId": "ORG@AdobeOrg"}
+    adobe = sm.create_secret(Name="adobe", SecretString=json.dumps({**good, "orgId": ""}))["ARN"]
+    hooks = sm.create_secret(Name="hooks", SecretString=json.dumps({"secrets": ["whsec_short"]}))["ARN"]
+    key = sm.create_secret(Name="key", SecretString=json.dumps({"key": "too short"}))["ARN"]
+    now = [1000.0]
+    store = CredentialsStore(
+        sm, adobe_secret_id=adobe, webhook_secret_id=hooks, identity_key_secret_id=key, max_age=300,
+        monotonic=lambda: now[0],
+    )  # fmt: skip
+    reads: list[str] = []
+    sm.meta.events.register("before-call.secrets-manager.GetSecretValue", lambda **kw: reads.append("get"))
+    readers = (store.adobe, store.webhook_secrets, store.identity_key)
+
+    # GIVEN each secret read while malformed (a CredentialsError: events retried or queued, webhooks answered 503)
+    for read in readers:
+        with pytest.raises(CredentialsError):
+            read()
+    # WHEN the operator fixes them, well within the 300 s cache period
+    sm.put_secret_value(SecretId=adobe, SecretString=json.dumps(good))
+    sm.put_secret_value(SecretId=hooks, SecretString=json.dumps({"secrets": ["whsec_" + "QUFB" * 8]}))
+    sm.put_secret_value(SecretId=key, SecretString=json.dumps({"key": "k" * 40}))
+
+    # THEN until MALFORMED_REREAD_S has passed the cached values answer (no read per event while a secret is broken)
+    now[0] += MALFORMED_REREAD_S - 1
+    for read in readers:
+        with pytest.raises(CredentialsError):
+            read()
+    assert len(reads) == 3
+    # AND then each is read again once and taken, without waiting for the cache period (nor a redeploy)
+    now[0] += 1
+    assert store.adobe().org_id == "ORG@AdobeOrg"
+    assert store.webhook_secrets() == ["whsec_" + "QUFB" * 8]
+    assert store.identity_key() == b"k" * 40
+    assert len(reads) == 6
+    # AND once good, a secret is kept for its cache period again
+    now[0] += 60
+    store.adobe(), store.webhook_secrets()
+    assert len(reads) == 6

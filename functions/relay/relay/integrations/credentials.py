@@ -6,17 +6,26 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aws_lambda_powertools.utilities.parameters import SecretsProvider
 from botocore.exceptions import ClientError
 
 from relay.errors import CredentialsError
 
+_T = TypeVar("_T")
+
 WEBHOOK_KEY_BYTES = (24, 64)  # Standard Webhooks: secrets of 24 to 64 random bytes
 MIN_IDENTITY_KEY_CHARS = 32  # the template generates 64 letters and digits (about 380 bits)
+# A secret whose value was malformed is read again, past its cache period, at most this often: an operator's fix is
+# taken within seconds, not minutes, and a broken secret costs one read per environment per period, not per event.
+MALFORMED_REREAD_S = 10.0
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,1024}")  # visible ASCII: clientId and orgId are sent as header values
 
 
 def check_webhook_secrets(secrets: Any) -> list[str]:
@@ -48,6 +57,25 @@ class AdobeCredentials:
     scopes: str
 
 
+def _adobe_credentials(doc: dict[str, Any]) -> AdobeCredentials:
+    """The credentials, each with surrounding whitespace dropped (a value pasted with its line's end: Adobe's ids and
+    secrets hold none). clientId and orgId travel as header values: anything else in them would fail every Edge call
+    before it was sent, taken for an Edge outage, with no refusal from Edge to renew the token they were cached with."""
+    values = {k: doc[k].strip() if isinstance(doc.get(k), str) else "" for k in ("clientId", "clientSecret", "orgId")}
+    missing = [k for k, v in values.items() if not v]
+    if missing:
+        raise CredentialsError(f"Adobe secret lacks {', '.join(missing)}")
+    unsendable = [k for k in ("clientId", "orgId") if not _HEADER_VALUE.fullmatch(values[k])]
+    if unsendable:
+        raise CredentialsError(
+            f"Adobe secret's {' and '.join(unsendable)} must be visible ASCII with no spaces (a header value)"
+        )
+    scopes = doc.get("scopes", "openid,AdobeID,read_organizations,additional_info.projectedProductContext,session")
+    if isinstance(scopes, list):
+        scopes = ",".join(str(s) for s in scopes)
+    return AdobeCredentials(values["clientId"], values["clientSecret"], values["orgId"], str(scopes))
+
+
 def _why(exc: BaseException) -> str:
     """The AWS error code behind Powertools' GetParameterError (ResourceNotFoundException, AccessDeniedException,
     DecryptionFailure, ...): what the operator must fix. Never the message, which may quote ARNs."""
@@ -70,6 +98,7 @@ class CredentialsStore:
         max_age: int,
         identity_key_secret_id: str | None = None,
         identity_key_label: str = "identity key secret (IDENTITY_KEY_SECRET_ID)",
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._provider = SecretsProvider(boto3_client=secrets_client)
         self._adobe_id = adobe_secret_id
@@ -79,9 +108,28 @@ class CredentialsStore:
         self._identity_key: bytes | None = None
         self._max_age = max_age
         self._lock = threading.Lock()
+        # Secret id -> when a read of it gave a malformed value (monotonic): cached by Powertools like a good one, so
+        # without this the fix would wait for the cache period (SECRETS_MAX_AGE_SECONDS, 300 s by default).
+        self._malformed: dict[str, float] = {}
+        self._monotonic = monotonic
+
+    def _parsed(self, secret_id: str, force: bool, label: str, parse: Callable[[dict[str, Any]], _T]) -> _T:
+        """`parse` of the secret's JSON object; a CredentialsError of either marks the secret malformed, a success
+        clears the mark."""
+        try:
+            value = parse(self._read(secret_id, force, label))
+        except CredentialsError:
+            self._malformed.setdefault(secret_id, self._monotonic())
+            raise
+        self._malformed.pop(secret_id, None)
+        return value
 
     def _read(self, secret_id: str, force: bool, label: str) -> dict[str, Any]:
         with self._lock:  # one read per cache period even when a batch's workers all start at once
+            since = self._malformed.get(secret_id)
+            if since is not None and self._monotonic() - since >= MALFORMED_REREAD_S:
+                force = True  # its cached value was malformed: the operator may have fixed it since
+                self._malformed[secret_id] = self._monotonic()  # the other workers take this read's value
             try:
                 raw = self._provider.get(secret_id, max_age=self._max_age, force_fetch=force)
             except Exception as exc:  # GetParameterError wraps every client error
@@ -97,14 +145,7 @@ class CredentialsStore:
     def adobe(self, *, force: bool = False) -> AdobeCredentials:
         if not self._adobe_id:
             raise CredentialsError("ADOBE_SECRET_ID is not configured")
-        doc = self._read(self._adobe_id, force, "Adobe secret (ADOBE_SECRET_ID)")
-        missing = [k for k in ("clientId", "clientSecret", "orgId") if not isinstance(doc.get(k), str) or not doc[k]]
-        if missing:
-            raise CredentialsError(f"Adobe secret lacks {', '.join(missing)}")
-        scopes = doc.get("scopes", "openid,AdobeID,read_organizations,additional_info.projectedProductContext,session")
-        if isinstance(scopes, list):
-            scopes = ",".join(str(s) for s in scopes)
-        return AdobeCredentials(doc["clientId"], doc["clientSecret"], doc["orgId"], str(scopes))
+        return self._parsed(self._adobe_id, force, "Adobe secret (ADOBE_SECRET_ID)", _adobe_credentials)
 
     def identity_key(self) -> bytes:
         """The HMAC key of identity ids (`{"key": "..."}`), read once per execution environment: it never changes
@@ -112,18 +153,23 @@ class CredentialsStore:
         if self._identity_key is None:
             if not self._identity_key_id:
                 raise CredentialsError("IDENTITY_KEY_SECRET_ID is not configured")
-            doc = self._read(self._identity_key_id, False, self._identity_key_label)
-            key = doc.get("key")
-            if not isinstance(key, str) or len(key) < MIN_IDENTITY_KEY_CHARS:
-                raise CredentialsError(
-                    f'{self._identity_key_label} must be {{"key": "..."}} with at least {MIN_IDENTITY_KEY_CHARS} '
-                    "characters"
-                )
-            self._identity_key = key.encode("utf-8")
+            self._identity_key = self._parsed(self._identity_key_id, False, self._identity_key_label, self._key_of)
         return self._identity_key
+
+    def _key_of(self, doc: dict[str, Any]) -> bytes:
+        key = doc.get("key")
+        if not isinstance(key, str) or len(key) < MIN_IDENTITY_KEY_CHARS:
+            raise CredentialsError(
+                f'{self._identity_key_label} must be {{"key": "..."}} with at least {MIN_IDENTITY_KEY_CHARS} characters'
+            )
+        return key.encode("utf-8")
 
     def webhook_secrets(self, *, force: bool = False) -> list[str]:
         if not self._webhook_id:
             raise CredentialsError("WEBHOOK_SECRET_ID is not configured")
-        doc = self._read(self._webhook_id, force, "webhook secret (WEBHOOK_SECRET_ID)")
-        return check_webhook_secrets(doc.get("secrets"))
+        return self._parsed(
+            self._webhook_id,
+            force,
+            "webhook secret (WEBHOOK_SECRET_ID)",
+            lambda doc: check_webhook_secrets(doc.get("secrets")),
+        )

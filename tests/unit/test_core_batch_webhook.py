@@ -648,6 +648,81 @@ def test_a_webhook_body_that_cannot_be_read_is_filed_under_the_datastream_it_nam
     assert fields["datastreamId"] == "ds-named"
 
 
+@pytest.mark.parametrize("query", ["dataStreamId=ds-named", "datastreamId=ds-named&dataStreamId=ds-named"])
+def test_a_webhook_naming_its_datastream_as_edge_also_spells_it_goes_there(query: str) -> None:
+    # GIVEN a signed webhook naming ?dataStreamId= (the spelling Edge takes too, and Adobe's Node sample uses)
+    h = harness()
+    body = json.dumps({"event": {"xdm": {"_id": "order-ds"}}}).encode()
+
+    # WHEN it is posted
+    answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg-ds"), query=query))
+
+    # THEN it goes to that datastream, not (silently) to the default one, which may be another sandbox
+    assert answer["statusCode"] == 200
+    [call] = h.session.calls
+    assert call["params"]["datastreamId"] == "ds-named"
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("DatastreamId=ds-named", "is spelled datastreamId (or dataStreamId), not DatastreamId"),
+        ("datastreamid=ds-named", "is spelled datastreamId (or dataStreamId), not datastreamid"),
+        (
+            "datastreamId=ds-named&dataStreamId=ds-other",
+            "is given twice, as datastreamId and dataStreamId, with different values",
+        ),
+    ],
+)
+def test_a_webhook_naming_its_datastream_in_another_spelling_is_refused_not_sent_to_the_default(
+    query: str, message: str
+) -> None:
+    h = harness()
+    body = json.dumps({"event": {"xdm": {"_id": "order-ds"}}}).encode()
+
+    # WHEN it is posted
+    answer = h.call(http_event(body, sign_webhook(body, SECRETS[0], msg_id="msg-ds"), query=query))
+
+    # THEN 400 naming the parameter, stored rejected, and nothing sent
+    assert answer["statusCode"] == 400
+    assert json.loads(answer["body"])["errors"] == [{"path": "datastreamId", "message": message}]
+    assert [event_id for event_id, _ in h.store.rejected_unclaimed] == ["order-ds"]
+    assert h.session.calls == []
+
+
+@pytest.mark.parametrize(
+    ("attributes", "sent_to", "refusal"),
+    [
+        ({"dataStreamId": {"stringValue": "ds-named", "dataType": "String"}}, ["ds-named"], None),
+        ({"DataStreamId": {"stringValue": "ds-named", "dataType": "String"}}, [], "not DataStreamId"),
+        (
+            {
+                "datastreamId": {"stringValue": "ds-named", "dataType": "String"},
+                "dataStreamId": {"stringValue": "ds-other", "dataType": "String"},
+            },
+            [],
+            "with different values",
+        ),
+        (["not", "an", "object"], ["ds-1"], None),  # a hand-built record: no attributes, not a redelivery forever
+    ],
+)
+def test_a_record_naming_its_datastream_goes_there_in_either_spelling_and_is_refused_in_any_other(
+    attributes: Any, sent_to: list[str], refusal: str | None
+) -> None:
+    store = FakeStore(insert_claims=True)
+    relay, edge = real_relay(store, len(sent_to))
+    record = sqs("order-46", "m-126", "p")
+    record["messageAttributes"] = attributes
+
+    # WHEN the batch runs, THEN the record is done either way (delivered, or refused and stored: never redelivered)
+    assert run_batch(relay, [record]) == {"batchItemFailures": []}
+    assert [call.datastream_id for call in edge.calls] == sent_to
+    if refusal is not None:
+        [(event_id, fields)] = store.rejected_unclaimed
+        [error] = fields["error"]["errors"]
+        assert (event_id, error["path"]) == ("order-46", "datastreamId") and error["message"].endswith(refusal)
+
+
 def test_a_failed_record_without_a_message_id_fails_the_whole_batch_rather_than_being_deleted() -> None:
     # GIVEN a malformed record without a messageId whose event fails
     relay = ScriptedRelay(failing={"a1"})
@@ -2108,6 +2183,20 @@ def test_every_log_line_of_an_invocation_names_its_lambda_request_id() -> None:
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["message"] for line in lines] == ["unsupported event shape"] * 2
     assert [line.get("function_request_id") for line in lines] == [first.aws_request_id, second.aws_request_id]
+
+
+@pytest.mark.parametrize("event", [{"Records": ["x"]}, {"requestContext": "x"}, {"Records": [None]}])
+def test_a_hand_built_event_of_an_odd_shape_is_said_unsupported_not_a_crash(event: dict[str, Any]) -> None:
+    # GIVEN an event neither trigger sends (`sam local invoke -e` with a hand-edited file)
+    from relay.runtime import Runtime
+
+    from devtools.lambda_context import new_context
+
+    runtime = Runtime(load_settings(ENV), clock=FakeClock())
+
+    # WHEN it is handled, THEN it is refused as unsupported (logged as such), not an AttributeError from inside
+    with pytest.raises(ValueError, match="unsupported event"):
+        runtime.handle(event, new_context(30))
 
 
 def test_connections_stay_pooled_for_more_hosts_than_a_few() -> None:

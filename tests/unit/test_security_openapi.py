@@ -112,11 +112,13 @@ def test_request_schema_is_the_interact_event(spec: dict[str, Any], operation: d
     params = {(p["in"], p["name"]): p for p in operation["parameters"]}
     assert set(params) == {
         ("query", "datastreamId"),
+        ("query", "dataStreamId"),  # the spelling Edge takes too, read the same
         ("header", "webhook-id"),
         ("header", "webhook-timestamp"),
         ("header", "webhook-signature"),
     }
     assert params[("query", "datastreamId")]["required"] is False
+    assert params[("query", "dataStreamId")]["required"] is False
 
 
 # ---------------------------------------------------------------------------------- every answer against its schema

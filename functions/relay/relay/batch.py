@@ -36,6 +36,7 @@ from relay.models import (
     MAX_BODY_BYTES,
     Source,
     datastream_for_rejection,
+    datastream_name,
     read_event,
 )
 from relay.observability import count, logger, write_metrics_now
@@ -164,24 +165,36 @@ def _epoch_ms(value: Any) -> float | None:
     return seconds if 0 < seconds < 1e11 else None  # (NaN is not either)
 
 
+def _attrs(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's message attributes (none for a hand-built record whose `messageAttributes` is not an object)."""
+    attrs = record.get("messageAttributes")
+    return attrs if isinstance(attrs, dict) else {}
+
+
 def _attr(record: dict[str, Any], name: str) -> str | None:
-    attr = (record.get("messageAttributes") or {}).get(name) or {}
-    value = attr.get("stringValue")
+    attr = _attrs(record).get(name)
+    value = attr.get("stringValue") if isinstance(attr, dict) else None
     return value if isinstance(value, str) else None
 
 
 def _datastream_attr(record: dict[str, Any]) -> tuple[str | None, str | None]:
-    """The `datastreamId` attribute's value, and what is wrong with it when it is not a String attribute (contract
-    §2). A Binary or Number one is refused, not taken for absent: that would send the event to the default
-    datastream, which may be another sandbox. (A hand-built record without `dataType` counts as String.)"""
-    attr = (record.get("messageAttributes") or {}).get("datastreamId")
+    """The `datastreamId` attribute's value (`dataStreamId` too: `datastream_name`), and what is wrong with it when it
+    is not a String attribute (contract §2). A Binary or Number one is refused, not taken for absent: that would send
+    the event to the default datastream, which may be another sandbox. (A hand-built record without `dataType` counts
+    as String.)"""
+    attrs = _attrs(record)
+    name, wrong = datastream_name(attrs)
+    if wrong is not None:
+        return None, wrong
+    attr = attrs.get(name) if name else None
     if not isinstance(attr, dict):
         return None, None
     data_type = attr.get("dataType", "String")
     if not isinstance(data_type, str) or data_type.partition(".")[0] != "String":
         shown = data_type.partition(".")[0][:20] if isinstance(data_type, str) else type(data_type).__name__
         return None, f"must be a String message attribute, not {shown}"
-    return _attr(record, "datastreamId"), None
+    value = attr.get("stringValue")
+    return (value if isinstance(value, str) else None), None
 
 
 class BatchRunner:

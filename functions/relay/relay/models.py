@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -383,6 +383,24 @@ DEFAULT_NOT_ALLOWED = (
 )
 # The answer's detail when the datastream, not the body, is what is wrong (`errors` says how).
 DATASTREAM_DETAIL = "the event's datastream is malformed or not one this relay sends to"
+
+
+# The names the datastream goes by: the contract's, and the spelling Edge takes too (Adobe's Node sample uses it).
+DATASTREAM_NAMES = ("datastreamId", "dataStreamId")
+
+
+def datastream_name(names: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Which of a webhook's query parameters, or an SQS record's message attributes, names the datastream, or what is
+    wrong with them. Any other spelling (`DatastreamId`, `datastreamid`) is refused, not taken for absent: that would
+    send the event to the default datastream, which may be another sandbox. Both spellings with different values are
+    refused too."""
+    given = [name for name in names if isinstance(name, str) and name.lower() == "datastreamid"]
+    odd = [name for name in given if name not in DATASTREAM_NAMES]
+    if odd:
+        return None, f"is spelled datastreamId (or dataStreamId), not {odd[0]}"
+    if len(given) == 2 and names[given[0]] != names[given[1]]:
+        return None, "is given twice, as datastreamId and dataStreamId, with different values"
+    return (given[0] if given else None), None
 
 
 def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[str] = frozenset()) -> str:

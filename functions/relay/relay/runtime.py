@@ -251,10 +251,16 @@ class Runtime:
             )
         try:
             records = event.get("Records") if isinstance(event, dict) else None
-            if isinstance(records, list) and records and records[0].get("eventSource") == "aws:sqs":
+            if (
+                isinstance(records, list)
+                and records
+                and isinstance(records[0], dict)
+                and records[0].get("eventSource") == "aws:sqs"
+            ):
                 deadline = Deadline(self.clock, remaining - self.settings.safety_margin_s)
                 return self.batch.run(event, deadline, lease_s=remaining + 5)
-            if isinstance(event, dict) and isinstance(event.get("requestContext", {}).get("http"), dict):
+            context_of = event.get("requestContext") if isinstance(event, dict) else None
+            if isinstance(context_of, dict) and isinstance(context_of.get("http"), dict):
                 with self._webhook_lock:
                     try:
                         return self.webhook.handle(event, context)

@@ -27,6 +27,7 @@ from relay.models import (
     bounded_id,
     check_size_as_sent,
     datastream_for_rejection,
+    datastream_name,
     read_event,
 )
 from relay.observability import count, logger
@@ -287,7 +288,9 @@ class WebhookApp:
             return problem(503, "Service unavailable", "the relay cannot verify signatures right now", retryAfter=30)
         received_at = self._clock.now()
         fallback_id = bounded_id(headers.get("webhook-id") or event.request_context.request_id or "")
-        named = (event.query_string_parameters or {}).get("datastreamId")
+        query = event.query_string_parameters or {}
+        named_as, named_wrong = datastream_name(query)
+        named = query.get(named_as) if named_as else None
         event_id = fallback_id
         raw_text = raw.decode("utf-8", errors="replace")
         try:
@@ -299,6 +302,7 @@ class WebhookApp:
                 raw,
                 fallback_id,
                 datastream=named,
+                datastream_error=named_wrong,
                 default_datastream=self._settings.datastream_id,
                 source="webhook",
                 received_at=received_at,

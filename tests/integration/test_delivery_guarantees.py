@@ -760,7 +760,8 @@ def test_lasting_dynamodb_failure_after_edge_success_fails_the_record(
     item = stack.result(event_id)
     assert (item["status"], item["lastError"]) == (
         "queued",
-        "dynamodb batch_write_item failed: ResourceNotFoundException",
+        "dynamodb batch_write_item failed: ResourceNotFoundException"
+        " (no such table: check HANDLES_TABLE and the region)",
     )
     # AND the redelivery sends the same event again (Edge dedupes on xdm._id) and stores it delivered
     assert runtime.handle(batch(msg), new_context(30)) == failures()

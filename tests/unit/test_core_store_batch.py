@@ -1030,3 +1030,20 @@ def test_a_cut_problem_keeps_a_detail_only_as_edge_sent_it(detail: Any, kept: di
     # THEN what is kept of its detail is Edge's own value or nothing: never a made-up text ("None", a Python repr)
     assert doc["errorTrimmed"] is True
     assert doc["error"] == {"type": "x/EXEG-0201-502", "status": 502, "title": "T", **kept}
+
+
+def test_a_table_that_does_not_exist_is_named_as_the_setting_to_check(store_on_moto: StoreOnMoto) -> None:
+    from relay.errors import StoreUnavailable
+    from relay.integrations.store import HandlesStore
+
+    # GIVEN HANDLES_TABLE naming no table (a typo, or another region's table, outside the template)
+    store = HandlesStore(store_on_moto.ddb, "t-typo", ttl_days=30, clock=store_on_moto.clock)
+
+    # WHEN an event is claimed, THEN the failure (logged with the event's retry, kept in batch summaries) says which
+    # setting to check, not only DynamoDB's error code
+    with pytest.raises(StoreUnavailable) as failed:
+        store.claim("evt-1", datastream_id="ds-1", source="sqs", lease_s=30)
+    assert str(failed.value) == (
+        "dynamodb update_item failed: ResourceNotFoundException (no such table: check HANDLES_TABLE and the region)"
+    )
+    assert failed.value.code == "ResourceNotFoundException"

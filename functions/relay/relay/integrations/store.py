@@ -42,6 +42,14 @@ _CLAIM_FIELDS = (
 )  # fmt: skip
 
 
+# What an operator checks when DynamoDB's refusal is about the table, not the item or the load: said in the line the
+# event's retry logs (and the item keeps), beside the error code.
+_SETTING_HINTS = {
+    "ResourceNotFoundException": " (no such table: check HANDLES_TABLE and the region)",
+    "AccessDeniedException": " (check the function's permissions on HANDLES_TABLE)",
+}
+
+
 @dataclass(frozen=True)
 class Claim:
     acquired: bool
@@ -139,7 +147,8 @@ class HandlesStore:
             if _conditional_failed(exc):
                 raise
             code = exc.response.get("Error", {}).get("Code")
-            raise StoreUnavailable(f"dynamodb {op} failed: {code}", code=code) from None
+            hint = _SETTING_HINTS.get(code or "", "")
+            raise StoreUnavailable(f"dynamodb {op} failed: {code}{hint}", code=code) from None
         except BotoCoreError as exc:
             raise StoreUnavailable(f"dynamodb {op} failed: {type(exc).__name__}") from None
 

@@ -34,6 +34,7 @@ from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message
 from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, HandlesStore, decode_item
 from relay.models import as_dict, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
+from relay.settings import DATASTREAM_ID_RE
 
 
 @dataclass(frozen=True)
@@ -358,10 +359,17 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
 
 
 def replay_event(
-    ddb: Any, sqs: Any, table: str, queue_url: str, event_id: str, doc: dict[str, Any] | None = None
+    ddb: Any,
+    sqs: Any,
+    table: str,
+    queue_url: str,
+    event_id: str,
+    doc: dict[str, Any] | None = None,
+    datastream: str | None = None,
 ) -> str:
     """Mark a rejected event `queued` and send its original request to the queue. Returns what happened. `doc` is its
-    result when the caller has just read it (the marks below are conditioned on what it holds)."""
+    result when the caller has just read it (the marks below are conditioned on what it holds). `datastream`: send it
+    there instead of the datastream it was rejected in (a wrong DATASTREAM_ID since fixed)."""
     if doc is None:
         doc = _get(ddb, table, event_id)
     skip = _replay_plan(doc)
@@ -408,8 +416,8 @@ def replay_event(
         "eventId": {"DataType": "String", "StringValue": event_id},
         RELAY_SOURCE: {"DataType": "String", "StringValue": str(doc.get("source") or "sqs")},
     }
-    if doc.get("datastreamId"):
-        attrs["datastreamId"] = {"DataType": "String", "StringValue": str(doc["datastreamId"])}
+    if datastream or doc.get("datastreamId"):
+        attrs["datastreamId"] = {"DataType": "String", "StringValue": str(datastream or doc["datastreamId"])}
     try:
         sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attrs)
     except (ClientError, BotoCoreError) as exc:
@@ -435,12 +443,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     ids = list(args.event_ids)
     if not ids and not args.all_rejected:
         raise SystemExit("relayctl: name event ids or pass --all-rejected")
+    if args.from_datastream is not None and not args.all_rejected:
+        raise SystemExit("relayctl: --from-datastream picks among --all-rejected; name no event ids with it")
     if args.all_rejected:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender. And
         # the replays an earlier run left marked but not sent (stopped between the two), so that running the same
         # command again finishes an interrupted one.
         rows = _scan_rejected(ddb, t.table, stranded=True)
-        ids += [str(r["eventId"]) for r in rows if not _refused_by_relay(r)]
+        ids += [
+            str(r["eventId"])
+            for r in rows
+            if not _refused_by_relay(r) and args.from_datastream in (None, r.get("datastreamId"))
+        ]
     if not ids:
         # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.
         print("no Edge-rejected events to replay")
@@ -455,7 +469,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             if args.dry_run:
                 outcome = _replay_plan(doc) or "would replay"
             else:
-                outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id, doc)
+                outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id, doc, args.to_datastream)
             # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
             failures += outcome not in ("queued", "would replay")
             done += 1
@@ -879,6 +893,13 @@ def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:
     return True
 
 
+def _datastream_id(value: str) -> str:
+    """A datastream id as the relay takes one (an SQS `datastreamId` attribute it would refuse is refused here)."""
+    if not DATASTREAM_ID_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError("must be a datastream id (letters, digits, -_:.)")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1 (argparse names the option in its error)."""
     try:
@@ -930,6 +951,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="the rejected events to send again")
     rep.add_argument(
         "--all-rejected", action="store_true", help="every event Edge rejected (not those the relay refused itself)"
+    )
+    rep.add_argument(
+        "--to-datastream",
+        type=_datastream_id,
+        metavar="DATASTREAM_ID",
+        help="send them to this datastream instead of the one Edge rejected them in (e.g. after fixing a wrong "
+        "DATASTREAM_ID)",
+    )
+    rep.add_argument(
+        "--from-datastream",
+        type=_datastream_id,
+        metavar="DATASTREAM_ID",
+        help="with --all-rejected: only those rejected in this datastream",
     )
     rep.add_argument("--dry-run", action="store_true", help="say what a replay would do, send nothing")
     rep.set_defaults(func=cmd_replay)

@@ -17,7 +17,7 @@ from relay.settings import load_settings
 
 from devtools.edge_sim import ERROR_TYPE_BASE, new_ecid
 from devtools.poller import QueuePoller
-from devtools.stack import LocalStack
+from devtools.stack import DATASTREAM_ID, LocalStack
 from relayctl.__main__ import main
 
 pytestmark = pytest.mark.integration
@@ -165,6 +165,44 @@ def test_rejected_event_is_listed_shown_replayed_and_then_delivered(ctl_env: Loc
     assert run(capsys, "replay", event_id) == (1, f"{event_id}: skipped: status is delivered\n")
     code, out = run(capsys, "rejected")
     assert out.splitlines()[-1] == "0 rejected event(s)"
+
+
+def test_events_rejected_in_a_mistyped_datastream_are_replayed_to_the_right_one(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN a deployment whose DATASTREAM_ID had a typo: Edge rejected its events (400 EXEG-0003, final), and another
+    # event rejected in the right datastream for a reason of its own
+    typo = {**os.environ, "DATASTREAM_ID": "ds-locl"}
+    mistyped = [f"evt-{uuid.uuid4()}" for _ in range(2)]
+    for event_id in mistyped:
+        send(stack, interact_event(event_id))
+    stack.poller(Runtime(load_settings(typo)).handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
+    invalid = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=invalid, status=422)
+    send(stack, interact_event(invalid))
+    poller(stack).drain(timeout=20, raise_on_timeout=True)
+    assert [stack.result(e)["error"]["type"] for e in mistyped] == [ERROR_TYPE_BASE + "EXEG-0003-400"] * 2
+    assert {stack.result(e)["datastreamId"] for e in mistyped} == {"ds-locl"}
+
+    # WHEN, DATASTREAM_ID fixed, the operator replays what was rejected in the mistyped one to the right one
+    code, out = run(
+        capsys, "replay", "--all-rejected", "--from-datastream", "ds-locl", "--to-datastream", DATASTREAM_ID
+    )
+
+    # THEN those two (and only they) are queued, and the relay delivers them to the right datastream
+    assert (code, sorted(out.splitlines())) == (0, sorted(f"{e}: queued" for e in mistyped))
+    poller(stack).drain(timeout=20, raise_on_timeout=True)
+    for event_id in mistyped:
+        assert (stack.result(event_id)["status"], stack.result(event_id)["datastreamId"]) == (
+            "delivered",
+            DATASTREAM_ID,
+        )
+        assert [c["query"]["datastreamId"] for c in edge_requests(stack, event_id)] == ["ds-locl", DATASTREAM_ID]
+    assert stack.result(invalid)["status"] == "rejected"
+    # AND a name the relay would refuse is refused here, before anything is marked
+    with pytest.raises(SystemExit):
+        main(["replay", "--all-rejected", "--to-datastream", "not a datastream"])
+    with pytest.raises(SystemExit, match="--from-datastream picks among --all-rejected"):
+        main(["replay", invalid, "--from-datastream", "ds-locl"])
 
 
 def test_show_unknown_event_says_unknown(ctl_env: LocalStack, capsys) -> None:

@@ -299,11 +299,13 @@ class FakeStore:
             raise self.claim_result
         return self.claim_result
 
-    def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
+    def release(
+        self, event_id: str, token: str, reason: str, *, retry_after: float | None = None, marked: bool = False
+    ) -> None:
         self.releases.append((event_id, token, reason))
         self.retry_after[event_id] = retry_after
 
-    def note_queued(self, event_id: str, reason: str) -> None:
+    def note_queued(self, event_id: str, reason: str, by: str) -> None:
         self.queued_notes.append((event_id, reason))
 
     def compose_result(self, event_id: str, fields: dict[str, Any], claimed: dict[str, Any] | None) -> ResultWrite:

@@ -264,7 +264,7 @@ def test_process_unexpected_error_after_the_claim_releases_it_and_retries():
 def test_process_release_failure_still_returns_retry():
     # GIVEN a store that cannot release
     class NoRelease(FakeStore):
-        def release(self, event_id: str, token: str, reason: str, *, retry_after: float | None = None) -> None:
+        def release(self, event_id: str, token: str, reason: str, **kwargs: Any) -> None:
             raise StoreUnavailable("down")
 
     store = NoRelease()

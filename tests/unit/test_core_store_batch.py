@@ -334,24 +334,38 @@ def test_a_state_rewritten_in_a_newer_format_meanwhile_is_what_the_event_carries
     assert result.state is not None and result.state.newer_format and result.state.entries == {}
 
 
-@pytest.mark.parametrize("ours", [True, False])
-def test_nothing_queued_is_written_only_over_the_attempts_own_mark(store_on_moto: StoreOnMoto, ours: bool) -> None:
+@pytest.mark.parametrize("meanwhile", [None, "a batch's give-back", "a resend's give-back for the queue"])
+def test_nothing_queued_is_written_only_over_the_attempts_own_mark(
+    store_on_moto: StoreOnMoto, meanwhile: str | None
+) -> None:
     from relay.integrations.store import queue_send_pending
 
-    # GIVEN a webhook's claim given back with its mark, or an item another attempt has given back since
+    # GIVEN a webhook's claim given back with its mark (A), and maybe another attempt that took the event and gave it
+    # back since: a batch's (another reason), or the sender's resend (B) with the same mark text, whose message the
+    # retry queue took (a model check of the claim protocol found this one)
     store = store_on_moto.store
     claim = store.claim("e1", datastream_id="ds", source="webhook", lease_s=30)
     assert claim.token is not None
-    store.release("e1", claim.token, queue_send_pending("edge answered 503") if ours else "edge answered 504")
+    store.release("e1", claim.token, queue_send_pending("edge answered 503"), marked=True)
+    if meanwhile is not None:
+        again = store.claim("e1", datastream_id="ds", source="webhook", lease_s=30)
+        assert again.token is not None
+        if meanwhile == "a batch's give-back":
+            store.release("e1", again.token, "edge answered 504")
+        else:
+            store.release("e1", again.token, queue_send_pending("edge answered 503"), marked=True)
 
-    # WHEN the webhook's send to the retry queue fails
-    store.note_not_queued("e1", "not queued (the retry queue refused it; ...): edge answered 503", "edge answered 503")
+    # WHEN A's send to the retry queue fails
+    store.note_not_queued(
+        "e1", "not queued (the retry queue refused it; ...): edge answered 503", "edge answered 503", claim.token
+    )
 
-    # THEN the item says nothing is queued only over its own mark: another attempt's record (and what it queued)
-    # stands, so `relayctl show` does not tell the operator the event is lost
+    # THEN the item says nothing is queued only over A's own mark: another attempt's record (and what it queued)
+    # stands, so `relayctl show` does not tell the operator nothing waits in the queue when B's message does
     doc = _raw(store_on_moto, "e1")
     assert doc is not None
-    assert doc["lastError"].startswith("not queued") is ours
+    assert doc["lastError"].startswith("not queued") is (meanwhile is None)
+    assert ("queueSendBy" in doc) is (meanwhile == "a resend's give-back for the queue")  # B's mark, until B notes it
 
 
 def test_a_state_this_version_writes_says_its_format(store_on_moto: StoreOnMoto) -> None:
@@ -615,12 +629,12 @@ def test_a_webhooks_queue_send_pending_mark_is_cleared_once_sent_unless_the_even
     store = store_on_moto.store
     claim = store.claim("e1", datastream_id="ds", source="webhook", lease_s=30)
     assert claim.token is not None
-    store.release("e1", claim.token, queue_send_pending("edge answered 503"))
+    store.release("e1", claim.token, queue_send_pending("edge answered 503"), marked=True)
     if taken_meanwhile:  # the queued message's batch took it before the webhook said it was sent
         assert store.claim("e1", datastream_id="ds", source="webhook", lease_s=30).acquired
 
     # WHEN the webhook has sent the message
-    store.note_queued("e1", "edge answered 503")
+    store.note_queued("e1", "edge answered 503", claim.token)
 
     # THEN the item says only why it waits; an attempt that took it meanwhile keeps its own record
     doc = _raw(store_on_moto, "e1")
@@ -629,6 +643,7 @@ def test_a_webhooks_queue_send_pending_mark_is_cleared_once_sent_unless_the_even
         assert doc["status"] == "pending"
     else:
         assert (doc["status"], doc["lastError"]) == ("queued", "edge answered 503")
+        assert "queueSendBy" not in doc  # the claim's token is not kept once its mark has served
 
 
 def _raw(stack: StoreOnMoto, event_id: str) -> dict[str, Any] | None:

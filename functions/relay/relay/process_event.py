@@ -55,6 +55,7 @@ class Result:
     pending: ResultWrite | None = None
     token: str | None = None
     given_back: bool = False  # RETRY: a claim was taken and given back, and that was written (the item is `queued`)
+    by: str | None = None  # RETRY, given back for the retry queue: the claim's token, which its mark carries
     untried: bool = False  # RETRY: no Edge call was made for it (no time left: for the token, a slot, an attempt)
     timestamp: str | None = None  # RETRY: an earlier attempt's xdm.timestamp the event went with (queue it with it)
     note: dict[str, Any] = field(default_factory=dict, compare=False)  # what the "stored" log line adds
@@ -284,6 +285,7 @@ class Relay:
                 reason=str(exc),
                 retry_after=retry_after,
                 given_back=given_back,
+                by=claim.token if to_queue else None,
                 untried=untried,
                 timestamp=adopted,
             )
@@ -294,7 +296,8 @@ class Relay:
             count("UnexpectedErrors")
             reason = f"unexpected error: {type(exc).__name__}"
             given_back = self._give_back(event_id, claim.token, reason, to_queue=to_queue) is True  # None: not here
-            return Result(Outcome.RETRY, event_id, reason=reason, given_back=given_back, timestamp=adopted)
+            by = claim.token if to_queue else None
+            return Result(Outcome.RETRY, event_id, reason=reason, given_back=given_back, by=by, timestamp=adopted)
 
     def _reject_reused(self, inbound: InboundEvent, filed_as: str) -> Result:
         """Store an event that reuses a finished event's eventId as `rejected`, under an id of its own, and never
@@ -361,7 +364,7 @@ class Relay:
         so this costs no read). Then the event is not to be retried."""
         try:
             noted = queue_send_pending(reason) if to_queue else reason
-            found = self.store.release(event_id, token, noted, retry_after=retry_after)
+            found = self.store.release(event_id, token, noted, retry_after=retry_after, marked=to_queue)
         except StoreUnavailable:
             found, released = None, False
         else:

@@ -385,9 +385,9 @@ class WebhookApp:
             count("UnexpectedErrors")
             sent, why = False, "it could not be sent to the retry queue"
         if sent:
-            if result.given_back:
+            if result.given_back and result.by:
                 try:
-                    self._relay.store.note_queued(result.event_id, result.reason or "")
+                    self._relay.store.note_queued(result.event_id, result.reason or "", result.by)
                 except Exception:
                     # The event is queued: a defect in saying so must not answer 503 (the mark stays; `show` says the
                     # message may be there).
@@ -400,11 +400,12 @@ class WebhookApp:
         logger.error("event could not be queued; sender must retry", eventId=result.event_id)
         # Said on the item only when nothing was queued for sure: a send whose answer never came may have queued it,
         # and the mark the give-back wrote says just that (`relayctl show`: it may be in the queue, or not).
-        if result.given_back and sent is False:
+        if result.given_back and result.by and sent is False:
             self._relay.store.note_not_queued(
                 result.event_id,
                 f"not queued ({why}; the sender was answered 503): {result.reason}",
                 result.reason or "",
+                result.by,
             )
         return problem(
             503,

@@ -465,17 +465,24 @@ class HandlesStore:
         return values
 
     def release(
-        self, event_id: str, token: str, reason: str, *, retry_after: float | None = None
+        self, event_id: str, token: str, reason: str, *, retry_after: float | None = None, marked: bool = False
     ) -> dict[str, Any] | None:
         """Give the event back (status `queued`) so a retry can claim it at once; only our own claim. With the
         `Retry-After` Edge gave (seconds), so a user can tell when the next attempt comes. None when given back; else
-        the item as found, which no longer holds the claim (another holder's, or a result: see `holds`)."""
+        the item as found, which no longer holds the claim (another holder's, or a result: see `holds`). `marked`: a
+        webhook's give-back for the retry queue (`reason` is its QUEUE_SEND_PENDING mark), whose notes must land on
+        this attempt's mark only, not on another attempt's with the same reason: the item keeps the claim's token as
+        `queueSendBy` until then."""
         values = {
             ":queued": {"S": "queued"},
             ":r": _last_error(reason),
             ":now": {"S": iso_millis(self._clock.now())},
         }
         set_part, remove_part = "SET #s = :queued, lastError = :r, updatedAt = :now", "REMOVE leaseUntil, claimToken"
+        if marked:
+            set_part += ", queueSendBy = :tok"  # (`:tok` is the claim's token: `_update_own_claim` sets it)
+        else:
+            remove_part += ", queueSendBy"  # an earlier attempt's mark, which this record replaces
         if retry_after is None:
             remove_part += ", retryAfterSeconds"  # no stale wait from an earlier attempt
         else:
@@ -537,35 +544,40 @@ class HandlesStore:
             return decode_item(exc.response.get("Item") or {})
         return None
 
-    def note_queued(self, event_id: str, reason: str) -> None:
+    def note_queued(self, event_id: str, reason: str, by: str) -> None:
         """Say on a webhook's `queued` item that its retry-queue message was sent: the QUEUE_SEND_PENDING mark it was
-        given back with becomes the plain reason (taken again meanwhile: that attempt's record stands). Should the
-        store be down, the mark stays: `relayctl show` then says the message may or may not be queued."""
-        self._over_own_mark(event_id, reason, "SET lastError = :r", {":r": _last_error(reason)})
+        given back with (by the claim whose token is `by`) becomes the plain reason (taken again meanwhile: that
+        attempt's record stands). Should the store be down, the mark stays: `relayctl show` then says the message may
+        or may not be queued."""
+        self._over_own_mark(event_id, reason, by, "SET lastError = :r REMOVE queueSendBy", {":r": _last_error(reason)})
 
-    def note_not_queued(self, event_id: str, reason: str, given_back_with: str) -> None:
+    def note_not_queued(self, event_id: str, reason: str, given_back_with: str, by: str) -> None:
         """Say on a `queued` item that nothing is queued for it (the retry queue refused the webhook's fallback): the
         next attempt is the sender's resend, not a queue message, so no `retryAfterSeconds` promise is left. Only
         over this attempt's own QUEUE_SEND_PENDING mark (`given_back_with` is its reason): an attempt that took the
-        event meanwhile, and whatever it queued, keep their record. Should the store be down too, the 503 still
-        tells."""
+        event meanwhile, and whatever it queued, keep their record, even when given back with the same reason (`by`,
+        the claim's token, tells them apart). Should the store be down too, the 503 still tells."""
         self._over_own_mark(
             event_id,
             given_back_with,
-            "SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds",
+            by,
+            "SET lastError = :r, updatedAt = :now REMOVE retryAfterSeconds, queueSendBy",
             {":r": _last_error(reason), ":now": {"S": iso_millis(self._clock.now())}},
         )
 
-    def _over_own_mark(self, event_id: str, given_back_with: str, expression: str, values: dict[str, Any]) -> None:
+    def _over_own_mark(
+        self, event_id: str, given_back_with: str, by: str, expression: str, values: dict[str, Any]
+    ) -> None:
         """Update a webhook's `queued` item while it still holds the QUEUE_SEND_PENDING mark its give-back wrote."""
         try:
             self._update_if(
                 event_id,
                 expression,
-                "#s = :queued AND lastError = :pending",
+                "#s = :queued AND lastError = :pending AND queueSendBy = :by",
                 {
                     ":queued": {"S": "queued"},
                     ":pending": _last_error(queue_send_pending(given_back_with)),
+                    ":by": {"S": by},
                     **values,
                 },
                 {"#s": "status"},

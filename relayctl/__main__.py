@@ -444,7 +444,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not ids and not args.all_rejected:
         raise SystemExit("relayctl: name event ids or pass --all-rejected")
     if args.from_datastream is not None and not args.all_rejected:
-        raise SystemExit("relayctl: --from-datastream picks among --all-rejected; name no event ids with it")
+        raise SystemExit("relayctl: --from-datastream picks among --all-rejected: pass that too")
     if args.all_rejected:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender. And
         # the replays an earlier run left marked but not sent (stopped between the two), so that running the same

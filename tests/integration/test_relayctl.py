@@ -201,7 +201,7 @@ def test_events_rejected_in_a_mistyped_datastream_are_replayed_to_the_right_one(
     # AND a name the relay would refuse is refused here, before anything is marked
     with pytest.raises(SystemExit):
         main(["replay", "--all-rejected", "--to-datastream", "not a datastream"])
-    with pytest.raises(SystemExit, match="--from-datastream picks among --all-rejected"):
+    with pytest.raises(SystemExit, match="--from-datastream picks among --all-rejected: pass that too"):
         main(["replay", invalid, "--from-datastream", "ds-locl"])
 
 

@@ -38,7 +38,7 @@ from devtools.resources import (
     resource,
     sqs_event,
 )
-from devtools.signing import new_webhook_secret, sign_webhook
+from devtools.signing import curl_command, new_webhook_secret, sign_webhook
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS_DIR = ROOT / "events"
@@ -338,14 +338,6 @@ class LocalStack:
 # ---------------------------------------------------------------------------------------- --serve
 
 
-def curl_command(url: str, body: str, headers: Mapping[str, str]) -> str:
-    parts = ["curl", "-sS", "-X", "POST", f"{url}/events", "-H", "content-type: application/json"]
-    for name, value in headers.items():
-        parts += ["-H", f"{name}: {value}"]
-    parts += ["--data-binary", body]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 def serve(stack: LocalStack) -> None:
     env = stack.apply_env()
     from relay.handler import lambda_handler  # imported after the environment is set
@@ -369,7 +361,7 @@ def serve(stack: LocalStack) -> None:
     print(f"simulator: {stack.sim.url}")
     print()
     print("# a signed request (signatures expire after 5 minutes):")
-    print(curl_command(gateway.url, body, stack.sign(body)))
+    print(curl_command(f"{gateway.url}/events", body, stack.sign(body)))
     print()
     print("# an event file through the handler, as `sam local invoke -e` would (in a shell with the exports above):")
     print("make invoke EVENT=events/webhook-order.json")

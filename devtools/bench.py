@@ -62,6 +62,10 @@ DDB_WRU = 0.625 / 1e6  # https://aws.amazon.com/dynamodb/pricing/on-demand/
 DDB_RRU = 0.125 / 1e6
 SQS_REQUEST = 0.40 / 1e6  # https://aws.amazon.com/sqs/pricing/ (standard queue, beyond the free tier)
 SECRETS_CALL = 0.05 / 10_000  # https://aws.amazon.com/secrets-manager/pricing/
+CWL_INGEST_BYTE = 0.50 / 1e9  # https://aws.amazon.com/cloudwatch/pricing/ (Logs, Standard, per GB ingested; GB as 10^9)
+# Lambda's own START, END and REPORT lines per invocation in the template's (default) Text log format: 71 + 52 + about
+# 144 bytes (REPORT adds "Init Duration" on a cold start, and a line for X-Ray when tracing is on).
+PLATFORM_LOG_BYTES = 267
 # SQS requests per event with the template's BatchSize 100: the producer's SendMessage (1), the event source
 # mapping's ReceiveMessage (10 messages each: 0.1) and DeleteMessageBatch (10 entries each: 0.1).
 SQS_REQUESTS_PER_EVENT = 1 + 0.1 + 0.1
@@ -429,6 +433,8 @@ def _relay_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     for name, n_batches in spec["phases"]:
         snap = proxy_counts(counts_url) if counts_url else {}
+        sys.stdout.flush()
+        out0 = os.fstat(1).st_size  # the handler's log and EMF lines, as CloudWatch Logs would ingest them
         walls, failures = [], 0
         cpu0 = time.process_time()
         for b in range(n_batches):
@@ -438,6 +444,8 @@ def _relay_worker(spec: dict[str, Any]) -> dict[str, Any]:
             walls.append(time.perf_counter() - t0)
             failures += len(result.get("batchItemFailures") or [])
         phase = {"cpu": time.process_time() - cpu0, "walls": walls, "events": n_batches * BATCH, "failures": failures}
+        sys.stdout.flush()
+        phase["stdout_bytes"] = os.fstat(1).st_size - out0
         if counts_url:
             phase["counts"] = diff(proxy_counts(counts_url), snap)
         out["phases"][name] = phase
@@ -677,16 +685,19 @@ class Bench:
         out = self.tmp / f"bench-worker-{uuid.uuid4().hex}.json"
         spec = {"space": self.space, **spec}
         cmd = [sys.executable, "-m", "devtools.bench", "--worker", kind, "--spec", json.dumps(spec), "--out", str(out)]
-        proc = subprocess.run(
-            cmd,
-            env=self.env(**env),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        # Its stdout (logs, EMF) goes to a file, so the relay worker can measure what it wrote.
+        with out.with_suffix(".stdout").open("wb") as stdout:
+            proc = subprocess.run(
+                cmd,
+                env=self.env(**env),
+                cwd=ROOT,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+        out.with_suffix(".stdout").unlink()
         if proc.returncode != 0:
             raise RuntimeError(f"{kind} worker failed: {proc.stderr[-3000:]}")
         result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
@@ -708,7 +719,7 @@ class Bench:
             counter = procs.enter_context(proxy_process(stack.moto.url, images=True))
             self.stack_env = {
                 **stack.env,
-                "POWERTOOLS_LOG_LEVEL": "INFO",  # the deployed level; worker stdout (logs, EMF) goes to /dev/null
+                "POWERTOOLS_LOG_LEVEL": "INFO",  # the deployed level; the relay worker counts its stdout (logs, EMF)
                 "AWS_ENDPOINT_URL_DYNAMODB": fwd,
                 "AWS_ENDPOINT_URL_SECRETS_MANAGER": fwd,
             }
@@ -808,6 +819,7 @@ class Bench:
                 r[f"iw_{name}"] = c.get("ddb.item_writes", 0) / n
                 r[f"wcu_{name}"] = c.get("ddb.wcu", 0) / n
                 r[f"rru_{name}"] = c.get("ddb.rru", 0) / n
+                r[f"log_bytes_{name}"] = p["stdout_bytes"] / n
             r["max_item"] = proxy_counts(counter).get("ddb.max_item_bytes", 0)
             r["events_counted"] = total
             r["secrets"] = secrets / total * 1000
@@ -833,12 +845,14 @@ class Bench:
         return max(edge_bound, r["cpu"] / share)
 
     @staticmethod
-    def cost_per_million(duration_s: float, memory_mb: int, wru: float, rru: float, secrets_per_k: float) -> float:
+    def cost_per_million(
+        duration_s: float, memory_mb: int, wru: float, rru: float, secrets_per_k: float, log_bytes: float = 0
+    ) -> float:
         lam = duration_s * memory_mb / 1024 * LAMBDA_ARM_GB_S + LAMBDA_REQUEST / BATCH
         other = (
             wru * DDB_WRU + rru * DDB_RRU + SQS_REQUESTS_PER_EVENT * SQS_REQUEST + secrets_per_k / 1000 * SECRETS_CALL
         )
-        return 1e6 * (lam + other)
+        return 1e6 * (lam + other + log_bytes * CWL_INGEST_BYTE)
 
     def print_table(self, r: dict[str, Any]) -> None:
         rows: list[tuple[str, ...]] = []
@@ -943,10 +957,19 @@ class Bench:
             None,
         )
         wru, rru = r["wcu_returning"], r["rru_returning"]
-        crec = self.cost_per_million(drec, RECOMMENDED_MB, wru, rru, r["secrets"])
-        # The naive Lambda's measured duration, Secrets Manager reads and PutItems (one small item each: 1 WRU).
-        cnaive = self.cost_per_million(naive_d, 512, r["naive_puts"], 0, r["naive_secrets"] * 1000)
+        # CloudWatch Logs: what the handler wrote per event (returning identities) and Lambda's lines per batch. Runs
+        # from before it was measured have no such number, and their cost leaves the logs out.
+        platform = PLATFORM_LOG_BYTES / BATCH
+        logs = r["log_bytes_returning"] + platform if "log_bytes_returning" in r else 0.0
+        crec = self.cost_per_million(drec, RECOMMENDED_MB, wru, rru, r["secrets"], logs)
+        # The naive Lambda's measured duration, Secrets Manager reads and PutItems (one small item each: 1 WRU); it
+        # logs nothing of its own.
+        naive_logs = platform if logs else 0.0
+        cnaive = self.cost_per_million(naive_d, 512, r["naive_puts"], 0, r["naive_secrets"] * 1000, naive_logs)
         row(f"cost $/million events, arm64 {RECOMMENDED_MB} MB, vs naive at 512 MB", crec, cnaive, ".2f", "-", None)
+        if logs:
+            row("  context: CloudWatch Logs bytes/event (logs, EMF, Lambda's lines)", logs, None, ".1f", "-", None)
+            row("  CloudWatch Logs share of it: $/million", 1e6 * logs * CWL_INGEST_BYTE, None, ".3f", "-", None)
         row(
             f"  Lambda share of it: $/million at {RECOMMENDED_MB} MB | at 512 MB",
             1e6 * (drec * RECOMMENDED_MB / 1024 * LAMBDA_ARM_GB_S + LAMBDA_REQUEST / BATCH),

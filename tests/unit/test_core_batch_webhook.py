@@ -842,6 +842,28 @@ def test_two_long_webhook_ids_that_share_their_first_256_characters_stay_two_eve
     assert [json.loads(c["data"])["event"]["xdm"]["_id"] for c in h.session.calls] == event_ids
 
 
+def test_a_webhook_id_holding_characters_sqs_refuses_becomes_an_event_id_it_takes() -> None:
+    # GIVEN signed events without xdm._id whose webhook-ids hold characters the retry queue's `eventId` attribute
+    # cannot carry (SQS refuses U+FFFE and C0 controls: such an event, kept under its id as it came, could never be
+    # queued while Edge is down, and its sender would get 503 on every resend)
+    from relay.models import _ID_REFUSED
+
+    h = harness()
+    body = b'{"event": {"xdm": {"identityMap": {"CRMID": [{"id": "c1", "primary": true}]}}}}'
+    ids = ["msg_1\ufffe", "msg_1\x01", "msg_1\ufffe"]
+
+    # WHEN they are posted (the last is the first one's resend)
+    answers = [h.app.handle(http_event(body, sign_webhook(body, SECRETS[0], msg_id=i)), None) for i in ids]
+
+    # THEN each eventId (the xdm._id Edge got, and the queue's attribute) holds none of them; the two ids stay two
+    # events, and the resend is a repeat of the first
+    event_ids = [json.loads(a["body"])["eventId"] for a in answers]
+    assert not any(_ID_REFUSED.search(e) for e in event_ids)
+    assert event_ids[0] != event_ids[1] and event_ids[2] == event_ids[0]
+    assert all(e.startswith("msg_1~") for e in event_ids)
+    assert [json.loads(c["data"])["event"]["xdm"]["_id"] for c in h.session.calls] == event_ids
+
+
 def test_an_unsigned_event_whose_body_is_not_the_base64_it_claims_is_401() -> None:
     # GIVEN a hand-built event flagged base64 whose body is plain JSON, without signature headers
     h = harness()

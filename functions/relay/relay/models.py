@@ -508,11 +508,15 @@ def _event_id_of_oversized(raw: bytes | str, fallback_id: str) -> str:
 def bounded_id(value: str) -> str:
     """`value` as an eventId of at most MAX_EVENT_ID_LENGTH characters: itself when short enough, else its start and a
     SHA-256 of the whole, so two long ids that share their first 256 characters stay two events (the same id always
-    gives the same eventId, so a retry is still a repeat)."""
-    if len(value) <= MAX_EVENT_ID_LENGTH:
+    gives the same eventId, so a retry is still a repeat). A transport id (a `webhook-id`) holding a character SQS
+    refuses in the queue message's `eventId` attribute (`_ID_REFUSED`) gets the same form, without those characters:
+    kept as it came, such an event could never be queued while Edge is down (503 to every resend)."""
+    refused = _ID_REFUSED.search(value) is not None
+    if len(value) <= MAX_EVENT_ID_LENGTH and not refused:
         return value
     digest = hashlib.sha256(value.encode("utf-8", errors="surrogatepass")).hexdigest()
-    return f"{value[: MAX_EVENT_ID_LENGTH - len(digest) - 1]}~{digest}"
+    kept = _ID_REFUSED.sub("", value) if refused else value
+    return f"{kept[: MAX_EVENT_ID_LENGTH - len(digest) - 1]}~{digest}"
 
 
 def check_size_as_sent(inbound: InboundEvent) -> None:

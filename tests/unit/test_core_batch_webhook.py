@@ -26,7 +26,7 @@ from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.ims import NoTimeLeft
 from relay.integrations.queue import RetryQueue, queue_url_for
-from relay.integrations.store import UNPROCESSED, Claim
+from relay.integrations.store import UNPROCESSED, Claim, decode_item
 from relay.models import InboundEvent, build_inbound
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
@@ -704,6 +704,8 @@ def test_a_webhook_naming_its_datastream_in_another_spelling_is_refused_not_sent
             "with different values",
         ),
         (["not", "an", "object"], ["ds-1"], None),  # a hand-built record: no attributes, not a redelivery forever
+        ({"relaySource": "webhook"}, ["ds-1"], None),  # an attribute that is not an object: as if absent
+        ({"datastreamId": {"dataType": "String", "stringValue": 7}}, ["ds-1"], None),  # no string value: none named
     ],
 )
 def test_a_record_naming_its_datastream_goes_there_in_either_spelling_and_is_refused_in_any_other(
@@ -2207,7 +2209,9 @@ def test_every_log_line_of_an_invocation_names_its_lambda_request_id() -> None:
     assert [line.get("function_request_id") for line in lines] == [first.aws_request_id, second.aws_request_id]
 
 
-@pytest.mark.parametrize("event", [{"Records": ["x"]}, {"requestContext": "x"}, {"Records": [None]}])
+@pytest.mark.parametrize(
+    "event", [{"Records": ["x"]}, {"requestContext": "x"}, {"Records": [None]}, {"Records": []}, None, []]
+)
 def test_a_hand_built_event_of_an_odd_shape_is_said_unsupported_not_a_crash(event: dict[str, Any]) -> None:
     # GIVEN an event neither trigger sends (`sam local invoke -e` with a hand-edited file)
     from relay.runtime import Runtime
@@ -2873,3 +2877,9 @@ def test_a_webhook_resend_handed_back_after_a_defect_is_queued_with_the_first_at
     first = edge.calls[0].request["event"]["xdm"]["timestamp"]
     [message] = sqs_client.queued
     assert json.loads(message["MessageBody"])["event"]["xdm"]["timestamp"] == first
+    # AND the item says only why it waits: the defect's give-back mark, tied to its claim, was cleared once sent
+    item = decode_item(
+        store_on_moto.ddb.get_item(TableName="t", Key={"pk": {"S": "EVENT#ev-1"}, "sk": {"S": "RESULT"}})["Item"]
+    )
+    assert (item["status"], item["lastError"]) == ("queued", "unexpected error: RuntimeError")
+    assert "queueSendBy" not in item

@@ -876,6 +876,61 @@ def test_an_adobe_id_no_header_can_carry_is_a_configuration_error_naming_it_not_
 
 
 @pytest.mark.usefixtures("aws")
+@pytest.mark.parametrize("secret", ["", "  \n", None, 7, "absent"])
+def test_an_adobe_secret_without_a_client_secret_is_a_configuration_error_naming_it(secret: Any) -> None:
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    sm = boto3.client("secretsmanager")
+    doc = {"clientId": "client-1", "orgId": "ORG@AdobeOrg", "clientSecret": secret}
+    if secret == "absent":
+        del doc["clientSecret"]
+    arn = sm.create_secret(Name="adobe", SecretString=json.dumps(doc))["ARN"]
+
+    # WHEN it is read, THEN it is refused before IMS is asked (a blank secret only whitespace is no secret)
+    with pytest.raises(CredentialsError, match="^Adobe secret lacks clientSecret$"):
+        CredentialsStore(sm, adobe_secret_id=arn, webhook_secret_id=None, max_age=300).adobe()
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_secret_that_stays_malformed_is_read_once_per_period_not_per_event() -> None:
+    import boto3
+    from relay.integrations.credentials import CredentialsStore
+
+    sm = boto3.client("secretsmanager")
+    arn = sm.create_secret(Name="adobe", SecretString="not json")["ARN"]
+    now = [1000.0]
+    store = CredentialsStore(sm, adobe_secret_id=arn, webhook_secret_id=None, max_age=300, monotonic=lambda: now[0])
+    reads: list[str] = []
+    sm.meta.events.register("before-call.secrets-manager.GetSecretValue", lambda **kw: reads.append("get"))
+
+    # GIVEN a secret read while malformed, and nobody fixing it
+    with pytest.raises(CredentialsError):
+        store.adobe()
+    # WHEN every event of the next minute asks for it (a forced read, as IMS's refusal asks, among them)
+    for second in range(60):
+        now[0] = 1000.0 + second + 0.5
+        for force in (False, False, second == 30):
+            with pytest.raises(CredentialsError):
+                store.adobe(force=force)
+
+    # THEN it was read again about once per 10 s (and once for the forced read), not per event: a broken secret
+    # must not cost a Secrets Manager call per event. Still broken after 5 s, read again by 10 s.
+    assert len(reads) == 1 + 5 + 1
+    # AND once fixed, it is taken 10 s after the last read found it broken, not 5 s (nor 300 s) after
+    now[0], before = 2000.0, len(reads)
+    with pytest.raises(CredentialsError):
+        store.adobe()  # read again (due), still broken
+    sm.put_secret_value(SecretId=arn, SecretString=json.dumps({"clientId": "c", "clientSecret": "s", "orgId": "o"}))
+    now[0] += 5
+    with pytest.raises(CredentialsError):
+        store.adobe()
+    now[0] += 5
+    assert store.adobe().client_id == "c"
+    assert len(reads) == before + 2
+
+
+@pytest.mark.usefixtures("aws")
 def test_a_malformed_secret_fixed_within_its_cache_period_is_taken_within_seconds() -> None:
     import boto3
     from relay.integrations.credentials import MALFORMED_REREAD_S, CredentialsStore

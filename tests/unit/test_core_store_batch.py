@@ -1062,3 +1062,24 @@ def test_a_table_that_does_not_exist_is_named_as_the_setting_to_check(store_on_m
         "dynamodb update_item failed: ResourceNotFoundException (no such table: check HANDLES_TABLE and the region)"
     )
     assert failed.value.code == "ResourceNotFoundException"
+
+
+def test_a_table_the_function_may_not_use_is_named_as_the_setting_to_check() -> None:
+    from relay.errors import StoreUnavailable
+    from relay.integrations.store import HandlesStore
+
+    from tests.fakes import FakeClock
+
+    class Refusing:
+        def update_item(self, **kwargs: Any) -> None:
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "m"}}, "UpdateItem")
+
+    # WHEN an event is claimed on a table the function's role may not write (an IAM gap, outside the template)
+    store = HandlesStore(Refusing(), "t", ttl_days=30, clock=FakeClock())
+    with pytest.raises(StoreUnavailable) as failed:
+        store.claim("evt-1", datastream_id="ds-1", source="sqs", lease_s=30)
+
+    # THEN the reason says what to check
+    assert str(failed.value) == (
+        "dynamodb update_item failed: AccessDeniedException (check the function's permissions on HANDLES_TABLE)"
+    )

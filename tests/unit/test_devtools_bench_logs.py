@@ -50,3 +50,24 @@ def test_the_table_shows_the_bytes_per_event_and_adds_their_cost(capsys: pytest.
     # a run from before the bytes were measured: no logs line, the cost as it was printed then
     assert not any("CloudWatch Logs" in k for k in before)
     assert before[cost][0] == "1.96"
+
+
+def test_the_naive_lambdas_cost_counts_lambdas_own_lines_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the cost function recording what each cost is computed from
+    calls: list[float] = []
+    real = Bench.cost_per_million
+
+    def recording(*args: Any, **kwargs: Any) -> float:
+        calls.append(args[5] if len(args) > 5 else kwargs.get("log_bytes", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Bench, "cost_per_million", staticmethod(recording))
+
+    # WHEN a run in which the relay wrote 16.8 bytes per event is printed
+    table(capsys, {**RUN, "log_bytes_returning": 16.8})
+
+    # THEN the relay's cost counts its bytes and Lambda's lines, the naive Lambda's Lambda's lines alone (it logs
+    # nothing of its own)
+    assert calls == [pytest.approx(16.8 + PLATFORM_LOG_BYTES / BATCH), pytest.approx(PLATFORM_LOG_BYTES / BATCH)]

@@ -50,7 +50,7 @@ def test_the_cli_prints_a_signed_curl_for_a_deployed_stack_reading_the_secret_fr
     # GIVEN the stack's webhook secret on standard input (never on the command line)
     secret = new_webhook_secret()
     monkeypatch.setattr("sys.stdin", io.StringIO(secret + "\n"))
-    body = '{"event": {"xdm": {"_id": "first-event-2"}}}'
+    body = '{"event": {"xdm": {"_id": "first-event-2"}}}\n '  # signed byte for byte, its trailing space included
 
     # WHEN the command is printed
     assert main(["--url", "https://abc.execute-api.eu-west-1.amazonaws.com/events", "--body", body]) == 0
@@ -61,6 +61,7 @@ def test_the_cli_prints_a_signed_curl_for_a_deployed_stack_reading_the_secret_fr
     assert argv[:5] == ["curl", "-sS", "-X", "POST", "https://abc.execute-api.eu-west-1.amazonaws.com/events"]
     assert argv[argv.index("--data-binary") + 1] == body
     headers = dict(argv[i + 1].split(": ", 1) for i, a in enumerate(argv) if a == "-H")
+    assert headers.pop("content-type") == "application/json"
     assert Webhook(secret).verify(body, headers) == {"event": {"xdm": {"_id": "first-event-2"}}}
     assert secret not in out and secret.removeprefix("whsec_") not in out
 

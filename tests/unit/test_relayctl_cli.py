@@ -96,6 +96,22 @@ def test_rejected_takes_only_a_positive_limit(
     assert f"argument --limit: {limit!r} is not a positive whole number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--to-datastream", "--from-datastream"])
+def test_replay_takes_only_a_datastream_id_the_relay_would_take(
+    option: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a client that must not be used
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+
+    # WHEN a replay names a datastream the relay would refuse (nothing is marked, nothing sent)
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(["--table", "t", "--queue-url", "q", "replay", "--all-rejected", option, "not a ds"])
+
+    # THEN argparse refuses it as a usage error, saying what it takes
+    assert refused.value.code == 2
+    assert f"argument {option}: must be a datastream id" in capsys.readouterr().err
+
+
 def test_rejected_says_when_its_limit_hides_events_and_which_it_shows(
     aws: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -333,8 +333,22 @@ def _refused_by_relay(doc: dict[str, Any]) -> bool:
     return doc.get("rejectedBy") == RELAY or as_dict(doc.get("error")).get("type") == INVALID_EVENT_TYPE
 
 
-def _replay_plan(doc: dict[str, Any] | None) -> str | None:
-    """Why an event cannot be replayed (read-only: `--dry-run` reports the same), or None if it can."""
+def _refused_for_its_datastream(doc: dict[str, Any]) -> bool:
+    """Whether the relay refused the event for its datastream alone (every error at `datastreamId`: not one the relay
+    sends to, or malformed), under the event's own id: a fault of the deployment's `ALLOWED_DATASTREAM_IDS` as often
+    as of the event, which `replay --to-datastream` may send on once that is fixed."""
+    errors = as_dict(doc.get("error")).get("errors")
+    return (
+        isinstance(errors, list)
+        and bool(errors)
+        and all(isinstance(e, dict) and e.get("path") == "datastreamId" for e in errors)
+        and "#" not in str(doc.get("eventId", "#"))  # not filed beside another outcome (`#invalid-`, `#reused-`)
+    )
+
+
+def _replay_plan(doc: dict[str, Any] | None, datastream: str | None = None) -> str | None:
+    """Why an event cannot be replayed (read-only: `--dry-run` reports the same), or None if it can. `datastream`:
+    the one `--to-datastream` names, to which an event the relay refused for its datastream alone may go."""
     if doc is None:
         return "not found"
     status = doc.get("status")
@@ -345,7 +359,7 @@ def _replay_plan(doc: dict[str, Any] | None) -> str | None:
     if status != "rejected" and not stranded:
         return f"skipped: status is {status}"
     error = as_dict(doc.get("error"))
-    if _refused_by_relay(doc):
+    if _refused_by_relay(doc) and not (datastream and _refused_for_its_datastream(doc)):
         # The relay refused the event itself (its body, its datastreamId, its size, or an eventId already used for
         # another event): the same message would be refused again, or sent to the default datastream in place of
         # the one it named. The sender must send a corrected event; the stored problem says what to correct.
@@ -372,7 +386,7 @@ def replay_event(
     there instead of the datastream it was rejected in (a wrong DATASTREAM_ID since fixed)."""
     if doc is None:
         doc = _get(ddb, table, event_id)
-    skip = _replay_plan(doc)
+    skip = _replay_plan(doc, datastream)
     if skip is not None or doc is None:  # (_replay_plan says "not found" for None)
         return skip or "not found"
     request = doc["request"]
@@ -453,7 +467,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         ids += [
             str(r["eventId"])
             for r in rows
-            if not _refused_by_relay(r) and args.from_datastream in (None, r.get("datastreamId"))
+            if (not _refused_by_relay(r) or (args.to_datastream and _refused_for_its_datastream(r)))
+            and args.from_datastream in (None, r.get("datastreamId"))
         ]
     if not ids:
         # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.
@@ -467,7 +482,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             # shortened when over 256 characters.
             event_id, doc = _find(ddb, t.table, given)
             if args.dry_run:
-                outcome = _replay_plan(doc) or "would replay"
+                outcome = _replay_plan(doc, args.to_datastream) or "would replay"
             else:
                 outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id, doc, args.to_datastream)
             # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
@@ -957,7 +972,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_datastream_id,
         metavar="DATASTREAM_ID",
         help="send them to this datastream instead of the one Edge rejected them in (e.g. after fixing a wrong "
-        "DATASTREAM_ID)",
+        "DATASTREAM_ID); events the relay refused for their datastream alone (ALLOWED_DATASTREAM_IDS) are then "
+        "replayed too",
     )
     rep.add_argument(
         "--from-datastream",

@@ -205,6 +205,34 @@ def test_events_rejected_in_a_mistyped_datastream_are_replayed_to_the_right_one(
         main(["replay", invalid, "--from-datastream", "ds-locl"])
 
 
+def test_events_refused_for_a_mistyped_allow_list_are_replayed_once_it_is_fixed(ctl_env: LocalStack, capsys) -> None:
+    stack = ctl_env
+    # GIVEN a deployment whose ALLOWED_DATASTREAM_IDS had a typo, leaving out the default datastream: the relay refused
+    # every event that named none (400, stored rejected by the relay itself, final)
+    typo = {**os.environ, "ALLOWED_DATASTREAM_IDS": "ds-locl"}
+    event_id = f"evt-{uuid.uuid4()}"
+    send(stack, interact_event(event_id))
+    stack.poller(Runtime(load_settings(typo)).handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
+    refused = stack.result(event_id)
+    assert (refused["status"], refused["rejectedBy"]) == ("rejected", "relay")
+    assert [e["path"] for e in refused["error"]["errors"]] == ["datastreamId"]
+
+    # WHEN the operator replays the relay's refusals as they are, THEN they are skipped: the same message would be
+    # refused again
+    code, out = run(capsys, "replay", event_id)
+    assert code == 1 and out.startswith(f"{event_id}: skipped: the relay refused it itself")
+
+    # WHEN, the list fixed, the operator replays them to the datastream they should have gone to
+    code, out = run(capsys, "replay", "--all-rejected", "--to-datastream", DATASTREAM_ID)
+
+    # THEN they are queued, and the relay delivers them there
+    assert (code, out) == (0, f"{event_id}: queued\n")
+    poller(stack).drain(timeout=20, raise_on_timeout=True)
+    delivered = stack.result(event_id)
+    assert (delivered["status"], delivered["datastreamId"]) == ("delivered", DATASTREAM_ID)
+    assert [c["query"]["datastreamId"] for c in edge_requests(stack, event_id)] == [DATASTREAM_ID]
+
+
 def test_show_unknown_event_says_unknown(ctl_env: LocalStack, capsys) -> None:
     # GIVEN nothing about this event  WHEN shown  THEN unknown, exit 1
     code, out = run(capsys, "show", "evt-never-seen")

@@ -233,8 +233,8 @@ class Runtime:
             allowed = self.settings.allowed_datastream_ids
             if allowed and self.settings.datastream_id not in allowed:
                 # Allowed (it makes every event name its datastream), but easily done by mistake: said once per
-                # environment, as each such event is refused for good (stored rejected) and only its sender can
-                # resend.
+                # environment, as each such event is refused for good (stored rejected; once the list is fixed,
+                # `relayctl replay --to-datastream` sends them on).
                 logger.warning(
                     "DATASTREAM_ID is not in ALLOWED_DATASTREAM_IDS: every event that names no datastream is refused; "
                     "list it there if such events should go to it",

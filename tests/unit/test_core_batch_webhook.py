@@ -405,6 +405,33 @@ def test_records_are_postponed_only_while_a_slow_sqs_call_still_fits_in_the_invo
     assert postponed(sqs) == ({"rh-a1": 600} if postponed_too else {})
 
 
+def test_when_time_runs_out_mid_postponing_no_record_comes_back_before_the_one_it_waits_for() -> None:
+    # GIVEN a batch of eleven records Edge asked to retry in 600 s (two calls of SQS's 10): a1, then a2 of the same
+    # identity, held back behind it, then nine other identities' records; and SQS so slow that after the first call
+    # there is no time for a second (a model check of the real batch runner found a2 postponed less than a1: it came
+    # back alone at the queue's timeout and went to Edge before a1)
+    others = [f"{letter}1" for letter in "bcdefghij"]
+    relay = ScriptedRelay(failing={"a1", *others}, retry_after=dict.fromkeys(["a1", *others], 600))
+
+    class SlowSqs(FakeSqs):
+        def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
+            relay.clock.advance(SQS_WORST_CASE_S)  # the client's worst case
+            return super().change_message_visibility_batch(**kwargs)
+
+    sqs = SlowSqs()
+    runner = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(2), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+    records = [record("a1", 1), record("a2", 1)] + [record(o, 1, f"crm-{o}") for o in others]
+
+    # WHEN the batch runs with time for one slow SQS call, not two
+    answer = runner.run({"Records": records}, Deadline(relay.clock, SQS_WORST_CASE_S + 1), lease_s=25)
+
+    # THEN every record is redelivered, and the one left at the queue's timeout is a1, which comes back first: a2 is
+    # kept invisible longer, never returning before the record it waits for
+    assert len(answer["batchItemFailures"]) == 11
+    assert len(sqs.calls) == 1
+    assert "rh-a1" not in postponed(sqs) and postponed(sqs)["rh-a2"] == 600
+
+
 def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_client() -> None:
     # GIVEN Edge asking for a retry within the visibility timeout (it only comes back later than asked; a shorter
     # visibility would use up its receives sooner in an outage)

@@ -512,9 +512,9 @@ class BatchRunner:
         if not time_for_a_call():
             logger.warning("no time left to postpone records; they return at the queue's timeout", records=len(later))
             return
-        # Last records first: should the time for SQS calls run out, or SQS refuse some, the records left at the
-        # queue's timeout are the batch's first ones, which come back sooner than those held back behind them, never
-        # a record sooner than the one of its identity it waits for.
+        # Last records first: should the time for SQS calls run out, the records left at the queue's timeout are the
+        # batch's first ones, which come back sooner than those held back behind them, never a record sooner than the
+        # one of its identity it waits for. (An entry SQS refuses comes back at the timeout whatever its place.)
         chosen = [(r, later[mid]) for r in reversed(records) if (mid := _message_id(r)) in later]
         postponed = self._queue().postpone(chosen, time_for_a_call=time_for_a_call)
         if postponed:

@@ -702,28 +702,6 @@ def test_a_corrected_resend_of_an_event_refused_as_too_large_is_delivered(store_
     assert (store.get_result("evt-1") or {}).get("status") == "delivered"
 
 
-@pytest.mark.parametrize("ours", [True, False])
-def test_an_unconfirmed_batch_claim_is_given_back_when_no_time_is_left(store_on_moto: StoreOnMoto, ours: bool) -> None:
-    # GIVEN a batch's claim it could not confirm (its INSERT applied with the batch's token, its answer lost, boto3's
-    # resend refused as a duplicate: "not acquired", with the token), or one whose token another attempt's claim holds
-    store, clock = store_on_moto.store, store_on_moto.clock
-    taken = store.claim("evt-1", datastream_id=DS, source="sqs", lease_s=30)
-    assert taken.token is not None
-    unconfirmed = Claim(acquired=False, token=taken.token if ours else "another batch's token")
-
-    # WHEN the batch's time runs out before the event's turn
-    result = Relay(store, FakeEdge(), clock).process(  # type: ignore[arg-type]
-        inbound(), Deadline(clock, 0.01), lease_s=30, claim=unconfirmed
-    )
-
-    # THEN it is redelivered untried, and a claim that was ours is given back, so that any copy of the event can take
-    # it at once (before, it stayed pending for the lease: the function timeout and 5 s); another's stays held
-    assert (result.outcome, result.untried) == (Outcome.RETRY, True)
-    item = store.get_result("evt-1") or {}
-    assert item["status"] == ("queued" if ours else "pending")
-    assert ("claimToken" in item) is not ours
-
-
 def test_process_sends_stored_entries_when_the_event_with_them_fits():
     # GIVEN the same stored entry and a small event
     store = FakeStore()

@@ -210,11 +210,9 @@ class Relay:
         if deadline.remaining() < MIN_ATTEMPT_S:
             # Nothing could be sent in time (a batch whose time ran out): leave the event untouched rather than claim
             # and release it, two writes and a warning for nothing. It is redelivered like any failed record (a claim
-            # the batch took for it is given back, so that the redelivery can take it at once). That includes a claim
-            # the batch could not confirm (its INSERT applied, its answer lost, boto3's resend refused as a duplicate):
-            # the give-back is conditional on the token, so it frees the item only if the claim was ours.
+            # the batch took for it is given back, so that the redelivery can take it at once).
             reason = "no time left to relay the event"
-            if claim is not None and claim.token:
+            if claim is not None and claim.acquired and claim.token:
                 try:
                     self.store.release(event_id, claim.token, reason)
                 except StoreUnavailable:

@@ -32,7 +32,7 @@ from relay.identity_state import opaque_identity_id
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body
 from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, HandlesStore, decode_item
-from relay.models import as_dict, bounded_id, iso_millis
+from relay.models import DEFAULT_NOT_ALLOWED, as_dict, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
 from relay.settings import DATASTREAM_ID_RE
 
@@ -334,14 +334,18 @@ def _refused_by_relay(doc: dict[str, Any]) -> bool:
 
 
 def _refused_for_its_datastream(doc: dict[str, Any]) -> bool:
-    """Whether the relay refused the event for its datastream alone (every error at `datastreamId`: not one the relay
-    sends to, or malformed), under the event's own id: a fault of the deployment's `ALLOWED_DATASTREAM_IDS` as often
-    as of the event, which `replay --to-datastream` may send on once that is fixed."""
+    """Whether the relay refused the event only because the default datastream was not in `ALLOWED_DATASTREAM_IDS`
+    (it named none), under the event's own id: the deployment's fault, not the event's (a typo in the list), which
+    `replay --to-datastream` may send on once that is fixed. Not an event that named a datastream left out of the list
+    (perhaps on purpose), nor a malformed one."""
     errors = as_dict(doc.get("error")).get("errors")
     return (
         isinstance(errors, list)
         and bool(errors)
-        and all(isinstance(e, dict) and e.get("path") == "datastreamId" for e in errors)
+        and all(
+            isinstance(e, dict) and e.get("path") == "datastreamId" and e.get("message") == DEFAULT_NOT_ALLOWED
+            for e in errors
+        )
         and "#" not in str(doc.get("eventId", "#"))  # not filed beside another outcome (`#invalid-`, `#reused-`)
     )
 
@@ -408,8 +412,20 @@ def replay_event(
             ExpressionAttributeValues=values,
         )
 
+    # Sent to another datastream, the item says so: a webhook's event is taken over only for the datastream it holds
+    # (store.claim), so the replayed message would be refused as busy on every receive. Put back with the mark.
+    moved = {":ds": {"S": datastream}} if datastream and datastream != doc.get("datastreamId") else {}
+    if moved and doc.get("datastreamId"):
+        moved[":oldds"] = {"S": str(doc["datastreamId"])}
+    to_ds = ", datastreamId = :ds" if moved else ""
+    back_ds = ", datastreamId = :oldds" if ":oldds" in moved else ""
+    drop_ds = ", datastreamId" if moved and not back_ds else ""  # (an item without one gets none back)
     try:
-        mark("SET #s = :q, replayedAt = :now REMOVE lastError", "#s = :was AND attribute_not_exists(leaseUntil)")
+        mark(
+            f"SET #s = :q, replayedAt = :now{to_ds} REMOVE lastError",
+            "#s = :was AND attribute_not_exists(leaseUntil)",
+            {k: v for k, v in moved.items() if k == ":ds"},
+        )
     except (ClientError, BotoCoreError) as exc:
         # Our own mark, whose answer was lost goes on: boto3 sent it again and it found `queued` (a refused
         # condition), or every attempt's answer was lost (an error). Anything else changed it meanwhile, or the mark
@@ -438,11 +454,13 @@ def replay_event(
         # Nothing was queued: put the mark back, so the event stays listed as it was and can be replayed again.
         reason = _aws_code(exc)
         try:
+            olds = {k: v for k, v in moved.items() if k == ":oldds"}
             if earlier is not None:
-                restore = {":old": {"S": str(earlier)}}
-                mark("SET #s = :was, replayedAt = :old", "#s = :q AND replayedAt = :now", restore)
+                restore = {":old": {"S": str(earlier)}, **olds}
+                drop = f" REMOVE {drop_ds.lstrip(', ')}" if drop_ds else ""
+                mark(f"SET #s = :was, replayedAt = :old{back_ds}{drop}", "#s = :q AND replayedAt = :now", restore)
             else:
-                mark("SET #s = :was REMOVE replayedAt", "#s = :q AND replayedAt = :now")
+                mark(f"SET #s = :was{back_ds} REMOVE replayedAt{drop_ds}", "#s = :q AND replayedAt = :now", olds)
         except (ClientError, BotoCoreError):
             return f"failed: not sent ({reason}), and left marked queued: run `relayctl replay {event_id}` again"
         return f"failed: not sent to the queue ({reason}); still {was['S']}"
@@ -453,12 +471,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     t = _targets(args)
     if not t.queue_url:
         raise SystemExit("relayctl: no queue: pass --queue-url, --stack or set QUEUE_URL")
-    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
     ids = list(args.event_ids)
     if not ids and not args.all_rejected:
         raise SystemExit("relayctl: name event ids or pass --all-rejected")
     if args.from_datastream is not None and not args.all_rejected:
         raise SystemExit("relayctl: --from-datastream picks among --all-rejected: pass that too")
+    if args.all_rejected and args.to_datastream and args.from_datastream is None:
+        # Every datastream's rejections (schema errors in healthy datastreams too) would all go to one.
+        raise SystemExit("relayctl: --all-rejected with --to-datastream needs --from-datastream (the one to move from)")
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
     if args.all_rejected:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender. And
         # the replays an earlier run left marked but not sent (stopped between the two), so that running the same
@@ -972,8 +993,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_datastream_id,
         metavar="DATASTREAM_ID",
         help="send them to this datastream instead of the one Edge rejected them in (e.g. after fixing a wrong "
-        "DATASTREAM_ID); events the relay refused for their datastream alone (ALLOWED_DATASTREAM_IDS) are then "
-        "replayed too",
+        "DATASTREAM_ID; with --all-rejected, name --from-datastream too); events the relay refused because the "
+        "default datastream was left out of ALLOWED_DATASTREAM_IDS are then replayed too",
     )
     rep.add_argument(
         "--from-datastream",

@@ -210,8 +210,14 @@ def test_events_refused_for_a_mistyped_allow_list_are_replayed_once_it_is_fixed(
     # GIVEN a deployment whose ALLOWED_DATASTREAM_IDS had a typo, leaving out the default datastream: the relay refused
     # every event that named none (400, stored rejected by the relay itself, final)
     typo = {**os.environ, "ALLOWED_DATASTREAM_IDS": "ds-locl"}
-    event_id = f"evt-{uuid.uuid4()}"
+    event_id, elsewhere = f"evt-{uuid.uuid4()}", f"evt-{uuid.uuid4()}"
     send(stack, interact_event(event_id))
+    # (and one that named a datastream the list leaves out, perhaps on purpose: its own fault, not the list's)
+    stack.sqs.send_message(
+        QueueUrl=stack.resources.queue_url,
+        MessageBody=json.dumps(interact_event(elsewhere)),
+        MessageAttributes={"datastreamId": {"DataType": "String", "StringValue": "ds-elsewhere"}},
+    )
     stack.poller(Runtime(load_settings(typo)).handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
     refused = stack.result(event_id)
     assert (refused["status"], refused["rejectedBy"]) == ("rejected", "relay")
@@ -222,11 +228,15 @@ def test_events_refused_for_a_mistyped_allow_list_are_replayed_once_it_is_fixed(
     code, out = run(capsys, "replay", event_id)
     assert code == 1 and out.startswith(f"{event_id}: skipped: the relay refused it itself")
 
-    # WHEN, the list fixed, the operator replays them to the datastream they should have gone to
-    code, out = run(capsys, "replay", "--all-rejected", "--to-datastream", DATASTREAM_ID)
+    # WHEN, the list fixed, the operator replays them to the datastream they should have gone to (they are filed
+    # under the default datastream)
+    code, out = run(
+        capsys, "replay", "--all-rejected", "--from-datastream", DATASTREAM_ID, "--to-datastream", DATASTREAM_ID
+    )
 
-    # THEN they are queued, and the relay delivers them there
+    # THEN they are queued, and the relay delivers them there; the one that named another datastream is left alone
     assert (code, out) == (0, f"{event_id}: queued\n")
+    assert stack.result(elsewhere)["status"] == "rejected"
     poller(stack).drain(timeout=20, raise_on_timeout=True)
     delivered = stack.result(event_id)
     assert (delivered["status"], delivered["datastreamId"]) == ("delivered", DATASTREAM_ID)

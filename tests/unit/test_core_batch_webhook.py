@@ -695,6 +695,7 @@ def test_a_webhook_naming_its_datastream_as_edge_also_spells_it_goes_there(query
     [
         ("DatastreamId=ds-named", "is spelled datastreamId (or dataStreamId), not DatastreamId"),
         ("datastreamid=ds-named", "is spelled datastreamId (or dataStreamId), not datastreamid"),
+        ("datastream_id=ds-named", "is spelled datastreamId (or dataStreamId), not datastream_id"),
         (
             "datastreamId=ds-named&dataStreamId=ds-other",
             "is given twice, as datastreamId and dataStreamId, with different values",

@@ -112,6 +112,17 @@ def test_replay_takes_only_a_datastream_id_the_relay_would_take(
     assert f"argument {option}: must be a datastream id" in capsys.readouterr().err
 
 
+def test_replaying_every_rejection_to_one_datastream_needs_the_one_to_move_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a client that must not be used
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+
+    # WHEN every rejection would go to one datastream (schema errors in healthy datastreams too), THEN it is refused
+    with pytest.raises(SystemExit, match="--all-rejected with --to-datastream needs --from-datastream"):
+        relayctl_main.main(["--table", "t", "--queue-url", "q", "replay", "--all-rejected", "--to-datastream", "ds-1"])
+
+
 def test_rejected_says_when_its_limit_hides_events_and_which_it_shows(
     aws: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,6 +12,7 @@ import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 from relay import codec
 from relay.errors import EventIdReused, PayloadTooLarge
+from relay.integrations.store import decode_item
 from relay.models import iso_millis
 from relay.process_event import INVALID_EVENT_TYPE, invalid_problem
 
@@ -1468,3 +1469,36 @@ def test_a_replay_mark_refused_for_another_reason_says_it_failed_and_what_the_ev
     # THEN the line says the mark failed and the event is still rejected (to run again), not "changed meanwhile"
     assert outcome == "failed: not marked (ThrottlingException); still rejected"
     assert sqs.receive_message(QueueUrl=queue).get("Messages", []) == []
+
+
+@pytest.mark.parametrize("sent", [True, False])
+def test_a_webhook_event_replayed_to_another_datastream_can_be_taken_there(aws: None, sent: bool) -> None:
+    from relay.integrations.store import HandlesStore
+
+    from tests.fakes import FakeClock
+
+    # GIVEN a webhook's event Edge rejected in a mistyped datastream
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    item = {**rejected_item("ev-1"), "source": {"S": "webhook"}, "datastreamId": {"S": "ds-wrong"}}
+    ddb.put_item(TableName="t", Item=item)
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"] if sent else "https://sqs.us-east-1.amazonaws.com/1/none"
+
+    # WHEN it is replayed to the right one
+    outcome = replay_event(ddb, sqs, "t", queue, "ev-1", datastream="ds-right")
+
+    stored = decode_item(ddb.get_item(TableName="t", Key={"pk": {"S": "EVENT#ev-1"}, "sk": {"S": "RESULT"}})["Item"])
+    if sent:
+        # THEN its item names that datastream, so the relay's claim for the replayed message takes it: a webhook's
+        # event is taken over only for the datastream its item holds (before, every receive was refused as busy and
+        # the message went to the dead-letter queue)
+        assert (outcome, stored["status"], stored["datastreamId"]) == ("queued", "queued", "ds-right")
+        claim = HandlesStore(ddb, "t", ttl_days=30, clock=FakeClock()).claim(
+            "ev-1", datastream_id="ds-right", source="webhook", lease_s=30
+        )
+        assert claim.acquired
+    else:
+        # THEN, nothing sent, the item is put back as it was, in its own datastream
+        assert outcome.startswith("failed: not sent to the queue (")
+        assert (stored["status"], stored["datastreamId"]) == ("rejected", "ds-wrong")

@@ -389,12 +389,16 @@ DATASTREAM_DETAIL = "the event's datastream is malformed or not one this relay s
 DATASTREAM_NAMES = ("datastreamId", "dataStreamId")
 
 
+def _loose(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
 def datastream_name(names: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """Which of a webhook's query parameters, or an SQS record's message attributes, names the datastream, or what is
-    wrong with them. Any other spelling (`DatastreamId`, `datastreamid`) is refused, not taken for absent: that would
-    send the event to the default datastream, which may be another sandbox. Both spellings with different values are
-    refused too."""
-    given = [name for name in names if isinstance(name, str) and name.lower() == "datastreamid"]
+    wrong with them. Any other spelling (`DatastreamId`, `datastreamid`, `datastream_id`, `DATASTREAM-ID`) is refused,
+    not taken for absent: that would send the event to the default datastream, which may be another sandbox. Both
+    spellings with different values are refused too."""
+    given = [name for name in names if isinstance(name, str) and _loose(name) == "datastreamid"]
     odd = [name for name in given if name not in DATASTREAM_NAMES]
     if odd:
         return None, f"is spelled datastreamId (or dataStreamId), not {odd[0]}"

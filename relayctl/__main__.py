@@ -905,20 +905,23 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:
-    """Delete `item` if it still holds the outcome read (its `status`); False when it changed meanwhile. A state
-    item (no `status`) is deleted whatever changed: whoever wrote it, it is this identity's."""
+    """Delete `item` if it still holds the outcome read (its `status` and `storedAt`): False when it changed meanwhile,
+    even to another outcome of the same status (another body refused under the same id, say, which is not this
+    identity's). A state item (no `status`) is deleted whatever changed: whoever wrote it, it is this identity's."""
     key = {"pk": item["pk"], "sk": item["sk"]}
     status = item.get("status")
     if status is None:
         ddb.delete_item(TableName=table, Key=key)
         return True
+    stored_at = item.get("storedAt")
+    same = "storedAt = :at" if stored_at is not None else "attribute_not_exists(storedAt)"
     try:
         ddb.delete_item(
             TableName=table,
             Key=key,
-            ConditionExpression="#s = :s",
+            ConditionExpression=f"#s = :s AND {same}",
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":s": status},
+            ExpressionAttributeValues={":s": status, **({":at": stored_at} if stored_at is not None else {})},
             ReturnValuesOnConditionCheckFailure="ALL_OLD",
         )
     except ClientError as exc:

@@ -1502,3 +1502,23 @@ def test_a_webhook_event_replayed_to_another_datastream_can_be_taken_there(aws: 
         # THEN, nothing sent, the item is put back as it was, in its own datastream
         assert outcome.startswith("failed: not sent to the queue (")
         assert (stored["status"], stored["datastreamId"]) == ("rejected", "ds-wrong")
+
+
+def test_forget_deletes_an_outcome_only_as_it_read_it_not_another_of_the_same_status(aws: None) -> None:
+    from relayctl.__main__ import _delete_as_read
+
+    # GIVEN a refused body `forget` read as this person's, then replaced (same id, same status) by the relay's
+    # refusal of another body, another person's, before the delete
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    key = {"pk": {"S": "EVENT#ev-1"}, "sk": {"S": "RESULT"}}
+    read = {**rejected_item("ev-1"), "storedAt": {"S": "2026-11-29T10:00:00.000Z"}}
+    ddb.put_item(TableName="t", Item=read)
+    ddb.put_item(TableName="t", Item={**read, "storedAt": {"S": "2026-11-29T10:00:05.000Z"}})
+
+    # WHEN it deletes what it read, THEN the other person's refusal stays (its stored reason is all its sender has)
+    assert _delete_as_read(ddb, "t", read) is False
+    assert ddb.get_item(TableName="t", Key=key)["Item"]["storedAt"] == {"S": "2026-11-29T10:00:05.000Z"}
+    # AND the outcome as read is deleted
+    assert _delete_as_read(ddb, "t", ddb.get_item(TableName="t", Key=key)["Item"]) is True
+    assert "Item" not in ddb.get_item(TableName="t", Key=key)

@@ -414,17 +414,14 @@ def replay_event(
 
     # Sent to another datastream, the item says so: a webhook's event is taken over only for the datastream it holds
     # (store.claim), so the replayed message would be refused as busy on every receive. Put back with the mark.
-    moved = {":ds": {"S": datastream}} if datastream and datastream != doc.get("datastreamId") else {}
-    if moved and doc.get("datastreamId"):
-        moved[":oldds"] = {"S": str(doc["datastreamId"])}
-    to_ds = ", datastreamId = :ds" if moved else ""
-    back_ds = ", datastreamId = :oldds" if ":oldds" in moved else ""
-    drop_ds = ", datastreamId" if moved and not back_ds else ""  # (an item without one gets none back)
+    old_ds = doc.get("datastreamId")
+    moved = datastream is not None and datastream != old_ds
+    to_ds, new_ds = (", datastreamId = :ds", {":ds": {"S": datastream}}) if moved else ("", {})
     try:
         mark(
             f"SET #s = :q, replayedAt = :now{to_ds} REMOVE lastError",
             "#s = :was AND attribute_not_exists(leaseUntil)",
-            {k: v for k, v in moved.items() if k == ":ds"},
+            new_ds,
         )
     except (ClientError, BotoCoreError) as exc:
         # Our own mark, whose answer was lost goes on: boto3 sent it again and it found `queued` (a refused
@@ -454,13 +451,21 @@ def replay_event(
         # Nothing was queued: put the mark back, so the event stays listed as it was and can be replayed again.
         reason = _aws_code(exc)
         try:
-            olds = {k: v for k, v in moved.items() if k == ":oldds"}
+            # What the mark changed goes back: the status, `replayedAt` (kept by a stranded replay, else none) and the
+            # datastream (none for an item that had none).
+            sets, removes, values = ["#s = :was"], [], {}
             if earlier is not None:
-                restore = {":old": {"S": str(earlier)}, **olds}
-                drop = f" REMOVE {drop_ds.lstrip(', ')}" if drop_ds else ""
-                mark(f"SET #s = :was, replayedAt = :old{back_ds}{drop}", "#s = :q AND replayedAt = :now", restore)
+                sets.append("replayedAt = :old")
+                values[":old"] = {"S": str(earlier)}
             else:
-                mark(f"SET #s = :was{back_ds} REMOVE replayedAt{drop_ds}", "#s = :q AND replayedAt = :now", olds)
+                removes.append("replayedAt")
+            if moved and old_ds:
+                sets.append("datastreamId = :oldds")
+                values[":oldds"] = {"S": str(old_ds)}
+            elif moved:
+                removes.append("datastreamId")
+            update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+            mark(update, "#s = :q AND replayedAt = :now", values)
         except (ClientError, BotoCoreError):
             return f"failed: not sent ({reason}), and left marked queued: run `relayctl replay {event_id}` again"
         return f"failed: not sent to the queue ({reason}); still {was['S']}"

@@ -2765,21 +2765,24 @@ def test_a_queue_that_may_have_taken_an_event_says_so() -> None:
     assert RetryQueue(client, QUEUE_URL).send(inbound) is None
 
 
-def test_a_webhook_resend_that_falls_back_to_the_queue_queues_the_first_attempts_time(
-    store_on_moto: StoreOnMoto,
-) -> None:
-    # GIVEN an event without xdm.timestamp whose first attempt got no answer from Edge and could not be queued (the
-    # sender was answered 503), and Edge still unavailable when the sender resends it 90 s later
-    clock = store_on_moto.clock
-    edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), EdgeUnavailable("edge answered 503"))
+def resent_after_an_unqueued_timeout(store_on_moto: StoreOnMoto, second: Exception) -> tuple[FakeEdge, SqsRefusingOnce]:
+    """An event without xdm.timestamp whose first attempt got no answer from Edge and could not be queued (the sender
+    was answered 503), resent by its sender 90 s later, when Edge's answer is `second`: queued (202)."""
+    edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), second)
     sqs_client = SqsRefusingOnce()
     app = webhook_on_moto(store_on_moto, edge, sqs_client)
     body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
     assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 503
-
-    # WHEN the sender resends it
-    clock.advance(90)
+    store_on_moto.clock.advance(90)
     assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 202
+    return edge, sqs_client
+
+
+def test_a_webhook_resend_that_falls_back_to_the_queue_queues_the_first_attempts_time(
+    store_on_moto: StoreOnMoto,
+) -> None:
+    # GIVEN an event whose first attempt could not be queued, WHEN its sender resends it and Edge is still unavailable
+    edge, sqs_client = resent_after_an_unqueued_timeout(store_on_moto, EdgeUnavailable("edge answered 503"))
 
     # THEN both Edge calls and the queued message carry the first attempt's time: the message, delivered later, is
     # that same event at that same time
@@ -2888,18 +2891,9 @@ def test_an_event_whose_id_holds_a_lone_surrogate_is_refused_and_kept_under_its_
 def test_a_webhook_resend_handed_back_after_a_defect_is_queued_with_the_first_attempts_time(
     store_on_moto: StoreOnMoto,
 ) -> None:
-    # GIVEN an event without xdm.timestamp whose first attempt got no answer from Edge and could not be queued, and
-    # whose resend then meets a defect (an unexpected exception) after taking the first attempt's time
-    clock = store_on_moto.clock
-    edge = FakeEdge(EdgeUnavailable("edge call failed: ReadTimeout"), RuntimeError("a defect"))
-    sqs_client = SqsRefusingOnce()
-    app = webhook_on_moto(store_on_moto, edge, sqs_client)
-    body = json.dumps({"event": {"xdm": {"_id": "ev-1"}}}).encode()
-    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 503
-
-    # WHEN the sender resends it
-    clock.advance(90)
-    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 202
+    # GIVEN an event whose first attempt could not be queued, WHEN its sender resends it and the resend meets a defect
+    # (an unexpected exception) after taking the first attempt's time
+    edge, sqs_client = resent_after_an_unqueued_timeout(store_on_moto, RuntimeError("a defect"))
 
     # THEN the queued message carries the first attempt's time, as every attempt of the event does
     first = edge.calls[0].request["event"]["xdm"]["timestamp"]

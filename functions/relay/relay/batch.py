@@ -184,17 +184,14 @@ def _datastream_attr(record: dict[str, Any]) -> tuple[str | None, str | None]:
     as String.)"""
     attrs = _attrs(record)
     name, wrong = datastream_name(attrs)
-    if wrong is not None:
+    attr = attrs.get(name) if name is not None else None
+    if wrong is not None or name is None or not isinstance(attr, dict):
         return None, wrong
-    attr = attrs.get(name) if name else None
-    if not isinstance(attr, dict):
-        return None, None
     data_type = attr.get("dataType", "String")
     if not isinstance(data_type, str) or data_type.partition(".")[0] != "String":
         shown = data_type.partition(".")[0][:20] if isinstance(data_type, str) else type(data_type).__name__
         return None, f"must be a String message attribute, not {shown}"
-    value = attr.get("stringValue")
-    return (value if isinstance(value, str) else None), None
+    return _attr(record, name), None
 
 
 class BatchRunner:

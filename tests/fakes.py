@@ -75,6 +75,30 @@ def make_response(
     return resp
 
 
+class BrokenBody:
+    """A urllib3-like raw body that gives `first` and then fails with `error` (what urllib3 raises when the
+    connection closes mid-body, a gzip stream is corrupt, or the body stalls)."""
+
+    def __init__(self, first: bytes, error: Exception) -> None:
+        self.first, self.error = first, error
+        self.closed = False
+
+    def stream(self, amt: int, decode_content: bool = True) -> Iterator[bytes]:
+        yield self.first
+        raise self.error
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def broken_body_response(status: int, error: Exception, first: bytes = b'{"requestId": "r-', /) -> requests.Response:
+    """A real `requests.Response` whose status and headers arrived but whose body breaks off after `first`."""
+    resp = make_response(status, text="")
+    resp.headers["Content-Type"] = "application/json"
+    resp.raw = BrokenBody(first, error)
+    return resp
+
+
 def edge_problem(status: int, code: str, title: str = "Error", detail: str = "") -> requests.Response:
     """An Edge RFC 7807 problem answer, e.g. `edge_problem(401, "EXEG-0503-401")`."""
     body = {
@@ -380,11 +404,11 @@ class FakeEdge:
 
 @contextlib.contextmanager
 def headers_then_stall(
-    after_s: float, *, body: bytes = b"{", body_after_s: float = 0.0, length: int = 100
+    after_s: float, *, body: bytes = b"{", body_after_s: float = 0.0, length: int = 100, status: bytes = b"200 OK"
 ) -> Iterator[int]:
-    """A loopback HTTP server (its port) that reads one request, answers its headers `after_s` later (a body of
-    `length` bytes), sends `body` `body_after_s` after that, then sends nothing more until the block ends: a peer
-    whose body stalls."""
+    """A loopback HTTP server (its port) that reads one request, answers its headers (`status`) `after_s` later (a
+    body of `length` bytes), sends `body` `body_after_s` after that, then sends nothing more until the block ends: a
+    peer whose body stalls."""
     server = socket.create_server(("127.0.0.1", 0))
     release = threading.Event()
 
@@ -393,7 +417,9 @@ def headers_then_stall(
         with conn:
             conn.recv(65536)
             time.sleep(after_s)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+            conn.sendall(
+                b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (status, length)
+            )
             time.sleep(body_after_s)
             conn.sendall(body)
             release.wait(10)

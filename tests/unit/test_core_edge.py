@@ -22,7 +22,7 @@ from relay.integrations.edge import (
 )
 from relay.integrations.ims import AccessToken
 from relay.settings import Settings, load_settings
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 
 from tests.fakes import (
     CREDS,
@@ -31,6 +31,7 @@ from tests.fakes import (
     FakeSession,
     FakeTokenProvider,
     Scripted,
+    broken_body_response,
     edge_problem,
     make_response,
 )
@@ -464,10 +465,12 @@ def test_deliver_honours_an_http_date_retry_after():
         retryable(408),
         requests.Timeout("read timed out"),
         requests.ConnectionError("refused"),
-        requests.exceptions.ChunkedEncodingError("connection closed in the middle of the body"),
-        requests.exceptions.ContentDecodingError("bad gzip"),
+        # A refusal (or any answer but a 2xx) whose body could not be read: what Edge said is unknown, so it is asked
+        # again, as after a dropped connection
+        broken_body_response(400, ProtocolError("connection closed in the middle of the body")),
+        broken_body_response(422, DecodeError("bad gzip")),
     ],
-    ids=["502", "503", "504", "408", "timeout", "connection", "cut-off-body", "undecodable-body"],
+    ids=["502", "503", "504", "408", "timeout", "connection", "refusal-cut-off", "refusal-undecodable"],
 )
 def test_deliver_retries_recoverable_failures_with_backoff(failure):
     # GIVEN two failures then success
@@ -845,6 +848,32 @@ def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_onc
     assert len(session.calls) == 1
 
 
+@pytest.mark.parametrize("status", [200, 207])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ProtocolError("Connection broken: IncompleteRead"),
+        DecodeError("Received response with content-encoding: gzip, but failed to decode it."),
+        ReadTimeoutError(None, "/ee/v2/interact", "Read timed out."),  # type: ignore[arg-type]
+    ],
+    ids=["cut-off", "undecodable", "stalled"],
+)
+def test_an_accepting_answer_whose_body_breaks_off_is_delivered_once_not_sent_again(status, error):
+    # GIVEN Edge's 200 or 207 arrived, but its body broke off, could not be decoded, or stalled (as Adobe's SDKs do,
+    # once a 2xx has arrived the event was taken: a second call would be a second hit in Analytics and the data lake)
+    clock = FakeClock()
+    answer = broken_body_response(status, error)
+    session = FakeSession([answer, ok()])
+
+    # WHEN
+    got = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it is delivered, without handles and said unreadable, after one call; the connection is closed, not reused
+    assert (got.status, got.body, got.attempts, got.unreadable) == (status, {}, 1, True)
+    assert len(session.calls) == 1
+    assert answer.raw.closed
+
+
 def test_an_accepting_answer_larger_than_the_relay_reads_is_delivered_without_handles_and_not_read_whole():
     # GIVEN Edge accepts the event with an answer (valid JSON, handles and all) one byte over what the relay reads
     clock = FakeClock()
@@ -1133,8 +1162,9 @@ def test_a_body_that_stops_mid_way_is_a_read_timeout_and_its_connection_is_close
     ],
     ids=["late-headers", "after-the-first-chunk"],
 )
-def test_a_body_that_stalls_is_given_up_at_the_deadline(stall: dict[str, Any]) -> None:
-    # GIVEN Edge on a loopback socket whose answer's body stalls
+@pytest.mark.parametrize("status", [200, 503])
+def test_a_body_that_stalls_is_given_up_at_the_deadline(stall: dict[str, Any], status: int) -> None:
+    # GIVEN Edge on a loopback socket whose answer's body stalls (a 200: the event was taken; or a 503)
     import time
 
     from relay.clock import SystemClock
@@ -1143,7 +1173,7 @@ def test_a_body_that_stalls_is_given_up_at_the_deadline(stall: dict[str, Any]) -
     from tests.fakes import headers_then_stall
 
     clock = SystemClock()
-    with headers_then_stall(**stall) as port:
+    with headers_then_stall(**stall, status=b"200 OK" if status == 200 else b"503 Service Unavailable") as port:
         edge = EdgeClient(
             new_http_session(2),
             settings(EDGE_BASE_URL=f"http://127.0.0.1:{port}", EDGE_MAX_ATTEMPTS="1", EDGE_CONNECT_TIMEOUT_MS="100"),
@@ -1154,13 +1184,19 @@ def test_a_body_that_stalls_is_given_up_at_the_deadline(stall: dict[str, Any]) -
 
         # WHEN the event is sent
         started = time.monotonic()
-        with pytest.raises(EdgeUnavailable):
-            edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 2.0))
+        if status == 200:
+            answer = edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 2.0))
+        else:
+            with pytest.raises(EdgeUnavailable):
+                edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 2.0))
         elapsed = time.monotonic() - started
 
     # THEN the wait for the body ends with the budget (about 2 s): a batch's last attempt would otherwise run past
-    # the Lambda timeout, and the whole batch be sent again
+    # the Lambda timeout, and the whole batch be sent again. A 200 is delivered, its answer unread; a 503 is retried
+    # later
     assert elapsed < 2.7, elapsed
+    if status == 200:
+        assert (answer.status, answer.body, answer.unreadable) == (200, {}, True)
 
 
 def test_a_hint_pause_ends_after_ten_minutes_of_either_clock() -> None:

@@ -194,16 +194,16 @@ class EdgeClient:
 
     def _post(
         self, url: str, params: dict[str, str], body: bytes, headers: dict[str, str], deadline: Deadline
-    ) -> tuple[requests.Response, bool] | None:
+    ) -> tuple[requests.Response, BodyCap] | None:
         """One POST, holding one of the slots for calls in flight; waiting for a slot counts against the deadline.
-        The answer, its body read (whole: True; its first MAX_ANSWER_BYTES: False); None when no slot, or not enough
-        time, is left.
+        The answer, its body read (`BodyCap.whole`: True; its first MAX_ANSWER_BYTES: False; `BodyCap.broken`: a 2xx
+        whose body could not be read, kept with an empty body); None when no slot, or not enough time, is left.
 
         The request is prepared before the slot is taken, so a slot is held only to send and to wait for Edge (and
         `Session.send` of a prepared request skips `Session.request`'s per-call settings merge: about 8 % of the
         relay's CPU per event in the benchmark)."""
         s = self._settings
-        cap = BodyCap(MAX_ANSWER_BYTES, deadline)
+        cap = BodyCap(MAX_ANSWER_BYTES, deadline, keep_accepted=True)
         prepared = self._session.prepare_request(
             requests.Request("POST", url, params=params, data=body, headers=headers, hooks={"response": cap})
         )
@@ -225,7 +225,7 @@ class EdgeClient:
             # `stream`: the body is read by the hook, up to MAX_ANSWER_BYTES, not whole by `requests`.
             env["stream"] = True
             resp = self._session.send(prepared, timeout=timeout, allow_redirects=False, **env)
-            return resp, cap.whole
+            return resp, cap
         finally:
             if self._slots is not None:
                 self._slots.release()
@@ -258,7 +258,7 @@ class EdgeClient:
             started = self._clock.monotonic()
             try:
                 answered = self._post(url, params, body, headers, deadline)
-            except requests.RequestException as exc:  # timeouts, refused or dropped connections, a cut-off body
+            except requests.RequestException as exc:  # timeouts, refused or dropped connections, a non-2xx cut off
                 reason, retry_after = f"edge call failed: {type(exc).__name__}", None
                 # An attempt without an answer is an Edge call too, and the most common outage: timed (so the latency
                 # shows it and the rate alarms count it as a call) and counted as unavailable.
@@ -268,20 +268,23 @@ class EdgeClient:
                 if answered is None:  # no slot freed up, or no time left, before the deadline
                     raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
-                resp, whole = answered
+                resp, cap = answered
                 status = resp.status_code
                 if 200 <= status < 300:
-                    if not resp.content:  # a 204, as Adobe's SDKs take it: success without content
+                    if not resp.content and cap.broken is None:  # a 204, as Adobe's SDKs take it: no content
                         return EdgeAnswer(status, {}, attempt)
-                    doc = _json_document(resp) if whole else None
+                    doc = _json_document(resp) if cap.whole else None
                     if isinstance(doc, dict) and not _too_deep(resp, doc):
                         return EdgeAnswer(status, doc, attempt)
-                    # 200 and 207 mean delivered (contract §6), as does any 2xx for Adobe's SDKs, whatever the body:
-                    # sending it again would only duplicate the event. Kept as delivered without handles, and said so.
+                    # 200 and 207 mean delivered (contract §6), as does any 2xx for Adobe's SDKs, whatever the body,
+                    # even one that broke off (their SDKs never send an event again once its 2xx arrived): sending it
+                    # again would only duplicate the event. Kept as delivered without handles, and said so.
                     count("EdgeAnswerUnreadable")
                     logger.warning(
-                        "edge accepted the event but its answer is not a JSON object"
-                        if whole
+                        f"edge accepted the event but its answer could not be read ({cap.broken})"
+                        if cap.broken is not None
+                        else "edge accepted the event but its answer is not a JSON object"
+                        if cap.whole
                         else f"edge accepted the event but its answer is larger than {MAX_ANSWER_BYTES} bytes",
                         status=status,
                     )

@@ -68,13 +68,25 @@ def read_at_most(resp: requests.Response, limit: int, deadline: Deadline | None 
 
 
 class BodyCap:
-    """A `response` hook (one per request) that reads the answer's body with read_at_most; `whole` says how it went."""
+    """A `response` hook (one per request) that reads the answer's body with read_at_most; `whole` says how it went.
 
-    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
+    With `keep_accepted`, a 2xx whose body cannot be read (cut off, compressed wrongly, stalled past the deadline) is
+    returned with an empty body, `broken` naming the failure, instead of raising it: the peer answered that it took the
+    request, which a retry would send again."""
+
+    def __init__(self, limit: int, deadline: Deadline | None = None, *, keep_accepted: bool = False) -> None:
         self.limit = limit
         self.deadline = deadline
+        self.keep_accepted = keep_accepted
         self.whole = True
+        self.broken: str | None = None
 
     def __call__(self, resp: requests.Response, *args: object, **kwargs: object) -> requests.Response:
-        self.whole = read_at_most(resp, self.limit, self.deadline)
+        try:
+            self.whole = read_at_most(resp, self.limit, self.deadline)
+        except requests.RequestException as exc:
+            if not (self.keep_accepted and 200 <= resp.status_code < 300):
+                raise
+            self.whole, self.broken = False, type(exc).__name__
+            resp._content = b""
         return resp

@@ -23,8 +23,8 @@ from relay.settings import Settings
 MIN_ATTEMPT_S = 0.05  # don't start an attempt with less time than this left
 REFUSED_TOKEN_MIN_AGE_S = 60.0  # a token Edge refuses is replaced only if older than this (at most one IMS call/min)
 # After a hinted URL answers 404, calls with that hint go to the plain URL for this long before it routes one again.
-# Adobe's own server-API code leaves the hint out because "the Server API domain 404s if it's included" (alloy,
-# `injectSendEdgeNetworkRequest.js`), while the docs and the contract route by it: the relay tries, and falls back.
+# The docs show the hinted path form only on edge.adobedc.net, and Adobe's Node server-side sample puts the hint in a
+# sub-domain of server.adobedc.net instead, while the contract routes by the path form: the relay tries, and falls back.
 HINT_ROUTE_PAUSE_S = 600.0
 # This many different hints refused within a pause pause them all: the host has no hinted routes, and a caller's
 # made-up cluster values must not each cost an Edge call (nor grow the table of paused hints).

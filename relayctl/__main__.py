@@ -740,18 +740,21 @@ def _is(value: Any, identity: str) -> bool:
 def _names(request: Any, namespace: str, identity: str) -> bool:
     """Whether a stored request carries `identity` under `namespace` in an identity map (`{namespace: [{"id": ...}]}`,
     or a malformed `{namespace: {"id": ...}}`, `{namespace: "..."}` or `{namespace: [...]}` of bare values, anywhere
-    in it, a repeated key included; an id sent as a JSON number counts as its digits). A stored text that is not JSON
-    (a cut-off body) counts when it holds both as JSON strings."""
-    doc = request
-    if isinstance(request, str):
-        try:
-            # Numbers kept as the text they were sent as: an id sent as a JSON number matches its digits.
-            doc = json.loads(request, object_pairs_hook=_Pairs, parse_int=str, parse_float=str)
-        except (ValueError, RecursionError):
-            return _mentions(request, namespace) and _mentions(request, identity)
-    stack = [doc]
+    in it, a repeated key included; an id sent as a JSON number counts as its digits), also inside a string value that
+    is JSON itself (an SNS notification's `Message`, a body JSON-encoded twice). A stored text that is not JSON (a
+    cut-off body), or a string value that starts as JSON and is not, counts when it holds both as JSON strings."""
+    stack = [request]
     while stack:
         node = stack.pop()
+        if isinstance(node, str):
+            if node is request or node.lstrip()[:1] in ("{", "[", '"'):
+                try:
+                    # Numbers kept as the text they were sent as: an id sent as a JSON number matches its digits.
+                    stack.append(json.loads(node, object_pairs_hook=_Pairs, parse_int=str, parse_float=str))
+                except (ValueError, RecursionError):
+                    if _mentions(node, namespace) and _mentions(node, identity):
+                        return True
+            continue
         for key, value in _pairs(node):
             if key == namespace:
                 # The usual `[{"id": ...}]`, and the shapes a body refused for its identity map may have instead:
@@ -825,9 +828,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # Strongly consistent reads (twice the read units of a scan): an erasure must find every item written before it
     # started, not miss one that an eventually consistent read had not caught up with yet.
     #
-    # A waiting event's item does not say whose it is (a claim keeps no identity): any of them may be this person's,
-    # stored again once delivered. Read first: one delivered while the reads below run is then either reported here
-    # or found by them (its state and result are read after it was seen waiting), never neither.
+    # A waiting event's item does not say whose it is (a claim keeps no request; at most its primary identity's keyed
+    # id, beside the time the relay gave it, and a rejected request may name others): any of them may be this
+    # person's, stored again once finished. Read first: one delivered while the reads below run is then either
+    # reported here or found by them (its state and result are read after it was seen waiting), never neither.
     waiting = _all_items(
         ddb,
         "scan",

@@ -379,10 +379,16 @@ def test_forget_finds_a_secondary_identity_and_never_another_persons_body(ctl_en
     # AND alice's own refused event, whose identity map gives her as a bare string (not an array of identities)
     flat = f"flat-{tag}"
     send(stack, {"event": {"xdm": {"_id": flat, "identityMap": {"Email": alice}}}})
+    # AND two of her events refused as sent: in an SNS notification (a subscription without raw delivery), and
+    # JSON-encoded twice
+    hers = {"event": {"xdm": {"identityMap": {"Email": [{"id": alice, "primary": True}]}}}}
+    wrapped = send_raw(stack, json.dumps({"Type": "Notification", "MessageId": tag, "Message": json.dumps(hers)}))
+    twice = send_raw(stack, json.dumps(json.dumps(hers)))
     poller(stack).drain(timeout=30, raise_on_timeout=True)
     assert stack.result(secondary)["status"] == "rejected"
     assert stack.result(bob_message)["status"] == "rejected"
     assert stack.result(flat)["status"] == "rejected"
+    assert [stack.result(m)["status"] for m in (wrapped, twice)] == ["rejected", "rejected"]
 
     # WHEN the operator forgets alice, and then a CRMID "42" nobody has
     code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
@@ -393,6 +399,7 @@ def test_forget_finds_a_secondary_identity_and_never_another_persons_body(ctl_en
     # told nothing was found (exit 1)
     assert stack.result_item(secondary) is None
     assert stack.result_item(flat) is None
+    assert stack.result_item(wrapped) is None and stack.result_item(twice) is None
     assert stack.result_item(bob_message) is not None
     assert code_42 == 1 and "nothing found for that value under CRMID" in out_42
     assert "42" not in out_42  # the value is not printed back (an erasure's output may end up in a log)

@@ -718,6 +718,9 @@ def test_redrive_does_not_count_a_message_it_could_not_delete_as_moved(
     assert "not deleted from the dead-letter queue" in lines[0]
 
 
+ALICE_EVENT = {"event": {"xdm": {"identityMap": {"Email": [{"id": "alice@example.com", "primary": True}]}}}}
+
+
 @pytest.mark.parametrize(
     ("request_text", "found"),
     [
@@ -747,6 +750,16 @@ def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(reque
         ),
         ('{"event":{"xdm":{"identityMap":{"Email":[{"id":"alice@example.com"}', True),  # cut off: both strings in it
         ('{"event":{"xdm":{"order":"alice@example.com"', False),  # cut off, no namespace
+        # inside a string that is JSON itself: an SNS notification (raw delivery off; refused, stored as received),
+        # a body JSON-encoded twice (or three times), as stored text or as a parsed request; and a JSON string cut off
+        (json.dumps({"Type": "Notification", "Message": json.dumps(ALICE_EVENT)}), True),
+        ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT)}, True),
+        (json.dumps(json.dumps(ALICE_EVENT)), True),
+        (json.dumps(json.dumps(json.dumps(ALICE_EVENT))), True),
+        ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT)[:-3]}, True),
+        ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT).replace("alice", "mallory")}, False),
+        ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT).replace("Email", "Phone")}, False),
+        (json.dumps(json.dumps({"note": "alice@example.com"})), False),  # not as an identity
     ],
 )
 def test_forget_matches_the_identity_under_its_namespace_only(request_doc: Any, found: bool) -> None:

@@ -79,8 +79,29 @@ def test_webhook_code_answers_only_documented_statuses() -> None:
     assert found == WEBHOOK_STATUSES
 
 
+def function_statuses(operation: dict[str, Any]) -> set[int]:
+    """The statuses openapi.yaml documents as the function's (`default` is API Gateway's own answers)."""
+    return {int(code) for code in operation["responses"] if code != "default"}
+
+
 def test_openapi_responses_equal_the_webhook_statuses(operation: dict[str, Any]) -> None:
-    assert {int(code) for code in operation["responses"]} == WEBHOOK_STATUSES
+    assert function_statuses(operation) == WEBHOOK_STATUSES
+
+
+def test_api_gateways_own_answers_are_documented_apart_with_what_to_retry(
+    spec: dict[str, Any], operation: dict[str, Any]
+) -> None:
+    # API Gateway answers other routes, throttling, a failed function and a timeout itself, as {"message": ...}: a
+    # sender's generated client must find a schema for them, not expect a problem document
+    default = operation["responses"]["default"]
+    assert default["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/GatewayMessage"}
+    assert spec["components"]["schemas"]["GatewayMessage"]["required"] == ["message"]
+    for status in ("404", "413", "429", "500", "503"):
+        assert status in default["description"], status
+    # and every status the function answers says whether to send it again
+    for code, response in operation["responses"].items():
+        text = response["description"]
+        assert any(word in text for word in ("Final", "retry", "resend", "Retry")), code
 
 
 def test_error_responses_are_problem_json(spec: dict[str, Any], operation: dict[str, Any]) -> None:
@@ -267,7 +288,7 @@ def test_an_edge_problem_s_fields_are_answered_as_text(problem: dict[str, Any], 
 
 
 def test_every_documented_status_has_a_scenario(operation: dict[str, Any]) -> None:
-    assert {s for *_, s in SCENARIOS.values()} == {int(code) for code in operation["responses"]} - {401}
+    assert {s for *_, s in SCENARIOS.values()} == function_statuses(operation) - {401}
 
 
 @pytest.mark.parametrize("name", [n for n, (*_, status) in SCENARIOS.items() if status in (200, 202)])

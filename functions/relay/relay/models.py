@@ -182,8 +182,9 @@ _CUT_CHARACTER = "must not contain an unpaired UTF-16 surrogate (a character cut
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # written as `.name` in a field path; anything else as `["..."]`
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # What a namespace code looks like ("ECID", "Email", "loyalty_id", "my-ns.v2"). A key that does not (an email address,
-# a phone number, a name: an identity put where its namespace belongs) is never repeated in an answer, which would
-# echo a person's identity: its field path names its position instead.
+# a phone number: an identity put where its namespace belongs) is never repeated in an answer, which would echo a
+# person's identity: its field path names its position instead. An identity shaped like a code (a user name such as
+# "jane.doe") cannot be told from one, and is repeated.
 _NAMESPACE_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 

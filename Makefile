@@ -1,4 +1,5 @@
-# Interact Relay: every command sets itself up. Python 3.11+ and make are all that is needed.
+# Interact Relay: every command sets itself up from Python 3.11+ and make; `make build` (the last step of `make test`)
+# also needs python3.13, the Lambda runtime, on PATH or in pyenv (sam build runs the runtime's Python, without Docker).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv

@@ -794,7 +794,8 @@ def _identity_value(given: str) -> str:
 def cmd_forget(args: argparse.Namespace) -> int:
     """Delete what the table keeps about one identity: its state items (every datastream), the results of its events
     (found by their keyed `identityId`), and rejected requests that carry it under its namespace (scanned). Exits 1
-    when events are still waiting (any of them may store it again) or when nothing was found."""
+    when events of this identity (or claimed by an older version, whose items do not say whose) are still waiting,
+    or when nothing was found."""
     identity = _identity_value(args.id)
     t = _targets(args)
     key: bytes | None = None
@@ -828,10 +829,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # Strongly consistent reads (twice the read units of a scan): an erasure must find every item written before it
     # started, not miss one that an eventually consistent read had not caught up with yet.
     #
-    # A waiting event's item does not say whose it is (a claim keeps no request; at most its primary identity's keyed
-    # id, beside the time the relay gave it, and a rejected request may name others): any of them may be this
-    # person's, stored again once finished. Read first: one delivered while the reads below run is then either
-    # reported here or found by them (its state and result are read after it was seen waiting), never neither.
+    # A waiting event's item keeps its primary identity's keyed id, not its request: this person's are stored again
+    # once finished. Read first: one delivered while the reads below run is then either reported here or found by
+    # them (its state and result are read after it was seen waiting), never neither.
     waiting = _all_items(
         ddb,
         "scan",
@@ -887,18 +887,32 @@ def cmd_forget(args: argparse.Namespace) -> int:
             print(f"left {item['pk']['S']} {item['sk']['S']}: taken by a new attempt since it was read")
             continue
         print(f"{verb} {item['pk']['S']} {item['sk']['S']}")
-    waiting += left
     refused = [i for i in refused if i not in left]
     deleted_results = len(doomed) - len(left) - len(states) - len(refused)
+    # Whose each waiting event is: its claim keeps its primary identity's keyed id (`identityId`), except a claim an
+    # older version of the relay wrote. Another identity's event could still name this one as a secondary identity,
+    # which is kept only in a request Edge refuses (found by the next forget), never in a state or a result's key.
+    mine = [i for i in waiting if i.get("identityId", {}).get("S") == opaque] + left
+    unknown = [i for i in waiting if "identityId" not in i]
+    others = len(waiting) - len(mine) - len(unknown) + len(left)
     print(
         f"{verb} {len(states)} state item(s), {deleted_results} result(s), "
-        f"{len(refused)} refused body(ies); {len(waiting)} event(s) waiting, any identity's. Not reached: messages "
-        "still in the queues, and the table's point-in-time recovery (35 days)."
+        f"{len(refused)} refused body(ies); {len(mine)} of this identity's event(s) waiting, {len(unknown)} whose "
+        f"cannot be told, {others} of other identities. Not reached: messages still in the queues, and the table's "
+        "point-in-time recovery (35 days)."
     )
-    if waiting:
+    for item in mine:
+        print(f"waiting {item['pk']['S']} {item['sk']['S']}: this identity's, queued or in flight")
+    if mine:
         print(
-            f"{len(waiting)} event(s) are still queued or in flight, and their items do not say whose they are: any of "
-            "them may store this identity again once delivered. Run forget again once the queues are empty."
+            f"{len(mine)} event(s) of this identity are still queued or in flight: each stores it again once "
+            "finished. Run forget again once they are (relayctl show <eventId>)."
+        )
+    if unknown:
+        print(
+            f"{len(unknown)} event(s) still queued or in flight were taken by an older version of the relay, whose "
+            "items do not say whose they are: any of them may store this identity once finished. Run forget again "
+            "once the queues are empty."
         )
     for item in unreadable:
         print(
@@ -910,7 +924,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             f"nothing found for that value under {args.namespace}: the namespace and the value must be spelled "
             "exactly as the events carried them (letter case included)"
         )
-    return 1 if waiting or unreadable or not doomed else 0
+    return 1 if mine or unknown or unreadable or not doomed else 0
 
 
 def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:

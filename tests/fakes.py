@@ -295,7 +295,7 @@ class FakeStore:
     new_claims: list[list[str]] = field(default_factory=list)  # event ids per claim_new call
 
     def claim_new(
-        self, events: list[tuple[str, str, str, tuple[str, str] | None]], *, lease_s: float
+        self, events: list[tuple[str, str, str, tuple[str, str] | None, str]], *, lease_s: float
     ) -> dict[str, Claim]:
         self.new_claims.append([event_id for event_id, *_ in events])
         if isinstance(self.insert_claims, Exception):
@@ -315,6 +315,7 @@ class FakeStore:
         lease_s: float,
         token: str | None = None,
         stamp: tuple[str, str] | None = None,
+        owner: str | None = None,
     ) -> Claim:
         self.claims.append(
             {"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s, "token": token}

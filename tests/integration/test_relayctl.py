@@ -337,7 +337,9 @@ def test_forget_erases_one_persons_state_results_and_refused_bodies_and_nothing_
     # WHEN the operator forgets alice, after a dry run
     code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice, "--dry-run")
     assert code == 0, out
-    assert "would delete 1 state item(s), 3 result(s), 1 refused body(ies); 0 event(s) waiting" in out, out
+    assert (
+        "would delete 1 state item(s), 3 result(s), 1 refused body(ies); 0 of this identity's event(s) waiting" in out
+    )
     assert len(stack.dynamodb.scan(TableName=table)["Items"]) == len(before)
     code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
 
@@ -432,25 +434,46 @@ def test_forget_names_a_refused_body_it_cannot_read_and_exits_1_rather_than_skip
     assert stack.result_item(f"odd-{tag}") is not None
 
 
-def test_forget_says_when_events_are_still_waiting_and_exits_1(ctl_env: LocalStack, capsys) -> None:
+def test_forget_exits_1_only_while_events_of_this_identity_or_of_unknown_owner_wait(
+    ctl_env: LocalStack, capsys
+) -> None:
     stack = ctl_env
-    # GIVEN alice delivered once, and another event waiting in the queue (Edge unavailable): its item does not say
-    # whose it is
+    # GIVEN alice delivered once, and bob's event waiting in the queue (Edge unavailable)
     tag = uuid.uuid4().hex[:8]
-    alice = f"alice-{tag}@example.com"
-    first = {"event": {"xdm": {"_id": f"w1-{tag}", "identityMap": {"Email": [{"id": alice, "primary": True}]}}}}
-    send(stack, first)
+    alice, bob = f"alice-{tag}@example.com", f"bob-{tag}@example.com"
+
+    def of(person: str, event_id: str) -> dict[str, Any]:
+        return {"event": {"xdm": {"_id": event_id, "identityMap": {"Email": [{"id": person, "primary": True}]}}}}
+
+    send(stack, of(alice, f"w1-{tag}"))
     poller(stack).drain(timeout=30, raise_on_timeout=True)
-    waiting = {"event": {"xdm": {"_id": f"w2-{tag}", "identityMap": {"Email": [{"id": alice, "primary": True}]}}}}
-    stack.sim.add_fault(match_id=f"w2-{tag}", status=503, retry_after=0)
-    send(stack, waiting)
+    for event_id in (f"b1-{tag}", f"w2-{tag}"):
+        stack.sim.add_fault(match_id=event_id, status=503, retry_after=0)
+    send(stack, of(bob, f"b1-{tag}"))
     poller(stack).poll_once(wait_time_seconds=0)
-    assert stack.result(f"w2-{tag}")["status"] == "queued"
+    assert stack.result(f"b1-{tag}")["status"] == "queued"
 
     # WHEN the operator forgets alice
     code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
 
-    # THEN what is hers is deleted, and the waiting event is reported with exit 1 (run forget again later)
-    assert code == 1, out
+    # THEN hers is deleted, and bob's waiting event does not hold the erasure open: its claim says whose it is
+    assert code == 0, out
     assert stack.result_item(f"w1-{tag}") is None
-    assert "1 event(s) are still queued or in flight" in out
+    assert "0 of this identity's event(s) waiting, 0 whose cannot be told, 1 of other identities" in out
+
+    # AND WHEN one of alice's events waits too, beside an event a relay of an older version claimed (no identityId)
+    send(stack, of(alice, f"w2-{tag}"))
+    poller(stack).poll_once(wait_time_seconds=0)
+    assert stack.result(f"w2-{tag}")["status"] == "queued"
+    stack.dynamodb.put_item(
+        TableName=stack.resources.table_name,
+        Item={"pk": {"S": f"EVENT#old-{tag}"}, "sk": {"S": "RESULT"}, "status": {"S": "queued"}},
+    )
+    code, out = run(capsys, "forget", "--namespace", "Email", "--id", alice)
+
+    # THEN both keep forget exiting 1 (run it again once they are finished), and hers is named
+    assert code == 1, out
+    assert "1 of this identity's event(s) waiting, 1 whose cannot be told, 1 of other identities" in out
+    assert f"waiting EVENT#w2-{tag} RESULT: this identity's" in out
+    assert "1 event(s) of this identity are still queued or in flight" in out
+    assert "1 event(s) still queued or in flight were taken by an older version" in out

@@ -1820,7 +1820,7 @@ def test_claims_stay_a_few_groups_ahead_of_the_workers() -> None:
     claimed_when: list[int] = []  # Edge calls made when each claim_new was made
     real_claim_new = store.claim_new
 
-    def spy(events: list[tuple[str, str, str, tuple[str, str] | None]], *, lease_s: float) -> dict[str, Claim]:
+    def spy(events: list[tuple[str, str, str, tuple[str, str] | None, str]], *, lease_s: float) -> dict[str, Claim]:
         claimed_when.append(len(edge.calls))
         return real_claim_new(events, lease_s=lease_s)
 

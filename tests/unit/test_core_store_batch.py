@@ -503,8 +503,10 @@ def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(
 ) -> None:
     # WHEN one event is claimed with an INSERT and another with the one-by-one UpdateItem claim (each without its own
     # xdm.timestamp, or with one)
-    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs", stamp)], lease_s=30)["e-insert"]
-    updated = store_on_moto.store.claim("e-update", datastream_id="ds", source="sqs", lease_s=30, stamp=stamp)
+    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs", stamp, "p1")], lease_s=30)["e-insert"]
+    updated = store_on_moto.store.claim(
+        "e-update", datastream_id="ds", source="sqs", lease_s=30, stamp=stamp, owner="p1"
+    )
 
     # THEN both are taken, and their items hold the same attributes (but for their ids and tokens)
     assert inserted.acquired and updated.acquired
@@ -514,6 +516,7 @@ def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(
     assert a["claimToken"] == {"S": inserted.token}
     varying = {"pk", "eventId", "claimToken"}
     assert {k: v for k, v in a.items() if k not in varying} == {k: v for k, v in b.items() if k not in varying}
+    assert a["identityId"] == {"S": "p1"}  # whose it is, while it waits (relayctl forget)
 
 
 def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_moto: StoreOnMoto) -> None:
@@ -527,7 +530,8 @@ def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_m
 
     # WHEN the batch INSERTs them with a new event
     claims = store.claim_new(
-        [("e-done", "ds", "sqs", None), ("e-new", "ds", "sqs", None), ("e-busy", "ds", "sqs", None)], lease_s=30
+        [("e-done", "ds", "sqs", None, ""), ("e-new", "ds", "sqs", None, ""), ("e-busy", "ds", "sqs", None, "")],
+        lease_s=30,
     )
 
     # THEN only the new one is taken; the others are untouched, and the one-by-one claim decides for them
@@ -541,7 +545,7 @@ def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_m
 
 def test_a_claim_whose_insert_answer_was_lost_is_taken_with_its_own_token(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an INSERT that was written, though the relay saw it fail (its answer lost)
-    first = store_on_moto.store.claim_new([("e1", "ds", "sqs", None)], lease_s=30)["e1"]
+    first = store_on_moto.store.claim_new([("e1", "ds", "sqs", None, "")], lease_s=30)["e1"]
 
     # WHEN the event is claimed one by one with that token, and by someone else
     again = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, token=first.token)
@@ -561,7 +565,7 @@ def test_insert_claims_go_25_to_a_request(store_on_moto: StoreOnMoto, monkeypatc
         return real(**kwargs)
 
     monkeypatch.setattr(store_on_moto.ddb, "batch_execute_statement", counted)
-    claims = store_on_moto.store.claim_new([(f"e{n}", "ds", "sqs", None) for n in range(60)], lease_s=30)
+    claims = store_on_moto.store.claim_new([(f"e{n}", "ds", "sqs", None, "") for n in range(60)], lease_s=30)
     assert sizes == [25, 25, 10]
     assert all(c.acquired for c in claims.values()) and len(claims) == 60
 
@@ -571,7 +575,7 @@ def test_an_insert_refused_per_statement_leaves_the_event_to_claim_alone(store_o
     store = HandlesStore(store_on_moto.ddb, "missing", ttl_days=30, clock=FakeClock())
 
     # WHEN the batch claims
-    claims = store.claim_new([("e1", "ds", "sqs", None), ("e2", "ds", "sqs", None)], lease_s=30)
+    claims = store.claim_new([("e1", "ds", "sqs", None, ""), ("e2", "ds", "sqs", None, "")], lease_s=30)
 
     # THEN nothing raises: no event is taken, and each has a token for its own claim
     assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
@@ -587,7 +591,7 @@ def test_a_refused_insert_request_leaves_every_event_to_claim_alone(caplog: pyte
     store = HandlesStore(RefusingDynamo(), "t", ttl_days=30, clock=FakeClock())
 
     # WHEN the batch claims
-    claims = store.claim_new([("e1", "ds", "sqs", None), ("e2", "ds", "sqs", None)], lease_s=30)
+    claims = store.claim_new([("e1", "ds", "sqs", None, ""), ("e2", "ds", "sqs", None, "")], lease_s=30)
 
     # THEN nothing raises, no event is taken (each claims alone), and the log says why
     assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
@@ -604,7 +608,7 @@ def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto:
         raise ReadTimeoutError(endpoint_url="http://dynamodb")
 
     store_on_moto.ddb.batch_execute_statement = lost
-    tried = store_on_moto.store.claim_new([("e1", "ds", "sqs", None)], lease_s=30)["e1"]
+    tried = store_on_moto.store.claim_new([("e1", "ds", "sqs", None, "")], lease_s=30)["e1"]
     assert not tried.acquired
 
     # WHEN the event is claimed on its own with the INSERT's token
@@ -928,7 +932,7 @@ def test_the_first_attempts_time_is_kept_by_a_batch_insert_claim_too(store_on_mo
     # GIVEN an SQS event without xdm.timestamp claimed with its batch (an INSERT) and handed back
     store = store_on_moto.store
     person = "p1|ds"
-    claimed = store.claim_new([("ev-1", "ds", "sqs", ("2026-01-01T00:00:00.000Z", person))], lease_s=25)["ev-1"]
+    claimed = store.claim_new([("ev-1", "ds", "sqs", ("2026-01-01T00:00:00.000Z", person), "p1")], lease_s=25)["ev-1"]
     assert claimed.acquired and claimed.token and claimed.timestamp == "2026-01-01T00:00:00.000Z"
     store.release("ev-1", claimed.token, "edge unavailable")
 

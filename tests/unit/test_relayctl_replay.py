@@ -1072,7 +1072,7 @@ def test_forget_leaves_an_item_a_new_attempt_took_since_it_was_read(
     assert store.claim("ev-1", datastream_id="ds", source="webhook", lease_s=30).acquired is False
     out = capsys.readouterr().out
     assert "left EVENT#ev-1 RESULT: taken by a new attempt since it was read" in out
-    assert "0 refused body(ies); 1 event(s) waiting" in out
+    assert "0 refused body(ies); 1 of this identity's event(s) waiting" in out
     assert code == 1
 
 
@@ -1175,7 +1175,7 @@ def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_qu
     out = capsys.readouterr().out
     assert store.get_result("ev-1") is not None and store.get_result("ev-1")["status"] == "queued"
     assert "deleted EVENT#ev-1" not in out
-    assert "1 event(s) waiting" in out
+    assert "1 of this identity's event(s) waiting" in out and "waiting EVENT#ev-1 RESULT" in out
     assert code == 1
 
 

@@ -85,7 +85,7 @@ class _Item:
     same_event: tuple[str, str, str] | None = None
     invalid: bool = False  # a body the relay refuses itself (stored `rejected`, never sent to Edge)
     # (eventId, datastream, source, `InboundEvent.stamp`) of an event to relay
-    claim_key: tuple[str, str, str, tuple[str, str] | None] | None = None
+    claim_key: tuple[str, str, str, tuple[str, str] | None, str] | None = None
     claim: Claim | None = None  # the batch's claim attempt (first records of groups), set before the group runs
 
 
@@ -294,7 +294,9 @@ class BatchRunner:
         # A first receive of an event from the sender is most likely new: claimed with the batch (`_claim_firsts`).
         # A redelivery, a replay or an event the webhook queued (their items exist) would only fail the INSERT.
         fresh = receive_count <= 1 and source == "sqs" and named_id is None
-        claim_key = (event_id, inbound.datastream_id, source, inbound.stamp) if fresh else None
+        claim_key = (
+            (event_id, inbound.datastream_id, source, inbound.stamp, inbound.stored_identity_id) if fresh else None
+        )
         return _Item(
             message_id, event_id, group, process, receive_count, state_key, same_event=same_event, claim_key=claim_key
         )
@@ -473,7 +475,7 @@ class BatchRunner:
         is claimed by its worker, as are these when this fails, or when there is only one). An eventId twice in the
         batch (another identity's event reusing it) is claimed once here: DynamoDB refuses two statements on one item
         in a batch."""
-        firsts: list[tuple[_Item, tuple[str, str, str, tuple[str, str] | None]]] = []
+        firsts: list[tuple[_Item, tuple[str, str, str, tuple[str, str] | None, str]]] = []
         for items in groups:
             item = items[0]
             if item.claim_key is not None and item.event_id not in claimed:

@@ -227,6 +227,7 @@ class Relay:
                     lease_s=lease_s,
                     token=claim.token if claim is not None else None,
                     stamp=inbound.stamp,
+                    owner=inbound.stored_identity_id,
                 )
         except StoreUnavailable as exc:
             # Nothing was claimed, so nothing to give back; but the operator must see why (a missing table, a

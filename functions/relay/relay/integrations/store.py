@@ -155,12 +155,14 @@ class HandlesStore:
     # -- results and claims -------------------------------------------------------------------------------------
 
     def claim_new(
-        self, events: list[tuple[str, str, str, tuple[str, str] | None]], *, lease_s: float
+        self, events: list[tuple[str, str, str, tuple[str, str] | None, str]], *, lease_s: float
     ) -> dict[str, Claim]:
         """Claim many events at once, 25 per `BatchExecuteStatement` of PartiQL `INSERT`s: one request instead of 25
         `UpdateItem`s, the same write units, and a twenty-fifth of the CPU a Lambda spends signing and parsing them.
 
-        `events` are (eventId, datastreamId, source, `InboundEvent.stamp`). An `INSERT`
+        `events` are (eventId, datastreamId, source, `InboundEvent.stamp`, `InboundEvent.stored_identity_id`: whose
+        it is, kept on the claim as `identityId`, so that `relayctl forget` tells this person's waiting events from
+        others'). An `INSERT`
         creates the item or, when one exists, fails with `DuplicateItem` and leaves it alone: so only events never
         seen before are claimed here. The answer has a
         `Claim` for each event: acquired, or not yet (a repeat, a retry, a lapsed claim to take over, or a statement
@@ -173,7 +175,8 @@ class HandlesStore:
         def statement(fields: tuple[str, ...]) -> str:
             return f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in fields) + "}"
 
-        plain, stamped = statement(_CLAIM_FIELDS), statement((*_CLAIM_FIELDS, "xdmTimestamp", "xdmTimestampOf"))
+        owned = (*_CLAIM_FIELDS, "identityId")
+        plain, stamped = statement(owned), statement((*owned, "xdmTimestamp", "xdmTimestampOf"))
         for start in range(0, len(events), CLAIM_INSERT_SIZE):
             chunk = events[start : start + CLAIM_INSERT_SIZE]
             tokens = [uuid.uuid4().hex for _ in chunk]
@@ -191,10 +194,11 @@ class HandlesStore:
                         {"N": str(int(now) + self._ttl_s)},
                         updated,
                         {"N": "1"},
+                        {"S": owner},
                         *([{"S": own[0]}, {"S": own[1]}] if own else []),
                     ],
                 }
-                for (event_id, datastream_id, source, own), token in zip(chunk, tokens, strict=True)
+                for (event_id, datastream_id, source, own, owner), token in zip(chunk, tokens, strict=True)
             ]
             try:
                 answers = self._call("batch_execute_statement", Statements=statements).get("Responses") or []
@@ -202,7 +206,7 @@ class HandlesStore:
                 # Nothing lost: each event is then claimed on its own (which fails the same way if the table is down).
                 logger.warning("claims not batched; claiming one by one", events=len(chunk), reason=str(exc))
                 answers = []
-            for n, ((event_id, _, _, own), token) in enumerate(zip(chunk, tokens, strict=True)):
+            for n, ((event_id, _, _, own, _), token) in enumerate(zip(chunk, tokens, strict=True)):
                 inserted = n < len(answers) and isinstance(answers[n], dict) and "Error" not in answers[n]
                 item = {"attempts": {"N": "1"}, "updatedAt": updated} if inserted else None
                 first = own[0] if inserted and own else None
@@ -218,11 +222,13 @@ class HandlesStore:
         lease_s: float,
         token: str | None = None,
         stamp: tuple[str, str] | None = None,
+        owner: str | None = None,
     ) -> Claim:
         """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
         with `token` is its own: see `claim_new`). `stamp`: `InboundEvent.stamp`, the `xdm.timestamp` the relay gave
         this attempt and whose event it is; the first attempt's is kept on the item, and the claim answers it
-        (`Claim.timestamp`) to the same event."""
+        (`Claim.timestamp`) to the same event. `owner`: `InboundEvent.stored_identity_id`, kept as `identityId` while
+        the event waits (`relayctl forget` tells this person's waiting events from others')."""
         now = self._clock.now()
         token = token or uuid.uuid4().hex
         updated = {"S": iso_millis(now)}
@@ -238,6 +244,9 @@ class HandlesStore:
                 ", xdmTimestamp = if_not_exists(xdmTimestamp, :ts), xdmTimestampOf = if_not_exists(xdmTimestampOf, :of)"
             )
             time_values = {":ts": {"S": stamp[0]}, ":of": {"S": stamp[1]}}
+        if owner is not None:
+            first_time += ", identityId = :owner"
+            time_values[":owner"] = {"S": owner}
         try:
             resp = self._call(
                 "update_item",

@@ -742,7 +742,8 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     or a malformed `{namespace: {"id": ...}}`, `{namespace: "..."}` or `{namespace: [...]}` of bare values, anywhere
     in it, a repeated key included; an id sent as a JSON number counts as its digits), also inside a string value that
     is JSON itself (an SNS notification's `Message`, a body JSON-encoded twice). A stored text that is not JSON (a
-    cut-off body), or a string value that starts as JSON and is not, counts when it holds both as JSON strings."""
+    cut-off body) counts when it holds both as JSON strings; a string value inside that is not JSON is free text
+    (another person's note may quote both), never searched."""
     stack = [request]
     while stack:
         node = stack.pop()
@@ -752,7 +753,7 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
                     # Numbers kept as the text they were sent as: an id sent as a JSON number matches its digits.
                     stack.append(json.loads(node, object_pairs_hook=_Pairs, parse_int=str, parse_float=str))
                 except (ValueError, RecursionError):
-                    if _mentions(node, namespace) and _mentions(node, identity):
+                    if node is request and _mentions(node, namespace) and _mentions(node, identity):
                         return True
             continue
         for key, value in _pairs(node):

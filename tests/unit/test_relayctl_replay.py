@@ -756,7 +756,10 @@ def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(reque
         ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT)}, True),
         (json.dumps(json.dumps(ALICE_EVENT)), True),
         (json.dumps(json.dumps(json.dumps(ALICE_EVENT))), True),
-        ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT)[:-3]}, True),
+        # free text in another person's body that quotes both, or holds a cut JSON snippet: not an identity map
+        ({"event": {"xdm": {"note": '"Email" bounced for "alice@example.com", see ticket'}}}, False),
+        ({"event": {"data": {"note": '{"forwarded by": "alice@example.com", "via": "Email"'}}}, False),
+        (json.dumps({"event": {"data": {"note": '{"forwarded by": "alice@example.com", "via": "Email",}'}}}), False),
         ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT).replace("alice", "mallory")}, False),
         ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT).replace("Email", "Phone")}, False),
         (json.dumps(json.dumps({"note": "alice@example.com"})), False),  # not as an identity

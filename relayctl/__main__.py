@@ -742,8 +742,9 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     or a malformed `{namespace: {"id": ...}}`, `{namespace: "..."}` or `{namespace: [...]}` of bare values, anywhere
     in it, a repeated key included; an id sent as a JSON number counts as its digits), also inside a string value that
     is JSON itself (an SNS notification's `Message`, a body JSON-encoded twice). A stored text that is not JSON (a
-    cut-off body) counts when it holds both as JSON strings; a string value inside that is not JSON is free text
-    (another person's note may quote both), never searched."""
+    cut-off body) counts when it holds both as JSON strings; a string value inside that starts as JSON and is not
+    (an SNS `Message` cut off) counts only when the value follows the namespace as in an identity map
+    (`"Email": [{"id": "..."`): free text in another person's body may quote both."""
     stack = [request]
     while stack:
         node = stack.pop()
@@ -751,9 +752,15 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
             if node is request or node.lstrip()[:1] in ("{", "[", '"'):
                 try:
                     # Numbers kept as the text they were sent as: an id sent as a JSON number matches its digits.
-                    stack.append(json.loads(node, object_pairs_hook=_Pairs, parse_int=str, parse_float=str))
+                    # Not strict: a control character inside a string (a raw tab) does not hide what is around it.
+                    stack.append(
+                        json.loads(node, object_pairs_hook=_Pairs, parse_int=str, parse_float=str, strict=False)
+                    )
                 except (ValueError, RecursionError):
-                    if node is request and _mentions(node, namespace) and _mentions(node, identity):
+                    if node is request:
+                        if _mentions(node, namespace) and _mentions(node, identity):
+                            return True
+                    elif _maps(node, namespace, identity):
                         return True
             continue
         for key, value in _pairs(node):
@@ -770,6 +777,18 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
         if isinstance(node, list) and not isinstance(node, _Pairs):
             stack.extend(node)
     return False
+
+
+def _maps(text: str, namespace: str, identity: str) -> bool:
+    """Whether JSON text that does not parse (cut off) maps `namespace` to `identity` as an identity map writes it:
+    `"ns": [{... "id": "value"`, `"ns": {"id": "value"`, `"ns": ["value"` or `"ns": "value"` (escapes read)."""
+    unescaped = _JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    key, value = (
+        re.escape(json.dumps(namespace, ensure_ascii=False)),
+        re.escape(json.dumps(identity, ensure_ascii=False)),
+    )
+    pattern = rf'{key}\s*:\s*(?:\[\s*)?(?:\{{[^{{}}\[\]]*?"id"\s*:\s*)?{value}'
+    return re.search(pattern, unescaped) is not None
 
 
 def _identity_value(given: str) -> str:
@@ -890,12 +909,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"{verb} {item['pk']['S']} {item['sk']['S']}")
     refused = [i for i in refused if i not in left]
     deleted_results = len(doomed) - len(left) - len(states) - len(refused)
-    # Whose each waiting event is: its claim keeps its primary identity's keyed id (`identityId`), except a claim an
-    # older version of the relay wrote. Another identity's event could still name this one as a secondary identity,
-    # which is kept only in a request Edge refuses (found by the next forget), never in a state or a result's key.
-    mine = [i for i in waiting if i.get("identityId", {}).get("S") == opaque] + left
-    unknown = [i for i in waiting if "identityId" not in i]
-    others = len(waiting) - len(mine) - len(unknown) + len(left)
+    mine, unknown, others = _whose_waiting(waiting, left, opaque, args.namespace, identity)
     print(
         f"{verb} {len(states)} state item(s), {deleted_results} result(s), "
         f"{len(refused)} refused body(ies); {len(mine)} of this identity's event(s) waiting, {len(unknown)} whose "
@@ -913,19 +927,55 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(
             f"{len(unknown)} event(s) still queued or in flight were taken by an older version of the relay, whose "
             "items do not say whose they are: any of them may store this identity once finished. Run forget again "
-            "once the queues are empty."
+            "once they are (one no message will take, a webhook event whose sender never resent it, waits for its "
+            "expiry, RESULT_TTL_DAYS)."
         )
     for item in unreadable:
         print(
             f"left {item['pk']['S']} {item['sk']['S']}: its stored request cannot be read (written by another version "
             "of the relay, or edited by hand), so whether it names this identity cannot be told: check it by hand"
         )
-    if not doomed and not unreadable:
+    if not doomed and not unreadable and not mine:
         print(
             f"nothing found for that value under {args.namespace}: the namespace and the value must be spelled "
             "exactly as the events carried them (letter case included)"
         )
     return 1 if mine or unknown or unreadable or not doomed else 0
+
+
+def _whose_waiting(
+    waiting: list[dict[str, Any]], left: list[dict[str, Any]], opaque: str, namespace: str, identity: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """This identity's waiting items (and `left`: its results a new attempt took since they were read), the waiting
+    items whose owner cannot be told, and how many are other identities'. A waiting item is this identity's when a
+    claim of this identity took it (`claimedBy`, a set: an event of another identity reusing the eventId adds itself
+    beside it), when it is this identity's result marked for a replay (`identityId`), when its first attempt's time
+    is this identity's (`xdmTimestampOf`), or when it still holds a request naming it (a replayed rejection, or a
+    refusal a resend took over and did not clear yet). One with none of these marks was claimed by an older relay.
+    Another identity's event could still name this one as a secondary identity: kept only in a request Edge refuses,
+    which the next forget finds, never in a state or a result's key."""
+    mine: dict[tuple[str, str], dict[str, Any]] = {}
+    unknown: list[dict[str, Any]] = []
+    others = 0
+    for item in waiting:
+        owners = set(item.get("claimedBy", {}).get("SS", ()))
+        owner = item.get("identityId", {}).get("S")
+        first = item.get("xdmTimestampOf", {}).get("S", "")
+        doc = decode_item(item)
+        if (
+            opaque in owners
+            or owner == opaque
+            or first.startswith(f"{opaque}|")
+            or _names(doc.get("request"), namespace, identity)
+        ):
+            mine[(item["pk"]["S"], item["sk"]["S"])] = item
+        elif not owners and owner is None:
+            unknown.append(item)
+        else:
+            others += 1
+    for item in left:
+        mine.setdefault((item["pk"]["S"], item["sk"]["S"]), item)
+    return list(mine.values()), unknown, others
 
 
 def _delete_as_read(ddb: Any, table: str, item: dict[str, Any]) -> bool:

@@ -516,7 +516,26 @@ def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(
     assert a["claimToken"] == {"S": inserted.token}
     varying = {"pk", "eventId", "claimToken"}
     assert {k: v for k, v in a.items() if k not in varying} == {k: v for k, v in b.items() if k not in varying}
-    assert a["identityId"] == {"S": "p1"}  # whose it is, while it waits (relayctl forget)
+    assert a["claimedBy"] == {"SS": ["p1"]}  # whose it is, while it waits (relayctl forget)
+
+
+def test_a_claim_names_every_identity_that_took_the_event_while_it_waits(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an event of p1's claimed with its batch and given back (waiting in the queue)
+    store = store_on_moto.store
+    first = store.claim_new([("e1", "ds", "sqs", None, "p1")], lease_s=30)["e1"]
+    assert first.acquired and first.token
+    store.release("e1", first.token, "edge unavailable")
+
+    # WHEN another identity's event reusing its eventId takes it over, and an event without a primary identity
+    taken = store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, owner="p2")
+    assert taken.acquired and taken.token
+    store.release("e1", taken.token, "edge unavailable")
+    store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, owner="")
+
+    # THEN the item names each of them (`relayctl forget` finds p1's event still waiting under p2's claim), and an
+    # event without one as "-" (a string set holds no empty string)
+    assert set(raw_result(store_on_moto, "e1")["claimedBy"]["SS"]) == {"p1", "p2", "-"}
+    assert store.get_result("e1")["status"] == "pending"
 
 
 def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_moto: StoreOnMoto) -> None:

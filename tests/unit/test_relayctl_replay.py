@@ -756,6 +756,15 @@ def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(reque
         ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT)}, True),
         (json.dumps(json.dumps(ALICE_EVENT)), True),
         (json.dumps(json.dumps(json.dumps(ALICE_EVENT))), True),
+        # an SNS Message cut off, or holding a raw tab (not strict JSON), a body JSON-encoded twice and cut: the value
+        # where an identity map puts it
+        ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT)[:-3]}, True),
+        ({"Type": "Notification", "Message": json.dumps(ALICE_EVENT).replace('"primary"', '"\tprimary"')}, True),
+        (json.dumps(json.dumps(ALICE_EVENT)[:-3]), True),
+        ({"Message": '{"event":{"xdm":{"identityMap":{"Email":{"primary":true,"id":"alice\\u0040example.com"'}, True),
+        ({"Message": '{"event":{"xdm":{"identityMap":{"Email":["alice@example.com"'}, True),
+        ({"Message": '{"identityMap":{"Email":[{"id":"bob@example.com"}],"Phone":[{"id":"alice@example.com"'}, False),
+        ({"Message": '{"identityMap":{"Email":[{"id":"bob@example.com"}]},"note":"alice@example.com"'}, False),
         # free text in another person's body that quotes both, or holds a cut JSON snippet: not an identity map
         ({"event": {"xdm": {"note": '"Email" bounced for "alice@example.com", see ticket'}}}, False),
         ({"event": {"data": {"note": '{"forwarded by": "alice@example.com", "via": "Email"'}}}, False),
@@ -1179,6 +1188,59 @@ def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_qu
     assert store.get_result("ev-1") is not None and store.get_result("ev-1")["status"] == "queued"
     assert "deleted EVENT#ev-1" not in out
     assert "1 of this identity's event(s) waiting" in out and "waiting EVENT#ev-1 RESULT" in out
+    assert code == 1
+
+
+@pytest.mark.parametrize("case", ["replayed-rejection-naming-her", "reused-while-hers-waits", "her-first-time"])
+def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
+    case: str, store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from relay.identity_state import opaque_identity_id
+
+    import relayctl.__main__ as relayctl_main
+
+    store, ddb = store_on_moto.store, store_on_moto.ddb
+    alice = opaque_identity_id("Email", "a@example.com", key=None)
+    bob = opaque_identity_id("Email", "b@example.com", key=None)
+    if case == "replayed-rejection-naming-her":
+        # GIVEN bob's event that Edge rejected, carrying alice as a secondary identity, replayed: marked `queued`
+        # with its request (alice's value in it) until the relay takes it
+        request = {"event": {"xdm": {"identityMap": {"Email": [{"id": "b@example.com", "primary": True}]}}}}
+        request["event"]["xdm"]["identityMap"]["Email"].append({"id": "a@example.com"})
+        problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
+        fields = {"datastreamId": "ds", "source": "sqs", "identityId": bob, "error": problem, "request": request}
+        store.reject_unclaimed("ev-1", fields)
+        ddb.update_item(
+            TableName="t",
+            Key=store.result_key("ev-1"),
+            UpdateExpression="SET #s = :q",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":q": {"S": "queued"}},
+        )
+    elif case == "reused-while-hers-waits":
+        # GIVEN alice's event waiting in the queue, whose eventId bob's event reuses and takes over meanwhile
+        # (alice's message is still in the queue: once bob's is given back, hers takes the item and is delivered)
+        mine = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, owner=alice)
+        assert mine.token
+        store.release("ev-1", mine.token, "edge unavailable")
+        assert store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, owner=bob).acquired
+    else:
+        # GIVEN alice's only event, waiting: nothing of hers is stored yet
+        assert store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, owner=alice).acquired
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    # WHEN the operator forgets alice
+    code = relayctl_main.main(
+        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
+    )
+
+    # THEN the waiting event is hers: named, left to its attempt, and forget exits 1 to be run again once it is
+    # finished (not "nothing found": the value was found)
+    out = capsys.readouterr().out
+    assert "1 of this identity's event(s) waiting, 0 whose cannot be told, 0 of other identities" in out, out
+    assert "waiting EVENT#ev-1 RESULT: this identity's" in out
+    assert "nothing found" not in out
+    assert store.get_result("ev-1") is not None
     assert code == 1
 
 

@@ -96,6 +96,10 @@ def decode_item(item: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# In a claim's `claimedBy` (a string set, which holds no empty string) for an event without a primary identity.
+NO_PRIMARY = "-"
+
+
 # `lastError` of a webhook event given back to go to the retry queue, until the message is sent (`note_queued`): left
 # by an invocation that ended in between, it tells that no message may be waiting for it.
 QUEUE_SEND_PENDING = "queue send pending"
@@ -161,8 +165,7 @@ class HandlesStore:
         `UpdateItem`s, the same write units, and a twenty-fifth of the CPU a Lambda spends signing and parsing them.
 
         `events` are (eventId, datastreamId, source, `InboundEvent.stamp`, `InboundEvent.stored_identity_id`: whose
-        it is, kept on the claim as `identityId`, so that `relayctl forget` tells this person's waiting events from
-        others'). An `INSERT`
+        it is, kept in the claim's `claimedBy`, see `claim`). An `INSERT`
         creates the item or, when one exists, fails with `DuplicateItem` and leaves it alone: so only events never
         seen before are claimed here. The answer has a
         `Claim` for each event: acquired, or not yet (a repeat, a retry, a lapsed claim to take over, or a statement
@@ -175,7 +178,7 @@ class HandlesStore:
         def statement(fields: tuple[str, ...]) -> str:
             return f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in fields) + "}"
 
-        owned = (*_CLAIM_FIELDS, "identityId")
+        owned = (*_CLAIM_FIELDS, "claimedBy")
         plain, stamped = statement(owned), statement((*owned, "xdmTimestamp", "xdmTimestampOf"))
         for start in range(0, len(events), CLAIM_INSERT_SIZE):
             chunk = events[start : start + CLAIM_INSERT_SIZE]
@@ -194,7 +197,7 @@ class HandlesStore:
                         {"N": str(int(now) + self._ttl_s)},
                         updated,
                         {"N": "1"},
-                        {"S": owner},
+                        {"SS": [owner or NO_PRIMARY]},
                         *([{"S": own[0]}, {"S": own[1]}] if own else []),
                     ],
                 }
@@ -227,8 +230,10 @@ class HandlesStore:
         """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
         with `token` is its own: see `claim_new`). `stamp`: `InboundEvent.stamp`, the `xdm.timestamp` the relay gave
         this attempt and whose event it is; the first attempt's is kept on the item, and the claim answers it
-        (`Claim.timestamp`) to the same event. `owner`: `InboundEvent.stored_identity_id`, kept as `identityId` while
-        the event waits (`relayctl forget` tells this person's waiting events from others')."""
+        (`Claim.timestamp`) to the same event. `owner`: `InboundEvent.stored_identity_id`, added to the item's
+        `claimedBy` (a set: another identity's event reusing the eventId while this one waits adds itself, and the
+        first is still named), so that `relayctl forget` tells this person's waiting events from others'; the result
+        that replaces the claim drops it."""
         now = self._clock.now()
         token = token or uuid.uuid4().hex
         updated = {"S": iso_millis(now)}
@@ -238,15 +243,16 @@ class HandlesStore:
         # instead). Not for the queue's messages (IAM-trusted): one without a datastreamId attribute resolves to the
         # default datastream on each receive, and must not be stranded when that default changes.
         own = " AND (datastreamId = :ds OR attribute_not_exists(datastreamId))" if source == "webhook" else ""
-        first_time, time_values = "", {}
+        first_time, time_values = "", dict[str, dict[str, Any]]()
         if stamp:
             first_time = (
                 ", xdmTimestamp = if_not_exists(xdmTimestamp, :ts), xdmTimestampOf = if_not_exists(xdmTimestampOf, :of)"
             )
             time_values = {":ts": {"S": stamp[0]}, ":of": {"S": stamp[1]}}
+        claimed_by = ""
         if owner is not None:
-            first_time += ", identityId = :owner"
-            time_values[":owner"] = {"S": owner}
+            claimed_by = ", claimedBy :owner"
+            time_values[":owner"] = {"SS": [owner or NO_PRIMARY]}
         try:
             resp = self._call(
                 "update_item",
@@ -254,7 +260,7 @@ class HandlesStore:
                 UpdateExpression=(
                     "SET #s = :pending, leaseUntil = :lease, claimToken = :tok, eventId = :id, datastreamId = :ds, "
                     f"#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now{first_time} "
-                    "ADD attempts :one REMOVE invalidFiling"
+                    f"ADD attempts :one{claimed_by} REMOVE invalidFiling"
                 ),
                 # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
                 # refused (never sent to Edge): a corrected resend under the same eventId must not be a "repeat".

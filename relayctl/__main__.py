@@ -8,6 +8,7 @@ outputs (`--stack interact-relay`). AWS endpoints and credentials are boto3's ow
 from __future__ import annotations
 
 import argparse
+import collections
 import getpass
 import json
 import os
@@ -742,25 +743,21 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     or a malformed `{namespace: {"id": ...}}`, `{namespace: "..."}` or `{namespace: [...]}` of bare values, anywhere
     in it, a repeated key included; an id sent as a JSON number counts as its digits), also inside a string value that
     is JSON itself (an SNS notification's `Message`, a body JSON-encoded twice). A stored text that is not JSON (a
-    cut-off body) counts when it holds both as JSON strings; a string value inside that starts as JSON and is not
-    (an SNS `Message` cut off) counts only when the value follows the namespace as in an identity map
-    (`"Email": [{"id": "..."`): free text in another person's body may quote both."""
+    cut-off body, or a string value inside that starts as JSON: an SNS `Message` cut off) is read as far as it goes
+    (`_repaired`), and searched the same way; a stored text that not even that reads counts when it holds both as
+    JSON strings. Free text inside a body (another person's note may quote both) is never searched."""
     stack = [request]
     while stack:
         node = stack.pop()
         if isinstance(node, str):
             if node is request or node.lstrip()[:1] in ("{", "[", '"'):
                 try:
-                    # Numbers kept as the text they were sent as: an id sent as a JSON number matches its digits.
-                    # Not strict: a control character inside a string (a raw tab) does not hide what is around it.
-                    stack.append(
-                        json.loads(node, object_pairs_hook=_Pairs, parse_int=str, parse_float=str, strict=False)
-                    )
+                    stack.append(_json(node))
                 except (ValueError, RecursionError):
-                    if node is request:
-                        if _mentions(node, namespace) and _mentions(node, identity):
-                            return True
-                    elif _maps(node, namespace, identity):
+                    cut = _repaired(node)
+                    if cut is not None:
+                        stack.append(cut)
+                    elif node is request and _mentions(node, namespace) and _mentions(node, identity):
                         return True
             continue
         for key, value in _pairs(node):
@@ -779,16 +776,50 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     return False
 
 
-def _maps(text: str, namespace: str, identity: str) -> bool:
-    """Whether JSON text that does not parse (cut off) maps `namespace` to `identity` as an identity map writes it:
-    `"ns": [{... "id": "value"`, `"ns": {"id": "value"`, `"ns": ["value"` or `"ns": "value"` (escapes read)."""
-    unescaped = _JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
-    key, value = (
-        re.escape(json.dumps(namespace, ensure_ascii=False)),
-        re.escape(json.dumps(identity, ensure_ascii=False)),
-    )
-    pattern = rf'{key}\s*:\s*(?:\[\s*)?(?:\{{[^{{}}\[\]]*?"id"\s*:\s*)?{value}'
-    return re.search(pattern, unescaped) is not None
+def _json(text: str) -> Any:
+    """A stored body read as JSON: every key kept (`_Pairs`), numbers as the text they were sent as (an id sent as a
+    JSON number matches its digits), and not strict (a raw tab inside a string does not hide what is around it)."""
+    return json.loads(text, object_pairs_hook=_Pairs, parse_int=str, parse_float=str, strict=False)
+
+
+_MAX_REPAIR_DEPTH = 256  # a cut body nested deeper is not read (the relay refuses more than 64 levels anyway)
+_REPAIR_TRIES = 64  # the last places a value ends, tried from the end
+
+
+def _repaired(text: str) -> Any:
+    """JSON cut off (a refused body, an SNS `Message`), read as far as it goes: its longest prefix that ends after a
+    whole value and parses once its open brackets are closed; None when none does. Strings keep their escapes as JSON
+    reads them, so an escaped quote inside a note never becomes a key."""
+    closers: list[str] = []
+    ends: collections.deque[tuple[int, str]] = collections.deque(maxlen=_REPAIR_TRIES)
+    in_string = escaped = False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+                ends.append((i + 1, "".join(reversed(closers))))
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            closers.append("}" if ch == "{" else "]")
+            if len(closers) > _MAX_REPAIR_DEPTH:
+                return None
+        elif ch in "}]":
+            if closers:
+                closers.pop()
+            ends.append((i + 1, "".join(reversed(closers))))
+        elif ch not in " \t\r\n,:":
+            ends.append((i + 1, "".join(reversed(closers))))
+    for end, close in reversed(ends):
+        try:
+            return _json(text[:end] + close)
+        except (ValueError, RecursionError):
+            continue
+    return None
 
 
 def _identity_value(given: str) -> str:
@@ -949,7 +980,8 @@ def _whose_waiting(
     """This identity's waiting items (and `left`: its results a new attempt took since they were read), the waiting
     items whose owner cannot be told, and how many are other identities'. A waiting item is this identity's when a
     claim of this identity took it (`claimedBy`, a set: an event of another identity reusing the eventId adds itself
-    beside it), when it is this identity's result marked for a replay (`identityId`), when its first attempt's time
+    beside it), when it is this identity's result marked for a replay (`identityId` with `replayedAt`), when its
+    first attempt's time
     is this identity's (`xdmTimestampOf`), or when it still holds a request naming it (a replayed rejection, or a
     refusal a resend took over and did not clear yet). One with none of these marks was claimed by an older relay.
     Another identity's event could still name this one as a secondary identity: kept only in a request Edge refuses,
@@ -959,7 +991,9 @@ def _whose_waiting(
     others = 0
     for item in waiting:
         owners = set(item.get("claimedBy", {}).get("SS", ()))
-        owner = item.get("identityId", {}).get("S")
+        # `identityId` on a waiting item is its owner's only when a replay marked a result of theirs (the claim that
+        # takes it adds itself to `claimedBy`); a refusal another event took over keeps it until its clean-up write.
+        owner = item.get("identityId", {}).get("S") if "replayedAt" in item else None
         first = item.get("xdmTimestampOf", {}).get("S", "")
         doc = decode_item(item)
         if (

@@ -765,6 +765,18 @@ def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(reque
         ({"Message": '{"event":{"xdm":{"identityMap":{"Email":["alice@example.com"'}, True),
         ({"Message": '{"identityMap":{"Email":[{"id":"bob@example.com"}],"Phone":[{"id":"alice@example.com"'}, False),
         ({"Message": '{"identityMap":{"Email":[{"id":"bob@example.com"}]},"note":"alice@example.com"'}, False),
+        # cut off, the person second in her namespace's list, or in a list of bare values; an id escaped as a
+        # surrogate pair (Python's ensure_ascii); a quote escaped as \u0022 inside another person's note, cut off
+        (
+            {"Message": '{"identityMap":{"Email":[{"id":"bob@example.com","primary":true},{"id":"alice@example.com"}'},
+            True,
+        ),
+        ({"Message": '{"identityMap":{"Email":["bob@example.com","alice@example.com"'}, True),
+        (json.dumps({"identityMap": {"Email": [{"id": "alice\U0001f600@example.com"}]}})[:-3], "\U0001f600"),
+        (
+            {"Message": '{"comment":"wrote \\u0022Email\\u0022: \\u0022alice@example.com\\u0022 in the form","x":1'},
+            False,
+        ),
         # free text in another person's body that quotes both, or holds a cut JSON snippet: not an identity map
         ({"event": {"xdm": {"note": '"Email" bounced for "alice@example.com", see ticket'}}}, False),
         ({"event": {"data": {"note": '{"forwarded by": "alice@example.com", "via": "Email"'}}}, False),
@@ -774,7 +786,10 @@ def test_forget_finds_an_identity_in_a_refused_body_however_it_was_escaped(reque
         (json.dumps(json.dumps({"note": "alice@example.com"})), False),  # not as an identity
     ],
 )
-def test_forget_matches_the_identity_under_its_namespace_only(request_doc: Any, found: bool) -> None:
+def test_forget_matches_the_identity_under_its_namespace_only(request_doc: Any, found: bool | str) -> None:
+    if isinstance(found, str):  # the value holds this character
+        assert _names(request_doc, "Email", f"alice{found}@example.com") is True
+        return
     assert _names(request_doc, "Email", "alice@example.com") is found
 
 
@@ -1242,6 +1257,52 @@ def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
     assert "nothing found" not in out
     assert store.get_result("ev-1") is not None
     assert code == 1
+
+
+@pytest.mark.parametrize("taken_by", ["another-identity", "an-older-relay"])
+def test_forget_does_not_take_a_refusal_another_attempt_took_over_for_the_refused_persons(
+    taken_by: str, store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from relay.identity_state import opaque_identity_id
+
+    import relayctl.__main__ as relayctl_main
+
+    # GIVEN bob's event refused by the relay itself (its item keeps bob's identityId), whose eventId another attempt
+    # then took over and gave back: alice's event, or a claim of a relay older than claimedBy
+    store, ddb = store_on_moto.store, store_on_moto.ddb
+    alice = opaque_identity_id("Email", "a@example.com", key=None)
+    bob = opaque_identity_id("Email", "b@example.com", key=None)
+    problem = {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400}
+    fields = {"datastreamId": "ds", "source": "sqs", "identityId": bob, "error": problem, "request": "{}"}
+    store.reject_unclaimed("ev-1", fields, body_digest="d1")
+    if taken_by == "another-identity":
+        claim = store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, owner=alice)
+        assert claim.acquired and claim.token
+        store.release("ev-1", claim.token, "edge unavailable")
+        assert "identityId" not in ddb.get_item(TableName="t", Key=store.result_key("ev-1"))["Item"]
+    else:
+        ddb.update_item(
+            TableName="t",
+            Key=store.result_key("ev-1"),
+            UpdateExpression="SET #s = :q REMOVE rejectedBy, #req, #err, bodyDigest, storedAt",
+            ExpressionAttributeNames={"#s": "status", "#req": "request", "#err": "error"},
+            ExpressionAttributeValues={":q": {"S": "queued"}},
+        )
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    # WHEN the operator forgets bob
+    code = relayctl_main.main(
+        ["--table", "t", "forget", "--namespace", "Email", "--id", "b@example.com", "--no-identity-key"]
+    )
+
+    # THEN the waiting event is not called bob's: alice's is another identity's, and the older relay's cannot be told
+    # (run forget again once it is finished)
+    out = capsys.readouterr().out
+    if taken_by == "another-identity":
+        assert "0 of this identity's event(s) waiting, 0 whose cannot be told, 1 of other identities" in out, out
+    else:
+        assert "0 of this identity's event(s) waiting, 1 whose cannot be told, 0 of other identities" in out, out
+        assert code == 1
 
 
 # -- relayctl replay: what may be replayed (M54, M55) ----------------------------------------------------------------

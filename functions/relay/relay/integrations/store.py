@@ -309,14 +309,15 @@ class HandlesStore:
         if "rejectedBy" in before:
             # A refusal of the relay's own, taken over by a corrected resend: it goes now, not with the result (this
             # attempt may end queued). The refused body (identities included) would otherwise stay on a waiting item,
-            # where `relayctl forget` does not delete and `show` would present the old refusal as current.
+            # where `relayctl forget` does not delete and `show` would present the old refusal as current; and so
+            # would the refused event's `identityId`, another person's maybe (this claim is in `claimedBy`).
             # `rejectedBy` goes last, with them: should this write fail (or the invocation end first), the next claim
             # of the event finds it still there and clears them then.
             try:
                 self._update_own_claim(
                     event_id,
                     token,
-                    "REMOVE rejectedBy, #req, #err, bodyDigest, storedAt",
+                    "REMOVE rejectedBy, #req, #err, bodyDigest, storedAt, identityId",
                     {},
                     {"#req": "request", "#err": "error"},
                 )

@@ -880,9 +880,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
     # Strongly consistent reads (twice the read units of a scan): an erasure must find every item written before it
     # started, not miss one that an eventually consistent read had not caught up with yet.
     #
-    # A waiting event's item keeps its primary identity's keyed id, not its request: this person's are stored again
-    # once finished. Read first: one delivered while the reads below run is then either reported here or found by
-    # them (its state and result are read after it was seen waiting), never neither.
+    # A waiting event's item keeps the keyed id of each identity whose event claimed it (`claimedBy`), not its
+    # request: this person's are stored again once finished. Read first: one delivered while the reads below run is
+    # then either reported here or found by them (its state and result are read after it was seen waiting), never
+    # neither.
     waiting = _all_items(
         ddb,
         "scan",
@@ -981,9 +982,9 @@ def _whose_waiting(
     items whose owner cannot be told, and how many are other identities'. A waiting item is this identity's when a
     claim of this identity took it (`claimedBy`, a set: an event of another identity reusing the eventId adds itself
     beside it), when it is this identity's result marked for a replay (`identityId` with `replayedAt`), when its
-    first attempt's time
-    is this identity's (`xdmTimestampOf`), or when it still holds a request naming it (a replayed rejection, or a
-    refusal a resend took over and did not clear yet). One with none of these marks was claimed by an older relay.
+    first attempt's time is this identity's (`xdmTimestampOf`), or when it still holds a request naming it (a
+    replayed rejection, or a refusal a resend took over and did not clear yet). One with none of these marks was
+    claimed by an older relay.
     Another identity's event could still name this one as a secondary identity: kept only in a request Edge refuses,
     which the next forget finds, never in a state or a result's key."""
     mine: dict[tuple[str, str], dict[str, Any]] = {}

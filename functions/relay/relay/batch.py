@@ -84,7 +84,7 @@ class _Item:
     # One for another identity or datastream is another event (stored `#reused-` once this one is finished).
     same_event: tuple[str, str, str] | None = None
     invalid: bool = False  # a body the relay refuses itself (stored `rejected`, never sent to Edge)
-    # (eventId, datastream, source, `InboundEvent.stamp`) of an event to relay
+    # (eventId, datastream, source, `InboundEvent.stamp`, whose: `stored_identity_id`) of an event to relay
     claim_key: tuple[str, str, str, tuple[str, str] | None, str] | None = None
     claim: Claim | None = None  # the batch's claim attempt (first records of groups), set before the group runs
 

@@ -243,16 +243,16 @@ class HandlesStore:
         # instead). Not for the queue's messages (IAM-trusted): one without a datastreamId attribute resolves to the
         # default datastream on each receive, and must not be stranded when that default changes.
         own = " AND (datastreamId = :ds OR attribute_not_exists(datastreamId))" if source == "webhook" else ""
-        first_time, time_values = "", dict[str, dict[str, Any]]()
+        first_time, claimed_by = "", ""
+        more_values: dict[str, dict[str, Any]] = {}
         if stamp:
             first_time = (
                 ", xdmTimestamp = if_not_exists(xdmTimestamp, :ts), xdmTimestampOf = if_not_exists(xdmTimestampOf, :of)"
             )
-            time_values = {":ts": {"S": stamp[0]}, ":of": {"S": stamp[1]}}
-        claimed_by = ""
+            more_values.update({":ts": {"S": stamp[0]}, ":of": {"S": stamp[1]}})
         if owner is not None:
             claimed_by = ", claimedBy :owner"
-            time_values[":owner"] = {"SS": [owner or NO_PRIMARY]}
+            more_values[":owner"] = {"SS": [owner or NO_PRIMARY]}
         try:
             resp = self._call(
                 "update_item",
@@ -283,7 +283,7 @@ class HandlesStore:
                     ":exp": {"N": str(int(now) + self._ttl_s)},
                     ":now": updated,
                     ":one": {"N": "1"},
-                    **time_values,
+                    **more_values,
                 },
                 # The whole old item (nothing for a new event, a webhook's usual case): its attempt count; its token,
                 # to tell our own write whose answer was lost (an INSERT, or this request sent again) from another

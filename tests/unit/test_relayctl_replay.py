@@ -1178,18 +1178,12 @@ def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_qu
 
     # GIVEN an event of the person's that Edge rejected (its result keeps her keyed identityId), then replayed by an
     # operator: marked `queued`, its message on the queue, and a relay invocation about to claim it
-    store, ddb = store_on_moto.store, store_on_moto.ddb
+    store = store_on_moto.store
     opaque = opaque_identity_id("Email", "a@example.com", key=None)
     problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
     fields = {"datastreamId": "ds", "source": "sqs", "identityId": opaque, "error": problem, "request": "{}"}
     store.reject_unclaimed("ev-1", fields)
-    ddb.update_item(
-        TableName="t",
-        Key=store.result_key("ev-1"),
-        UpdateExpression="SET #s = :q, replayedAt = :now",
-        ExpressionAttributeNames={"#s": "status"},
-        ExpressionAttributeValues={":q": {"S": "queued"}, ":now": {"S": "2025-01-01T00:00:00.000Z"}},
-    )
+    mark_replayed(store_on_moto, "ev-1")
     monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
 
     # WHEN the operator forgets the person
@@ -1206,17 +1200,41 @@ def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_qu
     assert code == 1
 
 
+def mark_replayed(on: Any, event_id: str) -> None:
+    """Mark a rejected result `queued` for a replay, as `relayctl replay` does before it sends the event."""
+    on.ddb.update_item(
+        TableName="t",
+        Key=on.store.result_key(event_id),
+        UpdateExpression="SET #s = :q, replayedAt = :now",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":q": {"S": "queued"}, ":now": {"S": "2025-01-01T00:00:00.000Z"}},
+    )
+
+
+def forget_without_key(value: str, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> tuple[int, str]:
+    """`relayctl forget --namespace Email --id <value>` on table "t", no identity key: its exit code and output."""
+    import relayctl.__main__ as relayctl_main
+
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+    code = relayctl_main.main(["--table", "t", "forget", "--namespace", "Email", "--id", value, "--no-identity-key"])
+    return code, capsys.readouterr().out
+
+
+def plain_ids() -> tuple[str, str]:
+    """Alice's and bob's identity ids (Email namespace) in a deployment without an identity key."""
+    from relay.identity_state import opaque_identity_id
+
+    return opaque_identity_id("Email", "a@example.com", key=None), opaque_identity_id(
+        "Email", "b@example.com", key=None
+    )
+
+
 @pytest.mark.parametrize("case", ["replayed-rejection-naming-her", "reused-while-hers-waits", "her-first-time"])
 def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
     case: str, store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from relay.identity_state import opaque_identity_id
-
-    import relayctl.__main__ as relayctl_main
-
-    store, ddb = store_on_moto.store, store_on_moto.ddb
-    alice = opaque_identity_id("Email", "a@example.com", key=None)
-    bob = opaque_identity_id("Email", "b@example.com", key=None)
+    store = store_on_moto.store
+    alice, bob = plain_ids()
     if case == "replayed-rejection-naming-her":
         # GIVEN bob's event that Edge rejected, carrying alice as a secondary identity, replayed: marked `queued`
         # with its request (alice's value in it) until the relay takes it
@@ -1225,13 +1243,7 @@ def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
         problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
         fields = {"datastreamId": "ds", "source": "sqs", "identityId": bob, "error": problem, "request": request}
         store.reject_unclaimed("ev-1", fields)
-        ddb.update_item(
-            TableName="t",
-            Key=store.result_key("ev-1"),
-            UpdateExpression="SET #s = :q",
-            ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":q": {"S": "queued"}},
-        )
+        mark_replayed(store_on_moto, "ev-1")
     elif case == "reused-while-hers-waits":
         # GIVEN alice's event waiting in the queue, whose eventId bob's event reuses and takes over meanwhile
         # (alice's message is still in the queue: once bob's is given back, hers takes the item and is delivered)
@@ -1242,16 +1254,12 @@ def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
     else:
         # GIVEN alice's only event, waiting: nothing of hers is stored yet
         assert store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, owner=alice).acquired
-    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
 
     # WHEN the operator forgets alice
-    code = relayctl_main.main(
-        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
-    )
+    code, out = forget_without_key("a@example.com", monkeypatch, capsys)
 
     # THEN the waiting event is hers: named, left to its attempt, and forget exits 1 to be run again once it is
     # finished (not "nothing found": the value was found)
-    out = capsys.readouterr().out
     assert "1 of this identity's event(s) waiting, 0 whose cannot be told, 0 of other identities" in out, out
     assert "waiting EVENT#ev-1 RESULT: this identity's" in out
     assert "nothing found" not in out
@@ -1263,15 +1271,10 @@ def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
 def test_forget_does_not_take_a_refusal_another_attempt_took_over_for_the_refused_persons(
     taken_by: str, store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from relay.identity_state import opaque_identity_id
-
-    import relayctl.__main__ as relayctl_main
-
     # GIVEN bob's event refused by the relay itself (its item keeps bob's identityId), whose eventId another attempt
     # then took over and gave back: alice's event, or a claim of a relay older than claimedBy
     store, ddb = store_on_moto.store, store_on_moto.ddb
-    alice = opaque_identity_id("Email", "a@example.com", key=None)
-    bob = opaque_identity_id("Email", "b@example.com", key=None)
+    alice, bob = plain_ids()
     problem = {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400}
     fields = {"datastreamId": "ds", "source": "sqs", "identityId": bob, "error": problem, "request": "{}"}
     store.reject_unclaimed("ev-1", fields, body_digest="d1")
@@ -1288,16 +1291,12 @@ def test_forget_does_not_take_a_refusal_another_attempt_took_over_for_the_refuse
             ExpressionAttributeNames={"#s": "status", "#req": "request", "#err": "error"},
             ExpressionAttributeValues={":q": {"S": "queued"}},
         )
-    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
 
     # WHEN the operator forgets bob
-    code = relayctl_main.main(
-        ["--table", "t", "forget", "--namespace", "Email", "--id", "b@example.com", "--no-identity-key"]
-    )
+    code, out = forget_without_key("b@example.com", monkeypatch, capsys)
 
     # THEN the waiting event is not called bob's: alice's is another identity's, and the older relay's cannot be told
     # (run forget again once it is finished)
-    out = capsys.readouterr().out
     if taken_by == "another-identity":
         assert "0 of this identity's event(s) waiting, 0 whose cannot be told, 1 of other identities" in out, out
     else:

@@ -532,6 +532,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 _SQS_MAX_ATTRIBUTES = 10  # message attributes SQS takes on one message
 
 
+def _from(message: dict[str, Any], source_arn: str) -> bool:
+    """Whether a dead letter came from `source_arn` (SQS names the queue that moved it; a message without the name, as
+    one an emulator moved, is taken to be the relay's)."""
+    source = (message.get("Attributes") or {}).get("DeadLetterQueueSourceArn")
+    return source is None or source == source_arn
+
+
 def _moved(message: dict[str, Any]) -> dict[str, Any] | None:
     """The attributes of a dead-letter message's copy on the queue (a new message: a new messageId and SentTimestamp).
     It is marked as the relay's own (`relaySource`), so that the relay reads the eventId and the send time it keeps:
@@ -606,6 +613,10 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             "from the dead-letter queue to the relay's queue; pass the relay's queue as --queue-url"
         )
     sqs = boto3.client("sqs")
+    # The queue whose dead letters these should be: SQS lets any queue of the account name this dead-letter queue as
+    # its own (the template sets no RedriveAllowPolicy: it would need the queue's ARN, a dependency cycle), and a
+    # message another queue dead-lettered here is not the relay's to send on.
+    source_arn = sqs.get_queue_attributes(QueueUrl=t.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     moved, failed = 0, False
     kept: dict[str, str] = {}  # messageId -> receipt handle of a message left in the dead-letter queue
     # Every message read and not moved (left behind, not sent, or in hand when a call failed): shown again at the end,
@@ -617,16 +628,22 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                 QueueUrl=t.dlq_url,
                 MaxNumberOfMessages=min(10, args.max - moved),
                 MessageAttributeNames=["All"],
-                AttributeNames=["SentTimestamp"],
+                AttributeNames=["SentTimestamp", "DeadLetterQueueSourceArn"],
                 VisibilityTimeout=60,
                 WaitTimeSeconds=_LONG_POLL_S,
             ).get("Messages", [])
             held.update((m["MessageId"], m["ReceiptHandle"]) for m in msgs)
             if not msgs or all(m["MessageId"] in kept for m in msgs):
                 break  # empty, or back to the messages it leaves behind: one pass is done
-            copies = [(str(i), m, _moved(m)) for i, m in enumerate(msgs)]
+            copies = [(str(i), m, _moved(m) if _from(m, source_arn) else None) for i, m in enumerate(msgs)]
             for _, m, attrs in copies:
-                if attrs is None and m["MessageId"] not in kept:
+                if not _from(m, source_arn) and m["MessageId"] not in kept:
+                    print(
+                        f"{m['MessageId']}: left in the dead-letter queue: another queue dead-lettered it "
+                        f"({(m.get('Attributes') or {}).get('DeadLetterQueueSourceArn')}), not the relay's "
+                        f"{source_arn}; a queue that names this dead-letter queue as its own sends its failures here"
+                    )
+                elif attrs is None and m["MessageId"] not in kept:
                     print(
                         f"{m['MessageId']}: left in the dead-letter queue: it has too many message attributes for "
                         f"the two that keep its eventId (SQS takes {_SQS_MAX_ATTRIBUTES}); send it again with fewer, "

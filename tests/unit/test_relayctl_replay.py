@@ -692,6 +692,47 @@ def test_redrive_shows_again_what_it_leaves_behind_and_reports_each_once(
     assert visible["ApproximateNumberOfMessages"] == "12"
 
 
+def test_redrive_leaves_a_message_another_queue_dead_lettered_here(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN two dead letters: one the relay's queue moved there, and one another queue of the account moved there (SQS
+    # names the source queue of each; moto does not, so the names are added to what it receives)
+    real, queue, dlq = queues()
+    queue_arn = real.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    other_arn = queue_arn.rsplit(":", 1)[0] + ":someone-elses-queue"
+    ours = real.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "order-1"}}}))["MessageId"]
+    theirs = real.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "x-1"}}}))["MessageId"]
+    asked: list[list[str]] = []
+
+    class NamesTheSource:
+        def receive_message(self, **kwargs: Any) -> dict[str, Any]:
+            asked.append(kwargs["AttributeNames"])
+            answer: dict[str, Any] = real.receive_message(**kwargs)
+            for m in answer.get("Messages", []):
+                m.setdefault("Attributes", {})["DeadLetterQueueSourceArn"] = (
+                    queue_arn if m["MessageId"] == ours else other_arn
+                )
+            return answer
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: NamesTheSource())
+
+    # WHEN redriven
+    code = relayctl_main.main(["--table", "t", "--queue-url", queue, "--dlq-url", dlq, "redrive"])
+
+    # THEN the relay's own is moved; the other queue's is left where it is, named with where it came from, and the exit
+    # code says a message was left
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{theirs}: left in the dead-letter queue: another queue dead-lettered it ({other_arn})" in out
+    assert "moved 1 message(s)" in out
+    assert all("DeadLetterQueueSourceArn" in names for names in asked)
+    bodies = [m["Body"] for m in real.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])]
+    assert [json.loads(b)["event"]["xdm"]["_id"] for b in bodies] == ["order-1"]
+
+
 def test_redrive_does_not_count_a_message_it_could_not_delete_as_moved(
     aws: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -532,11 +532,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
 _SQS_MAX_ATTRIBUTES = 10  # message attributes SQS takes on one message
 
 
-def _from(message: dict[str, Any], source_arn: str) -> bool:
-    """Whether a dead letter came from `source_arn` (SQS names the queue that moved it; a message without the name, as
-    one an emulator moved, is taken to be the relay's)."""
-    source = (message.get("Attributes") or {}).get("DeadLetterQueueSourceArn")
-    return source is None or source == source_arn
+def _account_and_name(queue_url: str) -> tuple[str, str] | None:
+    """A queue's account and name from its URL (`https://sqs.<region>.amazonaws.com/<account>/<name>`), or None."""
+    parts = urlsplit(queue_url.strip()).path.strip("/").split("/")
+    return (parts[-2], parts[-1]) if len(parts) >= 2 else None
+
+
+def _from(message: dict[str, Any], source: tuple[str, str] | None) -> bool:
+    """Whether a dead letter came from the queue of `source` (its account and name): SQS names the queue that moved it
+    (`arn:aws:sqs:<region>:<account>:<name>`). A message without the name (as one an emulator moved), or a queue URL
+    that does not say, counts as the relay's."""
+    arn = (message.get("Attributes") or {}).get("DeadLetterQueueSourceArn")
+    return arn is None or source is None or tuple(arn.split(":")[-2:]) == source
 
 
 def _moved(message: dict[str, Any]) -> dict[str, Any] | None:
@@ -615,8 +622,9 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     sqs = boto3.client("sqs")
     # The queue whose dead letters these should be: SQS lets any queue of the account name this dead-letter queue as
     # its own (the template sets no RedriveAllowPolicy: it would need the queue's ARN, a dependency cycle), and a
-    # message another queue dead-lettered here is not the relay's to send on.
-    source_arn = sqs.get_queue_attributes(QueueUrl=t.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    # message another queue dead-lettered here is not the relay's to send on. Told by its account and name, from the
+    # queue's URL (a dead-letter queue takes messages from its own region only): no call, no permission more.
+    source = _account_and_name(t.queue_url)
     moved, failed = 0, False
     kept: dict[str, str] = {}  # messageId -> receipt handle of a message left in the dead-letter queue
     # Every message read and not moved (left behind, not sent, or in hand when a call failed): shown again at the end,
@@ -628,20 +636,21 @@ def cmd_redrive(args: argparse.Namespace) -> int:
                 QueueUrl=t.dlq_url,
                 MaxNumberOfMessages=min(10, args.max - moved),
                 MessageAttributeNames=["All"],
-                AttributeNames=["SentTimestamp", "DeadLetterQueueSourceArn"],
+                MessageSystemAttributeNames=["SentTimestamp", "DeadLetterQueueSourceArn"],
                 VisibilityTimeout=60,
                 WaitTimeSeconds=_LONG_POLL_S,
             ).get("Messages", [])
             held.update((m["MessageId"], m["ReceiptHandle"]) for m in msgs)
             if not msgs or all(m["MessageId"] in kept for m in msgs):
                 break  # empty, or back to the messages it leaves behind: one pass is done
-            copies = [(str(i), m, _moved(m) if _from(m, source_arn) else None) for i, m in enumerate(msgs)]
+            copies = [(str(i), m, _moved(m) if _from(m, source) else None) for i, m in enumerate(msgs)]
             for _, m, attrs in copies:
-                if not _from(m, source_arn) and m["MessageId"] not in kept:
+                if not _from(m, source) and m["MessageId"] not in kept:
                     print(
                         f"{m['MessageId']}: left in the dead-letter queue: another queue dead-lettered it "
                         f"({(m.get('Attributes') or {}).get('DeadLetterQueueSourceArn')}), not the relay's "
-                        f"{source_arn}; a queue that names this dead-letter queue as its own sends its failures here"
+                        f"{t.queue_url.strip()}; a queue that names this dead-letter queue as its own sends its "
+                        "failures here"
                     )
                 elif attrs is None and m["MessageId"] not in kept:
                     print(
@@ -759,10 +768,10 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     """Whether a stored request carries `identity` under `namespace` in an identity map (`{namespace: [{"id": ...}]}`,
     or a malformed `{namespace: {"id": ...}}`, `{namespace: "..."}` or `{namespace: [...]}` of bare values, anywhere
     in it, a repeated key included; an id sent as a JSON number counts as its digits), also inside a string value that
-    is JSON itself (an SNS notification's `Message`, a body JSON-encoded twice). A stored text that is not JSON (a
-    cut-off body, or a string value inside that starts as JSON: an SNS `Message` cut off) is read as far as it goes
-    (`_repaired`), and searched the same way; a stored text that not even that reads counts when it holds both as
-    JSON strings. Free text inside a body (another person's note may quote both) is never searched."""
+    is JSON itself (an SNS notification's `Message`, a body JSON-encoded twice). A stored text that is not JSON counts
+    when it holds both as JSON strings, or when it is JSON cut off and, read as far as it goes (`_repaired`), carries
+    the identity as above; a string value inside a body that starts as JSON and is cut off (an SNS `Message`) counts
+    only the second way: free text inside a body (another person's note) may quote both."""
     stack = [request]
     while stack:
         node = stack.pop()
@@ -774,7 +783,7 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
                     cut = _repaired(node)
                     if cut is not None:
                         stack.append(cut)
-                    elif node is request and _mentions(node, namespace) and _mentions(node, identity):
+                    if node is request and _mentions(node, namespace) and _mentions(node, identity):
                         return True
             continue
         for key, value in _pairs(node):
@@ -799,17 +808,24 @@ def _json(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_Pairs, parse_int=str, parse_float=str, strict=False)
 
 
-_MAX_REPAIR_DEPTH = 256  # a cut body nested deeper is not read (the relay refuses more than 64 levels anyway)
-_REPAIR_TRIES = 64  # the last places a value ends, tried from the end
+_MAX_REPAIR_DEPTH = 256  # a cut body is read no deeper (the relay refuses more than 64 levels anyway)
+_REPAIR_TRIES = 2  # the last value end, and the one before (the last string may be a key the cut left alone)
+_SCALAR_END = frozenset(' \t\r\n,:]}"')
 
 
 def _repaired(text: str) -> Any:
-    """JSON cut off (a refused body, an SNS `Message`), read as far as it goes: its longest prefix that ends after a
-    whole value and parses once its open brackets are closed; None when none does. Strings keep their escapes as JSON
-    reads them, so an escaped quote inside a note never becomes a key."""
+    """JSON cut off (a refused body, an SNS `Message`), read as far as it goes: its prefix up to the last whole value
+    (or the one before, when the last string is a key the cut left without its colon), its open brackets closed; None
+    when neither parses, as for a body that is wrong before its end (then it is not a cut one). A number or literal
+    touching the end is not whole (`12` may be `1234`), nor is a string the cut went through, except one that holds
+    JSON itself (an SNS `Message` cut in the middle: closed, and read as a cut body in turn). Strings keep their
+    escapes as JSON reads them, so an escaped quote inside a note never becomes a key."""
     closers: list[str] = []
-    ends: collections.deque[tuple[int, str]] = collections.deque(maxlen=_REPAIR_TRIES)
-    in_string = escaped = False
+    # Where the last values ended, with the brackets then open: a key is dropped once its colon shows it is one.
+    ends: collections.deque[tuple[int, str]] = collections.deque(maxlen=_REPAIR_TRIES + 1)
+    in_string = escaped = in_scalar = False
+    opened = 0  # where the string being read began
+    size = len(text)
     for i, ch in enumerate(text):
         if in_string:
             if escaped:
@@ -819,21 +835,35 @@ def _repaired(text: str) -> Any:
             elif ch == '"':
                 in_string = False
                 ends.append((i + 1, "".join(reversed(closers))))
-        elif ch == '"':
-            in_string = True
+            continue
+        if in_scalar and ch in _SCALAR_END:
+            in_scalar = False
+            ends.append((i, "".join(reversed(closers))))
+        if ch == '"':
+            in_string, opened = True, i
         elif ch in "{[":
+            if len(closers) == _MAX_REPAIR_DEPTH:
+                size = i  # read no deeper: what came before is searched, as if the body ended here
+                break
             closers.append("}" if ch == "{" else "]")
-            if len(closers) > _MAX_REPAIR_DEPTH:
-                return None
         elif ch in "}]":
             if closers:
                 closers.pop()
             ends.append((i + 1, "".join(reversed(closers))))
-        elif ch not in " \t\r\n,:":
-            ends.append((i + 1, "".join(reversed(closers))))
-    for end, close in reversed(ends):
+        elif ch == ":":
+            if ends:
+                ends.pop()  # the string before it was a key, not a value
+        elif ch not in " \t\r\n,":
+            in_scalar = True
+    tries = [text[:end] + close for end, close in reversed(ends)][:_REPAIR_TRIES]
+    if in_string and text[opened + 1 : opened + 2] in ("{", "["):
+        # Cut inside a string that holds JSON: closed where it was cut (less up to 5 characters: an escape cut in two),
+        # before the whole values. Its text is then read as a cut body of its own.
+        close = '"' + "".join(reversed(closers))
+        tries[:0] = [text[: size - k] + close for k in range(6)]
+    for attempt in tries:
         try:
-            return _json(text[:end] + close)
+            return _json(attempt)
         except (ValueError, RecursionError):
             continue
     return None

@@ -706,7 +706,7 @@ def test_redrive_leaves_a_message_another_queue_dead_lettered_here(
 
     class NamesTheSource:
         def receive_message(self, **kwargs: Any) -> dict[str, Any]:
-            asked.append(kwargs["AttributeNames"])
+            asked.append(kwargs["MessageSystemAttributeNames"])
             answer: dict[str, Any] = real.receive_message(**kwargs)
             for m in answer.get("Messages", []):
                 m.setdefault("Attributes", {})["DeadLetterQueueSourceArn"] = (
@@ -760,6 +760,44 @@ def test_redrive_does_not_count_a_message_it_could_not_delete_as_moved(
 
 
 ALICE_EVENT = {"event": {"xdm": {"identityMap": {"Email": [{"id": "alice@example.com", "primary": True}]}}}}
+
+
+ALICE_MAP = '"identityMap":{"Email":[{"id":"alice@example.com"}]}'
+SNS_OF_ALICE = json.dumps(
+    {
+        "Type": "Notification",
+        "MessageId": "m1",
+        "Message": json.dumps(
+            {"event": {"xdm": {"identityMap": {"Email": [{"id": "alice@example.com"}]}}, "n": "é" * 20}}
+        ),
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("request_doc", "namespace", "value", "found"),
+    [
+        # a refused body wrong before its end is not a cut one: its text is searched as before (both quoted)
+        ('{"a": [1,], ' + ALICE_MAP + "}", "Email", "alice@example.com", True),
+        ('{"a": 1 /* c */, ' + ALICE_MAP + "}", "Email", "alice@example.com", True),
+        ('"Email": "alice@example.com"', "Email", "alice@example.com", True),
+        # a number touching the cut is not whole (123 may be 1234567), at the top or in an SNS Message
+        ('{"event":{"xdm":{"identityMap":{"CRMID":[{"id":123', "CRMID", "123", False),
+        ({"Message": '{"event":{"xdm":{"identityMap":{"CRMID":[{"id":123'}, "CRMID", "123", False),
+        ({"Message": '{"event":{"xdm":{"identityMap":{"CRMID":[{"id":123}'}, "CRMID", "123", True),
+        # an SNS notification cut inside its Message (in an escape too): the Message is read as a cut body
+        (SNS_OF_ALICE[:-30], "Email", "alice@example.com", True),
+        (SNS_OF_ALICE[: SNS_OF_ALICE.rindex("\\u00e9") + 4], "Email", "alice@example.com", True),
+        # a value the cut went through is not the value (alice@example.com.evil)
+        ({"Message": '{"identityMap":{"Email":[{"id":"alice@example.com.evil'}, "Email", "alice@example.com", False),
+        # a Message nested deeper than the repair reads, after the identity
+        ({"Message": "{" + ALICE_MAP + ',"d":' + "[" * 300}, "Email", "alice@example.com", True),
+    ],
+)
+def test_forget_reads_a_cut_body_only_as_far_as_it_is_whole(
+    request_doc: Any, namespace: str, value: str, found: bool
+) -> None:
+    assert _names(request_doc, namespace, value) is found
 
 
 @pytest.mark.parametrize(

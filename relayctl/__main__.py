@@ -732,14 +732,24 @@ def _approximate_messages(sqs: Any, queue_url: str) -> int:
         return 0
 
 
-_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+_JSON_ESCAPE = re.compile(r"\\u(?:([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|([0-9a-fA-F]{4}))")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    """A `\\uXXXX` escape (or a surrogate pair of them) as its character; an escaped quote or backslash stays as it is
+    written, so that it never ends or starts a string in the text searched."""
+    high, low, single = match.groups()
+    if single is None:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00))
+    code = int(single, 16)
+    return match.group(0) if code in (0x22, 0x5C) else chr(code)
 
 
 def _mentions(request: Any, identity: str) -> bool:
     """Whether a stored request (its raw text, or the parsed event) holds `identity` as a JSON string value, however
     the sender escaped it (`alice\\u0040example.com` is alice@example.com too)."""
     text = request if isinstance(request, str) else json.dumps(request, ensure_ascii=False)
-    unescaped = _JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    unescaped = _JSON_ESCAPE.sub(_unescape, text)
     needles = (json.dumps(identity, ensure_ascii=False), json.dumps(identity))
     return any(n in t for n in needles for t in (text, unescaped))
 
@@ -776,11 +786,12 @@ def _names(request: Any, namespace: str, identity: str) -> bool:
     while stack:
         node = stack.pop()
         if isinstance(node, str):
-            if node is request or node.lstrip()[:1] in ("{", "[", '"'):
+            if node is request or _starts_as_json(node):
+                text = node.removeprefix("\ufeff")
                 try:
-                    stack.append(_json(node))
+                    stack.append(_json(text))
                 except (ValueError, RecursionError):
-                    cut = _repaired(node)
+                    cut = _repaired(text)
                     if cut is not None:
                         stack.append(cut)
                     if node is request and _mentions(node, namespace) and _mentions(node, identity):
@@ -823,7 +834,7 @@ def _repaired(text: str) -> Any:
     closers: list[str] = []
     # Where the last values ended, with the brackets then open: a key is dropped once its colon shows it is one.
     ends: collections.deque[tuple[int, str]] = collections.deque(maxlen=_REPAIR_TRIES + 1)
-    in_string = escaped = in_scalar = False
+    in_string = escaped = in_scalar = whole = False
     opened = 0  # where the string being read began
     size = len(text)
     for i, ch in enumerate(text):
@@ -833,12 +844,14 @@ def _repaired(text: str) -> Any:
             elif ch == "\\":
                 escaped = True
             elif ch == '"':
-                in_string = False
+                in_string, whole = False, not closers
                 ends.append((i + 1, "".join(reversed(closers))))
             continue
         if in_scalar and ch in _SCALAR_END:
-            in_scalar = False
+            in_scalar, whole = False, not closers
             ends.append((i, "".join(reversed(closers))))
+        if whole and ch not in " \t\r\n":
+            return None  # a whole document, then more (`{...} and a word`): wrong after its end, not cut
         if ch == '"':
             in_string, opened = True, i
         elif ch in "{[":
@@ -849,6 +862,7 @@ def _repaired(text: str) -> Any:
         elif ch in "}]":
             if closers:
                 closers.pop()
+            whole = not closers
             ends.append((i + 1, "".join(reversed(closers))))
         elif ch == ":":
             if ends:
@@ -856,7 +870,7 @@ def _repaired(text: str) -> Any:
         elif ch not in " \t\r\n,":
             in_scalar = True
     tries = [text[:end] + close for end, close in reversed(ends)][:_REPAIR_TRIES]
-    if in_string and text[opened + 1 : opened + 2] in ("{", "["):
+    if in_string and _starts_as_json(_string_head(text[opened:size])):
         # Cut inside a string that holds JSON: closed where it was cut (less up to 5 characters: an escape cut in two),
         # before the whole values. Its text is then read as a cut body of its own.
         close = '"' + "".join(reversed(closers))
@@ -867,6 +881,25 @@ def _repaired(text: str) -> Any:
         except (ValueError, RecursionError):
             continue
     return None
+
+
+def _starts_as_json(text: str) -> bool:
+    """Whether a string looks like JSON text (an object, an array, or a string: a body encoded once more), a byte-order
+    mark and white space before it aside."""
+    return text.lstrip(" \t\r\n\ufeff")[:1] in ("{", "[", '"')
+
+
+def _string_head(raw: str) -> str:
+    """The first characters of a JSON string literal cut off (`raw` starts at its opening quote), decoded: what the
+    string holds begins with them."""
+    head = raw[:64]
+    for k in range(6):  # less up to 5 characters: an escape cut in two
+        try:
+            decoded = json.loads(head[: len(head) - k] + '"', strict=False)
+        except ValueError:
+            continue
+        return decoded if isinstance(decoded, str) else ""
+    return ""
 
 
 def _identity_value(given: str) -> str:

@@ -790,6 +790,16 @@ SNS_OF_ALICE = json.dumps(
         (SNS_OF_ALICE[: SNS_OF_ALICE.rindex("\\u00e9") + 4], "Email", "alice@example.com", True),
         # a value the cut went through is not the value (alice@example.com.evil)
         ({"Message": '{"identityMap":{"Email":[{"id":"alice@example.com.evil'}, "Email", "alice@example.com", False),
+        # another person's note holding a JSON snippet and more words: whole, and not JSON; nor does a quote escaped
+        # as \u0022 make a JSON string of the words in a cut body
+        ({"note": '{"Email":"alice@example.com"} x'}, "Email", "alice@example.com", False),
+        ('{"note":"\\u0022Email\\u0022 \\u0022alice@example.com\\u0022', "Email", "alice@example.com", False),
+        # a body encoded three times, or a Message holding one encoded twice, or after a byte-order mark, cut off
+        (json.dumps(json.dumps(json.dumps(ALICE_EVENT)))[:-1], "Email", "alice@example.com", True),
+        ({"Message": json.dumps(json.dumps(ALICE_EVENT))[:-1]}, "Email", "alice@example.com", True),
+        ({"Message": "\ufeff" + json.dumps(ALICE_EVENT)[:-1]}, "Email", "alice@example.com", True),
+        # the loose rule reads an escaped surrogate pair, in either case, as its character
+        ('{"Phone":{"x":"bob\\uD83D\\uDE00@x.io"', "Phone", "bob\U0001f600@x.io", True),
         # a Message nested deeper than the repair reads, after the identity
         ({"Message": "{" + ALICE_MAP + ',"d":' + "[" * 300}, "Email", "alice@example.com", True),
     ],

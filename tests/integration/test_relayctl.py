@@ -461,10 +461,17 @@ def test_forget_exits_1_only_while_events_of_this_identity_or_of_unknown_owner_w
     assert stack.result_item(f"w1-{tag}") is None
     assert "0 of this identity's event(s) waiting, 0 whose cannot be told, 1 of other identities" in out
 
-    # AND WHEN one of alice's events waits too, beside an event a relay of an older version claimed (no identityId)
-    send(stack, of(alice, f"w2-{tag}"))
-    poller(stack).poll_once(wait_time_seconds=0)
-    assert stack.result(f"w2-{tag}")["status"] == "queued"
+    # AND WHEN one of alice's events waits too (claimed with carol's in one batch: the batch's INSERT claims), beside
+    # an event a relay of an older version claimed (no claimedBy)
+    # (each with its own xdm.timestamp, so that only claimedBy says whose it is)
+    carol = f"carol-{tag}@example.com"
+    stack.sim.add_fault(match_id=f"c1-{tag}", status=503, retry_after=0)
+    for person, event_id in ((alice, f"w2-{tag}"), (carol, f"c1-{tag}")):
+        doc = of(person, event_id)
+        doc["event"]["xdm"]["timestamp"] = "2026-11-29T00:00:00.000Z"
+        send(stack, doc)
+    assert poller(stack).poll_once(wait_time_seconds=1) == 2
+    assert [stack.result(e)["status"] for e in (f"w2-{tag}", f"c1-{tag}")] == ["queued", "queued"]
     stack.dynamodb.put_item(
         TableName=stack.resources.table_name,
         Item={"pk": {"S": f"EVENT#old-{tag}"}, "sk": {"S": "RESULT"}, "status": {"S": "queued"}},
@@ -473,7 +480,7 @@ def test_forget_exits_1_only_while_events_of_this_identity_or_of_unknown_owner_w
 
     # THEN both keep forget exiting 1 (run it again once they are finished), and hers is named
     assert code == 1, out
-    assert "1 of this identity's event(s) waiting, 1 whose cannot be told, 1 of other identities" in out
+    assert "1 of this identity's event(s) waiting, 1 whose cannot be told, 2 of other identities" in out
     assert f"waiting EVENT#w2-{tag} RESULT: this identity's" in out
     assert "1 event(s) of this identity are still queued or in flight" in out
     assert "1 event(s) still queued or in flight were taken by an older version" in out

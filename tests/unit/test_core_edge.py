@@ -858,7 +858,7 @@ def test_deliver_takes_a_200_or_207_whose_body_is_not_an_object_as_delivered_onc
     ],
     ids=["cut-off", "undecodable", "stalled"],
 )
-def test_an_accepting_answer_whose_body_breaks_off_is_delivered_once_not_sent_again(status, error):
+def test_an_accepting_answer_whose_body_breaks_off_is_delivered_once_not_sent_again(status, error, caplog):
     # GIVEN Edge's 200 or 207 arrived, but its body broke off, could not be decoded, or stalled (as Adobe's SDKs do,
     # once a 2xx has arrived the event was taken: a second call would be a second hit in Analytics and the data lake)
     clock = FakeClock()
@@ -868,10 +868,15 @@ def test_an_accepting_answer_whose_body_breaks_off_is_delivered_once_not_sent_ag
     # WHEN
     got = client(session, clock).deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
 
-    # THEN it is delivered, without handles and said unreadable, after one call; the connection is closed, not reused
+    # THEN it is delivered, without handles and said unreadable, after one call; the connection is closed, not reused;
+    # and the warning names what happened to the body
     assert (got.status, got.body, got.attempts, got.unreadable) == (status, {}, 1, True)
     assert len(session.calls) == 1
     assert answer.raw.closed
+    broken = {"cut-off": "ChunkedEncodingError", "undecodable": "ContentDecodingError", "stalled": "ReadTimeout"}
+    assert any(
+        f"its answer could not be read ({name})" in r.getMessage() for r in caplog.records for name in broken.values()
+    )
 
 
 def test_an_accepting_answer_larger_than_the_relay_reads_is_delivered_without_handles_and_not_read_whole():

@@ -20,7 +20,16 @@ from relay.integrations.ims import (
     NoTimeLeft,
 )
 
-from tests.fakes import CREDS, WALL_START, FakeClock, FakeCredentialsStore, FakeSession, Scripted, make_response
+from tests.fakes import (
+    CREDS,
+    WALL_START,
+    FakeClock,
+    FakeCredentialsStore,
+    FakeSession,
+    Scripted,
+    broken_body_response,
+    make_response,
+)
 
 TOKEN_URL = "https://ims-na1.adobelogin.com/ims/token/v3"
 ROTATED = AdobeCredentials(client_id="client-2", client_secret="new-s3cret", org_id="ORG1@AdobeOrg", scopes="openid")
@@ -269,6 +278,21 @@ def test_ims_unreachable_is_a_credentials_error_after_one_immediate_second_try()
     # THEN it was tried twice, at once (no wait), and that is the error
     assert str(info.value) == "IMS unreachable (ConnectionError)"
     assert len(session.calls) == 2 and clock.sleeps == []
+
+
+def test_an_ims_200_whose_body_breaks_off_is_unreachable_not_a_token_or_a_refusal():
+    # GIVEN IMS answers 200 and its body breaks off (unlike Edge's 2xx, nothing was taken that a retry would repeat)
+    from urllib3.exceptions import ProtocolError
+
+    clock = FakeClock()
+    session = FakeSession([broken_body_response(200, ProtocolError("cut"))])
+
+    # WHEN
+    with pytest.raises(CredentialsError) as info:
+        provider(session, clock).get()
+
+    # THEN the failure is the connection's (not "more than N bytes", not a refusal, not a token)
+    assert str(info.value) == "IMS unreachable (ChunkedEncodingError)"
 
 
 def test_a_kept_alive_ims_connection_dropped_while_idle_costs_nothing():

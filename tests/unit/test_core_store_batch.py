@@ -533,9 +533,11 @@ def test_a_claim_names_every_identity_that_took_the_event_while_it_waits(store_o
     store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, owner="")
 
     # THEN the item names each of them (`relayctl forget` finds p1's event still waiting under p2's claim), and an
-    # event without one as "-" (a string set holds no empty string)
+    # event without one as "-" (a string set holds no empty string: DynamoDB refuses one), by an INSERT claim too
     assert set(raw_result(store_on_moto, "e1")["claimedBy"]["SS"]) == {"p1", "p2", "-"}
     assert store.get_result("e1")["status"] == "pending"
+    assert store.claim_new([("e2", "ds", "sqs", None, ""), ("e3", "ds", "sqs", None, "p3")], lease_s=30)["e2"].acquired
+    assert raw_result(store_on_moto, "e2")["claimedBy"] == {"SS": ["-"]}
 
 
 def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_moto: StoreOnMoto) -> None:

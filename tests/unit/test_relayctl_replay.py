@@ -800,6 +800,28 @@ SNS_OF_ALICE = json.dumps(
         ({"Message": "\ufeff" + json.dumps(ALICE_EVENT)[:-1]}, "Email", "alice@example.com", True),
         # the loose rule reads an escaped surrogate pair, in either case, as its character
         ('{"Phone":{"x":"bob\\uD83D\\uDE00@x.io"', "Phone", "bob\U0001f600@x.io", True),
+        # the loose rule for a stored text that is not JSON, whatever it starts with; both strings, not one
+        ('junk "Email" "alice@example.com"', "Email", "alice@example.com", True),
+        ('junk "alice@example.com"', "Email", "alice@example.com", False),
+        # a Message after white space; a note neither JSON nor a cut JSON (never searched loosely)
+        ({"Message": "\n" + json.dumps(ALICE_EVENT)}, "Email", "alice@example.com", True),
+        ({"note": '{"Email" "alice@example.com"}'}, "Email", "alice@example.com", False),
+        # a cut note whose quotes are escaped the usual way
+        ({"Message": '{"note": "\\"Email\\": \\"alice@example.com\\"", "x": "yy'}, "Email", "alice@example.com", False),
+        # a whole number is its digits only (123456 is not 1234567); stray closers and deep nesting do not raise
+        ('{"identityMap":{"CRMID":[{"id":1234567}],"x":"y', "CRMID", "123456", False),
+        ('{"identityMap":{"CRMID":[{"id":1234567}],"x":"y', "CRMID", "1234567", True),
+        ({"Message": '{"identityMap":{"CRMID":[{"id":1234567, "x":"y'}, "CRMID", "123456", False),
+        ({"Message": '{"identityMap":{"CRMID":[{"id":1234567, "x":"y'}, "CRMID", "1234567", True),
+        # a cut right after a key (no colon yet): read up to the value before it
+        (
+            {"Message": '{"identityMap":{"Email":[{"id":"alice@example.com"}]},"Phone"'},
+            "Email",
+            "alice@example.com",
+            True,
+        ),
+        ('] "x"', "Email", "alice@example.com", False),
+        ("[" * 5000 + "]" * 5000, "Email", "alice@example.com", False),
         # a Message nested deeper than the repair reads, after the identity
         ({"Message": "{" + ALICE_MAP + ',"d":' + "[" * 300}, "Email", "alice@example.com", True),
     ],
@@ -1318,7 +1340,9 @@ def plain_ids() -> tuple[str, str]:
     )
 
 
-@pytest.mark.parametrize("case", ["replayed-rejection-naming-her", "reused-while-hers-waits", "her-first-time"])
+@pytest.mark.parametrize(
+    "case", ["replayed-rejection-naming-her", "reused-while-hers-waits", "her-first-time", "her-time-on-an-old-claim"]
+)
 def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
     case: str, store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -1340,9 +1364,13 @@ def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
         assert mine.token
         store.release("ev-1", mine.token, "edge unavailable")
         assert store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, owner=bob).acquired
-    else:
+    elif case == "her-first-time":
         # GIVEN alice's only event, waiting: nothing of hers is stored yet
         assert store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, owner=alice).acquired
+    else:
+        # GIVEN alice's event claimed by a relay older than claimedBy, whose first attempt's time says it is hers
+        stamp = ("2026-01-01T00:00:00.000Z", f"{alice}|ds")
+        assert store.claim("ev-1", datastream_id="ds", source="sqs", lease_s=30, stamp=stamp).acquired
 
     # WHEN the operator forgets alice
     code, out = forget_without_key("a@example.com", monkeypatch, capsys)
@@ -1356,7 +1384,7 @@ def test_forget_counts_a_waiting_event_as_the_persons_whatever_claimed_it_last(
     assert code == 1
 
 
-@pytest.mark.parametrize("taken_by", ["another-identity", "an-older-relay"])
+@pytest.mark.parametrize("taken_by", ["another-identity", "an-older-relay", "a-replay-of-alices"])
 def test_forget_does_not_take_a_refusal_another_attempt_took_over_for_the_refused_persons(
     taken_by: str, store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -1372,6 +1400,11 @@ def test_forget_does_not_take_a_refusal_another_attempt_took_over_for_the_refuse
         assert claim.acquired and claim.token
         store.release("ev-1", claim.token, "edge unavailable")
         assert "identityId" not in ddb.get_item(TableName="t", Key=store.result_key("ev-1"))["Item"]
+    elif taken_by == "a-replay-of-alices":
+        # (then bob's refusal was replaced by alice's rejected result, which an operator marked for a replay)
+        fields = {**fields, "identityId": alice, "request": "{}"}
+        store.put_result(store.compose_result("ev-1", {**fields, "status": "rejected"}, None))
+        mark_replayed(store_on_moto, "ev-1")
     else:
         ddb.update_item(
             TableName="t",
@@ -1386,7 +1419,7 @@ def test_forget_does_not_take_a_refusal_another_attempt_took_over_for_the_refuse
 
     # THEN the waiting event is not called bob's: alice's is another identity's, and the older relay's cannot be told
     # (run forget again once it is finished)
-    if taken_by == "another-identity":
+    if taken_by in ("another-identity", "a-replay-of-alices"):
         assert "0 of this identity's event(s) waiting, 0 whose cannot be told, 1 of other identities" in out, out
     else:
         assert "0 of this identity's event(s) waiting, 1 whose cannot be told, 0 of other identities" in out, out

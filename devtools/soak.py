@@ -21,8 +21,8 @@ than its kind's (a valid one not delivered, an invalid one not rejected, a poiso
 item and a message still in a queue, a rejection without a reason, a duplicated eventId without one final item, a
 stray result item, an event still in the queue, a drain that timed out, or Edge answering 200 twice for one event
 for a reason other than a lost answer (timeout), a DynamoDB failure after the answer, or an invocation that outlived
-the function timeout (a stalled machine: Lambda would have ended it). Those three are expected: at-least-once, and
-Edge dedupes by ``xdm._id``.
+the function timeout (a stalled machine: Lambda would have ended it). Those three are expected: at-least-once, under
+one ``xdm._id`` (which Profile dedupes; Analytics and the data lake count a repeat again).
 """
 
 from __future__ import annotations
@@ -752,7 +752,7 @@ def account(
             "duplicate Edge calls (same _id answered 200 twice)",
             str(dup_timeout + dup_ddb + dup_overran + sum(other.values())),
         ),
-        ("  after a timeout/dropped answer (expected: at-least-once; Adobe dedupes by _id)", str(dup_timeout)),
+        ("  after a timeout/dropped answer (expected: at-least-once under one _id)", str(dup_timeout)),
         (
             "  after a DynamoDB write failed past botocore's retries or unprocessed (expected: record redelivered)",
             str(dup_ddb),

@@ -1426,6 +1426,38 @@ def test_forget_does_not_take_a_refusal_another_attempt_took_over_for_the_refuse
         assert code == 1
 
 
+@pytest.mark.parametrize("beside", ["an-older-relays-waiting-claim", "a-refused-body-it-cannot-read"])
+def test_forget_that_erased_something_still_exits_1_for_what_it_cannot_tell(
+    beside: str, store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN alice's delivered event (forget erases it), beside an item whose owner cannot be told: a claim a relay
+    # older than claimedBy wrote and left waiting, or a refused body stored in an encoding this relayctl cannot read
+    store, ddb = store_on_moto.store, store_on_moto.ddb
+    alice, _ = plain_ids()
+    fields = {"datastreamId": "ds", "source": "sqs", "identityId": alice, "status": "delivered", "handle": []}
+    store.put_result(store.compose_result("ev-1", fields, None))
+    item: dict[str, Any]
+    if beside == "an-older-relays-waiting-claim":
+        item = {"pk": {"S": "EVENT#ev-2"}, "sk": {"S": "RESULT"}, "status": {"S": "pending"}, "leaseUntil": {"N": "1"}}
+    else:
+        item = {
+            "pk": {"S": "EVENT#ev-2"},
+            "sk": {"S": "RESULT"},
+            "status": {"S": "rejected"},
+            "identityId": {"S": ""},
+            "request": {"M": {"Email": {"S": "a@example.com"}}},
+        }
+    ddb.put_item(TableName="t", Item=item)
+
+    # WHEN the operator forgets alice
+    code, out = forget_without_key("a@example.com", monkeypatch, capsys)
+
+    # THEN her result is deleted, and the exit code still says the erasure is not known to be complete
+    assert "deleted EVENT#ev-1 RESULT" in out
+    assert store.get_result("ev-1") is None
+    assert code == 1, out
+
+
 # -- relayctl replay: what may be replayed (M54, M55) ----------------------------------------------------------------
 
 

@@ -643,9 +643,10 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             held.update((m["MessageId"], m["ReceiptHandle"]) for m in msgs)
             if not msgs or all(m["MessageId"] in kept for m in msgs):
                 break  # empty, or back to the messages it leaves behind: one pass is done
-            copies = [(str(i), m, _moved(m) if _from(m, source) else None) for i, m in enumerate(msgs)]
+            foreign = {m["MessageId"] for m in msgs if not _from(m, source)}
+            copies = [(str(i), m, None if m["MessageId"] in foreign else _moved(m)) for i, m in enumerate(msgs)]
             for _, m, attrs in copies:
-                if not _from(m, source) and m["MessageId"] not in kept:
+                if m["MessageId"] in foreign and m["MessageId"] not in kept:
                     print(
                         f"{m['MessageId']}: left in the dead-letter queue: another queue dead-lettered it "
                         f"({(m.get('Attributes') or {}).get('DeadLetterQueueSourceArn')}), not the relay's "
@@ -836,7 +837,6 @@ def _repaired(text: str) -> Any:
     ends: collections.deque[tuple[int, str]] = collections.deque(maxlen=_REPAIR_TRIES + 1)
     in_string = escaped = in_scalar = whole = False
     opened = 0  # where the string being read began
-    size = len(text)
     for i, ch in enumerate(text):
         if in_string:
             if escaped:
@@ -856,8 +856,7 @@ def _repaired(text: str) -> Any:
             in_string, opened = True, i
         elif ch in "{[":
             if len(closers) == _MAX_REPAIR_DEPTH:
-                size = i  # read no deeper: what came before is searched, as if the body ended here
-                break
+                break  # read no deeper: what came before is searched, as if the body ended here
             closers.append("}" if ch == "{" else "]")
         elif ch in "}]":
             if closers:
@@ -870,11 +869,11 @@ def _repaired(text: str) -> Any:
         elif ch not in " \t\r\n,":
             in_scalar = True
     tries = [text[:end] + close for end, close in reversed(ends)][:_REPAIR_TRIES]
-    if in_string and _starts_as_json(_string_head(text[opened:size])):
+    if in_string and _starts_as_json(_string_head(text[opened:])):
         # Cut inside a string that holds JSON: closed where it was cut (less up to 5 characters: an escape cut in two),
         # before the whole values. Its text is then read as a cut body of its own.
         close = '"' + "".join(reversed(closers))
-        tries[:0] = [text[: size - k] + close for k in range(6)]
+        tries[:0] = [text[: len(text) - k] + close for k in range(6)]
     for attempt in tries:
         try:
             return _json(attempt)
@@ -1076,12 +1075,11 @@ def _whose_waiting(
         # takes it adds itself to `claimedBy`); a refusal another event took over keeps it until its clean-up write.
         owner = item.get("identityId", {}).get("S") if "replayedAt" in item else None
         first = item.get("xdmTimestampOf", {}).get("S", "")
-        doc = decode_item(item)
         if (
             opaque in owners
             or owner == opaque
             or first.startswith(f"{opaque}|")
-            or _names(doc.get("request"), namespace, identity)
+            or _names(decode_item(item).get("request"), namespace, identity)  # read only when the marks do not tell
         ):
             mine[(item["pk"]["S"], item["sk"]["S"])] = item
         elif not owners and owner is None:

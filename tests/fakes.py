@@ -19,7 +19,7 @@ from relay.identity_state import IdentityState
 from relay.integrations.credentials import AdobeCredentials
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.ims import AccessToken
-from relay.integrations.store import Claim, ResultWrite
+from relay.integrations.store import Claim, ClaimKey, ResultWrite
 from requests.hooks import dispatch_hook
 from requests.structures import CaseInsensitiveDict
 
@@ -294,9 +294,7 @@ class FakeStore:
     insert_claims: bool | Exception | None = None
     new_claims: list[list[str]] = field(default_factory=list)  # event ids per claim_new call
 
-    def claim_new(
-        self, events: list[tuple[str, str, str, tuple[str, str] | None, str]], *, lease_s: float
-    ) -> dict[str, Claim]:
+    def claim_new(self, events: list[ClaimKey], *, lease_s: float) -> dict[str, Claim]:
         self.new_claims.append([event_id for event_id, *_ in events])
         if isinstance(self.insert_claims, Exception):
             raise self.insert_claims

@@ -26,7 +26,7 @@ from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.ims import NoTimeLeft
 from relay.integrations.queue import RetryQueue, queue_url_for
-from relay.integrations.store import UNPROCESSED, Claim, decode_item
+from relay.integrations.store import UNPROCESSED, Claim, ClaimKey, decode_item
 from relay.models import InboundEvent, build_inbound
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
@@ -1820,7 +1820,7 @@ def test_claims_stay_a_few_groups_ahead_of_the_workers() -> None:
     claimed_when: list[int] = []  # Edge calls made when each claim_new was made
     real_claim_new = store.claim_new
 
-    def spy(events: list[tuple[str, str, str, tuple[str, str] | None, str]], *, lease_s: float) -> dict[str, Claim]:
+    def spy(events: list[ClaimKey], *, lease_s: float) -> dict[str, Claim]:
         claimed_when.append(len(edge.calls))
         return real_claim_new(events, lease_s=lease_s)
 

@@ -31,7 +31,7 @@ from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import MIN_ATTEMPT_S
 from relay.integrations.queue import MAX_RETRY_DELAY_S, RELAY_SENT_TIMESTAMP, RELAY_SOURCE, RetryQueue
-from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, UNPROCESSED, Claim
+from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, UNPROCESSED, Claim, ClaimKey
 from relay.models import (
     MAX_BODY_BYTES,
     Source,
@@ -84,8 +84,7 @@ class _Item:
     # One for another identity or datastream is another event (stored `#reused-` once this one is finished).
     same_event: tuple[str, str, str] | None = None
     invalid: bool = False  # a body the relay refuses itself (stored `rejected`, never sent to Edge)
-    # (eventId, datastream, source, `InboundEvent.stamp`, whose: `stored_identity_id`) of an event to relay
-    claim_key: tuple[str, str, str, tuple[str, str] | None, str] | None = None
+    claim_key: ClaimKey | None = None  # of an event to relay, first received: the batch may claim it
     claim: Claim | None = None  # the batch's claim attempt (first records of groups), set before the group runs
 
 
@@ -475,7 +474,7 @@ class BatchRunner:
         is claimed by its worker, as are these when this fails, or when there is only one). An eventId twice in the
         batch (another identity's event reusing it) is claimed once here: DynamoDB refuses two statements on one item
         in a batch."""
-        firsts: list[tuple[_Item, tuple[str, str, str, tuple[str, str] | None, str]]] = []
+        firsts: list[tuple[_Item, ClaimKey]] = []
         for items in groups:
             item = items[0]
             if item.claim_key is not None and item.event_id not in claimed:

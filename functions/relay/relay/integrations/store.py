@@ -99,6 +99,10 @@ def decode_item(item: dict[str, Any]) -> dict[str, Any]:
 # In a claim's `claimedBy` (a string set, which holds no empty string) for an event without a primary identity.
 NO_PRIMARY = "-"
 
+# What `claim_new` takes for each event: its eventId, datastreamId and source, `InboundEvent.stamp`, and whose it is
+# (`InboundEvent.stored_identity_id`).
+ClaimKey = tuple[str, str, str, tuple[str, str] | None, str]
+
 
 # `lastError` of a webhook event given back to go to the retry queue, until the message is sent (`note_queued`): left
 # by an invocation that ended in between, it tells that no message may be waiting for it.
@@ -158,9 +162,7 @@ class HandlesStore:
 
     # -- results and claims -------------------------------------------------------------------------------------
 
-    def claim_new(
-        self, events: list[tuple[str, str, str, tuple[str, str] | None, str]], *, lease_s: float
-    ) -> dict[str, Claim]:
+    def claim_new(self, events: list[ClaimKey], *, lease_s: float) -> dict[str, Claim]:
         """Claim many events at once, 25 per `BatchExecuteStatement` of PartiQL `INSERT`s: one request instead of 25
         `UpdateItem`s, the same write units, and a twenty-fifth of the CPU a Lambda spends signing and parsing them.
 

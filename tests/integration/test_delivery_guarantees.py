@@ -454,6 +454,46 @@ def test_webhook_falls_back_to_the_queue_with_202_and_the_poller_delivers_it_lat
     assert (again.status_code, again.json()["requestId"]) == (200, item["requestId"])
 
 
+def test_during_an_outage_an_environment_tries_each_event_once_until_edge_answers_one(clean_stack: LocalStack):
+    stack = clean_stack
+    # GIVEN a warm execution environment (backoff waits skipped, and recorded), then Edge answering 503 to every call
+    clock = SkipClock()
+    runtime = new_runtime(clock=clock)
+    warm_up(stack, runtime)
+    rule = stack.sim.add_fault(status=503, retry_after=0)
+
+    # WHEN a batch of 20 events arrives: each is retried until, for one of them, all 5 attempts have failed
+    first = [f"evt-{uuid.uuid4()}" for _ in range(20)]
+    answer = runtime.handle(batch(*(record(stack, interact_event(e), e) for e in first)), new_context(30))
+    assert answer == failures(*first)
+    assert max(len(edge_requests(stack, e)) for e in first) == 5
+
+    # THEN the next batch's events and a webhook event are each tried once, without a wait: handed back, and queued
+    waits = len(clock.sleeps)
+    second = [f"evt-{uuid.uuid4()}" for _ in range(20)]
+    answer = runtime.handle(batch(*(record(stack, interact_event(e), e) for e in second)), new_context(30))
+    assert answer == failures(*second)
+    hook = f"evt-{uuid.uuid4()}"
+    resp = post(stack.gateway(runtime.handle), stack, interact_event(hook))
+    assert (resp.status_code, resp.json()) == (202, {"eventId": hook, "status": "queued"})
+    assert [len(edge_requests(stack, e)) for e in [*second, hook]] == [1] * 21
+    assert len(clock.sleeps) == waits
+    assert stack.result(second[0])["lastError"] == "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503"
+
+    # WHEN Edge answers again: a batch is delivered, each event in one call; then one event meets a single 503
+    stack.sim.remove_fault(rule)
+    third = [f"evt-{uuid.uuid4()}" for _ in range(5)]
+    assert runtime.handle(batch(*(record(stack, interact_event(e), e) for e in third)), new_context(30)) == failures()
+    blip = f"evt-{uuid.uuid4()}"
+    stack.sim.add_fault(match_id=blip, status=503, retry_after=0, times=1)
+    assert runtime.handle(batch(record(stack, interact_event(blip), blip)), new_context(30)) == failures()
+
+    # THEN the outage is over for this environment: that event was retried as usual, and delivered
+    assert [len(edge_requests(stack, e)) for e in third] == [1] * 5
+    assert [c["status"] for c in edge_requests(stack, blip)] == [503, 200]
+    assert stack.result(blip)["status"] == "delivered"
+
+
 def test_a_character_cut_in_half_and_an_id_with_a_tab_go_through_the_queue_fallback_unchanged(
     clean_stack: LocalStack,
 ) -> None:

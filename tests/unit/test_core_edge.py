@@ -519,6 +519,124 @@ def test_deliver_gives_up_after_max_attempts_of_timeouts():
     assert (info.value.reason, info.value.attempts) == ("edge call failed: Timeout", 2)
 
 
+# -- an outage: once a call fails through all its attempts, later ones are tried once until Edge answers -------------
+
+OUTAGES: dict[str, Callable[[], requests.Response | BaseException]] = {
+    "503": lambda: retryable(503),
+    "503 with Retry-After": lambda: retryable(503, "1"),
+    "502": lambda: retryable(502),
+    "504": lambda: retryable(504),
+    "408": lambda: retryable(408),
+    "timeout": requests.Timeout,
+    "refused": requests.ConnectionError,
+}
+
+
+def deliveries(edge: EdgeClient, session: FakeSession, clock: FakeClock, *scripts: list[Any]) -> list[int | str]:
+    """Each script's delivery in turn: its answer's status, or "unavailable", with the calls it made."""
+    seen: list[int | str] = []
+    for script in scripts:
+        session.script.extend(Scripted(s) for s in script)
+        before = len(session.calls)
+        try:
+            seen.append(edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30)).status)
+        except EdgeUnavailable:
+            seen.append("unavailable")
+        except EdgeRejected as exc:
+            seen.append(exc.status)
+        seen.append(len(session.calls) - before)
+        session.script.clear()
+    return seen
+
+
+@pytest.mark.parametrize("outage", OUTAGES)
+def test_once_a_call_fails_all_its_attempts_for_want_of_edge_later_calls_are_tried_once_until_edge_answers(
+    outage, caplog
+):
+    # GIVEN an event that failed all its 5 attempts because Edge is not there
+    clock, session = FakeClock(), FakeSession()
+    edge = client(session, clock)
+    fail = OUTAGES[outage]
+    assert deliveries(edge, session, clock, [fail() for _ in range(5)]) == ["unavailable", 5]
+    assert sum("edge looks unavailable" in r.getMessage() for r in caplog.records) == 1
+
+    # WHEN later events are sent (Edge fails once more, then answers; then fails once, then answers)
+    sleeps = len(clock.sleeps)
+    seen = deliveries(edge, session, clock, [fail(), ok()], [ok()], [fail(), ok()])
+
+    # THEN the next one is tried once, without a wait, and handed back; one that Edge answers ends the outage: the
+    # one after it is retried as usual
+    assert seen == ["unavailable", 1, 200, 1, 200, 2]
+    assert len(clock.sleeps) == sleeps + 1
+    assert sum("edge looks unavailable" in r.getMessage() for r in caplog.records) == 1  # said once, when it began
+    assert any("edge answers again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda: ok(),
+        lambda: make_response(204, None),
+        lambda: edge_problem(400, "EXEG-0104-400"),
+        lambda: edge_problem(500, "EXEG-0001-500"),
+        lambda: retryable(429, "1"),  # Edge answering, if only to say "later"
+    ],
+    ids=["200", "204", "400", "500", "429"],
+)
+def test_any_answer_from_edge_but_an_outage_status_ends_the_outage(answer):
+    # GIVEN Edge looked down (a call failed all its attempts), then answered a call
+    clock, session = FakeClock(), FakeSession()
+    edge = client(session, clock)
+    deliveries(edge, session, clock, [retryable(503)] * 5, [answer(), ok()])
+    assert not edge.is_down()
+
+    # WHEN the next call meets a 503
+    seen = deliveries(edge, session, clock, [retryable(503), ok()])
+
+    # THEN it is retried as usual
+    assert seen == [200, 2]
+
+
+def test_the_outage_is_forgotten_a_minute_after_the_last_call_that_gave_up():
+    # GIVEN Edge looked down, and a call tried once 50 s later failed too
+    clock, session = FakeClock(), FakeSession()
+    edge = client(session, clock)
+    deliveries(edge, session, clock, [retryable(503)] * 5)
+    clock.advance(50)
+    assert deliveries(edge, session, clock, [retryable(503), ok()]) == ["unavailable", 1]
+
+    # WHEN calls come 59 s after that last failure, then 60 s after it
+    clock.advance(59)
+    still = deliveries(edge, session, clock, [retryable(503), ok()])
+    clock.advance(60)
+    later = deliveries(edge, session, clock, [retryable(503), ok()])
+
+    # THEN the first is still tried once (the failure 50 s in renewed the outage); the next is retried as usual
+    assert (still, later) == (["unavailable", 1], [200, 2])
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(([retryable(429, "0")] * 5, 30), id="five 429s: Edge throttles, it is there"),
+        pytest.param(([retryable(503)], 0.1), id="one 503 and no time for another attempt"),
+    ],
+)
+def test_a_call_that_gives_up_otherwise_does_not_make_edge_look_down(first):
+    # GIVEN a call that gave up after 429s only, or for want of time after one 503
+    script, seconds = first
+    clock, session = FakeClock(), FakeSession(list(script))
+    edge = client(session, clock)
+    with pytest.raises(EdgeUnavailable):
+        edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, seconds))
+
+    # WHEN the next call meets a 503
+    seen = deliveries(edge, session, clock, [retryable(503), ok()])
+
+    # THEN it is retried as usual
+    assert (edge.is_down(), seen) == (False, [200, 2])
+
+
 def test_deliver_retry_after_beyond_the_deadline_raises_without_sleeping():
     # GIVEN a 429 asking for 30 s with 10 s left
     clock = FakeClock()

@@ -29,6 +29,13 @@ HINT_ROUTE_PAUSE_S = 600.0
 # This many different hints refused within a pause pause them all: the host has no hinted routes, and a caller's
 # made-up cluster values must not each cost an Edge call (nor grow the table of paused hints).
 HINTS_REFUSED_FOR_ALL = 3
+# Once a call has failed through all its attempts for want of Edge (no answer, or 408/502/503/504), later calls of this
+# execution environment are tried once each, without retries, until Edge answers one of them, or this long after the
+# last such failure. Adobe's mobile SDKs likewise hold every hit behind the one failing (one queue, one retry at a
+# time): during an outage each event still gets an attempt per receive, but not five, nor the waits between them.
+EDGE_DOWN_MEMORY_S = 60.0
+# Failures that say Edge is not there, as opposed to an answer: a 429 is Edge answering (its `Retry-After` is honoured).
+OUTAGE_STATUSES = RECOVERABLE_STATUSES - {429}
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,27 @@ class EdgeClient:
         # Refusals come from many workers at once (read-modify-replace). Readers take the table without it: it is
         # replaced whole, never changed in place.
         self._hints_lock = threading.Lock()
+        # When a call last gave up for want of Edge, with no answer from Edge since (`EDGE_DOWN_MEMORY_S`). Replaced
+        # whole by any worker; a race only logs a change twice.
+        self._down: Moment | None = None
+
+    def is_down(self) -> bool:
+        """Whether a call gave up for want of Edge within EDGE_DOWN_MEMORY_S and Edge has answered none since."""
+        down = self._down
+        return down is not None and down.within(EDGE_DOWN_MEMORY_S, Moment.of(self._clock))
+
+    def _gave_up_unanswered(self) -> None:
+        if not self.is_down():
+            logger.warning(
+                "edge looks unavailable: each call is now tried once, without retries, until edge answers one",
+                forSeconds=EDGE_DOWN_MEMORY_S,
+            )
+        self._down = Moment.of(self._clock)
+
+    def _answered(self) -> None:
+        if self._down is not None:
+            self._down = None
+            logger.info("edge answers again: calls are retried as usual")
 
     def _refuse_hint(self, hint: str) -> None:
         """Pause `hint` (its URL answered 404); pause every hint once several different ones were refused."""
@@ -259,7 +287,7 @@ class EdgeClient:
             try:
                 answered = self._post(url, params, body, headers, deadline)
             except requests.RequestException as exc:  # timeouts, refused or dropped connections, a non-2xx cut off
-                reason, retry_after = f"edge call failed: {type(exc).__name__}", None
+                reason, retry_after, unanswered = f"edge call failed: {type(exc).__name__}", None, True
                 # An attempt without an answer is an Edge call too, and the most common outage: timed (so the latency
                 # shows it and the rate alarms count it as a call) and counted as unavailable.
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
@@ -270,6 +298,9 @@ class EdgeClient:
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
                 resp, cap = answered
                 status = resp.status_code
+                unanswered = status in OUTAGE_STATUSES
+                if not unanswered:
+                    self._answered()
                 if 200 <= status < 300:
                     if not resp.content and cap.broken is None:  # a 204, as Adobe's SDKs take it: no content
                         return EdgeAnswer(status, {}, attempt)
@@ -326,6 +357,11 @@ class EdgeClient:
                     count("EdgeThrottled" if status == 429 else "EdgeUnavailable")
                     reason = f"edge answered {status} {code}".strip()
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
+            # Edge looks down (this call failed through all its attempts, or another one did a short while ago): no
+            # retry, so that an outage costs each event one attempt per receive, not five and the waits between.
+            if unanswered and (attempt >= s.edge_max_attempts or self.is_down()):
+                self._gave_up_unanswered()
+                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             if attempt >= s.edge_max_attempts:
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             wait = retry_after if retry_after is not None else backoff(attempt, rng=self._rng)

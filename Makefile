@@ -12,7 +12,7 @@ SAM_PY_ENV := PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.
 # Offline AWS settings so sam/cfn-lint never look for an account.
 OFFLINE_AWS := AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing SAM_CLI_TELEMETRY=0
 
-.PHONY: setup sam-setup audit-setup lint types unit integration validate audit build test run serve invoke soak bench clean
+.PHONY: setup sam-setup audit-setup lint types unit integration validate audit build test run serve invoke soak bench outage-cost clean
 
 setup: $(VENV)/.stamp
 $(VENV)/.stamp: requirements-dev.txt layers/deps/requirements.txt
@@ -95,6 +95,9 @@ soak: setup
 
 bench: setup
 	$(BIN)/python -m devtools.bench
+
+outage-cost: setup  # what events cost while Edge fails (README, "While Edge fails"): about 4 minutes
+	$(BIN)/python -m devtools.outage_cost
 
 clean:
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache .local

@@ -462,11 +462,10 @@ def test_during_an_outage_an_environment_tries_each_event_once_until_edge_answer
     warm_up(stack, runtime)
     rule = stack.sim.add_fault(status=503, retry_after=0)
 
-    # WHEN a batch of 20 events arrives: each is retried until, for one of them, all 5 attempts have failed
-    first = [f"evt-{uuid.uuid4()}" for _ in range(20)]
-    answer = runtime.handle(batch(*(record(stack, interact_event(e), e) for e in first)), new_context(30))
-    assert answer == failures(*first)
-    assert max(len(edge_requests(stack, e)) for e in first) == 5
+    # WHEN an event arrives: all its 5 attempts fail, and Edge answers nothing else meanwhile
+    first = f"evt-{uuid.uuid4()}"
+    assert runtime.handle(batch(record(stack, interact_event(first), first)), new_context(30)) == failures(first)
+    assert len(edge_requests(stack, first)) == 5
 
     # THEN the next batch's events and a webhook event are each tried once, without a wait: handed back, and queued
     waits = len(clock.sleeps)

@@ -331,11 +331,12 @@ def test_poller_redelivers_the_503_record_until_the_dead_letter_queue(clean_stac
     dead = dlq_messages(stack)
     assert [(m["MessageId"], m["Body"]) for m in dead] == [(unavailable_mid, json.dumps(doc))]
     assert poller.pending() == 0
-    # AND Edge saw 5 attempts on its first receive, then one on each later receive (the execution environment took
-    # Edge for down once the first receive's attempts had all failed: no retries until Edge answers a call), every one
-    # the same request: xdm._id = messageId, timestamp = SentTimestamp
+    # AND Edge saw 5 attempts on each receive until one receive's attempts all failed while Edge answered no other call
+    # (the first, unless Edge answered a batch-mate's call meanwhile; then the second, alone): from then on the
+    # execution environment took Edge for down, and each later receive made one. Every call was the same request:
+    # xdm._id = messageId, timestamp = SentTimestamp
     calls = edge_requests(stack, unavailable_mid)
-    assert [c["status"] for c in calls] == [503] * (5 + max_receive - 1)
+    assert [c["status"] for c in calls] in ([503] * (5 + max_receive - 1), [503] * (5 + 5 + max_receive - 2))
     sent_ts = int(dead[0]["Attributes"]["SentTimestamp"]) / 1000
 
     xdm = {**doc["event"]["xdm"], "_id": unavailable_mid, "timestamp": iso_millis(sent_ts)}

@@ -549,6 +549,20 @@ def deliveries(edge: EdgeClient, session: FakeSession, clock: FakeClock, *script
     return seen
 
 
+class AnotherCallWhileWaiting(FakeClock):
+    """A clock whose first wait lets another event's delivery run meanwhile (as another worker thread would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meanwhile: Callable[[], Any] | None = None
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        run, self.meanwhile = self.meanwhile, None
+        if run is not None:
+            run()
+
+
 @pytest.mark.parametrize("outage", OUTAGES)
 def test_once_a_call_fails_all_its_attempts_for_want_of_edge_later_calls_are_tried_once_until_edge_answers(
     outage, caplog
@@ -597,22 +611,65 @@ def test_any_answer_from_edge_but_an_outage_status_ends_the_outage(answer):
     assert seen == [200, 2]
 
 
-def test_the_outage_is_forgotten_a_minute_after_the_last_call_that_gave_up():
-    # GIVEN Edge looked down, and a call tried once 50 s later failed too
+def test_one_event_that_edge_keeps_failing_while_it_answers_others_is_not_an_outage():
+    # GIVEN an event Edge answers 503 five times while it delivers another event between its attempts
+    clock = AnotherCallWhileWaiting()
+    session = FakeSession([retryable(503), ok(), *[retryable(503)] * 4])
+    edge = client(session, clock)
+    other: list[int] = []
+    clock.meanwhile = lambda: other.append(edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30)).status)
+    with pytest.raises(EdgeUnavailable) as info:
+        edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+    assert (info.value.attempts, other) == (5, [200])
+
+    # WHEN the next event meets a 503
+    seen = deliveries(edge, session, clock, [retryable(503), ok()])
+
+    # THEN it is retried as usual: Edge is there, only that event fails
+    assert (edge.is_down(), seen) == (False, [200, 2])
+
+
+def test_the_outage_is_forgotten_five_minutes_after_the_last_call_that_gave_up(caplog):
+    # GIVEN Edge looked down, and a call tried once 250 s later failed too
     clock, session = FakeClock(), FakeSession()
     edge = client(session, clock)
     deliveries(edge, session, clock, [retryable(503)] * 5)
-    clock.advance(50)
+    clock.advance(250)
     assert deliveries(edge, session, clock, [retryable(503), ok()]) == ["unavailable", 1]
 
-    # WHEN calls come 59 s after that last failure, then 60 s after it
-    clock.advance(59)
+    # WHEN calls come 299 s after that last failure (a record back after the queue's 180 s would), then 300 s after it
+    clock.advance(299)
     still = deliveries(edge, session, clock, [retryable(503), ok()])
-    clock.advance(60)
+    clock.advance(300)
     later = deliveries(edge, session, clock, [retryable(503), ok()])
 
-    # THEN the first is still tried once (the failure 50 s in renewed the outage); the next is retried as usual
+    # THEN the first is still tried once (the failure 250 s in renewed the outage); the next is retried as usual, and
+    # its answer is not taken for the end of an outage already forgotten
     assert (still, later) == (["unavailable", 1], [200, 2])
+    assert not any("edge answers again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_call_already_retrying_when_edge_starts_to_look_down_keeps_its_retries():
+    # GIVEN an event whose first attempt met a 503; while it waits to retry, another event fails all its attempts with
+    # no answer from Edge meanwhile
+    clock = AnotherCallWhileWaiting()
+    session = FakeSession([retryable(503), *[retryable(503)] * 5, retryable(503), ok()])
+    edge = client(session, clock)
+    other: list[BaseException] = []
+
+    def meanwhile() -> None:
+        with pytest.raises(EdgeUnavailable) as info:
+            edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+        other.append(info.value)
+
+    clock.meanwhile = meanwhile
+
+    # WHEN the first event's retry comes
+    answer = edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it was made, failed, and the next one too, which got through (the blip ended): Edge looked down in between,
+    # and no longer does
+    assert ([e.attempts for e in other], answer.attempts, edge.is_down()) == ([5], 3, False)
 
 
 @pytest.mark.parametrize(

@@ -29,11 +29,13 @@ HINT_ROUTE_PAUSE_S = 600.0
 # This many different hints refused within a pause pause them all: the host has no hinted routes, and a caller's
 # made-up cluster values must not each cost an Edge call (nor grow the table of paused hints).
 HINTS_REFUSED_FOR_ALL = 3
-# Once a call has failed through all its attempts for want of Edge (no answer, or 408/502/503/504), later calls of this
-# execution environment are tried once each, without retries, until Edge answers one of them, or this long after the
-# last such failure. Adobe's mobile SDKs likewise hold every hit behind the one failing (one queue, one retry at a
-# time): during an outage each event still gets an attempt per receive, but not five, nor the waits between them.
-EDGE_DOWN_MEMORY_S = 60.0
+# Once a call has failed through all its attempts for want of Edge (no answer, or 408/502/503/504) while Edge answered
+# no call of this execution environment, calls that start later are tried once each, without retries, until Edge
+# answers one of them, or this long after the last such failure (longer than the queue's 180 s visibility timeout, so
+# that a record coming back finds it). During an outage each event still gets an attempt per receive, but not five,
+# nor the waits between them. One event that Edge keeps failing while it answers others is not an outage, and calls
+# already retrying when it starts keep their retries (a blip that ends meanwhile is still absorbed).
+EDGE_DOWN_MEMORY_S = 300.0
 # Failures that say Edge is not there, as opposed to an answer: a 429 is Edge answering (its `Retry-After` is honoured).
 OUTAGE_STATUSES = RECOVERABLE_STATUSES - {429}
 
@@ -165,6 +167,7 @@ class EdgeClient:
         # When a call last gave up for want of Edge, with no answer from Edge since (`EDGE_DOWN_MEMORY_S`). Replaced
         # whole by any worker; a race only logs a change twice.
         self._down: Moment | None = None
+        self._last_answer: float | None = None  # monotonic time of Edge's last answer other than an outage's
 
     def is_down(self) -> bool:
         """Whether a call gave up for want of Edge within EDGE_DOWN_MEMORY_S and Edge has answered none since."""
@@ -180,9 +183,11 @@ class EdgeClient:
         self._down = Moment.of(self._clock)
 
     def _answered(self) -> None:
+        self._last_answer = self._clock.monotonic()
         if self._down is not None:
+            if self.is_down():
+                logger.info("edge answers again: calls are retried as usual")
             self._down = None
-            logger.info("edge answers again: calls are retried as usual")
 
     def _refuse_hint(self, hint: str) -> None:
         """Pause `hint` (its URL answered 404); pause every hint once several different ones were refused."""
@@ -273,6 +278,8 @@ class EdgeClient:
         body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
         attempt, refreshed = 0, False
         reason, retry_after = "no time left for an attempt", None
+        began = self._clock.monotonic()
+        gated = self.is_down()  # Edge looked down when this call started: one attempt, unless Edge answers meanwhile
         while True:
             attempt += 1
             remaining = deadline.remaining()
@@ -357,9 +364,12 @@ class EdgeClient:
                     count("EdgeThrottled" if status == 429 else "EdgeUnavailable")
                     reason = f"edge answered {status} {code}".strip()
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
-            # Edge looks down (this call failed through all its attempts, or another one did a short while ago): no
-            # retry, so that an outage costs each event one attempt per receive, not five and the waits between.
-            if unanswered and (attempt >= s.edge_max_attempts or self.is_down()):
+            # Edge looks down (this call failed through all its attempts and Edge answered no call meanwhile, or
+            # Edge looked down when it started and has answered nothing since): no retry, so that an outage costs
+            # each event one attempt per receive, not five and the waits between.
+            last_answer = self._last_answer
+            unanswered_since = last_answer is None or last_answer < began
+            if unanswered and ((gated and self.is_down()) or (attempt >= s.edge_max_attempts and unanswered_since)):
                 self._gave_up_unanswered()
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             if attempt >= s.edge_max_attempts:

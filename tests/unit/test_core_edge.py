@@ -655,7 +655,7 @@ def test_a_call_already_retrying_when_edge_starts_to_look_down_keeps_its_retries
     clock = AnotherCallWhileWaiting()
     session = FakeSession([retryable(503), *[retryable(503)] * 5, retryable(503), ok()])
     edge = client(session, clock)
-    other: list[BaseException] = []
+    other: list[EdgeUnavailable] = []
 
     def meanwhile() -> None:
         with pytest.raises(EdgeUnavailable) as info:

@@ -694,6 +694,50 @@ def test_a_call_that_gives_up_otherwise_does_not_make_edge_look_down(first):
     assert (edge.is_down(), seen) == (False, [200, 2])
 
 
+class AnsweredMeanwhile(FakeSession):
+    """A session whose next call lets another event's delivery run first (as another worker thread would)."""
+
+    meanwhile: Callable[[], Any] | None = None
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        run, self.meanwhile = self.meanwhile, None
+        if run is not None:
+            run()
+        return super().send(request, **kwargs)
+
+
+def test_a_call_that_started_while_edge_looked_down_retries_if_edge_answered_another_meanwhile():
+    # GIVEN Edge looked down when an event's call started, and answered another event's call while it was made
+    session = AnsweredMeanwhile()
+    clock = FakeClock()
+    edge = client(session, clock)
+    deliveries(edge, session, clock, [retryable(503)] * 5)
+    session.script.extend(Scripted(s) for s in [ok(), retryable(503), ok()])
+    other: list[int] = []
+    session.meanwhile = lambda: other.append(edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30)).status)
+
+    # WHEN that event's call meets a 503
+    answer = edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN it is retried as usual: the outage ended while it was made
+    assert (other, answer.attempts) == ([200], 2)
+
+
+def test_a_call_whose_retries_run_out_of_time_before_its_attempts_makes_edge_look_down():
+    # GIVEN a webhook's budget (4 s): Edge answers 503 with `Retry-After: 1` to each of 4 attempts, then time is up
+    clock, session = FakeClock(), FakeSession([retryable(503, "1")] * 4)
+    edge = client(session, clock)
+    with pytest.raises(EdgeUnavailable) as info:
+        edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 4))
+    assert info.value.attempts == 4
+
+    # WHEN the next event meets a 503
+    seen = deliveries(edge, session, clock, [retryable(503), ok()])
+
+    # THEN it is tried once: Edge answered nothing for as long as that event's retries lasted
+    assert (edge.is_down(), seen) == (True, ["unavailable", 1])
+
+
 def test_deliver_retry_after_beyond_the_deadline_raises_without_sleeping():
     # GIVEN a 429 asking for 30 s with 10 s left
     clock = FakeClock()

@@ -29,8 +29,8 @@ HINT_ROUTE_PAUSE_S = 600.0
 # This many different hints refused within a pause pause them all: the host has no hinted routes, and a caller's
 # made-up cluster values must not each cost an Edge call (nor grow the table of paused hints).
 HINTS_REFUSED_FOR_ALL = 3
-# Once a call has failed through all its attempts for want of Edge (no answer, or 408/502/503/504) while Edge answered
-# no call of this execution environment, calls that start later are tried once each, without retries, until Edge
+# Once a call has failed through all its attempts (or through its time, after a retry) for want of Edge (no answer, or
+# 408/502/503/504) while Edge answered no call of this execution environment, calls that start later are tried once each, without retries, until Edge
 # answers one of them, or this long after the last such failure (longer than the queue's 180 s visibility timeout, so
 # that a record coming back finds it). During an outage each event still gets an attempt per receive, but not five,
 # nor the waits between them. One event that Edge keeps failing while it answers others is not an outage, and calls
@@ -364,18 +364,24 @@ class EdgeClient:
                     count("EdgeThrottled" if status == 429 else "EdgeUnavailable")
                     reason = f"edge answered {status} {code}".strip()
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
-            # Edge looks down (this call failed through all its attempts and Edge answered no call meanwhile, or
-            # Edge looked down when it started and has answered nothing since): no retry, so that an outage costs
-            # each event one attempt per receive, not five and the waits between.
-            last_answer = self._last_answer
-            unanswered_since = last_answer is None or last_answer < began
-            if unanswered and ((gated and self.is_down()) or (attempt >= s.edge_max_attempts and unanswered_since)):
+            # Edge looked down when this call started and has answered nothing since: no retry, so that an outage
+            # costs each event one attempt per receive, not five and the waits between.
+            if unanswered and gated and self.is_down():
                 self._gave_up_unanswered()
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
+            # This call gives up, for want of attempts or of time, after failing for want of Edge while Edge answered
+            # no call of this environment: Edge looks down from now on (after a retry at least: one failed attempt
+            # that finds no time for another says nothing of Edge).
+            last_answer = self._last_answer
+            edge_down = unanswered and (last_answer is None or last_answer < began)
             if attempt >= s.edge_max_attempts:
+                if edge_down:
+                    self._gave_up_unanswered()
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             wait = retry_after if retry_after is not None else backoff(attempt, rng=self._rng)
             if wait + MIN_ATTEMPT_S > deadline.remaining():
+                if edge_down and attempt >= 2:
+                    self._gave_up_unanswered()
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             count("EdgeRetries")
             logger.info("edge call will be retried", attempt=attempt, reason=reason, wait_s=round(wait, 3))

@@ -29,12 +29,13 @@ HINT_ROUTE_PAUSE_S = 600.0
 # This many different hints refused within a pause pause them all: the host has no hinted routes, and a caller's
 # made-up cluster values must not each cost an Edge call (nor grow the table of paused hints).
 HINTS_REFUSED_FOR_ALL = 3
-# Once a call has failed through all its attempts (or through its time, after a retry) for want of Edge (no answer, or
-# 408/502/503/504) while Edge answered no call of this execution environment, calls that start later are tried once each, without retries, until Edge
-# answers one of them, or this long after the last such failure (longer than the queue's 180 s visibility timeout, so
-# that a record coming back finds it). During an outage each event still gets an attempt per receive, but not five,
-# nor the waits between them. One event that Edge keeps failing while it answers others is not an outage, and calls
-# already retrying when it starts keep their retries (a blip that ends meanwhile is still absorbed).
+# Once a call has failed through all its attempts (or through its time, after a retry) for want of Edge (no answer,
+# or 408/502/503/504) while Edge answered no call of this execution environment, calls that start later are tried
+# once each, without retries, until Edge answers one of them, or this long after the last such failure (longer than
+# the queue's 180 s visibility timeout, so that a record coming back finds it). During an outage each event still gets
+# an attempt per receive, but not five, nor the waits between them. One event that Edge keeps failing while it answers
+# others is not an outage, and calls already retrying when it starts keep their retries (a blip that ends meanwhile is
+# still absorbed).
 EDGE_DOWN_MEMORY_S = 300.0
 # Failures that say Edge is not there, as opposed to an answer: a 429 is Edge answering (its `Retry-After` is honoured).
 OUTAGE_STATUSES = RECOVERABLE_STATUSES - {429}

@@ -96,7 +96,7 @@ soak: setup
 bench: setup
 	$(BIN)/python -m devtools.bench
 
-outage-cost: setup  # what events cost while Edge fails (README, "While Edge fails"): about 4 minutes
+outage-cost: setup  # what events cost while Edge fails (README, "While Edge fails"): about 2 minutes
 	$(BIN)/python -m devtools.outage_cost
 
 clean:

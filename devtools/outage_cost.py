@@ -18,7 +18,8 @@ Scenarios (Edge answers 50 ms after a request arrives, as in the bench's cost as
 6. Webhook events (HTTP API v2, signed as a Standard Webhooks sender does) while Edge answers 503: the handler
    answers 202 and queues them (``SendMessage``); Edge then recovers and the queued messages are delivered through
    the SQS path. The webhook invocations run in ``WEBHOOK_SHARDS`` processes at once, one at a time in each.
-7. Edge answers 503 through the first receive of each record, then delivers (the README's second row).
+7. Edge answers 503 through the first receive of each record, then delivers (the README's row "through the first
+   receive").
 
 The 503s of scenarios 3, 4, 6 and 7 carry ``Retry-After: 1`` (``--retry-after``, default 1, as the README's table
 was measured; ``--retry-after 0``: none, and the relay waits its own backoff, 0.1-1.6 s, between attempts).
@@ -64,13 +65,13 @@ from devtools.bench import (
     ROOT,
     SECRETS_CALL,
     SQS_REQUEST,
+    Bench,
     diff,
     interact_body,
     proxy_counts,
     proxy_process,
 )
 
-_AWS_OVERRIDES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 EVENTS = 100
 MAX_RECEIVES = 5  # the template's RedrivePolicy maxReceiveCount
 EDGE_LATENCY = 0.05
@@ -400,31 +401,12 @@ def print_table(results: Sequence[Mapping[str, Any]], memory_mb: int, elapsed: f
         "events), a ReceiveMessage per 10 record receives, a DeleteMessageBatch per 10 acknowledged (estimated), plus "
         "the relay's own SQS calls (counted). Each worker's warm-up event (secret reads, IMS token) is left out. Not "
         "included: API Gateway ($1.00/M) and its access-log line for webhook events. "
-        f"Run took {elapsed:.0f} s; CPU {cpu_model()}, {os.cpu_count()} cores."
+        f"Run took {elapsed:.0f} s; CPU {Bench.cpu_model()}, {os.cpu_count()} cores."
     )
     print(textwrap.fill(note, 120))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 # ============================================================================================ orchestration
-
-
-def template_memory_mb(template: Mapping[str, Any]) -> int:
-    from devtools.resources import FUNCTION_RESOURCE, resource
-
-    props = resource(template, FUNCTION_RESOURCE).get("Properties") or {}
-    glob = (template.get("Globals") or {}).get("Function") or {}
-    value = props.get("MemorySize", glob.get("MemorySize", RECOMMENDED_MB))
-    return int(value) if isinstance(value, int | str) and str(value).isdigit() else RECOMMENDED_MB
 
 
 class Runner:
@@ -519,7 +501,7 @@ class Runner:
         return r
 
     def run(self, scenarios: list[int]) -> int:
-        from devtools.stack import LocalStack
+        from devtools.stack import AWS_OVERRIDES, LocalStack
 
         log = lambda msg: print(f"# {msg}", file=sys.stderr, flush=True)  # noqa: E731
         started = time.perf_counter()
@@ -527,10 +509,10 @@ class Runner:
         with LocalStack() as stack, proxy_process(stack.moto.url, images=True) as counter:
             self.stack, self.counter = stack, counter
             res = stack.resources
-            memory_mb = template_memory_mb(stack.template)
+            memory_mb = RECOMMENDED_MB  # the template's MemorySize (test_template.py checks they agree)
             stack.sim.set_latency(EDGE_LATENCY)
             self.env = {
-                **{k: v for k, v in os.environ.items() if k not in _AWS_OVERRIDES},
+                **{k: v for k, v in os.environ.items() if k not in AWS_OVERRIDES},
                 **stack.env,
                 "POWERTOOLS_LOG_LEVEL": "INFO",  # the deployed level
                 "AWS_ENDPOINT_URL_DYNAMODB": counter,

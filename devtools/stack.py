@@ -46,7 +46,7 @@ DATASTREAM_ID = "ds-local"
 ADOBE_SCOPES = "openid,AdobeID,additional_info.projectedProductContext"
 
 # Variables that would point boto3 somewhere else than the emulator.
-_AWS_OVERRIDES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+AWS_OVERRIDES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 def decode_item(item: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +228,7 @@ class LocalStack:
         Through ``monkeypatch`` when given; otherwise the previous values come back on :meth:`stop`.
         """
         env = {**self.env, **(overrides or {})}
-        removed = [k for k in os.environ if k in _AWS_OVERRIDES or k.startswith("AWS_ENDPOINT_URL_")]
+        removed = [k for k in os.environ if k in AWS_OVERRIDES or k.startswith("AWS_ENDPOINT_URL_")]
         if monkeypatch is not None:
             for key in removed:
                 monkeypatch.delenv(key, raising=False)

@@ -661,6 +661,7 @@ def test_a_call_already_retrying_when_edge_starts_to_look_down_keeps_its_retries
         with pytest.raises(EdgeUnavailable) as info:
             edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
         other.append(info.value)
+        assert edge.is_down()  # while the first event waits to retry
 
     clock.meanwhile = meanwhile
 
@@ -692,6 +693,34 @@ def test_a_call_that_gives_up_otherwise_does_not_make_edge_look_down(first):
 
     # THEN it is retried as usual
     assert (edge.is_down(), seen) == (False, [200, 2])
+
+
+class Slots:
+    """Edge slots that are free for the first `free` attempts, and then never again before the deadline."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        self.free -= 1
+        return self.free >= 0
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("attempts", "looks_down"), [(2, True), (1, False)])
+def test_a_call_that_finds_no_edge_slot_after_unanswered_retries_makes_edge_look_down(attempts, looks_down):
+    # GIVEN an event whose attempts Edge leaves unanswered (503) until no Edge slot frees up before its deadline
+    clock, session = FakeClock(), FakeSession([retryable(503)] * 5)
+    edge = EdgeClient(session, settings(), None, clock, random.Random(42), slots=Slots(attempts))  # type: ignore[arg-type]
+
+    # WHEN it gives up
+    with pytest.raises(EdgeUnavailable) as info:
+        edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+
+    # THEN Edge looks down after a retry that Edge left unanswered, not after a single attempt
+    assert (info.value.attempts, edge.is_down()) == (attempts, looks_down)
 
 
 class AnsweredMeanwhile(FakeSession):

@@ -31,7 +31,7 @@ HINT_ROUTE_PAUSE_S = 600.0
 HINTS_REFUSED_FOR_ALL = 3
 # Once a call has failed through all its attempts (or through its time, after a retry) for want of Edge (no answer,
 # or 408/502/503/504) while Edge answered no call of this execution environment, calls that start later are tried
-# once each, without retries, until Edge answers one of them, or this long after the last such failure (longer than
+# once each, without retries, until Edge answers any call, or this long after the last such failure (longer than
 # the queue's 180 s visibility timeout, so that a record coming back finds it). During an outage each event still gets
 # an attempt per receive, but not five, nor the waits between them. One event that Edge keeps failing while it answers
 # others is not an outage, and calls already retrying when it starts keep their retries (a blip that ends meanwhile is
@@ -165,8 +165,9 @@ class EdgeClient:
         # Refusals come from many workers at once (read-modify-replace). Readers take the table without it: it is
         # replaced whole, never changed in place.
         self._hints_lock = threading.Lock()
-        # When a call last gave up for want of Edge, with no answer from Edge since (`EDGE_DOWN_MEMORY_S`). Replaced
-        # whole by any worker; a race only logs a change twice.
+        # When a call last gave up for want of Edge, with no answer from Edge since (`EDGE_DOWN_MEMORY_S`). Read and
+        # replaced whole by any worker, without a lock: a race may set it just after another call's answer (the next
+        # answer clears it) or log a change twice.
         self._down: Moment | None = None
         self._last_answer: float | None = None  # monotonic time of Edge's last answer other than an outage's
 
@@ -174,6 +175,11 @@ class EdgeClient:
         """Whether a call gave up for want of Edge within EDGE_DOWN_MEMORY_S and Edge has answered none since."""
         down = self._down
         return down is not None and down.within(EDGE_DOWN_MEMORY_S, Moment.of(self._clock))
+
+    def _unanswered_since(self, began: float) -> bool:
+        """Whether Edge has answered no call of this environment since `began` (monotonic)."""
+        last = self._last_answer
+        return last is None or last < began
 
     def _gave_up_unanswered(self) -> None:
         if not self.is_down():
@@ -281,15 +287,24 @@ class EdgeClient:
         reason, retry_after = "no time left for an attempt", None
         began = self._clock.monotonic()
         gated = self.is_down()  # Edge looked down when this call started: one attempt, unless Edge answers meanwhile
+        unanswered = False  # the last attempt failed for want of Edge
+
+        def out_of_time(attempts: int) -> EdgeUnavailable:
+            """Giving up for want of time: after a retry that Edge left unanswered like every call since this one
+            began, Edge looks down from now on (one failed attempt that finds no time for another says nothing)."""
+            if unanswered and attempts >= 2 and self._unanswered_since(began):
+                self._gave_up_unanswered()
+            return EdgeUnavailable(reason, retry_after=retry_after, attempts=attempts)
+
         while True:
             attempt += 1
             remaining = deadline.remaining()
             if remaining < MIN_ATTEMPT_S:
-                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
+                raise out_of_time(attempt - 1)
             headers, token = self._headers(deadline)
             remaining = deadline.remaining()  # the token request may have used some of it
             if remaining < MIN_ATTEMPT_S:
-                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
+                raise out_of_time(attempt - 1)
             params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
             started = self._clock.monotonic()
             try:
@@ -302,7 +317,7 @@ class EdgeClient:
                 count("EdgeUnavailable")
             else:
                 if answered is None:  # no slot freed up, or no time left, before the deadline
-                    raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt - 1)
+                    raise out_of_time(attempt - 1)
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
                 resp, cap = answered
                 status = resp.status_code
@@ -370,20 +385,15 @@ class EdgeClient:
             if unanswered and gated and self.is_down():
                 self._gave_up_unanswered()
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
-            # This call gives up, for want of attempts or of time, after failing for want of Edge while Edge answered
-            # no call of this environment: Edge looks down from now on (after a retry at least: one failed attempt
-            # that finds no time for another says nothing of Edge).
-            last_answer = self._last_answer
-            edge_down = unanswered and (last_answer is None or last_answer < began)
+            # This call gives up after failing for want of Edge through all its attempts while Edge answered no call
+            # of this environment: Edge looks down from now on.
             if attempt >= s.edge_max_attempts:
-                if edge_down:
+                if unanswered and self._unanswered_since(began):
                     self._gave_up_unanswered()
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             wait = retry_after if retry_after is not None else backoff(attempt, rng=self._rng)
             if wait + MIN_ATTEMPT_S > deadline.remaining():
-                if edge_down and attempt >= 2:
-                    self._gave_up_unanswered()
-                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
+                raise out_of_time(attempt)
             count("EdgeRetries")
             logger.info("edge call will be retried", attempt=attempt, reason=reason, wait_s=round(wait, 3))
             self._clock.sleep(wait)

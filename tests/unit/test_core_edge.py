@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from relay.clock import Deadline
 from relay.errors import CredentialsError, EdgeRejected, EdgeUnavailable
 from relay.integrations.edge import (
@@ -765,6 +768,63 @@ def test_a_call_whose_retries_run_out_of_time_before_its_attempts_makes_edge_loo
 
     # THEN it is tried once: Edge answered nothing for as long as that event's retries lasted
     assert (edge.is_down(), seen) == (True, ["unavailable", 1])
+
+
+OUTCOMES: dict[str, Callable[[], requests.Response | BaseException]] = {
+    "200": lambda: ok(),
+    "400": lambda: edge_problem(400, "EXEG-0104-400"),
+    "500": lambda: edge_problem(500, "EXEG-0001-500"),
+    "429": lambda: retryable(429, "1"),
+    "503": lambda: retryable(503, "1"),
+    "503, no Retry-After": lambda: retryable(503),
+    "timeout": requests.Timeout,
+}
+NOT_THERE = {"503", "503, no Retry-After", "timeout"}  # the rest are answers
+FINAL = {"200", "400", "500"}  # answers that end a call
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1.0, 100.0, 299.0, 301.0]),  # seconds since the previous call ended
+            st.lists(st.sampled_from(sorted(OUTCOMES)), min_size=5, max_size=5),  # what Edge does to each attempt
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_calls_one_after_another_follow_the_outage_rule(calls):
+    """A model of the rule, checked on any sequence of calls (one at a time: no other call answers meanwhile): Edge
+    looks down after a call failed its 5 attempts for want of Edge, until an answer or 300 s after the last failure;
+    a call that starts while it does makes one attempt if that fails for want of Edge; any other call is retried as
+    before the rule (until an answer that ends it, or 5 attempts)."""
+    clock, session = FakeClock(), FakeSession()
+    edge = client(session, clock)
+    down_at: float | None = None  # the model: when a call last gave up with Edge looking down
+    for gap, outcomes in calls:
+        clock.advance(gap)
+        looked_down = down_at is not None and clock.monotonic() - down_at < 300
+        assert edge.is_down() == looked_down
+
+        session.script = [Scripted(OUTCOMES[o]()) for o in outcomes]
+        try:
+            edge.deliver(DATASTREAM, REQUEST, None, Deadline(clock, 30))
+        except (EdgeUnavailable, EdgeRejected):
+            pass
+        made = 5 - len(session.script)
+        seen = outcomes[:made]
+
+        if looked_down and outcomes[0] in NOT_THERE:
+            assert made == 1  # no retry
+        else:
+            ends = [n + 1 for n, o in enumerate(outcomes) if o in FINAL]
+            assert made == min(ends[0] if ends else 5, 5)  # retried as before the rule
+        if any(o not in NOT_THERE for o in seen):
+            down_at = None  # Edge answered
+        elif looked_down or made == 5:
+            down_at = clock.monotonic()  # it gave up for want of Edge: Edge looks down (again) from now
+        assert edge.is_down() == (down_at is not None)
 
 
 def test_deliver_retry_after_beyond_the_deadline_raises_without_sleeping():

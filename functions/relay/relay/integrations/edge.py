@@ -169,17 +169,18 @@ class EdgeClient:
         # replaced whole by any worker, without a lock: a race may set it just after another call's answer (the next
         # answer clears it) or log a change twice.
         self._down: Moment | None = None
-        self._last_answer: float | None = None  # monotonic time of Edge's last answer other than an outage's
+        # Edge's answers other than an outage's, counted: a call that sees it unchanged since it began heard nothing
+        # (a count, not a time: two moments may be equal; an increment lost to a race still changes it).
+        self._answers = 0
 
     def is_down(self) -> bool:
         """Whether a call gave up for want of Edge within EDGE_DOWN_MEMORY_S and Edge has answered none since."""
         down = self._down
         return down is not None and down.within(EDGE_DOWN_MEMORY_S, Moment.of(self._clock))
 
-    def _unanswered_since(self, began: float) -> bool:
-        """Whether Edge has answered no call of this environment since `began` (monotonic)."""
-        last = self._last_answer
-        return last is None or last < began
+    def _unanswered_since(self, answers: int) -> bool:
+        """Whether Edge has answered no call of this environment since its count of answers was `answers`."""
+        return self._answers == answers
 
     def _gave_up_unanswered(self) -> None:
         if not self.is_down():
@@ -190,7 +191,7 @@ class EdgeClient:
         self._down = Moment.of(self._clock)
 
     def _answered(self) -> None:
-        self._last_answer = self._clock.monotonic()
+        self._answers += 1
         if self._down is not None:
             if self.is_down():
                 logger.info("edge answers again: calls are retried as usual")
@@ -285,14 +286,14 @@ class EdgeClient:
         body = request if isinstance(request, bytes) else codec.dumps(request).encode("utf-8")
         attempt, refreshed = 0, False
         reason, retry_after = "no time left for an attempt", None
-        began = self._clock.monotonic()
+        answers_before = self._answers
         gated = self.is_down()  # Edge looked down when this call started: one attempt, unless Edge answers meanwhile
         unanswered = False  # the last attempt failed for want of Edge
 
         def out_of_time(attempts: int) -> EdgeUnavailable:
             """Giving up for want of time: after a retry that Edge left unanswered like every call since this one
             began, Edge looks down from now on (one failed attempt that finds no time for another says nothing)."""
-            if unanswered and attempts >= 2 and self._unanswered_since(began):
+            if unanswered and attempts >= 2 and self._unanswered_since(answers_before):
                 self._gave_up_unanswered()
             return EdgeUnavailable(reason, retry_after=retry_after, attempts=attempts)
 
@@ -388,7 +389,7 @@ class EdgeClient:
             # This call gives up after failing for want of Edge through all its attempts while Edge answered no call
             # of this environment: Edge looks down from now on.
             if attempt >= s.edge_max_attempts:
-                if unanswered and self._unanswered_since(began):
+                if unanswered and self._unanswered_since(answers_before):
                     self._gave_up_unanswered()
                 raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
             wait = retry_after if retry_after is not None else backoff(attempt, rng=self._rng)

@@ -632,6 +632,34 @@ def test_one_event_that_edge_keeps_failing_while_it_answers_others_is_not_an_out
     assert (edge.is_down(), seen) == (False, [200, 2])
 
 
+@pytest.mark.parametrize(
+    ("first", "hint", "tokens"),
+    [
+        pytest.param(edge_problem(401, "EXEG-0503-401"), None, True, id="a 401 (expired token, refreshed)"),
+        pytest.param(
+            make_response(404, {"type": "https://ns.adobe.com/aep/errors/EXEG-0404-404", "status": 404}),
+            "or2",
+            False,
+            id="a 404 on the hinted URL (sent to the plain one)",
+        ),
+    ],
+)
+def test_an_answer_that_sends_a_gated_call_again_at_once_ends_the_outage_for_it(first, hint, tokens, caplog):
+    # GIVEN Edge looked down when a call started
+    clock, session = FakeClock(), FakeSession()
+    edge = client(session, clock, tokens=FakeTokenProvider() if tokens else None)
+    deliveries(edge, session, clock, [retryable(503)] * 5)
+
+    # WHEN Edge answers it with a 401 (token expired) or a 404 on the hinted URL, then a 503, then accepts it
+    session.script.extend(Scripted(r) for r in [first, retryable(503), ok()])
+    answer = edge.deliver(DATASTREAM, REQUEST, hint, Deadline(clock, 30))
+
+    # THEN that answer ended the outage (said at INFO; it began at WARNING): the 503 after it was retried as usual
+    assert (answer.attempts, edge.is_down()) == (3, False)
+    said = {r.getMessage().split(":")[0]: r.levelname for r in caplog.records}
+    assert (said["edge looks unavailable"], said["edge answers again"]) == ("WARNING", "INFO")
+
+
 def test_the_outage_is_forgotten_five_minutes_after_the_last_call_that_gave_up(caplog):
     # GIVEN Edge looked down, and a call tried once 250 s later failed too
     clock, session = FakeClock(), FakeSession()

@@ -572,6 +572,15 @@ def _posts_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"phases": {"run": {"walls": walls, "events": len(walls) * BATCH}}}
 
 
+def worker_result(out: Path, returncode: int, stderr: str, kind: str) -> dict[str, Any]:
+    """What a worker process wrote to `out` (deleted once read), or its stderr's end when it failed."""
+    if returncode != 0:
+        raise RuntimeError(f"{kind} worker failed: {stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    out.unlink()
+    return result
+
+
 def worker_main(kind: str, spec_json: str, out_path: str) -> int:
     spec = json.loads(spec_json)
     spec["kind"] = kind
@@ -698,11 +707,7 @@ class Bench:
                 check=False,
             )
         out.with_suffix(".stdout").unlink()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{kind} worker failed: {proc.stderr[-3000:]}")
-        result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
-        out.unlink()
-        return result
+        return worker_result(out, proc.returncode, proc.stderr, kind)
 
     def run(self) -> int:
         from contextlib import ExitStack

@@ -70,6 +70,7 @@ from devtools.bench import (
     interact_body,
     proxy_counts,
     proxy_process,
+    worker_result,
 )
 
 EVENTS = 100
@@ -436,11 +437,7 @@ class Runner:
             raise
         if not self.keep_stdout:
             out.with_suffix(".stdout").unlink()
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker failed: {err[-3000:]}")
-        result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
-        out.unlink()
-        return result
+        return worker_result(out, proc.returncode, err, "outage")
 
     def webhook_scenario(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Scenario 6: shards of the webhook events in processes of their own (an execution environment runs one

@@ -290,10 +290,12 @@ class EdgeClient:
         gated = self.is_down()  # Edge looked down when this call started: one attempt, unless Edge answers meanwhile
         unanswered = False  # the last attempt failed for want of Edge
 
-        def out_of_time(attempts: int) -> EdgeUnavailable:
-            """Giving up for want of time: after a retry that Edge left unanswered like every call since this one
-            began, Edge looks down from now on (one failed attempt that finds no time for another says nothing)."""
-            if unanswered and attempts >= 2 and self._unanswered_since(answers_before):
+        def give_up(attempts: int, *, for_good: bool = False) -> EdgeUnavailable:
+            """Giving up: when the last attempt failed for want of Edge and Edge answered no call of this environment
+            since this one began, Edge looks down from now on (or still does), if this call gave up for good (its
+            attempts spent, or one made while Edge looked down) or for want of time after a retry (one failed attempt
+            that finds no time for another says nothing)."""
+            if unanswered and (for_good or attempts >= 2) and self._unanswered_since(answers_before):
                 self._gave_up_unanswered()
             return EdgeUnavailable(reason, retry_after=retry_after, attempts=attempts)
 
@@ -301,11 +303,11 @@ class EdgeClient:
             attempt += 1
             remaining = deadline.remaining()
             if remaining < MIN_ATTEMPT_S:
-                raise out_of_time(attempt - 1)
+                raise give_up(attempt - 1)
             headers, token = self._headers(deadline)
             remaining = deadline.remaining()  # the token request may have used some of it
             if remaining < MIN_ATTEMPT_S:
-                raise out_of_time(attempt - 1)
+                raise give_up(attempt - 1)
             params = {"datastreamId": datastream_id, "requestId": str(uuid.uuid4())}
             started = self._clock.monotonic()
             try:
@@ -318,7 +320,7 @@ class EdgeClient:
                 count("EdgeUnavailable")
             else:
                 if answered is None:  # no slot freed up, or no time left, before the deadline
-                    raise out_of_time(attempt - 1)
+                    raise give_up(attempt - 1)
                 timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
                 resp, cap = answered
                 status = resp.status_code
@@ -381,20 +383,13 @@ class EdgeClient:
                     count("EdgeThrottled" if status == 429 else "EdgeUnavailable")
                     reason = f"edge answered {status} {code}".strip()
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
-            # Edge looked down when this call started and has answered nothing since: no retry, so that an outage
-            # costs each event one attempt per receive, not five and the waits between.
-            if unanswered and gated and self.is_down():
-                self._gave_up_unanswered()
-                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
-            # This call gives up after failing for want of Edge through all its attempts while Edge answered no call
-            # of this environment: Edge looks down from now on.
-            if attempt >= s.edge_max_attempts:
-                if unanswered and self._unanswered_since(answers_before):
-                    self._gave_up_unanswered()
-                raise EdgeUnavailable(reason, retry_after=retry_after, attempts=attempt)
+            # Its attempts spent, or Edge looked down when this call started and has answered nothing since: no retry
+            # (in an outage, each event then costs one attempt per receive, not five and the waits between).
+            if (unanswered and gated and self.is_down()) or attempt >= s.edge_max_attempts:
+                raise give_up(attempt, for_good=True)
             wait = retry_after if retry_after is not None else backoff(attempt, rng=self._rng)
             if wait + MIN_ATTEMPT_S > deadline.remaining():
-                raise out_of_time(attempt)
+                raise give_up(attempt)
             count("EdgeRetries")
             logger.info("edge call will be retried", attempt=attempt, reason=reason, wait_s=round(wait, 3))
             self._clock.sleep(wait)

@@ -2659,10 +2659,10 @@ def test_a_webhook_result_written_though_its_answer_was_lost_is_the_answer(
     assert item is not None and item["status"] == edge_says
     if edge_says == "delivered":
         assert answer["statusCode"] == 200 and json.loads(answer["body"])["handle"] == item["handle"]
-        assert emitted() == {"Delivered": [1.0]}
+        assert emitted() == {"Delivered": [1.0], "RefusedByRelay": [0.0]}
     else:
         assert answer["statusCode"] == 422
-        assert emitted() == {"Rejected": [1.0], "EdgeRejected": [1.0]}
+        assert emitted() == {"Rejected": [1.0], "EdgeRejected": [1.0], "RefusedByRelay": [0.0]}
 
 
 def test_batch_results_written_though_their_answer_was_lost_are_not_redelivered(
@@ -2682,7 +2682,7 @@ def test_batch_results_written_though_their_answer_was_lost_are_not_redelivered(
     # THEN both records are done (a redelivery would only find them delivered), and counted as delivered
     assert answer == {"batchItemFailures": []}
     assert [store.get_result(e)["status"] for e in ("e1", "e2")] == ["delivered", "delivered"]  # type: ignore[index]
-    assert emitted() == {"Delivered": [1.0, 1.0]} and len(edge.calls) == 2
+    assert emitted() == {"Delivered": [1.0, 1.0], "RefusedByRelay": [0.0, 0.0]} and len(edge.calls) == 2
 
 
 def test_a_result_write_that_really_failed_still_gives_the_claim_back(

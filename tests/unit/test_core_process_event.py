@@ -246,6 +246,44 @@ def test_the_relays_own_refusal_of_a_too_large_event_is_not_counted_as_edges(
     assert "EdgeRejected" not in emitted() and emitted()["Rejected"] == [1.0]
 
 
+def test_every_finished_event_says_whether_the_relay_itself_refused_it(
+    store_on_moto: StoreOnMoto, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    # GIVEN the real store (on in-process moto), and Edge that takes one event, refuses one for good, then is down
+    store, clock = store_on_moto.store, store_on_moto.clock
+    edge = FakeEdge(
+        EdgeAnswer(200, FIXTURE_BODY, 1),
+        EdgeRejected(400, {"type": "https://ns.adobe.com/aep/errors/EXEG-0003-400", "status": 400}),
+        EdgeUnavailable("edge answered 503"),
+    )
+    relay_ = Relay(store, edge, clock)  # type: ignore[arg-type]
+    run = lambda event: relay_.process(event, Deadline(clock, 10), lease_s=30)  # noqa: E731
+
+    def event(event_id: str, person: str) -> InboundEvent:
+        doc = {"event": {"xdm": {"_id": event_id, "identityMap": {"Email": [{"id": person, "primary": True}]}}}}
+        return build_inbound(doc, event_id=event_id, datastream_id=DS, source="sqs", received_at=NOW)
+
+    # WHEN one event is delivered, one refused by Edge, one refused as too large for Edge, one reuses the delivered
+    # one's eventId for another person, one body is invalid; and a repeat and an event Edge could not take
+    outcomes = [
+        run(event("e-delivered", "alice@example.com")).outcome,
+        run(event("e-edge", "alice@example.com")).outcome,
+        run(sized(event("e-large", "alice@example.com"), -10)).outcome,
+        run(event("e-delivered", "bob@example.com")).outcome,
+    ]
+    relay_.reject_invalid(
+        "e-invalid", datastream_id=DS, source="sqs", error=InvalidEvent([{"path": "event", "message": "x"}]), raw="{}"
+    )
+    outcomes += [run(event("e-delivered", "alice@example.com")).outcome, run(event("e-retry", "carol@x.com")).outcome]
+    assert outcomes == [Outcome.DELIVERED, *[Outcome.REJECTED] * 3, Outcome.DUPLICATE, Outcome.RETRY]
+
+    # THEN each finished event adds one value to RefusedByRelay, 1 when the relay refused it and 0 when it was
+    # delivered or refused by Edge (the alarm averages it: here 3 of 5); a repeat or a retry finishes nothing new
+    seen = emitted()
+    assert seen["RefusedByRelay"] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert (seen["Delivered"], seen["Rejected"], seen["EdgeRejected"]) == ([1.0], [1.0] * 4, [1.0])
+
+
 def test_process_unexpected_error_after_the_claim_releases_it_and_retries():
     # GIVEN a defect somewhere after the claim (here: in the Edge client)
     store = FakeStore()

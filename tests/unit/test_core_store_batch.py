@@ -311,7 +311,7 @@ def test_an_event_of_an_identity_whose_state_is_in_a_newer_format_is_delivered_w
     assert result.outcome is Outcome.DELIVERED
     assert "meta" not in edge.calls[0].request
     assert ddb.get_item(TableName="t", Key=HandlesStore.state_key(event.identity_id or "", "ds"))["Item"] == later
-    assert set(emitted()) == {"StateNotSent", "Delivered"}
+    assert set(emitted()) == {"StateNotSent", "Delivered", "RefusedByRelay"}
 
 
 def test_a_state_rewritten_in_a_newer_format_meanwhile_is_what_the_event_carries_on(store_on_moto: StoreOnMoto) -> None:

@@ -472,6 +472,7 @@ EXPECTED_ALARMS: dict[str, tuple[str, set[str], list[dict[str, Any]]]] = {
     "UnexpectedErrorsAlarm": (APP_NAMESPACE, {"UnexpectedErrors"}, APP_DIMENSIONS),
     "WebhookAuthUnavailableAlarm": (APP_NAMESPACE, {"WebhookAuthUnavailable"}, APP_DIMENSIONS),
     "EdgeRejectedRateAlarm": (APP_NAMESPACE, {"EdgeRejected", "EdgeLatency"}, APP_DIMENSIONS),
+    "RelayRefusedRateAlarm": (APP_NAMESPACE, {"RefusedByRelay"}, APP_DIMENSIONS),
     "CredentialsUnavailableAlarm": (APP_NAMESPACE, {"CredentialsUnavailable"}, APP_DIMENSIONS),
     "StateWriteFailedAlarm": (APP_NAMESPACE, {"StateWriteFailed"}, APP_DIMENSIONS),
     # counted from the HTTP API's access log by a metric filter, not emitted by the code
@@ -642,6 +643,17 @@ def test_rate_alarms_divide_by_the_right_denominator(template: dict[str, Any]) -
     ids = {q["Id"]: q for q in res["WebhookUnauthorizedRateAlarm"]["Properties"]["Metrics"]}
     assert ids["requests"]["MetricStat"]["Stat"] == ids["unauthorized"]["MetricStat"]["Stat"] == "Sum"
     assert "FILL(unauthorized, 0) / requests" in ids["unauthorizedRate"]["Expression"]
+
+
+def test_the_relay_refusal_alarm_averages_one_value_per_finished_event(template: dict[str, Any]) -> None:
+    # GIVEN the alarm on the relay's own refusals (test_core_process_event shows the function writes RefusedByRelay
+    # once per finished event: 1 refused by the relay, 0 delivered or refused by Edge)
+    props = template["Resources"]["RelayRefusedRateAlarm"]["Properties"]
+
+    # THEN it fires on the share refused: over a tenth of the events finished, in three 5-minute periods in a row
+    assert (props["MetricName"], props["Statistic"], props["Period"]) == ("RefusedByRelay", "Average", 300)
+    assert (props["Threshold"], props["EvaluationPeriods"], props["DatapointsToAlarm"]) == (0.1, 3, 3)
+    assert "docs/operations.md#relay-refused-rate" in props["AlarmDescription"]
 
 
 def test_dead_letter_and_fallback_alarms_fire_on_the_first_message(template: dict[str, Any]) -> None:

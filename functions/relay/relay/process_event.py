@@ -168,6 +168,7 @@ class Relay:
             body_digest=digest,
         )
         count("Rejected")
+        count("RefusedByRelay", 1)
         filed_as = stored.get("eventId", event_id)
         if filed_as == event_id:
             logger.warning("event rejected as invalid", eventId=event_id, errors=len(error.errors))
@@ -319,6 +320,7 @@ class Relay:
             count("RetriesScheduled")
             return Result(Outcome.RETRY, inbound.event_id, reason=str(exc))
         count("Rejected")
+        count("RefusedByRelay", 1)
         count("EventIdReused")
         logger.warning("eventId reused for a different event: rejected", eventId=inbound.event_id, filedAs=filed_as)
         return Result(Outcome.REJECTED, filed_as, item=stored)
@@ -328,11 +330,16 @@ class Relay:
         INFO summary): a line per delivered event would cost more CPU and CloudWatch Logs ingestion than it tells."""
         if result.outcome is Outcome.DELIVERED:
             count("Delivered")
+            # One value per finished event, 1 when the relay itself refused it (an invalid body, a datastream not
+            # allowed, a reused eventId, too large for Edge) and 0 otherwise: its average is the share the relay
+            # refuses, which RelayRefusedRateAlarm watches without the metric math of a sparse numerator.
+            count("RefusedByRelay", 0)
             log = logger.debug if in_batch else logger.info
             log("event delivered", eventId=result.event_id, **result.note)
         else:
             count("Rejected")
             refused_here = result.note.get("type") == INVALID_EVENT_TYPE  # the relay's own 413: Edge was not called
+            count("RefusedByRelay", 1 if refused_here else 0)
             if not refused_here:
                 # Edge refused the event for good (a 3xx, a 4xx other than 401/408/429, a 5xx other than 502-504): a
                 # datastream deleted or misconfigured turns every event into one, which EdgeRejectedRateAlarm watches.

@@ -61,6 +61,17 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+def metric_values(stdout: str, name: str) -> list[float]:
+    """The values of metric `name` in the function's EMF lines (CloudWatch reads a log line as metrics when it is one
+    JSON object with an `_aws` key; a value is a number or a list of them)."""
+    values: list[float] = []
+    for line in stdout.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            value = json.loads(line).get(name, [])
+            values += value if isinstance(value, list) else [value]
+    return values
+
+
 def show(capsys: pytest.CaptureFixture[str], event_id: str) -> dict[str, Any]:
     code, out = run(capsys, "show", event_id)
     assert code == 0, out
@@ -218,10 +229,13 @@ def test_events_refused_for_a_mistyped_allow_list_are_replayed_once_it_is_fixed(
         MessageBody=json.dumps(interact_event(elsewhere)),
         MessageAttributes={"datastreamId": {"DataType": "String", "StringValue": "ds-elsewhere"}},
     )
+    capsys.readouterr()
     stack.poller(Runtime(load_settings(typo)).handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
     refused = stack.result(event_id)
     assert (refused["status"], refused["rejectedBy"]) == ("rejected", "relay")
     assert [e["path"] for e in refused["error"]["errors"]] == ["datastreamId"]
+    # (what pages the operator: each refusal is a 1 in the metric RelayRefusedRateAlarm averages)
+    assert metric_values(capsys.readouterr().out, "RefusedByRelay") == [1.0, 1.0]
 
     # WHEN the operator replays the relay's refusals as they are, THEN they are skipped: the same message would be
     # refused again
@@ -241,6 +255,7 @@ def test_events_refused_for_a_mistyped_allow_list_are_replayed_once_it_is_fixed(
     delivered = stack.result(event_id)
     assert (delivered["status"], delivered["datastreamId"]) == ("delivered", DATASTREAM_ID)
     assert [c["query"]["datastreamId"] for c in edge_requests(stack, event_id)] == [DATASTREAM_ID]
+    assert metric_values(capsys.readouterr().out, "RefusedByRelay") == [0.0]  # delivered: the share falls
 
 
 def test_show_unknown_event_says_unknown(ctl_env: LocalStack, capsys) -> None:

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -312,19 +313,25 @@ def _reason(doc: dict[str, Any]) -> str:
 def cmd_rejected(args: argparse.Namespace) -> int:
     event_id = bounded_id(args.event_id) if args.event_id else None
     rows = _scan_rejected(boto3.client("dynamodb"), _targets(args).table, event_id)
+    since = f" since {args.since}" if args.since else ""
+    if args.since:  # storedAt is always iso_millis (UTC, milliseconds): as text, it sorts as the time does
+        rows = [r for r in rows if str(r.get("storedAt", "")) >= args.since]
     if args.json:
         _print([{k: v for k, v in r.items() if k != "request"} for r in rows])
         return 0
     print(f"{'storedAt':<25} {'eventId':<40} {'source':<8} reason")
-    shown = rows[: args.limit]  # the oldest: _scan_rejected sorts them by storedAt
+    # The newest: what an operator answering an alarm is looking for (_scan_rejected sorts them by storedAt, so the
+    # latest is printed last, next to the prompt).
+    shown = rows[len(rows) - args.limit :] if len(rows) > args.limit else rows
     for r in shown:
         print(f"{r.get('storedAt', ''):<25} {r.get('eventId', ''):<40} {r.get('source', ''):<8} {_reason(r)}")
     if len(shown) < len(rows):
         print(
-            f"showing the oldest {len(shown)} of {len(rows)} rejected event(s): --limit N to list more, --json for all"
+            f"showing the newest {len(shown)} of {len(rows)} rejected event(s){since}: --limit N to list more, "
+            "--json for all"
         )
     else:
-        print(f"{len(rows)} rejected event(s)")
+        print(f"{len(rows)} rejected event(s){since}")
     return 0
 
 
@@ -1137,6 +1144,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_AGO = re.compile(r"(\d{1,6})([mhd])")
+_AGO_S = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> str:
+    """An argparse type: a time ago (`30m`, `2h`, `7d`) or an ISO 8601 time (`2026-11-30T09:00Z`; UTC when it names
+    no offset), as the `storedAt` text of that moment (iso_millis), which later ones sort after."""
+    ago = _AGO.fullmatch(text.strip())
+    if ago:
+        return iso_millis(time.time() - int(ago[1]) * _AGO_S[ago[2]])
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a time ago (30m, 2h, 7d) nor an ISO 8601 time (2026-11-30T09:00Z)"
+        ) from None
+    return iso_millis((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayctl", description=" ".join(__doc__.split("\n\n")[0].split()) if __doc__ else None
@@ -1166,7 +1192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=_positive_int,
         default=100,
-        help="list at most this many, oldest first (default: 100; --json lists all)",
+        help="list at most this many, the newest (default: 100; --json lists all)",
+    )
+    rej.add_argument(
+        "--since",
+        type=_since,
+        help="only those stored since then: a time ago (30m, 2h, 7d) or an ISO 8601 time (2026-11-30T09:00Z)",
     )
     rej.add_argument("--json", action="store_true", help="every one as JSON, without the stored requests")
     rej.add_argument(

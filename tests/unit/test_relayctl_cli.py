@@ -1,13 +1,15 @@
 """relayctl as a new user meets it: usage mistakes refused before anything is touched (a redrive from the dead-letter
-queue to itself, a limit that is not positive), what a limited listing says, a closed stdout (`| head`), local AWS
-client configuration named as such, the identity key secret named as it was given, redrive without a table, the
-identity value read from stdin; and devtools.invoke's one-line refusal of a missing event file."""
+queue to itself, a limit that is not positive, a `--since` it cannot read), what a limited or `--since` listing
+says, a closed stdout (`| head`), local AWS client configuration named as such, the identity key secret named as it
+was given, redrive without a table, the identity value read from stdin; and devtools.invoke's one-line refusal of a
+missing event file."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 from relay.identity_state import opaque_identity_id
+from relay.models import iso_millis
 
 import relayctl.__main__ as relayctl_main
 from devtools import invoke
@@ -132,10 +135,68 @@ def test_rejected_says_when_its_limit_hides_events_and_which_it_shows(
     # WHEN at most 2 are listed
     assert relayctl_main.main(["--table", "t", "rejected", "--limit", "2"]) == 0
 
-    # THEN the two oldest are listed, and the last line says that 4 more are hidden and how to see them
+    # THEN the two newest are listed (what an operator answering an alarm looks for; the latest last), and the last
+    # line says that 4 more are hidden and how to see them
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[1] for line in lines[1:-1]] == ["ev-0", "ev-1"]
-    assert lines[-1] == "showing the oldest 2 of 6 rejected event(s): --limit N to list more, --json for all"
+    assert [line.split()[1] for line in lines[1:-1]] == ["ev-4", "ev-5"]
+    assert lines[-1] == "showing the newest 2 of 6 rejected event(s): --limit N to list more, --json for all"
+
+
+@pytest.mark.parametrize("since", ["2025-01-04", "2025-01-04T00:00Z", "2025-01-04T01:00:00+01:00"])
+def test_rejected_since_a_time_lists_only_those_stored_from_then_on(
+    since: str, aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN 6 rejected events, stored a day apart from 2025-01-01 (UTC)
+    table_with_rejections(6)
+
+    # WHEN those since 2025-01-04, midnight UTC (a date, a time in UTC, a time with an offset), are listed, as a table
+    # and as JSON
+    assert relayctl_main.main(["--table", "t", "rejected", "--since", since, "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert relayctl_main.main(["--table", "t", "rejected", "--since", since, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+
+    # THEN only the three stored from then on count, the first of them at that very moment included
+    assert [line.split()[1] for line in lines[1:-1]] == ["ev-4", "ev-5"]
+    assert lines[-1] == (
+        "showing the newest 2 of 3 rejected event(s) since 2025-01-04T00:00:00.000Z: --limit N to list more, "
+        "--json for all"
+    )
+    assert [r["eventId"] for r in listed] == ["ev-3", "ev-4", "ev-5"]
+
+
+def test_rejected_since_a_time_ago_counts_back_from_now(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN events rejected 3 hours, 90 minutes and 1 minute ago
+    ddb = table_with_rejections(0)
+    now = time.time()
+    for event_id, ago_s in (("ev-3h", 3 * 3600), ("ev-90m", 90 * 60), ("ev-1m", 60)):
+        ddb.put_item(TableName="t", Item=rejected(event_id, iso_millis(now - ago_s)))
+
+    # WHEN those of the last 2 hours, of the last 30 minutes, of the last day are listed
+    def listed(since: str) -> list[str]:
+        assert relayctl_main.main(["--table", "t", "rejected", "--since", since]) == 0
+        return [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:-1]]
+
+    # THEN each lists those stored since then
+    assert (listed("2h"), listed("30m"), listed("1d")) == (["ev-90m", "ev-1m"], ["ev-1m"], ["ev-3h", "ev-90m", "ev-1m"])
+
+
+@pytest.mark.parametrize("since", ["2 hours", "yesterday", "2w", "2025-13-01"])
+def test_rejected_refuses_a_since_it_cannot_read(
+    since: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a client that must not be used
+    monkeypatch.setattr(relayctl_main.boto3, "client", no_client)
+
+    # WHEN the listing is asked for since something that is neither a time ago nor an ISO 8601 time
+    with pytest.raises(SystemExit) as refused:
+        relayctl_main.main(["--table", "t", "rejected", "--since", since])
+
+    # THEN argparse refuses it as a usage error, saying what it takes
+    assert refused.value.code == 2
+    assert f"argument --since: {since!r} is neither a time ago (30m, 2h, 7d) nor an ISO 8601 time" in (
+        capsys.readouterr().err
+    )
 
 
 def test_rejected_counts_them_all_when_its_limit_hides_none(aws: None, capsys: pytest.CaptureFixture[str]) -> None:

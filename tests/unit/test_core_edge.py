@@ -680,6 +680,26 @@ def test_the_outage_is_forgotten_five_minutes_after_the_last_call_that_gave_up(c
     assert not any("edge answers again" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("moved", ["wall", "monotonic"])
+def test_the_outage_is_forgotten_once_either_clock_says_five_minutes_passed(moved: str) -> None:
+    # GIVEN Edge looked down
+    clock, session = FakeClock(), FakeSession()
+    edge = client(session, clock)
+    deliveries(edge, session, clock, [retryable(503)] * 5)
+    assert edge.is_down()
+
+    # WHEN 300 s pass by one clock only (the wall clock of an environment Lambda froze between invocations, whose
+    # monotonic clock may not have moved; or the monotonic clock, the wall clock stepped back)
+    if moved == "wall":
+        clock._wall += 300
+    else:
+        clock._mono += 300
+
+    # THEN the outage is forgotten: the next call is retried as usual
+    assert not edge.is_down()
+    assert deliveries(edge, session, clock, [retryable(503), ok()]) == [200, 2]
+
+
 def test_a_call_already_retrying_when_edge_starts_to_look_down_keeps_its_retries():
     # GIVEN an event whose first attempt met a 503; while it waits to retry, another event fails all its attempts with
     # no answer from Edge meanwhile

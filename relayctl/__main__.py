@@ -1151,16 +1151,19 @@ _AGO_S = {"m": 60, "h": 3600, "d": 86400}
 def _since(text: str) -> str:
     """An argparse type: a time ago (`30m`, `2h`, `7d`) or an ISO 8601 time (`2026-11-30T09:00Z`; UTC when it names
     no offset), as the `storedAt` text of that moment (iso_millis), which later ones sort after."""
-    ago = _AGO.fullmatch(text.strip())
+    text = text.strip()
+    ago = _AGO.fullmatch(text)
     if ago:
-        return iso_millis(time.time() - int(ago[1]) * _AGO_S[ago[2]])
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a time ago (30m, 2h, 7d) nor an ISO 8601 time (2026-11-30T09:00Z)"
-        ) from None
-    return iso_millis((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+        at = time.time() - int(ago[1]) * _AGO_S[ago[2]]
+    else:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a time ago (30m, 2h, 7d) nor an ISO 8601 time (2026-11-30T09:00Z)"
+            ) from None
+        at = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return iso_millis(max(at, 0.0))  # no event is stored before 1970 (and iso_millis writes no earlier year)
 
 
 def build_parser() -> argparse.ArgumentParser:

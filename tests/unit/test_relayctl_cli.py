@@ -181,6 +181,20 @@ def test_rejected_since_a_time_ago_counts_back_from_now(aws: None, capsys: pytes
     assert (listed("2h"), listed("30m"), listed("1d")) == (["ev-90m", "ev-1m"], ["ev-1m"], ["ev-3h", "ev-90m", "ev-1m"])
 
 
+@pytest.mark.parametrize("since", ["0001-01-01", "1969-12-31T23:59Z", "999999d"])
+def test_rejected_since_before_1970_lists_them_all(since: str, aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN 3 rejected events
+    table_with_rejections(3)
+
+    # WHEN those since a time before any event could be stored are listed (before the epoch, which iso_millis
+    # cannot write as a year of four digits)
+    assert relayctl_main.main(["--table", "t", "rejected", "--since", since]) == 0
+
+    # THEN all are listed
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[1:-1]] == ["ev-0", "ev-1", "ev-2"]
+
+
 @pytest.mark.parametrize("since", ["2 hours", "yesterday", "2w", "2025-13-01"])
 def test_rejected_refuses_a_since_it_cannot_read(
     since: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

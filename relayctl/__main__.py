@@ -489,6 +489,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise SystemExit("relayctl: name event ids or pass --all-rejected")
     if args.from_datastream is not None and not args.all_rejected:
         raise SystemExit("relayctl: --from-datastream picks among --all-rejected: pass that too")
+    if args.since is not None and not args.all_rejected:
+        raise SystemExit("relayctl: --since picks among --all-rejected: pass that too")
     if args.all_rejected and args.to_datastream and args.from_datastream is None:
         # Every datastream's rejections (schema errors in healthy datastreams too) would all go to one.
         raise SystemExit("relayctl: --all-rejected with --to-datastream needs --from-datastream (the one to move from)")
@@ -503,6 +505,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             for r in rows
             if (not _refused_by_relay(r) or (args.to_datastream and _refused_for_its_datastream(r)))
             and args.from_datastream in (None, r.get("datastreamId"))
+            # A stranded replay is finished whenever it was first stored: the run that marked it had chosen it.
+            and (args.since is None or r.get("status") != "rejected" or str(r.get("storedAt", "")) >= args.since)
         ]
     if not ids:
         # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.
@@ -1225,6 +1229,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_datastream_id,
         metavar="DATASTREAM_ID",
         help="with --all-rejected: only those rejected in this datastream",
+    )
+    rep.add_argument(
+        "--since",
+        type=_since,
+        help="with --all-rejected: only those stored since then (a time ago: 30m, 2h, 7d; or an ISO 8601 time), "
+        "e.g. the rejections of an incident, not older ones a replay would not fix",
     )
     rep.add_argument("--dry-run", action="store_true", help="say what a replay would do, send nothing")
     rep.set_defaults(func=cmd_replay)

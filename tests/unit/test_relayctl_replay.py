@@ -311,6 +311,34 @@ def test_replay_dry_run_and_all_rejected_say_what_a_replay_would_do(
     assert (code, capsys.readouterr().out.splitlines()) == (0, ["edge-1: queued"])
 
 
+def test_replay_all_rejected_since_a_time_replays_only_those_stored_from_then_on(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN Edge's rejections stored before and during an incident, and a replay an earlier run left marked but not
+    # sent (stored before the incident)
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    for event_id, stored_at in (("old-1", "2026-11-01T10:00:00.000Z"), ("new-1", "2026-11-30T09:30:00.000Z")):
+        ddb.put_item(TableName="t", Item={**rejected_item(event_id), "storedAt": {"S": stored_at}})
+    stranded = {"status": {"S": "queued"}, "replayedAt": {"S": "2026-11-30T09:40:00.000Z"}}
+    ddb.put_item(
+        TableName="t", Item={**rejected_item("old-2"), "storedAt": {"S": "2026-11-02T10:00:00.000Z"}, **stranded}
+    )
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+    base = ["--table", "t", "--queue-url", queue, "replay"]
+
+    # WHEN the rejections since the incident began are replayed
+    code = relayctl_main.main([*base, "--all-rejected", "--since", "2026-11-30T09:00Z"])
+
+    # THEN the incident's rejection is, and the stranded replay is finished; the older rejection is left alone
+    assert code == 0
+    assert sorted(capsys.readouterr().out.splitlines()) == ["new-1: queued", "old-2: queued"]
+
+    # AND --since without --all-rejected is refused (it picks among them)
+    with pytest.raises(SystemExit, match="--since picks among --all-rejected: pass that too"):
+        relayctl_main.main([*base, "old-1", "--since", "2h"])
+
+
 def test_an_aws_error_is_one_line_and_exit_2(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
     # WHEN the table does not exist
     code = relayctl_main.main(["--table", "no-such-table", "show", "ev-1"])

@@ -80,7 +80,7 @@ def test_redrive_from_a_queue_to_itself_moves_nothing(aws: None) -> None:
     assert (attrs["ApproximateNumberOfMessages"], attrs["ApproximateNumberOfMessagesNotVisible"]) == ("1", "0")
 
 
-# -- 2. rejected --limit, --since --------------------------------------------------------------------------------------
+# -- 2. rejected --limit, --since ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from relay.identity_state import opaque_identity_id
 from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body
 from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, HandlesStore, decode_item
-from relay.models import DEFAULT_NOT_ALLOWED, as_dict, bounded_id, iso_millis
+from relay.models import DEFAULT_NOT_ALLOWED, as_dict, as_list, bounded_id, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE
 from relay.settings import DATASTREAM_ID_RE
 
@@ -305,9 +305,19 @@ def _scan_rejected(
 
 
 def _reason(doc: dict[str, Any]) -> str:
+    """The problem's code and title; for a refusal with field errors (the relay's own), the first one too, which says
+    what to fix (e.g. a `datastreamId` the allowed list leaves out), cut at 100 characters."""
     error = as_dict(doc.get("error"))
     code = str(error.get("type", "")).rsplit("/", 1)[-1]
-    return f"{code}: {error.get('title', '')}".strip(": ")
+    reason = f"{code}: {error.get('title', '')}".strip(": ")
+    errors = as_list(error.get("errors"))
+    first = as_dict(errors[0]) if errors else {}
+    if first.get("message"):
+        detail = f"{first.get('path') or '(body)'}: {first['message']}"
+        reason += f" ({detail[:97] + '...' if len(detail) > 100 else detail}" + (
+            f"; {len(errors) - 1} more)" if len(errors) > 1 else ")"
+        )
+    return reason
 
 
 def cmd_rejected(args: argparse.Namespace) -> int:
@@ -1204,7 +1214,8 @@ def build_parser() -> argparse.ArgumentParser:
     rej.add_argument(
         "--since",
         type=_since,
-        help="only those stored since then: a time ago (30m, 2h, 7d) or an ISO 8601 time (2026-11-30T09:00Z)",
+        help="only those stored since then: a time ago (30m, 2h, 7d) or an ISO 8601 time (2026-11-30T09:00Z; UTC "
+        "unless it names an offset)",
     )
     rej.add_argument("--json", action="store_true", help="every one as JSON, without the stored requests")
     rej.add_argument(
@@ -1233,8 +1244,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--since",
         type=_since,
-        help="with --all-rejected: only those stored since then (a time ago: 30m, 2h, 7d; or an ISO 8601 time), "
-        "e.g. the rejections of an incident, not older ones a replay would not fix",
+        help="with --all-rejected: only those stored since then (a time ago: 30m, 2h, 7d; or an ISO 8601 time, UTC "
+        "unless it names an offset), e.g. the rejections of an incident, not older ones a replay would not fix",
     )
     rep.add_argument("--dry-run", action="store_true", help="say what a replay would do, send nothing")
     rep.set_defaults(func=cmd_replay)

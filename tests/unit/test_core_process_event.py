@@ -278,7 +278,8 @@ def test_every_finished_event_says_whether_the_relay_itself_refused_it(
     assert outcomes == [Outcome.DELIVERED, *[Outcome.REJECTED] * 3, Outcome.DUPLICATE, Outcome.RETRY]
 
     # THEN each finished event adds one value to RefusedByRelay, 1 when the relay refused it and 0 when it was
-    # delivered or refused by Edge (the alarm averages it: here 3 of 5); a repeat or a retry finishes nothing new
+    # delivered or refused by Edge (the alarm averages it: here 3 of 5); a repeat of the delivered event, answered
+    # from its result, and a retry add none
     seen = emitted()
     assert seen["RefusedByRelay"] == [0.0, 0.0, 1.0, 1.0, 1.0]
     assert (seen["Delivered"], seen["Rejected"], seen["EdgeRejected"]) == ([1.0], [1.0] * 4, [1.0])

@@ -16,8 +16,10 @@ from urllib.parse import urlsplit
 
 import boto3
 import pytest
+from relay import codec
 from relay.identity_state import opaque_identity_id
 from relay.models import iso_millis
+from relay.process_event import INVALID_EVENT_TYPE
 
 import relayctl.__main__ as relayctl_main
 from devtools import invoke
@@ -203,6 +205,45 @@ def test_rejected_since_before_1970_lists_them_all(since: str, aws: None, capsys
     # THEN all are listed
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines[1:-1]] == ["ev-0", "ev-1", "ev-2"]
+
+
+def test_rejected_counts_them_all_when_its_limit_hides_none(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN 3 rejected events
+    table_with_rejections(3)
+
+    # WHEN they are listed with a limit of exactly 3
+    assert relayctl_main.main(["--table", "t", "rejected", "--limit", "3"]) == 0
+
+    # THEN all three are listed, and the count says no more
+    lines = capsys.readouterr().out.splitlines()
+    assert (len(lines), lines[-1]) == (5, "3 rejected event(s)")
+
+
+def test_rejected_says_what_to_fix_in_an_event_the_relay_refused(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # GIVEN the relay's refusals with field errors: one for a datastream the allowed list leaves out (and one more
+    # error), one whose first error is long; and Edge's refusal, which has none
+    ddb = table_with_rejections(0)
+    not_listed = '"ds-x" is not one of the datastreams this relay sends to (ALLOWED_DATASTREAM_IDS)'
+    problems = {
+        "ev-ds": [{"path": "datastreamId", "message": not_listed}, {"path": "event.xdm", "message": "is required"}],
+        "ev-long": [{"path": "event.xdm.identityMap", "message": "x" * 200}],
+    }
+    for n, (event_id, errors) in enumerate(problems.items()):
+        problem = {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400, "errors": errors}
+        item = {**rejected(event_id, f"2025-01-0{n + 1}T00:00:00.000Z"), "error": codec.encode_json(problem)}
+        ddb.put_item(TableName="t", Item=item)
+    ddb.put_item(TableName="t", Item=rejected("ev-edge", "2025-01-03T00:00:00.000Z"))
+
+    # WHEN they are listed
+    assert relayctl_main.main(["--table", "t", "rejected"]) == 0
+
+    # THEN each refusal by the relay says its first field error (cut at 100 characters) and how many more there are
+    reasons = [line.split(None, 3)[3] for line in capsys.readouterr().out.splitlines()[1:-1]]
+    assert reasons == [
+        f"invalid-event: Invalid event (datastreamId: {not_listed}; 1 more)",
+        f"invalid-event: Invalid event (event.xdm.identityMap: {'x' * 74}...)",
+        "EXEG-0104-422: Unprocessable",
+    ]
 
 
 # -- 3. a closed stdout (`relayctl rejected --json | head`) -------------------------------------------------------

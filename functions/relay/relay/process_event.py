@@ -330,9 +330,10 @@ class Relay:
         INFO summary): a line per delivered event would cost more CPU and CloudWatch Logs ingestion than it tells."""
         if result.outcome is Outcome.DELIVERED:
             count("Delivered")
-            # One value per finished event, 1 when the relay itself refused it (an invalid body, a datastream not
+            # One value per message finished, 1 when the relay itself refused it (an invalid body, a datastream not
             # allowed, a reused eventId, too large for Edge) and 0 otherwise: its average is the share the relay
-            # refuses, which RelayRefusedRateAlarm watches without the metric math of a sparse numerator.
+            # refuses, which RelayRefusedRateAlarm watches without the metric math of a sparse numerator. A refused
+            # message counts each time it comes (it is refused again); a repeat of a finished event counts nothing.
             count("RefusedByRelay", 0)
             log = logger.debug if in_batch else logger.info
             log("event delivered", eventId=result.event_id, **result.note)

@@ -432,6 +432,52 @@ def test_when_time_runs_out_mid_postponing_no_record_comes_back_before_the_one_i
     assert "rh-a1" not in postponed(sqs) and postponed(sqs)["rh-a2"] == 600
 
 
+@pytest.mark.parametrize(
+    ("a1_asks", "a2_asks"),
+    [(None, 600), (200, 900), (900, 200)],  # no Retry-After then a long one; two long ones, either way round
+)
+def test_a_held_back_record_never_comes_back_before_any_earlier_failed_record_of_its_identity(
+    a1_asks: int | None, a2_asks: int
+) -> None:
+    # GIVEN one identity's records: a1 on its first receive, a2 on a late one (so it is tried even after a1 fails),
+    # a3 on its first (held back behind them); both a1 and a2 fail, each asked to wait as given (a review found a3
+    # kept only as long as a1, so it came back before a2 and reached Edge first)
+    settings = load_settings({**ENV, "QUEUE_VISIBILITY_TIMEOUT_SECONDS": "180"})
+    asks = {"a1": a1_asks, "a2": a2_asks}
+    relay = ScriptedRelay(failing={"a1", "a2"}, retry_after={k: v for k, v in asks.items() if v is not None})
+    sqs = FakeSqs()
+    runner = BatchRunner(settings, relay, ThreadPoolExecutor(2), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+    records = [record("a1", 1), record("a2", HOLD_BACK_RECEIVES), record("a3", 1)]
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": records}, Deadline(relay.clock, 20), lease_s=25)
+
+    # THEN a3 is held back, and kept invisible as long as the longest wait asked of a record it waits for
+    assert relay.processed == ["a1", "a2"]
+    assert [f["itemIdentifier"] for f in answer["batchItemFailures"]] == ["m-a1", "m-a2", "m-a3"]
+    longest = max(v for v in asks.values() if v is not None)
+    assert postponed(sqs)["rh-a3"] == longest >= max(postponed(sqs).get(f"rh-{k}", 180) for k in asks)
+
+
+def test_no_sqs_call_once_the_invocation_has_less_than_the_sqs_worst_case_left_whatever_the_margin() -> None:
+    # GIVEN a record Edge asked to retry in 600 s, and a SAFETY_MARGIN_MS of 10 s (allowed: up to 60 s), with the
+    # batch's work run 9.5 s past its deadline: 0.5 s of the invocation left (a review found the SQS call still made,
+    # since the time to the deadline stops at 0, and 0 + 10 s seemed to leave room for the client's 4 s worst case)
+    settings = load_settings({**ENV, "SAFETY_MARGIN_MS": "10000"})
+    relay = ScriptedRelay(failing={"a1"}, retry_after={"a1": 600})
+    sqs = FakeSqs()
+    runner = BatchRunner(settings, relay, ThreadPoolExecutor(1), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+    deadline = Deadline(relay.clock, 20)  # the invocation ends 10 s after this
+    relay.clock.advance(29.5)
+
+    # WHEN the batch runs
+    answer = runner.run({"Records": [record("a1", 1)]}, deadline, lease_s=35)
+
+    # THEN the answer comes first: no SQS call, the record back at the queue's timeout
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-a1"}]}
+    assert sqs.calls == []
+
+
 def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_client() -> None:
     # GIVEN Edge asking for a retry within the visibility timeout (it only comes back later than asked; a shorter
     # visibility would use up its receives sooner in an outage)

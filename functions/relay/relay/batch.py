@@ -368,6 +368,10 @@ class BatchRunner:
                 n_started += 1
                 started.notify()
             failed: list[tuple[str, float | None]] = []
+            # The longest wait Edge asked for among the group's failures so far: a record held back comes back with
+            # the last of the records it waits for, not only the first (one on a late receive is tried, and may be
+            # asked to wait longer).
+            longest: float | None = None
             carry: Carry = None
             key = items[0].state_key
             source: StateSource | None = (lambda: states.result().get(key)) if key else None
@@ -375,7 +379,7 @@ class BatchRunner:
                 # Keep one identity's order: once one fails, the rest wait for its redelivery too. But only for the
                 # first receives: a record that keeps failing must not drag healthy ones into the dead-letter queue.
                 if failed and item.receive_count < HOLD_BACK_RECEIVES:
-                    failed.append((item.message_id, failed[0][1]))  # it comes back with the record it waits for
+                    failed.append((item.message_id, longest))  # it comes back with the records it waits for
                     redelivered_because.append(HELD_BACK)
                     untried.append(item.message_id)
                     continue
@@ -394,7 +398,10 @@ class BatchRunner:
                 carry = done.carry if done.ok else None
                 source = None  # from here on the carry is the state (None after a failure: read it afresh)
                 if not done.ok:
-                    failed.append((item.message_id, done.result.retry_after if done.result else None))
+                    asked = done.result.retry_after if done.result else None
+                    failed.append((item.message_id, asked))
+                    if asked is not None:
+                        longest = asked if longest is None else max(longest, asked)
                     redelivered_because.append(done.why())
                     if done.result is not None and done.result.untried:
                         untried.append(item.message_id)
@@ -505,7 +512,9 @@ class BatchRunner:
             return
 
         def time_for_a_call() -> bool:  # each SQS call may take the client's worst case
-            return deadline.remaining() + self._settings.safety_margin_s >= SQS_WORST_CASE_S
+            # The invocation's time left, past the batch's deadline too (`remaining()` stops at 0: with a margin of 4 s
+            # or more it would always seem to have the time once the deadline had passed).
+            return deadline.left() + self._settings.safety_margin_s >= SQS_WORST_CASE_S
 
         if not time_for_a_call():
             logger.warning("no time left to postpone records; they return at the queue's timeout", records=len(later))

@@ -55,6 +55,10 @@ class Deadline:
     def remaining(self) -> float:
         return max(self.at - self.clock.monotonic(), 0.0)
 
+    def left(self) -> float:
+        """The time to the deadline, below 0 once it has passed (by how much)."""
+        return self.at - self.clock.monotonic()
+
     def http_timeouts(self, connect_s: float, read_s: float) -> tuple[float, float]:
         """(connect, read) timeouts for one HTTP attempt that together fit in the time left. Connect gets at most a
         quarter of it: a pooled keep-alive connection needs no connect time, and a new one rarely needs a quarter."""

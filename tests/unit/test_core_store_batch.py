@@ -890,6 +890,34 @@ def test_a_reuse_rejection_never_replaces_a_delivered_result(store_on_moto: Stor
     assert raw_result(store_on_moto, "e9#reused-0123456789abcdef")["status"] == {"S": "delivered"}
 
 
+def test_an_invalid_bodys_filing_never_replaces_an_event_whose_own_id_has_its_shape(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN an event delivered under an id shaped like the relay's filing of an invalid body under "e9" (a sender can
+    # compute the digest of a body it is about to send), and eventId "e9" holding another outcome
+    store = store_on_moto.store
+    digest = "0123456789abcdef"
+    shaped = f"e9#invalid-{digest}"
+    for event_id in ("e9", shaped):
+        claim = store.claim(event_id, datastream_id="ds", source="sqs", lease_s=30)
+        store.put_result(store.compose_result(event_id, {"status": "delivered", "datastreamId": "ds"}, claim.item))
+    fields = {"datastreamId": "ds", "source": "sqs", "error": {"title": "Invalid event"}, "request": "{"}
+
+    # WHEN that invalid body arrives under "e9" (a review found its filing written over the delivered event, which a
+    # resend could then claim and send to Edge again), twice
+    first = store.reject_unclaimed("e9", fields, body_digest=digest)
+    second = store.reject_unclaimed("e9", fields, body_digest=digest)
+
+    # THEN the delivered outcome stands, it is still a repeat (never claimed again), and the body is kept under an id
+    # of its own beside it (`relayctl rejected --event-id e9` lists it)
+    assert raw_result(store_on_moto, shaped)["status"] == {"S": "delivered"}
+    assert not store.claim(shaped, datastream_id="ds", source="sqs", lease_s=30).acquired
+    for filed in (first, second):
+        assert filed["eventId"].startswith(f"{shaped}-") and filed["eventId"] != shaped
+        assert raw_result(store_on_moto, filed["eventId"])["status"] == {"S": "rejected"}
+    # AND the filing of an ordinary invalid body still lands on one item, however often it comes
+    again = [store.reject_unclaimed("e9", fields, body_digest="fedcba9876543210")["eventId"] for _ in range(2)]
+    assert again == ["e9#invalid-fedcba9876543210"] * 2
+
+
 def test_a_claim_botocore_sent_again_after_its_answer_was_lost_counts_one_attempt(store_on_moto: StoreOnMoto) -> None:
     # GIVEN a redelivered event's claim (`UpdateItem`, not an INSERT) applied by DynamoDB though its answer was lost:
     # boto3's standard retry mode sends the very same request again (read timeouts, dropped connections, 5xx)

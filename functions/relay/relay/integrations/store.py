@@ -612,7 +612,8 @@ class HandlesStore:
         With `body_digest` (a body the relay found invalid) it never replaces another item: a delivered, in-flight or
         queued event, Edge's own rejection (which can be replayed once Edge is fixed), or the relay's rejection of
         another body. It is then filed under `<eventId>#invalid-<digest>` instead, where a resend of the same body
-        lands on the same item. An event still waiting there (`queued`, or `pending` with a lapsed lease) is told so
+        lands on the same item (under the same condition: should an event's own eventId have that shape, its outcome
+        stands, and the body goes under `<eventId>#invalid-<digest>-<random>`). An event still waiting there (`queued`, or `pending` with a lapsed lease) is told so
         (`invalidFiling`): the refused message may have been its own (a replay or a redelivery refused under a newer
         rule), and then nothing more is coming for it; if it was another one, the event is delivered when its own
         message comes. Without a digest (an eventId reuse, already filed under an id of its own) only a delivered
@@ -625,21 +626,33 @@ class HandlesStore:
         else:
             condition = "attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)"
             values = {":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}}
-        try:
-            self._call(
-                "put_item",
-                Item=write.item,
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues=values,
-            )
-        except ClientError:
-            if not body_digest:
-                return write.doc  # an event with this id was delivered (or is in flight): that outcome stands
-            filed_as = f"{event_id}#invalid-{body_digest}"
+
+        def put(item: dict[str, Any], condition: str, values: dict[str, Any]) -> bool:
+            try:
+                self._call(
+                    "put_item",
+                    Item=item,
+                    ConditionExpression=condition,
+                    ExpressionAttributeNames={"#s": "status"},
+                    ExpressionAttributeValues=values,
+                )
+            except ClientError:
+                return False
+            return True
+
+        if put(write.item, condition, values):
+            return write.doc
+        if not body_digest:
+            return write.doc  # an event with this id was delivered (or is in flight): that outcome stands
+        filed_as = f"{event_id}#invalid-{body_digest}"
+        write = self.compose_result(filed_as, write.doc, None)
+        # Under the same condition: an event whose own eventId has that very shape (only ever on purpose: the digest
+        # is of this body) keeps its outcome, and this body goes under an id of its own.
+        if not put(write.item, condition, values):
+            filed_as = f"{filed_as}-{uuid.uuid4().hex[:12]}"
             write = self.compose_result(filed_as, write.doc, None)
-            self._call("put_item", Item=write.item)
-            self._note_invalid_filing(event_id, filed_as)
+            self._call("put_item", Item=write.item)  # a new random id: nothing there to keep
+        self._note_invalid_filing(event_id, filed_as)
         return write.doc
 
     def _note_invalid_filing(self, event_id: str, filed_as: str) -> None:

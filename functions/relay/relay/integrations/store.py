@@ -613,11 +613,11 @@ class HandlesStore:
         queued event, Edge's own rejection (which can be replayed once Edge is fixed), or the relay's rejection of
         another body. It is then filed under `<eventId>#invalid-<digest>` instead, where a resend of the same body
         lands on the same item (under the same condition: should an event's own eventId have that shape, its outcome
-        stands, and the body goes under `<eventId>#invalid-<digest>-<random>`). An event still waiting there (`queued`, or `pending` with a lapsed lease) is told so
-        (`invalidFiling`): the refused message may have been its own (a replay or a redelivery refused under a newer
-        rule), and then nothing more is coming for it; if it was another one, the event is delivered when its own
-        message comes. Without a digest (an eventId reuse, already filed under an id of its own) only a delivered
-        or in-flight outcome stands."""
+        stands, and the body goes under `<eventId>#invalid-<digest>-<random>`). An event still waiting there
+        (`queued`, or `pending` with a lapsed lease) is told so (`invalidFiling`): the refused message may have been
+        its own (a replay or a redelivery refused under a newer rule), and then nothing more is coming for it; if it
+        was another one, the event is delivered when its own message comes. Without a digest (an eventId reuse,
+        already filed under an id of its own) only a delivered or in-flight outcome stands."""
         extra = {"bodyDigest": body_digest} if body_digest else {}
         write = self.compose_result(event_id, {**fields, **extra, "status": "rejected", "rejectedBy": RELAY}, None)
         if body_digest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import threading
 from collections.abc import Callable
 from email.utils import formatdate
@@ -20,12 +21,22 @@ from relay.integrations.edge import (
     MAX_ANSWER_BYTES,
     MAX_PROBLEM_TEXT_CHARS,
     EdgeClient,
+    _never_sent,
     problem_from,
     request_id_of,
 )
 from relay.integrations.ims import AccessToken
+from relay.runtime import new_http_session
 from relay.settings import Settings, load_settings
-from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    DecodeError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
 from tests.fakes import (
     CREDS,
@@ -139,6 +150,110 @@ def test_deliver_uses_the_subdomain_hint_template():
 
     # THEN
     assert session.calls[0].url == "https://va6.server.adobedc.net/ee/v2/interact"
+
+
+SUB_DOMAIN_HINTS = {
+    "EDGE_AUTH": "ims",
+    "ADOBE_SECRET_ID": "adobe-secret",
+    "EDGE_BASE_URL": "https://server.adobedc.net",
+    "EDGE_HINT_URL_TEMPLATE": "https://{hint}.server.adobedc.net/ee/v2/interact",
+}
+
+
+def no_connection(kind: str, host: str) -> requests.RequestException:
+    """What `requests` raises when no connection could be made (its own wrapping of urllib3's errors): the name did
+    not resolve, the connection was refused, or it timed out before it was made."""
+    if kind == "connect timeout":
+        return requests.ConnectTimeout(MaxRetryError(None, "/ee/v2/interact", ConnectTimeoutError(None, host)))  # type: ignore[arg-type]
+    cause = (
+        NameResolutionError(host, None, socket.gaierror(-2, "Name or service not known"))  # type: ignore[arg-type]
+        if kind == "no such name"
+        else NewConnectionError(None, "[Errno 111] Connection refused")  # type: ignore[arg-type]
+    )
+    return requests.ConnectionError(MaxRetryError(None, "/ee/v2/interact", cause))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["no such name", "refused", "connect timeout"])
+def test_a_hinted_host_of_its_own_that_cannot_be_reached_sends_the_event_at_once_to_the_plain_url(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # GIVEN hints in the host (EDGE_HINT_URL_TEMPLATE's sub-domain form), and a hint whose host cannot be reached: a
+    # caller's cluster entry naming no region, or a region down (a review found such an event retried on the dead
+    # host until it reached the dead-letter queue, and Edge taken for down)
+    clock = FakeClock()
+    session = FakeSession([no_connection(kind, "zz9.server.adobedc.net"), ok(), ok()])
+    edge = client(session, clock, **SUB_DOMAIN_HINTS)  # type: ignore[arg-type]
+
+    # WHEN an event with that hint is sent, and another one right after
+    answer = edge.deliver(DATASTREAM, REQUEST, "zz9", Deadline(clock, 10))
+    edge.deliver(DATASTREAM, REQUEST, "zz9", Deadline(clock, 10))
+
+    # THEN the request, which never left, goes at once to the plain URL, the same body; that hint routes no call for a
+    # while; Edge is not taken for down, and the log says why
+    assert answer.status == 200
+    assert [c.url for c in session.calls] == [
+        "https://zz9.server.adobedc.net/ee/v2/interact",
+        "https://server.adobedc.net/ee/v2/interact",
+        "https://server.adobedc.net/ee/v2/interact",
+    ]
+    assert session.calls[0].data == session.calls[1].data
+    assert (clock.sleeps, edge.is_down()) == ([], False)
+    assert any("hinted host could not be reached" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("template", "failure"),
+    [
+        # the hinted path on the plain URL's own host: the plain URL could not reach it either
+        ("{base}/ee/{hint}/v2/interact", no_connection("refused", "edge.adobedc.net")),
+        # a connection dropped once the request was sent: it may have reached Edge, and is retried where it went
+        (SUB_DOMAIN_HINTS["EDGE_HINT_URL_TEMPLATE"], requests.ConnectionError(ProtocolError("Connection aborted."))),
+        (SUB_DOMAIN_HINTS["EDGE_HINT_URL_TEMPLATE"], requests.ReadTimeout("read timed out")),
+    ],
+)
+def test_a_hinted_call_that_may_have_been_sent_or_whose_host_is_the_plain_urls_is_retried_there(
+    template: str, failure: requests.RequestException
+) -> None:
+    # GIVEN a hinted call that fails once
+    clock = FakeClock()
+    session = FakeSession([failure, ok()])
+    edge = client(session, clock, **{**SUB_DOMAIN_HINTS, "EDGE_HINT_URL_TEMPLATE": template})  # type: ignore[arg-type]
+
+    # WHEN it is sent
+    edge.deliver(DATASTREAM, REQUEST, "or2", Deadline(clock, 10))
+
+    # THEN it is retried on the hinted URL after a backoff, as any failed call
+    assert session.calls[0].url == session.calls[1].url != "https://server.adobedc.net/ee/v2/interact"
+    assert len(clock.sleeps) == 1
+
+
+def test_real_connection_failures_are_told_from_calls_that_may_have_been_sent() -> None:
+    # GIVEN the relay's own HTTP session, a loopback port nothing listens on, and a server that reads a request and
+    # drops the connection
+    session = new_http_session(2)
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    dropping = socket.create_server(("127.0.0.1", 0))
+
+    def drop() -> None:
+        conn, _ = dropping.accept()
+        conn.recv(65536)
+        conn.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+
+    def failure(port: int) -> requests.RequestException:
+        with pytest.raises(requests.RequestException) as info:
+            session.post(f"http://127.0.0.1:{port}/ee/v2/interact", data=b"{}", timeout=(2, 2))
+        return info.value
+
+    # WHEN each is called, THEN only the refused connection counts as never sent
+    try:
+        assert _never_sent(failure(closed_port)) is True
+        assert _never_sent(failure(dropping.getsockname()[1])) is False
+    finally:
+        dropping.close()
 
 
 def test_a_404_on_the_hinted_url_sends_the_event_at_once_to_the_plain_url_and_pauses_that_hint() -> None:

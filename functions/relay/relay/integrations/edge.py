@@ -7,8 +7,10 @@ import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from relay import codec
 from relay.clock import Clock, Deadline, Moment
@@ -97,6 +99,15 @@ def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
     if isinstance(value, dict):
         return {_redact(k, secrets): _redact(v, secrets) for k, v in value.items()}
     return value
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """Whether no connection was made for the request: the host's name did not resolve, or the connection was refused
+    or timed out before it was made (`requests` wraps urllib3's NewConnectionError, and raises ConnectTimeout)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    cause = exc.args[0] if exc.args else None
+    return isinstance(exc, requests.ConnectionError) and isinstance(getattr(cause, "reason", None), NewConnectionError)
 
 
 def _json_document(resp: requests.Response) -> Any:
@@ -313,6 +324,22 @@ class EdgeClient:
             try:
                 answered = self._post(url, params, body, headers, deadline)
             except requests.RequestException as exc:  # timeouts, refused or dropped connections, a non-2xx cut off
+                if hinted and _never_sent(exc) and urlsplit(url).hostname != urlsplit(s.interact_url).hostname:
+                    # A hinted host of its own (EDGE_HINT_URL_TEMPLATE's sub-domain form) that cannot be reached at
+                    # all: its name does not resolve (a caller's cluster entry naming no region), or it refuses or
+                    # times out the connection (a region down). The request never left: the same event at once on
+                    # the plain URL, as after a 404, and that hint routes no call for a while. Not on the plain
+                    # URL's own host, which the plain URL could not reach either.
+                    timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
+                    hinted, url = False, s.interact_url
+                    self._refuse_hint(str(hint))
+                    count("EdgeHintRouteRefused")
+                    logger.warning(
+                        "edge's hinted host could not be reached; calls with this hint go to the plain URL for a while",
+                        reason=type(exc).__name__,
+                        pauseSeconds=HINT_ROUTE_PAUSE_S,
+                    )
+                    continue
                 reason, retry_after, unanswered = f"edge call failed: {type(exc).__name__}", None, True
                 # An attempt without an answer is an Edge call too, and the most common outage: timed (so the latency
                 # shows it and the rate alarms count it as a call) and counted as unavailable.

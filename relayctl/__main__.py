@@ -450,7 +450,7 @@ def replay_event(
             now = _get(ddb, table, event_id) or {}
         except (ClientError, BotoCoreError):
             # Marked or not, unknown: a replay named by its id goes again (a stranded mark is replayable).
-            return f"failed: not marked ({_aws_code(exc)}): run `relayctl replay {event_id}` again"
+            return f"failed: not marked ({_aws_code(exc)}): run `{_again(event_id, datastream)}` again"
         if (now.get("status"), now.get("replayedAt"), "leaseUntil" in now) != ("queued", stamp["S"], False):
             return (
                 "skipped: changed meanwhile" if refused else f"failed: not marked ({_aws_code(exc)}); still {was['S']}"
@@ -485,9 +485,15 @@ def replay_event(
             update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
             mark(update, "#s = :q AND replayedAt = :now", values)
         except (ClientError, BotoCoreError):
-            return f"failed: not sent ({reason}), and left marked queued: run `relayctl replay {event_id}` again"
+            return f"failed: not sent ({reason}), and left marked queued: run `{_again(event_id, datastream)}` again"
         return f"failed: not sent to the queue ({reason}); still {was['S']}"
     return "queued"
+
+
+def _again(event_id: str, datastream: str | None) -> str:
+    """The command that finishes a replay left unfinished: with its `--to-datastream`, without which an event the relay
+    refused only for its datastream is skipped, as any refusal of the relay's own."""
+    return f"relayctl replay {event_id}" + (f" --to-datastream {datastream}" if datastream else "")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -514,7 +520,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             str(r["eventId"])
             for r in rows
             if (not _refused_by_relay(r) or (args.to_datastream and _refused_for_its_datastream(r)))
-            and args.from_datastream in (None, r.get("datastreamId"))
+            # A stranded replay of this very command holds the datastream it was moved to: finished all the same.
+            and (
+                args.from_datastream in (None, r.get("datastreamId"))
+                or (r.get("status") != "rejected" and args.to_datastream == r.get("datastreamId"))
+            )
             # A stranded replay is finished whenever it was first stored: the run that marked it had chosen it.
             and (args.since is None or r.get("status") != "rejected" or str(r.get("storedAt", "")) >= args.since)
         ]

@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError, ReadTimeoutError
 from relay import codec
 from relay.errors import EventIdReused, PayloadTooLarge
 from relay.integrations.store import decode_item
-from relay.models import iso_millis
+from relay.models import DEFAULT_NOT_ALLOWED, iso_millis
 from relay.process_event import INVALID_EVENT_TYPE, invalid_problem
 
 import relayctl.__main__ as relayctl_main
@@ -1673,6 +1673,89 @@ def test_a_replay_interrupted_between_its_mark_and_its_send_is_finished_by_runni
     messages = real_sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, MessageAttributeNames=["All"])
     assert sorted(m["MessageAttributes"]["eventId"]["StringValue"] for m in messages["Messages"]) == ["ev-1", "ev-2"]
     assert "replayed 2 of 2 event(s); 0 not" in capsys.readouterr().err
+
+
+def invalid_problem_for_datastream() -> dict[str, Any]:
+    """The relay's refusal of an event that named no datastream while the default was not an allowed one."""
+    errors = [{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}]
+    return {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400, "errors": errors}
+
+
+def test_an_interrupted_replay_to_another_datastream_is_finished_by_running_the_same_command_again(
+    aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # GIVEN an event rejected in a mistyped datastream, and an operator who presses Ctrl-C while its replay to the
+    # right one is being sent (its mark, which moves it to the right datastream, already written); and another
+    # replay left unfinished in a third datastream, which this command is not about
+    ddb, real_sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-1"), "datastreamId": {"S": "ds-wrong"}})
+    stranded = {"status": {"S": "queued"}, "replayedAt": {"S": "2026-01-01T00:00:00.000Z"}}
+    ddb.put_item(TableName="t", Item={**rejected_item("ev-other"), "datastreamId": {"S": "ds-third"}, **stranded})
+    queue = real_sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    def interrupted(**kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    clients = {"dynamodb": ddb, "sqs": SqsWith(real_sqs, send_message=interrupted)}
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: clients[service])
+    args = ["--table", "t", "--queue-url", queue, "replay", "--all-rejected"]
+    args += ["--from-datastream", "ds-wrong", "--to-datastream", "ds-right"]
+
+    # WHEN it runs, is interrupted, and the same command is run again, as it says to do
+    assert relayctl_main.main(args) == 130
+    assert "run the same command again to go on" in capsys.readouterr().err
+    clients["sqs"] = real_sqs
+    assert relayctl_main.main(args) == 0
+
+    # THEN the second run sent it, to the right datastream (a review found it skipped: its mark had moved it out of
+    # --from-datastream), and left the other datastream's unfinished replay alone
+    messages = real_sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, MessageAttributeNames=["All"])
+    assert [
+        (m["MessageAttributes"]["eventId"]["StringValue"], m["MessageAttributes"]["datastreamId"]["StringValue"])
+        for m in messages.get("Messages", [])
+    ] == [("ev-1", "ds-right")]
+
+
+def test_a_replay_to_another_datastream_left_marked_says_how_to_finish_it(aws: None) -> None:
+    # GIVEN an event the relay refused only because the default datastream was left out of ALLOWED_DATASTREAM_IDS
+    # (since fixed), replayed to that datastream: its mark is written, then the send fails, and so does putting the
+    # mark back
+    ddb, real_sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    make_table(ddb)
+    problem = invalid_problem_for_datastream()
+    ddb.put_item(
+        TableName="t",
+        Item={**rejected_item("ev-1"), "error": codec.encode_json(problem), "rejectedBy": {"S": "relay"}},
+    )
+    queue = real_sqs.create_queue(QueueName="q")["QueueUrl"]
+    marks: list[Any] = []
+
+    class MarkOnce:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ddb, name)
+
+        def update_item(self, **kwargs: Any) -> Any:
+            if marks:
+                raise ClientError({"Error": {"Code": "InternalServerError"}}, "UpdateItem")
+            marks.append(kwargs)
+            return ddb.update_item(**kwargs)
+
+    def failing_send(**kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "InternalError"}}, "SendMessage")
+
+    # WHEN it is replayed, and then the command its failure names is run
+    first = replay_event(
+        MarkOnce(), SqsWith(real_sqs, send_message=failing_send), "t", queue, "ev-1", datastream="ds-default"
+    )
+    assert first.startswith("failed: not sent (InternalError), and left marked queued: run `")
+    named = first.split("`")[1].split()
+    assert named[:3] == ["relayctl", "replay", "ev-1"]
+    datastream = named[named.index("--to-datastream") + 1] if "--to-datastream" in named else None
+
+    # THEN that command finishes it (a review found it skipped, as a refusal of the relay's own, without the
+    # --to-datastream the failure did not name)
+    assert replay_event(ddb, real_sqs, "t", queue, "ev-1", datastream=datastream) == "queued"
 
 
 @pytest.mark.parametrize("dead", [12, 5])

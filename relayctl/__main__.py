@@ -214,10 +214,28 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
     return None
 
 
+def _hidden_by_others(sqs: Any, dlq_url: str) -> str | None:
+    """What to say of dead-letter messages another reader (another `show`, a `redrive`, a console poll) holds hidden,
+    which no search can see until they show again; None when there are none. Read before this command's own search
+    hides any: SQS's count is approximate and lags, and would otherwise count those too."""
+    try:
+        attrs = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])
+        hidden = int(attrs["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
+    except (ClientError, BotoCoreError, KeyError, ValueError):
+        return None  # the search itself says what it can
+    if hidden <= 0:
+        return None
+    return (
+        f"about {hidden} dead-letter message(s) were being read by another command (show, redrive) and could not be "
+        "searched: run show again in a minute"
+    )
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     t = _targets(args)
     ddb = boto3.client("dynamodb")
     found = 0
+    hidden = _hidden_by_others(boto3.client("sqs"), t.dlq_url) if t.dlq_url else None
     for given in args.event_ids:
         event_id, doc = _find(ddb, t.table, given)
         if doc is not None:
@@ -237,6 +255,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 if where:
                     doc.update(status="dead-lettered", detail=_DEAD_LETTERED)
                     doc.update(where)
+                elif hidden:
+                    doc["deadLetterQueue"] = hidden
             elif waiting:
                 doc["deadLetterQueue"] = _NOT_SEARCHED
             _print(doc)
@@ -247,8 +267,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print({"eventId": event_id, "status": "dead-lettered", "detail": _DEAD_LETTERED, **where})
             found += 1
         else:
+            readable = " it could read" if hidden else ""
             looked = (
-                f"not among the first {_PEEK_LIMIT:,} messages of the dead-letter queue"
+                f"not among the first {_PEEK_LIMIT:,} messages of the dead-letter queue{readable}"
                 if t.dlq_url
                 else f"the dead-letter queue not searched ({_NO_DLQ})"
             )
@@ -261,6 +282,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             }
             if not t.dlq_url:
                 unknown["deadLetterQueue"] = _NOT_SEARCHED
+            elif hidden:
+                unknown["deadLetterQueue"] = hidden
             _print(unknown)
     return 0 if found == len(args.event_ids) else 1
 

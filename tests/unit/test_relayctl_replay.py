@@ -1675,6 +1675,40 @@ def test_a_replay_interrupted_between_its_mark_and_its_send_is_finished_by_runni
     assert "replayed 2 of 2 event(s); 0 not" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stored", [None, "queued"])
+def test_show_says_when_dead_letters_another_reader_holds_could_not_be_searched(
+    stored: str | None, aws: None, capsys: Any
+) -> None:
+    # GIVEN an event in the dead-letter queue (with no result stored, or its result still `queued`), whose message
+    # another operator's show or redrive has just received (hidden for a while)
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"event": {"xdm": {"_id": "ev-dead"}}}))
+    ddb = boto3.client("dynamodb")
+    make_table(ddb)
+    if stored:
+        ddb.put_item(TableName="t", Item={**rejected_item("ev-dead"), "status": {"S": stored}})
+    argv = ["--table", "t", "--dlq-url", dlq, "show", "ev-dead"]
+    relayctl_main.main(argv)
+    unhidden = json.loads(capsys.readouterr().out)
+    assert unhidden["status"] == "dead-lettered" and "deadLetterQueue" not in unhidden
+    sqs.receive_message(QueueUrl=dlq, VisibilityTimeout=30)
+
+    # WHEN it is shown meanwhile
+    relayctl_main.main(argv)
+    shown = json.loads(capsys.readouterr().out)
+
+    # THEN show does not say it is not there (a review found "not among the first 1,000 messages"): it says that a
+    # message another command held could not be searched, and to look again
+    assert shown["status"] == (stored or "unknown")
+    assert shown["deadLetterQueue"] == (
+        "about 1 dead-letter message(s) were being read by another command (show, redrive) and could not be "
+        "searched: run show again in a minute"
+    )
+    if not stored:
+        assert "not among the first 1,000 messages of the dead-letter queue it could read" in shown["detail"]
+
+
 def invalid_problem_for_datastream() -> dict[str, Any]:
     """The relay's refusal of an event that named no datastream while the default was not an allowed one."""
     errors = [{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}]

@@ -1074,7 +1074,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"{verb} {item['pk']['S']} {item['sk']['S']}")
     refused = [i for i in refused if i not in left]
     deleted_results = len(doomed) - len(left) - len(states) - len(refused)
-    mine, unknown, others = _whose_waiting(waiting, left, opaque, args.namespace, identity)
+    # A result of this identity that was finished when the waiting items were read and waiting when the results
+    # were (a replay, a corrected resend took it meanwhile) is this identity's waiting event, as one left is.
+    seen = {(i["pk"]["S"], i["sk"]["S"]) for i in waiting}
+    became_waiting = [
+        i
+        for i in results
+        if i.get("status", {}).get("S") in ("queued", "pending") and (i["pk"]["S"], i["sk"]["S"]) not in seen
+    ]
+    mine, unknown, others = _whose_waiting(waiting, left + became_waiting, opaque, args.namespace, identity)
     print(
         f"{verb} {len(states)} state item(s), {deleted_results} result(s), "
         f"{len(refused)} refused body(ies); {len(mine)} of this identity's event(s) waiting, {len(unknown)} whose "

@@ -1339,6 +1339,53 @@ def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_qu
     assert code == 1
 
 
+def test_forget_reports_an_event_of_the_person_replayed_while_it_reads(
+    store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from relay.identity_state import opaque_identity_id
+
+    import relayctl.__main__ as relayctl_main
+
+    # GIVEN an event of the person's that Edge rejected, and an operator who replays it while forget runs: after
+    # forget has read the waiting events (it was rejected then), before it reads the person's results
+    store = store_on_moto.store
+    opaque = opaque_identity_id("Email", "a@example.com", key=None)
+    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
+    fields = {"datastreamId": "ds", "source": "sqs", "identityId": opaque, "error": problem, "request": "{}"}
+    store.reject_unclaimed("ev-1", fields)
+    real_client = boto3.client
+    scans: list[Any] = []
+
+    class ReplayAfterFirstScan:
+        def __init__(self, client: Any) -> None:
+            self._client = client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._client, name)
+
+        def get_paginator(self, operation: str) -> Any:
+            if operation == "scan":
+                scans.append(operation)
+                if len(scans) == 2:  # the results' scan comes after the waiting events' (and the states' query)
+                    mark_replayed(store_on_moto, "ev-1")
+            return self._client.get_paginator(operation)
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda name, **kw: ReplayAfterFirstScan(real_client(name, **kw)))
+    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+
+    # WHEN the operator forgets the person
+    code = relayctl_main.main(
+        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
+    )
+
+    # THEN the replayed event is reported as the person's, waiting, and forget exits 1 to be run again (a review found
+    # it counted nowhere and forget exiting 0, though the replay stores the person again)
+    out = capsys.readouterr().out
+    assert store.get_result("ev-1")["status"] == "queued"  # type: ignore[index]
+    assert "1 of this identity's event(s) waiting" in out and "waiting EVENT#ev-1 RESULT" in out
+    assert code == 1
+
+
 def mark_replayed(on: Any, event_id: str) -> None:
     """Mark a rejected result `queued` for a replay, as `relayctl replay` does before it sends the event."""
     on.ddb.update_item(

@@ -796,3 +796,16 @@ def test_either_lifetime_changing_alone_is_written(changed):
 
     # THEN it is written: each sets its own grace
     assert needs_write(stored, new, NOW + 85) is True
+
+
+def test_an_entry_stored_without_its_lifetime_is_still_replaced_by_an_answer() -> None:
+    # GIVEN an entry from an item written before `maxAge` was kept (read back with a lifetime of 0: its set time cannot
+    # be told), live for another hour
+    state = IdentityState(entries={"consent": StoredEntry("v-stored", NOW + 3600, 0)})
+
+    # WHEN an answer sets it
+    handles = [{"type": "state:store", "payload": [{"key": "consent", "value": "v-new", "maxAge": 1800}]}]
+    new = apply_handles(state, handles, NOW)
+
+    # THEN the answer's value is kept (an entry set by a later answer would stand; this one cannot say it was)
+    assert new.entries["consent"] == StoredEntry("v-new", NOW + 1800, 1800)

@@ -4,6 +4,7 @@ A scripted stand-in for the boto3 client (unit level); the real calls against mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from botocore.exceptions import ClientError, ReadTimeoutError
 from relay.clock import Deadline
 from relay.codec import item_size
 from relay.errors import EdgeUnavailable, StoreUnavailable
-from relay.identity_state import IdentityState, StoredEntry, apply_handles
+from relay.identity_state import IdentityState, StoredEntry, apply_handles, needs_write
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
 from relay.models import InboundEvent, Source, build_inbound
@@ -207,6 +208,63 @@ def test_an_unreadable_state_item_reads_as_empty_at_its_version(state: dict[str,
     # WHEN / THEN it is empty, at its version (so the next conditional write replaces it), by either read
     assert s.get_state("id", "ds") == IdentityState(version=3)
     assert s.get_states([("id", "ds")]) == {("id", "ds"): IdentityState(version=3)}
+
+
+def state_answer(hint: str, value: str | None) -> list[dict[str, Any]]:
+    """An Edge answer's handles: `consent` set to `value` (deleted when None), and a location hint."""
+    entry = {"key": "consent", "value": value or "", "maxAge": 3600 if value is not None else 0}
+    return [
+        {"type": "state:store", "payload": [entry]},
+        {"type": "locationHint:result", "payload": [{"scope": "EdgeNetwork", "hint": hint, "ttlSeconds": 1800}]},
+    ]
+
+
+def state_change(handles: list[dict[str, Any]], received: float) -> Callable[[IdentityState], IdentityState | None]:
+    """What `Relay._deliver` hands `update_state` for an answer received at `received`."""
+
+    def change(current: IdentityState) -> IdentityState | None:
+        new = apply_handles(current, handles, received)
+        return new if needs_write(current, new, received) else None
+
+    return change
+
+
+@pytest.mark.parametrize("older", ["sets", "deletes"])
+def test_an_older_answer_merged_after_a_newer_one_does_not_put_back_what_edge_replaced(
+    older: str, store_on_moto: StoreOnMoto
+) -> None:
+    # GIVEN one identity's state, read by two invocations A and B; Edge answers A at t0+10 (consent set to "v-old",
+    # or deleted; hint or2) and B at t0+11 (consent "v-new", hint va6), and B writes first
+    store, clock = store_on_moto.store, store_on_moto.clock
+    t0 = clock.now()
+    assert store.update_state("id", "ds", IdentityState(), state_change(state_answer("or2", "v0"), t0)) == 1
+    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
+    assert store.update_state("id", "ds", read_by_b, state_change(state_answer("va6", "v-new"), t0 + 11)) == 1
+
+    # WHEN A's write meets B's and merges its older answer onto it
+    a_answer = state_answer("or2", "v-old" if older == "sets" else None)
+    store.update_state("id", "ds", read_by_a, state_change(a_answer, t0 + 10))
+
+    # THEN what Edge gave last stands: B's value and hint (a review found A's older value, or its deletion, and its
+    # hint written over them)
+    final = store.get_state("id", "ds")
+    assert (final.entries["consent"].value, final.hint) == ("v-new", "va6")
+
+
+def test_a_newer_answer_merged_after_an_older_one_replaces_it(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN the same race the other way round: A, answered last, writes last
+    store, clock = store_on_moto.store, store_on_moto.clock
+    t0 = clock.now()
+    assert store.update_state("id", "ds", IdentityState(), state_change(state_answer("or2", "v0"), t0)) == 1
+    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
+    assert store.update_state("id", "ds", read_by_b, state_change(state_answer("va6", "v-old"), t0 + 10)) == 1
+
+    # WHEN A's answer, Edge's later one, is merged onto B's
+    store.update_state("id", "ds", read_by_a, state_change(state_answer("or2", "v-new"), t0 + 11))
+
+    # THEN it replaces it, as any later answer does
+    final = store.get_state("id", "ds")
+    assert (final.entries["consent"].value, final.hint) == ("v-new", "or2")
 
 
 @pytest.mark.parametrize(

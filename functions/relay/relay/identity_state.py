@@ -166,13 +166,27 @@ def outgoing_entries(state: IdentityState, caller_entries: list[dict[str, Any]],
     return stored + list(caller_entries)
 
 
+# How much later than an answer a stored entry or hint must have been set to be taken for a later answer's: the
+# stored times are kept to the millisecond.
+SET_AT_TOLERANCE_S = 0.001
+
+
+def _set_after(entry: StoredEntry | None, now: float) -> bool:
+    """Whether `entry` was set by an answer later than one at `now`: another invocation's, for the same identity,
+    which wrote first; the answer at `now` is merged onto it after its own write met that one (`update_state`), and
+    must not put back what Edge has since replaced or deleted. Its set time is its expiry less its lifetime (kept in
+    whole seconds: with a fractional `maxAge` it reads up to a second late; an item without a lifetime tells none)."""
+    return entry is not None and entry.max_age > 0 and entry.expires_at - entry.max_age > now + SET_AT_TOLERANCE_S
+
+
 def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: float) -> IdentityState:
     """Fold one Edge response's `state:store` and `locationHint:result` handles into the state.
 
-    What cannot be kept safely is left out: an entry whose value is not a string or whose lifetime is not a number,
-    an entry over MAX_ENTRY_BYTES (the older entry under its key goes too: Edge replaced it), a hint that is not a
-    plain name. If the entries together pass MAX_STATE_BYTES,
-    those that lapse first are dropped (the long-lived identity entry stays)."""
+    An entry or hint a later answer set (another invocation's, merged onto here) is not replaced or deleted by this
+    older one. What cannot be kept safely is left out: an entry whose value is not a string or whose lifetime is not a
+    number, an entry over MAX_ENTRY_BYTES (the older entry under its key goes too: Edge replaced it), a hint that is
+    not a plain name. If the entries together pass MAX_STATE_BYTES, those that lapse first are dropped (the long-lived
+    identity entry stays)."""
     # What is still sent or routes a call (a cluster entry or hint in its grace included): an answer that deletes or
     # replaces it must take it out of what is stored, not only out of what is live.
     entries = state.sendable_entries(now)
@@ -187,7 +201,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if not (isinstance(item, dict) and isinstance(item.get("key"), str)):
                     continue
                 max_age = _lifetime(item.get("maxAge"))
-                if max_age is None:
+                if max_age is None or _set_after(entries.get(item["key"]), now):
                     continue
                 if max_age <= 0:
                     entries.pop(item["key"], None)
@@ -204,7 +218,9 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
             for item in payload:
                 if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":
                     ttl = _lifetime(item.get("ttlSeconds"))
-                    if valid_hint(item.get("hint")) and ttl is not None:
+                    # A stored hint Edge gave in a later answer (merged here after a write conflict) stands.
+                    later = bool(hint) and hint_ttl > 0 and hint_expires_at - hint_ttl > now + SET_AT_TOLERANCE_S
+                    if valid_hint(item.get("hint")) and ttl is not None and not later:
                         hint_ttl = _hint_ttl(ttl)
                         hint, hint_expires_at = item["hint"], now + hint_ttl
                     hint_seen = True

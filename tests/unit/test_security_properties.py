@@ -648,6 +648,24 @@ def test_garbage_base64_is_unauthenticated_or_with_signatures_off_a_400_with_err
     assert answer.get("errors")
 
 
+def test_a_text_body_holding_a_lone_surrogate_is_refused_as_not_utf8_and_kept() -> None:
+    # GIVEN a hand-built HTTP API event (API Gateway never sends one) whose text body holds a lone surrogate, with
+    # signatures off (another authorizer in front)
+    h = harness()
+    h.app._settings = load_settings({**ENV, "WEBHOOK_AUTH": "none"})
+    event = http_event(BODY.encode(), {"webhook-id": MSG_ID})
+    event["body"], event["isBase64Encoded"] = '{"event": {"xdm": {"note": "\ud83d"}}}', False
+
+    # WHEN it is posted
+    answer = check_answer(h.call(event))
+
+    # THEN it is the 400 any body that is not UTF-8 gets, naming the byte, and it is kept as a rejection (a review
+    # found it answered "isBase64Encoded is true but the body is not base64", and nothing stored)
+    assert h.answers[-1]["statusCode"] == 400
+    assert answer["errors"] == [{"path": "$", "message": "body is not UTF-8 (byte 28)"}]  # the surrogate's first
+    assert h.relay.rejected == [MSG_ID] and h.session.calls == []
+
+
 @pytest.mark.parametrize("key_bytes", [24, 32, 64])
 def test_webhook_secrets_of_24_to_64_random_bytes_are_accepted(key_bytes: int) -> None:
     secrets = [SECRET_CURRENT, "whsec_" + base64.b64encode(bytes(range(key_bytes))).decode()]

@@ -41,7 +41,7 @@ CONTRACT_DEFAULTS = {
     "EdgeBaseUrl": "https://server.adobedc.net",
     "EdgeAuth": "ims",
     "ImsTokenUrl": "https://ims-na1.adobelogin.com/ims/token/v3",
-    "ResultTtlDays": 30,
+    "ResultTtlDays": "30",
 }
 
 
@@ -746,22 +746,53 @@ def test_dashboard_shows_every_alarm(template: dict[str, Any]) -> None:
 ENV = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "ADOBE_SECRET_ID": "a", "WEBHOOK_SECRET_ID": "w"}
 
 
+def starts(variables: dict[str, str]) -> bool:
+    """Whether the function starts with these variables (on top of ENV)."""
+    try:
+        load_settings({**ENV, **variables})
+    except ConfigurationError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
-    ("parameter", "variable"), [("BatchConcurrency", "BATCH_CONCURRENCY"), ("ResultTtlDays", "RESULT_TTL_DAYS")]
+    ("parameter", "variable", "high"),
+    [("BatchConcurrency", "BATCH_CONCURRENCY", 64), ("ResultTtlDays", "RESULT_TTL_DAYS", 3650)],
 )
 def test_a_number_parameter_allows_exactly_what_the_function_accepts(
+    template: dict[str, Any], parameter: str, variable: str, high: int
+) -> None:
+    # GIVEN the parameter's pattern (a String: CloudFormation's Number takes 16.5, which the function refuses)
+    spec = template["Parameters"][parameter]
+    assert spec["Type"] == "String" and str(spec["Default"]) == spec["Default"]
+    allowed = re.compile(spec["AllowedPattern"])
+
+    # THEN it lets through exactly the whole numbers the function starts with, and of the other spellings a user
+    # might try, none the function refuses (it may refuse some the function would take, such as 07)
+    for n in range(0, high + 2):
+        assert bool(allowed.fullmatch(str(n))) == starts({variable: str(n)}), n
+    for candidate in ["16.5", "7.0", "07", " 7", "1e1", "-1", "+5", ""]:
+        assert not allowed.fullmatch(candidate) or starts({variable: candidate}), candidate
+    assert not allowed.fullmatch("16.5") and allowed.fullmatch(spec["Default"])
+
+
+@pytest.mark.parametrize(
+    ("parameter", "variable"), [("EdgeBaseUrl", "EDGE_BASE_URL"), ("ImsTokenUrl", "IMS_TOKEN_URL")]
+)
+def test_a_url_parameter_lets_through_no_url_the_function_refuses(
     template: dict[str, Any], parameter: str, variable: str
 ) -> None:
-    # GIVEN the parameter's bounds
-    low, high = template["Parameters"][parameter]["MinValue"], template["Parameters"][parameter]["MaxValue"]
+    # GIVEN the parameter's pattern
+    allowed = re.compile(template["Parameters"][parameter]["AllowedPattern"])
 
-    # THEN the function starts with either bound, and refuses one past each: a deploy the template lets through never
-    # fails every invocation with a configuration error
-    load_settings({**ENV, variable: str(low)})
-    load_settings({**ENV, variable: str(high)})
-    for outside in (low - 1, high + 1):
-        with pytest.raises(ConfigurationError):
-            load_settings({**ENV, variable: str(outside)})
+    # THEN every value it lets through is one the function starts with (ports past 65535 went through before)
+    candidates = [f"https://edge.adobedc.net:{port}" for port in (0, 1, 443, 65535, 65536, 99999)]
+    candidates += ["https://edge.adobedc.net", "https://[ims/x", "https://ims-na1.adobelogin.com/ims/token/v3"]
+    for candidate in candidates:
+        if allowed.fullmatch(candidate):
+            assert starts({variable: candidate}), candidate
+    assert allowed.fullmatch(template["Parameters"][parameter]["Default"])
+    assert not allowed.fullmatch("https://edge.adobedc.net:65536")
 
 
 def test_the_datastream_parameter_allows_only_ids_the_function_accepts(template: dict[str, Any]) -> None:
@@ -816,9 +847,17 @@ def test_the_adobe_secret_is_used_and_readable_only_with_ims_and_then_required(t
 def test_the_unauthenticated_edge_mode_refuses_the_authenticated_host(template: dict[str, Any]) -> None:
     rule = template["Rules"]["UnauthenticatedEdgeNeedsItsOwnHost"]
     assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "EdgeAuth"}, "none"]}
-    assert rule["Assertions"][0]["Assert"] == {
-        "Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeBaseUrl"}, CONTRACT_DEFAULTS["EdgeBaseUrl"]]}]
-    }
+    [[refused, ref]] = [rule["Assertions"][0]["Assert"]["Fn::Not"][0]["Fn::Contains"]]
+    assert ref == {"Ref": "EdgeBaseUrl"} and CONTRACT_DEFAULTS["EdgeBaseUrl"] in refused
+    # Every spelling of the authenticated host the parameter lets through is refused here, as the function refuses
+    # it (it compares the host name, in lower case, and the port): a deploy never succeeds only to fail every call
+    allowed = re.compile(template["Parameters"]["EdgeBaseUrl"]["AllowedPattern"])
+    unauthenticated = {k: v for k, v in ENV.items() if k != "ADOBE_SECRET_ID"} | {"EDGE_AUTH": "none"}
+    for spelling in ("https://server.adobedc.net", "https://server.adobedc.net:443", "https://SERVER.adobedc.net"):
+        if allowed.fullmatch(spelling):
+            assert spelling in refused, spelling
+        assert not starts({**unauthenticated, "EDGE_BASE_URL": spelling})
+    assert starts({**unauthenticated, "EDGE_BASE_URL": "https://edge.adobedc.net"})
 
 
 def test_a_customer_managed_key_on_the_secrets_may_decrypt_only_through_secrets_manager(

@@ -31,6 +31,7 @@ from relay.models import InboundEvent, build_inbound
 from relay.process_event import Outcome, Relay, Result
 from relay.settings import load_settings
 
+from devtools.poller import record_from_message
 from devtools.signing import sign_webhook
 from tests.fakes import FakeClock, FakeEdge, FakeStore
 from tests.unit.conftest import StoreOnMoto
@@ -2951,3 +2952,58 @@ def test_a_webhook_resend_handed_back_after_a_defect_is_queued_with_the_first_at
     )
     assert (item["status"], item["lastError"]) == ("queued", "unexpected error: RuntimeError")
     assert "queueSendBy" not in item
+
+
+@pytest.mark.parametrize("resend_meets", ["claim_fails", "identity_key_unreadable"])
+def test_a_resend_queued_without_a_claim_is_delivered_with_the_first_attempts_time(
+    store_on_moto: StoreOnMoto, resend_meets: str
+) -> None:
+    # GIVEN an event without xdm.timestamp whose first webhook attempt got no answer from Edge (it may have reached
+    # Edge) and could not be queued (503): its item keeps xdmTimestamp T0
+    edge = FakeEdge(
+        EdgeUnavailable("edge call failed: ReadTimeout"), EdgeAnswer(200, {"requestId": "r", "handle": []}, 1)
+    )
+    sqs_client = SqsRefusingOnce()
+    app = webhook_on_moto(store_on_moto, edge, sqs_client)
+    doc = {"event": {"xdm": {"_id": "ev-1", "identityMap": {"CRMID": [{"id": "ann", "primary": True}]}}}}
+    body = json.dumps(doc).encode()
+    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 503
+    first = edge.calls[0].request["event"]["xdm"]["timestamp"]
+
+    # WHEN the sender resends it 90 s later, and the resend is queued without a claim (DynamoDB throttles the claim,
+    # or the identity key cannot be read for a moment)
+    store_on_moto.clock.advance(90)
+    if resend_meets == "claim_fails":
+        real = store_on_moto.store.claim
+
+        def claim(*a: Any, **k: Any) -> Any:
+            raise StoreUnavailable("dynamodb update_item failed: ProvisionedThroughputExceededException")
+
+        store_on_moto.store.claim = claim  # type: ignore[method-assign]
+    else:
+        app._identity_key = key_unavailable
+    assert app.handle(http_event(body, {"webhook-id": "msg_1"}), None)["statusCode"] == 202
+    if resend_meets == "claim_fails":
+        store_on_moto.store.claim = real  # type: ignore[method-assign]
+    [sent] = sqs_client.queued
+
+    # AND a batch later reads the message back (as Lambda hands it over) and delivers it
+    message = {
+        "MessageId": "m-q",
+        "ReceiptHandle": "rh-q",
+        "Body": sent["MessageBody"],
+        "MD5OfBody": "x",
+        "Attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": str(int(store_on_moto.clock.now() * 1000))},
+        "MessageAttributes": sent["MessageAttributes"],
+    }
+    store_on_moto.clock.advance(10)
+    relay = Relay(store_on_moto.store, edge, store_on_moto.clock)  # type: ignore[arg-type]
+    answer = BatchRunner(SETTINGS, relay, ThreadPoolExecutor(1)).run(
+        {"Records": [record_from_message(message, QUEUE_ARN, "eu-west-1")]}, Deadline(store_on_moto.clock, 20), 25
+    )
+    assert answer == {"batchItemFailures": []}
+
+    # THEN Edge got the event, under the same _id, with the time its first attempt was sent with (a review found the
+    # resend's time: the queued body's timestamp read back as the sender's own)
+    assert [c.request["event"]["xdm"]["_id"] for c in edge.calls] == ["ev-1", "ev-1"]
+    assert edge.calls[1].request["event"]["xdm"]["timestamp"] == first

@@ -22,7 +22,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay.clock import Deadline
@@ -30,7 +30,13 @@ from relay.errors import CredentialsError, InvalidEvent, StoreUnavailable
 from relay.identity_state import IdentityState
 from relay.integrations.aws_clients import SQS_WORST_CASE_S
 from relay.integrations.edge import MIN_ATTEMPT_S
-from relay.integrations.queue import MAX_RETRY_DELAY_S, RELAY_SENT_TIMESTAMP, RELAY_SOURCE, RetryQueue
+from relay.integrations.queue import (
+    MAX_RETRY_DELAY_S,
+    RELAY_DEFAULT_TIMESTAMP,
+    RELAY_SENT_TIMESTAMP,
+    RELAY_SOURCE,
+    RetryQueue,
+)
 from relay.integrations.store import BATCH_WRITE_SIZE, CLAIM_INSERT_SIZE, UNPROCESSED, Claim, ClaimKey
 from relay.models import (
     MAX_BODY_BYTES,
@@ -263,6 +269,9 @@ class BatchRunner:
                 return Done(True, carry)
 
             return _Item(message_id, eid, f"invalid:{message_id}", reject, receive_count, invalid=True)
+        if relays and _attr(record, RELAY_DEFAULT_TIMESTAMP) == "true" and not inbound.default_timestamp:
+            # A webhook event the relay queued with the time it set: still the relay's (its first attempt's is kept).
+            inbound = replace(inbound, default_timestamp=True)
         event_id = inbound.event_id
         if key_error is not None and inbound.primary_identity:
             # Its identity cannot be keyed, so its state can be neither found nor kept: untouched, it comes back (and,

@@ -21,6 +21,10 @@ MAX_RETRY_DELAY_S = 900
 # redriven copy (a new message) would otherwise lose: its default `xdm.timestamp` must not change.
 RELAY_SENT_TIMESTAMP = "relaySentTimestamp"
 RELAY_SOURCE = "relaySource"
+# On the relay's own message of an event whose `xdm.timestamp` the relay set (the sender gave none): the body carries
+# that time, and reading it back the time is still the relay's, so the event's first attempt's time is adopted over
+# it (`InboundEvent.stamp`, the claim's `xdmTimestamp`), as for a resend.
+RELAY_DEFAULT_TIMESTAMP = "relayDefaultTimestamp"
 _VISIBILITY_BATCH = 10  # ChangeMessageVisibilityBatch takes at most 10 entries
 
 
@@ -70,6 +74,11 @@ class RetryQueue:
                     "datastreamId": {"DataType": "String", "StringValue": inbound.datastream_id},
                     RELAY_SOURCE: {"DataType": "String", "StringValue": inbound.source},
                     "eventId": {"DataType": "String", "StringValue": inbound.event_id},
+                    **(
+                        {RELAY_DEFAULT_TIMESTAMP: {"DataType": "String", "StringValue": "true"}}
+                        if inbound.default_timestamp
+                        else {}
+                    ),
                 },
             )
         except ClientError as exc:

@@ -479,6 +479,28 @@ def test_no_sqs_call_once_the_invocation_has_less_than_the_sqs_worst_case_left_w
     assert sqs.calls == []
 
 
+def test_a_wait_a_little_shorter_than_the_visibility_timeout_asked_late_in_the_invocation_is_still_kept() -> None:
+    # GIVEN a 180 s visibility timeout (SQS counts it from the receive, before the invocation starts), and Edge
+    # answering a1 with Retry-After 170 twenty seconds into the invocation (a review found it left to come back at
+    # the timeout, 10 s before Edge's wait was over)
+    settings = load_settings({**ENV, "QUEUE_VISIBILITY_TIMEOUT_SECONDS": "180"})
+
+    class Slow(ScriptedRelay):
+        def process(self, inbound: Any, deadline: Any, **kwargs: Any) -> Any:
+            self.clock.advance(20)
+            return super().process(inbound, deadline, **kwargs)
+
+    relay = Slow(failing={"a1"}, retry_after={"a1": 170})
+    sqs = FakeSqs()
+    runner = BatchRunner(settings, relay, ThreadPoolExecutor(1), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+
+    # WHEN the batch runs
+    runner.run({"Records": [record("a1", 1)]}, Deadline(relay.clock, 25), lease_s=30)
+
+    # THEN the record is kept invisible for Edge's 170 s from now, beyond the 160 s its visibility had left
+    assert postponed(sqs) == {"rh-a1": 170}
+
+
 def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_client() -> None:
     # GIVEN Edge asking for a retry within the visibility timeout (it only comes back later than asked; a shorter
     # visibility would use up its receives sooner in an outage)

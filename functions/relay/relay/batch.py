@@ -9,8 +9,8 @@ twenty-fifth of the requests, and so a fraction of the CPU a Lambda spends signi
 record is acknowledged only once its result is written; one whose write fails gives its claim back and is
 redelivered (Edge dedupes on the unchanged `xdm._id`).
 
-A record sent back because Edge asked for a `Retry-After` longer than the queue's visibility timeout is kept
-invisible that long (up to 15 minutes), as are the later records of its identity that wait for it: it comes back
+A record sent back because Edge asked for a `Retry-After` that outlasts the queue's visibility timeout (counted from
+the receive) is kept invisible that long (up to 15 minutes), as are the later records of its identity that wait for it: it comes back
 when Edge said, not sooner, and so does not use up its receives before the dead-letter queue. A shorter
 `Retry-After` leaves the visibility alone: a shorter one would only reach the dead-letter queue sooner in an outage.
 """
@@ -310,6 +310,7 @@ class BatchRunner:
         )
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
+        began = self._relay.clock.monotonic()  # no earlier than the receive, from which SQS counts the visibility
         records = event.get("Records") or []
         try:
             key, key_error = self._identity_key(), None
@@ -467,7 +468,7 @@ class BatchRunner:
             if item.message_id in delays:
                 delays.update((twin, delays[item.message_id]) for twin in item.twins)
         failed = set(delays)
-        self._postpone(records, delays, deadline)
+        self._postpone(records, delays, deadline, elapsed=self._relay.clock.monotonic() - began)
         # Same order as the batch, each failed record once.
         ordered = [mid for r in records if (mid := _message_id(r)) in failed]
         # Sent back without an attempt: each such return still counts as a receive, towards the dead-letter queue.
@@ -507,15 +508,18 @@ class BatchRunner:
         for item, _ in firsts:
             item.claim = claims.get(item.event_id)
 
-    def _postpone(self, records: list[dict[str, Any]], delays: dict[str, float | None], deadline: Deadline) -> None:
+    def _postpone(
+        self, records: list[dict[str, Any]], delays: dict[str, float | None], deadline: Deadline, *, elapsed: float
+    ) -> None:
         """Keep records whose `Retry-After` outlasts the queue's visibility timeout invisible that long instead.
         Not when the invocation may not outlast a slow SQS call: the answer matters more (they then come back at the
-        queue's timeout)."""
+        queue's timeout). SQS counts that timeout from the receive, and Edge its wait from its answer, up to the
+        invocation's `elapsed` seconds later: a wait a little shorter than the timeout may still outlast it."""
         floor = self._settings.queue_visibility_timeout_s
         later: dict[str, int] = {}
         for mid, delay in delays.items():
             seconds = min(math.ceil(delay), MAX_RETRY_DELAY_S) if delay is not None else 0
-            if seconds > floor:
+            if seconds + elapsed > floor:
                 later[mid] = seconds
         if not later or self._queue is None:
             return

@@ -10,9 +10,10 @@ record is acknowledged only once its result is written; one whose write fails gi
 redelivered (Edge dedupes on the unchanged `xdm._id`).
 
 A record sent back because Edge asked for a `Retry-After` that outlasts the queue's visibility timeout (counted from
-the receive) is kept invisible that long (up to 15 minutes), as are the later records of its identity that wait for it: it comes back
-when Edge said, not sooner, and so does not use up its receives before the dead-letter queue. A shorter
-`Retry-After` leaves the visibility alone: a shorter one would only reach the dead-letter queue sooner in an outage.
+the receive) is kept invisible that long (up to 15 minutes), as are the later records of its identity that wait for
+it: it comes back when Edge said, not sooner, and so does not use up its receives before the dead-letter queue. A
+shorter `Retry-After` leaves the visibility alone: a shorter one would only reach the dead-letter queue sooner in an
+outage.
 """
 
 from __future__ import annotations

@@ -912,6 +912,28 @@ def test_a_hand_built_event_missing_what_api_gateway_sends_gets_400_not_a_crash(
     assert (answer["statusCode"], json.loads(answer["body"])["detail"]) == (400, "not an HTTP API 2.0 event")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("headers", "x"), ("headers", ["webhook-id"]), ("queryStringParameters", "datastreamId=x")]
+)
+def test_a_hand_built_event_whose_headers_or_query_are_not_objects_gets_400_not_a_defect(
+    field: str, value: Any, emitted: Callable[[], dict[str, list[float]]]
+) -> None:
+    # GIVEN an HTTP API event whose headers (or query parameters) are not the object API Gateway sends (a review found
+    # Powertools' ValueError taken for a defect: a 503 asking to retry, UnexpectedErrors counted, then a crash)
+    h = harness()
+    event = {**http_event(b"{}", {}), field: value}
+
+    # WHEN / THEN a final 400 naming the field, and nothing counted as a defect
+    answer = h.app.handle(event, None)
+    problem_ = json.loads(answer["body"])
+    assert (answer["statusCode"], problem_["detail"], problem_["errors"][0]["path"]) == (
+        400,
+        "not an HTTP API 2.0 event",
+        field,
+    )
+    assert "UnexpectedErrors" not in emitted()
+
+
 @pytest.mark.parametrize("body", [{"event": {"xdm": {}}}, 7, ["event"]])
 def test_a_hand_built_event_whose_body_is_not_a_string_gets_400_not_a_retry(body: Any) -> None:
     # GIVEN an HTTP API event whose body is JSON rather than the string API Gateway sends (a hand-built event's usual

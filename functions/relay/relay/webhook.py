@@ -191,20 +191,29 @@ class WebhookApp:
     def handle(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         self._context = context
         self._entered = self._clock.monotonic()
+        # Maps API Gateway always sends as objects, given as something else (a hand-built event): Powertools would
+        # raise a ValueError from inside the route, taken for a defect.
+        odd = [name for name in ("headers", "queryStringParameters") if not isinstance(event.get(name) or {}, dict)]
+        if odd:
+            return self._not_http_api(f"{odd[0]} must be an object, as API Gateway sends it", path=odd[0])
         try:
             return self.app.resolve(event, context)
         except (KeyError, TypeError, AttributeError):
             # Fields API Gateway always sends are missing (a hand-built event, e.g. `sam local invoke -e`): say so
             # rather than crash (which API Gateway would answer with a bare 500).
-            logger.warning("not an HTTP API 2.0 event: a field API Gateway always sends is missing")
-            body = {
-                "type": "about:blank",
-                "title": "Bad request",
-                "status": 400,
-                "detail": NOT_HTTP_API,
-                "errors": [{"path": "$", "message": "a field API Gateway always sends is missing"}],
-            }
-            return {"statusCode": 400, "headers": {"Content-Type": PROBLEM}, "body": json.dumps(body)}
+            return self._not_http_api("a field API Gateway always sends is missing")
+
+    @staticmethod
+    def _not_http_api(message: str, path: str = "$") -> dict[str, Any]:
+        logger.warning(f"not an HTTP API 2.0 event: {message}")
+        body = {
+            "type": "about:blank",
+            "title": "Bad request",
+            "status": 400,
+            "detail": NOT_HTTP_API,
+            "errors": [{"path": path, "message": message}],
+        }
+        return {"statusCode": 400, "headers": {"Content-Type": PROBLEM}, "body": json.dumps(body)}
 
     @staticmethod
     def _unauthorized(exc: Unauthorized) -> Response:

@@ -1311,28 +1311,18 @@ def test_redrive_sends_no_batch_larger_than_sqs_takes(aws: None, monkeypatch: py
 def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_queue(
     store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from relay.identity_state import opaque_identity_id
-
-    import relayctl.__main__ as relayctl_main
 
     # GIVEN an event of the person's that Edge rejected (its result keeps her keyed identityId), then replayed by an
     # operator: marked `queued`, its message on the queue, and a relay invocation about to claim it
     store = store_on_moto.store
-    opaque = opaque_identity_id("Email", "a@example.com", key=None)
-    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
-    fields = {"datastreamId": "ds", "source": "sqs", "identityId": opaque, "error": problem, "request": "{}"}
-    store.reject_unclaimed("ev-1", fields)
+    her_rejected_event(store)
     mark_replayed(store_on_moto, "ev-1")
-    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
 
     # WHEN the operator forgets the person
-    code = relayctl_main.main(
-        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
-    )
+    code, out = forget_without_key("a@example.com", monkeypatch, capsys)
 
     # THEN the waiting event's item stays (deleted, the replay's claim would find no item: `show` loses it, and a
     # concurrent claim could take it twice), it is reported as waiting, and forget exits 1 to be run again later
-    out = capsys.readouterr().out
     assert store.get_result("ev-1") is not None and store.get_result("ev-1")["status"] == "queued"
     assert "deleted EVENT#ev-1" not in out
     assert "1 of this identity's event(s) waiting" in out and "waiting EVENT#ev-1 RESULT" in out
@@ -1342,48 +1332,45 @@ def test_forget_leaves_a_replayed_result_of_the_person_that_is_waiting_in_the_qu
 def test_forget_reports_an_event_of_the_person_replayed_while_it_reads(
     store_on_moto: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from relay.identity_state import opaque_identity_id
-
     import relayctl.__main__ as relayctl_main
 
     # GIVEN an event of the person's that Edge rejected, and an operator who replays it while forget runs: after
     # forget has read the waiting events (it was rejected then), before it reads the person's results
     store = store_on_moto.store
-    opaque = opaque_identity_id("Email", "a@example.com", key=None)
-    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
-    fields = {"datastreamId": "ds", "source": "sqs", "identityId": opaque, "error": problem, "request": "{}"}
-    store.reject_unclaimed("ev-1", fields)
+    her_rejected_event(store)
     real_client = boto3.client
-    scans: list[Any] = []
+    scans: list[str] = []
 
-    class ReplayAfterFirstScan:
-        def __init__(self, client: Any) -> None:
-            self._client = client
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._client, name)
-
-        def get_paginator(self, operation: str) -> Any:
+    def replaying(client: Any) -> Any:
+        def get_paginator(operation: str) -> Any:
             if operation == "scan":
                 scans.append(operation)
                 if len(scans) == 2:  # the results' scan comes after the waiting events' (and the states' query)
                     mark_replayed(store_on_moto, "ev-1")
-            return self._client.get_paginator(operation)
+            return client.get_paginator(operation)
 
-    monkeypatch.setattr(relayctl_main.boto3, "client", lambda name, **kw: ReplayAfterFirstScan(real_client(name, **kw)))
-    monkeypatch.delenv("IDENTITY_KEY_SECRET_ID", raising=False)
+        return SqsWith(client, get_paginator=get_paginator)  # (any client, with one call replaced)
+
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda name, **kw: replaying(real_client(name, **kw)))
 
     # WHEN the operator forgets the person
-    code = relayctl_main.main(
-        ["--table", "t", "forget", "--namespace", "Email", "--id", "a@example.com", "--no-identity-key"]
-    )
+    code, out = forget_without_key("a@example.com", monkeypatch, capsys)
 
     # THEN the replayed event is reported as the person's, waiting, and forget exits 1 to be run again (a review found
     # it counted nowhere and forget exiting 0, though the replay stores the person again)
-    out = capsys.readouterr().out
     assert store.get_result("ev-1")["status"] == "queued"  # type: ignore[index]
     assert "1 of this identity's event(s) waiting" in out and "waiting EVENT#ev-1 RESULT" in out
     assert code == 1
+
+
+def her_rejected_event(store: Any) -> None:
+    """An event of a@example.com's (no identity key) that Edge rejected: its result keeps her keyed identityId."""
+    from relay.identity_state import opaque_identity_id
+
+    opaque = opaque_identity_id("Email", "a@example.com", key=None)
+    problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "title": "Unprocessable", "status": 422}
+    fields = {"datastreamId": "ds", "source": "sqs", "identityId": opaque, "error": problem, "request": "{}"}
+    store.reject_unclaimed("ev-1", fields)
 
 
 def mark_replayed(on: Any, event_id: str) -> None:
@@ -1688,6 +1675,18 @@ def test_forget_whose_delete_was_applied_and_sent_again_reports_it_deleted(
     assert code == 0
 
 
+def ctrl_c_on_send(monkeypatch: pytest.MonkeyPatch, ddb: Any, real_sqs: Any) -> dict[str, Any]:
+    """relayctl's clients, its SQS one interrupted (Ctrl-C) in every send: the clients by service, for a test to put
+    the real SQS client back (`clients["sqs"] = real_sqs`) before running the command again."""
+
+    def interrupted(**kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    clients = {"dynamodb": ddb, "sqs": SqsWith(real_sqs, send_message=interrupted)}
+    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: clients[service])
+    return clients
+
+
 def test_a_replay_interrupted_between_its_mark_and_its_send_is_finished_by_running_it_again(
     aws: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -1701,11 +1700,7 @@ def test_a_replay_interrupted_between_its_mark_and_its_send_is_finished_by_runni
         )
     queue = real_sqs.create_queue(QueueName="q")["QueueUrl"]
 
-    def interrupted(**kwargs: Any) -> Any:
-        raise KeyboardInterrupt
-
-    clients = {"dynamodb": ddb, "sqs": SqsWith(real_sqs, send_message=interrupted)}
-    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: clients[service])
+    clients = ctrl_c_on_send(monkeypatch, ddb, real_sqs)
     args = ["--table", "t", "--queue-url", queue, "replay", "--all-rejected"]
 
     # WHEN it runs, is interrupted, and is run again
@@ -1775,11 +1770,7 @@ def test_an_interrupted_replay_to_another_datastream_is_finished_by_running_the_
     ddb.put_item(TableName="t", Item={**rejected_item("ev-other"), "datastreamId": {"S": "ds-third"}, **stranded})
     queue = real_sqs.create_queue(QueueName="q")["QueueUrl"]
 
-    def interrupted(**kwargs: Any) -> Any:
-        raise KeyboardInterrupt
-
-    clients = {"dynamodb": ddb, "sqs": SqsWith(real_sqs, send_message=interrupted)}
-    monkeypatch.setattr(relayctl_main.boto3, "client", lambda service, **kw: clients[service])
+    clients = ctrl_c_on_send(monkeypatch, ddb, real_sqs)
     args = ["--table", "t", "--queue-url", queue, "replay", "--all-rejected"]
     args += ["--from-datastream", "ds-wrong", "--to-datastream", "ds-right"]
 

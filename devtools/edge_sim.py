@@ -932,7 +932,9 @@ class EdgeSimulator(LoopbackService):
         if rule.truncate:  # a 200 cut off in the middle of its body (a connection lost while the answer is read)
             return _Reply(200, _json_bytes({"requestId": request_id, "handle": []}), truncate=True)
         if rule.fixture is not None:
-            status = rule.status or 200
+            fixture_status = json.loads(_load_fixture(rule.fixture)).get("status")
+            # An error fixture (an RFC 7807 problem) is served with its own status, as Edge serves it; others as 200.
+            status = rule.status or (fixture_status if isinstance(fixture_status, int) else 200)
             ctype = rule.content_type or ("application/json" if status < 400 else "application/problem+json")
             return _Reply(status, _load_fixture(rule.fixture), ctype, headers)
         if rule.body is not None:
@@ -953,6 +955,8 @@ class EdgeSimulator(LoopbackService):
         report: dict[str, Any] = {"requestId": request_id} if request_id else {}
         if rule.status == 422:
             report["orgId"] = self.org_id
+        if code in ("EXEG-0102-400", "EXEG-0104-422"):  # a validation report (reference §3.2): its list of messages
+            report["errors"] = ["event.xdm: the request failed the datastream's schema (injected fault)"]
         problem = _problem(code, title, detail, report, status=rule.status)
         return self._problem_reply(problem, headers)
 

@@ -513,6 +513,26 @@ def test_fixture_answer_is_verbatim(sim: EdgeSimulator, token: str) -> None:
         sim.add_fault(fixture="../edge_sim.py")
 
 
+def test_an_error_fixture_is_served_with_its_own_status(sim: EdgeSimulator, token: str) -> None:
+    # An error answer of Adobe's (a problem document) is served as Edge serves it, not as a 200 (reference §3.2)
+    sim.add_fault(fixture="error-invalid-datastream.json", times=1)
+    resp = interact(sim, token)
+    body = json.loads((FIXTURE_DIR / "error-invalid-datastream.json").read_text())
+    assert (resp.status_code, resp.headers["Content-Type"]) == (body["status"], "application/problem+json")
+    assert resp.json() == body
+
+
+@pytest.mark.parametrize(("status", "code"), [(422, "EXEG-0104-422"), (400, "EXEG-0102-400")])
+def test_an_injected_validation_refusal_carries_its_report(
+    sim: EdgeSimulator, token: str, status: int, code: str
+) -> None:
+    # A validation refusal comes with its report's list of messages (reference §3.2, EXEG-0104-422 "report attached")
+    sim.add_fault(status=status, times=1)
+    problem = assert_problem(interact(sim, token), status, code)
+    assert isinstance(problem["report"]["errors"], list) and problem["report"]["errors"]
+    assert all(isinstance(e, str) for e in problem["report"]["errors"])
+
+
 def test_chaos(sim: EdgeSimulator, client: SimulatorClient, token: str) -> None:
     client.set_chaos(1.0, seed=7, kinds=("429", "503", "502", "504"))
     statuses = []

@@ -66,6 +66,10 @@ _IMS_PATH = "/ims/token/v3"
 
 # Problem bodies used for injected faults, by HTTP status (reference §3.1). Edge documents no EXEG code for 429;
 # EXEG-0000-429 is a stand-in in the same family as EXEG-0000-503.
+# Validation refusals carry a report with the list of what failed (reference §3.2: EXEG-0104-422 "report attached");
+# an injected one says it was injected.
+VALIDATION_CODES = ("EXEG-0102-400", "EXEG-0104-422")
+INJECTED_VALIDATION_ERRORS = ("event.xdm: the request failed the datastream's schema (injected fault)",)
 FAULT_PROBLEMS: dict[int, tuple[str, str, str]] = {
     400: ("EXEG-0102-400", "Invalid request", "The request failed validation."),
     401: ("EXEG-0503-401", "Expired token", "The access token has expired. Request a new token and try again."),
@@ -955,8 +959,8 @@ class EdgeSimulator(LoopbackService):
         report: dict[str, Any] = {"requestId": request_id} if request_id else {}
         if rule.status == 422:
             report["orgId"] = self.org_id
-        if code in ("EXEG-0102-400", "EXEG-0104-422"):  # a validation report (reference §3.2): its list of messages
-            report["errors"] = ["event.xdm: the request failed the datastream's schema (injected fault)"]
+        if code in VALIDATION_CODES:  # a validation report (reference §3.2): its list of messages
+            report["errors"] = list(INJECTED_VALIDATION_ERRORS)
         problem = _problem(code, title, detail, report, status=rule.status)
         return self._problem_reply(problem, headers)
 

@@ -15,7 +15,14 @@ from relay.models import iso_millis
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
-from devtools.edge_sim import ERROR_TYPE_BASE, FIXTURE_DIR, encode_identity_state, new_ecid, org_cookie_prefix
+from devtools.edge_sim import (
+    ERROR_TYPE_BASE,
+    FIXTURE_DIR,
+    INJECTED_VALIDATION_ERRORS,
+    encode_identity_state,
+    new_ecid,
+    org_cookie_prefix,
+)
 from devtools.lambda_context import new_context
 from devtools.stack import DATASTREAM_ID, LocalStack
 
@@ -230,7 +237,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
             "status": 400,
             "title": "Invalid request",
             "detail": "The request failed validation.",
-            "report": {"requestId": rid[rejected_id]},
+            "report": {"requestId": rid[rejected_id], "errors": list(INJECTED_VALIDATION_ERRORS)},
         },
         "request": rejected_doc,
         "attempts": 1,

@@ -19,7 +19,7 @@ import requests
 from relay.runtime import Runtime
 from relay.settings import load_settings
 
-from devtools.edge_sim import ERROR_TYPE_BASE, new_ecid
+from devtools.edge_sim import ERROR_TYPE_BASE, INJECTED_VALIDATION_ERRORS, VALIDATION_CODES, new_ecid
 from devtools.gateway import LocalGateway
 from devtools.signing import sign_webhook
 from devtools.stack import DATASTREAM_ID, LocalStack
@@ -554,8 +554,13 @@ def test_edge_rejection_is_answered_with_edges_problem_and_not_retried(
     # AND the event is stored rejected with Edge's problem and the request, so it can be replayed
     item = stack.result_item(event_id)
     assert item is not None
-    problem = {"type": ERROR_TYPE_BASE + code, "status": edge_status, "title": title, "detail": detail}
-    problem["report"] = {"requestId": call["request_id"], **({"orgId": stack.sim.org_id} if edge_status == 422 else {})}
+    problem: dict[str, Any] = {"type": ERROR_TYPE_BASE + code, "status": edge_status, "title": title, "detail": detail}
+    report: dict[str, Any] = {"requestId": call["request_id"]}
+    if edge_status == 422:
+        report["orgId"] = stack.sim.org_id
+    if code in VALIDATION_CODES:  # a validation refusal's report lists what failed (reference §3.2)
+        report["errors"] = list(INJECTED_VALIDATION_ERRORS)
+    problem["report"] = report
     assert {k: item[k] for k in ("eventId", "status", "source", "requestId", "error", "request")} == {
         "eventId": event_id,
         "status": "rejected",

@@ -295,12 +295,13 @@ def _all_items(ddb: Any, operation: str, table: str, **kwargs: Any) -> list[dict
 
 
 def _scan_rejected(
-    ddb: Any, table: str, event_id: str | None = None, *, stranded: bool = False
+    ddb: Any, table: str, event_id: str | None = None, *, stranded: bool = False, since: str | None = None
 ) -> list[dict[str, Any]]:
     """Rejected results, without their stored `request` (never shown; a replay reads the event again); with
     `event_id`, only that eventId's and those filed beside it (`<eventId>#reused-...`, `<eventId>#invalid-...`: other
     events sent under it). `stranded`: also replays marked `queued` whose message was never sent (see `_replay_plan`:
-    a replay stopped between its mark and its send, by an error or an interrupt)."""
+    a replay stopped between its mark and its send, by an error or an interrupt), whenever they were stored (the run
+    that marked one had chosen it). `since` (`_since`): only rejections stored from then on."""
     kwargs: dict[str, Any] = {
         "FilterExpression": "begins_with(pk, :p) AND #s = :r",
         "ExpressionAttributeNames": {"#s": "status"},
@@ -324,6 +325,8 @@ def _scan_rejected(
     items = [
         decode_item({k: v for k, v in i.items() if k != "request"}) for i in _all_items(ddb, "scan", table, **kwargs)
     ]
+    if since is not None:  # storedAt is always iso_millis (UTC, milliseconds): as text, it sorts as the time does
+        items = [d for d in items if d.get("status") != "rejected" or str(d.get("storedAt", "")) >= since]
     return sorted(items, key=lambda d: str(d.get("storedAt", "")))
 
 
@@ -337,25 +340,24 @@ def _reason(doc: dict[str, Any]) -> str:
     first = as_dict(errors[0]) if errors else {}
     if first.get("message"):
         detail = f"{first.get('path') or '(body)'}: {first['message']}"
-        reason += f" ({detail[:97] + '...' if len(detail) > 100 else detail}" + (
-            f"; {len(errors) - 1} more)" if len(errors) > 1 else ")"
-        )
+        if len(detail) > 100:
+            detail = detail[:97] + "..."
+        more = f"; {len(errors) - 1} more" if len(errors) > 1 else ""
+        reason += f" ({detail}{more})"
     return reason
 
 
 def cmd_rejected(args: argparse.Namespace) -> int:
     event_id = bounded_id(args.event_id) if args.event_id else None
-    rows = _scan_rejected(boto3.client("dynamodb"), _targets(args).table, event_id)
+    rows = _scan_rejected(boto3.client("dynamodb"), _targets(args).table, event_id, since=args.since)
     since = f" since {args.since}" if args.since else ""
-    if args.since:  # storedAt is always iso_millis (UTC, milliseconds): as text, it sorts as the time does
-        rows = [r for r in rows if str(r.get("storedAt", "")) >= args.since]
     if args.json:
         _print([{k: v for k, v in r.items() if k != "request"} for r in rows])
         return 0
     print(f"{'storedAt':<25} {'eventId':<40} {'source':<8} reason")
     # The newest: what an operator answering an alarm is looking for (_scan_rejected sorts them by storedAt, so the
     # latest is printed last, next to the prompt).
-    shown = rows[len(rows) - args.limit :] if len(rows) > args.limit else rows
+    shown = rows[-args.limit :]  # --limit is at least 1
     for r in shown:
         print(f"{r.get('storedAt', ''):<25} {r.get('eventId', ''):<40} {r.get('source', ''):<8} {_reason(r)}")
     if len(shown) < len(rows):
@@ -538,7 +540,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender. And
         # the replays an earlier run left marked but not sent (stopped between the two), so that running the same
         # command again finishes an interrupted one.
-        rows = _scan_rejected(ddb, t.table, stranded=True)
+        rows = _scan_rejected(ddb, t.table, stranded=True, since=args.since)
         ids += [
             str(r["eventId"])
             for r in rows
@@ -548,8 +550,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 args.from_datastream in (None, r.get("datastreamId"))
                 or (r.get("status") != "rejected" and args.to_datastream == r.get("datastreamId"))
             )
-            # A stranded replay is finished whenever it was first stored: the run that marked it had chosen it.
-            and (args.since is None or r.get("status") != "rejected" or str(r.get("storedAt", "")) >= args.since)
         ]
     if not ids:
         # Nothing to do is not a mistake: a second run right after the first finds its events queued or delivered.

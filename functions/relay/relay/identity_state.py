@@ -171,12 +171,13 @@ def outgoing_entries(state: IdentityState, caller_entries: list[dict[str, Any]],
 SET_AT_TOLERANCE_S = 0.001
 
 
-def _set_after(entry: StoredEntry | None, now: float) -> bool:
-    """Whether `entry` was set by an answer later than one at `now`: another invocation's, for the same identity,
-    which wrote first; the answer at `now` is merged onto it after its own write met that one (`update_state`), and
-    must not put back what Edge has since replaced or deleted. Its set time is its expiry less its lifetime (kept in
-    whole seconds: with a fractional `maxAge` it reads up to a second late; an item without a lifetime tells none)."""
-    return entry is not None and entry.max_age > 0 and entry.expires_at - entry.max_age > now + SET_AT_TOLERANCE_S
+def _set_after(expires_at: float, lifetime: float, now: float) -> bool:
+    """Whether an entry or hint that lapses at `expires_at` after `lifetime` was set by an answer later than one at
+    `now`: another invocation's, for the same identity, which wrote first; the answer at `now` is merged onto it after
+    its own write met that one (`update_state`), and must not put back what Edge has since replaced or deleted. Its set
+    time is its expiry less its lifetime (an entry's kept in whole seconds: with a fractional `maxAge` it reads up to a
+    second late; one without a lifetime tells none)."""
+    return lifetime > 0 and expires_at - lifetime > now + SET_AT_TOLERANCE_S
 
 
 def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: float) -> IdentityState:
@@ -201,7 +202,8 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if not (isinstance(item, dict) and isinstance(item.get("key"), str)):
                     continue
                 max_age = _lifetime(item.get("maxAge"))
-                if max_age is None or _set_after(entries.get(item["key"]), now):
+                stored = entries.get(item["key"])
+                if max_age is None or (stored is not None and _set_after(stored.expires_at, stored.max_age, now)):
                     continue
                 if max_age <= 0:
                     entries.pop(item["key"], None)
@@ -219,7 +221,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":
                     ttl = _lifetime(item.get("ttlSeconds"))
                     # A stored hint Edge gave in a later answer (merged here after a write conflict) stands.
-                    later = bool(hint) and hint_ttl > 0 and hint_expires_at - hint_ttl > now + SET_AT_TOLERANCE_S
+                    later = bool(hint) and _set_after(hint_expires_at, hint_ttl, now)
                     if valid_hint(item.get("hint")) and ttl is not None and not later:
                         hint_ttl = _hint_ttl(ttl)
                         hint, hint_expires_at = item["hint"], now + hint_ttl

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from aws_lambda_powertools.utilities.parameters import SecretsProvider
 from botocore.exceptions import ClientError
 
+from relay.clock import Moment
 from relay.errors import CredentialsError
 
 _T = TypeVar("_T")
@@ -109,13 +110,16 @@ class CredentialsStore:
         self._identity_key: bytes | None = None
         self._max_age = max_age
         self._lock = threading.Lock()
-        # Secret id -> when a read of it gave a malformed value (monotonic, wall): cached by Powertools like a good
-        # one, so without this the fix would wait for the cache period (SECRETS_MAX_AGE_SECONDS, 300 s by default).
-        # By either clock, as `clock.Moment`: whether the monotonic clock moves while Lambda freezes an environment
-        # is not documented, and a fix must be taken within seconds between sparse invocations too.
-        self._malformed: dict[str, tuple[float, float]] = {}
+        # Secret id -> when a read of it gave a malformed value: cached by Powertools like a good one, so without this
+        # the fix would wait for the cache period (SECRETS_MAX_AGE_SECONDS, 300 s by default). A `Moment`, passed by
+        # either clock: whether the monotonic clock moves while Lambda freezes an environment is not documented, and a
+        # fix must be taken within seconds between sparse invocations too.
+        self._malformed: dict[str, Moment] = {}
         self._monotonic = monotonic
         self._wall = wall
+
+    def _now(self) -> Moment:
+        return Moment(self._monotonic(), self._wall())
 
     def _parsed(self, secret_id: str, force: bool, label: str, parse: Callable[[dict[str, Any]], _T]) -> _T:
         """`parse` of the secret's JSON object; a CredentialsError of either marks the secret malformed, a success
@@ -123,7 +127,7 @@ class CredentialsStore:
         try:
             value = parse(self._read(secret_id, force, label))
         except CredentialsError:
-            self._malformed.setdefault(secret_id, (self._monotonic(), self._wall()))
+            self._malformed.setdefault(secret_id, self._now())
             raise
         self._malformed.pop(secret_id, None)
         return value
@@ -131,9 +135,9 @@ class CredentialsStore:
     def _read(self, secret_id: str, force: bool, label: str) -> dict[str, Any]:
         with self._lock:  # one read per cache period even when a batch's workers all start at once
             since = self._malformed.get(secret_id)
-            if since is not None and max(self._monotonic() - since[0], self._wall() - since[1]) >= MALFORMED_REREAD_S:
+            if since is not None and not since.within(MALFORMED_REREAD_S, self._now()):
                 force = True  # its cached value was malformed: the operator may have fixed it since
-                self._malformed[secret_id] = (self._monotonic(), self._wall())  # the other workers take this read's
+                self._malformed[secret_id] = self._now()  # the other workers take this read's value
             try:
                 raw = self._provider.get(secret_id, max_age=self._max_age, force_fetch=force)
             except Exception as exc:  # GetParameterError wraps every client error

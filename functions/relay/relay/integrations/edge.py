@@ -208,6 +208,15 @@ class EdgeClient:
                 logger.info("edge answers again: calls are retried as usual")
             self._down = None
 
+    def _route_plain(self, hint: str, why: str, **fields: Any) -> None:
+        """A hinted call goes to the plain URL at once (`why`: the hinted route is not there), and `hint` routes no
+        call for a while: counted and logged."""
+        self._refuse_hint(hint)
+        count("EdgeHintRouteRefused")
+        logger.warning(
+            f"{why}; calls with this hint go to the plain URL for a while", pauseSeconds=HINT_ROUTE_PAUSE_S, **fields
+        )
+
     def _refuse_hint(self, hint: str) -> None:
         """Pause `hint` (its URL answered 404); pause every hint once several different ones were refused."""
         with self._hints_lock:
@@ -331,14 +340,8 @@ class EdgeClient:
                     # the plain URL, as after a 404, and that hint routes no call for a while. Not on the plain
                     # URL's own host, which the plain URL could not reach either.
                     timing("EdgeLatency", (self._clock.monotonic() - started) * 1000)
+                    self._route_plain(str(hint), "edge's hinted host could not be reached", reason=type(exc).__name__)
                     hinted, url = False, s.interact_url
-                    self._refuse_hint(str(hint))
-                    count("EdgeHintRouteRefused")
-                    logger.warning(
-                        "edge's hinted host could not be reached; calls with this hint go to the plain URL for a while",
-                        reason=type(exc).__name__,
-                        pauseSeconds=HINT_ROUTE_PAUSE_S,
-                    )
                     continue
                 reason, retry_after, unanswered = f"edge call failed: {type(exc).__name__}", None, True
                 # An attempt without an answer is an Edge call too, and the most common outage: timed (so the latency
@@ -397,13 +400,8 @@ class EdgeClient:
                     if status == 404 and hinted:
                         # The hinted route does not exist on this host (not the event's fault): the same event at
                         # once on the plain URL, and no hint routes a call for a while. The hint is still kept.
+                        self._route_plain(str(hint), "edge answered 404 on the hinted URL")
                         hinted, url = False, s.interact_url
-                        self._refuse_hint(str(hint))
-                        count("EdgeHintRouteRefused")
-                        logger.warning(
-                            "edge answered 404 on the hinted URL; calls with this hint go to the plain URL for a while",
-                            pauseSeconds=HINT_ROUTE_PAUSE_S,
-                        )
                         continue
                     if status not in RECOVERABLE_STATUSES:
                         raise EdgeRejected(status, problem)

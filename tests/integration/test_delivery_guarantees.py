@@ -601,6 +601,112 @@ def test_a_request_replayed_first_to_an_unlisted_datastream_is_refused_and_the_g
     assert (item["status"], item["datastreamId"]) == ("delivered", "ds-listed")
 
 
+def untimed_event() -> dict[str, Any]:
+    """An event whose sender gives no `xdm.timestamp`: the relay sets the receive time (an earlier attempt's wins)."""
+    doc = interact_event()
+    del doc["event"]["xdm"]["timestamp"]
+    return doc
+
+
+def test_a_webhook_resent_after_the_default_datastream_changed_is_delivered_where_it_was_first_taken(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    # GIVEN a webhook naming no datastream, taken for the default one and queued (Edge down, 202), whose sender resends
+    # it (it never saw the 202) after a deploy changed the default datastream
+    gw = stack.gateway(new_runtime().handle)
+    doc = untimed_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+    assert post(gw, stack, doc, msg_id).status_code == 202
+    first_time = edge_requests(stack, msg_id)[0]["body"]["event"]["xdm"]["timestamp"]
+    stack.sim.remove_fault(rule)
+    stack.sim.datastreams.add("ds-new")
+    try:
+        redeployed = new_runtime(DATASTREAM_ID="ds-new")
+        gw = stack.gateway(redeployed.handle)
+
+        # WHEN the resend comes
+        time.sleep(0.01)  # a later receive time than the first attempt's
+        resend = post(gw, stack, doc, msg_id)
+
+        # THEN it is delivered (not answered 409 at every resend), to the datastream it was first taken for, with the
+        # first attempt's time under the same `_id`
+        assert resend.status_code == 200, resend.text
+        delivered = edge_requests(stack, msg_id)[-1]
+        assert (delivered["status"], delivered["query"]["datastreamId"]) == (200, DATASTREAM_ID)
+        assert delivered["body"]["event"]["xdm"]["timestamp"] == first_time
+        item = stack.result(msg_id)
+        assert (item["status"], item["datastreamId"]) == ("delivered", DATASTREAM_ID)
+
+        # AND its queued message, when it comes, is a repeat: Edge got the event once
+        stack.poller(redeployed.handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
+    finally:
+        stack.sim.datastreams.discard("ds-new")
+    assert [c["status"] for c in edge_requests(stack, msg_id)] == [503] * 5 + [200]
+
+
+def test_a_webhook_resent_after_the_default_datastream_changed_gets_its_first_answer(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a webhook naming no datastream, delivered to the default one, whose sender resends it (its answer was lost)
+    # after a deploy changed the default datastream
+    gw = stack.gateway(new_runtime().handle)
+    doc = interact_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    first = post(gw, stack, doc, msg_id)
+    assert first.status_code == 200, first.text
+    stack.sim.datastreams.add("ds-new")
+    try:
+        gw = stack.gateway(new_runtime(DATASTREAM_ID="ds-new").handle)
+
+        # WHEN the resend comes
+        resend = post(gw, stack, doc, msg_id)
+    finally:
+        stack.sim.datastreams.discard("ds-new")
+
+    # THEN it is a repeat: the first answer, nothing sent again, nothing filed as an eventId reused for another event
+    assert (resend.status_code, resend.json()) == (200, first.json())
+    assert len(edge_requests(stack, msg_id)) == 1
+    assert stack.result(msg_id)["datastreamId"] == DATASTREAM_ID
+    filed = stack.dynamodb.scan(
+        TableName=stack.resources.table_name,
+        FilterExpression="begins_with(pk, :event)",
+        ExpressionAttributeValues={":event": {"S": f"EVENT#{msg_id}"}},
+    )["Items"]
+    assert [i["pk"]["S"] for i in filed] == [f"EVENT#{msg_id}"]
+
+
+def test_a_webhook_resent_after_its_first_datastream_was_delisted_is_refused_saying_why(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    # GIVEN a webhook naming no datastream, queued for the default one (202), whose sender resends it after a deploy
+    # made another datastream the default and the only one listed (ALLOWED_DATASTREAM_IDS)
+    gw = stack.gateway(new_runtime().handle)
+    doc = interact_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+    assert post(gw, stack, doc, msg_id).status_code == 202
+    stack.sim.remove_fault(rule)
+    stack.sim.datastreams.add("ds-new")
+    try:
+        gw = stack.gateway(new_runtime(DATASTREAM_ID="ds-new", ALLOWED_DATASTREAM_IDS="ds-new").handle)
+
+        # WHEN the resend comes
+        resend = post(gw, stack, doc, msg_id)
+    finally:
+        stack.sim.datastreams.discard("ds-new")
+
+    # THEN it is refused (400, kept) naming the datastream the event was first taken for; nothing is sent anywhere
+    assert resend.status_code == 400, resend.text
+    [error] = resend.json()["errors"]
+    assert error["path"] == "datastreamId"
+    assert f'"{DATASTREAM_ID}"' in error["message"] and "first taken for" in error["message"]
+    assert [c["status"] for c in edge_requests(stack, msg_id)] == [503] * 5
+    filed = stack.result(resend.json()["eventId"])
+    assert (filed["status"], filed["datastreamId"]) == ("rejected", DATASTREAM_ID)
+
+
 def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN Edge takes 8 s to answer this event; the webhook deadline is the default 5 s; a warm environment

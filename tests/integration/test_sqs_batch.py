@@ -500,6 +500,39 @@ def test_a_corrected_resend_of_an_event_the_relay_refused_is_delivered_not_a_rep
     assert not {"error", "request", "rejectedBy"} & set(item)
 
 
+def test_a_delivered_message_naming_no_datastream_sent_again_after_the_default_changed_is_a_repeat(
+    clean_stack: LocalStack,
+) -> None:
+    # GIVEN a producer's event delivered to the default datastream (its message names none)
+    doc = interact_event(f"moved-{uuid.uuid4().hex[:8]}")
+    event_id = doc["event"]["xdm"]["_id"]
+    first = new_runtime().handle({"Records": [sqs_record(clean_stack, json.dumps(doc))]}, new_context(30))
+    assert first == {"batchItemFailures": []}
+    stored = clean_stack.result_item(event_id)
+    assert stored is not None and stored["status"] == "delivered"
+
+    # WHEN its message comes again (its delete was lost, say) after a deploy changed the default datastream
+    clean_stack.sim.datastreams.add("ds-new")
+    try:
+        again = new_runtime(DATASTREAM_ID="ds-new").handle(
+            {"Records": [sqs_record(clean_stack, json.dumps(doc))]}, new_context(30)
+        )
+    finally:
+        clean_stack.sim.datastreams.discard("ds-new")
+
+    # THEN it is a repeat of the event it was: nothing sent again, nothing filed as its eventId reused by another event
+    # (which `relayctl replay` would then send to the new datastream)
+    assert again == {"batchItemFailures": []}
+    assert len(edge_requests(clean_stack, event_id)) == 1
+    assert clean_stack.result_item(event_id) == stored
+    filed = clean_stack.dynamodb.scan(
+        TableName=clean_stack.resources.table_name,
+        FilterExpression="begins_with(pk, :event)",
+        ExpressionAttributeValues={":event": {"S": f"EVENT#{event_id}"}},
+    )["Items"]
+    assert [i["pk"]["S"] for i in filed] == [f"EVENT#{event_id}"]
+
+
 def test_a_delivered_event_sent_again_among_new_ones_is_a_repeat_and_left_as_stored(clean_stack: LocalStack) -> None:
     # GIVEN an event delivered in an earlier batch
     runtime = new_runtime()

@@ -295,6 +295,10 @@ class BatchRunner:
                 state_source=first_state,
                 defer_store=True,
                 claim=claim,
+                # A message naming no datastream resolves to the default on each receive: a redelivery after a deploy
+                # changed it is still the event it was, a repeat once that is finished (ELSEWHERE, an event in flight
+                # for the other datastream, is handed back as busy; a waiting one it takes over where it now goes).
+                follow_datastream=not named,
             )
             ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
             return Done(ok, result.state, result)  # state unknown after a failure: the next record reads it afresh

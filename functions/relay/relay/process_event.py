@@ -41,6 +41,9 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"  # already done before; `item` is the stored result
     BUSY = "busy"  # another invocation holds a live claim on this event
     RETRY = "retry"  # transient: redeliver / queue; claim released
+    # `follow_datastream`: the eventId belongs to an event waiting (or in flight) for another datastream (`item` holds
+    # it); nothing was written for this attempt
+    ELSEWHERE = "elsewhere"
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ class Relay:
         defer_store: bool = False,
         claim: Claim | None = None,
         to_queue: bool = False,
+        follow_datastream: bool = False,
     ) -> Result:
         """Relay one event. `state`, when given, is the identity's current state (read by the caller for a whole
         batch, or carried from the identity's previous event), which saves reading it again. `state_source`, when
@@ -206,7 +210,12 @@ class Relay:
         acquired, else the event is claimed here with its token.
 
         `to_queue`: the caller (a webhook) sends a RETRY to the retry queue; an event given back says so until the
-        caller has sent it (`store.note_queued`), so that an invocation ending in between leaves no false `queued`."""
+        caller has sent it (`store.note_queued`), so that an invocation ending in between leaves no false `queued`.
+
+        `follow_datastream`: the event's request named no datastream (it resolved to the default, which a deploy may
+        have changed since its first attempt). When its eventId belongs to an event taken for another datastream, it
+        is that event: a repeat of it if it is finished (or a reuse of its eventId, by its identity), else ELSEWHERE
+        with its item, and nothing is decided here (the caller knows whether the event may still go there)."""
         event_id = inbound.event_id
         if deadline.remaining() < MIN_ATTEMPT_S:
             # Nothing could be sent in time (a batch whose time ran out): leave the event untouched rather than claim
@@ -238,6 +247,11 @@ class Relay:
             return Result(Outcome.RETRY, event_id, reason=str(exc))
         if not claim.acquired:
             existing = claim.existing or {}
+            first = existing.get("datastreamId")
+            if follow_datastream and isinstance(first, str) and first and first != inbound.datastream_id:
+                if existing.get("status") not in ("delivered", "rejected"):
+                    return Result(Outcome.ELSEWHERE, event_id, item=existing)
+                inbound = replace(inbound, datastream_id=first)  # compared with it as sent there
             if existing.get("status") in ("delivered", "rejected"):
                 filed_as = reused_id(existing, inbound)
                 if filed_as is not None:

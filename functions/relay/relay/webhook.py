@@ -7,6 +7,7 @@ import binascii
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from math import floor
 from typing import Any
@@ -22,6 +23,7 @@ from relay.integrations.credentials import CredentialsStore
 from relay.integrations.queue import RetryQueue
 from relay.integrations.store import RELAY
 from relay.models import (
+    DATASTREAM_DETAIL,
     InboundEvent,
     as_dict,
     bounded_id,
@@ -326,29 +328,10 @@ class WebhookApp:
             event_id = inbound.event_id
             check_size_as_sent(inbound)
         except InvalidEvent as error:
-            event_id = error.event_id or event_id
             datastream = datastream_for_rejection(
                 named, self._settings.datastream_id, self._settings.allowed_datastream_ids
             )
-            try:
-                stored = self._relay.reject_invalid(
-                    event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text
-                )
-            except StoreUnavailable:
-                # A 400 would be final for the sender and nothing would be kept: make it retry instead.
-                logger.error("could not store a rejected body; the sender is asked to retry", eventId=event_id)
-                count("RetriesScheduled")  # as any event handed back for a retry
-                return problem(
-                    503,
-                    "Service unavailable",
-                    "the rejection could not be recorded; retry",
-                    eventId=event_id,
-                    retryAfter=5,
-                )
-            # Its eventId names where the rejection is kept: under an id of its own when the eventId holds another
-            # outcome (a delivered event, Edge's rejection, ...), which stays as it was.
-            filed_as = stored.get("eventId", event_id)
-            return problem(error.status, error.title, error.detail, eventId=filed_as, errors=error.errors)
+            return self._refuse(error, error.event_id or event_id, datastream, raw_text)
         if key_error is not None and inbound.primary_identity:
             # Its identity cannot be keyed, so its state can be neither found nor kept: queued as when Edge is down
             # (202), for a batch to deliver once the key can be read (or the dead-letter queue, whose alarm pages).
@@ -363,10 +346,50 @@ class WebhookApp:
         fallback_by = min(remaining, api_left) - self._settings.safety_margin_s - FALLBACK_WORST_S
         deadline = Deadline(self._clock, min(budget - _ENQUEUE_RESERVE_S, fallback_by))
         state_source = self._ahead(inbound, deadline)
+        lease_s = max(remaining, budget) + 5
         result = self._relay.process(
-            inbound, deadline, lease_s=max(remaining, budget) + 5, state_source=state_source, to_queue=True
+            inbound, deadline, lease_s=lease_s, state_source=state_source, to_queue=True, follow_datastream=not named
         )
+        if result.outcome is Outcome.ELSEWHERE:
+            # A request naming no datastream whose eventId waits for another one: the default datastream then, which
+            # a deploy has changed since (DATASTREAM_ID), and this a resend (the sender's first try was answered 503,
+            # or its answer was lost). It is that datastream's event, as its queued message is: delivered there, with
+            # its first attempt's time. (A waiting item is taken over by a webhook only for its own datastream: every
+            # resend would be answered 409.)
+            first = str(result.item["datastreamId"])
+            allowed = self._settings.allowed_datastream_ids
+            if allowed and first not in allowed:
+                message = (
+                    f'this event was first taken for "{first}", which is no longer one of the datastreams this relay '
+                    "sends to (ALLOWED_DATASTREAM_IDS)"
+                )
+                refusal = InvalidEvent([{"path": "datastreamId", "message": message}], detail=DATASTREAM_DETAIL)
+                return self._refuse(refusal, event_id, first, raw_text)
+            inbound = replace(inbound, datastream_id=first)
+            result = self._relay.process(inbound, deadline, lease_s=lease_s, to_queue=True)
         return self._answer(result, inbound)
+
+    def _refuse(self, error: InvalidEvent, event_id: str, datastream: str, raw_text: str) -> Response:
+        """Keep the refusal of a body the relay will not send (filed under `datastream`) and answer it."""
+        try:
+            stored = self._relay.reject_invalid(
+                event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text
+            )
+        except StoreUnavailable:
+            # A 400 would be final for the sender and nothing would be kept: make it retry instead.
+            logger.error("could not store a rejected body; the sender is asked to retry", eventId=event_id)
+            count("RetriesScheduled")  # as any event handed back for a retry
+            return problem(
+                503,
+                "Service unavailable",
+                "the rejection could not be recorded; retry",
+                eventId=event_id,
+                retryAfter=5,
+            )
+        # Its eventId names where the rejection is kept: under an id of its own when the eventId holds another
+        # outcome (a delivered event, Edge's rejection, ...), which stays as it was.
+        filed_as = stored.get("eventId", event_id)
+        return problem(error.status, error.title, error.detail, eventId=filed_as, errors=error.errors)
 
     def _answer(self, result: Result, inbound: InboundEvent) -> Response:
         item = result.item

@@ -57,12 +57,19 @@ class Targets:
 _NO_TABLE = "relayctl: no table: pass --table, --stack or set HANDLES_TABLE"
 
 
+def _client(service: str) -> Any:
+    """A boto3 client in the shell's region as the AWS CLI reads it: `AWS_REGION` first (boto3 itself reads only
+    `AWS_DEFAULT_REGION`, so the README's `export AWS_REGION=...` would leave relayctl in another region than the CLI
+    commands beside it, or in none), then `AWS_DEFAULT_REGION`, then the profile's."""
+    return boto3.client(service, region_name=os.environ.get("AWS_REGION") or None)
+
+
 def _targets(args: argparse.Namespace, *, needs_table: bool = True) -> Targets:
     table, queue, dlq = args.table, args.queue_url, args.dlq_url
     key_secret = getattr(args, "identity_key_secret", None)
     key_source = "--identity-key-secret" if key_secret else None
     if args.stack:
-        outputs = boto3.client("cloudformation").describe_stacks(StackName=args.stack)["Stacks"][0].get("Outputs", [])
+        outputs = _client("cloudformation").describe_stacks(StackName=args.stack)["Stacks"][0].get("Outputs", [])
         found = {o["OutputKey"]: o["OutputValue"] for o in outputs}
         table = table or found.get("TableName")
         queue = queue or found.get("QueueUrl")
@@ -233,9 +240,9 @@ def _hidden_by_others(sqs: Any, dlq_url: str) -> str | None:
 
 def cmd_show(args: argparse.Namespace) -> int:
     t = _targets(args)
-    ddb = boto3.client("dynamodb")
+    ddb = _client("dynamodb")
     found = 0
-    hidden = _hidden_by_others(boto3.client("sqs"), t.dlq_url) if t.dlq_url else None
+    hidden = _hidden_by_others(_client("sqs"), t.dlq_url) if t.dlq_url else None
     for given in args.event_ids:
         event_id, doc = _find(ddb, t.table, given)
         if doc is not None:
@@ -251,7 +258,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             # tenth landing stored an invalid body's rejection over a queued event. Look for it too.
             waiting = doc.get("status") in ("queued", "pending") or doc.get("rejectedBy") == RELAY
             if waiting and t.dlq_url:
-                where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id)
+                where = _peek_dlq(_client("sqs"), t.dlq_url, event_id)
                 if where:
                     doc.update(status="dead-lettered", detail=_DEAD_LETTERED)
                     doc.update(where)
@@ -262,7 +269,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print(doc)
             found += 1
             continue
-        where = _peek_dlq(boto3.client("sqs"), t.dlq_url, event_id) if t.dlq_url else None
+        where = _peek_dlq(_client("sqs"), t.dlq_url, event_id) if t.dlq_url else None
         if where:
             _print({"eventId": event_id, "status": "dead-lettered", "detail": _DEAD_LETTERED, **where})
             found += 1
@@ -349,7 +356,7 @@ def _reason(doc: dict[str, Any]) -> str:
 
 def cmd_rejected(args: argparse.Namespace) -> int:
     event_id = bounded_id(args.event_id) if args.event_id else None
-    rows = _scan_rejected(boto3.client("dynamodb"), _targets(args).table, event_id, since=args.since)
+    rows = _scan_rejected(_client("dynamodb"), _targets(args).table, event_id, since=args.since)
     since = f" since {args.since}" if args.since else ""
     if args.json:
         _print([{k: v for k, v in r.items() if k != "request"} for r in rows])
@@ -535,7 +542,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.all_rejected and args.to_datastream and args.from_datastream is None:
         # Every datastream's rejections (schema errors in healthy datastreams too) would all go to one.
         raise SystemExit("relayctl: --all-rejected with --to-datastream needs --from-datastream (the one to move from)")
-    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    ddb, sqs = _client("dynamodb"), _client("sqs")
     if args.all_rejected:
         # Edge's rejections only: the relay's own (a body that is not an event) can only be fixed by the sender. And
         # the replays an earlier run left marked but not sent (stopped between the two), so that running the same
@@ -673,7 +680,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
             f"relayctl: --queue-url and --dlq-url name the same queue ({t.dlq_url.strip()}): redrive moves messages "
             "from the dead-letter queue to the relay's queue; pass the relay's queue as --queue-url"
         )
-    sqs = boto3.client("sqs")
+    sqs = _client("sqs")
     # The queue whose dead letters these should be: SQS lets any queue of the account name this dead-letter queue as
     # its own (the template sets no RedriveAllowPolicy: it would need the queue's ARN, a dependency cycle), and a
     # message another queue dead-lettered here is not the relay's to send on. Told by its account and name, from the
@@ -992,7 +999,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if t.identity_key_secret:
         # The function's own reader of the key, with its checks: the same bytes, or a clear refusal.
         credentials = CredentialsStore(
-            boto3.client("secretsmanager"),
+            _client("secretsmanager"),
             adobe_secret_id=None,
             webhook_secret_id=None,
             max_age=0,
@@ -1009,7 +1016,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             "(--no-identity-key for a deployment without one, whose ids are plain SHA-256)"
         )
     opaque = opaque_identity_id(args.namespace, identity, key=key)
-    ddb = boto3.client("dynamodb")
+    ddb = _client("dynamodb")
     # Strongly consistent reads (twice the read units of a scan): an erasure must find every item written before it
     # started, not miss one that an eventually consistent read had not caught up with yet.
     #

@@ -161,3 +161,21 @@ def test_every_unexpected_error_counted_is_logged_where_the_runbook_looks() -> N
     assert len(counts) >= 10  # the walk finds them (11 when written)
     for name, line, messages in counts:
         assert any("unexpected error" in m for m in messages), f"{name}:{line} logs {messages}"
+
+
+def test_the_readmes_first_events_are_events_edge_takes() -> None:
+    # The first-deploy check sends two events through the stack: each must be one the relay sends on and Edge takes
+    # from a server (a primary identity: without one Edge refuses it, EXEG-0306-400), or the check fails on every
+    # correct deployment and its 422 points at the datastream.
+    from relay.models import read_event
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("**A first event**", 1)[1].split("\n```\n", 1)[0]
+    bodies = re.findall(r"--(?:message-)?body '(\{.*?\})'", section)
+    assert len(bodies) == 2, bodies
+    for n, body in enumerate(bodies, 1):
+        inbound = read_event(
+            body, "fallback", datastream=None, default_datastream="ds", source="sqs", received_at=0, identity_key=None
+        )
+        assert inbound.event_id == f"first-event-{n}"
+        assert inbound.primary_identity is not None, body

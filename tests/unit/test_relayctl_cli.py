@@ -523,3 +523,26 @@ def test_invoke_names_a_missing_event_file_in_one_line(
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"python -m devtools.invoke: cannot read the event file {missing}: No such file or directory\n"
+
+
+@pytest.mark.parametrize(
+    ("env", "region"),
+    [
+        ({"AWS_REGION": "eu-west-1"}, "eu-west-1"),  # the README's `export AWS_REGION=...`, which boto3 alone ignores
+        ({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "us-east-1"}, "eu-west-1"),  # as the AWS CLI: AWS_REGION
+        ({"AWS_DEFAULT_REGION": "us-east-1"}, "us-east-1"),
+    ],
+)
+def test_relayctl_works_in_the_region_the_aws_cli_beside_it_uses(
+    env: dict[str, str], region: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a shell whose region is set as the README says (no profile region)
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    # WHEN relayctl makes its clients, THEN they are in that region
+    for service in ("dynamodb", "sqs", "cloudformation", "secretsmanager"):
+        assert relayctl_main._client(service).meta.region_name == region

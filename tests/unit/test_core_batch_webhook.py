@@ -913,15 +913,24 @@ def test_a_hand_built_event_missing_what_api_gateway_sends_gets_400_not_a_crash(
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("headers", "x"), ("headers", ["webhook-id"]), ("queryStringParameters", "datastreamId=x")]
+    ("field", "value"),
+    [
+        ("headers", "x"),
+        ("headers", ["webhook-id"]),
+        ("queryStringParameters", "datastreamId=x"),
+        ("headers", {"webhook-timestamp": 1795842876}),
+        ("queryStringParameters", {"datastreamId": 5}),
+    ],
 )
-def test_a_hand_built_event_whose_headers_or_query_are_not_objects_gets_400_not_a_defect(
+def test_a_hand_built_event_whose_headers_or_query_are_not_maps_of_strings_gets_400_not_a_defect(
     field: str, value: Any, emitted: Callable[[], dict[str, list[float]]]
 ) -> None:
-    # GIVEN an HTTP API event whose headers (or query parameters) are not the object API Gateway sends (a review found
-    # Powertools' ValueError taken for a defect: a 503 asking to retry, UnexpectedErrors counted, then a crash)
+    # GIVEN an HTTP API event, signed, whose headers (or query parameters) are not the object of strings API Gateway
+    # sends (reviews found Powertools' ValueError taken for a defect: a 503 asking to retry, UnexpectedErrors counted,
+    # then a crash; and a number among them: a TypeError in the signature check or the datastream's reading)
     h = harness()
-    event = {**http_event(b"{}", {}), field: value}
+    event = http_event(b"{}", sign_webhook(b"{}", SECRETS[0]))
+    event[field] = {**event[field], **value} if field == "headers" and isinstance(value, dict) else value
 
     # WHEN / THEN a final 400 naming the field, and nothing counted as a defect
     answer = h.app.handle(event, None)

@@ -195,9 +195,14 @@ class WebhookApp:
         self._entered = self._clock.monotonic()
         # Maps API Gateway always sends as objects, given as something else (a hand-built event): Powertools would
         # raise a ValueError from inside the route, taken for a defect.
-        odd = [name for name in ("headers", "queryStringParameters") if not isinstance(event.get(name) or {}, dict)]
+        maps = ("headers", "queryStringParameters")
+        odd = [name for name in maps if not isinstance(event.get(name) or {}, dict)]
         if odd:
             return self._not_http_api(f"{odd[0]} must be an object, as API Gateway sends it", path=odd[0])
+        # ... of strings: a number there made the signature check or the datastream's reading raise, taken for a defect
+        odd = [name for name in maps if not all(isinstance(v, str) for v in (event.get(name) or {}).values())]
+        if odd:
+            return self._not_http_api(f"{odd[0]} must map names to strings, as API Gateway sends it", path=odd[0])
         try:
             return self.app.resolve(event, context)
         except (KeyError, TypeError, AttributeError):

@@ -976,6 +976,40 @@ def test_an_invalid_bodys_filing_never_replaces_an_event_whose_own_id_has_its_sh
     assert again == ["e9#invalid-fedcba9876543210"] * 2
 
 
+@pytest.mark.parametrize("outcome", ["edge-rejected", "queued"])
+def test_a_reuse_filing_never_replaces_an_event_whose_own_id_has_its_shape(
+    outcome: str, store_on_moto: StoreOnMoto
+) -> None:
+    # GIVEN an event whose own eventId has the shape of the relay's filing of a reuse of "e9" (`reused_id`:
+    # "<eventId>#reused-<16 hex>" of datastream and identity id, computable without an identity key), which Edge
+    # rejected (replayable once Edge is fixed) or which waits in the queue
+    store = store_on_moto.store
+    shaped = "e9#reused-0123456789abcdef"
+    claim = store.claim(shaped, datastream_id="ds", source="sqs", lease_s=30)
+    assert claim.token
+    if outcome == "edge-rejected":
+        edge_problem = {"type": "https://ns.adobe.com/aep/errors/EXEG-0104-422", "status": 422}
+        fields = {"status": "rejected", "datastreamId": "ds", "error": edge_problem}
+        store.put_result(store.compose_result(shaped, fields, claim.item))
+    else:
+        store.release(shaped, claim.token, "edge call failed: ConnectTimeout")
+    before = raw_result(store_on_moto, shaped)
+    reuse = {"datastreamId": "ds", "source": "sqs", "identityId": "p2", "error": {"title": "eventId reused"}}
+
+    # WHEN another identity's event reuses "e9" and is filed there, twice (a review found the event's own outcome
+    # replaced by the relay's refusal: an Edge rejection that `replay --all-rejected` then skips, a waiting item)
+    filed = [store.reject_unclaimed(shaped, reuse)["eventId"] for _ in range(2)]
+
+    # THEN the event's own outcome stands, and the reuse is kept under an id of its own each time
+    assert raw_result(store_on_moto, shaped) == before
+    for filed_as in filed:
+        assert filed_as.startswith(f"{shaped}-")
+        assert raw_result(store_on_moto, filed_as)["status"] == {"S": "rejected"}
+    # AND an ordinary reuse filing still lands on one item, however often its event comes
+    ordinary = "e8#reused-fedcba9876543210"
+    assert [store.reject_unclaimed(ordinary, reuse)["eventId"] for _ in range(2)] == [ordinary] * 2
+
+
 def test_a_claim_botocore_sent_again_after_its_answer_was_lost_counts_one_attempt(store_on_moto: StoreOnMoto) -> None:
     # GIVEN a redelivered event's claim (`UpdateItem`, not an INSERT) applied by DynamoDB though its answer was lost:
     # boto3's standard retry mode sends the very same request again (read timeouts, dropped connections, 5xx)

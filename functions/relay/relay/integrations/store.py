@@ -624,8 +624,21 @@ class HandlesStore:
             condition = "attribute_not_exists(pk) OR (#s = :rejected AND rejectedBy = :relay AND bodyDigest = :digest)"
             values = {":rejected": {"S": "rejected"}, ":relay": {"S": RELAY}, ":digest": {"S": body_digest}}
         else:
-            condition = "attribute_not_exists(pk) OR (#s <> :delivered AND #s <> :pending)"
-            values = {":delivered": {"S": "delivered"}, ":pending": {"S": "pending"}}
+            # An eventId reused by another event, filed under `<eventId>#reused-<digest of its datastream and
+            # identity>`: only an earlier filing of that same event is replaced (its redelivery). An event whose own
+            # eventId has that shape keeps its outcome, as above: a sender can compute the digest without an identity
+            # key, or of an event without a primary identity.
+            condition = (
+                "attribute_not_exists(pk) OR (#s = :rejected AND rejectedBy = :relay AND identityId = :who "
+                "AND datastreamId = :ds)"
+            )
+            values = {
+                ":rejected": {"S": "rejected"},
+                ":relay": {"S": RELAY},
+                ":who": {"S": str(fields.get("identityId", ""))},
+                ":ds": {"S": str(fields.get("datastreamId", ""))},
+            }
+        refused: dict[str, Any] = {}
 
         def put(item: dict[str, Any], condition: str, values: dict[str, Any]) -> bool:
             try:
@@ -635,15 +648,24 @@ class HandlesStore:
                     ConditionExpression=condition,
                     ExpressionAttributeNames={"#s": "status"},
                     ExpressionAttributeValues=values,
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
-            except ClientError:
+            except ClientError as exc:
+                refused.update(exc.response.get("Item") or {})
                 return False
             return True
 
         if put(write.item, condition, values):
             return write.doc
         if not body_digest:
-            return write.doc  # an event with this id was delivered (or is in flight): that outcome stands
+            if refused.get("status", {}).get("S") in ("delivered", "pending"):
+                # Its filing was replayed and delivered (or is being sent): this redelivery is that event, whose
+                # outcome stands (or an event whose own eventId has that shape, delivered: nothing is filed over it).
+                return write.doc
+            filed_as = f"{event_id}-{uuid.uuid4().hex[:12]}"
+            write = self.compose_result(filed_as, write.doc, None)
+            self._call("put_item", Item=write.item)  # a new random id: nothing there to keep
+            return write.doc
         filed_as = f"{event_id}#invalid-{body_digest}"
         write = self.compose_result(filed_as, write.doc, None)
         # Under the same condition: an event whose own eventId has that very shape (only ever on purpose: the digest

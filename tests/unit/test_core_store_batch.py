@@ -12,7 +12,16 @@ from botocore.exceptions import ClientError, ReadTimeoutError
 from relay.clock import Deadline
 from relay.codec import item_size
 from relay.errors import EdgeUnavailable, StoreUnavailable
-from relay.identity_state import IdentityState, StoredEntry, apply_handles, needs_write
+from relay.identity_state import (
+    DELETION_MEMORY_S,
+    MAX_ENTRY_BYTES,
+    IdentityState,
+    StoredEntry,
+    apply_handles,
+    needs_write,
+    state_from_item,
+    state_to_item,
+)
 from relay.integrations.edge import EdgeAnswer
 from relay.integrations.store import HandlesStore, ResultWrite, decode_item
 from relay.models import InboundEvent, Source, build_inbound
@@ -178,9 +187,10 @@ def test_a_state_left_without_live_entries_gets_a_ttl_dynamodb_still_acts_on():
         ),
     )
 
-    # THEN the item expires now, not in 1970 (TTL ignores items expired more than five years ago)
+    # THEN the item expires once the deletion is forgotten, not in 1970 (TTL ignores items expired more than five years
+    # ago)
     (item,) = client.items
-    assert int(item["expiresAt"]["N"]) == int(clock.now()) + 1
+    assert int(item["expiresAt"]["N"]) == int(clock.now() + DELETION_MEMORY_S) + 1
 
 
 @pytest.mark.parametrize(
@@ -249,6 +259,46 @@ def test_an_older_answer_merged_after_a_newer_one_does_not_put_back_what_edge_re
     # hint written over them)
     final = store.get_state("id", "ds")
     assert (final.entries["consent"].value, final.hint) == ("v-new", "va6")
+
+
+@pytest.mark.parametrize("deletes", ["maxAge 0", "too large to keep"])
+def test_an_older_answer_merged_after_a_newer_deletion_does_not_bring_the_entry_back(
+    deletes: str, store_on_moto: StoreOnMoto
+) -> None:
+    # GIVEN consent "v0" stored, read by two invocations A and B; Edge answers A at t0+10 (consent "v-old") and B at
+    # t0+11, deleting consent (or replacing it with a value too large to keep, which drops it), and B writes first
+    store, clock = store_on_moto.store, store_on_moto.clock
+    t0 = clock.now()
+    assert store.update_state("id", "ds", IdentityState(), state_change(state_answer("or2", "v0"), t0)) == 1
+    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
+    b_answer = state_answer("or2", None if deletes == "maxAge 0" else "x" * (MAX_ENTRY_BYTES + 1))
+    assert store.update_state("id", "ds", read_by_b, state_change(b_answer, t0 + 11)) == 1
+    assert "consent" not in store.get_state("id", "ds").entries
+
+    # WHEN A's write meets B's and A merges its older answer onto it
+    store.update_state("id", "ds", read_by_a, state_change(state_answer("or2", "v-old"), t0 + 10))
+
+    # THEN Edge's last word, the deletion, stands (a review found A's older value put back, and sent to Edge again)
+    assert "consent" not in store.get_state("id", "ds").entries
+    # AND a later answer sets it again, as any answer after a deletion does
+    store.update_state("id", "ds", store.get_state("id", "ds"), state_change(state_answer("or2", "v2"), t0 + 12))
+    assert store.get_state("id", "ds").entries["consent"].value == "v2"
+
+
+def test_a_deletion_is_remembered_only_as_long_as_an_older_answer_can_arrive() -> None:
+    # GIVEN a state whose consent entry an answer deleted at t0
+    t0 = 1_800_000_000.0
+    kept = apply_handles(IdentityState(), state_answer("or2", "v0"), t0 - 60)
+    deleted = apply_handles(kept, state_answer("or2", None), t0)
+    assert deleted.deleted == {"consent": t0}
+    # THEN the deletion is kept with the item (its TTL at least as long) and read back
+    assert deleted.expires_at() >= t0 + DELETION_MEMORY_S
+    assert state_from_item(state_to_item(deleted), 1).deleted == {"consent": t0}
+    # AND forgotten once no invocation that read before it can still be merging (an answer that changes nothing else
+    # does not write it away: a later write does)
+    later = apply_handles(deleted, [], t0 + DELETION_MEMORY_S + 1)
+    assert later.deleted == {}
+    assert "deleted" not in state_to_item(later)
 
 
 def test_a_newer_answer_merged_after_an_older_one_replaces_it(store_on_moto: StoreOnMoto) -> None:

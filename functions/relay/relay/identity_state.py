@@ -28,6 +28,10 @@ CLUSTER_KEY = re.compile(r"kndctr_[A-Za-z0-9_]+_AdobeOrg_cluster")
 EDGE_HINT = re.compile(r"[a-z0-9]{1,16}")
 
 
+# How long a deletion Edge answered is remembered (`IdentityState.deleted`): longer than an invocation can last (900 s),
+# so that an older answer merged after a write conflict, which is at most that old, cannot put back what Edge deleted.
+DELETION_MEMORY_S = 1800.0
+
 EXTENSION_DUE_SHARE = 0.1  # of a lifetime: an expiry extension is written once this much of it has passed
 
 
@@ -96,6 +100,9 @@ class IdentityState:
     # rollback): nothing of it is sent, and it is never written over, which would lose what that version keeps.
     newer_format: bool = False
     hint_ttl: float = 0.0  # the hint's lifetime (`ttlSeconds`) when stored; 0 when not known (an item written before)
+    # Keys an answer deleted (or replaced by an entry too large to keep), with that answer's time, for
+    # DELETION_MEMORY_S: an entry leaves no set time behind to tell an older answer's from a later one (`_set_after`)
+    deleted: dict[str, float] = field(default_factory=dict)
 
     def live_entries(self, now: float) -> dict[str, StoredEntry]:
         return {k: e for k, e in self.entries.items() if e.expires_at > now}
@@ -130,8 +137,10 @@ class IdentityState:
         return self.hint if self._routes_until() > now else None
 
     def expires_at(self) -> float:
-        """When the last entry or the hint stops being sent or routing a call: the item's TTL."""
-        return max([_sent_until(k, e) for k, e in self.entries.items()] + [self._routes_until(), 0.0])
+        """When the last entry or the hint stops being sent or routing a call, or a deletion is forgotten: the item's
+        TTL."""
+        forgotten = [t + DELETION_MEMORY_S for t in self.deleted.values()]
+        return max([_sent_until(k, e) for k, e in self.entries.items()] + [self._routes_until(), 0.0, *forgotten])
 
 
 def _sent_until(key: str, entry: StoredEntry) -> float:
@@ -183,14 +192,15 @@ def _set_after(expires_at: float, lifetime: float, now: float) -> bool:
 def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: float) -> IdentityState:
     """Fold one Edge response's `state:store` and `locationHint:result` handles into the state.
 
-    An entry or hint a later answer set (another invocation's, merged onto here) is not replaced or deleted by this
-    older one. What cannot be kept safely is left out: an entry whose value is not a string or whose lifetime is not a
-    number, an entry over MAX_ENTRY_BYTES (the older entry under its key goes too: Edge replaced it), a hint that is
-    not a plain name. If the entries together pass MAX_STATE_BYTES, those that lapse first are dropped (the long-lived
-    identity entry stays)."""
+    An entry or hint a later answer set, or an entry it deleted (another invocation's answer, merged onto here), is
+    not replaced, deleted or set again by this older one. What cannot be kept safely is left out: an entry whose value
+    is not a string or whose lifetime is not a number, an entry over MAX_ENTRY_BYTES (the older entry under its key
+    goes too: Edge replaced it), a hint that is not a plain name. If the entries together pass MAX_STATE_BYTES, those
+    that lapse first are dropped (the long-lived identity entry stays)."""
     # What is still sent or routes a call (a cluster entry or hint in its grace included): an answer that deletes or
     # replaces it must take it out of what is stored, not only out of what is live.
     entries = state.sendable_entries(now)
+    deleted = {key: at for key, at in state.deleted.items() if at + DELETION_MEMORY_S > now}
     hint, hint_expires_at, hint_ttl = state.hint, state.hint_expires_at, state.hint_lifetime()
     hint_seen = False
     for handle in handles:
@@ -205,8 +215,11 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 stored = entries.get(item["key"])
                 if max_age is None or (stored is not None and _set_after(stored.expires_at, stored.max_age, now)):
                     continue
+                if deleted.get(item["key"], -math.inf) > now + SET_AT_TOLERANCE_S:
+                    continue  # a later answer deleted it
                 if max_age <= 0:
-                    entries.pop(item["key"], None)
+                    if entries.pop(item["key"], None) is not None:
+                        deleted[item["key"]] = now
                     continue
                 if not isinstance(item.get("value"), str):
                     continue
@@ -214,8 +227,9 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 entry = StoredEntry(item["value"], now + max_age, int(max_age), attrs or None)
                 if _entry_bytes(item["key"], entry) <= MAX_ENTRY_BYTES:
                     entries[item["key"]] = entry
-                else:  # not kept; nor the value it replaces, which Edge no longer wants sent
-                    entries.pop(item["key"], None)
+                    deleted.pop(item["key"], None)
+                elif entries.pop(item["key"], None) is not None:  # nor the value it replaces: Edge no longer wants it
+                    deleted[item["key"]] = now
         elif handle.get("type") == "locationHint:result" and not hint_seen:
             for item in payload:
                 if isinstance(item, dict) and item.get("scope") == "EdgeNetwork":
@@ -236,7 +250,9 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
             if total + sizes[key] <= MAX_STATE_BYTES:
                 kept[key], total = entry, total + sizes[key]
         entries = kept
-    return replace(state, entries=entries, hint=hint, hint_expires_at=hint_expires_at, hint_ttl=hint_ttl)
+    return replace(
+        state, entries=entries, hint=hint, hint_expires_at=hint_expires_at, hint_ttl=hint_ttl, deleted=deleted
+    )
 
 
 def _extension_due(stored: float, answered: float, now: float) -> bool:
@@ -273,15 +289,19 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
 
 def state_to_item(state: IdentityState) -> dict[str, Any]:
     """JSON-ready attributes of the identity-state item (values stay out of logs)."""
-    return {
-        "entries": {
-            k: {"value": e.value, "expiresAt": _seconds(e.expires_at), "maxAge": e.max_age}
-            | ({"attrs": e.attrs} if e.attrs else {})
-            for k, e in sorted(state.entries.items())
-        },
-        "hint": state.hint,
-        "hintExpiresAt": _seconds(state.hint_expires_at),
-    } | ({"hintTtl": _seconds(state.hint_ttl)} if state.hint and state.hint_ttl else {})
+    return (
+        {
+            "entries": {
+                k: {"value": e.value, "expiresAt": _seconds(e.expires_at), "maxAge": e.max_age}
+                | ({"attrs": e.attrs} if e.attrs else {})
+                for k, e in sorted(state.entries.items())
+            },
+            "hint": state.hint,
+            "hintExpiresAt": _seconds(state.hint_expires_at),
+        }
+        | ({"hintTtl": _seconds(state.hint_ttl)} if state.hint and state.hint_ttl else {})
+        | ({"deleted": {k: _seconds(t) for k, t in sorted(state.deleted.items())}} if state.deleted else {})
+    )
 
 
 def _seconds(value: float) -> int | float:
@@ -298,6 +318,8 @@ def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
         for k, v in (doc.get("entries") or {}).items()
         if isinstance(v, dict) and "value" in v and "expiresAt" in v
     }
+    deleted = doc.get("deleted")
+    deleted = deleted if isinstance(deleted, dict) else {}
     hint = doc["hint"] if valid_hint(doc.get("hint")) else None
     ttl = _lifetime(doc.get("hintTtl")) if hint else None  # absent from items written before it was kept
     return IdentityState(
@@ -306,4 +328,5 @@ def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
         hint_expires_at=float(doc.get("hintExpiresAt") or 0),
         hint_ttl=_hint_ttl(ttl) if ttl is not None else 0.0,
         version=version,
+        deleted={k: float(t) for k, t in deleted.items() if _lifetime(t) is not None},
     )

@@ -501,10 +501,38 @@ def test_a_wait_a_little_shorter_than_the_visibility_timeout_asked_late_in_the_i
     assert postponed(sqs) == {"rh-a1": 170}
 
 
+@pytest.mark.parametrize(
+    ("receive_count", "received_s_before", "wait"),
+    [
+        (1, 4, 178),  # its first receive, which it says was 4 s before the handler began
+        (2, 4, 179),  # a redelivery, which does not say when: taken as RECEIVE_SLACK_S before
+    ],
+)
+def test_a_wait_that_outlasts_the_visibility_counted_from_the_receive_is_kept(
+    receive_count: int, received_s_before: float, wait: int
+) -> None:
+    # GIVEN a 180 s visibility timeout, which SQS counts from the receive, before the handler begins (the event source
+    # mapping's batching window, an invoke, a cold start's init); Edge answers at once with a Retry-After a little
+    # shorter (a review found the wait counted from the handler's start: 0 + 178 <= 180, so the record came back
+    # before Edge's wait was over, to one more 429 and one more receive)
+    settings = load_settings({**ENV, "QUEUE_VISIBILITY_TIMEOUT_SECONDS": "180"})
+    relay = ScriptedRelay(failing={"a1"}, retry_after={"a1": wait})
+    rec = record("a1", receive_count)
+    rec["attributes"]["ApproximateFirstReceiveTimestamp"] = str(int((relay.clock.now() - received_s_before) * 1000))
+    sqs = FakeSqs()
+    runner = BatchRunner(settings, relay, ThreadPoolExecutor(1), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+
+    # WHEN the batch runs
+    runner.run({"Records": [rec]}, Deadline(relay.clock, 25), lease_s=30)
+
+    # THEN it is kept invisible for Edge's wait
+    assert postponed(sqs) == {"rh-a1": wait}
+
+
 def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_client() -> None:
-    # GIVEN Edge asking for a retry within the visibility timeout (it only comes back later than asked; a shorter
+    # GIVEN Edge asking for a retry well within the visibility timeout (it only comes back later than asked; a shorter
     # visibility would use up its receives sooner in an outage)
-    relay = ScriptedRelay(failing={"a1"}, retry_after={"a1": 180})
+    relay = ScriptedRelay(failing={"a1"}, retry_after={"a1": 120})
 
     def no_queue() -> RetryQueue:
         raise AssertionError("the SQS client must not be built when nothing is postponed")

@@ -55,6 +55,10 @@ HOLD_BACK_RECEIVES = 3  # of maxReceiveCount 5: later receives are processed eve
 # The next 25 groups are claimed once at most this many claimed groups wait for a worker: claims stay ahead of the
 # workers (a group never waits for its claim in the steady state) without claiming events the batch may never reach.
 CLAIM_AHEAD = 8
+# SQS counts a record's visibility timeout from its receive, which comes before the handler starts: by the event source
+# mapping's batching window (1 s in the template) and the invoke. A record on its first receive says when that was
+# (`ApproximateFirstReceiveTimestamp`); otherwise the batch is taken as received this long before the handler began.
+RECEIVE_SLACK_S = 2.0
 
 
 Carry = IdentityState | None  # an identity's state as stored, carried from one record of the group to the next
@@ -169,6 +173,20 @@ def _epoch_ms(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return seconds if 0 < seconds < 1e11 else None  # (NaN is not either)
+
+
+def _received_before(records: list[dict[str, Any]], now: float) -> float:
+    """How long before `now` (the wall clock) the batch was received, by what its records say (their first receive,
+    for those on it), else RECEIVE_SLACK_S; never more than the longest visibility timeout SQS allows (a clock off)."""
+    seen = [RECEIVE_SLACK_S]
+    for record in records:
+        attributes = record.get("attributes") if isinstance(record, dict) else None
+        if not isinstance(attributes, dict) or str(attributes.get("ApproximateReceiveCount")) != "1":
+            continue
+        first = _epoch_ms(attributes.get("ApproximateFirstReceiveTimestamp"))
+        if first is not None:
+            seen.append(now - first)
+    return min(max(seen), 43200.0)
 
 
 def _attrs(record: dict[str, Any]) -> dict[str, Any]:
@@ -315,8 +333,9 @@ class BatchRunner:
         )
 
     def run(self, event: dict[str, Any], deadline: Deadline, lease_s: float) -> dict[str, Any]:
-        began = self._relay.clock.monotonic()  # no earlier than the receive, from which SQS counts the visibility
+        began = self._relay.clock.monotonic()
         records = event.get("Records") or []
+        before = _received_before(records, self._relay.clock.now()) if isinstance(records, list) else RECEIVE_SLACK_S
         try:
             key, key_error = self._identity_key(), None
         except CredentialsError as exc:
@@ -473,7 +492,7 @@ class BatchRunner:
             if item.message_id in delays:
                 delays.update((twin, delays[item.message_id]) for twin in item.twins)
         failed = set(delays)
-        self._postpone(records, delays, deadline, elapsed=self._relay.clock.monotonic() - began)
+        self._postpone(records, delays, deadline, elapsed=before + self._relay.clock.monotonic() - began)
         # Same order as the batch, each failed record once.
         ordered = [mid for r in records if (mid := _message_id(r)) in failed]
         # Sent back without an attempt: each such return still counts as a receive, towards the dead-letter queue.
@@ -519,7 +538,7 @@ class BatchRunner:
         """Keep records whose `Retry-After` outlasts the queue's visibility timeout invisible that long instead.
         Not when the invocation may not outlast a slow SQS call: the answer matters more (they then come back at the
         queue's timeout). SQS counts that timeout from the receive, and Edge its wait from its answer, up to the
-        invocation's `elapsed` seconds later: a wait a little shorter than the timeout may still outlast it."""
+        receive's `elapsed` seconds later: a wait a little shorter than the timeout may still outlast it."""
         floor = self._settings.queue_visibility_timeout_s
         later: dict[str, int] = {}
         for mid, delay in delays.items():

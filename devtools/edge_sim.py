@@ -1036,16 +1036,19 @@ class EdgeSimulator(LoopbackService):
                 ],
             }
         )
-        handles.append(
-            {
-                "type": "state:store",
-                "payload": [
-                    {"key": prefix + "_identity", "value": encode_identity_state(ecid), "maxAge": IDENTITY_MAX_AGE},
-                    {"key": prefix + "_cluster", "value": visitor.hint, "maxAge": visitor.hint_ttl},
-                    *copy.deepcopy(visitor.extra_entries),
-                ],
-            }
-        )
+        # Each key once, as Edge gives it: a queued entry under a key of the simulator's own (deleting the cluster
+        # entry, say) takes its place.
+        entries = {
+            prefix + "_identity": {
+                "key": prefix + "_identity",
+                "value": encode_identity_state(ecid),
+                "maxAge": IDENTITY_MAX_AGE,
+            },
+            prefix + "_cluster": {"key": prefix + "_cluster", "value": visitor.hint, "maxAge": visitor.hint_ttl},
+        }
+        for extra in copy.deepcopy(visitor.extra_entries):
+            entries[extra["key"]] = extra
+        handles.append({"type": "state:store", "payload": list(entries.values())})
         if "personalization" in query:
             handles.append(
                 {
@@ -1133,7 +1136,8 @@ def _primary_identity(xdm: dict[str, Any]) -> tuple[str, str] | None:
         if isinstance(items, list):
             for item in items:
                 if isinstance(item, dict) and item.get("primary") is True and isinstance(item.get("id"), str):
-                    return namespace, item["id"]
+                    # an identity needs its id (reference §1.2): an empty one names nobody
+                    return (namespace, item["id"]) if item["id"] else None
     return None
 
 

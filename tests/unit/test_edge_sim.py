@@ -245,6 +245,9 @@ def test_no_primary_identity(sim: EdgeSimulator, token: str) -> None:
     assert problem["report"]["configId"] == "ds-local" and problem["report"]["orgId"] == ORG
     no_map = {"event": {"xdm": {"_id": "x"}}}
     assert_problem(interact(sim, token, no_map), 400, "EXEG-0306-400")
+    # an identity is required to have an id (reference §1.2): an empty one names nobody
+    empty = make_event(identity={"CRMID": [{"id": "", "primary": True}]})
+    assert_problem(interact(sim, token, empty), 400, "EXEG-0306-400")
 
 
 # ---- success --------------------------------------------------------------------------------------------------------
@@ -379,6 +382,21 @@ def test_queued_state_entries(sim: EdgeSimulator, client: SimulatorClient, token
         assert entries[2:] == extra
     client.clear_state_entries(ecid)
     assert len(handles(interact(sim, token, back))["state:store"]) == 2
+
+
+def test_a_queued_entry_under_a_key_edge_sets_itself_replaces_it(
+    sim: EdgeSimulator, client: SimulatorClient, token: str
+) -> None:
+    # GIVEN a visitor whose cluster entry the next answers delete (as Edge would, to move or forget the visitor)
+    ecid = ecid_of(interact(sim, token))
+    deletion = {"key": f"{PREFIX}_cluster", "value": "", "maxAge": 0}
+    client.queue_state_entries(ecid, [deletion])
+
+    # WHEN it comes back, THEN the answer carries that key once, the deletion (a review found it twice: the simulator's
+    # own entry, then the queued one; Edge gives a key once)
+    keys = [e["key"] for e in handles(interact(sim, token, returning(ecid)))["state:store"]]
+    assert keys == [f"{PREFIX}_identity", f"{PREFIX}_cluster"]
+    assert state_entries(interact(sim, token, returning(ecid)))[f"{PREFIX}_cluster"] == deletion
 
 
 def test_collect_and_unknown_routes(sim: EdgeSimulator, token: str) -> None:

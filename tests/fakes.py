@@ -314,6 +314,7 @@ class FakeStore:
         token: str | None = None,
         stamp: tuple[str, str] | None = None,
         owner: str | None = None,
+        default_datastream: bool = False,
     ) -> Claim:
         self.claims.append(
             {"event_id": event_id, "datastream_id": datastream_id, "source": source, "lease_s": lease_s, "token": token}

@@ -707,6 +707,65 @@ def test_a_webhook_resent_after_its_first_datastream_was_delisted_is_refused_say
     assert (filed["status"], filed["datastreamId"]) == ("rejected", DATASTREAM_ID)
 
 
+@pytest.mark.parametrize("edge", ["answers", "is down"])
+def test_a_request_naming_no_datastream_does_not_follow_a_replay_that_named_another_first(
+    edge: str, clean_stack: LocalStack
+) -> None:
+    stack = clean_stack
+    # GIVEN a signed request its sender meant for the default datastream (it names none), captured and replayed first
+    # with ?datastreamId=ds-other (docs/security.md, "A replay that arrives first"): delivered there, or queued
+    gw = stack.gateway(new_runtime().handle)
+    doc = interact_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    body = json.dumps(doc)
+    headers = {**stack.sign(body, msg_id=msg_id), "content-type": "application/json"}
+    stack.sim.datastreams.add("ds-other")
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0) if edge == "is down" else None
+    try:
+        replay = requests.post(f"{gw.url}/events?datastreamId=ds-other", data=body, headers=headers, timeout=30)
+        assert replay.status_code == (200 if rule is None else 202), replay.text
+        if rule is not None:
+            stack.sim.remove_fault(rule)
+
+        # WHEN the genuine request (no query string) comes
+        genuine = post(gw, stack, doc, msg_id)
+    finally:
+        stack.sim.datastreams.discard("ds-other")
+
+    # THEN it is not taken for the replay's event (a review found it answered with the replay's delivery to ds-other,
+    # or sending the queued replay there itself): filed as an eventId reuse once that is finished, busy while it waits
+    assert genuine.status_code == (422 if rule is None else 409), genuine.text
+    assert {c["query"]["datastreamId"] for c in edge_requests(stack, msg_id)} == {"ds-other"}
+    assert len(edge_requests(stack, msg_id)) == (1 if rule is None else 5)
+
+
+def test_a_resend_while_its_event_is_in_flight_for_a_delisted_datastream_is_busy_not_refused(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    # GIVEN a webhook event naming no datastream, held under a live claim for the old default datastream by an
+    # invocation of the previous version still running after a deploy made "ds-new" the default and the only one listed
+    doc = interact_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    held = new_runtime().relay.store.claim(
+        msg_id, datastream_id=DATASTREAM_ID, source="webhook", lease_s=300, default_datastream=True
+    )
+    assert held.acquired
+    stack.sim.datastreams.add("ds-new")
+    try:
+        gw = stack.gateway(new_runtime(DATASTREAM_ID="ds-new", ALLOWED_DATASTREAM_IDS="ds-new").handle)
+
+        # WHEN the sender resends it
+        resend = post(gw, stack, doc, msg_id)
+    finally:
+        stack.sim.datastreams.discard("ds-new")
+
+    # THEN it is told the event is being processed (409: retry to read its result), not refused for good (a review
+    # found 400 while the running invocation may still deliver it)
+    assert resend.status_code == 409, resend.text
+    assert edge_requests(stack, msg_id) == []
+
+
 def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN Edge takes 8 s to answer this event; the webhook deadline is the default 5 s; a warm environment

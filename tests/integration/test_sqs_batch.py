@@ -193,7 +193,14 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
     # AND the delivered items hold exactly the handles the simulator returned
     rid = {event_id: edge_requests(stack, event_id)[0]["request_id"] for event_id in [*ids, rejected_id]}
     fixture = json.loads((FIXTURES / "send-event-with-identity.json").read_text())
-    base = {"pk": "", "sk": "RESULT", "status": "delivered", "datastreamId": DATASTREAM_ID, "source": "sqs"}
+    base = {
+        "pk": "",
+        "sk": "RESULT",
+        "status": "delivered",
+        "datastreamId": DATASTREAM_ID,
+        "source": "sqs",
+        "defaultDatastream": True,  # the messages name none
+    }
     assert timeless(stack.result_item(ids[0])) == {
         **base,
         "pk": f"EVENT#{ids[0]}",
@@ -241,6 +248,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         },
         "request": rejected_doc,
         "attempts": 1,
+        "defaultDatastream": True,
     }
     # AND the invalid bodies are stored rejected (eventId = messageId) with their field paths and the raw body
     assert timeless(stack.result_item(not_json_mid)) == {
@@ -293,6 +301,7 @@ def test_mixed_batch_reports_only_the_transient_failure_and_stores_every_outcome
         "datastreamId": DATASTREAM_ID,
         "source": "sqs",
         "attempts": 1,
+        "defaultDatastream": True,
         "lastError": "edge answered 503 " + ERROR_TYPE_BASE + "EXEG-0000-503",
     }
 
@@ -467,6 +476,7 @@ def test_fixture_answer_is_stored_exactly_as_edge_returned_it(clean_stack: Local
         "requestId": answer["requestId"],
         "handle": json.loads((FIXTURES / fixture).read_text())["handle"],
         "attempts": 1,
+        "defaultDatastream": True,  # its message named none
     }
     if status == 207:
         expected["errors"] = answer["errors"]

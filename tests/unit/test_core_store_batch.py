@@ -14,6 +14,8 @@ from relay.codec import item_size
 from relay.errors import EdgeUnavailable, StoreUnavailable
 from relay.identity_state import (
     DELETION_MEMORY_S,
+    MAX_DELETED_KEY_BYTES,
+    MAX_DELETIONS,
     MAX_ENTRY_BYTES,
     IdentityState,
     StoredEntry,
@@ -283,6 +285,43 @@ def test_an_older_answer_merged_after_a_newer_deletion_does_not_bring_the_entry_
     # AND a later answer sets it again, as any answer after a deletion does
     store.update_state("id", "ds", store.get_state("id", "ds"), state_change(state_answer("or2", "v2"), t0 + 12))
     assert store.get_state("id", "ds").entries["consent"].value == "v2"
+
+
+def test_a_later_deletion_of_a_key_the_later_answers_state_did_not_hold_is_not_undone(
+    store_on_moto: StoreOnMoto,
+) -> None:
+    # GIVEN a stored state without consent, read by invocations A and B; Edge answers A at t0+10 setting consent
+    # "v-old" and B at t0+11 deleting it (maxAge 0, and a new hint, so B writes); B writes first
+    store, clock = store_on_moto.store, store_on_moto.clock
+    t0 = clock.now()
+    hint_only = [
+        {"type": "locationHint:result", "payload": [{"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800}]}
+    ]
+    assert store.update_state("id", "ds", IdentityState(), state_change(hint_only, t0)) == 1
+    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
+    assert store.update_state("id", "ds", read_by_b, state_change(state_answer("va6", None), t0 + 11)) == 1
+
+    # WHEN A's write meets B's and A merges its older answer onto it
+    store.update_state("id", "ds", read_by_a, state_change(state_answer("or2", "v-old"), t0 + 10))
+
+    # THEN Edge's last word for consent, B's deletion, stands (a review found it remembered only for a key B's state
+    # held)
+    assert "consent" not in store.get_state("id", "ds").entries
+
+
+def test_a_deletion_of_a_key_not_held_costs_no_write_and_is_remembered_within_bounds() -> None:
+    # GIVEN a state Edge's answer changes only by deleting keys it does not hold
+    t0 = 1_800_000_000.0
+    state = apply_handles(IdentityState(), state_answer("or2", "v0"), t0 - 60)
+    keys = [f"gone-{n}" for n in range(MAX_DELETIONS + 5)] + ["k" * (MAX_DELETED_KEY_BYTES + 1)]
+    answer = [{"type": "state:store", "payload": [{"key": k, "value": "", "maxAge": 0} for k in keys]}]
+    after = apply_handles(state, answer, t0)
+
+    # THEN nothing is written for it (write economy: remembered with the next change only), and what is remembered is
+    # bounded: the latest MAX_DELETIONS keys, none longer than MAX_DELETED_KEY_BYTES
+    assert not needs_write(state, after, t0)
+    assert len(after.deleted) == MAX_DELETIONS
+    assert all(len(k) <= MAX_DELETED_KEY_BYTES for k in after.deleted)
 
 
 def test_a_deletion_is_remembered_only_as_long_as_an_older_answer_can_arrive() -> None:
@@ -611,7 +650,7 @@ def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(
 ) -> None:
     # WHEN one event is claimed with an INSERT and another with the one-by-one UpdateItem claim (each without its own
     # xdm.timestamp, or with one)
-    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs", stamp, "p1")], lease_s=30)["e-insert"]
+    inserted = store_on_moto.store.claim_new([("e-insert", "ds", "sqs", stamp, "p1", False)], lease_s=30)["e-insert"]
     updated = store_on_moto.store.claim(
         "e-update", datastream_id="ds", source="sqs", lease_s=30, stamp=stamp, owner="p1"
     )
@@ -630,7 +669,7 @@ def test_a_new_events_insert_claim_writes_what_an_update_claim_writes(
 def test_a_claim_names_every_identity_that_took_the_event_while_it_waits(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an event of p1's claimed with its batch and given back (waiting in the queue)
     store = store_on_moto.store
-    first = store.claim_new([("e1", "ds", "sqs", None, "p1")], lease_s=30)["e1"]
+    first = store.claim_new([("e1", "ds", "sqs", None, "p1", False)], lease_s=30)["e1"]
     assert first.acquired and first.token
     store.release("e1", first.token, "edge unavailable")
 
@@ -644,7 +683,9 @@ def test_a_claim_names_every_identity_that_took_the_event_while_it_waits(store_o
     # event without one as "-" (a string set holds no empty string: DynamoDB refuses one), by an INSERT claim too
     assert set(raw_result(store_on_moto, "e1")["claimedBy"]["SS"]) == {"p1", "p2", "-"}
     assert store.get_result("e1")["status"] == "pending"
-    assert store.claim_new([("e2", "ds", "sqs", None, ""), ("e3", "ds", "sqs", None, "p3")], lease_s=30)["e2"].acquired
+    assert store.claim_new([("e2", "ds", "sqs", None, "", False), ("e3", "ds", "sqs", None, "p3", False)], lease_s=30)[
+        "e2"
+    ].acquired
     assert raw_result(store_on_moto, "e2")["claimedBy"] == {"SS": ["-"]}
 
 
@@ -659,7 +700,11 @@ def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_m
 
     # WHEN the batch INSERTs them with a new event
     claims = store.claim_new(
-        [("e-done", "ds", "sqs", None, ""), ("e-new", "ds", "sqs", None, ""), ("e-busy", "ds", "sqs", None, "")],
+        [
+            ("e-done", "ds", "sqs", None, "", False),
+            ("e-new", "ds", "sqs", None, "", False),
+            ("e-busy", "ds", "sqs", None, "", False),
+        ],
         lease_s=30,
     )
 
@@ -674,7 +719,7 @@ def test_an_existing_event_is_not_claimed_by_insert_and_is_left_alone(store_on_m
 
 def test_a_claim_whose_insert_answer_was_lost_is_taken_with_its_own_token(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an INSERT that was written, though the relay saw it fail (its answer lost)
-    first = store_on_moto.store.claim_new([("e1", "ds", "sqs", None, "")], lease_s=30)["e1"]
+    first = store_on_moto.store.claim_new([("e1", "ds", "sqs", None, "", False)], lease_s=30)["e1"]
 
     # WHEN the event is claimed one by one with that token, and by someone else
     again = store_on_moto.store.claim("e1", datastream_id="ds", source="sqs", lease_s=30, token=first.token)
@@ -694,7 +739,7 @@ def test_insert_claims_go_25_to_a_request(store_on_moto: StoreOnMoto, monkeypatc
         return real(**kwargs)
 
     monkeypatch.setattr(store_on_moto.ddb, "batch_execute_statement", counted)
-    claims = store_on_moto.store.claim_new([(f"e{n}", "ds", "sqs", None, "") for n in range(60)], lease_s=30)
+    claims = store_on_moto.store.claim_new([(f"e{n}", "ds", "sqs", None, "", False) for n in range(60)], lease_s=30)
     assert sizes == [25, 25, 10]
     assert all(c.acquired for c in claims.values()) and len(claims) == 60
 
@@ -704,7 +749,7 @@ def test_an_insert_refused_per_statement_leaves_the_event_to_claim_alone(store_o
     store = HandlesStore(store_on_moto.ddb, "missing", ttl_days=30, clock=FakeClock())
 
     # WHEN the batch claims
-    claims = store.claim_new([("e1", "ds", "sqs", None, ""), ("e2", "ds", "sqs", None, "")], lease_s=30)
+    claims = store.claim_new([("e1", "ds", "sqs", None, "", False), ("e2", "ds", "sqs", None, "", False)], lease_s=30)
 
     # THEN nothing raises: no event is taken, and each has a token for its own claim
     assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
@@ -720,7 +765,7 @@ def test_a_refused_insert_request_leaves_every_event_to_claim_alone(caplog: pyte
     store = HandlesStore(RefusingDynamo(), "t", ttl_days=30, clock=FakeClock())
 
     # WHEN the batch claims
-    claims = store.claim_new([("e1", "ds", "sqs", None, ""), ("e2", "ds", "sqs", None, "")], lease_s=30)
+    claims = store.claim_new([("e1", "ds", "sqs", None, "", False), ("e2", "ds", "sqs", None, "", False)], lease_s=30)
 
     # THEN nothing raises, no event is taken (each claims alone), and the log says why
     assert [(c.acquired, bool(c.token)) for c in claims.values()] == [(False, True), (False, True)]
@@ -737,7 +782,7 @@ def test_an_insert_whose_answer_was_lost_still_counts_one_attempt(store_on_moto:
         raise ReadTimeoutError(endpoint_url="http://dynamodb")
 
     store_on_moto.ddb.batch_execute_statement = lost
-    tried = store_on_moto.store.claim_new([("e1", "ds", "sqs", None, "")], lease_s=30)["e1"]
+    tried = store_on_moto.store.claim_new([("e1", "ds", "sqs", None, "", False)], lease_s=30)["e1"]
     assert not tried.acquired
 
     # WHEN the event is claimed on its own with the INSERT's token
@@ -1123,7 +1168,9 @@ def test_the_first_attempts_time_is_kept_by_a_batch_insert_claim_too(store_on_mo
     # GIVEN an SQS event without xdm.timestamp claimed with its batch (an INSERT) and handed back
     store = store_on_moto.store
     person = "p1|ds"
-    claimed = store.claim_new([("ev-1", "ds", "sqs", ("2026-01-01T00:00:00.000Z", person), "p1")], lease_s=25)["ev-1"]
+    claimed = store.claim_new([("ev-1", "ds", "sqs", ("2026-01-01T00:00:00.000Z", person), "p1", False)], lease_s=25)[
+        "ev-1"
+    ]
     assert claimed.acquired and claimed.token and claimed.timestamp == "2026-01-01T00:00:00.000Z"
     store.release("ev-1", claimed.token, "edge unavailable")
 

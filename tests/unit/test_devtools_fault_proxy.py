@@ -212,7 +212,7 @@ def test_the_relays_store_loses_nothing_to_partial_answers(through):
     events = [f"e{n}" for n in range(30)]
 
     # WHEN it claims 30 new events in a batch
-    claims = store.claim_new([(e, "ds", "sqs", None, "") for e in events], lease_s=60)
+    claims = store.claim_new([(e, "ds", "sqs", None, "", False) for e in events], lease_s=60)
 
     # THEN a claim whose INSERT was throttled is taken neither as acquired nor as someone else's: claiming it alone
     # (with the token tried) takes it

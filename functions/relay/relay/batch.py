@@ -313,10 +313,6 @@ class BatchRunner:
                 state_source=first_state,
                 defer_store=True,
                 claim=claim,
-                # A message naming no datastream resolves to the default on each receive: a redelivery after a deploy
-                # changed it is still the event it was, a repeat once that is finished (ELSEWHERE, an event in flight
-                # for the other datastream, is handed back as busy; a waiting one it takes over where it now goes).
-                follow_datastream=not named,
             )
             ok = result.outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.DUPLICATE)
             return Done(ok, result.state, result)  # state unknown after a failure: the next record reads it afresh
@@ -326,7 +322,16 @@ class BatchRunner:
         # A redelivery, a replay or an event the webhook queued (their items exist) would only fail the INSERT.
         fresh = receive_count <= 1 and source == "sqs" and named_id is None
         claim_key = (
-            (event_id, inbound.datastream_id, source, inbound.stamp, inbound.stored_identity_id) if fresh else None
+            (
+                event_id,
+                inbound.datastream_id,
+                source,
+                inbound.stamp,
+                inbound.stored_identity_id,
+                inbound.default_datastream,
+            )
+            if fresh
+            else None
         )
         return _Item(
             message_id, event_id, group, process, receive_count, state_key, same_event=same_event, claim_key=claim_key

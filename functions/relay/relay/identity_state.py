@@ -31,6 +31,8 @@ EDGE_HINT = re.compile(r"[a-z0-9]{1,16}")
 # How long a deletion Edge answered is remembered (`IdentityState.deleted`): longer than an invocation can last (900 s),
 # so that an older answer merged after a write conflict, which is at most that old, cannot put back what Edge deleted.
 DELETION_MEMORY_S = 1800.0
+MAX_DELETIONS = 32  # remembered at once, the latest (Edge deletes a few keys, not dozens)
+MAX_DELETED_KEY_BYTES = 256  # a longer key's deletion is not remembered: the item stays small
 
 EXTENSION_DUE_SHARE = 0.1  # of a lifetime: an expiry extension is written once this much of it has passed
 
@@ -218,8 +220,10 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if deleted.get(item["key"], -math.inf) > now + SET_AT_TOLERANCE_S:
                     continue  # a later answer deleted it
                 if max_age <= 0:
-                    if entries.pop(item["key"], None) is not None:
-                        deleted[item["key"]] = now
+                    # Remembered whether or not it was held (an older answer merged later may have set it), written
+                    # with the next change: never a write of its own
+                    entries.pop(item["key"], None)
+                    deleted[item["key"]] = now
                     continue
                 if not isinstance(item.get("value"), str):
                     continue
@@ -228,7 +232,8 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if _entry_bytes(item["key"], entry) <= MAX_ENTRY_BYTES:
                     entries[item["key"]] = entry
                     deleted.pop(item["key"], None)
-                elif entries.pop(item["key"], None) is not None:  # nor the value it replaces: Edge no longer wants it
+                else:  # not kept; nor the value it replaces, which Edge no longer wants sent
+                    entries.pop(item["key"], None)
                     deleted[item["key"]] = now
         elif handle.get("type") == "locationHint:result" and not hint_seen:
             for item in payload:
@@ -243,6 +248,12 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                     break
     if hint and hint_expires_at + _unwritten_extension(hint_ttl) <= now:
         hint, hint_expires_at, hint_ttl = None, 0.0, 0.0
+    deleted = dict(
+        sorted(
+            ((k, at) for k, at in deleted.items() if len(k.encode("utf-8", "surrogatepass")) <= MAX_DELETED_KEY_BYTES),
+            key=lambda pair: pair[1],
+        )[-MAX_DELETIONS:]
+    )
     sizes = {key: _entry_bytes(key, entry) for key, entry in entries.items()}
     if sum(sizes.values()) > MAX_STATE_BYTES:
         kept, total = {}, 0

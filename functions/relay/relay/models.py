@@ -37,6 +37,9 @@ class InboundEvent:
     identity_key: bytes | None = field(default=None, repr=False, compare=False)  # the deployment's HMAC key
     # `xdm.timestamp` was the relay's (the receive time: the sender gave none); an earlier attempt's then wins
     default_timestamp: bool = False
+    # The request named no datastream (`datastream_id` is the deployment's default, which a deploy may change): its
+    # eventId's first attempt, if it also named none, is the event it resends (`Relay.process`)
+    default_datastream: bool = False
 
     @property
     def timestamp(self) -> str | None:
@@ -485,7 +488,7 @@ def read_event(
         event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
         if datastream_error is not None:
             raise InvalidEvent([{"path": "datastreamId", "message": datastream_error}])
-        return build_inbound(
+        inbound = build_inbound(
             doc,
             event_id=event_id,
             datastream_id=resolve_datastream(datastream, default_datastream, allowed_datastreams),
@@ -493,6 +496,7 @@ def read_event(
             received_at=received_at,
             identity_key=identity_key,
         )
+        return replace(inbound, default_datastream=True) if not datastream else inbound
     except InvalidEvent as exc:
         exc.event_id = event_id
         raise

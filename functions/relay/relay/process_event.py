@@ -28,7 +28,7 @@ from relay.identity_state import (
 )
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient, request_id_of
 from relay.integrations.ims import NoTimeLeft
-from relay.integrations.store import RELAY, Claim, HandlesStore, ResultWrite, queue_send_pending
+from relay.integrations.store import DEFAULT_DATASTREAM, RELAY, Claim, HandlesStore, ResultWrite, queue_send_pending
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
@@ -41,8 +41,8 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"  # already done before; `item` is the stored result
     BUSY = "busy"  # another invocation holds a live claim on this event
     RETRY = "retry"  # transient: redeliver / queue; claim released
-    # `follow_datastream`: the eventId belongs to an event waiting (or in flight) for another datastream (`item` holds
-    # it); nothing was written for this attempt
+    # A request naming no datastream whose eventId's event, which named none either, waits for another datastream (the
+    # default then): `item` holds it; nothing was written for this attempt (`Relay.process`)
     ELSEWHERE = "elsewhere"
 
 
@@ -130,6 +130,11 @@ def reused_id(existing: dict[str, Any], inbound: InboundEvent) -> str | None:
     return f"{inbound.event_id}#reused-{digest}"
 
 
+def _number(value: Any) -> float:
+    """A decoded item's number (0 when it is not one: an item edited by hand)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
 def edge_status_of(item: dict[str, Any]) -> int:
     error = as_dict(item.get("error"))
     status = error.get("status")
@@ -197,7 +202,6 @@ class Relay:
         defer_store: bool = False,
         claim: Claim | None = None,
         to_queue: bool = False,
-        follow_datastream: bool = False,
     ) -> Result:
         """Relay one event. `state`, when given, is the identity's current state (read by the caller for a whole
         batch, or carried from the identity's previous event), which saves reading it again. `state_source`, when
@@ -212,10 +216,12 @@ class Relay:
         `to_queue`: the caller (a webhook) sends a RETRY to the retry queue; an event given back says so until the
         caller has sent it (`store.note_queued`), so that an invocation ending in between leaves no false `queued`.
 
-        `follow_datastream`: the event's request named no datastream (it resolved to the default, which a deploy may
-        have changed since its first attempt). When its eventId belongs to an event taken for another datastream, it
-        is that event: a repeat of it if it is finished (or a reuse of its eventId, by its identity), else ELSEWHERE
-        with its item, and nothing is decided here (the caller knows whether the event may still go there)."""
+        An event whose request named no datastream (`InboundEvent.default_datastream`), whose eventId belongs to an
+        event that named none either but went to another datastream (the default then: a deploy changed it since), is
+        that event: a repeat of it if it is finished (or a reuse of its eventId, by its identity), busy while another
+        invocation holds it, else (waiting) ELSEWHERE with its item, and nothing is decided here (the caller knows
+        whether the event may still go there). One whose first attempt named its datastream is not followed: a
+        captured webhook replayed first to another datastream must not take the genuine request with it."""
         event_id = inbound.event_id
         if deadline.remaining() < MIN_ATTEMPT_S:
             # Nothing could be sent in time (a batch whose time ran out): leave the event untouched rather than claim
@@ -238,6 +244,7 @@ class Relay:
                     token=claim.token if claim is not None else None,
                     stamp=inbound.stamp,
                     owner=inbound.stored_identity_id,
+                    default_datastream=inbound.default_datastream,
                 )
         except StoreUnavailable as exc:
             # Nothing was claimed, so nothing to give back; but the operator must see why (a missing table, a
@@ -248,8 +255,18 @@ class Relay:
         if not claim.acquired:
             existing = claim.existing or {}
             first = existing.get("datastreamId")
-            if follow_datastream and isinstance(first, str) and first and first != inbound.datastream_id:
-                if existing.get("status") not in ("delivered", "rejected"):
+            if (
+                inbound.default_datastream
+                and existing.get(DEFAULT_DATASTREAM) is True
+                and isinstance(first, str)
+                and first
+                and first != inbound.datastream_id
+            ):
+                status = existing.get("status")
+                if status not in ("delivered", "rejected"):
+                    held = status == "pending" and _number(existing.get("leaseUntil")) >= int(self.clock.now())
+                    if held:  # in flight: busy, as for its own datastream (not refused while it may be delivered)
+                        return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
                     return Result(Outcome.ELSEWHERE, event_id, item=existing)
                 inbound = replace(inbound, datastream_id=first)  # compared with it as sent there
             if existing.get("status") in ("delivered", "rejected"):

@@ -352,15 +352,13 @@ class WebhookApp:
         deadline = Deadline(self._clock, min(budget - _ENQUEUE_RESERVE_S, fallback_by))
         state_source = self._ahead(inbound, deadline)
         lease_s = max(remaining, budget) + 5
-        result = self._relay.process(
-            inbound, deadline, lease_s=lease_s, state_source=state_source, to_queue=True, follow_datastream=not named
-        )
+        result = self._relay.process(inbound, deadline, lease_s=lease_s, state_source=state_source, to_queue=True)
         if result.outcome is Outcome.ELSEWHERE:
-            # A request naming no datastream whose eventId waits for another one: the default datastream then, which
-            # a deploy has changed since (DATASTREAM_ID), and this a resend (the sender's first try was answered 503,
-            # or its answer was lost). It is that datastream's event, as its queued message is: delivered there, with
-            # its first attempt's time. (A waiting item is taken over by a webhook only for its own datastream: every
-            # resend would be answered 409.)
+            # A request naming no datastream whose eventId's event, which named none either, waits for another one:
+            # the default datastream then, which a deploy has changed since (DATASTREAM_ID), and this a resend (the
+            # sender's first try was answered 503, or its answer was lost). It is that datastream's event, as its
+            # queued message is: delivered there, with its first attempt's time. (A waiting item is taken over by a
+            # webhook only for its own datastream: every resend would be answered 409.)
             first = str(result.item["datastreamId"])
             allowed = self._settings.allowed_datastream_ids
             if allowed and first not in allowed:

@@ -101,7 +101,10 @@ NO_PRIMARY = "-"
 
 # What `claim_new` takes for each event: its eventId, datastreamId and source, `InboundEvent.stamp`, and whose it is
 # (`InboundEvent.stored_identity_id`).
-ClaimKey = tuple[str, str, str, tuple[str, str] | None, str]
+ClaimKey = tuple[str, str, str, tuple[str, str] | None, str, bool]
+# `defaultDatastream` on an event's item: its first attempt named no datastream (kept from that first claim, and by
+# its result), so that a later request naming none is taken for the same event whatever the default is then
+DEFAULT_DATASTREAM = "defaultDatastream"
 
 
 # `lastError` of a webhook event given back to go to the retry queue, until the message is sent (`note_queued`): left
@@ -167,7 +170,7 @@ class HandlesStore:
         `UpdateItem`s, the same write units, and a twenty-fifth of the CPU a Lambda spends signing and parsing them.
 
         `events` are (eventId, datastreamId, source, `InboundEvent.stamp`, `InboundEvent.stored_identity_id`: whose
-        it is, kept in the claim's `claimedBy`, see `claim`). An `INSERT`
+        it is, kept in the claim's `claimedBy`, see `claim`; `InboundEvent.default_datastream`). An `INSERT`
         creates the item or, when one exists, fails with `DuplicateItem` and leaves it alone: so only events never
         seen before are claimed here. The answer has a
         `Claim` for each event: acquired, or not yet (a repeat, a retry, a lapsed claim to take over, or a statement
@@ -180,7 +183,7 @@ class HandlesStore:
         def statement(fields: tuple[str, ...]) -> str:
             return f'INSERT INTO "{self._table}" VALUE {{' + ", ".join(f"'{name}': ?" for name in fields) + "}"
 
-        owned = (*_CLAIM_FIELDS, "claimedBy")
+        owned = (*_CLAIM_FIELDS, "claimedBy", DEFAULT_DATASTREAM)
         plain, stamped = statement(owned), statement((*owned, "xdmTimestamp", "xdmTimestampOf"))
         for start in range(0, len(events), CLAIM_INSERT_SIZE):
             chunk = events[start : start + CLAIM_INSERT_SIZE]
@@ -200,10 +203,11 @@ class HandlesStore:
                         updated,
                         {"N": "1"},
                         {"SS": [owner or NO_PRIMARY]},
+                        {"BOOL": defaulted},
                         *([{"S": own[0]}, {"S": own[1]}] if own else []),
                     ],
                 }
-                for (event_id, datastream_id, source, own, owner), token in zip(chunk, tokens, strict=True)
+                for (event_id, datastream_id, source, own, owner, defaulted), token in zip(chunk, tokens, strict=True)
             ]
             try:
                 answers = self._call("batch_execute_statement", Statements=statements).get("Responses") or []
@@ -211,9 +215,13 @@ class HandlesStore:
                 # Nothing lost: each event is then claimed on its own (which fails the same way if the table is down).
                 logger.warning("claims not batched; claiming one by one", events=len(chunk), reason=str(exc))
                 answers = []
-            for n, ((event_id, _, _, own, _), token) in enumerate(zip(chunk, tokens, strict=True)):
+            for n, ((event_id, _, _, own, _, defaulted), token) in enumerate(zip(chunk, tokens, strict=True)):
                 inserted = n < len(answers) and isinstance(answers[n], dict) and "Error" not in answers[n]
-                item = {"attempts": {"N": "1"}, "updatedAt": updated} if inserted else None
+                item = (
+                    {"attempts": {"N": "1"}, "updatedAt": updated, DEFAULT_DATASTREAM: {"BOOL": defaulted}}
+                    if inserted
+                    else None
+                )
                 first = own[0] if inserted and own else None
                 claims[event_id] = Claim(inserted, token=token, item=item, timestamp=first)
         return claims
@@ -228,6 +236,7 @@ class HandlesStore:
         token: str | None = None,
         stamp: tuple[str, str] | None = None,
         owner: str | None = None,
+        default_datastream: bool = False,
     ) -> Claim:
         """Take the event: create or take over its item unless it is done or another holder's lease is live (a claim
         with `token` is its own: see `claim_new`). `stamp`: `InboundEvent.stamp`, the `xdm.timestamp` the relay gave
@@ -235,7 +244,8 @@ class HandlesStore:
         (`Claim.timestamp`) to the same event. `owner`: `InboundEvent.stored_identity_id`, added to the item's
         `claimedBy` (a set: another identity's event reusing the eventId while this one waits adds itself, and the
         first is still named), so that `relayctl forget` tells this person's waiting events from others'; the result
-        that replaces the claim drops it."""
+        that replaces the claim drops it. `default_datastream`: `InboundEvent.default_datastream`, kept on the item
+        from the event's first claim (`DEFAULT_DATASTREAM`)."""
         now = self._clock.now()
         token = token or uuid.uuid4().hex
         updated = {"S": iso_millis(now)}
@@ -261,7 +271,8 @@ class HandlesStore:
                 Key=self.result_key(event_id),
                 UpdateExpression=(
                     "SET #s = :pending, leaseUntil = :lease, claimToken = :tok, eventId = :id, datastreamId = :ds, "
-                    f"#src = if_not_exists(#src, :src), expiresAt = :exp, updatedAt = :now{first_time} "
+                    f"#src = if_not_exists(#src, :src), #dflt = if_not_exists(#dflt, :dflt), expiresAt = :exp, "
+                    f"updatedAt = :now{first_time} "
                     f"ADD attempts :one{claimed_by} REMOVE invalidFiling"
                 ),
                 # A new event, one sent back for a retry, one whose holder's lease ran out, or one the relay itself
@@ -270,7 +281,7 @@ class HandlesStore:
                     f"attribute_not_exists(pk) OR (#s = :queued{own}) OR (#s = :pending AND leaseUntil < :t{own}) "
                     "OR (#s = :rejected AND rejectedBy = :relay) OR (#s = :pending AND claimToken = :tok)"
                 ),
-                ExpressionAttributeNames={"#s": "status", "#src": "source"},
+                ExpressionAttributeNames={"#s": "status", "#src": "source", "#dflt": DEFAULT_DATASTREAM},
                 ExpressionAttributeValues={
                     ":pending": {"S": "pending"},
                     ":queued": {"S": "queued"},
@@ -282,6 +293,7 @@ class HandlesStore:
                     ":id": {"S": event_id},
                     ":ds": {"S": datastream_id},
                     ":src": {"S": source},
+                    ":dflt": {"BOOL": default_datastream},
                     ":exp": {"N": str(int(now) + self._ttl_s)},
                     ":now": updated,
                     ":one": {"N": "1"},
@@ -326,7 +338,8 @@ class HandlesStore:
             except StoreUnavailable:
                 pass  # the next claim clears them, or the result replaces the item
         # What the item now holds that the result keeps (the rest of the claim is replaced by the result).
-        item = {"attempts": {"N": str(attempts)}, "updatedAt": updated}
+        first_default = before.get(DEFAULT_DATASTREAM, {"BOOL": default_datastream})
+        item = {"attempts": {"N": str(attempts)}, "updatedAt": updated, DEFAULT_DATASTREAM: first_default}
         timestamp = None
         if stamp:
             first, of = before.get("xdmTimestamp", {}).get("S"), before.get("xdmTimestampOf", {}).get("S")

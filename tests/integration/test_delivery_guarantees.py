@@ -25,6 +25,7 @@ from devtools.edge_sim import ERROR_TYPE_BASE, new_ecid
 from devtools.gateway import LocalGateway
 from devtools.lambda_context import new_context
 from devtools.stack import DATASTREAM_ID, LocalStack
+from relayctl.__main__ import replay_event
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.integration
@@ -764,6 +765,120 @@ def test_a_resend_while_its_event_is_in_flight_for_a_delisted_datastream_is_busy
     # found 400 while the running invocation may still deliver it)
     assert resend.status_code == 409, resend.text
     assert edge_requests(stack, msg_id) == []
+
+
+@pytest.mark.parametrize("to_datastream", [None, "ds-c"])
+def test_a_resend_of_a_replayed_event_is_sent_with_its_first_attempts_time(
+    to_datastream: str | None, clean_stack: LocalStack
+) -> None:
+    stack = clean_stack
+    # GIVEN a webhook naming no datastream (no xdm.timestamp: the relay sets it), refused by Edge for good (500: the
+    # sender is answered 502 and retries), which the operator replays, to its datastream or to another
+    gw = stack.gateway(new_runtime().handle)
+    doc = untimed_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=500)
+    first = post(gw, stack, doc, msg_id)
+    assert first.status_code == 502, first.text
+    stack.sim.remove_fault(rule)
+    first_time = edge_requests(stack, msg_id)[0]["body"]["event"]["xdm"]["timestamp"]
+    stack.sim.datastreams.add("ds-c")
+    try:
+        res = stack.resources
+        replayed = replay_event(stack.dynamodb, stack.sqs, res.table_name, res.queue_url, msg_id, None, to_datastream)
+        assert replayed == "queued"
+
+        # WHEN the sender's retry (no query string, default unchanged) comes before a batch takes the replay
+        time.sleep(0.01)
+        resend = post(gw, stack, doc, msg_id)
+    finally:
+        stack.sim.datastreams.discard("ds-c")
+
+    # THEN it is delivered where the replay sends it, with its first attempt's time, as the replayed message would
+    # send it (reviews found the resend's own time: a result keeps none of its claim's first time, and the replay did
+    # not put it back; to another datastream, the resend following the event there)
+    assert resend.status_code == 200, resend.text
+    sent = edge_requests(stack, msg_id)[-1]
+    assert sent["query"]["datastreamId"] == (to_datastream or DATASTREAM_ID)
+    assert sent["body"]["event"]["xdm"]["timestamp"] == first_time
+
+
+def test_another_identitys_event_reusing_a_waiting_events_id_is_not_taken_for_it(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a webhook naming no datastream queued for the default one (Edge down, 202), then a deploy changing the
+    # default
+    gw = stack.gateway(new_runtime().handle)
+    event_id = f"evt-{uuid.uuid4().hex}"
+    genuine = interact_event(event_id)
+    rule = stack.sim.add_fault(match_id=event_id, status=503, retry_after=0)
+    assert post(gw, stack, genuine).status_code == 202
+    stack.sim.remove_fault(rule)
+    stack.sim.datastreams.add("ds-new")
+    try:
+        redeployed = new_runtime(DATASTREAM_ID="ds-new")
+        gw = stack.gateway(redeployed.handle)
+        # WHEN another identity's event (another body, naming no datastream: meant for ds-new) reuses its eventId
+        other = interact_event(event_id)
+        assert other["event"]["xdm"]["identityMap"] != genuine["event"]["xdm"]["identityMap"]
+        answer = post(gw, stack, other)
+        stack.poller(redeployed.handle, batching_window=0).drain(timeout=20, raise_on_timeout=True)
+    finally:
+        stack.sim.datastreams.discard("ds-new")
+
+    # THEN it is not taken for the waiting event (a review found it delivered to the old default in its place; a
+    # finished one files it as an eventId reuse): the genuine event is the one delivered there
+    def ecid_of(call: dict[str, Any]) -> str:
+        return str(call["body"]["event"]["xdm"]["identityMap"]["ECID"][0]["id"])
+
+    delivered = [(c["query"]["datastreamId"], ecid_of(c)) for c in edge_requests(stack, event_id) if c["status"] == 200]
+    other_ecid = other["event"]["xdm"]["identityMap"]["ECID"][0]["id"]
+    genuine_ecid = genuine["event"]["xdm"]["identityMap"]["ECID"][0]["id"]
+    assert (DATASTREAM_ID, other_ecid) not in delivered, (answer.status_code, delivered)
+    assert (DATASTREAM_ID, genuine_ecid) in delivered, (answer.status_code, delivered)
+
+
+def test_a_resend_whose_event_moves_again_between_its_two_claims_is_busy_not_queued(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a webhook naming no datastream queued for the default one (202); a deploy changes the default
+    gw = stack.gateway(new_runtime().handle)
+    doc = interact_event()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+    assert post(gw, stack, doc, msg_id).status_code == 202
+    stack.sim.remove_fault(rule)
+    while stack.sqs.receive_message(QueueUrl=stack.resources.queue_url, WaitTimeSeconds=0).get("Messages"):
+        pass  # the first attempt's retry message: hidden, to see only what the resend queues
+    stack.sim.datastreams.add("ds-new")
+    redeployed = new_runtime(DATASTREAM_ID="ds-new")
+    store = redeployed.relay.store
+    real_claim = store.claim
+    calls: list[Any] = []
+
+    def claim(event_id: str, **kw: Any) -> Any:
+        got = real_claim(event_id, **kw)
+        calls.append(kw["datastream_id"])
+        if len(calls) == 1:
+            # between the resend's two claims the item is re-pointed (relayctl replay --to-datastream, or a producer
+            # message taking it over for the default): a race, made certain here
+            stack.dynamodb.update_item(
+                TableName=stack.resources.table_name,
+                Key={"pk": {"S": f"EVENT#{msg_id}"}, "sk": {"S": "RESULT"}},
+                UpdateExpression="SET datastreamId = :c",
+                ExpressionAttributeValues={":c": {"S": "ds-c"}},
+            )
+        return got
+
+    store.claim = claim  # type: ignore[method-assign]
+    try:
+        gw = stack.gateway(redeployed.handle)
+        resend = post(gw, stack, doc, msg_id)
+    finally:
+        stack.sim.datastreams.discard("ds-new")
+    # THEN it is busy (409): a review found the second call's answer taken for a retry, the sender told 202 "queued"
+    # with nothing claimed, and a message queued for the datastream the item no longer holds
+    assert calls == ["ds-new", DATASTREAM_ID]
+    assert resend.status_code == 409, resend.text
+    assert not stack.sqs.receive_message(QueueUrl=stack.resources.queue_url, WaitTimeSeconds=0).get("Messages")
 
 
 def test_webhook_answers_202_within_its_deadline_when_edge_is_slow(clean_stack: LocalStack) -> None:

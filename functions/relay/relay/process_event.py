@@ -28,7 +28,15 @@ from relay.identity_state import (
 )
 from relay.integrations.edge import MIN_ATTEMPT_S, EdgeClient, request_id_of
 from relay.integrations.ims import NoTimeLeft
-from relay.integrations.store import DEFAULT_DATASTREAM, RELAY, Claim, HandlesStore, ResultWrite, queue_send_pending
+from relay.integrations.store import (
+    DEFAULT_DATASTREAM,
+    NO_PRIMARY,
+    RELAY,
+    Claim,
+    HandlesStore,
+    ResultWrite,
+    queue_send_pending,
+)
 from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
 from relay.observability import count, logger
 
@@ -265,7 +273,14 @@ class Relay:
                 status = existing.get("status")
                 if status not in ("delivered", "rejected"):
                     held = status == "pending" and _number(existing.get("leaseUntil")) >= int(self.clock.now())
-                    if held:  # in flight: busy, as for its own datastream (not refused while it may be delivered)
+                    # Its identity's: among those whose events claimed it, or the one a replay of its result names
+                    owners = existing.get("claimedBy")
+                    mine = (isinstance(owners, list) and (inbound.stored_identity_id or NO_PRIMARY) in owners) or (
+                        existing.get("identityId") == inbound.stored_identity_id
+                    )
+                    if held or not mine:
+                        # In flight (not refused while it may be delivered), or waiting for another identity's event
+                        # under the same eventId (not taken for it): busy, as for its own datastream.
                         return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
                     return Result(Outcome.ELSEWHERE, event_id, item=existing)
                 inbound = replace(inbound, datastream_id=first)  # compared with it as sent there

@@ -402,7 +402,8 @@ class WebhookApp:
             return delivered_response(item)
         if result.outcome in (Outcome.REJECTED, Outcome.DUPLICATE):
             return rejected_response(item)
-        if result.outcome is Outcome.BUSY:
+        if result.outcome in (Outcome.BUSY, Outcome.ELSEWHERE):
+            # ELSEWHERE here: the item moved to yet another datastream between the two claims (a replay, say)
             return problem(
                 409,
                 "Conflict",

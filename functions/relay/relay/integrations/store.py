@@ -307,7 +307,10 @@ class HandlesStore:
             )
         except ClientError as exc:
             old = exc.response.get("Item") or self.get_result_item(event_id) or {}
-            return Claim(False, existing=decode_item(old))
+            existing = decode_item(old)
+            if "SS" in old.get("claimedBy", {}):  # whose events claimed it (`decode_item` leaves sets out)
+                existing["claimedBy"] = sorted(old["claimedBy"]["SS"])
+            return Claim(False, existing=existing)
         before = resp.get("Attributes") or {}
         attempts = int(before["attempts"]["N"]) + 1 if "attempts" in before else 1
         if before.get("claimToken", {}).get("S") == token:

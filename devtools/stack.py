@@ -324,6 +324,16 @@ class LocalStack:
         item = resp.get("Item")
         return decode_item(item) if item else None
 
+    def filed_under(self, event_id: str) -> list[str]:
+        """The eventIds of the result items under ``event_id``: its own, and any the relay filed beside it
+        (``<eventId>#reused-...``, ``<eventId>#invalid-...``), sorted."""
+        items = self.dynamodb.scan(
+            TableName=self.resources.table_name,
+            FilterExpression="begins_with(pk, :event)",
+            ExpressionAttributeValues={":event": {"S": f"EVENT#{event_id}"}},
+        )["Items"]
+        return sorted(item["pk"]["S"].removeprefix("EVENT#") for item in items)
+
     def result(self, event_id: str) -> dict[str, Any]:
         """Like ``result_item``, for an event that must have a stored result."""
         item = self.result_item(event_id)

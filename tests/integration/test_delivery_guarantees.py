@@ -110,6 +110,26 @@ def post(gw: LocalGateway, stack: LocalStack, doc: dict[str, Any], msg_id: str |
     return requests.post(f"{gw.url}/events", data=body, headers=headers, timeout=30)
 
 
+def queued_while_edge_is_down(stack: LocalStack, gw: LocalGateway, doc: dict[str, Any]) -> str:
+    """Post `doc` (naming no datastream) while Edge answers its calls 503: queued (202). Its webhook-id, Edge back."""
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
+    assert post(gw, stack, doc, msg_id).status_code == 202
+    stack.sim.remove_fault(rule)
+    return msg_id
+
+
+def resent_after_a_redeploy(stack: LocalStack, doc: dict[str, Any], msg_id: str, **settings: str) -> requests.Response:
+    """`doc` posted again (naming no datastream) to a runtime whose default datastream is now "ds-new" (which Edge
+    knows), with `settings` besides."""
+    stack.sim.datastreams.add("ds-new")
+    try:
+        redeployed = new_runtime(None, None, DATASTREAM_ID="ds-new", **settings)
+        return post(stack.gateway(redeployed.handle), stack, doc, msg_id)
+    finally:
+        stack.sim.datastreams.discard("ds-new")
+
+
 def queue_messages(stack: LocalStack) -> list[dict[str, Any]]:
     """Peek at the queue (the messages stay visible)."""
     return stack.sqs.receive_message(
@@ -533,10 +553,7 @@ def test_a_queued_webhook_event_replayed_to_another_datastream_is_refused_and_st
     runtime = new_runtime()
     gw = stack.gateway(runtime.handle)
     doc = interact_event()
-    msg_id = f"msg_{uuid.uuid4().hex}"
-    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
-    assert post(gw, stack, doc, msg_id).status_code == 202
-    stack.sim.remove_fault(rule)
+    msg_id = queued_while_edge_is_down(stack, gw, doc)
     stack.sim.datastreams.add("ds-other")
     try:
         # WHEN someone who captured the signed request sends it again, unchanged but for `?datastreamId=` (the query
@@ -617,11 +634,8 @@ def test_a_webhook_resent_after_the_default_datastream_changed_is_delivered_wher
     # it (it never saw the 202) after a deploy changed the default datastream
     gw = stack.gateway(new_runtime().handle)
     doc = untimed_event()
-    msg_id = f"msg_{uuid.uuid4().hex}"
-    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
-    assert post(gw, stack, doc, msg_id).status_code == 202
+    msg_id = queued_while_edge_is_down(stack, gw, doc)
     first_time = edge_requests(stack, msg_id)[0]["body"]["event"]["xdm"]["timestamp"]
-    stack.sim.remove_fault(rule)
     stack.sim.datastreams.add("ds-new")
     try:
         redeployed = new_runtime(DATASTREAM_ID="ds-new")
@@ -656,25 +670,15 @@ def test_a_webhook_resent_after_the_default_datastream_changed_gets_its_first_an
     msg_id = f"msg_{uuid.uuid4().hex}"
     first = post(gw, stack, doc, msg_id)
     assert first.status_code == 200, first.text
-    stack.sim.datastreams.add("ds-new")
-    try:
-        gw = stack.gateway(new_runtime(DATASTREAM_ID="ds-new").handle)
 
-        # WHEN the resend comes
-        resend = post(gw, stack, doc, msg_id)
-    finally:
-        stack.sim.datastreams.discard("ds-new")
+    # WHEN the resend comes
+    resend = resent_after_a_redeploy(stack, doc, msg_id)
 
     # THEN it is a repeat: the first answer, nothing sent again, nothing filed as an eventId reused for another event
     assert (resend.status_code, resend.json()) == (200, first.json())
     assert len(edge_requests(stack, msg_id)) == 1
     assert stack.result(msg_id)["datastreamId"] == DATASTREAM_ID
-    filed = stack.dynamodb.scan(
-        TableName=stack.resources.table_name,
-        FilterExpression="begins_with(pk, :event)",
-        ExpressionAttributeValues={":event": {"S": f"EVENT#{msg_id}"}},
-    )["Items"]
-    assert [i["pk"]["S"] for i in filed] == [f"EVENT#{msg_id}"]
+    assert stack.filed_under(msg_id) == [msg_id]
 
 
 def test_a_webhook_resent_after_its_first_datastream_was_delisted_is_refused_saying_why(
@@ -685,18 +689,10 @@ def test_a_webhook_resent_after_its_first_datastream_was_delisted_is_refused_say
     # made another datastream the default and the only one listed (ALLOWED_DATASTREAM_IDS)
     gw = stack.gateway(new_runtime().handle)
     doc = interact_event()
-    msg_id = f"msg_{uuid.uuid4().hex}"
-    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
-    assert post(gw, stack, doc, msg_id).status_code == 202
-    stack.sim.remove_fault(rule)
-    stack.sim.datastreams.add("ds-new")
-    try:
-        gw = stack.gateway(new_runtime(DATASTREAM_ID="ds-new", ALLOWED_DATASTREAM_IDS="ds-new").handle)
+    msg_id = queued_while_edge_is_down(stack, gw, doc)
 
-        # WHEN the resend comes
-        resend = post(gw, stack, doc, msg_id)
-    finally:
-        stack.sim.datastreams.discard("ds-new")
+    # WHEN the resend comes
+    resend = resent_after_a_redeploy(stack, doc, msg_id, ALLOWED_DATASTREAM_IDS="ds-new")
 
     # THEN it is refused (400, kept) naming the datastream the event was first taken for; nothing is sent anywhere
     assert resend.status_code == 400, resend.text
@@ -752,14 +748,9 @@ def test_a_resend_while_its_event_is_in_flight_for_a_delisted_datastream_is_busy
         msg_id, datastream_id=DATASTREAM_ID, source="webhook", lease_s=300, default_datastream=True
     )
     assert held.acquired
-    stack.sim.datastreams.add("ds-new")
-    try:
-        gw = stack.gateway(new_runtime(DATASTREAM_ID="ds-new", ALLOWED_DATASTREAM_IDS="ds-new").handle)
 
-        # WHEN the sender resends it
-        resend = post(gw, stack, doc, msg_id)
-    finally:
-        stack.sim.datastreams.discard("ds-new")
+    # WHEN the sender resends it
+    resend = resent_after_a_redeploy(stack, doc, msg_id, ALLOWED_DATASTREAM_IDS="ds-new")
 
     # THEN it is told the event is being processed (409: retry to read its result), not refused for good (a review
     # found 400 while the running invocation may still deliver it)
@@ -842,10 +833,7 @@ def test_a_resend_whose_event_moves_again_between_its_two_claims_is_busy_not_que
     # GIVEN a webhook naming no datastream queued for the default one (202); a deploy changes the default
     gw = stack.gateway(new_runtime().handle)
     doc = interact_event()
-    msg_id = f"msg_{uuid.uuid4().hex}"
-    rule = stack.sim.add_fault(match_id=msg_id, status=503, retry_after=0)
-    assert post(gw, stack, doc, msg_id).status_code == 202
-    stack.sim.remove_fault(rule)
+    msg_id = queued_while_edge_is_down(stack, gw, doc)
     while stack.sqs.receive_message(QueueUrl=stack.resources.queue_url, WaitTimeSeconds=0).get("Messages"):
         pass  # the first attempt's retry message: hidden, to see only what the resend queues
     stack.sim.datastreams.add("ds-new")

@@ -535,12 +535,7 @@ def test_a_delivered_message_naming_no_datastream_sent_again_after_the_default_c
     assert again == {"batchItemFailures": []}
     assert len(edge_requests(clean_stack, event_id)) == 1
     assert clean_stack.result_item(event_id) == stored
-    filed = clean_stack.dynamodb.scan(
-        TableName=clean_stack.resources.table_name,
-        FilterExpression="begins_with(pk, :event)",
-        ExpressionAttributeValues={":event": {"S": f"EVENT#{event_id}"}},
-    )["Items"]
-    assert [i["pk"]["S"] for i in filed] == [f"EVENT#{event_id}"]
+    assert clean_stack.filed_under(event_id) == [event_id]
 
 
 def test_a_delivered_event_sent_again_among_new_ones_is_a_repeat_and_left_as_stored(clean_stack: LocalStack) -> None:

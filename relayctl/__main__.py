@@ -467,13 +467,13 @@ def replay_event(
     old_ds = doc.get("datastreamId")
     moved = datastream is not None and datastream != old_ds
     to_ds, new_ds = (", datastreamId = :ds", {":ds": {"S": datastream}}) if moved else ("", {})
-    # The `xdm.timestamp` the event was sent with (its stored request holds it; a result keeps none of its claim's),
-    # for the datastream it now goes to: a resend of an event the relay stamped (the sender gave no time), which may
+    # The `xdm.timestamp` the relay gave the event (`defaultTimestamp`: the sender gave none; its stored request holds
+    # it, and a result keeps none of its claim's), for the datastream it now goes to: a resend of the event, which may
     # take the marked item over before the replayed message does, is then sent with it too, as the replayed request
-    # is, not with its own receive time (`store.claim`). A sender's own time needs nothing: its resend carries it.
+    # is, not with its own receive time (`store.claim`). A sender's own time is not: its resend carries its own.
     xdm = as_dict(as_dict(request).get("event")).get("xdm") if isinstance(request, dict) else None
     sent_time, who = as_dict(xdm).get("timestamp"), doc.get("identityId")
-    timed = isinstance(sent_time, str) and isinstance(who, str)
+    timed = doc.get("defaultTimestamp") is True and isinstance(sent_time, str) and isinstance(who, str)
     if timed:
         to_ds += ", xdmTimestamp = :ts0, xdmTimestampOf = :of"
         new_ds.update({":ts0": {"S": str(sent_time)}, ":of": {"S": f"{who}|{datastream or old_ds or ''}"}})

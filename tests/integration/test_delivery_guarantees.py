@@ -828,6 +828,31 @@ def test_another_identitys_event_reusing_a_waiting_events_id_is_not_taken_for_it
     assert (DATASTREAM_ID, genuine_ecid) in delivered, (answer.status_code, delivered)
 
 
+def test_a_replay_does_not_give_a_senders_own_time_to_a_later_attempt_that_gives_none(clean_stack: LocalStack) -> None:
+    stack = clean_stack
+    # GIVEN a webhook event carrying its sender's own xdm.timestamp, refused by Edge for good (500: answered 502)
+    gw = stack.gateway(new_runtime().handle)
+    doc = interact_event()
+    sender_time = doc["event"]["xdm"]["timestamp"]
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    rule = stack.sim.add_fault(match_id=msg_id, status=500)
+    assert post(gw, stack, doc, msg_id).status_code == 502
+    stack.sim.remove_fault(rule)
+
+    # WHEN the operator replays it, and before a batch takes the replay the sender resends a corrected body that gives
+    # no time (the relay sets its receive time)
+    res = stack.resources
+    assert replay_event(stack.dynamodb, stack.sqs, res.table_name, res.queue_url, msg_id) == "queued"
+    corrected = untimed_event()
+    corrected["event"]["xdm"]["identityMap"] = doc["event"]["xdm"]["identityMap"]
+    resend = post(gw, stack, corrected, msg_id)
+
+    # THEN that attempt is sent with the relay's time, not the sender's earlier one, which a replay carries forward only
+    # when the relay had set it (a review found it given the sender's)
+    assert resend.status_code == 200, resend.text
+    assert edge_requests(stack, msg_id)[-1]["body"]["event"]["xdm"]["timestamp"] != sender_time
+
+
 def test_a_resend_whose_event_moves_again_between_its_two_claims_is_busy_not_queued(clean_stack: LocalStack) -> None:
     stack = clean_stack
     # GIVEN a webhook naming no datastream queued for the default one (202); a deploy changes the default

@@ -341,6 +341,7 @@ def test_process_rejected_stores_error_and_request():
         "requestId": "edge-req-9",
         "error": problem,
         "request": event.request,
+        "defaultTimestamp": True,  # the event gave none: the relay's, which a replay carries forward
     }
     assert store.finished == [("evt-1", fields)]
     assert result == Result(

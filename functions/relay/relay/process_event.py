@@ -469,6 +469,10 @@ class Relay:
                 "error": exc.problem,
                 "request": inbound.request,
             }
+            if inbound.default_timestamp:
+                # The request's `xdm.timestamp` is the relay's (the sender gave none): a replay puts it back on the
+                # item for a resend of the event to be sent with (`relayctl replay`); a sender's own is its resend's.
+                rejected["defaultTimestamp"] = True
             if exc.problem.get("type") == INVALID_EVENT_TYPE:
                 rejected["rejectedBy"] = RELAY  # refused here: a corrected resend under the same eventId is processed
             write = self.store.compose_result(inbound.event_id, rejected, claimed)

@@ -466,7 +466,7 @@ def replay_event(
     # (store.claim), so the replayed message would be refused as busy on every receive. Put back with the mark.
     old_ds = doc.get("datastreamId")
     moved = datastream is not None and datastream != old_ds
-    to_ds, new_ds = (", datastreamId = :ds", {":ds": {"S": datastream}}) if moved else ("", {})
+    also_set, also_values = (", datastreamId = :ds", {":ds": {"S": datastream}}) if moved else ("", {})
     # The `xdm.timestamp` the relay gave the event (`defaultTimestamp`: the sender gave none; its stored request holds
     # it, and a result keeps none of its claim's), for the datastream it now goes to: a resend of the event, which may
     # take the marked item over before the replayed message does, is then sent with it too, as the replayed request
@@ -475,13 +475,13 @@ def replay_event(
     sent_time, who = as_dict(xdm).get("timestamp"), doc.get("identityId")
     timed = doc.get("defaultTimestamp") is True and isinstance(sent_time, str) and isinstance(who, str)
     if timed:
-        to_ds += ", xdmTimestamp = :ts0, xdmTimestampOf = :of"
-        new_ds.update({":ts0": {"S": str(sent_time)}, ":of": {"S": f"{who}|{datastream or old_ds or ''}"}})
+        also_set += ", xdmTimestamp = :ts0, xdmTimestampOf = :of"
+        also_values.update({":ts0": {"S": str(sent_time)}, ":of": {"S": f"{who}|{datastream or old_ds or ''}"}})
     try:
         mark(
-            f"SET #s = :q, replayedAt = :now{to_ds} REMOVE lastError",
+            f"SET #s = :q, replayedAt = :now{also_set} REMOVE lastError",
             "#s = :was AND attribute_not_exists(leaseUntil)",
-            new_ds,
+            also_values,
         )
     except (ClientError, BotoCoreError) as exc:
         # Our own mark, whose answer was lost goes on: boto3 sent it again and it found `queued` (a refused

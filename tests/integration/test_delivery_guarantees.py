@@ -817,7 +817,9 @@ def test_another_identitys_event_reusing_a_waiting_events_id_is_not_taken_for_it
         stack.sim.datastreams.discard("ds-new")
 
     # THEN it is not taken for the waiting event (a review found it delivered to the old default in its place; a
-    # finished one files it as an eventId reuse): the genuine event is the one delivered there
+    # finished one files it as an eventId reuse): busy, as before, and the genuine event is the one delivered there
+    assert answer.status_code == 409, answer.text
+
     def ecid_of(call: dict[str, Any]) -> str:
         return str(call["body"]["event"]["xdm"]["identityMap"]["ECID"][0]["id"])
 

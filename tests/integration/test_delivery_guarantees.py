@@ -681,6 +681,27 @@ def test_a_webhook_resent_after_the_default_datastream_changed_gets_its_first_an
     assert stack.filed_under(msg_id) == [msg_id]
 
 
+def test_another_identitys_event_reusing_a_finished_events_id_after_a_redeploy_is_filed_where_it_was_meant_to_go(
+    clean_stack: LocalStack,
+) -> None:
+    stack = clean_stack
+    # GIVEN an event naming no datastream, delivered to the default one, and a deploy changing the default to ds-new
+    gw = stack.gateway(new_runtime().handle)
+    event_id = f"evt-{uuid.uuid4().hex}"
+    assert post(gw, stack, interact_event(event_id)).status_code == 200
+
+    # WHEN another identity's event reuses its eventId, naming no datastream either (meant for ds-new)
+    other = interact_event(event_id)
+    answer = resent_after_a_redeploy(stack, other, f"msg_{uuid.uuid4().hex}")
+
+    # THEN it is refused as an eventId reuse, and filed under the datastream it resolved to, not the first event's (a
+    # review found the first's: `relayctl rejected --from-datastream` would look for it in the wrong place)
+    assert answer.status_code == 422, answer.text
+    filed = stack.result(answer.json()["eventId"])
+    assert (filed["status"], filed["datastreamId"]) == ("rejected", "ds-new")
+    assert stack.result(event_id)["datastreamId"] == DATASTREAM_ID
+
+
 def test_a_webhook_resent_after_its_first_datastream_was_delisted_is_refused_saying_why(
     clean_stack: LocalStack,
 ) -> None:

@@ -283,7 +283,12 @@ class Relay:
                         # under the same eventId (not taken for it): busy, as for its own datastream.
                         return Result(Outcome.BUSY, event_id, reason="another invocation is processing this event")
                     return Result(Outcome.ELSEWHERE, event_id, item=existing)
-                inbound = replace(inbound, datastream_id=first)  # compared with it as sent there
+                # Compared with it as sent there: a repeat of it, or (another identity's) a reuse of its eventId,
+                # filed as the request resolved it (`asked`), where `relayctl rejected --from-datastream` looks
+                asked, inbound = inbound, replace(inbound, datastream_id=first)
+                filed_as = reused_id(existing, asked) if reused_id(existing, inbound) is not None else None
+                if filed_as is not None:
+                    return self._reject_reused(asked, filed_as)
             if existing.get("status") in ("delivered", "rejected"):
                 filed_as = reused_id(existing, inbound)
                 if filed_as is not None:

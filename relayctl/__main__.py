@@ -242,7 +242,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     t = _targets(args)
     ddb = _client("dynamodb")
     found = 0
-    hidden = _hidden_by_others(_client("sqs"), t.dlq_url) if t.dlq_url else None
+    sqs = _client("sqs") if t.dlq_url else None  # one client for every search (building one takes tens of ms)
+    hidden = _hidden_by_others(sqs, t.dlq_url) if t.dlq_url else None
     for given in args.event_ids:
         event_id, doc = _find(ddb, t.table, given)
         if doc is not None:
@@ -258,7 +259,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             # tenth landing stored an invalid body's rejection over a queued event. Look for it too.
             waiting = doc.get("status") in ("queued", "pending") or doc.get("rejectedBy") == RELAY
             if waiting and t.dlq_url:
-                where = _peek_dlq(_client("sqs"), t.dlq_url, event_id)
+                where = _peek_dlq(sqs, t.dlq_url, event_id)
                 if where:
                     doc.update(status="dead-lettered", detail=_DEAD_LETTERED)
                     doc.update(where)
@@ -269,7 +270,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print(doc)
             found += 1
             continue
-        where = _peek_dlq(_client("sqs"), t.dlq_url, event_id) if t.dlq_url else None
+        where = _peek_dlq(sqs, t.dlq_url, event_id) if t.dlq_url else None
         if where:
             _print({"eventId": event_id, "status": "dead-lettered", "detail": _DEAD_LETTERED, **where})
             found += 1

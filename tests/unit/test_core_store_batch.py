@@ -241,25 +241,36 @@ def state_change(handles: list[dict[str, Any]], received: float) -> Callable[[Id
     return change
 
 
+def race(
+    on: StoreOnMoto,
+    stored: list[dict[str, Any]],
+    first: tuple[list[dict[str, Any]], float],
+    merged: tuple[list[dict[str, Any]], float],
+) -> tuple[IdentityState, IdentityState]:
+    """One identity's state (`stored`'s answer, at t0), read by two invocations; the `first` answer (handles, seconds
+    after t0) is written first, and the other's write meets it and `merged` is merged onto it (`update_state`). The
+    state as stored after the first write, and at the end."""
+    store, t0 = on.store, on.clock.now()
+    assert store.update_state("id", "ds", IdentityState(), state_change(stored, t0)) == 1
+    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
+    assert store.update_state("id", "ds", read_by_b, state_change(first[0], t0 + first[1])) == 1
+    after_first = store.get_state("id", "ds")
+    store.update_state("id", "ds", read_by_a, state_change(merged[0], t0 + merged[1]))
+    return after_first, store.get_state("id", "ds")
+
+
 @pytest.mark.parametrize("older", ["sets", "deletes"])
 def test_an_older_answer_merged_after_a_newer_one_does_not_put_back_what_edge_replaced(
     older: str, store_on_moto: StoreOnMoto
 ) -> None:
     # GIVEN one identity's state, read by two invocations A and B; Edge answers A at t0+10 (consent set to "v-old",
     # or deleted; hint or2) and B at t0+11 (consent "v-new", hint va6), and B writes first
-    store, clock = store_on_moto.store, store_on_moto.clock
-    t0 = clock.now()
-    assert store.update_state("id", "ds", IdentityState(), state_change(state_answer("or2", "v0"), t0)) == 1
-    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
-    assert store.update_state("id", "ds", read_by_b, state_change(state_answer("va6", "v-new"), t0 + 11)) == 1
-
     # WHEN A's write meets B's and merges its older answer onto it
     a_answer = state_answer("or2", "v-old" if older == "sets" else None)
-    store.update_state("id", "ds", read_by_a, state_change(a_answer, t0 + 10))
+    _, final = race(store_on_moto, state_answer("or2", "v0"), (state_answer("va6", "v-new"), 11), (a_answer, 10))
 
     # THEN what Edge gave last stands: B's value and hint (a review found A's older value, or its deletion, and its
     # hint written over them)
-    final = store.get_state("id", "ds")
     assert (final.entries["consent"].value, final.hint) == ("v-new", "va6")
 
 
@@ -269,21 +280,16 @@ def test_an_older_answer_merged_after_a_newer_deletion_does_not_bring_the_entry_
 ) -> None:
     # GIVEN consent "v0" stored, read by two invocations A and B; Edge answers A at t0+10 (consent "v-old") and B at
     # t0+11, deleting consent (or replacing it with a value too large to keep, which drops it), and B writes first
-    store, clock = store_on_moto.store, store_on_moto.clock
-    t0 = clock.now()
-    assert store.update_state("id", "ds", IdentityState(), state_change(state_answer("or2", "v0"), t0)) == 1
-    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
     b_answer = state_answer("or2", None if deletes == "maxAge 0" else "x" * (MAX_ENTRY_BYTES + 1))
-    assert store.update_state("id", "ds", read_by_b, state_change(b_answer, t0 + 11)) == 1
-    assert "consent" not in store.get_state("id", "ds").entries
-
     # WHEN A's write meets B's and A merges its older answer onto it
-    store.update_state("id", "ds", read_by_a, state_change(state_answer("or2", "v-old"), t0 + 10))
+    store, t0 = store_on_moto.store, store_on_moto.clock.now()
+    after_b, final = race(store_on_moto, state_answer("or2", "v0"), (b_answer, 11), (state_answer("or2", "v-old"), 10))
+    assert "consent" not in after_b.entries
 
     # THEN Edge's last word, the deletion, stands (a review found A's older value put back, and sent to Edge again)
-    assert "consent" not in store.get_state("id", "ds").entries
+    assert "consent" not in final.entries
     # AND a later answer sets it again, as any answer after a deletion does
-    store.update_state("id", "ds", store.get_state("id", "ds"), state_change(state_answer("or2", "v2"), t0 + 12))
+    store.update_state("id", "ds", final, state_change(state_answer("or2", "v2"), t0 + 12))
     assert store.get_state("id", "ds").entries["consent"].value == "v2"
 
 
@@ -292,21 +298,15 @@ def test_a_later_deletion_of_a_key_the_later_answers_state_did_not_hold_is_not_u
 ) -> None:
     # GIVEN a stored state without consent, read by invocations A and B; Edge answers A at t0+10 setting consent
     # "v-old" and B at t0+11 deleting it (maxAge 0, and a new hint, so B writes); B writes first
-    store, clock = store_on_moto.store, store_on_moto.clock
-    t0 = clock.now()
     hint_only = [
         {"type": "locationHint:result", "payload": [{"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800}]}
     ]
-    assert store.update_state("id", "ds", IdentityState(), state_change(hint_only, t0)) == 1
-    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
-    assert store.update_state("id", "ds", read_by_b, state_change(state_answer("va6", None), t0 + 11)) == 1
-
     # WHEN A's write meets B's and A merges its older answer onto it
-    store.update_state("id", "ds", read_by_a, state_change(state_answer("or2", "v-old"), t0 + 10))
+    _, final = race(store_on_moto, hint_only, (state_answer("va6", None), 11), (state_answer("or2", "v-old"), 10))
 
     # THEN Edge's last word for consent, B's deletion, stands (a review found it remembered only for a key B's state
     # held)
-    assert "consent" not in store.get_state("id", "ds").entries
+    assert "consent" not in final.entries
 
 
 def test_a_deletion_of_a_key_not_held_costs_no_write_and_is_remembered_within_bounds() -> None:
@@ -342,17 +342,12 @@ def test_a_deletion_is_remembered_only_as_long_as_an_older_answer_can_arrive() -
 
 def test_a_newer_answer_merged_after_an_older_one_replaces_it(store_on_moto: StoreOnMoto) -> None:
     # GIVEN the same race the other way round: A, answered last, writes last
-    store, clock = store_on_moto.store, store_on_moto.clock
-    t0 = clock.now()
-    assert store.update_state("id", "ds", IdentityState(), state_change(state_answer("or2", "v0"), t0)) == 1
-    read_by_a, read_by_b = store.get_state("id", "ds"), store.get_state("id", "ds")
-    assert store.update_state("id", "ds", read_by_b, state_change(state_answer("va6", "v-old"), t0 + 10)) == 1
-
     # WHEN A's answer, Edge's later one, is merged onto B's
-    store.update_state("id", "ds", read_by_a, state_change(state_answer("or2", "v-new"), t0 + 11))
+    _, final = race(
+        store_on_moto, state_answer("or2", "v0"), (state_answer("va6", "v-old"), 10), (state_answer("or2", "v-new"), 11)
+    )
 
     # THEN it replaces it, as any later answer does
-    final = store.get_state("id", "ds")
     assert (final.entries["consent"].value, final.hint) == ("v-new", "or2")
 
 

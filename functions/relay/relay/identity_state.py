@@ -248,12 +248,17 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                     break
     if hint and hint_expires_at + _unwritten_extension(hint_ttl) <= now:
         hint, hint_expires_at, hint_ttl = None, 0.0, 0.0
-    deleted = dict(
-        sorted(
-            ((k, at) for k, at in deleted.items() if len(k.encode("utf-8", "surrogatepass")) <= MAX_DELETED_KEY_BYTES),
-            key=lambda pair: pair[1],
-        )[-MAX_DELETIONS:]
-    )
+    if deleted:  # (most answers delete nothing)
+        deleted = dict(
+            sorted(
+                (
+                    (k, at)
+                    for k, at in deleted.items()
+                    if len(k.encode("utf-8", "surrogatepass")) <= MAX_DELETED_KEY_BYTES
+                ),
+                key=lambda pair: pair[1],
+            )[-MAX_DELETIONS:]
+        )
     sizes = {key: _entry_bytes(key, entry) for key, entry in entries.items()}
     if sum(sizes.values()) > MAX_STATE_BYTES:
         kept, total = {}, 0

@@ -488,15 +488,15 @@ def read_event(
         event_id = event_id_for(doc, fallback_id)  # before anything else can fail: a rejection is kept by it
         if datastream_error is not None:
             raise InvalidEvent([{"path": "datastreamId", "message": datastream_error}])
-        inbound = build_inbound(
+        return build_inbound(
             doc,
             event_id=event_id,
             datastream_id=resolve_datastream(datastream, default_datastream, allowed_datastreams),
             source=source,
             received_at=received_at,
             identity_key=identity_key,
+            default_datastream=not datastream,
         )
-        return replace(inbound, default_datastream=True) if not datastream else inbound
     except InvalidEvent as exc:
         exc.event_id = event_id
         raise
@@ -544,8 +544,10 @@ def build_inbound(
     source: Source,
     received_at: float,
     identity_key: bytes | None = None,
+    default_datastream: bool = False,
 ) -> InboundEvent:
-    """Validate `doc` and return the event with `xdm._id` and `xdm.timestamp` filled in (stable across retries)."""
+    """Validate `doc` and return the event with `xdm._id` and `xdm.timestamp` filled in (stable across retries).
+    `default_datastream`: `InboundEvent.default_datastream`."""
     errors = validate_request(doc)
     if errors:
         raise InvalidEvent(errors)
@@ -566,4 +568,5 @@ def build_inbound(
         primary_identity=primary_identity(xdm),
         identity_key=identity_key,
         default_timestamp=default_timestamp,
+        default_datastream=default_datastream,
     )

@@ -632,8 +632,10 @@ class HandlesStore:
         stands, and the body goes under `<eventId>#invalid-<digest>-<random>`). An event still waiting there
         (`queued`, or `pending` with a lapsed lease) is told so (`invalidFiling`): the refused message may have been
         its own (a replay or a redelivery refused under a newer rule), and then nothing more is coming for it; if it
-        was another one, the event is delivered when its own message comes. Without a digest (an eventId reuse,
-        already filed under an id of its own) only a delivered or in-flight outcome stands."""
+        was another one, the event is delivered when its own message comes. Without a digest (an eventId reuse, filed
+        under `<eventId>#reused-<digest>`) it replaces only an earlier filing of the same reuse; a delivered or
+        in-flight item there stands (nothing is filed), anything else keeps its outcome and the reuse goes under
+        `<eventId>#reused-<digest>-<random>`."""
         extra = {"bodyDigest": body_digest} if body_digest else {}
         write = self.compose_result(event_id, {**fields, **extra, "status": "rejected", "rejectedBy": RELAY}, None)
         if body_digest:
@@ -654,9 +656,9 @@ class HandlesStore:
                 ":who": {"S": str(fields.get("identityId", ""))},
                 ":ds": {"S": str(fields.get("datastreamId", ""))},
             }
-        refused: dict[str, Any] = {}
 
-        def put(item: dict[str, Any], condition: str, values: dict[str, Any]) -> bool:
+        def put(item: dict[str, Any]) -> dict[str, Any] | None:
+            """Write `item` under the condition: None when written, else the item that stands there."""
             try:
                 self._call(
                     "put_item",
@@ -667,30 +669,30 @@ class HandlesStore:
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
             except ClientError as exc:
-                refused.update(exc.response.get("Item") or {})
-                return False
-            return True
+                return exc.response.get("Item") or {}
+            return None
 
-        if put(write.item, condition, values):
+        def put_beside(filed_as: str) -> ResultWrite:
+            """Under `filed_as` with a random suffix: a new id, nothing there to keep."""
+            beside = self.compose_result(f"{filed_as}-{uuid.uuid4().hex[:12]}", write.doc, None)
+            self._call("put_item", Item=beside.item)
+            return beside
+
+        standing = put(write.item)
+        if standing is None:
             return write.doc
         if not body_digest:
-            if refused.get("status", {}).get("S") in ("delivered", "pending"):
+            if standing.get("status", {}).get("S") in ("delivered", "pending"):
                 # Its filing was replayed and delivered (or is being sent): this redelivery is that event, whose
                 # outcome stands (or an event whose own eventId has that shape, delivered: nothing is filed over it).
                 return write.doc
-            filed_as = f"{event_id}-{uuid.uuid4().hex[:12]}"
-            write = self.compose_result(filed_as, write.doc, None)
-            self._call("put_item", Item=write.item)  # a new random id: nothing there to keep
-            return write.doc
-        filed_as = f"{event_id}#invalid-{body_digest}"
-        write = self.compose_result(filed_as, write.doc, None)
+            return put_beside(event_id).doc
+        write = self.compose_result(f"{event_id}#invalid-{body_digest}", write.doc, None)
         # Under the same condition: an event whose own eventId has that very shape (only ever on purpose: the digest
         # is of this body) keeps its outcome, and this body goes under an id of its own.
-        if not put(write.item, condition, values):
-            filed_as = f"{filed_as}-{uuid.uuid4().hex[:12]}"
-            write = self.compose_result(filed_as, write.doc, None)
-            self._call("put_item", Item=write.item)  # a new random id: nothing there to keep
-        self._note_invalid_filing(event_id, filed_as)
+        if put(write.item) is not None:
+            write = put_beside(write.event_id)
+        self._note_invalid_filing(event_id, write.event_id)
         return write.doc
 
     def _note_invalid_filing(self, event_id: str, filed_as: str) -> None:

@@ -286,6 +286,36 @@ def test_entry_past_its_max_age_is_not_sent_while_the_identity_entry_still_is(
     assert stored_ecid(stack, e3) == ecid
 
 
+def test_a_session_entry_is_sent_back_without_max_age_while_the_identity_is_active(
+    clean_stack: LocalStack, new_runtime: RuntimeFactory
+) -> None:
+    # GIVEN a known visitor whose answer carried an entry without maxAge (Adobe: "stored only for the current
+    # session"; its example sends `..._personalization_sessionId` back)
+    stack = clean_stack
+    crm, (e1, e2, e3, e4) = new_ids("session", 4)
+    clock = FakeClock(wall=T0)
+    runtime = new_runtime(clock)
+    via_sqs(stack, runtime, crm_event(crm, e1))
+    ecid = stored_ecid(stack, e1)
+    session_key = PREFIX + "_personalization_sessionId"
+    stack.sim.queue_state_entries(ecid, [{"key": session_key, "value": "0a88f43e-044b-41a6-a4f3-6c2848bbc672"}])
+    via_sqs(stack, runtime, crm_event(crm, e2))
+    stack.sim.clear_state_entries(ecid)
+
+    # WHEN the visitor's next events come 29 minutes apart, then one 31 minutes after the last
+    clock.advance(29 * 60)
+    via_sqs(stack, runtime, crm_event(crm, e3))
+    clock.advance(31 * 60)
+    via_sqs(stack, runtime, crm_event(crm, e4))
+
+    # THEN the session entry went back with the event 29 minutes on, without a maxAge (as the Web SDK sends a session
+    # cookie), and no longer once half an hour passed without an answer
+    assert {"key": session_key, "value": "0a88f43e-044b-41a6-a4f3-6c2848bbc672"} in sent_entries(request_of(stack, e3))
+    assert session_key not in sent_values(request_of(stack, e4))
+    assert IDENTITY_KEY in sent_values(request_of(stack, e4))
+    assert stored_ecid(stack, e4) == ecid
+
+
 def test_max_age_zero_entry_deletes_the_key(clean_stack: LocalStack, new_runtime: RuntimeFactory) -> None:
     # GIVEN a known visitor with a stored `custom_del` entry
     stack = clean_stack

@@ -13,6 +13,7 @@ from relay.identity_state import (
     MAX_HINT_TTL_S,
     MAX_LIFETIME_S,
     MAX_STATE_BYTES,
+    SESSION_ENTRY_S,
     IdentityState,
     StoredEntry,
     apply_handles,
@@ -122,7 +123,6 @@ def test_apply_handles_ignores_items_without_key_value_or_numeric_max_age():
     old = IdentityState(entries={"a": StoredEntry("1", NOW + 100, 100)})
     handles: list[Any] = [
         store_handle(
-            {"key": "a", "value": "changed"},  # no maxAge
             {"key": "b", "maxAge": 10},  # no value
             {"value": "v", "maxAge": 10},  # no key
             {"key": "c", "value": "v", "maxAge": "10"},  # maxAge not a number
@@ -138,6 +138,102 @@ def test_apply_handles_ignores_items_without_key_value_or_numeric_max_age():
 
     # THEN
     assert new.entries == {"a": StoredEntry("1", NOW + 100, 100)}
+
+
+# An entry without `maxAge` is a session entry (Adobe, "Client state management": "When missing, entries should be
+# stored only for the current session"; its example sends `..._personalization_sessionId` back).
+SESSION_KEY = "kndctr_5BFE274A5F6980A50A495C08_AdobeOrg_personalization_sessionId"
+
+
+def test_an_entry_without_max_age_is_kept_for_the_session_and_sent_back_without_one():
+    # GIVEN an answer with the identity entry and a session entry (no maxAge)
+    handles = [
+        store_handle(
+            {"key": IDENTITY_KEY, "value": IDENTITY_VALUE, "maxAge": 34128000},
+            {"key": SESSION_KEY, "value": "0a88f43e-044b-41a6-a4f3-6c2848bbc672"},
+        )
+    ]
+
+    # WHEN it is folded in, and the identity's next event is sent a minute later
+    state = apply_handles(IdentityState(), handles, NOW)
+    sent = outgoing_entries(state, [], NOW + 60)
+
+    # THEN the session entry goes back as the Web SDK sends a session cookie: without a maxAge
+    assert {"key": SESSION_KEY, "value": "0a88f43e-044b-41a6-a4f3-6c2848bbc672"} in sent
+    assert state.entries[SESSION_KEY] == StoredEntry(
+        "0a88f43e-044b-41a6-a4f3-6c2848bbc672", NOW + SESSION_ENTRY_S, int(SESSION_ENTRY_S), session=True
+    )
+    assert needs_write(IdentityState(), state, NOW) is True
+
+
+@pytest.mark.parametrize("given", [{}, {"maxAge": None}])
+def test_a_session_entry_replaces_the_entry_of_its_key(given):
+    # GIVEN a stored entry, then an answer that sets its key without a lifetime (absent, or null)
+    old = IdentityState(entries={"a": StoredEntry("1", NOW + 100, 100)})
+
+    # WHEN
+    new = apply_handles(old, [store_handle({"key": "a", "value": "changed", **given})], NOW)
+
+    # THEN
+    assert new.entries == {"a": StoredEntry("changed", NOW + SESSION_ENTRY_S, int(SESSION_ENTRY_S), session=True)}
+
+
+def test_a_session_lasts_while_the_identity_has_answers_and_ends_after_half_an_hour_without():
+    # GIVEN a session entry set at NOW
+    state = apply_handles(IdentityState(), [store_handle({"key": SESSION_KEY, "value": "s1"})], NOW)
+
+    # WHEN answers that do not carry it come 20 and 40 minutes later (Edge's session: its hint's 30 minutes)
+    for minutes in (20, 40):
+        hint = hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800})
+        state = apply_handles(state, [hint], NOW + minutes * 60)
+
+    # THEN it is still sent 29 minutes after the last one, and no longer 30 minutes after it
+    last = NOW + 40 * 60
+    assert [e["key"] for e in outgoing_entries(state, [], last + 29 * 60)] == [SESSION_KEY]
+    assert outgoing_entries(state, [], last + SESSION_ENTRY_S) == []
+    # and once lapsed, an answer does not bring it back
+    assert SESSION_KEY not in apply_handles(state, [], last + SESSION_ENTRY_S + 1).entries
+
+
+def test_a_session_extension_is_written_only_once_due_like_the_hint():
+    # GIVEN a stored session entry
+    old = apply_handles(IdentityState(), [store_handle({"key": SESSION_KEY, "value": "s1"})], NOW)
+
+    # WHEN answers without it come a minute later, then 181 s later (a tenth of 1800 s has passed)
+    soon, due = NOW + 60, NOW + 181
+
+    # THEN the first extension is not written, the second is
+    assert needs_write(old, apply_handles(old, [], soon), soon) is False
+    assert needs_write(old, apply_handles(old, [], due), due) is True
+
+
+def test_an_older_answer_merged_later_does_not_replace_a_newer_session_entry():
+    # GIVEN a session entry an answer at NOW + 10 set (another invocation's, written first)
+    stored = apply_handles(IdentityState(), [store_handle({"key": SESSION_KEY, "value": "newer"})], NOW + 10)
+
+    # WHEN an answer from NOW, with the value it replaced, is merged onto it after a write conflict
+    merged = apply_handles(stored, [store_handle({"key": SESSION_KEY, "value": "older"})], NOW)
+
+    # THEN the newer value stands, with its own expiry
+    assert merged.entries[SESSION_KEY] == stored.entries[SESSION_KEY]
+
+
+def test_a_session_entry_is_stored_and_read_back_as_one():
+    # GIVEN
+    state = apply_handles(IdentityState(), [store_handle({"key": SESSION_KEY, "value": "s1"})], NOW)
+
+    # WHEN
+    item = state_to_item(state)
+    back = state_from_item(json.loads(json.dumps(item)), 1)
+
+    # THEN
+    assert item["entries"][SESSION_KEY] == {
+        "value": "s1",
+        "expiresAt": NOW + SESSION_ENTRY_S,
+        "maxAge": int(SESSION_ENTRY_S),
+        "session": True,
+    }
+    assert back.entries == state.entries
 
 
 def test_apply_handles_replaces_an_entry_with_the_same_key_and_keeps_attrs():

@@ -1,7 +1,9 @@
 """Per-identity Edge state, kept the way Adobe's mobile SDKs keep it (reference §4-§5), as pure functions.
 
 `state:store` entries live until `receive time + maxAge`; `maxAge <= 0` deletes the key; a new entry with the same
-key replaces the old one. The `EdgeNetwork` location hint lives for `ttlSeconds` and is left alone by a response
+key replaces the old one. An entry without `maxAge` lives for the session (Adobe, "Client state management": "When
+missing, entries should be stored only for the current session"), SESSION_ENTRY_S after the identity's latest answer,
+where the mobile SDKs drop it. The `EdgeNetwork` location hint lives for `ttlSeconds` and is left alone by a response
 that carries none.
 """
 
@@ -22,6 +24,9 @@ MAX_LIFETIME_S = 5 * 365 * 86400  # above any Edge lifetime (the identity entry:
 MAX_HINT_TTL_S = 2 * 3600  # four times Edge's 30 minutes: a wrong hint cannot stick for long
 MAX_ENTRY_BYTES = 4096  # key, value and attrs of one entry: what a browser keeps of one cookie (Web SDK state)
 MAX_STATE_BYTES = 16 * 1024  # all entries: sent back inside Edge's 64 KB request, stored inside one small item
+# How long an entry Edge gave without `maxAge` (a session entry, such as `..._personalization_sessionId`) is kept after
+# the identity's latest answer: Edge's session, the 30 minutes its location hint lives and every answer extends.
+SESSION_ENTRY_S = 1800.0
 # The Web SDK's routing cookie, `kndctr_<org id, "@" as "_">_cluster`, which Edge also sets as a `state:store` entry.
 CLUSTER_KEY = re.compile(r"kndctr_[A-Za-z0-9_]+_AdobeOrg_cluster")
 # What Edge issues ("or2", "va6", "irl1"): a caller's cluster value must look like one to route a call.
@@ -84,6 +89,9 @@ class StoredEntry:
     expires_at: float
     max_age: int
     attrs: dict[str, Any] | None = None
+    # Given without `maxAge`: kept for the session (SESSION_ENTRY_S, extended by every answer for the identity) and sent
+    # back without one, as the Web SDK sends a session cookie
+    session: bool = False
 
 
 STATE_FORMAT = 1  # the state item's `stateFormat`: a later version that changes the item's format raises it
@@ -170,7 +178,7 @@ def outgoing_entries(state: IdentityState, caller_entries: list[dict[str, Any]],
     winning by key."""
     caller_keys = {e["key"] for e in caller_entries}
     stored = [
-        {"key": key, "value": entry.value, "maxAge": max(int(entry.expires_at - now), 1)}
+        {"key": key, "value": entry.value} | ({} if entry.session else {"maxAge": max(int(entry.expires_at - now), 1)})
         for key, entry in sorted(state.sendable_entries(now).items())
         if key not in caller_keys
     ]
@@ -213,7 +221,8 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
             for item in payload:
                 if not (isinstance(item, dict) and isinstance(item.get("key"), str)):
                     continue
-                max_age = _lifetime(item.get("maxAge"))
+                session = item.get("maxAge") is None  # absent (or null): kept for the session
+                max_age = SESSION_ENTRY_S if session else _lifetime(item.get("maxAge"))
                 stored = entries.get(item["key"])
                 if max_age is None or (stored is not None and _set_after(stored.expires_at, stored.max_age, now)):
                     continue
@@ -228,7 +237,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if not isinstance(item.get("value"), str):
                     continue
                 attrs = item.get("attrs") if isinstance(item.get("attrs"), dict) else None
-                entry = StoredEntry(item["value"], now + max_age, int(max_age), attrs or None)
+                entry = StoredEntry(item["value"], now + max_age, int(max_age), attrs or None, session)
                 if _entry_bytes(item["key"], entry) <= MAX_ENTRY_BYTES:
                     entries[item["key"]] = entry
                     deleted.pop(item["key"], None)
@@ -246,6 +255,11 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                         hint, hint_expires_at = item["hint"], now + hint_ttl
                     hint_seen = True
                     break
+    for key, entry in entries.items():
+        if (
+            entry.session and entry.expires_at < now + SESSION_ENTRY_S
+        ):  # the session goes on: an answer for the identity
+            entries[key] = replace(entry, expires_at=now + SESSION_ENTRY_S)
     if hint and hint_expires_at + _unwritten_extension(hint_ttl) <= now:
         hint, hint_expires_at, hint_ttl = None, 0.0, 0.0
     if deleted:  # (most answers delete nothing)
@@ -292,7 +306,7 @@ def needs_write(old: IdentityState, new: IdentityState, now: float) -> bool:
         return True
     for key, entry in new.entries.items():
         before = old_sent[key]
-        if (before.value, before.attrs) != (entry.value, entry.attrs):
+        if (before.value, before.attrs, before.session) != (entry.value, entry.attrs, entry.session):
             return True
         if before.max_age != entry.max_age and CLUSTER_KEY.fullmatch(key):
             return True  # its lifetime sets its grace (`_sent_until`): the stored one must be Edge's
@@ -310,6 +324,7 @@ def state_to_item(state: IdentityState) -> dict[str, Any]:
             "entries": {
                 k: {"value": e.value, "expiresAt": _seconds(e.expires_at), "maxAge": e.max_age}
                 | ({"attrs": e.attrs} if e.attrs else {})
+                | ({"session": True} if e.session else {})
                 for k, e in sorted(state.entries.items())
             },
             "hint": state.hint,
@@ -330,7 +345,13 @@ def _seconds(value: float) -> int | float:
 
 def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
     entries = {
-        k: StoredEntry(str(v["value"]), float(v["expiresAt"]), int(v.get("maxAge", 0)), v.get("attrs") or None)
+        k: StoredEntry(
+            str(v["value"]),
+            float(v["expiresAt"]),
+            int(v.get("maxAge", 0)),
+            v.get("attrs") or None,
+            v.get("session") is True,
+        )
         for k, v in (doc.get("entries") or {}).items()
         if isinstance(v, dict) and "value" in v and "expiresAt" in v
     }

@@ -172,6 +172,18 @@ def _find(ddb: Any, table: str, given: str) -> tuple[str, dict[str, Any] | None]
 
 
 _CONDITION_FAILED = "ConditionalCheckFailedException"
+# The id under which the relay files a refused body beside another outcome (`store.reject_unclaimed`)
+_INVALID_FILING = re.compile(r"#invalid-[0-9a-f]{16}(?:-[0-9a-f]{12})?$")
+
+
+def _epoch_ms_of(stamp: Any) -> int | None:
+    """Milliseconds since the epoch of a stored ISO-8601 time (`receivedAt`), or None when there is none to read."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return round(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
 
 
 def _aws_code(exc: ClientError | BotoCoreError) -> str:
@@ -397,7 +409,9 @@ def _refused_for_its_datastream(doc: dict[str, Any]) -> bool:
             isinstance(e, dict) and e.get("path") == "datastreamId" and e.get("message") == DEFAULT_NOT_ALLOWED
             for e in errors
         )
-        and "#" not in str(doc.get("eventId", "#"))  # not filed beside another outcome (`#invalid-`, `#reused-`)
+        # not a body filed beside another outcome (`<eventId>#invalid-<digest>`); a sender's own "ORDER#1001" is one
+        and isinstance(doc.get("eventId"), str)
+        and _INVALID_FILING.search(doc["eventId"]) is None
     )
 
 
@@ -506,6 +520,11 @@ def replay_event(
     }
     if datastream or doc.get("datastreamId"):
         attrs["datastreamId"] = {"DataType": "String", "StringValue": str(datastream or doc["datastreamId"])}
+    received = _epoch_ms_of(doc.get("receivedAt"))
+    if received is not None:
+        # A body the relay refused was kept as received, without the `xdm.timestamp` it gave one that had none: the
+        # relay sends it with its first receive time, as a retry or a redrive is, not the replay's (contract §2).
+        attrs[RELAY_SENT_TIMESTAMP] = {"DataType": "Number", "StringValue": str(received)}
     try:
         sqs.send_message(QueueUrl=queue_url, MessageBody=body, MessageAttributes=attrs)
     except (ClientError, BotoCoreError) as exc:

@@ -106,7 +106,7 @@ class RecordingServer(LoopbackService):
 
 def edge_client(base_url: str) -> EdgeClient:
     env = {
-        "HANDLES_TABLE": "t",
+        "HANDLES_TABLE": "handles",
         "DATASTREAM_ID": "ds-1",
         "EDGE_AUTH": "none",
         "EDGE_BASE_URL": EDGE_HOST,

@@ -7,6 +7,7 @@ import json
 import os
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -221,8 +222,11 @@ def test_events_refused_for_a_mistyped_allow_list_are_replayed_once_it_is_fixed(
     # GIVEN a deployment whose ALLOWED_DATASTREAM_IDS had a typo, leaving out the default datastream: the relay refused
     # every event that named none (400, stored rejected by the relay itself, final)
     typo = {**os.environ, "ALLOWED_DATASTREAM_IDS": "ds-locl"}
-    event_id, elsewhere = f"evt-{uuid.uuid4()}", f"evt-{uuid.uuid4()}"
+    # (one event's own id holds a "#", as a sender's "ORDER#1001" may: it is not one of the relay's filings)
+    event_id, elsewhere, hashed = f"evt-{uuid.uuid4()}", f"evt-{uuid.uuid4()}", f"ORDER#{uuid.uuid4()}"
+    sent_at = time.time()
     send(stack, interact_event(event_id))
+    send(stack, interact_event(hashed))
     # (and one that named a datastream the list leaves out, perhaps on purpose: its own fault, not the list's)
     stack.sqs.send_message(
         QueueUrl=stack.resources.queue_url,
@@ -235,27 +239,35 @@ def test_events_refused_for_a_mistyped_allow_list_are_replayed_once_it_is_fixed(
     assert (refused["status"], refused["rejectedBy"]) == ("rejected", "relay")
     assert [e["path"] for e in refused["error"]["errors"]] == ["datastreamId"]
     # (what pages the operator: each refusal is a 1 in the metric RelayRefusedRateAlarm averages)
-    assert metric_values(capsys.readouterr().out, "RefusedByRelay") == [1.0, 1.0]
+    assert metric_values(capsys.readouterr().out, "RefusedByRelay") == [1.0, 1.0, 1.0]
 
     # WHEN the operator replays the relay's refusals as they are, THEN they are skipped: the same message would be
     # refused again
     code, out = run(capsys, "replay", event_id)
     assert code == 1 and out.startswith(f"{event_id}: skipped: the relay refused it itself")
 
-    # WHEN, the list fixed, the operator replays them to the datastream they should have gone to (they are filed
-    # under the default datastream)
+    # WHEN, the list fixed (a while later), the operator replays them to the datastream they should have gone to (they
+    # are filed under the default datastream)
+    time.sleep(2)
     code, out = run(
         capsys, "replay", "--all-rejected", "--from-datastream", DATASTREAM_ID, "--to-datastream", DATASTREAM_ID
     )
 
     # THEN they are queued, and the relay delivers them there; the one that named another datastream is left alone
-    assert (code, out) == (0, f"{event_id}: queued\n")
+    assert (code, sorted(out.splitlines())) == (0, sorted([f"{event_id}: queued", f"{hashed}: queued"]))
     assert stack.result(elsewhere)["status"] == "rejected"
     poller(stack).drain(timeout=20, raise_on_timeout=True)
-    delivered = stack.result(event_id)
-    assert (delivered["status"], delivered["datastreamId"]) == ("delivered", DATASTREAM_ID)
-    assert [c["query"]["datastreamId"] for c in edge_requests(stack, event_id)] == [DATASTREAM_ID]
-    assert metric_values(capsys.readouterr().out, "RefusedByRelay") == [0.0]  # delivered: the share falls
+    for eid in (event_id, hashed):
+        delivered = stack.result(eid)
+        assert (delivered["status"], delivered["datastreamId"]) == ("delivered", DATASTREAM_ID)
+        [call] = edge_requests(stack, eid)
+        assert call["query"]["datastreamId"] == DATASTREAM_ID
+        # with the time the relay first received it, as any retry of an event that gave none (contract §2), not the
+        # replay's
+        xdm_time = datetime.fromisoformat(call["body"]["event"]["xdm"]["timestamp"]).timestamp()
+        assert sent_at - 1 <= xdm_time <= sent_at + 1, (xdm_time, sent_at)
+    shares = metric_values(capsys.readouterr().out, "RefusedByRelay")
+    assert shares and set(shares) == {0.0}  # delivered: the share falls
 
 
 def test_show_unknown_event_says_unknown(ctl_env: LocalStack, capsys) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -102,6 +103,8 @@ def timeless(item: dict[str, Any] | None) -> dict[str, Any]:
     assert len(stored) == 24 and stored.endswith("Z"), stored
     assert abs(out.pop("expiresAt") - (time.time() + THIRTY_DAYS)) < 120
     out.pop("updatedAt", None)  # written by the claim
+    received = out.pop("receivedAt", None)  # on a body the relay refused: when it came (its message's SentTimestamp)
+    assert received is None or abs(datetime.fromisoformat(received).timestamp() - time.time()) < 120, received
     return out
 
 

@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -447,6 +448,7 @@ def test_body_that_is_not_an_event_is_answered_400_with_field_paths(
     event_id = headers["webhook-id"]
 
     # WHEN it is posted
+    posted_at = time.time()
     resp = post(gateway, body, headers)
 
     # THEN 400 naming every failing field, no Edge call, stored rejected with the body as received
@@ -471,6 +473,9 @@ def test_body_that_is_not_an_event_is_answered_400_with_field_paths(
         {"type": INVALID_EVENT_TYPE, "title": "Invalid event", "status": 400, "errors": errors},
         body,
     )
+    # with when it came (a replay of a refused body that gave no `xdm.timestamp` is sent with that time)
+    received = datetime.fromisoformat(item["receivedAt"]).timestamp()
+    assert posted_at - 1 <= received <= time.time(), (received, posted_at)
 
 
 def test_a_body_with_a_key_twice_is_answered_400_naming_it_and_kept_under_its_id(

@@ -40,7 +40,7 @@ from tests.unit.test_security_properties import SECRETS, check_answer, harness, 
 
 EDGE_HOST = "https://edge.adobedc.net"  # EDGE_AUTH=none takes the unauthenticated host (never called here)
 ENV = {
-    "HANDLES_TABLE": "t",
+    "HANDLES_TABLE": "handles",
     "DATASTREAM_ID": "ds-1",
     "EDGE_AUTH": "none",
     "EDGE_BASE_URL": EDGE_HOST,

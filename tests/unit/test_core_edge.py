@@ -57,7 +57,7 @@ OK_BODY = {"requestId": "edge-req-1", "handle": [{"type": "identity:result", "pa
 
 def settings(**overrides: str) -> Settings:
     env = {
-        "HANDLES_TABLE": "t",
+        "HANDLES_TABLE": "handles",
         "DATASTREAM_ID": DATASTREAM,
         "EDGE_AUTH": "none",
         "WEBHOOK_AUTH": "none",

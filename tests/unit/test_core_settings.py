@@ -158,6 +158,25 @@ def test_load_settings_rejects_a_malformed_datastream_id(datastream: str) -> Non
     assert problems_of(env) == {"DATASTREAM_ID": "must be a datastream id (letters, digits, '-', '_', ':', '.')"}
 
 
+@pytest.mark.parametrize("table", ["my table!", "ab", "x" * 256, "arn:aws:dynamodb:eu-west-1:123456789012:table/a b"])
+def test_a_table_name_dynamodb_would_refuse_is_a_configuration_error(table: str) -> None:
+    # GIVEN a HANDLES_TABLE that is neither a table name nor a table ARN: every claim would fail, every webhook be
+    # answered 202 (queued) and every queued event end in the dead-letter queue
+    env = {**MINIMAL, "HANDLES_TABLE": table}
+
+    # WHEN / THEN the invocation fails naming it, as for any other bad variable (contract §3)
+    assert problems_of(env) == {
+        "HANDLES_TABLE": "must be a DynamoDB table name (3-255 of letters, digits, '_', '-', '.') or a table ARN"
+    }
+
+
+@pytest.mark.parametrize(
+    "table", ["relay-handles", "Relay_Handles.v2", "arn:aws:dynamodb:eu-west-1:123456789012:table/relay-handles"]
+)
+def test_a_table_name_or_arn_is_taken(table: str) -> None:
+    assert load_settings({**MINIMAL, "HANDLES_TABLE": table}).handles_table == table
+
+
 def test_allowed_datastream_ids_are_read_as_a_set_and_empty_means_any() -> None:
     assert load_settings(MINIMAL).allowed_datastream_ids == frozenset()
     listed = load_settings({**MINIMAL, "ALLOWED_DATASTREAM_IDS": " ds-a, ds:b.1 ,,ds-a"})

@@ -630,7 +630,7 @@ def prepared(monkeypatch: pytest.MonkeyPatch, record: dict[str, Any]) -> tuple[s
 
     settings = load_settings(
         {
-            "HANDLES_TABLE": "t",
+            "HANDLES_TABLE": "handles",
             "DATASTREAM_ID": "ds-1",
             "EDGE_AUTH": "none",
             "EDGE_BASE_URL": EDGE_HOST,

@@ -242,7 +242,7 @@ def test_every_answer_is_the_one_openapi_describes(name: str, spec: dict[str, An
     event, claim, edge_script, queue_takes_it, expected = SCENARIOS[name]
     settings = load_settings(
         {
-            "HANDLES_TABLE": "t",
+            "HANDLES_TABLE": "handles",
             "DATASTREAM_ID": "ds-1",
             "EDGE_AUTH": "none",
             "EDGE_BASE_URL": "https://edge.adobedc.net",

@@ -743,7 +743,7 @@ def test_dashboard_shows_every_alarm(template: dict[str, Any]) -> None:
     assert shown == {f"SUB_{name}.Arn" for name in alarms}
 
 
-ENV = {"HANDLES_TABLE": "t", "DATASTREAM_ID": "ds-1", "ADOBE_SECRET_ID": "a", "WEBHOOK_SECRET_ID": "w"}
+ENV = {"HANDLES_TABLE": "handles", "DATASTREAM_ID": "ds-1", "ADOBE_SECRET_ID": "a", "WEBHOOK_SECRET_ID": "w"}
 
 
 def starts(variables: dict[str, str]) -> bool:

@@ -284,7 +284,9 @@ class BatchRunner:
             eid, error = exc.event_id or fallback_id, exc  # `exc` is unbound after the except block
 
             def reject(carry: Carry, _: StateSource | None, __: Claim | None) -> Done:
-                self._relay.reject_invalid(eid, datastream_id=ds, source=source, error=error, raw=raw)
+                self._relay.reject_invalid(
+                    eid, datastream_id=ds, source=source, error=error, raw=raw, received_at=received_at
+                )
                 return Done(True, carry)
 
             return _Item(message_id, eid, f"invalid:{message_id}", reject, receive_count, invalid=True)

@@ -37,7 +37,7 @@ from relay.integrations.store import (
     ResultWrite,
     queue_send_pending,
 )
-from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list
+from relay.models import MAX_BODY_BYTES, InboundEvent, as_dict, as_list, iso_millis
 from relay.observability import count, logger
 
 INVALID_EVENT_TYPE = "https://github.com/interact-relay/errors/invalid-event"
@@ -167,11 +167,13 @@ class Relay:
         source: str,
         error: InvalidEvent,
         raw: str | None,
+        received_at: float | None = None,
     ) -> dict[str, Any]:
-        """Store a body that is not a valid event as `rejected`, with its field errors and the body as received, and
-        return it as stored. Under its eventId, unless that holds another outcome: then under
-        `<eventId>#invalid-<digest>` (the stored `eventId` says which). Counted once stored: a rejection that could not
-        be written is retried, and would be counted again."""
+        """Store a body that is not a valid event as `rejected`, with its field errors, the body as received and when
+        (`receivedAt`: the `xdm.timestamp` a replay of a body that gave none is sent with), and return it as stored.
+        Under its eventId, unless that holds another outcome: then under `<eventId>#invalid-<digest>` (the stored
+        `eventId` says which). Counted once stored: a rejection that could not be written is retried, and would be
+        counted again."""
         digest = hashlib.sha256(f"{datastream_id}\x1f{raw or ''}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
         stored = self.store.reject_unclaimed(
             event_id,
@@ -180,7 +182,8 @@ class Relay:
                 "source": source,
                 "error": invalid_problem(error),
                 "request": raw,
-            },
+            }
+            | ({"receivedAt": iso_millis(received_at)} if received_at is not None else {}),
             body_digest=digest,
         )
         count("Rejected")

@@ -15,6 +15,8 @@ _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # A datastream id, as a query parameter, an SQS attribute or DATASTREAM_ID. Used with fullmatch (`^...$` would let a
 # final "\n" through).
 DATASTREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}")
+# What DynamoDB takes as `TableName`: a table name, or a table ARN
+TABLE_RE = re.compile(r"[A-Za-z0-9_.-]{3,255}|arn:aws[a-z-]*:dynamodb:[a-z0-9-]+:[0-9]{12}:table/[A-Za-z0-9_.-]{3,255}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -109,6 +111,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         return value
 
     table = required("HANDLES_TABLE")
+    if table and not TABLE_RE.fullmatch(table):
+        # DynamoDB would refuse every call: the webhook would queue every event (202) and the batch dead-letter them.
+        problems["HANDLES_TABLE"] = (
+            "must be a DynamoDB table name (3-255 of letters, digits, '_', '-', '.') or a table ARN"
+        )
     datastream = required("DATASTREAM_ID")
     if datastream and not DATASTREAM_ID_RE.fullmatch(datastream):
         problems["DATASTREAM_ID"] = "must be a datastream id (letters, digits, '-', '_', ':', '.')"

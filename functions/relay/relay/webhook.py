@@ -336,7 +336,7 @@ class WebhookApp:
             datastream = datastream_for_rejection(
                 named, self._settings.datastream_id, self._settings.allowed_datastream_ids
             )
-            return self._refuse(error, error.event_id or event_id, datastream, raw_text)
+            return self._refuse(error, error.event_id or event_id, datastream, raw_text, received_at)
         if key_error is not None and inbound.primary_identity:
             # Its identity cannot be keyed, so its state can be neither found nor kept: queued as when Edge is down
             # (202), for a batch to deliver once the key can be read (or the dead-letter queue, whose alarm pages).
@@ -367,16 +367,18 @@ class WebhookApp:
                     "sends to (ALLOWED_DATASTREAM_IDS)"
                 )
                 refusal = InvalidEvent([{"path": "datastreamId", "message": message}], detail=DATASTREAM_DETAIL)
-                return self._refuse(refusal, event_id, first, raw_text)
+                return self._refuse(refusal, event_id, first, raw_text, received_at)
             inbound = replace(inbound, datastream_id=first)
             result = self._relay.process(inbound, deadline, lease_s=lease_s, to_queue=True)
         return self._answer(result, inbound)
 
-    def _refuse(self, error: InvalidEvent, event_id: str, datastream: str, raw_text: str) -> Response:
+    def _refuse(
+        self, error: InvalidEvent, event_id: str, datastream: str, raw_text: str, received_at: float
+    ) -> Response:
         """Keep the refusal of a body the relay will not send (filed under `datastream`) and answer it."""
         try:
             stored = self._relay.reject_invalid(
-                event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text
+                event_id, datastream_id=datastream, source="webhook", error=error, raw=raw_text, received_at=received_at
             )
         except StoreUnavailable:
             # A 400 would be final for the sender and nothing would be kept: make it retry instead.

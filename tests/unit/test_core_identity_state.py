@@ -161,7 +161,7 @@ def test_an_entry_without_max_age_is_kept_for_the_session_and_sent_back_without_
     # THEN the session entry goes back as the Web SDK sends a session cookie: without a maxAge
     assert {"key": SESSION_KEY, "value": "0a88f43e-044b-41a6-a4f3-6c2848bbc672"} in sent
     assert state.entries[SESSION_KEY] == StoredEntry(
-        "0a88f43e-044b-41a6-a4f3-6c2848bbc672", NOW + SESSION_ENTRY_S, int(SESSION_ENTRY_S), session=True
+        "0a88f43e-044b-41a6-a4f3-6c2848bbc672", NOW + SESSION_ENTRY_S, int(SESSION_ENTRY_S), session=True, set_at=NOW
     )
     assert needs_write(IdentityState(), state, NOW) is True
 
@@ -175,7 +175,8 @@ def test_a_session_entry_replaces_the_entry_of_its_key(given):
     new = apply_handles(old, [store_handle({"key": "a", "value": "changed", **given})], NOW)
 
     # THEN
-    assert new.entries == {"a": StoredEntry("changed", NOW + SESSION_ENTRY_S, int(SESSION_ENTRY_S), session=True)}
+    session = StoredEntry("changed", NOW + SESSION_ENTRY_S, int(SESSION_ENTRY_S), session=True, set_at=NOW)
+    assert new.entries == {"a": session}
 
 
 def test_a_session_lasts_while_the_identity_has_answers_and_ends_after_half_an_hour_without():
@@ -218,6 +219,22 @@ def test_an_older_answer_merged_later_does_not_replace_a_newer_session_entry():
     assert merged.entries[SESSION_KEY] == stored.entries[SESSION_KEY]
 
 
+def test_an_older_answer_that_set_a_session_entry_after_it_was_set_wins_over_a_later_answer_that_only_went_on():
+    # GIVEN a session entry set at NOW, its session extended by an answer at NOW + 20 that did not carry it
+    stored = apply_handles(IdentityState(), [store_handle({"key": SESSION_KEY, "value": "v1"})], NOW)
+    stored = apply_handles(stored, [], NOW + 20)
+
+    # WHEN an answer from NOW + 10 that gave it a new value is merged onto it after a write conflict
+    merged = apply_handles(stored, [store_handle({"key": SESSION_KEY, "value": "v2"})], NOW + 10)
+
+    # THEN that value is the latest Edge gave, and stands; the session still runs from NOW + 20
+    assert merged.entries[SESSION_KEY].value == "v2"
+    assert merged.entries[SESSION_KEY].expires_at == NOW + 20 + SESSION_ENTRY_S
+    # and it is kept as such: read back, an answer older than NOW + 10 does not replace it
+    back = state_from_item(json.loads(json.dumps(state_to_item(merged))), 1)
+    assert apply_handles(back, [store_handle({"key": SESSION_KEY, "value": "v0"})], NOW + 5).entries == back.entries
+
+
 def test_a_session_entry_is_stored_and_read_back_as_one():
     # GIVEN
     state = apply_handles(IdentityState(), [store_handle({"key": SESSION_KEY, "value": "s1"})], NOW)
@@ -232,6 +249,7 @@ def test_a_session_entry_is_stored_and_read_back_as_one():
         "expiresAt": NOW + SESSION_ENTRY_S,
         "maxAge": int(SESSION_ENTRY_S),
         "session": True,
+        "setAt": NOW,
     }
     assert back.entries == state.entries
 

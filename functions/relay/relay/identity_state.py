@@ -90,8 +90,16 @@ class StoredEntry:
     max_age: int
     attrs: dict[str, Any] | None = None
     # Given without `maxAge`: kept for the session (SESSION_ENTRY_S, extended by every answer for the identity) and sent
-    # back without one, as the Web SDK sends a session cookie
+    # back without one, as the Web SDK sends a session cookie. Its expiry then says when the session ends, not when
+    # Edge gave the value: that is `set_at` (what an older answer merged after a write conflict is compared with).
     session: bool = False
+    set_at: float = 0.0
+
+    def set_after(self, now: float) -> bool:
+        """Whether an answer later than one at `now` set it (`_set_after`)."""
+        if self.session:
+            return self.set_at > now + SET_AT_TOLERANCE_S
+        return _set_after(self.expires_at, self.max_age, now)
 
 
 STATE_FORMAT = 1  # the state item's `stateFormat`: a later version that changes the item's format raises it
@@ -224,7 +232,7 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 session = item.get("maxAge") is None  # absent (or null): kept for the session
                 max_age = SESSION_ENTRY_S if session else _lifetime(item.get("maxAge"))
                 stored = entries.get(item["key"])
-                if max_age is None or (stored is not None and _set_after(stored.expires_at, stored.max_age, now)):
+                if max_age is None or (stored is not None and stored.set_after(now)):
                     continue
                 if deleted.get(item["key"], -math.inf) > now + SET_AT_TOLERANCE_S:
                     continue  # a later answer deleted it
@@ -237,7 +245,12 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                 if not isinstance(item.get("value"), str):
                     continue
                 attrs = item.get("attrs") if isinstance(item.get("attrs"), dict) else None
-                entry = StoredEntry(item["value"], now + max_age, int(max_age), attrs or None, session)
+                expires_at = now + max_age
+                if session and stored is not None and stored.session:
+                    expires_at = max(expires_at, stored.expires_at)  # a later answer's session goes on
+                entry = StoredEntry(
+                    item["value"], expires_at, int(max_age), attrs or None, session, now if session else 0.0
+                )
                 if _entry_bytes(item["key"], entry) <= MAX_ENTRY_BYTES:
                     entries[item["key"]] = entry
                     deleted.pop(item["key"], None)
@@ -324,7 +337,7 @@ def state_to_item(state: IdentityState) -> dict[str, Any]:
             "entries": {
                 k: {"value": e.value, "expiresAt": _seconds(e.expires_at), "maxAge": e.max_age}
                 | ({"attrs": e.attrs} if e.attrs else {})
-                | ({"session": True} if e.session else {})
+                | ({"session": True, "setAt": _seconds(e.set_at)} if e.session else {})
                 for k, e in sorted(state.entries.items())
             },
             "hint": state.hint,
@@ -333,6 +346,14 @@ def state_to_item(state: IdentityState) -> dict[str, Any]:
         | ({"hintTtl": _seconds(state.hint_ttl)} if state.hint and state.hint_ttl else {})
         | ({"deleted": {k: _seconds(t) for k, t in sorted(state.deleted.items())}} if state.deleted else {})
     )
+
+
+def _entry_from_item(v: dict[str, Any]) -> StoredEntry:
+    expires_at, max_age, session = float(v["expiresAt"]), int(v.get("maxAge", 0)), v.get("session") is True
+    set_at = v.get("setAt")
+    if not (isinstance(set_at, int | float) and not isinstance(set_at, bool) and math.isfinite(set_at)):
+        set_at = expires_at - max_age if session else 0.0  # (a session entry's was not written: the latest it can be)
+    return StoredEntry(str(v["value"]), expires_at, max_age, v.get("attrs") or None, session, float(set_at))
 
 
 def _seconds(value: float) -> int | float:
@@ -345,13 +366,7 @@ def _seconds(value: float) -> int | float:
 
 def state_from_item(doc: dict[str, Any], version: int) -> IdentityState:
     entries = {
-        k: StoredEntry(
-            str(v["value"]),
-            float(v["expiresAt"]),
-            int(v.get("maxAge", 0)),
-            v.get("attrs") or None,
-            v.get("session") is True,
-        )
+        k: _entry_from_item(v)
         for k, v in (doc.get("entries") or {}).items()
         if isinstance(v, dict) and "value" in v and "expiresAt" in v
     }

@@ -442,8 +442,19 @@ def test_event_id_for_bounds_a_long_fallback_without_merging_two_ids():
 def test_resolve_datastream_default_and_override():
     # WHEN / THEN
     assert resolve_datastream(None, "ds-default") == "ds-default"
-    assert resolve_datastream("", "ds-default") == "ds-default"
     assert resolve_datastream("ds:other.1", "ds-default") == "ds:other.1"
+
+
+def test_an_empty_datastream_is_refused_not_taken_for_absent() -> None:
+    # GIVEN `?datastreamId=` with nothing after it (a sender's unset template variable, say): taken for absent, the
+    # event would go to the default datastream, which may be another sandbox (as for a misspelled name)
+    with pytest.raises(InvalidEvent) as info:
+        resolve_datastream("", "ds-default")
+
+    # THEN it is refused naming the field
+    assert info.value.errors == [
+        {"path": "datastreamId", "message": "is empty: name a datastream, or leave the parameter out for the default"}
+    ]
 
 
 def test_resolve_datastream_keeps_to_the_allowed_ones_when_they_are_listed() -> None:

@@ -213,7 +213,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], Any, tuple[Any, ...], bool, int]] = {
         True,
         200,
     ),
-    "empty-datastream-query": (http_event(BODY, query="datastreamId="), None, (ANSWERED,), True, 200),
+    "empty-datastream-query": (http_event(BODY, query="datastreamId="), None, (), True, 400),
     "edge-unavailable": (http_event(BODY), None, (EdgeUnavailable("edge answered 503", retry_after=5),), True, 202),
     "store-unavailable-at-the-claim": (http_event(BODY), StoreUnavailable("dynamodb failed"), (), True, 202),
     "not-json": (http_event(b"not json"), None, (), True, 400),

@@ -415,7 +415,11 @@ def resolve_datastream(candidate: str | None, default: str, allowed: frozenset[s
     """The datastream an event goes to: the one its request named, else `default`. `allowed` (ALLOWED_DATASTREAM_IDS),
     when not empty, is every datastream an event may go to, the default included only if listed: otherwise a replayed
     webhook could reach the default by leaving out the `?datastreamId=` its sender signed the body for."""
-    if candidate is None or candidate == "":
+    if candidate == "":
+        # `?datastreamId=` with nothing after it (a sender's unset template variable): taken for absent, the event
+        # would go to the default datastream, which may be another sandbox (as for a misspelled name)
+        raise _bad_datastream("is empty: name a datastream, or leave the parameter out for the default")
+    if candidate is None:
         if allowed and default not in allowed:
             raise _bad_datastream(DEFAULT_NOT_ALLOWED)
         return default

@@ -427,7 +427,7 @@ def test_body_over_64_kib_is_answered_413_and_stored_rejected(
             ),
             [
                 {"path": "event.xdm._id", "message": "must be a string of 1-256 characters"},
-                {"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"},
+                {"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"},
                 {"path": "event.xdm.identityMap.ECID[0].id", "message": "is required and must be a non-empty string"},
                 {"path": "event.xdm.identityMap.ECID[0].primary", "message": "must be a boolean"},
                 {"path": "event.xdm.identityMap.Email", "message": "must be an array of identities"},

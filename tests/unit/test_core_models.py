@@ -264,7 +264,15 @@ def test_validate_request_accepts_a_full_request():
         ),
         (
             {"event": {"xdm": {"timestamp": 1700000000}}},
-            [{"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"}],
+            [{"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"}],
+        ),
+        # a string, but not a time: it said "ISO-8601" and sent it to Edge as it was
+        *(
+            (
+                {"event": {"xdm": {"timestamp": bad}}},
+                [{"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"}],
+            )
+            for bad in ("yesterday", "", "1700000000", "2026-01-01", "2026-13-01T00:00:00Z", "2026-01-01T25:00:00Z")
         ),
         ({"event": {"xdm": {}, "data": []}}, [{"path": "event.data", "message": "must be an object, not array"}]),
         ({"event": {"xdm": {}}, "query": "x"}, [{"path": "query", "message": "must be an object, not string"}]),
@@ -401,7 +409,7 @@ def test_validate_request_collects_errors_from_several_places():
 
     # WHEN / THEN
     assert validate_request(doc) == [
-        {"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"},
+        {"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"},
         {"path": "event.data", "message": "must be an object, not number"},
         {"path": "query", "message": "must be an object, not array"},
         {"path": "meta.state.entries", "message": "must be an array"},
@@ -443,6 +451,21 @@ def test_resolve_datastream_default_and_override():
     # WHEN / THEN
     assert resolve_datastream(None, "ds-default") == "ds-default"
     assert resolve_datastream("ds:other.1", "ds-default") == "ds:other.1"
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-01-01T00:05:00.000Z",
+        "2026-01-01T00:05:00Z",
+        "2026-01-01T00:05:00.123456+02:00",
+        "2026-01-01T00:05:00-0500",
+        "2026-01-01T00:05:00",
+        "2026-01-01t00:05:00z",
+    ],
+)
+def test_an_iso_8601_date_time_is_taken_as_given(stamp: str) -> None:
+    assert validate_request({"event": {"xdm": {"timestamp": stamp}}}) == []
 
 
 def test_an_empty_datastream_is_refused_not_taken_for_absent() -> None:

@@ -129,6 +129,21 @@ def _envelope(doc: dict[str, Any]) -> str | None:
     return _EVENTBRIDGE_MESSAGE if _EVENTBRIDGE_MEMBERS <= doc.keys() else None
 
 
+def _date_time(value: Any) -> bool:
+    """Whether `value` is an ISO-8601 date and time (XDM's `timestamp`), with or without an offset: not a date alone,
+    a number in a string, or a word, which would only reach Edge to be refused there."""
+    if not isinstance(value, str) or not _DATE_TIME.match(value):
+        return False
+    try:
+        datetime.fromisoformat(value[:-1] + "+00:00" if value[-1:] in "Zz" else value)
+    except ValueError:
+        return False
+    return True
+
+
+_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}")
+
+
 def validate_request(doc: Any) -> list[dict[str, str]]:
     """Return every structural problem of an interact request body, each with its field path (for an AWS service's
     envelope without `event`, that alone: the rest of it is the envelope's, not the event's)."""
@@ -148,8 +163,8 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
                 # It becomes the queue message's `eventId` attribute, which SQS refuses with these characters.
                 message = _ID_REFUSED_MESSAGE
                 errors.append({"path": "event.xdm._id", "message": message})
-            if "timestamp" in xdm and not isinstance(xdm["timestamp"], str):
-                errors.append({"path": "event.xdm.timestamp", "message": "must be an ISO-8601 string"})
+            if "timestamp" in xdm and not _date_time(xdm["timestamp"]):
+                errors.append({"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"})
             if "identityMap" in xdm:
                 _validate_identity_map(errors, xdm["identityMap"])
         if "data" in event:

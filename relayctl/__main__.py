@@ -29,12 +29,12 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ProfileNotFound,
 )
-from relay.errors import CredentialsError
+from relay.errors import CredentialsError, InvalidEvent
 from relay.identity_state import opaque_identity_id
 from relay.integrations.credentials import CredentialsStore
-from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body
+from relay.integrations.queue import RELAY_SENT_TIMESTAMP, RELAY_SOURCE, message_body, sqs_text
 from relay.integrations.store import QUEUE_SEND_PENDING, RELAY, HandlesStore, decode_item
-from relay.models import DEFAULT_NOT_ALLOWED, as_dict, as_list, bounded_id, iso_millis
+from relay.models import DEFAULT_NOT_ALLOWED, MAX_BODY_BYTES, as_dict, as_list, bounded_id, iso_millis, read_event
 from relay.process_event import INVALID_EVENT_TYPE
 from relay.settings import DATASTREAM_ID_RE
 
@@ -150,9 +150,9 @@ def _show_again(sqs: Any, queue_url: str, handles: list[str]) -> None:
 
 
 def _xdm_id(body: str) -> Any:
-    """The `event.xdm._id` of a message body, or None."""
+    """The `event.xdm._id` of a message body, or None (a leading byte-order mark ignored, as the relay ignores it)."""
     try:
-        return json.loads(body)["event"]["xdm"]["_id"]
+        return json.loads(body.removeprefix("\ufeff"))["event"]["xdm"]["_id"]
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -165,13 +165,15 @@ def _get(ddb: Any, table: str, event_id: str) -> dict[str, Any] | None:
 def _find(ddb: Any, table: str, given: str) -> tuple[str, dict[str, Any] | None]:
     """The eventId an event is kept under, and its result: `given` as it is (an id an answer named, a filing beside a
     long eventId), else as the relay keys a webhook-id or messageId over 256 characters (`bounded_id`)."""
-    doc = _get(ddb, table, given)
+    # DynamoDB refuses a key over 2,048 bytes, reads included: such an id can only be kept shortened
+    doc = _get(ddb, table, given) if len(f"EVENT#{given}".encode("utf-8", "surrogatepass")) <= 2048 else None
     if doc is None and (bounded := bounded_id(given)) != given:
         return bounded, _get(ddb, table, bounded)
     return given, doc
 
 
 _CONDITION_FAILED = "ConditionalCheckFailedException"
+_SQS_MAX_RETENTION_S = 14 * 86400  # the longest any SQS queue keeps a message (a dead letter: from its first send)
 # The id under which the relay files a refused body beside another outcome (`store.reject_unclaimed`)
 _INVALID_FILING = re.compile(r"#invalid-[0-9a-f]{16}(?:-[0-9a-f]{12})?$")
 
@@ -195,10 +197,18 @@ def _explain(doc: dict[str, Any], now: float) -> str | None:
     detail = _explain_waiting(doc, now)
     filing = doc.get("invalidFiling")
     if detail and filing and doc.get("status") in ("queued", "pending"):
+        # A replay's message refused (for a datastream ALLOWED_DATASTREAM_IDS leaves out, say) is fixed there and
+        # replayed again; a sender's or a redelivery's, by a corrected event
+        mark = doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc
+        fix = (
+            "fix what it says (`relayctl show` it), then replay this event again"
+            if mark
+            else "send a corrected event under this eventId"
+        )
         detail += (
             f"; but a message under this eventId was refused as invalid and kept as {filing}: if that was this "
-            "event's own message (a replay or a redelivery refused under a newer rule), nothing more is coming for "
-            "it, so send a corrected event under this eventId"
+            f"event's own message (a replay or a redelivery refused under a newer rule), nothing more is coming for "
+            f"it, so {fix}"
         )
     return detail
 
@@ -220,6 +230,12 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
             "its send to the retry queue was never confirmed (its invocation ended, or SQS did not answer): it may be "
             "in the queue, or not, and then the webhook sender (answered 503, or 5xx by API Gateway) must resend; "
             "either one delivers it"
+        )
+    touched = [t for t in (_epoch_ms_of(doc.get("updatedAt")), _epoch_ms_of(doc.get("replayedAt"))) if t]
+    if status == "queued" and touched and now - max(touched) / 1000 > _SQS_MAX_RETENTION_S:
+        return (
+            "its last attempt was longer ago than SQS keeps any message (14 days, from when it was first sent; the "
+            "dead-letter queue too): nothing is left to deliver it, and the sender must send it again"
         )
     if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc:
         # Marked by a replay and not tried since: an attempt that gives the event back writes `lastError`, which the
@@ -271,8 +287,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             # tenth landing stored an invalid body's rejection over a queued event. Look for it too.
             waiting = doc.get("status") in ("queued", "pending") or doc.get("rejectedBy") == RELAY
             if waiting and t.dlq_url:
-                where = _peek_dlq(sqs, t.dlq_url, event_id)
-                if where:
+                where, unsearched = _search_dlq(sqs, t.dlq_url, event_id)
+                if unsearched:
+                    doc["deadLetterQueue"] = unsearched
+                elif where:
                     doc.update(status="dead-lettered", detail=_DEAD_LETTERED)
                     doc.update(where)
                 elif hidden:
@@ -282,7 +300,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print(doc)
             found += 1
             continue
-        where = _peek_dlq(sqs, t.dlq_url, event_id) if t.dlq_url else None
+        where, unsearched = _search_dlq(sqs, t.dlq_url, event_id) if t.dlq_url else (None, None)
         if where:
             _print({"eventId": event_id, "status": "dead-lettered", "detail": _DEAD_LETTERED, **where})
             found += 1
@@ -300,12 +318,24 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "queue for its first attempt. An event is kept under its xdm._id; only one without an xdm._id "
                 "is kept under its webhook-id or SQS messageId",
             }
-            if not t.dlq_url:
+            if unsearched:
+                unknown["detail"] = f"no result stored under this id; {unsearched}"
+                unknown["deadLetterQueue"] = unsearched
+            elif not t.dlq_url:
                 unknown["deadLetterQueue"] = _NOT_SEARCHED
             elif hidden:
                 unknown["deadLetterQueue"] = hidden
             _print(unknown)
     return 0 if found == len(args.event_ids) else 1
+
+
+def _search_dlq(sqs: Any, dlq_url: str, event_id: str) -> tuple[dict[str, Any] | None, str | None]:
+    """`_peek_dlq`, and what to say when the search could not be made (a role that may read the table but not the
+    queue): the result already read is still shown."""
+    try:
+        return _peek_dlq(sqs, dlq_url, event_id), None
+    except (ClientError, BotoCoreError) as exc:
+        return None, f"the dead-letter queue could not be searched ({_aws_code(exc)})"
 
 
 def _all_items(ddb: Any, operation: str, table: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -362,7 +392,12 @@ def _reason(doc: dict[str, Any]) -> str:
         detail = f"{first.get('path') or '(body)'}: {first['message']}"
         if len(detail) > 100:
             detail = detail[:97] + "..."
-        more = f"; {len(errors) - 1} more" if len(errors) > 1 else ""
+        # The relay keeps 50 errors and says how many more there were in a last one ("and 30 more errors")
+        cut = (
+            re.fullmatch(r"and ([0-9]+) more errors?", str(as_dict(errors[-1]).get("message", ""))) if errors else None
+        )
+        others = len(errors) - 1 + (int(cut[1]) - 1 if cut and len(errors) > 1 else 0)
+        more = f"; {others} more" if others > 0 else ""
         reason += f" ({detail}{more})"
     return reason
 
@@ -415,6 +450,47 @@ def _refused_for_its_datastream(doc: dict[str, Any]) -> bool:
     )
 
 
+def _replay_body(request: Any) -> str:
+    """The message a replay sends: the relay's own queue encoding (compact JSON, or the body's text as it came), with
+    the characters SQS refuses (U+FFFE, U+FFFF) escaped."""
+    return sqs_text(request) if isinstance(request, str) else message_body(request)
+
+
+def _refusal_ahead(doc: dict[str, Any], datastream: str | None) -> str | None:
+    """What the relay would refuse in the replayed message (its checks, as a batch runs them, with any datastream
+    allowed: relayctl does not know `ALLOWED_DATASTREAM_IDS`), or None: a body that is not an event under today's
+    rules is refused again, filed beside the mark, and nothing more comes for it."""
+    target = datastream or doc.get("datastreamId")
+    webhook = doc.get("source") == "webhook"
+    try:
+        read_event(
+            _replay_body(doc["request"]),
+            str(doc.get("eventId", "")),
+            datastream=str(target) if target else None,
+            default_datastream=str(target or "default"),
+            source="webhook" if webhook else "sqs",
+            received_at=time.time(),
+            identity_key=None,
+            limit=None if webhook else MAX_BODY_BYTES,  # as the batch checks a replayed message
+        )
+    except InvalidEvent as exc:
+        first = as_dict(exc.errors[0]) if exc.errors else {}
+        return f"{first.get('path') or '$'}: {first.get('message') or exc.detail}"
+    return None
+
+
+def _refused_since_note(doc: dict[str, Any]) -> str:
+    """For a replay mark the relay refused a message under (`invalidFiling`: most likely the replayed message itself,
+    for a datastream `ALLOWED_DATASTREAM_IDS` leaves out), what to say beside "queued": sent again, it is refused again
+    unless that was fixed. Else nothing."""
+    if doc.get("status") != "queued" or not doc.get("invalidFiling"):
+        return ""
+    return (
+        f" (the last replay's message was refused, kept as {doc['invalidFiling']}: `relayctl show` it for why; this "
+        "one is refused too unless that is fixed)"
+    )
+
+
 def _replay_plan(doc: dict[str, Any] | None, datastream: str | None = None) -> str | None:
     """Why an event cannot be replayed (read-only: `--dry-run` reports the same), or None if it can. `datastream`:
     the one `--to-datastream` names, to which an event the relay refused for its datastream alone may go."""
@@ -438,6 +514,8 @@ def _replay_plan(doc: dict[str, Any] | None, datastream: str | None = None) -> s
         return "skipped: its stored request cannot be read (written by another version of the relay?)"
     if doc.get("request") is None:
         return "skipped: the original request was too large to keep"
+    if (refusal := _refusal_ahead(doc, datastream)) is not None:
+        return f"skipped: the relay would refuse it ({refusal}); the sender must send a corrected event"
     return None
 
 
@@ -512,8 +590,7 @@ def replay_event(
             return (
                 "skipped: changed meanwhile" if refused else f"failed: not marked ({_aws_code(exc)}); still {was['S']}"
             )
-    # The relay's own queue encoding: compact JSON with the characters SQS refuses (U+FFFE, U+FFFF) escaped.
-    body = request if isinstance(request, str) else message_body(request)
+    body = _replay_body(request)
     attrs = {
         "eventId": {"DataType": "String", "StringValue": event_id},
         RELAY_SOURCE: {"DataType": "String", "StringValue": str(doc.get("source") or "sqs")},
@@ -555,7 +632,7 @@ def replay_event(
         except (ClientError, BotoCoreError):
             return f"failed: not sent ({reason}), and left marked queued: run `{_again(event_id, datastream)}` again"
         return f"failed: not sent to the queue ({reason}); still {was['S']}"
-    return "queued"
+    return "queued" + _refused_since_note(doc)
 
 
 def _again(event_id: str, datastream: str | None) -> str:
@@ -606,11 +683,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             # shortened when over 256 characters.
             event_id, doc = _find(ddb, t.table, given)
             if args.dry_run:
-                outcome = _replay_plan(doc, args.to_datastream) or "would replay"
+                outcome = _replay_plan(doc, args.to_datastream) or "would replay" + _refused_since_note(doc or {})
             else:
                 outcome = replay_event(ddb, sqs, t.table, t.queue_url, event_id, doc, args.to_datastream)
             # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
-            failures += outcome not in ("queued", "would replay")
+            failures += not outcome.startswith(("queued", "would replay"))
             done += 1
             print(f"{event_id}: {outcome}")
     except KeyboardInterrupt:

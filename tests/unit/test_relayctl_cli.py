@@ -546,3 +546,201 @@ def test_relayctl_works_in_the_region_the_aws_cli_beside_it_uses(
     # WHEN relayctl makes its clients, THEN they are in that region
     for service in ("dynamodb", "sqs", "cloudformation", "secretsmanager"):
         assert relayctl_main._client(service).meta.region_name == region
+
+
+# -- review "relayctl" (thirty-first landing) ----------------------------------------------------------------------
+
+
+def datastream_refusal(event_id: str, raw: str) -> dict[str, Any]:
+    """The relay's refusal of a body only because ALLOWED_DATASTREAM_IDS left out the default datastream (kept as the
+    body's text), as `replay --to-datastream` may send on."""
+    from relay.models import DEFAULT_NOT_ALLOWED
+
+    problem = {
+        "type": INVALID_EVENT_TYPE,
+        "title": "Invalid event",
+        "status": 400,
+        "errors": [{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}],
+    }
+    return {
+        "pk": {"S": f"EVENT#{event_id}"},
+        "sk": {"S": "RESULT"},
+        "status": {"S": "rejected"},
+        "rejectedBy": {"S": "relay"},
+        "eventId": {"S": event_id},
+        "datastreamId": {"S": "ds-default"},
+        "source": {"S": "webhook"},
+        "storedAt": {"S": iso_millis(1_700_000_000)},
+        "error": codec.encode_json(problem),
+        "request": codec.encode_json(raw),
+    }
+
+
+def test_a_replayed_body_kept_as_text_has_what_sqs_refuses_escaped(aws: None) -> None:
+    # GIVEN a webhook body holding U+FFFF raw in a string (JSON may), refused for its datastream alone, kept as text
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    create_handles_table(ddb, "t")
+    raw = json.dumps({"event": {"xdm": {"_id": "ev-1", "note": "a\uffffb"}}}, ensure_ascii=False)
+    ddb.put_item(TableName="t", Item=datastream_refusal("ev-1", raw))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN, the list fixed, it is replayed to the default datastream
+    outcome = relayctl_main.replay_event(ddb, sqs, "t", queue, "ev-1", datastream="ds-default")
+
+    # THEN it is queued as the relay queues every message: U+FFFF escaped (SQS refuses it raw: InvalidMessageContents;
+    # moto does not), the same document
+    assert outcome == "queued"
+    (message,) = sqs.receive_message(QueueUrl=queue)["Messages"]
+    assert "\uffff" not in message["Body"]
+    assert json.loads(message["Body"]) == json.loads(raw)
+
+
+def test_a_replay_the_relay_would_refuse_for_its_body_is_skipped_saying_why(aws: None) -> None:
+    # GIVEN a body refused because the default datastream was left out of the list, which is invalid as well (the
+    # datastream is checked first, so its other errors were never stored)
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    create_handles_table(ddb, "t")
+    bad = {"event": {"xdm": {"_id": "ev-2", "identityMap": {"ECID": [{"id": "x", "authenticatedState": "bogus"}]}}}}
+    ddb.put_item(TableName="t", Item=datastream_refusal("ev-2", json.dumps(bad)))
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN it is replayed to the default datastream
+    outcome = relayctl_main.replay_event(ddb, sqs, "t", queue, "ev-2", datastream="ds-default")
+
+    # THEN it is skipped, naming what the relay would refuse (sent, it would be refused again and left `queued`, with
+    # every later run sending it again), and nothing is sent or marked
+    assert outcome == (
+        "skipped: the relay would refuse it (event.xdm.identityMap.ECID[0].authenticatedState: must be one of "
+        '"ambiguous", "authenticated", "loggedOut"); the sender must send a corrected event'
+    )
+    assert "Messages" not in sqs.receive_message(QueueUrl=queue)
+    assert (relayctl_main._get(ddb, "t", "ev-2") or {}).get("status") == "rejected"
+
+
+def test_a_replay_whose_last_message_the_relay_refused_says_so(aws: None) -> None:
+    # GIVEN an event marked by a replay to a datastream ALLOWED_DATASTREAM_IDS left out: the relay refused the
+    # replayed message and told the mark (`invalidFiling`); nothing more is coming for it
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    create_handles_table(ddb, "t")
+    item = {
+        **rejected_item("ev-3"),
+        "status": {"S": "queued"},
+        "datastreamId": {"S": "ds-new"},
+        "replayedAt": {"S": iso_millis(time.time() - 60)},
+        "invalidFiling": {"S": "ev-3#invalid-0123456789abcdef"},
+    }
+    ddb.put_item(TableName="t", Item=item)
+    queue = sqs.create_queue(QueueName="q")["QueueUrl"]
+
+    # WHEN the operator shows it, then replays it again (the list fixed, or not)
+    shown = relayctl_main._explain(relayctl_main._get(ddb, "t", "ev-3") or {}, time.time())
+    outcome = relayctl_main.replay_event(ddb, sqs, "t", queue, "ev-3")
+
+    # THEN both say the last replay's message was refused, and where its refusal is
+    assert str(shown).endswith(
+        "a message under this eventId was refused as invalid and kept as ev-3#invalid-0123456789abcdef: if that was "
+        "this event's own message (a replay or a redelivery refused under a newer rule), nothing more is coming for "
+        "it, so fix what it says (`relayctl show` it), then replay this event again"
+    )
+    assert outcome.startswith("queued (the last replay's message was refused, kept as ev-3#invalid-0123456789abcdef")
+
+
+def test_show_finds_a_dead_letter_whose_body_starts_with_a_byte_order_mark(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a producer's event written with a UTF-8 byte-order mark (the relay ignores it and keys the event by its
+    # xdm._id), dead-lettered: its item is `queued`
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    create_handles_table(ddb, "t")
+    ddb.put_item(TableName="t", Item={**rejected_item("order-7"), "status": {"S": "queued"}})
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    sqs.send_message(QueueUrl=dlq, MessageBody='\ufeff{"event": {"xdm": {"_id": "order-7"}}}')
+
+    # WHEN the operator asks about it
+    assert relayctl_main.main(["--table", "t", "--dlq-url", dlq, "show", "order-7"]) == 0
+
+    # THEN it is dead-lettered, not "waiting in the queue"
+    assert json.loads(capsys.readouterr().out)["status"] == "dead-lettered"
+
+
+def test_show_does_not_call_an_event_waiting_once_no_queue_can_still_hold_its_message(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an event given back 20 days ago, whose dead letter SQS has since deleted (14 days at most)
+    ddb, sqs = boto3.client("dynamodb"), boto3.client("sqs")
+    create_handles_table(ddb, "t")
+    then = time.time() - 20 * 86400
+    item = {
+        **rejected_item("order-8"),
+        "status": {"S": "queued"},
+        "updatedAt": {"S": iso_millis(then)},
+        "lastError": {"S": "edge answered 503"},
+    }
+    ddb.put_item(TableName="t", Item=item)
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+
+    # WHEN the operator asks about it
+    relayctl_main.main(["--table", "t", "--dlq-url", dlq, "show", "order-8"])
+
+    # THEN they are told nothing is left to deliver it
+    detail = json.loads(capsys.readouterr().out)["detail"]
+    assert detail.startswith("its last attempt was longer ago than SQS keeps any message"), detail
+
+
+def test_show_prints_the_result_when_the_dead_letter_queue_cannot_be_searched(
+    aws: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a waiting event, and a role that may read the table but not receive from the dead-letter queue
+    from botocore.exceptions import ClientError
+
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    ddb.put_item(TableName="t", Item={**rejected_item("order-9"), "status": {"S": "queued"}})
+
+    def denied(*_: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ReceiveMessage")
+
+    monkeypatch.setattr(relayctl_main, "_peek_dlq", denied)
+
+    # WHEN the operator asks about it
+    code = relayctl_main.main(["--table", "t", "--dlq-url", DLQ, "show", "order-9"])
+
+    # THEN the result is shown, saying the queue was not searched and why (it was exit 2 with nothing shown)
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (doc["status"], doc["deadLetterQueue"]) == (
+        "queued",
+        "the dead-letter queue could not be searched (AccessDenied)",
+    )
+
+
+def test_an_id_too_long_for_a_dynamodb_key_is_looked_up_as_the_relay_keeps_it() -> None:
+    # GIVEN a webhook-id of 3,000 characters: the relay keeps its event under the shortened id (`bounded_id`), and
+    # DynamoDB refuses a key over 2,048 bytes, reads included (moto does not)
+    from relay.models import bounded_id
+
+    given = "w" * 3000
+
+    class Table:
+        def get_item(self, Key: dict[str, Any], **_: Any) -> dict[str, Any]:
+            pk = Key["pk"]["S"]
+            assert len(pk.encode()) <= 2048, "ValidationException: key too large"
+            return {"Item": {"pk": {"S": pk}, "sk": {"S": "RESULT"}, "status": {"S": "delivered"}}}
+
+    # WHEN / THEN it is found under that id
+    assert relayctl_main._find(Table(), "t", given)[0] == bounded_id(given)
+
+
+def test_rejected_counts_the_errors_the_relay_did_not_keep() -> None:
+    # GIVEN a refusal of 80 field errors, kept as 50 and one saying how many more
+    errors = [{"path": f"event.xdm.f{k}", "message": "is required"} for k in range(50)]
+    doc = {
+        "error": {
+            "type": INVALID_EVENT_TYPE,
+            "title": "Invalid event",
+            "errors": [*errors, {"path": "$", "message": "and 30 more errors"}],
+        }
+    }
+
+    # WHEN / THEN the line counts the 79 others
+    assert relayctl_main._reason(doc).endswith("(event.xdm.f0: is required; 79 more)")

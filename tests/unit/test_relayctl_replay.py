@@ -1540,7 +1540,8 @@ def test_replay_does_not_mark_an_event_a_claim_holds_since_it_was_read(store_on_
 
     store, ddb = store_on_moto.store, store_on_moto.ddb
     problem = {"type": "https://ns.adobe.com/x", "title": "Unprocessable", "status": 422}
-    store.reject_unclaimed("ev-1", {"datastreamId": "ds", "source": "sqs", "error": problem, "request": "{}"})
+    request = {"event": {"xdm": {"_id": "ev-1"}}}
+    store.reject_unclaimed("ev-1", {"datastreamId": "ds", "source": "sqs", "error": problem, "request": request})
     ddb.update_item(TableName="t", Key=store.result_key("ev-1"), UpdateExpression="REMOVE rejectedBy")  # Edge's
     doc = relayctl_main._get(ddb, "t", "ev-1")
     assert relayctl_main._replay_plan(doc) is None

@@ -50,7 +50,13 @@ def message_body(request: dict[str, Any]) -> str:
     """The request as an SQS message body: the request as received, with `_id`/timestamp set, as compact UTF-8 JSON
     (escaping all non-ASCII would triple an emoji, and could push an accepted event past 64 KiB), with the two
     characters SQS refuses written as JSON escapes (they can only occur inside strings)."""
-    return codec.dumps(request).translate(_SQS_REFUSED)
+    return sqs_text(codec.dumps(request))
+
+
+def sqs_text(text: str) -> str:
+    """JSON text with the two characters SQS refuses in a message written as JSON escapes: the same document, since in
+    JSON they can only stand inside strings (a body kept as the text it came as, which `relayctl replay` sends)."""
+    return text.translate(_SQS_REFUSED)
 
 
 class RetryQueue:

@@ -104,6 +104,16 @@ def _print(doc: Any) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
+def _shown(text: Any) -> str:
+    """Text from the table (an eventId, a reason) for a line of plain output, with what is not printable (a line
+    break, a bidi override) escaped: an eventId is the sender's to choose, and must not forge or rewrite the lines an
+    operator reads."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
+
+
 _PEEK_LIMIT = 1000  # dead-letter messages `show` reads looking for an event
 
 
@@ -414,7 +424,10 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     # latest is printed last, next to the prompt).
     shown = rows[-args.limit :]  # --limit is at least 1
     for r in shown:
-        print(f"{r.get('storedAt', ''):<25} {r.get('eventId', ''):<40} {r.get('source', ''):<8} {_reason(r)}")
+        print(
+            f"{_shown(r.get('storedAt', '')):<25} {_shown(r.get('eventId', '')):<40} {_shown(r.get('source', '')):<8} "
+            f"{_shown(_reason(r))}"
+        )
     if len(shown) < len(rows):
         print(
             f"showing the newest {len(shown)} of {len(rows)} rejected event(s){since}: --limit N to list more, "
@@ -689,7 +702,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             # Exit 1 when a named event is not (or, with --dry-run, would not be) replayed; each line says why.
             failures += not outcome.startswith(("queued", "would replay"))
             done += 1
-            print(f"{event_id}: {outcome}")
+            print(f"{_shown(event_id)}: {_shown(outcome)}")
     except KeyboardInterrupt:
         print(
             f"interrupted after {done} of {len(unique)} event(s): run the same command again to go on (an event "
@@ -1189,9 +1202,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
             # Taken since it was read (a corrected resend's claim, a replay): deleting it now could delete a live
             # claim, and another delivery of the event would then claim it too. Left to that attempt.
             left.append(item)
-            print(f"left {item['pk']['S']} {item['sk']['S']}: taken by a new attempt since it was read")
+            print(f"left {_shown(item['pk']['S'])} {_shown(item['sk']['S'])}: taken by a new attempt since it was read")
             continue
-        print(f"{verb} {item['pk']['S']} {item['sk']['S']}")
+        print(f"{verb} {_shown(item['pk']['S'])} {_shown(item['sk']['S'])}")
     refused = [i for i in refused if i not in left]
     deleted_results = len(doomed) - len(left) - len(states) - len(refused)
     # A result of this identity that was finished when the waiting items were read and waiting when the results
@@ -1210,7 +1223,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         "point-in-time recovery (35 days)."
     )
     for item in mine:
-        print(f"waiting {item['pk']['S']} {item['sk']['S']}: this identity's, queued or in flight")
+        print(f"waiting {_shown(item['pk']['S'])} {_shown(item['sk']['S'])}: this identity's, queued or in flight")
     if mine:
         print(
             f"{len(mine)} event(s) of this identity are still queued or in flight: each stores it again once "
@@ -1225,7 +1238,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     for item in unreadable:
         print(
-            f"left {item['pk']['S']} {item['sk']['S']}: its stored request cannot be read (written by another version "
+            f"left {_shown(item['pk']['S'])} {_shown(item['sk']['S'])}: its stored request cannot be read (written by "
+            "another version "
             "of the relay, or edited by hand), so whether it names this identity cannot be told: check it by hand"
         )
     if not doomed and not unreadable and not mine:

@@ -513,6 +513,21 @@ def test_a_long_token_echoed_across_the_detail_cut_leaves_no_part_of_itself() ->
     assert "QQQQ" not in json.dumps(problem_from(keyed, (token, "client-1")))
 
 
+def test_a_long_token_echoed_across_the_cut_of_a_json_problems_type_and_title_leaves_no_part_of_itself() -> None:
+    # GIVEN a JSON problem whose type and title echo the token, starting before their 1,000-character cut
+    token = "eyJhbGciOiJSUzI1NiJ9." + "Q" * 1160
+    echoed = "x" * 900 + " Authorization: Bearer " + token
+    answer = make_response(404, {"type": echoed, "title": echoed, "detail": "d"})
+
+    # WHEN the problem is built with the token to cut out
+    problem = problem_from(answer, (token, "client-1"))
+
+    # THEN no run of the token is left (it was cut at 1,000 characters before it was redacted)
+    text = json.dumps(problem)
+    assert "QQQQ" not in text and "eyJhbGci" not in text
+    assert problem["title"] == "x" * 900 + " Authorization: Bearer [redacted]"
+
+
 def test_a_problem_that_is_not_strict_json_is_kept_as_text_that_stays_valid_json():
     # GIVEN an error answer that Python's parser would read, with a NaN in it
     answer = make_response(400, text='{"type": "t", "title": "T", "report": {"score": NaN}}')

@@ -195,6 +195,33 @@ def test_an_oversized_body_with_a_repeated_key_is_still_kept_under_its_xdm_id() 
     assert exc.value.event_id == "order-42"
 
 
+def test_a_body_far_over_the_limit_is_not_parsed_and_kept_under_its_transport_id() -> None:
+    # GIVEN a signed body of some megabytes (API Gateway and Lambda pass up to about 6 MB), of many small objects:
+    # parsed whole to find its xdm._id, it cost seconds of CPU and hundreds of megabytes (review "security")
+    body = '{"event":{"xdm":{"_id":"order-42"}},"pad":[' + ",".join(["{}"] * 600_000) + "]}"
+
+    # WHEN it is read (peak memory traced, not timed)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadTooLarge) as exc:
+            read_event(
+                body,
+                "webhook-1",
+                datastream=None,
+                default_datastream="ds",
+                source="webhook",
+                received_at=0,
+                identity_key=None,
+            )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # THEN it is refused for its size without being parsed: kept under the id of its transport (the webhook-id)
+    assert exc.value.event_id == "webhook-1"
+    assert peak < 10 * 1024 * 1024, peak
+
+
 def test_a_repeated_key_that_is_not_a_name_is_named_by_its_position_never_echoed() -> None:
     # GIVEN an identity put where its namespace belongs, twice
     raw = '{"event":{"xdm":{"identityMap":{"ECID":[],"alice@example.com":[],"alice@example.com":[]}}}}'

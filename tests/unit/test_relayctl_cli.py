@@ -744,3 +744,21 @@ def test_rejected_counts_the_errors_the_relay_did_not_keep() -> None:
 
     # WHEN / THEN the line counts the 79 others
     assert relayctl_main._reason(doc).endswith("(event.xdm.f0: is required; 79 more)")
+
+
+def test_an_event_id_cannot_forge_lines_of_relayctls_plain_output(
+    aws: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a rejection whose eventId (the sender's to choose: the relay takes a line break in `xdm._id`) holds a line
+    # break and a fake row after it, and a bidi override
+    forged = "ev-x\n2099-01-01T00:00:00.000Z  ORDER-42    sqs      EXEG-0000: all fine \u202e"
+    ddb = table_with_rejections(1)
+    ddb.put_item(TableName="t", Item=rejected(forged, "2025-01-05T00:00:00.000Z"))
+
+    # WHEN the operator lists the rejections
+    assert relayctl_main.main(["--table", "t", "rejected"]) == 0
+
+    # THEN each rejection is one line, the id's line break and override shown escaped
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4, lines  # the header, two rejections, the count
+    assert "ev-x\\n2099-01-01T00:00:00.000Z  ORDER-42" in lines[2] and "\\u202e" in lines[2]

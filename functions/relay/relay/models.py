@@ -521,9 +521,16 @@ def read_event(
         raise
 
 
+# A body refused as too large is parsed to find its `xdm._id` up to this size (SQS's largest message): a signed
+# webhook of some megabytes parsed whole costs seconds of CPU and hundreds of megabytes, to answer a 413.
+MAX_OVERSIZED_PARSE_BYTES = 1024 * 1024
+
+
 def _event_id_of_oversized(raw: bytes | str, fallback_id: str) -> str:
-    """The eventId of a body refused as too large (before it was parsed): its `xdm._id` when it is JSON with one;
-    else the transport's id."""
+    """The eventId of a body refused as too large (before it was parsed): its `xdm._id` when it is JSON with one, up
+    to MAX_OVERSIZED_PARSE_BYTES; else the transport's id."""
+    if len(raw) > MAX_OVERSIZED_PARSE_BYTES:  # (characters of a str: at least as many bytes)
+        return bounded_id(fallback_id)
     try:
         _, doc = decode_body(raw, limit=None)
     except RepeatedKeys as exc:

@@ -128,7 +128,8 @@ def problem_from(resp: requests.Response, redact: tuple[str, ...] = ()) -> dict[
     secrets = tuple(s for s in redact if s)
     doc = _json_document(resp)
     if isinstance(doc, dict) and ("type" in doc or "title" in doc):
-        found = {k: _problem_text(doc[k]) for k in ("type", "title") if k in doc}
+        # Redacted before they are cut (as the text below): cut first, a token running past the cut would keep its start
+        found = {k: _problem_text(_redact(doc[k], secrets)) for k in ("type", "title") if k in doc}
         found.update({k: doc[k] for k in ("detail", "report") if k in doc})
         for name, empty in (("detail", None), ("report", {})):
             if name in found and _too_deep(resp, found[name]):

@@ -84,8 +84,8 @@ test: lint types validate audit unit integration build
 run: setup
 	$(BIN)/python -m devtools.run_demo
 
-serve: setup
-	$(BIN)/python -m devtools.stack --serve
+serve: setup  # make serve RETRY_SECONDS=5: a record handed back comes again in 5 s (not the queue's 180)
+	$(BIN)/python -m devtools.stack --serve $(if $(RETRY_SECONDS),--retry-seconds $(RETRY_SECONDS))
 
 invoke: setup  # `sam local invoke -e` without Docker, against `make serve`'s stack: make invoke EVENT=events/<file>
 	$(BIN)/python -m devtools.invoke $(EVENT)

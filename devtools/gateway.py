@@ -171,8 +171,9 @@ class LocalGateway(LoopbackService):
     template:
         The loaded SAM template; routes and the function timeout come from it.
     serialize:
-        Run one invocation at a time (deterministic tests); by default requests run concurrently,
-        like concurrent Lambda execution environments.
+        Run one invocation at a time (deterministic tests); by default requests are served concurrently,
+        like concurrent Lambda execution environments, but the relay's handler (one runtime, not one per
+        environment) takes its webhooks one at a time.
     """
 
     def __init__(

@@ -370,6 +370,9 @@ def serve(stack: LocalStack) -> None:
     print(f"queue:     {stack.resources.queue_url}")
     print(f"simulator: {stack.sim.url}")
     print()
+    print('# make Edge fail for one event (README, "Trying failures locally"): 503 to every attempt at order-1')
+    print(f'curl -sS -X POST {stack.sim.url}/_sim/faults -d \'{{"status": 503, "match_id": "order-1"}}\'')
+    print()
     print("# a signed request (signatures expire after 5 minutes):")
     print(curl_command(f"{gateway.url}/events", body, stack.sign(body)))
     print()
@@ -401,6 +404,13 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", action="store_true", help="run the stack with the real handler until Ctrl-C")
+    parser.add_argument(
+        "--retry-seconds",
+        type=int,
+        default=None,
+        help="a record handed back comes again after this many seconds, not the queue's visibility timeout (180): "
+        "to see an event reach the dead-letter queue (5 receives) in a minute rather than 15",
+    )
     args = parser.parse_args(argv)
     if not args.serve:
         parser.print_help()
@@ -408,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "functions" / "relay"))
     stop_on_sigterm()
     try:
-        with LocalStack() as stack:
+        with LocalStack(failure_visibility_timeout=args.retry_seconds) as stack:
             serve(stack)
     except KeyboardInterrupt:
         print("\nstopped")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import requests
@@ -59,3 +60,30 @@ def test_importing_the_stack_loads_none_of_the_relay_before_its_environment_is_a
     env = {"PYTHONPATH": f"{root / 'functions' / 'relay'}:{root}", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_serve_can_bring_failing_records_back_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN `make serve RETRY_SECONDS=5` (the queue's 180-s visibility timeout makes a failing event take 15 minutes to
+    # reach the dead-letter queue)
+    from devtools import stack as stack_module
+
+    made: list[Any] = []
+
+    class Stack:
+        def __init__(self, **kwargs: Any) -> None:
+            made.append(kwargs)
+
+        def __enter__(self) -> Stack:
+            return self
+
+        def __exit__(self, *_: Any) -> None:
+            pass
+
+    monkeypatch.setattr(stack_module, "LocalStack", Stack)
+    monkeypatch.setattr(stack_module, "serve", lambda _: None)
+    monkeypatch.setattr(stack_module, "stop_on_sigterm", lambda: None)
+
+    # WHEN / THEN the stack's poller hands failed records back for 5 s; by default, for the queue's own timeout
+    assert stack_module.main(["--serve", "--retry-seconds", "5"]) == 0
+    assert stack_module.main(["--serve"]) == 0
+    assert made == [{"failure_visibility_timeout": 5}, {"failure_visibility_timeout": None}]

@@ -146,7 +146,10 @@ def _peek_dlq(sqs: Any, dlq_url: str, event_id: str, limit: int = _PEEK_LIMIT) -
                     }
         return None
     finally:
-        _show_again(sqs, dlq_url, handles)
+        try:
+            _show_again(sqs, dlq_url, handles)
+        except (ClientError, BotoCoreError):
+            pass  # they show again on their own after _PEEK_HIDE_S; what the search found stands
 
 
 def _show_again(sqs: Any, queue_url: str, handles: list[str]) -> None:
@@ -242,7 +245,9 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
             "either one delivers it"
         )
     touched = [t for t in (_epoch_ms_of(doc.get("updatedAt")), _epoch_ms_of(doc.get("replayedAt"))) if t]
-    if status == "queued" and touched and now - max(touched) / 1000 > _SQS_MAX_RETENTION_S:
+    # (a replay mark not tried since still holds its request: replaying it again sends it, however old it is)
+    mark = doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc
+    if status == "queued" and not mark and touched and now - max(touched) / 1000 > _SQS_MAX_RETENTION_S:
         return (
             "its last attempt was longer ago than SQS keeps any message (14 days, from when it was first sent; the "
             "dead-letter queue too): nothing is left to deliver it, and the sender must send it again"

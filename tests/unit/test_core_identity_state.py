@@ -188,12 +188,26 @@ def test_a_session_lasts_while_the_identity_has_answers_and_ends_after_half_an_h
         hint = hint_handle({"scope": "EdgeNetwork", "hint": "or2", "ttlSeconds": 1800})
         state = apply_handles(state, [hint], NOW + minutes * 60)
 
-    # THEN it is still sent 29 minutes after the last one, and no longer 30 minutes after it
+    # THEN it is still sent 29 minutes after the last one, and no longer 33 minutes after it (30, and the tenth its
+    # extension may go unwritten)
     last = NOW + 40 * 60
     assert [e["key"] for e in outgoing_entries(state, [], last + 29 * 60)] == [SESSION_KEY]
-    assert outgoing_entries(state, [], last + SESSION_ENTRY_S) == []
+    assert outgoing_entries(state, [], last + SESSION_ENTRY_S * 1.1) == []
     # and once lapsed, an answer does not bring it back
-    assert SESSION_KEY not in apply_handles(state, [], last + SESSION_ENTRY_S + 1).entries
+    assert SESSION_KEY not in apply_handles(state, [], last + SESSION_ENTRY_S * 1.1 + 1).entries
+
+
+def test_a_session_entry_whose_extension_was_not_written_is_still_sent_within_the_session():
+    # GIVEN a stored session entry, and an answer 170 s later that extends it without a write (not due yet)
+    stored = apply_handles(IdentityState(), [store_handle({"key": SESSION_KEY, "value": "s1"})], NOW)
+    later = apply_handles(stored, [], NOW + 170)
+    assert needs_write(stored, later, NOW + 170) is False
+
+    # WHEN the identity's next event comes 28 minutes after that answer, with the stored state (review "s31")
+    sent = outgoing_entries(stored, [], NOW + 170 + 28 * 60)
+
+    # THEN the entry is sent: its session has not ended
+    assert [e["key"] for e in sent] == [SESSION_KEY]
 
 
 def test_a_session_extension_is_written_only_once_due_like_the_hint():

@@ -893,7 +893,9 @@ def test_a_corrected_event_still_takes_over_the_relays_rejection(store_on_moto: 
 
 def test_a_corrected_event_that_ends_queued_keeps_nothing_of_the_refused_body(store_on_moto: StoreOnMoto) -> None:
     # GIVEN an invalid body rejected under its eventId (the body, with any identities in it, kept in `request`)
-    store_on_moto.store.reject_unclaimed("order-10", INVALID, body_digest="d" * 16)
+    store_on_moto.store.reject_unclaimed(
+        "order-10", {**INVALID, "receivedAt": "2026-01-01T00:00:00.000Z"}, body_digest="d" * 16
+    )
 
     # WHEN its corrected resend takes the eventId, and its attempt is given back (Edge unavailable)
     claim = store_on_moto.store.claim("order-10", datastream_id="ds-1", source="webhook", lease_s=30)
@@ -904,7 +906,7 @@ def test_a_corrected_event_that_ends_queued_keeps_nothing_of_the_refused_body(st
     # reach on a waiting item), no old error, digest or storage time
     item = _raw(store_on_moto, "order-10")
     assert item is not None and item["status"] == "queued"
-    assert not {"request", "error", "bodyDigest", "storedAt", "rejectedBy"} & set(item)
+    assert not {"request", "error", "bodyDigest", "storedAt", "rejectedBy", "receivedAt"} & set(item)
 
 
 def test_a_refused_body_whose_clearing_failed_is_cleared_by_the_events_next_claim(
@@ -1320,3 +1322,24 @@ def test_a_table_the_function_may_not_use_is_named_as_the_setting_to_check() -> 
     assert str(failed.value) == (
         "dynamodb update_item failed: AccessDeniedException (check the function's permissions on HANDLES_TABLE)"
     )
+
+
+def test_a_refused_body_sent_again_keeps_the_time_it_first_came(store_on_moto: StoreOnMoto) -> None:
+    # GIVEN a webhook body refused for its datastream alone (the allow-list left the default out), whose sender retries
+    # it two hours later (Standard Webhooks senders retry a 4xx too) (review "s31")
+    from relay.errors import InvalidEvent
+    from relay.models import DEFAULT_NOT_ALLOWED
+
+    relay = Relay(store_on_moto.store, None, store_on_moto.clock)  # type: ignore[arg-type]
+    body = '{"event":{"xdm":{"_id":"ord-1"}}}'
+    t0 = 1_700_000_000.0
+    for received in (t0, t0 + 7200):
+        refusal = InvalidEvent([{"path": "datastreamId", "message": DEFAULT_NOT_ALLOWED}])
+        relay.reject_invalid(
+            "ord-1", datastream_id="ds-1", source="webhook", error=refusal, raw=body, received_at=received
+        )
+
+    # WHEN / THEN the refusal keeps the first time: what a replay sends as the event's xdm.timestamp, as a retry of an
+    # event that gave none would have been sent
+    item = store_on_moto.ddb.get_item(TableName="t", Key=HandlesStore.result_key("ord-1"))["Item"]
+    assert item["receivedAt"]["S"] == "2023-11-14T22:13:20.000Z"

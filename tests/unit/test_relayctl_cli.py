@@ -762,3 +762,41 @@ def test_an_event_id_cannot_forge_lines_of_relayctls_plain_output(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4, lines  # the header, two rejections, the count
     assert "ev-x\\n2099-01-01T00:00:00.000Z  ORDER-42" in lines[2] and "\\u202e" in lines[2]
+
+
+def test_a_replay_mark_older_than_sqs_keeps_messages_is_still_said_to_be_replayable(aws: None) -> None:
+    # GIVEN a replay whose send failed and whose mark could not be put back, 15 days ago: nothing was queued, and its
+    # request is still on the item (review "s31")
+    ddb = boto3.client("dynamodb")
+    create_handles_table(ddb, "t")
+    item = {
+        **rejected_item("ev-s"),
+        "status": {"S": "queued"},
+        "replayedAt": {"S": iso_millis(time.time() - 15 * 86400)},
+    }
+    ddb.put_item(TableName="t", Item=item)
+    doc = relayctl_main._get(ddb, "t", "ev-s") or {}
+
+    # WHEN / THEN show does not tell the operator that only the sender can send it again: replaying it sends it
+    assert relayctl_main._replay_plan(doc) is None
+    assert "replay it again" in str(relayctl_main._explain(doc, time.time()))
+
+
+def test_a_dead_letter_found_stays_found_when_showing_the_messages_again_fails(
+    aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a dead letter, and a role that may receive from the queue but not change visibility (review "s31")
+    from botocore.exceptions import ClientError
+
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    sqs.send_message(QueueUrl=dlq, MessageBody='{"event": {"xdm": {"_id": "order-10"}}}')
+
+    def denied(*_: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ChangeMessageVisibilityBatch")
+
+    monkeypatch.setattr(relayctl_main, "_show_again", denied)
+
+    # WHEN / THEN the search still says where it is (the messages show again on their own after 30 s)
+    where, unsearched = relayctl_main._search_dlq(sqs, dlq, "order-10")
+    assert unsearched is None and where is not None and where["receiveCount"] == "1"

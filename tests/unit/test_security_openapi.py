@@ -315,3 +315,14 @@ def test_every_request_the_relay_takes_is_one_openapi_allows(
         value = query.get(param["name"]) if param["in"] == "query" else headers.get(param["name"].lower())
         if value is not None:
             assert [e.message for e in OAS30Validator(param["schema"]).iter_errors(value)] == [], param["name"]
+
+
+def test_an_empty_datastream_the_relay_refuses_openapi_refuses_too(operation: dict[str, Any]) -> None:
+    # GIVEN the relay's answer to `?datastreamId=` (400: taken for absent, it went to the default datastream)
+    assert SCENARIOS["empty-datastream-query"][-1] == 400
+
+    # THEN openapi.yaml does not allow it either, under either spelling, nor say it counts as omitted
+    for param in operation["parameters"]:
+        if param["name"] in ("datastreamId", "dataStreamId"):
+            assert list(OAS30Validator(param["schema"]).iter_errors("")) != [], param["name"]
+            assert "counts as omitted" not in json.dumps(param)

@@ -162,9 +162,11 @@ class IdentityState:
 
 
 def _sent_until(key: str, entry: StoredEntry) -> float:
-    """Until when an entry is sent back: its expiry, and for the cluster entry, which routes calls, what an extension
-    not yet written may have added to it."""
-    return entry.expires_at + (_unwritten_extension(entry.max_age) if CLUSTER_KEY.fullmatch(key) else 0.0)
+    """Until when an entry is sent back: its expiry, and for the cluster entry, which routes calls, and a session
+    entry, which every answer extends, what an extension not yet written may have added to it (so a session entry
+    lives at least SESSION_ENTRY_S after the identity's latest answer, and at most a tenth longer)."""
+    graced = entry.session or CLUSTER_KEY.fullmatch(key)
+    return entry.expires_at + (_unwritten_extension(entry.max_age) if graced else 0.0)
 
 
 def caller_hint(caller_entries: list[dict[str, Any]]) -> str | None:

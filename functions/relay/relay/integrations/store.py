@@ -334,7 +334,7 @@ class HandlesStore:
                 self._update_own_claim(
                     event_id,
                     token,
-                    "REMOVE rejectedBy, #req, #err, bodyDigest, storedAt, identityId",
+                    "REMOVE rejectedBy, #req, #err, bodyDigest, storedAt, identityId, receivedAt",
                     {},
                     {"#req": "request", "#err": "error"},
                 )
@@ -660,16 +660,32 @@ class HandlesStore:
         def put(item: dict[str, Any]) -> dict[str, Any] | None:
             """Write `item` under the condition: None when written, else the item that stands there."""
             try:
-                self._call(
+                replaced = self._call(
                     "put_item",
                     Item=item,
                     ConditionExpression=condition,
                     ExpressionAttributeNames={"#s": "status"},
                     ExpressionAttributeValues=values,
+                    ReturnValues="ALL_OLD",
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
+                ).get("Attributes")
             except ClientError as exc:
                 return exc.response.get("Item") or {}
+            first = (replaced or {}).get("receivedAt", {}).get("S")
+            if first and "receivedAt" in item and "bodyDigest" in item and first < item["receivedAt"]["S"]:
+                # The same body sent again (a sender's retry): the refusal keeps when it first came, the time a
+                # replay sends it with. A second write, for a resent refusal only.
+                try:
+                    self._call(
+                        "update_item",
+                        Key={"pk": item["pk"], "sk": item["sk"]},
+                        UpdateExpression="SET receivedAt = :first",
+                        ConditionExpression="bodyDigest = :digest",
+                        ExpressionAttributeValues={":first": {"S": first}, ":digest": item["bodyDigest"]},
+                    )
+                except ClientError:
+                    pass  # replaced meanwhile (a corrected resend took the eventId over): nothing to keep
+                item["receivedAt"] = {"S": first}
             return None
 
         def put_beside(filed_as: str) -> ResultWrite:

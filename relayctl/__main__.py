@@ -212,10 +212,9 @@ def _explain(doc: dict[str, Any], now: float) -> str | None:
     if detail and filing and doc.get("status") in ("queued", "pending"):
         # A replay's message refused (for a datastream ALLOWED_DATASTREAM_IDS leaves out, say) is fixed there and
         # replayed again; a sender's or a redelivery's, by a corrected event
-        mark = doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc
         fix = (
             "fix what it says (`relayctl show` it), then replay this event again"
-            if mark
+            if _replay_mark(doc)
             else "send a corrected event under this eventId"
         )
         detail += (
@@ -224,6 +223,12 @@ def _explain(doc: dict[str, Any], now: float) -> str | None:
             f"it, so {fix}"
         )
     return detail
+
+
+def _replay_mark(doc: dict[str, Any]) -> bool:
+    """Whether a waiting item is a replay's mark not tried since: an attempt that claims it writes a lease, one that
+    gives the event back writes `lastError`, which the mark removes."""
+    return bool(doc.get("replayedAt")) and not doc.get("leaseUntil") and "lastError" not in doc
 
 
 def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
@@ -246,15 +251,12 @@ def _explain_waiting(doc: dict[str, Any], now: float) -> str | None:
         )
     touched = [t for t in (_epoch_ms_of(doc.get("updatedAt")), _epoch_ms_of(doc.get("replayedAt"))) if t]
     # (a replay mark not tried since still holds its request: replaying it again sends it, however old it is)
-    mark = doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc
-    if status == "queued" and not mark and touched and now - max(touched) / 1000 > _SQS_MAX_RETENTION_S:
+    if status == "queued" and not _replay_mark(doc) and touched and now - max(touched) / 1000 > _SQS_MAX_RETENTION_S:
         return (
             "its last attempt was longer ago than SQS keeps any message (14 days, from when it was first sent; the "
             "dead-letter queue too): nothing is left to deliver it, and the sender must send it again"
         )
-    if status == "queued" and doc.get("replayedAt") and "leaseUntil" not in doc and "lastError" not in doc:
-        # Marked by a replay and not tried since: an attempt that gives the event back writes `lastError`, which the
-        # mark removes.
+    if status == "queued" and _replay_mark(doc):
         return (
             f"waiting in the queue for its next attempt (replayed at {doc['replayedAt']}; if that replay said it "
             "failed, nothing was sent: replay it again, a second copy on the queue would do no harm)"
@@ -518,7 +520,7 @@ def _replay_plan(doc: dict[str, Any] | None, datastream: str | None = None) -> s
     # A replay whose send failed and whose mark could not be put back is left `queued` with nothing queued (no lease:
     # never claimed since): it may be sent again. Sending one that is also in the queue is harmless (one claim wins).
     # Tried since (the relay gave it back: `lastError`, which the mark removes), it is waiting for its message.
-    stranded = status == "queued" and doc.get("replayedAt") and not doc.get("leaseUntil") and "lastError" not in doc
+    stranded = status == "queued" and _replay_mark(doc)
     if status != "rejected" and not stranded:
         return f"skipped: status is {status}"
     error = as_dict(doc.get("error"))
@@ -1244,8 +1246,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     for item in unreadable:
         print(
             f"left {_shown(item['pk']['S'])} {_shown(item['sk']['S'])}: its stored request cannot be read (written by "
-            "another version "
-            "of the relay, or edited by hand), so whether it names this identity cannot be told: check it by hand"
+            "another version of the relay, or edited by hand), so whether it names this identity cannot be told: "
+            "check it by hand"
         )
     if not doomed and not unreadable and not mine:
         print(

@@ -270,10 +270,8 @@ def apply_handles(state: IdentityState, handles: list[dict[str, Any]], now: floa
                         hint, hint_expires_at = item["hint"], now + hint_ttl
                     hint_seen = True
                     break
-    for key, entry in entries.items():
-        if (
-            entry.session and entry.expires_at < now + SESSION_ENTRY_S
-        ):  # the session goes on: an answer for the identity
+    for key, entry in entries.items():  # an answer for the identity: its session goes on
+        if entry.session and entry.expires_at < now + SESSION_ENTRY_S:
             entries[key] = replace(entry, expires_at=now + SESSION_ENTRY_S)
     if hint and hint_expires_at + _unwritten_extension(hint_ttl) <= now:
         hint, hint_expires_at, hint_ttl = None, 0.0, 0.0

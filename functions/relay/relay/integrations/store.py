@@ -685,7 +685,6 @@ class HandlesStore:
                     )
                 except ClientError:
                     pass  # replaced meanwhile (a corrected resend took the eventId over): nothing to keep
-                item["receivedAt"] = {"S": first}
             return None
 
         def put_beside(filed_as: str) -> ResultWrite:

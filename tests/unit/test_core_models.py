@@ -24,6 +24,13 @@ from relay.models import (
 )
 
 RECEIVED_AT = 1_700_000_000.5  # 2023-11-14T22:13:20.500Z
+AS_RECEIVED = (
+    "(Edge's own limit), counted on the body as received: compact UTF-8 JSON (no indentation, no \\u escapes for "
+    "other scripts) is smaller"
+)
+TIMESTAMP_MESSAGE = (
+    "must be a date and time, as XDM's date-time (RFC 3339: 2026-01-01T00:05:00.000Z; an offset or none)"
+)
 
 
 def body_of_size(size: int) -> bytes:
@@ -63,7 +70,7 @@ def test_decode_body_refuses_one_byte_over_the_limit():
     assert info.value.status == 413
     assert info.value.title == "Payload too large"
     assert info.value.errors == [
-        {"path": "$", "message": "body is 65537 bytes; the limit is 65536 bytes (Edge's own limit)"}
+        {"path": "$", "message": "body is 65537 bytes; the limit is 65536 bytes " + AS_RECEIVED}
     ]
 
 
@@ -74,7 +81,7 @@ def test_decode_body_counts_utf8_bytes_not_characters_of_a_str():
     # WHEN / THEN
     with pytest.raises(PayloadTooLarge) as info:
         decode_body(text)
-    assert info.value.errors[0]["message"] == "body is 65540 bytes; the limit is 65536 bytes (Edge's own limit)"
+    assert info.value.errors[0]["message"] == "body is 65540 bytes; the limit is 65536 bytes " + AS_RECEIVED
 
 
 def test_decode_body_refuses_non_utf8():
@@ -282,24 +289,20 @@ def test_validate_request_accepts_a_full_request():
         ({"event": {"xdm": "x"}}, [{"path": "event.xdm", "message": "must be an object, not string"}]),
         ({"event": {"xdm": True}}, [{"path": "event.xdm", "message": "must be an object, not boolean"}]),
         (
-            {"event": {"xdm": {"_id": ""}}},
-            [{"path": "event.xdm._id", "message": "must be a string of 1-256 characters"}],
-        ),
-        (
             {"event": {"xdm": {"_id": "x" * 257}}},
             [{"path": "event.xdm._id", "message": "must be a string of 1-256 characters"}],
         ),
         (
             {"event": {"xdm": {"timestamp": 1700000000}}},
-            [{"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"}],
+            [{"path": "event.xdm.timestamp", "message": TIMESTAMP_MESSAGE}],
         ),
         # a string, but not a time: it said "ISO-8601" and sent it to Edge as it was
         *(
             (
                 {"event": {"xdm": {"timestamp": bad}}},
-                [{"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"}],
+                [{"path": "event.xdm.timestamp", "message": TIMESTAMP_MESSAGE}],
             )
-            for bad in ("yesterday", "", "1700000000", "2026-01-01", "2026-13-01T00:00:00Z", "2026-01-01T25:00:00Z")
+            for bad in ("yesterday", "1700000000", "2026-01-01", "20260101T050000Z", "2026-13-01T00:00:00Z")
         ),
         ({"event": {"xdm": {}, "data": []}}, [{"path": "event.data", "message": "must be an object, not array"}]),
         ({"event": {"xdm": {}}, "query": "x"}, [{"path": "query", "message": "must be an object, not string"}]),
@@ -436,7 +439,7 @@ def test_validate_request_collects_errors_from_several_places():
 
     # WHEN / THEN
     assert validate_request(doc) == [
-        {"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"},
+        {"path": "event.xdm.timestamp", "message": TIMESTAMP_MESSAGE},
         {"path": "event.data", "message": "must be an object, not number"},
         {"path": "query", "message": "must be an object, not array"},
         {"path": "meta.state.entries", "message": "must be an array"},
@@ -489,10 +492,36 @@ def test_resolve_datastream_default_and_override():
         "2026-01-01T00:05:00-0500",
         "2026-01-01T00:05:00",
         "2026-01-01t00:05:00z",
+        "2016-12-31T23:59:60Z",  # a leap second (RFC 3339 §5.7)
     ],
 )
 def test_an_iso_8601_date_time_is_taken_as_given(stamp: str) -> None:
     assert validate_request({"event": {"xdm": {"timestamp": stamp}}}) == []
+
+
+@pytest.mark.parametrize("given", [None, ""])
+def test_an_id_or_timestamp_given_as_null_or_empty_is_taken_for_absent(given: str | None) -> None:
+    # GIVEN an event whose sender's serializer writes unset members as null (Jackson, System.Text.Json, pydantic) or
+    # empty: Adobe's mobile SDKs fill in a null or empty timestamp, and set `_id` themselves (review "validation")
+    doc = {
+        "event": {"xdm": {"_id": given, "timestamp": given, "identityMap": {"FPID": [{"id": "f", "primary": True}]}}}
+    }
+
+    # WHEN it is read
+    inbound = read_event(
+        json.dumps(doc),
+        "wh-1",
+        datastream=None,
+        default_datastream="ds",
+        source="webhook",
+        received_at=RECEIVED_AT,
+        identity_key=None,
+    )
+
+    # THEN it is the event without them: the transport's id, the receive time (the relay's, kept across retries)
+    xdm = inbound.request["event"]["xdm"]
+    assert (inbound.event_id, xdm["_id"]) == ("wh-1", "wh-1")
+    assert (xdm["timestamp"], inbound.default_timestamp) == ("2023-11-14T22:13:20.500Z", True)
 
 
 def test_an_empty_datastream_is_refused_not_taken_for_absent() -> None:

@@ -59,12 +59,15 @@ class PayloadTooLarge(InvalidEvent):
                 f"written out as 100000.0) the request is {size} bytes: over Edge's {limit}-byte limit"
             )
         else:
-            message = f"body is {size} bytes; the limit is {limit} bytes (Edge's own limit)"
+            message = (
+                f"body is {size} bytes; the limit is {limit} bytes (Edge's own limit), counted on the body as "
+                "received: compact UTF-8 JSON (no indentation, no \\u escapes for other scripts) is smaller"
+            )
         super().__init__([{"path": "$", "message": message}], title="Payload too large")
         self.detail = (
             "the request is too large for Edge as the relay sends it; make the event smaller"
             if as_sent
-            else f"the body is over Edge's {limit}-byte limit; make the event smaller"
+            else f"the body is over Edge's {limit}-byte limit; make the event smaller, or send it as compact JSON"
         )
 
 

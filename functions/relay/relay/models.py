@@ -130,18 +130,28 @@ def _envelope(doc: dict[str, Any]) -> str | None:
 
 
 def _date_time(value: Any) -> bool:
-    """Whether `value` is an ISO-8601 date and time (XDM's `timestamp`), with or without an offset: not a date alone,
-    a number in a string, or a word, which would only reach Edge to be refused there."""
+    """Whether `value` is a date and time as XDM's `timestamp` is (JSON Schema's `date-time`, RFC 3339), with or without
+    an offset: not a date alone, a number in a string, or a word, which would only reach Edge to be refused there."""
     if not isinstance(value, str) or not _DATE_TIME.match(value):
         return False
+    text = value[:17] + "59" + value[19:] if value[17:19] == "60" else value  # a leap second (RFC 3339 §5.7)
     try:
-        datetime.fromisoformat(value[:-1] + "+00:00" if value[-1:] in "Zz" else value)
+        datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
     except ValueError:
         return False
     return True
 
 
 _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}")
+TIMESTAMP_MESSAGE = (
+    "must be a date and time, as XDM's date-time (RFC 3339: 2026-01-01T00:05:00.000Z; an offset or none)"
+)
+
+
+def _unset(xdm: dict[str, Any], name: str) -> bool:
+    """Whether `xdm[name]` is not given: absent, or null or empty as many serializers write an unset member (Adobe's
+    mobile SDKs fill in such a timestamp, and set `_id` themselves). The relay fills it in, as when absent."""
+    return xdm.get(name) is None or xdm.get(name) == ""
 
 
 def validate_request(doc: Any) -> list[dict[str, str]]:
@@ -156,15 +166,15 @@ def validate_request(doc: Any) -> list[dict[str, str]]:
         event = doc["event"]
         if _expect_object(errors, event.get("xdm", _ABSENT), "event.xdm"):
             xdm = event["xdm"]
-            if "_id" in xdm and not (isinstance(xdm["_id"], str) and 0 < len(xdm["_id"]) <= MAX_EVENT_ID_LENGTH):
+            if not _unset(xdm, "_id") and not (isinstance(xdm["_id"], str) and len(xdm["_id"]) <= MAX_EVENT_ID_LENGTH):
                 message = f"must be a string of 1-{MAX_EVENT_ID_LENGTH} characters"
                 errors.append({"path": "event.xdm._id", "message": message})
-            elif "_id" in xdm and _ID_REFUSED.search(xdm["_id"]):
+            elif not _unset(xdm, "_id") and _ID_REFUSED.search(xdm["_id"]):
                 # It becomes the queue message's `eventId` attribute, which SQS refuses with these characters.
                 message = _ID_REFUSED_MESSAGE
                 errors.append({"path": "event.xdm._id", "message": message})
-            if "timestamp" in xdm and not _date_time(xdm["timestamp"]):
-                errors.append({"path": "event.xdm.timestamp", "message": "must be an ISO-8601 date-time string"})
+            if not _unset(xdm, "timestamp") and not _date_time(xdm["timestamp"]):
+                errors.append({"path": "event.xdm.timestamp", "message": TIMESTAMP_MESSAGE})
             if "identityMap" in xdm:
                 _validate_identity_map(errors, xdm["identityMap"])
         if "data" in event:
@@ -580,9 +590,11 @@ def build_inbound(
     request = dict(doc)
     event = dict(request["event"])
     xdm = dict(event["xdm"])
-    xdm.setdefault("_id", event_id)
-    default_timestamp = "timestamp" not in xdm
-    xdm.setdefault("timestamp", iso_millis(received_at))
+    if _unset(xdm, "_id"):
+        xdm["_id"] = event_id
+    default_timestamp = _unset(xdm, "timestamp")
+    if default_timestamp:
+        xdm["timestamp"] = iso_millis(received_at)
     event["xdm"] = xdm
     request["event"] = event
     return InboundEvent(

@@ -529,6 +529,25 @@ def test_a_wait_that_outlasts_the_visibility_counted_from_the_receive_is_kept(
     assert postponed(sqs) == {"rh-a1": wait}
 
 
+def test_a_record_edge_gave_no_wait_is_never_made_visible_at_once_whatever_its_receive_time() -> None:
+    # GIVEN records whose first receive was 200 s before the handler began, past the 180 s visibility timeout (an
+    # invoke retried after a throttle, or the host's clock ahead of SQS's); Edge fails a1 with no Retry-After, b1 asks
+    # for 5 s (review "batch": a1's visibility was set to 0, visible at once, counted as postponed as Edge asked)
+    settings = load_settings({**ENV, "QUEUE_VISIBILITY_TIMEOUT_SECONDS": "180"})
+    relay = ScriptedRelay(failing={"a1", "b1"}, retry_after={"b1": 5})
+    records = [record("a1", 1, "crm-1"), record("b1", 1, "crm-2")]
+    for r in records:
+        r["attributes"]["ApproximateFirstReceiveTimestamp"] = str(int((relay.clock.now() - 200) * 1000))
+    sqs = FakeSqs()
+    runner = BatchRunner(settings, relay, ThreadPoolExecutor(1), lambda: RetryQueue(sqs, QUEUE_URL))  # type: ignore[arg-type]
+
+    # WHEN the batch runs
+    runner.run({"Records": records}, Deadline(relay.clock, 25), lease_s=30)
+
+    # THEN only the record Edge asked to wait is kept invisible, for that wait; the other is left to the queue
+    assert postponed(sqs) == {"rh-b1": 5}
+
+
 def test_a_short_retry_after_leaves_the_visibility_alone_and_builds_no_sqs_client() -> None:
     # GIVEN Edge asking for a retry well within the visibility timeout (it only comes back later than asked; a shorter
     # visibility would use up its receives sooner in an outage)

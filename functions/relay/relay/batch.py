@@ -549,7 +549,9 @@ class BatchRunner:
         floor = self._settings.queue_visibility_timeout_s
         later: dict[str, int] = {}
         for mid, delay in delays.items():
-            seconds = min(math.ceil(delay), MAX_RETRY_DELAY_S) if delay is not None else 0
+            if delay is None:
+                continue  # no wait asked: the queue's timeout brings it back (never sooner, whatever `elapsed` says)
+            seconds = min(math.ceil(delay), MAX_RETRY_DELAY_S)
             if seconds + elapsed > floor:
                 later[mid] = seconds
         if not later or self._queue is None:

@@ -391,7 +391,11 @@ class HandlesStore:
             chunk = {w.item["pk"]["S"]: w for w in writes[start : start + BATCH_WRITE_SIZE]}
             request = {self._table: [{"PutRequest": {"Item": w.item}} for w in chunk.values()]}
             left, error = self._until_processed("batch_write_item", request, "UnprocessedItems", deadline=deadline)
-            unwritten = [chunk[w["PutRequest"]["Item"]["pk"]["S"]] for w in left.get(self._table, [])]
+            # Read under whatever key DynamoDB answers with (the request names one table, by name or by ARN: an
+            # answer keyed otherwise must not make an unprocessed result look written)
+            unwritten = [
+                chunk[w["PutRequest"]["Item"]["pk"]["S"]] for left_writes in left.values() for w in left_writes
+            ]
             if error is not None and error.code == "ValidationException" and len(unwritten) > 1:
                 # One malformed item refuses the whole request: write these item by item, so that only that item's
                 # record is redelivered (and not 24 healthy ones with it, to the DLQ at last).
@@ -772,7 +776,7 @@ class HandlesStore:
         found: dict[tuple[str, str], IdentityState] = {}
 
         def take(resp: dict[str, Any]) -> None:
-            for item in resp.get("Responses", {}).get(self._table, []):
+            for item in (i for items in (resp.get("Responses") or {}).values() for i in items):  # (one table: any key)
                 opaque = item["pk"]["S"].removeprefix("IDENTITY#")
                 datastream = item["sk"]["S"].removeprefix("STATE#")
                 found[(opaque, datastream)] = self._state_of(item)

@@ -761,7 +761,8 @@ def _moved(message: dict[str, Any]) -> dict[str, Any] | None:
     # A producer's message with 9 or 10 attributes has no room for the two that keep its eventId. One whose body
     # names its xdm._id needs neither; any other, moved anyway, would be another event (keyed by its new messageId),
     # sent to Edge under another xdm._id.
-    named = isinstance(_xdm_id(message["Body"]), str)
+    given = _xdm_id(message["Body"])
+    named = isinstance(given, str) and given != ""  # (an empty one, as a null, the relay takes for absent)
     return {name: attrs[name] for name in (message.get("MessageAttributes") or {})} if named else None
 
 

@@ -302,7 +302,14 @@ def test_validate_request_accepts_a_full_request():
                 {"event": {"xdm": {"timestamp": bad}}},
                 [{"path": "event.xdm.timestamp", "message": TIMESTAMP_MESSAGE}],
             )
-            for bad in ("yesterday", "1700000000", "2026-01-01", "20260101T050000Z", "2026-13-01T00:00:00Z")
+            for bad in (
+                "yesterday",
+                "1700000000",
+                "2026-01-01",
+                "20260101T050000Z",
+                "2026-13-01T00:00:00Z",
+                "2026-01-01T12:34:60Z",  # a leap second is 23:59:60 (review "late")
+            )
         ),
         ({"event": {"xdm": {}, "data": []}}, [{"path": "event.data", "message": "must be an object, not array"}]),
         ({"event": {"xdm": {}}, "query": "x"}, [{"path": "query", "message": "must be an object, not string"}]),

@@ -669,6 +669,8 @@ def producer_message(n_attributes: int, body: str) -> dict[str, Any]:
         (8, "{}", ["eventId", "relaySource"]),  # no room for the send time
         (9, "{}", None),  # no room for its eventId: not moved
         (9, json.dumps({"event": {"xdm": {"_id": "order-1"}}}), []),  # keyed by its xdm._id: moved as it was
+        (9, json.dumps({"event": {"xdm": {"_id": ""}}}), None),  # an empty _id is absent to the relay (review "late")
+        (9, json.dumps({"event": {"xdm": {"_id": None}}}), None),
     ],
 )
 def test_a_redriven_copy_stays_within_sqs_attribute_limit(

@@ -549,9 +549,10 @@ class BatchRunner:
         floor = self._settings.queue_visibility_timeout_s
         later: dict[str, int] = {}
         for mid, delay in delays.items():
-            if delay is None:
-                continue  # no wait asked: the queue's timeout brings it back (never sooner, whatever `elapsed` says)
-            seconds = min(math.ceil(delay), MAX_RETRY_DELAY_S)
+            # No wait asked (0): left to the queue's timeout, unless the receive looks older than the timeout, when it
+            # is shown again at once; a record held back behind it comes back no sooner only so (its wait counts the
+            # waits asked, not the timeout left), so this stays, clock skew and all
+            seconds = min(math.ceil(delay), MAX_RETRY_DELAY_S) if delay is not None else 0
             if seconds + elapsed > floor:
                 later[mid] = seconds
         if not later or self._queue is None:

@@ -134,7 +134,8 @@ def _date_time(value: Any) -> bool:
     an offset: not a date alone, a number in a string, or a word, which would only reach Edge to be refused there."""
     if not isinstance(value, str) or not _DATE_TIME.match(value):
         return False
-    text = value[:17] + "59" + value[19:] if value[17:19] == "60" else value  # a leap second (RFC 3339 §5.7)
+    # a leap second, 23:59:60 (RFC 3339 §5.7), which Python's parser does not take
+    text = value[:17] + "59" + value[19:] if value[11:19] == "23:59:60" else value
     try:
         datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
     except ValueError:

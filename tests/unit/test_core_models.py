@@ -500,6 +500,7 @@ def test_resolve_datastream_default_and_override():
         "2026-01-01T00:05:00",
         "2026-01-01t00:05:00z",
         "2016-12-31T23:59:60Z",  # a leap second (RFC 3339 §5.7)
+        "1990-12-31T15:59:60-08:00",  # the same, with an offset (RFC 3339 §5.8's example)
     ],
 )
 def test_an_iso_8601_date_time_is_taken_as_given(stamp: str) -> None:

@@ -134,13 +134,14 @@ def _date_time(value: Any) -> bool:
     an offset: not a date alone, a number in a string, or a word, which would only reach Edge to be refused there."""
     if not isinstance(value, str) or not _DATE_TIME.match(value):
         return False
-    # a leap second, 23:59:60 (RFC 3339 §5.7), which Python's parser does not take
-    text = value[:17] + "59" + value[19:] if value[11:19] == "23:59:60" else value
+    leap = value[17:19] == "60"  # a leap second (RFC 3339 §5.7), which Python's parser does not take
+    text = value[:17] + "59" + value[19:] if leap else value
     try:
-        datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
     except ValueError:
         return False
-    return True
+    utc = moment.astimezone(UTC) if moment.tzinfo else moment
+    return not leap or (utc.hour, utc.minute) == (23, 59)  # only the last second of a UTC day can be one
 
 
 _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import hmac
 import os
 import shlex
 import sys
@@ -17,6 +15,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 from standardwebhooks.webhooks import Webhook
 
@@ -44,16 +43,16 @@ def sign_webhook(
     """
     msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
     ts = int(time.time()) if timestamp is None else int(timestamp)
+    signer = Webhook(secret)
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
     except UnicodeDecodeError:
         # The library signs text only; bytes that are not UTF-8 (a hand-built event's, to see the relay's 400 for
-        # them) are signed by the standard's own rule, HMAC-SHA256 of "<id>.<timestamp>.<body>" with the secret's key
-        key = base64.b64decode(secret.removeprefix("whsec_"))
-        mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()  # type: ignore[operator]
-        signature = "v1," + base64.b64encode(mac).decode("ascii")
-    else:
-        signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(ts, tz=UTC), text)
+        # them) are signed over their exact bytes as the relay checks them
+        from relay.webhook import _SignedBytes
+
+        text, signer = cast(bytes, body).decode("utf-8", "surrogateescape"), _SignedBytes(secret)
+    signature = signer.sign(msg_id, datetime.fromtimestamp(ts, tz=UTC), text)
     return {"webhook-id": msg_id, "webhook-timestamp": str(ts), "webhook-signature": signature}
 
 
